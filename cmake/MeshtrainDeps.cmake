@@ -1,0 +1,62 @@
+# Finds every dependency and fails with the Debian package to install when one is missing.
+
+macro(meshtrain_require found what package)
+  if(NOT ${found})
+    message(FATAL_ERROR "meshtrain: ${what} not found. Install it with: apt-get install ${package}")
+  endif()
+endmacro()
+
+find_package(Threads REQUIRED)
+
+find_package(OpenMP QUIET)
+meshtrain_require(OpenMP_CXX_FOUND "OpenMP for C++" "libgomp1 (comes with g++)")
+
+find_package(dnnl CONFIG QUIET)
+meshtrain_require(dnnl_FOUND "oneDNN (CPU matmul)" "libdnnl-dev")
+
+find_package(spdlog CONFIG QUIET)
+meshtrain_require(spdlog_FOUND "spdlog" "libspdlog-dev")
+
+find_package(nlohmann_json 3.10 CONFIG QUIET)
+meshtrain_require(nlohmann_json_FOUND "nlohmann-json (JSON headers for tensor files and configs)" "nlohmann-json3-dev")
+
+find_package(MPI QUIET COMPONENTS C)
+meshtrain_require(MPI_C_FOUND "MPI (Open MPI)" "libopenmpi-dev openmpi-bin")
+
+if(MESHTRAIN_TESTS)
+  find_package(GTest CONFIG QUIET)
+  meshtrain_require(GTest_FOUND "GoogleTest" "libgtest-dev")
+  # The independent reference for op checks is Debian's PyTorch, run by Debian's python.
+  find_program(MESHTRAIN_TORCH_PYTHON NAMES python3 PATHS /usr/bin NO_DEFAULT_PATH)
+  if(MESHTRAIN_TORCH_PYTHON)
+    execute_process(COMMAND ${MESHTRAIN_TORCH_PYTHON} -c "import torch"
+                    RESULT_VARIABLE _torch_rc OUTPUT_QUIET ERROR_QUIET)
+  endif()
+  if(NOT MESHTRAIN_TORCH_PYTHON OR NOT _torch_rc EQUAL 0)
+    message(FATAL_ERROR "meshtrain: PyTorch reference checks need /usr/bin/python3 with torch. "
+                        "Install it with: apt-get install python3-torch")
+  endif()
+endif()
+
+if(MESHTRAIN_CUDA)
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES 90)
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  meshtrain_require(CMAKE_CUDA_COMPILER "the CUDA compiler (nvcc)" "nvidia-cuda-toolkit (or the CUDA Toolkit, with nvcc on PATH)")
+  enable_language(CUDA)
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  find_package(CUDAToolkit REQUIRED)
+  meshtrain_require(CUDAToolkit_FOUND "the CUDA Toolkit" "nvidia-cuda-toolkit")
+  if(NOT TARGET CUDA::cublasLt)
+    message(FATAL_ERROR "meshtrain: cuBLASLt not found. Install it with: apt-get install libcublas-dev (or the CUDA Toolkit)")
+  endif()
+  find_path(MESHTRAIN_NCCL_INCLUDE nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/include)
+  find_library(MESHTRAIN_NCCL_LIB nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/lib/x86_64-linux-gnu)
+  meshtrain_require(MESHTRAIN_NCCL_LIB "NCCL" "libnccl-dev")
+  find_path(MESHTRAIN_CUDNN_INCLUDE cudnn.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/include)
+  find_library(MESHTRAIN_CUDNN_LIB cudnn HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/lib/x86_64-linux-gnu)
+  meshtrain_require(MESHTRAIN_CUDNN_LIB "cuDNN 9" "libcudnn9-dev-cuda-13")
+endif()

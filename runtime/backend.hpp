@@ -1,0 +1,57 @@
+// The backend interface: one implementation per device type (CPU here; CUDA in
+// runtime/cuda/). ops.cpp validates every argument and calls these with tensors that are
+// contiguous, on this backend's device, and of shapes and dtypes the op's contract allows.
+// Composite ops (linear, clipping) are built in ops.cpp from these and need no backend code.
+#pragma once
+
+#include "runtime/ops.hpp"
+
+namespace meshtrain {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // out[M, N] (+)= op(a) @ op(b) (+ bias), with the flattened sizes given.
+  virtual void matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int64_t m,
+                      std::int64_t n, std::int64_t k, const ops::MatmulOptions& opt) = 0;
+  virtual void bias_backward(Tensor& dbias, const Tensor& dy, std::int64_t rows,
+                             std::int64_t cols) = 0;
+  virtual void add(Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  virtual void gelu_forward(Tensor& y, const Tensor& x) = 0;
+  virtual void gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) = 0;
+  virtual void convert(Tensor& dst, const Tensor& src) = 0;
+  virtual void scale(Tensor& x, float alpha) = 0;
+  virtual void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
+                                 const Tensor& weight, const Tensor& bias, std::int64_t rows,
+                                 std::int64_t cols, float eps) = 0;
+  virtual void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
+                                  const Tensor& x, const Tensor& weight, const Tensor& mean,
+                                  const Tensor& rstd, std::int64_t rows, std::int64_t cols,
+                                  bool accumulate_dx) = 0;
+  virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
+                                 int n_head, int head_size) = 0;
+  virtual void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                  const Tensor& out, const Tensor& lse, int batch, int seq,
+                                  int n_head, int head_size) = 0;
+  // Token ids are already checked to lie in [0, V).
+  virtual void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte,
+                                 const Tensor& wpe, int batch, int seq, int channels) = 0;
+  virtual void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout,
+                                  const Tensor& tokens, int batch, int seq, int channels) = 0;
+  virtual void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
+                                     const Tensor& targets, std::int64_t rows,
+                                     std::int64_t padded_vocab, int vocab) = 0;
+  virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                                      const Tensor& targets, std::int64_t rows,
+                                      std::int64_t padded_vocab, int vocab, float dloss) = 0;
+  virtual void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m,
+                            Tensor& v, const ops::AdamWParams& p) = 0;
+  virtual double sum_of_squares(const Tensor& x) = 0;
+  // Largest token id in tokens and its flat index, for range checks (-1 when empty); and the
+  // smallest. Used by ops.cpp to validate embedding inputs before any work.
+  virtual void token_range(const Tensor& tokens, std::int32_t& min_id, std::int64_t& min_at,
+                           std::int32_t& max_id, std::int64_t& max_at) = 0;
+};
+
+}  // namespace meshtrain

@@ -1,0 +1,62 @@
+// Fused softmax cross-entropy in fp32 over the real vocabulary columns; the padded columns
+// are never read in forward and get zero gradient. No probability tensor is formed: backward
+// recomputes exp(logit - lse) row by row.
+#include <cmath>
+#include <limits>
+
+#include "runtime/cpu/cpu_backend.hpp"
+#include "runtime/cpu/parallel.hpp"
+
+namespace meshtrain::cpu {
+
+void CpuBackend::cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
+                                       const Tensor& targets, std::int64_t rows,
+                                       std::int64_t padded_vocab, int vocab) {
+  const std::int32_t* tgt = static_cast<const std::int32_t*>(targets.data());
+  float* loss = static_cast<float*>(losses.data());
+  float* out_lse = static_cast<float*>(lse.data());
+  dispatch_float(logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(logits.data());
+#pragma omp parallel for schedule(static) if (rows * vocab > kParallelGrain)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* row = z + r * padded_vocab;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < vocab; ++j) mx = std::max(mx, to_float(row[j]));
+      float sum = 0.0f;
+      for (int j = 0; j < vocab; ++j) sum += std::exp(to_float(row[j]) - mx);
+      const float l = mx + std::log(sum);
+      out_lse[r] = l;
+      loss[r] = tgt[r] < 0 ? 0.0f : l - to_float(row[tgt[r]]);
+    }
+  });
+}
+
+void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                                        const Tensor& targets, std::int64_t rows,
+                                        std::int64_t padded_vocab, int vocab, float dloss) {
+  const std::int32_t* tgt = static_cast<const std::int32_t*>(targets.data());
+  const float* l = static_cast<const float*>(lse.data());
+  dispatch_float(logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(logits.data());
+    T* dz = static_cast<T*>(dlogits.data());
+#pragma omp parallel for schedule(static) if (rows * vocab > kParallelGrain)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* row = z + r * padded_vocab;
+      T* drow = dz + r * padded_vocab;  // may alias row: each element is read before written
+      const int t = tgt[r];
+      if (t < 0) {
+        for (std::int64_t j = 0; j < padded_vocab; ++j) drow[j] = from_float<T>(0.0f);
+        continue;
+      }
+      for (int j = 0; j < vocab; ++j) {
+        const float p = std::exp(to_float(row[j]) - l[r]);
+        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
+      }
+      for (std::int64_t j = vocab; j < padded_vocab; ++j) drow[j] = from_float<T>(0.0f);
+    }
+  });
+}
+
+}  // namespace meshtrain::cpu

@@ -1,0 +1,427 @@
+#include "runtime/ops.hpp"
+
+#include <cmath>
+
+#include "runtime/backend.hpp"
+
+namespace meshtrain::ops {
+namespace {
+
+// Checks shared by every op: defined, same device, optional dtype.
+void check_defined(const Tensor& t, const char* op, const char* arg) {
+  MT_CHECK(t.defined(), "{}: argument '{}' is an undefined tensor", op, arg);
+}
+
+void check_same_device(const Tensor& ref, const Tensor& t, const char* op, const char* arg) {
+  check_defined(t, op, arg);
+  MT_CHECK(&t.device() == &ref.device(), "{}: argument '{}' is on {}, expected {}", op, arg,
+           t.device().name(), ref.device().name());
+}
+
+void check_dtype(const Tensor& t, DType want, const char* op, const char* arg) {
+  MT_CHECK(t.dtype() == want, "{}: argument '{}' is {}, expected {}", op, arg, t.str(),
+           dtype_name(want));
+}
+
+void check_float(const Tensor& t, const char* op, const char* arg) {
+  MT_CHECK(is_floating(t.dtype()), "{}: argument '{}' is {}, expected a float dtype", op, arg,
+           t.str());
+}
+
+void check_shape(const Tensor& t, const Shape& want, const char* op, const char* arg) {
+  MT_CHECK(t.shape() == want, "{}: argument '{}' is {}, expected shape {}", op, arg, t.str(),
+           want.str());
+}
+
+void check_numel(const Tensor& t, std::int64_t want, const char* op, const char* arg) {
+  MT_CHECK(t.numel() == want, "{}: argument '{}' is {}, expected {} elements", op, arg, t.str(),
+           want);
+}
+
+Backend& backend_of(const Tensor& t) { return t.device().backend(); }
+
+}  // namespace
+
+void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& opt) {
+  const char* op = "matmul";
+  check_defined(out, op, "out");
+  check_same_device(out, a, op, "a");
+  check_same_device(out, b, op, "b");
+  check_float(a, op, "a");
+  check_float(out, op, "out");
+  MT_CHECK(a.dtype() == b.dtype(), "matmul: operands differ in dtype: a is {}, b is {}", a.str(),
+           b.str());
+  MT_CHECK(b.ndim() == 2, "matmul: b must be 2-D, got {}", b.str());
+  MT_CHECK(a.ndim() >= 2, "matmul: a must be at least 2-D, got {}", a.str());
+  MT_CHECK(!opt.trans_a || a.ndim() == 2, "matmul: a transposed must be 2-D, got {}", a.str());
+  const std::int64_t a_cols = a.dim(-1);
+  const std::int64_t a_rows = a.numel() / std::max<std::int64_t>(a_cols, 1);
+  const std::int64_t m = opt.trans_a ? a_cols : a_rows;
+  const std::int64_t k = opt.trans_a ? a_rows : a_cols;
+  const std::int64_t kb = opt.trans_b ? b.dim(1) : b.dim(0);
+  const std::int64_t n = opt.trans_b ? b.dim(0) : b.dim(1);
+  MT_CHECK(k == kb, "matmul: inner dimensions differ: a {}{} has K={}, b {}{} has K={}", a.str(),
+           opt.trans_a ? " (transposed)" : "", k, b.str(), opt.trans_b ? " (transposed)" : "", kb);
+  MT_CHECK(out.dim(-1) == n && out.numel() == m * n,
+           "matmul: out is {}, expected {} rows of {} columns", out.str(), m, n);
+  if (opt.bias != nullptr) {
+    check_same_device(out, *opt.bias, op, "bias");
+    check_shape(*opt.bias, Shape{n}, op, "bias");
+    MT_CHECK(opt.bias->dtype() == out.dtype() || opt.bias->dtype() == DType::kF32,
+             "matmul: bias is {}, expected {} or fp32", opt.bias->str(), dtype_name(out.dtype()));
+    MT_CHECK(!opt.accumulate, "matmul: bias cannot be combined with accumulate");
+  }
+  if (m == 0 || n == 0) return;
+  backend_of(out).matmul(out, a, b, m, n, k, opt);
+}
+
+void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias) {
+  MatmulOptions opt;
+  opt.trans_b = true;
+  opt.bias = bias;
+  matmul(y, x, w, opt);
+}
+
+void bias_backward(Tensor& dbias, const Tensor& dy) {
+  const char* op = "bias_backward";
+  check_defined(dy, op, "dy");
+  check_same_device(dy, dbias, op, "dbias");
+  check_dtype(dbias, DType::kF32, op, "dbias");
+  check_float(dy, op, "dy");
+  const std::int64_t cols = dy.dim(-1);
+  check_shape(dbias, Shape{cols}, op, "dbias");
+  backend_of(dy).bias_backward(dbias, dy, dy.numel() / std::max<std::int64_t>(cols, 1), cols);
+}
+
+void linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
+                     const Tensor& w) {
+  check_dtype(dw, DType::kF32, "linear_backward", "dw");
+  if (dx != nullptr) matmul(*dx, dy, w);
+  const std::int64_t out_features = dy.dim(-1);
+  const std::int64_t in_features = x.dim(-1);
+  MatmulOptions opt;
+  opt.trans_a = true;
+  opt.accumulate = true;
+  matmul(dw, dy.view(Shape{dy.numel() / std::max<std::int64_t>(out_features, 1), out_features}),
+         x.view(Shape{x.numel() / std::max<std::int64_t>(in_features, 1), in_features}), opt);
+  if (dbias != nullptr) bias_backward(*dbias, dy);
+}
+
+void add(Tensor& out, const Tensor& a, const Tensor& b) {
+  const char* op = "add";
+  check_defined(out, op, "out");
+  check_same_device(out, a, op, "a");
+  check_same_device(out, b, op, "b");
+  check_float(out, op, "out");
+  check_shape(a, out.shape(), op, "a");
+  check_shape(b, out.shape(), op, "b");
+  check_dtype(a, out.dtype(), op, "a");
+  check_dtype(b, out.dtype(), op, "b");
+  backend_of(out).add(out, a, b);
+}
+
+void gelu_forward(Tensor& y, const Tensor& x) {
+  const char* op = "gelu_forward";
+  check_defined(y, op, "y");
+  check_same_device(y, x, op, "x");
+  check_float(x, op, "x");
+  check_shape(y, x.shape(), op, "y");
+  check_dtype(y, x.dtype(), op, "y");
+  backend_of(x).gelu_forward(y, x);
+}
+
+void gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) {
+  const char* op = "gelu_backward";
+  check_defined(x, op, "x");
+  check_same_device(x, dx, op, "dx");
+  check_same_device(x, dy, op, "dy");
+  check_float(x, op, "x");
+  check_shape(dx, x.shape(), op, "dx");
+  check_shape(dy, x.shape(), op, "dy");
+  check_dtype(dx, x.dtype(), op, "dx");
+  check_dtype(dy, x.dtype(), op, "dy");
+  backend_of(x).gelu_backward(dx, dy, x);
+}
+
+void convert(Tensor& dst, const Tensor& src) {
+  const char* op = "convert";
+  check_defined(dst, op, "dst");
+  check_same_device(dst, src, op, "src");
+  check_float(dst, op, "dst");
+  check_float(src, op, "src");
+  check_numel(src, dst.numel(), op, "src");
+  backend_of(dst).convert(dst, src);
+}
+
+void scale_(Tensor& x, float alpha) {
+  check_defined(x, "scale_", "x");
+  check_float(x, "scale_", "x");
+  backend_of(x).scale(x, alpha);
+}
+
+void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
+                       const Tensor& weight, const Tensor& bias, float eps) {
+  const char* op = "layernorm_forward";
+  check_defined(x, op, "x");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&y, "y"}, {&mean, "mean"},
+                         {&rstd, "rstd"}, {&weight, "weight"}, {&bias, "bias"}})
+    check_same_device(x, *t, op, name);
+  check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "layernorm_forward: x must have a last dimension, got {}",
+           x.str());
+  MT_CHECK(eps > 0 && std::isfinite(eps), "layernorm_forward: eps must be positive, got {}", eps);
+  const std::int64_t cols = x.dim(-1);
+  const std::int64_t rows = x.numel() / cols;
+  check_shape(y, x.shape(), op, "y");
+  check_dtype(y, x.dtype(), op, "y");
+  check_shape(weight, Shape{cols}, op, "weight");
+  check_shape(bias, Shape{cols}, op, "bias");
+  check_dtype(weight, x.dtype(), op, "weight");
+  check_dtype(bias, x.dtype(), op, "bias");
+  check_dtype(mean, DType::kF32, op, "mean");
+  check_dtype(rstd, DType::kF32, op, "rstd");
+  check_numel(mean, rows, op, "mean");
+  check_numel(rstd, rows, op, "rstd");
+  backend_of(x).layernorm_forward(y, mean, rstd, x, weight, bias, rows, cols, eps);
+}
+
+void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
+                        const Tensor& x, const Tensor& weight, const Tensor& mean,
+                        const Tensor& rstd, bool accumulate_dx) {
+  const char* op = "layernorm_backward";
+  check_defined(x, op, "x");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dx, "dx"}, {&dweight, "dweight"},
+                         {&dbias, "dbias"}, {&dy, "dy"}, {&weight, "weight"}, {&mean, "mean"},
+                         {&rstd, "rstd"}})
+    check_same_device(x, *t, op, name);
+  check_float(x, op, "x");
+  const std::int64_t cols = x.dim(-1);
+  const std::int64_t rows = x.numel() / std::max<std::int64_t>(cols, 1);
+  check_shape(dx, x.shape(), op, "dx");
+  check_shape(dy, x.shape(), op, "dy");
+  check_dtype(dx, x.dtype(), op, "dx");
+  check_dtype(dy, x.dtype(), op, "dy");
+  check_shape(weight, Shape{cols}, op, "weight");
+  check_dtype(weight, x.dtype(), op, "weight");
+  check_shape(dweight, Shape{cols}, op, "dweight");
+  check_shape(dbias, Shape{cols}, op, "dbias");
+  check_dtype(dweight, DType::kF32, op, "dweight");
+  check_dtype(dbias, DType::kF32, op, "dbias");
+  check_dtype(mean, DType::kF32, op, "mean");
+  check_dtype(rstd, DType::kF32, op, "rstd");
+  check_numel(mean, rows, op, "mean");
+  check_numel(rstd, rows, op, "rstd");
+  backend_of(x).layernorm_backward(dx, dweight, dbias, dy, x, weight, mean, rstd, rows, cols,
+                                   accumulate_dx);
+}
+
+namespace {
+struct AttnDims {
+  int batch, seq, n_head, head_size;
+};
+
+AttnDims check_attention(const Tensor& qkv, const Tensor& out, const Tensor& lse, int n_head,
+                         const char* op) {
+  check_defined(qkv, op, "qkv");
+  check_same_device(qkv, out, op, "out");
+  check_same_device(qkv, lse, op, "lse");
+  check_float(qkv, op, "qkv");
+  MT_CHECK(qkv.ndim() == 3, "{}: qkv must be [B, T, 3C], got {}", op, qkv.str());
+  MT_CHECK(n_head >= 1, "{}: n_head must be at least 1, got {}", op, n_head);
+  const std::int64_t c3 = qkv.dim(2);
+  MT_CHECK(c3 % (3 * n_head) == 0,
+           "{}: qkv's last dimension {} is not 3 x n_head ({}) x head size", op, c3, n_head);
+  AttnDims d{static_cast<int>(qkv.dim(0)), static_cast<int>(qkv.dim(1)), n_head,
+             static_cast<int>(c3 / (3 * n_head))};
+  check_shape(out, Shape{d.batch, d.seq, c3 / 3}, op, "out");
+  check_dtype(out, qkv.dtype(), op, "out");
+  check_shape(lse, Shape{d.batch, n_head, d.seq}, op, "lse");
+  check_dtype(lse, DType::kF32, op, "lse");
+  return d;
+}
+}  // namespace
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head) {
+  const AttnDims d = check_attention(qkv, out, lse, n_head, "attention_forward");
+  if (qkv.numel() == 0) return;
+  backend_of(qkv).attention_forward(out, lse, qkv, d.batch, d.seq, d.n_head, d.head_size);
+}
+
+void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head) {
+  const char* op = "attention_backward";
+  const AttnDims d = check_attention(qkv, out, lse, n_head, op);
+  check_same_device(qkv, dqkv, op, "dqkv");
+  check_same_device(qkv, dout, op, "dout");
+  check_shape(dqkv, qkv.shape(), op, "dqkv");
+  check_dtype(dqkv, qkv.dtype(), op, "dqkv");
+  check_shape(dout, out.shape(), op, "dout");
+  check_dtype(dout, qkv.dtype(), op, "dout");
+  if (qkv.numel() == 0) return;
+  backend_of(qkv).attention_backward(dqkv, dout, qkv, out, lse, d.batch, d.seq, d.n_head,
+                                     d.head_size);
+}
+
+namespace {
+void check_tokens(const Tensor& tokens, std::int64_t vocab, const char* op) {
+  check_dtype(tokens, DType::kI32, op, "tokens");
+  MT_CHECK(tokens.ndim() == 2, "{}: tokens must be [B, T], got {}", op, tokens.str());
+  if (tokens.numel() == 0) return;
+  std::int32_t lo, hi;
+  std::int64_t lo_at, hi_at;
+  backend_of(tokens).token_range(tokens, lo, lo_at, hi, hi_at);
+  const std::int64_t t = tokens.dim(1);
+  MT_CHECK(lo >= 0, "{}: token id {} at position (batch {}, time {}) is negative", op, lo,
+           lo_at / t, lo_at % t);
+  MT_CHECK(hi < vocab, "{}: token id {} at position (batch {}, time {}) is outside the vocabulary of {}",
+           op, hi, hi_at / t, hi_at % t, vocab);
+}
+}  // namespace
+
+void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
+  const char* op = "embedding_forward";
+  check_defined(wte, op, "wte");
+  check_same_device(wte, out, op, "out");
+  check_same_device(wte, tokens, op, "tokens");
+  check_float(wte, op, "wte");
+  MT_CHECK(wte.ndim() == 2, "embedding_forward: wte must be [V, C], got {}", wte.str());
+  check_tokens(tokens, wte.dim(0), op);
+  const std::int64_t b = tokens.dim(0), t = tokens.dim(1), c = wte.dim(1);
+  check_shape(out, Shape{b, t, c}, op, "out");
+  check_dtype(out, wte.dtype(), op, "out");
+  if (wpe.defined()) {
+    check_same_device(wte, wpe, op, "wpe");
+    check_dtype(wpe, wte.dtype(), op, "wpe");
+    MT_CHECK(wpe.ndim() == 2 && wpe.dim(1) == c,
+             "embedding_forward: wpe must be [T_max, {}], got {}", c, wpe.str());
+    MT_CHECK(t <= wpe.dim(0),
+             "embedding_forward: sequence length {} exceeds the {} positions of wpe", t,
+             wpe.dim(0));
+  }
+  if (out.numel() == 0) return;
+  backend_of(wte).embedding_forward(out, tokens, wte, wpe, static_cast<int>(b),
+                                    static_cast<int>(t), static_cast<int>(c));
+}
+
+void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
+  const char* op = "embedding_backward";
+  check_defined(dwte, op, "dwte");
+  check_same_device(dwte, dout, op, "dout");
+  check_same_device(dwte, tokens, op, "tokens");
+  check_dtype(dwte, DType::kF32, op, "dwte");
+  check_float(dout, op, "dout");
+  MT_CHECK(dwte.ndim() == 2, "embedding_backward: dwte must be [V, C], got {}", dwte.str());
+  check_tokens(tokens, dwte.dim(0), op);
+  const std::int64_t b = tokens.dim(0), t = tokens.dim(1), c = dwte.dim(1);
+  check_shape(dout, Shape{b, t, c}, op, "dout");
+  if (dwpe.defined()) {
+    check_same_device(dwte, dwpe, op, "dwpe");
+    check_dtype(dwpe, DType::kF32, op, "dwpe");
+    MT_CHECK(dwpe.ndim() == 2 && dwpe.dim(1) == c && t <= dwpe.dim(0),
+             "embedding_backward: dwpe must be [T_max >= {}, {}], got {}", t, c, dwpe.str());
+  }
+  if (dout.numel() == 0) return;
+  backend_of(dwte).embedding_backward(dwte, dwpe, dout, tokens, static_cast<int>(b),
+                                      static_cast<int>(t), static_cast<int>(c));
+}
+
+namespace {
+void check_cross_entropy(const Tensor& logits, const Tensor& lse, const Tensor& targets,
+                         int vocab, const char* op) {
+  check_defined(logits, op, "logits");
+  check_same_device(logits, lse, op, "lse");
+  check_same_device(logits, targets, op, "targets");
+  check_float(logits, op, "logits");
+  MT_CHECK(logits.ndim() >= 2, "{}: logits must be [N, V_padded], got {}", op, logits.str());
+  const std::int64_t vp = logits.dim(-1);
+  MT_CHECK(vocab >= 1 && vocab <= vp, "{}: vocab {} must be in [1, {}] (the padded width)", op,
+           vocab, vp);
+  const std::int64_t rows = logits.numel() / vp;
+  check_dtype(targets, DType::kI32, op, "targets");
+  check_numel(targets, rows, op, "targets");
+  check_dtype(lse, DType::kF32, op, "lse");
+  check_numel(lse, rows, op, "lse");
+  if (targets.numel() == 0) return;
+  std::int32_t lo, hi;
+  std::int64_t lo_at, hi_at;
+  backend_of(targets).token_range(targets, lo, lo_at, hi, hi_at);
+  MT_CHECK(hi < vocab, "{}: target {} at row {} is outside the vocabulary of {}", op, hi, hi_at,
+           vocab);
+}
+}  // namespace
+
+void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
+                           const Tensor& targets, int vocab) {
+  const char* op = "cross_entropy_forward";
+  check_cross_entropy(logits, lse, targets, vocab, op);
+  check_same_device(logits, losses, op, "losses");
+  check_dtype(losses, DType::kF32, op, "losses");
+  check_numel(losses, lse.numel(), op, "losses");
+  if (lse.numel() == 0) return;
+  backend_of(logits).cross_entropy_forward(losses, lse, logits, targets, lse.numel(),
+                                           logits.dim(-1), vocab);
+}
+
+void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                            const Tensor& targets, int vocab, float dloss) {
+  const char* op = "cross_entropy_backward";
+  check_cross_entropy(logits, lse, targets, vocab, op);
+  check_same_device(logits, dlogits, op, "dlogits");
+  check_shape(dlogits, logits.shape(), op, "dlogits");
+  check_dtype(dlogits, logits.dtype(), op, "dlogits");
+  if (lse.numel() == 0) return;
+  backend_of(logits).cross_entropy_backward(dlogits, logits, lse, targets, lse.numel(),
+                                            logits.dim(-1), vocab, dloss);
+}
+
+void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
+                  const AdamWParams& p) {
+  const char* op = "adamw_update";
+  check_defined(master, op, "master");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&m, "m"},
+                         {&v, "v"}}) {
+    check_same_device(master, *t, op, name);
+    check_dtype(*t, DType::kF32, op, name);
+    check_numel(*t, master.numel(), op, name);
+  }
+  check_dtype(master, DType::kF32, op, "master");
+  if (param.defined()) {
+    check_same_device(master, param, op, "param");
+    check_float(param, op, "param");
+    check_numel(param, master.numel(), op, "param");
+  }
+  MT_CHECK(p.step >= 1, "adamw_update: step is 1-based, got {}", p.step);
+  MT_CHECK(p.beta1 >= 0 && p.beta1 < 1 && p.beta2 >= 0 && p.beta2 < 1,
+           "adamw_update: betas must be in [0, 1), got ({}, {})", p.beta1, p.beta2);
+  MT_CHECK(p.eps > 0 && p.lr >= 0 && p.weight_decay >= 0,
+           "adamw_update: need eps > 0, lr >= 0, weight_decay >= 0; got eps {}, lr {}, wd {}",
+           p.eps, p.lr, p.weight_decay);
+  backend_of(master).adamw_update(param, master, grad, m, v, p);
+}
+
+double sum_of_squares(const Tensor& x) {
+  check_defined(x, "sum_of_squares", "x");
+  check_float(x, "sum_of_squares", "x");
+  if (x.numel() == 0) return 0.0;
+  return backend_of(x).sum_of_squares(x);
+}
+
+double global_norm(std::span<const Tensor> tensors) {
+  double total = 0.0;
+  for (const Tensor& t : tensors) total += sum_of_squares(t);
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(std::span<Tensor> tensors, double max_norm) {
+  MT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got {}", max_norm);
+  double total = 0.0;
+  for (const Tensor& t : tensors) total += sum_of_squares(t);
+  const double norm = std::sqrt(total);
+  if (!std::isfinite(norm) || norm <= max_norm) return norm;
+  // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6).
+  const float alpha = static_cast<float>(max_norm / (norm + 1e-6));
+  for (Tensor& t : tensors) scale_(t, alpha);
+  return norm;
+}
+
+}  // namespace meshtrain::ops

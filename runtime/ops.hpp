@@ -1,0 +1,129 @@
+// The op set: forward and backward of every layer the GPT family needs, on any device.
+//
+// Conventions, for every op below:
+// - Tensors are contiguous, row-major, and all on one device. Shapes, dtypes and devices are
+//   checked here and a mismatch throws InvalidArgument naming the argument and what was
+//   expected; backends receive validated arguments only.
+// - "Activations" are in the precision policy's compute dtype (fp32, bf16 or fp16). Matmuls
+//   take 16-bit operands and accumulate in fp32; norms, softmax and losses compute in fp32.
+// - Parameter gradients are fp32 and are ACCUMULATED (+=): zero them once per optimizer step
+//   and micro-steps add up. Activation gradients are WRITTEN (=) unless an op says otherwise.
+// - Ops are ordered on the device's compute stream. On the CPU they are complete on return.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::ops {
+
+// ---- matmul -------------------------------------------------------------------------------
+
+struct MatmulOptions {
+  bool trans_a = false;   // a is stored [K, M]
+  bool trans_b = false;   // b is stored [N, K]
+  bool accumulate = false;  // out += result instead of out = result
+  const Tensor* bias = nullptr;  // [N], added to every row (not with accumulate)
+};
+
+// out[M, N] = op(a) @ op(b) (+ bias), with a: [M, K] and b: [K, N] as stored unless transposed.
+// a and b share a dtype; out may be any float dtype (fp32 out of 16-bit operands is how
+// weight gradients are formed); bias has out's dtype or fp32. Leading dimensions of a and out
+// are flattened: a [B, T, K] times b [K, N] gives out [B, T, N].
+void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& opt = {});
+
+// y[.., out] = x[.., in] @ w[out, in]^T + bias[out]   (PyTorch's nn.Linear layout)
+void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias);
+// dx = dy @ w (written; skipped when dx is null), dw += dy^T @ x, dbias += column sums of dy.
+void linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
+                     const Tensor& w);
+// dbias[N] (fp32) += sum over rows of dy[.., N].
+void bias_backward(Tensor& dbias, const Tensor& dy);
+
+// ---- elementwise ----------------------------------------------------------------------------
+
+// out = a + b (residual). out may alias a or b.
+void add(Tensor& out, const Tensor& a, const Tensor& b);
+// GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+void gelu_forward(Tensor& y, const Tensor& x);
+// dx = dy * gelu'(x). dx may alias dy.
+void gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x);
+// dst = src converted to dst's dtype (same numel, same device).
+void convert(Tensor& dst, const Tensor& src);
+// x *= alpha, in place (fp32 gradients after clipping or unscaling).
+void scale_(Tensor& x, float alpha);
+
+// ---- layernorm ------------------------------------------------------------------------------
+
+// y = (x - mean) * rstd * weight + bias over the last dimension C; statistics in fp32.
+// x, y: [.., C]; weight, bias: [C] in x's dtype; mean, rstd: fp32 with x.numel()/C elements.
+void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
+                       const Tensor& weight, const Tensor& bias, float eps = 1e-5f);
+// dx = (or += when accumulate_dx) the input gradient; dweight, dbias (fp32) +=.
+void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
+                        const Tensor& x, const Tensor& weight, const Tensor& mean,
+                        const Tensor& rstd, bool accumulate_dx);
+
+// ---- attention ------------------------------------------------------------------------------
+
+// Causal multi-head self-attention on GPT-2's fused projection.
+// qkv: [B, T, 3C] holding q, k, v of n_head heads of C / n_head each; out: [B, T, C];
+// lse: fp32 [B, n_head, T], the log-sum-exp of each softmax row, kept for backward.
+// Scores are scaled by 1/sqrt(head size) and softmaxed in fp32. Memory-efficient: no
+// [B, n_head, T, T] tensor exists; backward recomputes the probabilities from lse.
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head);
+// dqkv (written): [B, T, 3C].
+void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head);
+
+// ---- embedding ------------------------------------------------------------------------------
+
+// out[b, t] = wte[tokens[b, t]] + wpe[t]. tokens: int32 [B, T]; wte: [V, C]; wpe: [T_max, C]
+// (T <= T_max) or undefined for no position embedding. A token outside [0, V) throws,
+// naming its position and value.
+void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe);
+// dwte[tokens[b, t]] += dout[b, t]; dwpe[t] += sum over b of dout[b, t] (fp32; dwpe may be
+// undefined). Deterministic: the result does not depend on thread count.
+void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens);
+
+// ---- loss -----------------------------------------------------------------------------------
+
+// Fused softmax cross-entropy over the first `vocab` columns of logits [N, V_padded]; padded
+// columns are ignored (they never win and get zero gradient). targets: int32 [N]; a negative
+// target marks a position to ignore (loss 0, gradient 0). losses, lse: fp32 [N].
+void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
+                           const Tensor& targets, int vocab);
+// dlogits = dloss * (softmax(logits) - onehot(target)), written, padded columns 0. dloss
+// scales every row (1 / number of counted targets for a mean, times the loss scale).
+// dlogits may alias logits.
+void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                            const Tensor& targets, int vocab, float dloss);
+
+// ---- optimizer ------------------------------------------------------------------------------
+
+struct AdamWParams {
+  float lr = 3e-4f;
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;  // decoupled: p -= lr * wd * p
+  int step = 1;               // 1-based, for bias correction
+  float grad_scale = 1.0f;    // the gradient is multiplied by this first (clipping, unscaling)
+};
+
+// AdamW on fp32 master weights, as torch.optim.AdamW. grad, m, v, master: fp32, same numel.
+// param: the 16-bit copy used in compute, written from the updated master; pass an
+// undefined tensor when master is itself the parameter (fp32 policy).
+void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
+                  const AdamWParams& p);
+
+// Sum of squares of all elements in fp64 accumulation. Non-finite when any element is.
+double sum_of_squares(const Tensor& x);
+// sqrt of the summed squares of every tensor.
+double global_norm(std::span<const Tensor> tensors);
+// Scales every tensor so that their global norm is at most max_norm; returns the norm before
+// clipping (non-finite norms are returned and nothing is scaled).
+double clip_grad_norm(std::span<Tensor> tensors, double max_norm);
+
+}  // namespace meshtrain::ops

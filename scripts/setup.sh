@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what meshtrain needs on a Debian machine (when run as root), then configures and
+# builds one CMake preset. Every README command and .ci/run go through this script.
+#
+#   scripts/setup.sh [PRESET]     PRESET: cpu (default), cpu-asan or cuda
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+preset="${1:-cpu}"
+case "$preset" in
+  cpu|cpu-asan|cuda) ;;
+  *) echo "setup.sh: unknown preset '$preset': expected cpu, cpu-asan or cuda" >&2; exit 2 ;;
+esac
+
+# Debian packages: build tools, the libraries we link, the PyTorch reference for the tests,
+# the default training corpus (fortunes) and what the multi-rank tests run with (openmpi-bin).
+packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
+          libgtest-dev libdnnl-dev nlohmann-json3-dev python3 python3-numpy python3-torch
+          fortunes fortunes-min)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup.sh: missing Debian packages: ${missing[*]}" >&2
+    echo "install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [[ "$preset" == cuda ]] && ! command -v nvcc >/dev/null; then
+  echo "setup.sh: the cuda preset needs nvcc on PATH (CUDA Toolkit 12.4 or newer)" >&2
+  exit 1
+fi
+
+cmake --preset "$preset" >/dev/null
+cmake --build --preset "$preset" -j "$(nproc)"
