@@ -1,0 +1,118 @@
+// Token data: llm.c token shards, raw UTF-8 text as bytes, and the deterministic sampler that
+// hands every data-parallel rank its slice of each global batch.
+//
+// Shard format (llm.c): a 1024-byte header of 256 little-endian int32 (magic 20240520,
+// version 1, token count), then token count uint16 tokens. The file size must be exactly
+// 1024 + 2 x count. Text files are their bytes, one token each (vocabulary 256).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::data {
+
+inline constexpr std::int32_t kShardMagic = 20240520;
+inline constexpr std::int32_t kShardVersion = 1;
+inline constexpr std::size_t kShardHeaderBytes = 1024;
+
+enum class Format { kAuto, kTokens, kText };
+// "auto" (".bin" files are token shards, anything else text), "tokens" or "text".
+Format parse_format(const std::string& name);
+
+// A read-only memory-mapped file of tokens. Move-only.
+class TokenFile {
+ public:
+  // Opens and validates; throws InvalidArgument (bad content, naming the file, byte offset
+  // and what was expected) or IoError (the OS refused).
+  TokenFile(const std::string& path, Format format);
+  ~TokenFile();
+  TokenFile(TokenFile&& o) noexcept;
+  TokenFile& operator=(TokenFile&&) = delete;
+  TokenFile(const TokenFile&) = delete;
+  TokenFile& operator=(const TokenFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::int64_t size() const { return count_; }
+  bool is_text() const { return text_; }
+  std::int32_t token(std::int64_t i) const {
+    return text_ ? static_cast<std::int32_t>(bytes_[i])
+                 : static_cast<std::int32_t>(tokens16_[i]);
+  }
+  // The largest token id in the file (scanned once at open).
+  std::int32_t max_token() const { return max_token_; }
+
+ private:
+  std::string path_;
+  void* map_ = nullptr;
+  std::size_t map_bytes_ = 0;
+  const std::uint8_t* bytes_ = nullptr;
+  const std::uint16_t* tokens16_ = nullptr;
+  std::int64_t count_ = 0;
+  bool text_ = false;
+  std::int32_t max_token_ = 0;
+};
+
+// Writes an llm.c shard (for tests and tools); write-to-temporary then rename.
+void write_token_shard(const std::string& path, const std::vector<std::uint16_t>& tokens);
+
+// A range of tokens of one file: the unit a split draws windows from.
+struct Span {
+  const TokenFile* file;
+  std::int64_t begin, end;
+};
+
+// Sequences of seq + 1 tokens drawn without overlap from a set of spans. Sample g of the whole
+// run (g = step x global batch + dp_rank x batch + row) is window perm_epoch(g mod W) of epoch
+// g / W, where W is the number of windows and perm_epoch a pseudo-random bijection seeded by
+// (seed, epoch). So a batch depends only on (seed, step, dp_rank, dp_size): runs resume
+// exactly and split across any number of ranks, and every epoch sees every window once.
+class Sampler {
+ public:
+  Sampler(std::vector<Span> spans, int seq, std::uint64_t seed);
+
+  std::int64_t windows() const { return windows_; }
+  std::int64_t tokens() const { return tokens_; }
+  int seq() const { return seq_; }
+
+  // Fills inputs and targets (int32 [batch, seq], CPU) for this rank's part of a global step.
+  void batch(std::int64_t step, int dp_rank, int dp_size, Tensor& inputs, Tensor& targets) const;
+  // The window of sample g (for tests): index into the concatenated spans' windows.
+  std::int64_t window_of(std::int64_t g) const;
+
+ private:
+  std::vector<Span> spans_;
+  std::vector<std::int64_t> first_window_;  // prefix sums of windows per span
+  int seq_;
+  std::uint64_t seed_;
+  std::int64_t windows_ = 0;
+  std::int64_t tokens_ = 0;
+};
+
+// Training and validation data from files: explicit validation files, or else the last
+// val_fraction of the training tokens (split per file, so validation never overlaps training).
+class Dataset {
+ public:
+  Dataset(const std::vector<std::string>& train_paths, const std::vector<std::string>& val_paths,
+          Format format, double val_fraction, int seq, std::uint64_t seed);
+
+  const Sampler& train() const { return *train_; }
+  // Null when there is no validation data.
+  const Sampler* val() const { return val_.get(); }
+  // The largest token id over all files, to check against a model's vocabulary.
+  std::int32_t max_token() const;
+  bool is_text() const;
+
+ private:
+  std::vector<std::unique_ptr<TokenFile>> files_;
+  std::unique_ptr<Sampler> train_, val_;
+};
+
+// Expands a list of paths, where an entry may be a glob ("data/train_*.bin"), sorted.
+// Throws InvalidArgument when an entry matches nothing.
+std::vector<std::string> expand_paths(const std::vector<std::string>& patterns);
+
+}  // namespace meshtrain::data
