@@ -1,0 +1,345 @@
+#include "models/gpt.hpp"
+
+#include <cmath>
+#include <limits>
+
+#include "runtime/ops.hpp"
+#include "runtime/rng.hpp"
+
+namespace meshtrain::models {
+
+GPTConfig GPTConfig::preset(const std::string& name) {
+  GPTConfig c;
+  auto gpt2 = [&](int layers, int heads, int width) {
+    c.n_layer = layers;
+    c.n_head = heads;
+    c.n_embd = width;
+    c.block_size = 1024;
+    c.vocab_size = 50257;
+    c.padded_vocab = pad_vocab(50257);
+  };
+  if (name == "gpt2") {
+    gpt2(12, 12, 768);
+  } else if (name == "gpt2-medium") {
+    gpt2(24, 16, 1024);
+  } else if (name == "gpt2-large") {
+    gpt2(36, 20, 1280);
+  } else if (name == "gpt2-xl") {
+    gpt2(48, 25, 1600);
+  } else if (name == "gpt-small") {
+    c = GPTConfig{};
+  } else if (name == "gpt-tiny") {
+    c.n_layer = 2;
+    c.n_head = 4;
+    c.n_embd = 64;
+    c.block_size = 64;
+  } else {
+    MT_FAIL("unknown model preset '{}': expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+            "gpt-small, gpt-tiny",
+            name);
+  }
+  return c;
+}
+
+std::vector<std::string> GPTConfig::preset_names() {
+  return {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-small", "gpt-tiny"};
+}
+
+int GPTConfig::pad_vocab(int vocab_size, int multiple) {
+  MT_CHECK(multiple >= 1, "vocabulary padding multiple must be positive, got {}", multiple);
+  return (vocab_size + multiple - 1) / multiple * multiple;
+}
+
+void GPTConfig::validate() const {
+  MT_CHECK(n_layer >= 1, "model.n_layer must be at least 1, got {}", n_layer);
+  MT_CHECK(n_head >= 1, "model.n_head must be at least 1, got {}", n_head);
+  MT_CHECK(n_embd >= 1 && n_embd % n_head == 0,
+           "model.n_embd ({}) must be a positive multiple of model.n_head ({})", n_embd, n_head);
+  MT_CHECK(block_size >= 1, "model.block_size must be at least 1, got {}", block_size);
+  MT_CHECK(vocab_size >= 2, "model.vocab_size must be at least 2, got {}", vocab_size);
+  MT_CHECK(padded_vocab >= vocab_size, "model.padded_vocab ({}) is below model.vocab_size ({})",
+           padded_vocab, vocab_size);
+}
+
+std::int64_t GPTConfig::num_parameters() const {
+  const std::int64_t c = n_embd;
+  const std::int64_t per_layer = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c +
+                                 (4 * c * c + 4 * c) + (4 * c * c + c);
+  return static_cast<std::int64_t>(padded_vocab) * c + static_cast<std::int64_t>(block_size) * c +
+         n_layer * per_layer + 2 * c;
+}
+
+double GPTConfig::training_flops_per_token(int seq) const {
+  // The position embedding is a lookup, not a matmul; the tied embedding is a matmul (LM head).
+  const double n = static_cast<double>(num_parameters() - static_cast<std::int64_t>(block_size) * n_embd);
+  return 6.0 * n + 12.0 * n_layer * n_embd * static_cast<double>(seq);
+}
+
+std::string GPTConfig::str() const {
+  return fmt::format("{} layers, {} heads, width {}, block {}, vocab {} (padded {}), {:.2f}M params",
+                     n_layer, n_head, n_embd, block_size, vocab_size, padded_vocab,
+                     num_parameters() / 1e6);
+}
+
+MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
+                               int seq) {
+  MemoryEstimate m;
+  const std::int64_t n = cfg.num_parameters();
+  m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
+  m.gradients = n * 4;
+  m.master_weights = policy.has_master_copy() ? n * 4 : 0;
+  m.optimizer_state = 2 * n * 4;
+  const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
+  const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
+  // Per layer, as GPT::ensure_activations allocates: residual, ln1, qkv, atty, residual2,
+  // ln2 (C each but qkv 3C), fch and fch_gelu (4C each); fp32 statistics and lse.
+  const std::int64_t per_layer = bt * c * a * (1 + 1 + 3 + 1 + 1 + 1 + 4 + 4) +
+                                 bt * 4 * 4 + static_cast<std::int64_t>(batch) * cfg.n_head * seq * 4;
+  // Final: residual out, lnf, logits, fp32 losses/lse/stats; backward scratch (dresidual,
+  // dln, datty: C; dqkv: 3C; dfch: 4C).
+  const std::int64_t final_acts = bt * c * a * 2 + bt * cfg.padded_vocab * a + bt * 4 * 4 +
+                                  bt * c * a * (1 + 1 + 1 + 3 + 4) + bt * 4 * 2;
+  m.activations = cfg.n_layer * per_layer + final_acts;
+  return m;
+}
+
+int GPT::add_param(const std::string& name, const Shape& shape, int layer, bool decay) {
+  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay});
+  num_params_ += shape.numel();
+  return static_cast<int>(params_.size()) - 1;
+}
+
+GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device)
+    : cfg_(cfg), policy_(policy), device_(&device) {
+  cfg_.validate();
+  const std::int64_t c = cfg_.n_embd;
+  wte_ = add_param("wte.weight", Shape{cfg_.padded_vocab, c}, -1, true);
+  wpe_ = add_param("wpe.weight", Shape{cfg_.block_size, c}, -1, true);
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    Layer L;
+    L.ln1_w = add_param(p + "ln_1.weight", Shape{c}, l, false);
+    L.ln1_b = add_param(p + "ln_1.bias", Shape{c}, l, false);
+    L.qkv_w = add_param(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true);
+    L.qkv_b = add_param(p + "attn.c_attn.bias", Shape{3 * c}, l, false);
+    L.proj_w = add_param(p + "attn.c_proj.weight", Shape{c, c}, l, true);
+    L.proj_b = add_param(p + "attn.c_proj.bias", Shape{c}, l, false);
+    L.ln2_w = add_param(p + "ln_2.weight", Shape{c}, l, false);
+    L.ln2_b = add_param(p + "ln_2.bias", Shape{c}, l, false);
+    L.fc_w = add_param(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true);
+    L.fc_b = add_param(p + "mlp.c_fc.bias", Shape{4 * c}, l, false);
+    L.fcproj_w = add_param(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true);
+    L.fcproj_b = add_param(p + "mlp.c_proj.bias", Shape{c}, l, false);
+    layers_.push_back(L);
+  }
+  lnf_w_ = add_param("ln_f.weight", Shape{c}, -1, false);
+  lnf_b_ = add_param("ln_f.bias", Shape{c}, -1, false);
+  MT_ASSERT(num_params_ == cfg_.num_parameters(), "{} vs {}", num_params_, cfg_.num_parameters());
+  params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
+  if (policy_.has_master_copy()) master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
+  grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
+}
+
+Tensor GPT::param(std::size_t i) const {
+  const ParamInfo& p = params_.at(i);
+  return params_flat_.slice(p.offset, p.shape.numel()).view(p.shape);
+}
+
+Tensor GPT::master(std::size_t i) const {
+  const ParamInfo& p = params_.at(i);
+  const Tensor& flat = policy_.has_master_copy() ? master_flat_ : params_flat_;
+  return flat.slice(p.offset, p.shape.numel()).view(p.shape);
+}
+
+Tensor GPT::grad(std::size_t i) const {
+  const ParamInfo& p = params_.at(i);
+  return grads_flat_.slice(p.offset, p.shape.numel()).view(p.shape);
+}
+
+void GPT::init_weights(std::uint64_t seed) {
+  const float residual_scale = 1.0f / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const ParamInfo& p = params_[i];
+    Tensor m = master(i);
+    const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
+    const bool is_ln = p.name.find("ln_") != std::string::npos;
+    if (is_bias) {
+      m.zero_();
+    } else if (is_ln) {
+      m.copy_from(Tensor::from_floats(std::vector<float>(p.shape.numel(), 1.0f), p.shape, DType::kF32));
+    } else {
+      const bool residual = p.name.find("c_proj.weight") != std::string::npos;
+      fill_normal(m, Philox(seed, i), 0.0f, residual ? 0.02f * residual_scale : 0.02f);
+    }
+  }
+  // Padded vocabulary rows are zero: they are never a target, and their logits never win
+  // because cross-entropy ignores those columns.
+  if (cfg_.padded_vocab > cfg_.vocab_size)
+    master(wte_).slice(cfg_.vocab_size, cfg_.padded_vocab - cfg_.vocab_size).zero_();
+  sync_params_from_master();
+}
+
+void GPT::sync_params_from_master() {
+  if (policy_.has_master_copy()) ops::convert(params_flat_, master_flat_);
+}
+
+void GPT::ensure_activations(int batch, int seq) {
+  if (batch == batch_ && seq == seq_) return;
+  Device& d = *device_;
+  const DType a = policy_.activation;
+  const std::int64_t b = batch, t = seq, c = cfg_.n_embd;
+  acts_.clear();
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    LayerActs x;
+    x.residual = Tensor::empty(Shape{b, t, c}, a, d);
+    x.ln1 = Tensor::empty(Shape{b, t, c}, a, d);
+    x.ln1_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.ln1_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.qkv = Tensor::empty(Shape{b, t, 3 * c}, a, d);
+    x.atty = Tensor::empty(Shape{b, t, c}, a, d);
+    x.lse = Tensor::empty(Shape{b, cfg_.n_head, t}, DType::kF32, d);
+    x.residual2 = Tensor::empty(Shape{b, t, c}, a, d);
+    x.ln2 = Tensor::empty(Shape{b, t, c}, a, d);
+    x.ln2_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.ln2_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.fch = Tensor::empty(Shape{b, t, 4 * c}, a, d);
+    x.fch_gelu = Tensor::empty(Shape{b, t, 4 * c}, a, d);
+    acts_.push_back(std::move(x));
+  }
+  residual_out_ = Tensor::empty(Shape{b, t, c}, a, d);
+  lnf_ = Tensor::empty(Shape{b, t, c}, a, d);
+  lnf_mean_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  lnf_rstd_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  logits_ = Tensor::empty(Shape{b, t, cfg_.padded_vocab}, a, d);
+  losses_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  lse_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  dresidual_ = Tensor::empty(Shape{b, t, c}, a, d);
+  dln_ = Tensor::empty(Shape{b, t, c}, a, d);
+  datty_ = Tensor::empty(Shape{b, t, c}, a, d);
+  dqkv_ = Tensor::empty(Shape{b, t, 3 * c}, a, d);
+  dfch_ = Tensor::empty(Shape{b, t, 4 * c}, a, d);
+  batch_ = batch;
+  seq_ = seq;
+}
+
+std::int64_t GPT::activation_bytes() const {
+  std::int64_t total = 0;
+  auto add = [&](const Tensor& t) {
+    if (t.defined()) total += static_cast<std::int64_t>(t.nbytes());
+  };
+  for (const LayerActs& x : acts_) {
+    for (const Tensor* t : {&x.residual, &x.ln1, &x.ln1_mean, &x.ln1_rstd, &x.qkv, &x.atty, &x.lse,
+                            &x.residual2, &x.ln2, &x.ln2_mean, &x.ln2_rstd, &x.fch, &x.fch_gelu})
+      add(*t);
+  }
+  for (const Tensor* t : {&residual_out_, &lnf_, &lnf_mean_, &lnf_rstd_, &logits_, &losses_, &lse_,
+                          &dresidual_, &dln_, &datty_, &dqkv_, &dfch_})
+    add(*t);
+  return total;
+}
+
+float GPT::forward(const Tensor& tokens, const Tensor& targets) {
+  MT_CHECK(tokens.defined() && tokens.dtype() == DType::kI32 && tokens.ndim() == 2,
+           "GPT forward: tokens must be int32 [B, T], got {}", tokens.str());
+  const int b = static_cast<int>(tokens.dim(0)), t = static_cast<int>(tokens.dim(1));
+  MT_CHECK(t >= 1 && t <= cfg_.block_size,
+           "GPT forward: sequence length {} must be in [1, {}] (model.block_size)", t,
+           cfg_.block_size);
+  MT_CHECK(b >= 1, "GPT forward: batch size must be at least 1, got {}", b);
+  if (targets.defined()) {
+    MT_CHECK(targets.dtype() == DType::kI32 && targets.shape() == tokens.shape(),
+             "GPT forward: targets must be int32 {} like tokens, got {}", tokens.shape().str(),
+             targets.str());
+  }
+  ensure_activations(b, t);
+  tokens_ = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
+  {
+    // Tokens outside the real vocabulary would index padded rows: refuse them.
+    const std::vector<std::int32_t> ids = tokens.to_ints();
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
+               "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
+               "of {}", ids[i], i / t, i % t, cfg_.vocab_size);
+  }
+  ops::embedding_forward(acts_[0].residual, tokens_, param(wte_), param(wpe_));
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const Layer& L = layers_[l];
+    LayerActs& x = acts_[l];
+    ops::layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.residual, param(L.ln1_w), param(L.ln1_b));
+    Tensor qkv_b = param(L.qkv_b);
+    ops::linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
+    ops::attention_forward(x.atty, x.lse, x.qkv, cfg_.n_head);
+    Tensor proj_b = param(L.proj_b);
+    ops::linear_forward(x.residual2, x.atty, param(L.proj_w), &proj_b);
+    ops::add(x.residual2, x.residual2, x.residual);
+    ops::layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, param(L.ln2_w), param(L.ln2_b));
+    Tensor fc_b = param(L.fc_b);
+    ops::linear_forward(x.fch, x.ln2, param(L.fc_w), &fc_b);
+    ops::gelu_forward(x.fch_gelu, x.fch);
+    Tensor& next = l + 1 < cfg_.n_layer ? acts_[l + 1].residual : residual_out_;
+    Tensor fcproj_b = param(L.fcproj_b);
+    ops::linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b);
+    ops::add(next, next, x.residual2);
+  }
+  ops::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual_out_, param(lnf_w_), param(lnf_b_));
+  ops::linear_forward(logits_, lnf_, param(wte_), nullptr);
+  have_targets_ = targets.defined();
+  if (!have_targets_) return std::numeric_limits<float>::quiet_NaN();
+  targets_ = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
+  Tensor logits2d = logits_.view(Shape{static_cast<std::int64_t>(b) * t, cfg_.padded_vocab});
+  Tensor targets1d = targets_.view(Shape{static_cast<std::int64_t>(b) * t});
+  ops::cross_entropy_forward(losses_, lse_, logits2d, targets1d, cfg_.vocab_size);
+  const std::vector<std::int32_t> tg = targets.to_ints();
+  std::int64_t counted = 0;
+  for (std::int32_t v : tg) counted += v >= 0;
+  valid_targets_ = static_cast<float>(counted);
+  if (counted == 0) return 0.0f;
+  double sum = 0.0;
+  for (float v : losses_.to_floats()) sum += v;
+  return static_cast<float>(sum / static_cast<double>(counted));
+}
+
+void GPT::backward(float loss_multiplier) {
+  MT_CHECK(have_targets_, "GPT backward needs a forward with targets first");
+  const std::int64_t bt = static_cast<std::int64_t>(batch_) * seq_;
+  if (valid_targets_ == 0) return;
+  Tensor logits2d = logits_.view(Shape{bt, cfg_.padded_vocab});
+  // dlogits overwrite the logits in place: the largest activation is not held twice.
+  ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}), cfg_.vocab_size,
+                              loss_multiplier / valid_targets_);
+  have_targets_ = false;  // the logits are gone
+  Tensor dwte = grad(wte_);
+  ops::linear_backward(&dln_, dwte, nullptr, logits_, lnf_, param(wte_));
+  Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
+  ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, residual_out_, param(lnf_w_), lnf_mean_,
+                          lnf_rstd_, /*accumulate_dx=*/false);
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+    const Layer& L = layers_[l];
+    LayerActs& x = acts_[l];
+    // dresidual holds the gradient of this layer's output.
+    Tensor dw = grad(L.fcproj_w), db = grad(L.fcproj_b);
+    ops::linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
+    ops::gelu_backward(dfch_, dfch_, x.fch);
+    dw = grad(L.fc_w);
+    db = grad(L.fc_b);
+    ops::linear_backward(&dln_, dw, &db, dfch_, x.ln2, param(L.fc_w));
+    Tensor dgw = grad(L.ln2_w), dgb = grad(L.ln2_b);
+    ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual2, param(L.ln2_w), x.ln2_mean,
+                            x.ln2_rstd, /*accumulate_dx=*/true);
+    dw = grad(L.proj_w);
+    db = grad(L.proj_b);
+    ops::linear_backward(&datty_, dw, &db, dresidual_, x.atty, param(L.proj_w));
+    ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, cfg_.n_head);
+    dw = grad(L.qkv_w);
+    db = grad(L.qkv_b);
+    ops::linear_backward(&dln_, dw, &db, dqkv_, x.ln1, param(L.qkv_w));
+    dgw = grad(L.ln1_w);
+    dgb = grad(L.ln1_b);
+    ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual, param(L.ln1_w), x.ln1_mean,
+                            x.ln1_rstd, /*accumulate_dx=*/true);
+  }
+  Tensor dwpe = grad(wpe_);
+  ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);
+}
+
+}  // namespace meshtrain::models

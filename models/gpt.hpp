@@ -1,0 +1,143 @@
+// The GPT-2 family: pre-LayerNorm blocks, learned position embeddings, a tied input/output
+// embedding, a 4x GELU MLP and causal attention, built from runtime ops.
+//
+// Parameters live in one flat buffer in the compute dtype (and, under 16-bit policies, an fp32
+// master copy), gradients in one flat fp32 buffer, both in the order of params(): embeddings
+// first, then layer by layer, then the final LayerNorm. Flat buffers are what gradient buckets,
+// ZeRO shards and checkpoints are cut from.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/precision.hpp"
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::models {
+
+struct GPTConfig {
+  int n_layer = 6;
+  int n_head = 6;
+  int n_embd = 384;
+  int block_size = 256;     // maximum sequence length (rows of wpe)
+  int vocab_size = 256;     // real vocabulary
+  int padded_vocab = 256;   // rows of wte: vocab_size rounded up to a multiple of 128
+
+  // gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), gpt2-xl (1.5B) with GPT-2's 50257
+  // tokens; gpt-small (6 x 384, 6 heads) and gpt-tiny (2 x 64, 4 heads) with the 256-symbol
+  // byte vocabulary, for CPUs and tests. Throws InvalidArgument listing the names.
+  static GPTConfig preset(const std::string& name);
+  static std::vector<std::string> preset_names();
+  // Rounds vocab_size up to a multiple of `multiple` (128 by default, so that the LM-head
+  // matmul has friendly shapes; with tensor parallelism, a multiple of 128 x TP).
+  static int pad_vocab(int vocab_size, int multiple = 128);
+  // Throws InvalidArgument naming the field when the config is inconsistent.
+  void validate() const;
+
+  int head_size() const { return n_embd / n_head; }
+  // Every parameter, including the position embedding and the tied embedding once.
+  std::int64_t num_parameters() const;
+  // Training FLOPs per token at sequence length seq (forward + backward: 6 per parameter
+  // multiply-add, plus attention's 12 x layers x width x seq, as in PaLM's appendix B / llm.c).
+  double training_flops_per_token(int seq) const;
+  std::string str() const;
+};
+
+struct MemoryEstimate {
+  std::int64_t parameters = 0;  // bytes
+  std::int64_t gradients = 0;
+  std::int64_t master_weights = 0;
+  std::int64_t optimizer_state = 0;
+  std::int64_t activations = 0;  // per micro-batch, kept for backward
+  std::int64_t total() const {
+    return parameters + gradients + master_weights + optimizer_state + activations;
+  }
+};
+// Memory of one rank holding the whole model (no sharding) for a micro-batch of [batch, seq].
+MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
+                               int seq);
+
+struct ParamInfo {
+  std::string name;     // Hugging Face GPT-2 names: "wte.weight", "h.0.attn.c_attn.weight", ...
+  Shape shape;          // ours: linear weights are [out, in] (nn.Linear), not HF's Conv1D [in, out]
+  std::int64_t offset;  // elements into the flat buffers
+  int layer;            // -1 for embeddings and the final LayerNorm
+  bool decay;           // weight decay applies (2-D weights only)
+};
+
+class GPT {
+ public:
+  GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device());
+
+  const GPTConfig& config() const { return cfg_; }
+  const PrecisionPolicy& policy() const { return policy_; }
+  Device& device() const { return *device_; }
+  const std::vector<ParamInfo>& params() const { return params_; }
+  std::int64_t num_parameters() const { return num_params_; }
+
+  // GPT-2 initialisation from (seed, stream = parameter index): normal(0, 0.02) weights,
+  // residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 x layers), zero biases,
+  // unit LayerNorm weights. Identical on every rank and device for one seed.
+  void init_weights(std::uint64_t seed);
+
+  // Flat buffers: compute parameters, fp32 master (the same tensor as params under fp32),
+  // fp32 gradients. param(i) etc. are views of parameter i shaped as params()[i].shape.
+  Tensor& flat_params() { return params_flat_; }
+  Tensor& flat_master() { return policy_.has_master_copy() ? master_flat_ : params_flat_; }
+  Tensor& flat_grads() { return grads_flat_; }
+  Tensor param(std::size_t i) const;
+  Tensor master(std::size_t i) const;
+  Tensor grad(std::size_t i) const;
+  // Writes the compute parameters from the master weights (after an optimizer step or a load).
+  void sync_params_from_master();
+
+  // Forward on tokens [B, T] (int32). With targets ([B, T], negative = ignore), computes the
+  // per-token losses and returns their mean over counted targets; without, returns NaN and
+  // leaves logits() ready. Activations are kept for backward.
+  float forward(const Tensor& tokens, const Tensor& targets = Tensor());
+  // Logits of the last forward, [B, T, padded_vocab]. Overwritten by backward.
+  const Tensor& logits() const { return logits_; }
+  // Per-token fp32 losses of the last forward with targets.
+  const Tensor& losses() const { return losses_; }
+  // Backward of the last forward with targets. Gradients are ACCUMULATED into flat_grads(),
+  // of (mean loss) x loss_multiplier: pass 1 / accumulation steps (x the loss scale under fp16).
+  void backward(float loss_multiplier = 1.0f);
+  void zero_grads() { grads_flat_.zero_(); }
+
+  // Bytes of activation buffers currently held.
+  std::int64_t activation_bytes() const;
+
+ private:
+  struct Layer {
+    int ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
+  };
+  struct LayerActs {
+    Tensor residual;  // input of the layer [B, T, C]
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, lse, residual2, ln2, ln2_mean, ln2_rstd, fch,
+        fch_gelu;
+  };
+  void ensure_activations(int batch, int seq);
+  int add_param(const std::string& name, const Shape& shape, int layer, bool decay);
+
+  GPTConfig cfg_;
+  PrecisionPolicy policy_;
+  Device* device_;
+  std::vector<ParamInfo> params_;
+  std::int64_t num_params_ = 0;
+  int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
+  std::vector<Layer> layers_;
+  Tensor params_flat_, master_flat_, grads_flat_;
+
+  // Activations for the current [B, T]; reused across steps of the same shape.
+  int batch_ = 0, seq_ = 0;
+  bool have_targets_ = false;
+  float valid_targets_ = 0;
+  Tensor tokens_, targets_;
+  std::vector<LayerActs> acts_;
+  Tensor residual_out_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_, lse_;
+  // Backward scratch.
+  Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
+};
+
+}  // namespace meshtrain::models
