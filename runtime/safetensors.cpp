@@ -1,0 +1,404 @@
+#include "runtime/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/log.hpp"
+
+namespace meshtrain {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "safetensors data is little-endian; a big-endian host would need byte swaps");
+
+using Json = nlohmann::ordered_json;
+
+[[noreturn]] void fail_io(const std::string& path, const char* call) {
+  const int err = errno;
+  throw IoError(fmt::format("safetensors file '{}': {} failed: {}", path, call,
+                            std::strerror(err)));
+}
+
+// An owned file descriptor; the destructor closes it and logs (never throws) on failure.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() {
+    if (fd_ >= 0 && ::close(fd_) != 0)
+      log::warn("close of file descriptor {} failed: {}", fd_, std::strerror(errno));
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  // Closes now and reports the result (a delayed write error can surface only here).
+  int close() {
+    const int rc = ::close(fd_);
+    fd_ = -1;
+    return rc;
+  }
+
+ private:
+  int fd_;
+};
+
+void write_all(int fd, const std::string& path, const void* data, std::size_t n) {
+  const auto* p = static_cast<const std::uint8_t*>(data);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail_io(path, "write");
+    }
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+}
+
+// Reads exactly n bytes at offset; a file that shrinks under us is an IoError.
+void read_exact(int fd, const std::string& path, void* data, std::size_t n, std::uint64_t offset,
+                std::string_view what) {
+  auto* p = static_cast<std::uint8_t*>(data);
+  while (n > 0) {
+    const ssize_t r = ::pread(fd, p, n, static_cast<off_t>(offset));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      fail_io(path, "pread");
+    }
+    if (r == 0)
+      throw IoError(fmt::format(
+          "safetensors file '{}': ended at byte {} while reading {} (did it shrink while being "
+          "read?)",
+          path, offset, what));
+    p += r;
+    n -= static_cast<std::size_t>(r);
+    offset += static_cast<std::uint64_t>(r);
+  }
+}
+
+// Removes the temporary file unless the write completed.
+class TempFileGuard {
+ public:
+  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
+  ~TempFileGuard() {
+    if (!committed_ && ::unlink(path_.c_str()) != 0 && errno != ENOENT)
+      log::warn("could not remove the partial file '{}': {}", path_, std::strerror(errno));
+  }
+  TempFileGuard(const TempFileGuard&) = delete;
+  TempFileGuard& operator=(const TempFileGuard&) = delete;
+  void commit() { committed_ = true; }
+
+ private:
+  std::string path_;
+  bool committed_ = false;
+};
+
+std::string build_header(const std::string& path,
+                         const std::vector<std::pair<std::string, Tensor>>& tensors,
+                         const std::map<std::string, std::string>& metadata) {
+  Json header = Json::object();
+  if (!metadata.empty()) {
+    Json meta = Json::object();
+    for (const auto& [k, v] : metadata) meta[k] = v;
+    header["__metadata__"] = std::move(meta);
+  }
+  std::set<std::string_view> names;
+  std::uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    MT_CHECK(name != "__metadata__",
+             "save_safetensors '{}': '__metadata__' is reserved and cannot name a tensor", path);
+    MT_CHECK(names.insert(name).second, "save_safetensors '{}': tensor name '{}' appears twice",
+             path, name);
+    MT_CHECK(t.defined(), "save_safetensors '{}': tensor '{}' is undefined", path, name);
+    const std::uint64_t end = offset + t.nbytes();
+    header[name] = Json{{"dtype", dtype_safetensors_name(t.dtype())},
+                        {"shape", t.shape().to_vector()},
+                        {"data_offsets", {offset, end}}};
+    offset = end;
+  }
+  std::string text;
+  try {
+    text = header.dump(-1, ' ', false, Json::error_handler_t::strict);
+  } catch (const Json::exception& e) {
+    MT_FAIL("save_safetensors '{}': a tensor name or metadata string is not valid UTF-8 ({})",
+            path, e.what());
+  }
+  // Pad with spaces so that the data section starts 8-byte aligned, as Hugging Face does.
+  text.resize((text.size() + 7) / 8 * 8, ' ');
+  return text;
+}
+
+void sync_directory_of(const std::string& path) {
+  std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) fail_io(path, "open of its directory");
+  if (::fsync(fd.get()) != 0) fail_io(path, "fsync of its directory");
+}
+
+// ---- reading ------------------------------------------------------------------------------
+
+struct Entry {
+  std::string name;
+  DType dtype;
+  std::vector<std::int64_t> dims;
+  std::uint64_t begin, end;
+};
+
+// Parses the header, refusing nesting deeper than the format has (a deep "[[[[..." would
+// otherwise cost memory without bound) and tensor names that appear twice (JSON parsers keep
+// one of them silently).
+Json parse_header(const std::string& path, const std::string& text) {
+  std::set<std::string> names;
+  auto guard = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    // Depth 0 is the root object, 1 a tensor entry or the metadata, 2 a shape or offsets array.
+    if ((event == Json::parse_event_t::object_start || event == Json::parse_event_t::array_start) &&
+        depth > 2)
+      MT_FAIL("safetensors file '{}': the header nests objects or arrays {} levels deep; the "
+              "format has at most 3 (header, tensor entry, shape)",
+              path, depth + 1);
+    if (event == Json::parse_event_t::key && depth == 1)
+      MT_CHECK(names.insert(parsed.get<std::string>()).second,
+               "safetensors file '{}': the header names '{}' twice", path,
+               parsed.get<std::string>());
+    return true;
+  };
+  try {
+    return Json::parse(text, guard);
+  } catch (const Json::parse_error& e) {
+    // e.byte counts the characters read, the failing one included.
+    const std::uint64_t at = 8 + (e.byte > 0 ? e.byte - 1 : 0);
+    std::string reason = e.what();
+    if (auto pos = reason.find("column "); pos != std::string::npos) {
+      if (auto colon = reason.find(": ", pos); colon != std::string::npos)
+        reason = reason.substr(colon + 2);
+    }
+    MT_FAIL("safetensors file '{}': the JSON header is invalid at byte offset {} of the file: {}",
+            path, at, reason);
+  }
+}
+
+std::uint64_t as_unsigned(const std::string& path, const std::string& name, const Json& v,
+                          const char* what) {
+  MT_CHECK(v.is_number_integer(), "safetensors file '{}': tensor '{}' has a {} of {} ({}), "
+           "expected a non-negative integer", path, name, what, v.dump(), v.type_name());
+  MT_CHECK(v.is_number_unsigned(),
+           "safetensors file '{}': tensor '{}' has a negative {} ({}), expected a non-negative "
+           "integer", path, name, what, v.dump());
+  return v.get<std::uint64_t>();
+}
+
+DType entry_dtype(const std::string& path, const std::string& name, const Json& v) {
+  MT_CHECK(v.is_string(), "safetensors file '{}': tensor '{}' has dtype {}, expected a string",
+           path, name, v.dump());
+  const auto& text = v.get_ref<const std::string&>();
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16, DType::kI32})
+    if (text == dtype_safetensors_name(t)) return t;
+  MT_FAIL("safetensors file '{}': tensor '{}' has dtype '{}', expected one of F32, BF16, F16, I32 "
+          "(other safetensors dtypes are not supported)", path, name, text);
+}
+
+Entry parse_entry(const std::string& path, const std::string& name, const Json& v,
+                  std::uint64_t data_size) {
+  MT_CHECK(v.is_object(), "safetensors file '{}': entry '{}' is a JSON {}, expected an object with "
+           "dtype, shape and data_offsets", path, name, v.type_name());
+  for (const auto& [key, unused] : v.items())
+    MT_CHECK(key == "dtype" || key == "shape" || key == "data_offsets",
+             "safetensors file '{}': tensor '{}' has an unknown key '{}' (expected dtype, shape, "
+             "data_offsets)", path, name, key);
+  for (const char* key : {"dtype", "shape", "data_offsets"})
+    MT_CHECK(v.contains(key), "safetensors file '{}': tensor '{}' has no '{}'", path, name, key);
+
+  Entry e;
+  e.name = name;
+  e.dtype = entry_dtype(path, name, v["dtype"]);
+
+  const Json& shape = v["shape"];
+  MT_CHECK(shape.is_array(), "safetensors file '{}': tensor '{}' has shape {}, expected an array",
+           path, name, shape.dump());
+  MT_CHECK(shape.size() <= static_cast<std::size_t>(Shape::kMaxDims),
+           "safetensors file '{}': tensor '{}' has {} dimensions, at most {} are supported", path,
+           name, shape.size(), Shape::kMaxDims);
+  // numel in bytes, and the product of the non-zero dimensions, must both fit in int64.
+  std::uint64_t numel = 1, nonzero_product = 1;
+  constexpr std::uint64_t kLimit = std::numeric_limits<std::int64_t>::max();
+  for (const Json& d : shape) {
+    const std::uint64_t dim = as_unsigned(path, name, d, "dimension");
+    const bool overflow = __builtin_mul_overflow(nonzero_product, std::max<std::uint64_t>(dim, 1),
+                                                 &nonzero_product);
+    MT_CHECK(!overflow && nonzero_product <= kLimit,
+             "safetensors file '{}': tensor '{}' has shape {} whose element count overflows "
+             "64 bits", path, name, shape.dump());
+    numel *= dim;
+    e.dims.push_back(static_cast<std::int64_t>(dim));
+  }
+  std::uint64_t nbytes = 0;
+  MT_CHECK(!__builtin_mul_overflow(numel, dtype_size(e.dtype), &nbytes) && nbytes <= kLimit,
+           "safetensors file '{}': tensor '{}' of shape {} is too large", path, name,
+           shape.dump());
+
+  const Json& offsets = v["data_offsets"];
+  MT_CHECK(offsets.is_array() && offsets.size() == 2,
+           "safetensors file '{}': tensor '{}' has data_offsets {}, expected [begin, end]", path,
+           name, offsets.dump());
+  e.begin = as_unsigned(path, name, offsets[0], "data offset");
+  e.end = as_unsigned(path, name, offsets[1], "data offset");
+  MT_CHECK(e.begin <= e.end, "safetensors file '{}': tensor '{}' has data_offsets [{}, {}] with "
+           "begin after end", path, name, e.begin, e.end);
+  MT_CHECK(e.end <= data_size,
+           "safetensors file '{}': tensor '{}' has data_offsets [{}, {}] past the end of the data "
+           "section ({} bytes)", path, name, e.begin, e.end, data_size);
+  MT_CHECK(e.end - e.begin == nbytes,
+           "safetensors file '{}': tensor '{}' is {}{} ({} bytes) but its data_offsets [{}, {}] "
+           "hold {} bytes", path, name, dtype_safetensors_name(e.dtype), shape.dump(), nbytes,
+           e.begin, e.end, e.end - e.begin);
+  return e;
+}
+
+std::map<std::string, std::string> parse_metadata(const std::string& path, const Json& v) {
+  MT_CHECK(v.is_object(), "safetensors file '{}': __metadata__ is a JSON {}, expected an object of "
+           "strings", path, v.type_name());
+  std::map<std::string, std::string> out;
+  for (const auto& [key, value] : v.items()) {
+    MT_CHECK(value.is_string(), "safetensors file '{}': __metadata__ key '{}' holds a JSON {}, "
+             "expected a string", path, key, value.type_name());
+    out[key] = value.get<std::string>();
+  }
+  return out;
+}
+
+// Entries sorted by offset must cover [0, data_size) exactly once.
+void check_tiling(const std::string& path, std::vector<Entry>& entries, std::uint64_t data_size) {
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  std::uint64_t covered = 0;
+  const Entry* last = nullptr;
+  for (const Entry& e : entries) {
+    MT_CHECK(e.begin >= covered,
+             "safetensors file '{}': tensor '{}' at data bytes [{}, {}) overlaps tensor '{}' at "
+             "[{}, {})", path, e.name, e.begin, e.end, last ? last->name : "", last ? last->begin : 0,
+             covered);
+    MT_CHECK(e.begin == covered,
+             "safetensors file '{}': data bytes [{}, {}) belong to no tensor (before tensor '{}')",
+             path, covered, e.begin, e.name);
+    covered = e.end;
+    last = &e;
+  }
+  MT_CHECK(covered == data_size,
+           "safetensors file '{}': the data section has {} bytes but the tensors cover only {} "
+           "(trailing bytes)", path, data_size, covered);
+}
+
+}  // namespace
+
+const Tensor* SafetensorsFile::find(std::string_view name) const {
+  for (const auto& [n, t] : tensors)
+    if (n == name) return &t;
+  return nullptr;
+}
+
+const Tensor& SafetensorsFile::at(std::string_view name) const {
+  const Tensor* t = find(name);
+  MT_CHECK(t != nullptr, "safetensors file '{}' has no tensor named '{}'", path, name);
+  return *t;
+}
+
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  const std::string header = build_header(path, tensors, metadata);
+  const std::string tmp = path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd.valid()) fail_io(tmp, "open for writing");
+  TempFileGuard guard(tmp);
+
+  std::uint8_t len[8];
+  std::uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<std::uint8_t>(n >> (8 * i));
+  write_all(fd.get(), tmp, len, 8);
+  write_all(fd.get(), tmp, header.data(), header.size());
+  for (const auto& [name, t] : tensors) {
+    if (t.numel() == 0) continue;
+    if (t.is_cpu()) {
+      write_all(fd.get(), tmp, t.data(), t.nbytes());
+    } else {
+      const Tensor host = t.to(cpu_device());
+      write_all(fd.get(), tmp, host.data(), host.nbytes());
+    }
+  }
+  if (::fsync(fd.get()) != 0) fail_io(tmp, "fsync");
+  if (fd.close() != 0) fail_io(tmp, "close");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_io(path, "rename from the .tmp file");
+  guard.commit();
+  sync_directory_of(path);
+}
+
+SafetensorsFile load_safetensors(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) fail_io(path, "open");
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) fail_io(path, "fstat");
+  MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
+  const auto file_size = static_cast<std::uint64_t>(st.st_size);
+  MT_CHECK(file_size >= 8,
+           "safetensors file '{}': {} bytes long, too short for the 8-byte header length", path,
+           file_size);
+
+  std::uint8_t len[8];
+  read_exact(fd.get(), path, len, 8, 0, "the header length");
+  std::uint64_t header_len = 0;
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<std::uint64_t>(len[i]) << (8 * i);
+  MT_CHECK(header_len <= file_size - 8,
+           "safetensors file '{}': the header length (bytes 0-7) says {} bytes, but only {} "
+           "bytes follow it (truncated file, or not a safetensors file)", path, header_len,
+           file_size - 8);
+  MT_CHECK(header_len <= kSafetensorsMaxHeaderBytes,
+           "safetensors file '{}': the header length {} exceeds the limit of {} bytes", path,
+           header_len, kSafetensorsMaxHeaderBytes);
+  MT_CHECK(header_len >= 2,
+           "safetensors file '{}': the header length {} is too short for a JSON object", path,
+           header_len);
+
+  std::string text(header_len, '\0');
+  read_exact(fd.get(), path, text.data(), header_len, 8, "the header");
+  const Json header = parse_header(path, text);
+  MT_CHECK(header.is_object(), "safetensors file '{}': the header is a JSON {}, expected an object",
+           path, header.type_name());
+
+  const std::uint64_t data_start = 8 + header_len;
+  const std::uint64_t data_size = file_size - data_start;
+  SafetensorsFile out;
+  out.path = path;
+  std::vector<Entry> entries;
+  for (const auto& [key, value] : header.items()) {
+    if (key == "__metadata__")
+      out.metadata = parse_metadata(path, value);
+    else
+      entries.push_back(parse_entry(path, key, value, data_size));
+  }
+  check_tiling(path, entries, data_size);
+
+  out.tensors.reserve(entries.size());
+  for (const Entry& e : entries) {
+    Tensor t = Tensor::empty(Shape(e.dims), e.dtype);
+    read_exact(fd.get(), path, t.data(), t.nbytes(), data_start + e.begin,
+               fmt::format("tensor '{}'", e.name));
+    out.tensors.emplace_back(e.name, std::move(t));
+  }
+  return out;
+}
+
+}  // namespace meshtrain

@@ -1,0 +1,57 @@
+// safetensors files: tensors by name plus string metadata, in the format Hugging Face's
+// `safetensors` library reads and writes.
+//
+// Layout: an 8-byte little-endian header length N, N bytes of JSON header
+//   {"name": {"dtype": "BF16", "shape": [768, 3], "data_offsets": [begin, end]}, ...,
+//    "__metadata__": {"key": "value", ...}}   (metadata optional)
+// then the data section, where each tensor's bytes lie at [begin, end) relative to its start,
+// row-major and little-endian. Tensors tile the data section exactly, in offset order.
+//
+// Errors: content that breaks the format throws InvalidArgument naming the file and what is
+// wrong (with the byte offset for JSON syntax errors); a failing system call throws IoError
+// naming the file, the call and the operating system's reason.
+#pragma once
+
+#include <map>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "runtime/tensor.hpp"
+
+namespace meshtrain {
+
+// The header may not be larger than this (Hugging Face's reader uses the same cap).
+inline constexpr std::uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
+
+struct SafetensorsFile {
+  std::string path;
+  // CPU tensors in data-offset order, which is the order in which save_safetensors got them.
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::map<std::string, std::string> metadata;
+
+  // The tensor called name, or nullptr.
+  const Tensor* find(std::string_view name) const;
+  // The tensor called name; throws InvalidArgument naming the file and the missing name.
+  const Tensor& at(std::string_view name) const;
+};
+
+// Writes the tensors (any device, any dtype; copied through the host when not on the CPU) in
+// the order given, with the metadata, to `path`. Names must be unique and not "__metadata__".
+// The file appears complete or not at all: the data is written to `path.tmp`, flushed to disk
+// (fsync), renamed over `path`, and the directory entry is flushed too. On failure `path.tmp`
+// is removed and an existing `path` is left as it was. Two writers to one path at once are
+// not supported (they share `path.tmp`).
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// Reads a whole file into CPU tensors. Nothing in the file is trusted: the header length is
+// checked against the file size and kSafetensorsMaxHeaderBytes before anything is allocated,
+// every entry must have a known dtype (F32, BF16, F16, I32), non-negative dimensions (at most
+// Shape::kMaxDims of them) whose byte size equals its data_offsets range, and the ranges must
+// tile the data section without overlaps, gaps or trailing bytes.
+SafetensorsFile load_safetensors(const std::string& path);
+
+}  // namespace meshtrain
