@@ -4,12 +4,15 @@
 // inside GPT's fused [B, T, 3C] projection without copying it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "runtime/dtype.hpp"
 
 namespace meshtrain::cpu {
 
+// Element (i, j) of op(A) is a[i * lda + j], or a[j * lda + i] when trans_a; likewise B, and
+// C[i, j] is c[i * ldc + j]. Leading dimensions follow BLAS: at least max(1, stored columns).
 struct GemmArgs {
   bool trans_a = false;  // A is stored [K, M] with leading dimension lda
   bool trans_b = false;  // B is stored [N, K] with leading dimension ldb
@@ -23,14 +26,27 @@ struct GemmArgs {
   void* c = nullptr;
   DType c_type = DType::kF32;
   std::int64_t ldc = 0;
-  float alpha = 1.0f;  // C = alpha * op(A) op(B) + beta * C (+ bias)
-  float beta = 0.0f;   // 0 or 1
-  const void* bias = nullptr;  // [N], added to every row of C
-  DType bias_type = DType::kF32;
+  // C = alpha * (op(A) op(B) + bias) + beta * C. alpha scales the bias too: that is oneDNN's
+  // output-scale semantics, and every caller so far passes alpha = 1 with a bias.
+  float alpha = 1.0f;
+  float beta = 0.0f;              // 0 or 1; with 0, C is only written (it may hold NaN before)
+  const void* bias = nullptr;     // [N], added to every row of C
+  DType bias_type = DType::kF32;  // fp32 or c_type
 };
 
-// Runs on the calling thread's OpenMP pool. A and B share a dtype. Accumulation is fp32.
+// A and B share a float dtype; C may be any float dtype. Accumulation is fp32.
+// fp32 x fp32 and bf16 x bf16 (to fp32 or bf16) run natively in oneDNN. Combinations oneDNN
+// has no kernel for on this processor (with oneDNN 2.6 on a Zen 4: anything fp16, bf16 to
+// fp16, fp32 to bf16) run the fp32 GEMM on fp32 copies held in reusable per-thread buffers and
+// convert C back. Widening to fp32 is exact, so the result is rounded once, as natively.
+// Runs on the calling thread's OpenMP pool; complete on return.
 // Thread-safe: the primitive cache is locked, execution is not serialised.
+// Throws InvalidArgument for bad arguments and InternalError when oneDNN fails on valid ones;
+// both messages give the problem's shapes, leading dimensions and dtypes.
 void gemm(const GemmArgs& args);
+
+// Number of cached problems (a problem run through fp32 copies counts itself and its fp32
+// problem). For tests: repeating a problem must not grow it.
+std::size_t gemm_cache_size();
 
 }  // namespace meshtrain::cpu
