@@ -20,6 +20,9 @@ meshtrain_require(spdlog_FOUND "spdlog" "libspdlog-dev")
 find_package(nlohmann_json 3.10 CONFIG QUIET)
 meshtrain_require(nlohmann_json_FOUND "nlohmann-json (JSON headers for tensor files and configs)" "nlohmann-json3-dev")
 
+find_package(tomlplusplus CONFIG QUIET)
+meshtrain_require(tomlplusplus_FOUND "toml++ (config files)" "libtomlplusplus-dev")
+
 find_package(MPI QUIET COMPONENTS C)
 meshtrain_require(MPI_C_FOUND "MPI (Open MPI)" "libopenmpi-dev openmpi-bin")
 

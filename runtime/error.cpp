@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "runtime/log.hpp"
+
 namespace meshtrain::detail {
 
 std::string source_location(const char* file, int line) {
@@ -19,8 +21,12 @@ std::string source_location(const char* file, int line) {
 }
 
 void fail_check(const char* file, int line, const char* cond, const std::string& msg) {
+  // The message is for the user and already says what and where in their input; our source
+  // location would only be noise there. It is kept for debug logs.
   (void)cond;
-  throw InvalidArgument(fmt::format("{} [{}]", msg, source_location(file, line)));
+  if (log::logger().should_log(spdlog::level::debug))
+    log::debug("check failed at {}: {}", source_location(file, line), msg);
+  throw InvalidArgument(msg);
 }
 
 void fail_assert(const char* file, int line, const char* cond, const std::string& msg) {

@@ -1,0 +1,319 @@
+#include "launch/config.hpp"
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <sstream>
+
+#include <toml++/toml.h>
+
+#include "runtime/error.hpp"
+
+namespace meshtrain::launch {
+namespace {
+
+enum class Kind { kInt, kUInt64, kDouble, kString, kStrings };
+
+struct Key {
+  std::string section, name;
+  Kind kind;
+  double lo, hi;                      // numeric range, inclusive
+  std::vector<std::string> choices;   // allowed strings (empty = any)
+  std::string help;
+  std::function<void(TrainConfig&, const toml::node&, const std::string& where)> set;
+  std::function<std::string(const TrainConfig&)> get;
+  std::string full() const { return section + "." + name; }
+};
+
+std::string kind_name(Kind k) {
+  switch (k) {
+    case Kind::kInt: case Kind::kUInt64: return "integer";
+    case Kind::kDouble: return "number";
+    case Kind::kString: return "string";
+    case Kind::kStrings: return "list of strings";
+  }
+  return "?";
+}
+
+std::string node_kind(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::string: return "a string";
+    case toml::node_type::integer: return "an integer";
+    case toml::node_type::floating_point: return "a floating-point number";
+    case toml::node_type::boolean: return "a boolean";
+    case toml::node_type::array: return "an array";
+    case toml::node_type::table: return "a table";
+    default: return "a date or time";
+  }
+}
+
+std::string quote(const std::string& s) {
+  std::ostringstream os;
+  os << toml::value<std::string>(s);
+  return os.str();
+}
+
+template <typename T>
+Key int_key(std::string section, std::string name, T TrainConfig::*member, double lo, double hi,
+            std::string help) {
+  Key k{std::move(section), std::move(name), std::is_same_v<T, std::uint64_t> ? Kind::kUInt64 : Kind::kInt,
+        lo, hi, {}, std::move(help), nullptr, nullptr};
+  const std::string full = k.full();
+  k.set = [member, lo, hi, full](TrainConfig& c, const toml::node& n, const std::string& where) {
+    const auto v = n.value<std::int64_t>();
+    MT_CHECK(n.is_integer() && v, "{}: '{}' must be an integer, got {}", where, full,
+             node_kind(n));
+    MT_CHECK(static_cast<double>(*v) >= lo && static_cast<double>(*v) <= hi,
+             "{}: '{}' = {} is out of range: expected {} to {}", where, full, *v,
+             static_cast<std::int64_t>(lo), static_cast<std::int64_t>(hi));
+    c.*member = static_cast<T>(*v);
+  };
+  k.get = [member](const TrainConfig& c) { return std::to_string(c.*member); };
+  return k;
+}
+
+Key double_key(std::string section, std::string name, double TrainConfig::*member, double lo,
+               double hi, std::string help) {
+  Key k{std::move(section), std::move(name), Kind::kDouble, lo, hi, {}, std::move(help), nullptr, nullptr};
+  const std::string full = k.full();
+  k.set = [member, lo, hi, full](TrainConfig& c, const toml::node& n, const std::string& where) {
+    const auto v = n.value<double>();
+    MT_CHECK((n.is_floating_point() || n.is_integer()) && v, "{}: '{}' must be a number, got {}",
+             where, full, node_kind(n));
+    MT_CHECK(std::isfinite(*v) && *v >= lo && *v <= hi,
+             "{}: '{}' = {} is out of range: expected {} to {}", where, full, *v, lo, hi);
+    c.*member = *v;
+  };
+  k.get = [member](const TrainConfig& c) {
+    // Shortest text that reads back as the same double, with a '.' or exponent as TOML wants.
+    std::string s = fmt::format("{}", c.*member);
+    if (s.find_first_of(".eE") == std::string::npos && s.find_first_of("in") == std::string::npos) s += ".0";
+    return s;
+  };
+  return k;
+}
+
+Key string_key(std::string section, std::string name, std::string TrainConfig::*member,
+               std::vector<std::string> choices, std::string help) {
+  Key k{std::move(section), std::move(name), Kind::kString, 0, 0, choices, std::move(help), nullptr, nullptr};
+  const std::string full = k.full();
+  k.set = [member, choices, full](TrainConfig& c, const toml::node& n, const std::string& where) {
+    MT_CHECK(n.is_string(), "{}: '{}' must be a string, got {}", where, full,
+             node_kind(n));
+    const std::string v = *n.value<std::string>();
+    if (!choices.empty()) {
+      bool ok = false;
+      std::string list;
+      for (const auto& ch : choices) {
+        ok = ok || ch == v;
+        list += (list.empty() ? "" : ", ") + ch;
+      }
+      MT_CHECK(ok, "{}: '{}' = \"{}\" is not one of: {}", where, full, v, list);
+    }
+    c.*member = v;
+  };
+  k.get = [member](const TrainConfig& c) { return quote(c.*member); };
+  return k;
+}
+
+Key strings_key(std::string section, std::string name, std::vector<std::string> TrainConfig::*member,
+                std::string help) {
+  Key k{std::move(section), std::move(name), Kind::kStrings, 0, 0, {}, std::move(help), nullptr, nullptr};
+  const std::string full = k.full();
+  k.set = [member, full](TrainConfig& c, const toml::node& n, const std::string& where) {
+    std::vector<std::string> out;
+    if (n.is_string()) {
+      out.push_back(*n.value<std::string>());
+    } else {
+      MT_CHECK(n.is_array(), "{}: '{}' must be a list of strings, got {}", where, full,
+               node_kind(n));
+      for (const toml::node& e : *n.as_array()) {
+        MT_CHECK(e.is_string(), "{}: every entry of '{}' must be a string", where, full);
+        out.push_back(*e.value<std::string>());
+      }
+    }
+    c.*member = out;
+  };
+  k.get = [member](const TrainConfig& c) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < (c.*member).size(); ++i) s += (i ? ", " : "") + quote((c.*member)[i]);
+    return s + "]";
+  };
+  return k;
+}
+
+const std::vector<Key>& keys() {
+  constexpr double kMaxInt = std::numeric_limits<std::int32_t>::max();
+  static const std::vector<Key> table = {
+      string_key("model", "preset", &TrainConfig::model_preset,
+                 {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-small", "gpt-tiny"},
+                 "model size preset"),
+      int_key("model", "n_layer", &TrainConfig::n_layer, 0, 1024, "layers (0 = preset)"),
+      int_key("model", "n_head", &TrainConfig::n_head, 0, 1024, "attention heads (0 = preset)"),
+      int_key("model", "n_embd", &TrainConfig::n_embd, 0, 65536, "width (0 = preset)"),
+      int_key("model", "block_size", &TrainConfig::block_size, 0, 1 << 20,
+              "maximum sequence length (0 = preset)"),
+      string_key("model", "vocab", &TrainConfig::vocab, {"auto", "bytes", "gpt2"},
+                 "bytes: 256 symbols (text); gpt2: 50257 tokens (token shards); auto: by preset"),
+      strings_key("data", "train", &TrainConfig::train_files,
+                  "training files or globs (llm.c .bin shards or text); empty = built-in corpus"),
+      strings_key("data", "val", &TrainConfig::val_files,
+                  "validation files; empty = the last val_fraction of the training files"),
+      string_key("data", "format", &TrainConfig::data_format, {"auto", "tokens", "text"},
+                 "auto: .bin files are token shards, others text"),
+      double_key("data", "val_fraction", &TrainConfig::val_fraction, 0, 0.5,
+                 "share of each training file held out for validation"),
+      int_key("train", "steps", &TrainConfig::steps, 1, kMaxInt, "optimizer steps"),
+      int_key("train", "batch_size", &TrainConfig::batch_size, 1, 1 << 16,
+              "sequences per rank per micro-step"),
+      int_key("train", "seq_len", &TrainConfig::seq_len, 1, 1 << 20, "tokens per sequence"),
+      int_key("train", "grad_accum", &TrainConfig::grad_accum, 1, 1 << 16,
+              "micro-steps per optimizer step"),
+      string_key("train", "precision", &TrainConfig::precision, {"fp32", "bf16", "fp16"},
+                 "precision policy"),
+      int_key("train", "seed", &TrainConfig::seed, 0, 9.007199254740992e15, "random seed"),
+      double_key("train", "lr", &TrainConfig::lr, 0, 10, "peak learning rate"),
+      double_key("train", "min_lr_ratio", &TrainConfig::min_lr_ratio, 0, 1,
+                 "final learning rate as a fraction of lr"),
+      int_key("train", "warmup_steps", &TrainConfig::warmup_steps, 0, kMaxInt,
+              "linear warm-up steps"),
+      string_key("train", "schedule", &TrainConfig::schedule, {"cosine", "constant", "wsd"},
+                 "learning-rate schedule after warm-up"),
+      double_key("train", "decay_fraction", &TrainConfig::decay_fraction, 0, 1,
+                 "wsd: share of the steps spent decaying"),
+      double_key("train", "weight_decay", &TrainConfig::weight_decay, 0, 10,
+                 "AdamW decoupled weight decay (2-D weights only)"),
+      double_key("train", "beta1", &TrainConfig::beta1, 0, 0.999999, "AdamW beta1"),
+      double_key("train", "beta2", &TrainConfig::beta2, 0, 0.999999, "AdamW beta2"),
+      double_key("train", "eps", &TrainConfig::eps, 1e-30, 1, "AdamW epsilon"),
+      double_key("train", "grad_clip", &TrainConfig::grad_clip, 0, 1e6,
+                 "clip the global gradient norm to this (0 = off)"),
+      int_key("train", "max_bad_steps", &TrainConfig::max_bad_steps, 1, kMaxInt,
+              "stop after this many non-finite steps in a row"),
+      int_key("train", "threads", &TrainConfig::threads, 0, 4096,
+              "CPU threads per rank (0 = automatic)"),
+      int_key("eval", "every", &TrainConfig::eval_every, 0, kMaxInt,
+              "validation loss every N steps (0 = only at the end)"),
+      int_key("eval", "batches", &TrainConfig::eval_batches, 1, 1 << 20,
+              "validation batches per evaluation"),
+      int_key("sample", "every", &TrainConfig::sample_every, 0, kMaxInt,
+              "generate a sample every N steps (0 = only at the end)"),
+      int_key("sample", "tokens", &TrainConfig::sample_tokens, 0, 1 << 20, "tokens to generate"),
+      double_key("sample", "temperature", &TrainConfig::temperature, 0, 100,
+                 "sampling temperature (0 = greedy)"),
+      int_key("sample", "top_k", &TrainConfig::top_k, 0, 1 << 20, "sample among the k most likely (0 = all)"),
+      string_key("sample", "prompt", &TrainConfig::prompt, {}, "text the samples start from"),
+      string_key("run", "dir", &TrainConfig::run_dir, {}, "run directory (config, metrics, logs)"),
+      int_key("run", "log_every", &TrainConfig::log_every, 1, kMaxInt, "print a line every N steps"),
+  };
+  return table;
+}
+
+const Key* find_key(const std::string& section, const std::string& name) {
+  for (const Key& k : keys())
+    if (k.section == section && k.name == name) return &k;
+  return nullptr;
+}
+
+std::string known_keys_of(const std::string& section) {
+  std::string s;
+  for (const Key& k : keys())
+    if (k.section == section) s += (s.empty() ? "" : ", ") + k.name;
+  return s;
+}
+
+void check_combinations(const TrainConfig& c) {
+  MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
+}
+
+}  // namespace
+
+TrainConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  TrainConfig cfg;
+  if (!path.empty()) {
+    toml::table root;
+    try {
+      root = toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+      const auto& src = e.source();
+      if (src.begin.line == 0)
+        throw IoError(fmt::format("cannot read config file '{}': {}", path, e.description()));
+      MT_FAIL("config file {}:{}:{}: {}", path, src.begin.line, src.begin.column, e.description());
+    }
+    for (const auto& [section, node] : root) {
+      const std::string sec(section.str());
+      const std::string at = fmt::format("{}:{}", path, node.source().begin.line);
+      MT_CHECK(node.is_table(),
+               "{}: '{}' must be a section ([{}]); top-level keys are not allowed", at, sec, sec);
+      MT_CHECK(!known_keys_of(sec).empty(),
+               "{}: unknown section [{}]: expected model, data, train, eval, sample or run", at, sec);
+      for (const auto& [name, value] : *node.as_table()) {
+        const std::string key(name.str());
+        const std::string where = fmt::format("{}:{}", path, value.source().begin.line);
+        const Key* k = find_key(sec, key);
+        MT_CHECK(k != nullptr, "{}: unknown key '{}.{}'; keys of [{}] are: {}", where, sec, key,
+                 sec, known_keys_of(sec));
+        k->set(cfg, value, where);
+      }
+    }
+  }
+  for (const std::string& o : overrides) {
+    const auto eq = o.find('=');
+    MT_CHECK(eq != std::string::npos && eq > 0,
+             "--set '{}': expected section.key=value (for example train.lr=3e-4)", o);
+    const std::string full = o.substr(0, eq), text = o.substr(eq + 1);
+    const auto dot = full.find('.');
+    MT_CHECK(dot != std::string::npos, "--set '{}': the key must be section.key", o);
+    const Key* k = find_key(full.substr(0, dot), full.substr(dot + 1));
+    MT_CHECK(k != nullptr, "--set '{}': unknown key '{}'{}", o, full,
+             known_keys_of(full.substr(0, dot)).empty()
+                 ? std::string(": unknown section")
+                 : "; keys of [" + full.substr(0, dot) + "] are: " + known_keys_of(full.substr(0, dot)));
+    const std::string where = "--set " + full;
+    toml::table parsed;
+    bool as_toml = true;
+    try {
+      parsed = toml::parse("v = " + text);
+    } catch (const toml::parse_error&) {
+      as_toml = false;
+    }
+    if (as_toml) {
+      k->set(cfg, *parsed.get("v"), where);
+    } else {
+      // A bare word for a string key: "--set data.train=corpus.txt" needs no quotes.
+      MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings,
+               "{}: '{}' is not a valid {}", where, text, kind_name(k->kind));
+      k->set(cfg, toml::value<std::string>(text), where);
+    }
+  }
+  check_combinations(cfg);
+  return cfg;
+}
+
+std::string to_toml(const TrainConfig& cfg) {
+  std::string out, section;
+  for (const Key& k : keys()) {
+    if (k.section != section) {
+      out += (section.empty() ? "" : "\n") + ("[" + k.section + "]\n");
+      section = k.section;
+    }
+    out += k.name + " = " + k.get(cfg) + "\n";
+  }
+  return out;
+}
+
+std::vector<ConfigKeyInfo> config_keys() {
+  std::vector<ConfigKeyInfo> out;
+  const TrainConfig defaults;
+  for (const Key& k : keys()) {
+    std::string type = kind_name(k.kind);
+    if (!k.choices.empty()) {
+      type = "";
+      for (const auto& c : k.choices) type += (type.empty() ? "" : "|") + c;
+    }
+    out.push_back({k.full(), type, k.get(defaults), k.help});
+  }
+  return out;
+}
+
+}  // namespace meshtrain::launch

@@ -1,0 +1,79 @@
+// The training configuration: one TOML file (sections model, data, train, eval, sample, run)
+// plus command-line overrides "--set section.key=value". Every key is in one table (name,
+// type, default, range, help); an unknown key, a wrong type or an out-of-range value is an
+// InvalidArgument that names the key and, for files, the line.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace meshtrain::launch {
+
+struct TrainConfig {
+  // [model]
+  std::string model_preset = "gpt-small";  // see models::GPTConfig::preset_names()
+  int n_layer = 0, n_head = 0, n_embd = 0;  // 0 = the preset's value
+  int block_size = 0;
+  // "bytes" (256 symbols), "gpt2" (50257, padded to 50304), or "auto": gpt2 for the gpt2*
+  // presets, bytes for the small ones.
+  std::string vocab = "auto";
+
+  // [data]
+  std::vector<std::string> train_files;  // empty = the embedded default corpus (fortunes)
+  std::vector<std::string> val_files;
+  std::string data_format = "auto";
+  double val_fraction = 0.05;
+
+  // [train]
+  int steps = 300;
+  int batch_size = 8;   // sequences per rank per micro-step
+  int seq_len = 128;
+  int grad_accum = 1;   // micro-steps per optimizer step
+  std::string precision = "bf16";
+  std::uint64_t seed = 1337;
+  double lr = 1e-3;
+  double min_lr_ratio = 0.1;   // final lr as a fraction of lr (cosine, wsd)
+  int warmup_steps = 20;
+  std::string schedule = "cosine";  // cosine, constant, wsd
+  double decay_fraction = 0.2;      // wsd: the last fraction of steps decays linearly
+  double weight_decay = 0.1;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  double grad_clip = 1.0;           // 0 = no clipping
+  int max_bad_steps = 5;            // stop after this many non-finite steps in a row
+  int threads = 0;                  // CPU threads per rank; 0 = MESHTRAIN_THREADS or automatic
+
+  // [eval]
+  int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)
+  int eval_batches = 8;
+
+  // [sample]
+  int sample_every = 0;  // 0 = only at the end
+  int sample_tokens = 200;
+  double temperature = 0.8;
+  int top_k = 40;
+  std::string prompt = "";
+
+  // [run]
+  std::string run_dir = "runs/latest";
+  int log_every = 1;
+};
+
+// Parses a TOML file (empty path = defaults only), then applies overrides "section.key=value"
+// where value is a TOML value (strings may be left unquoted). Validates ranges and
+// combinations. Throws InvalidArgument naming the file:line or the override and the key.
+TrainConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
+// The effective configuration as TOML, with every key (printed at start and saved in the run
+// directory; loading it back gives the same config).
+std::string to_toml(const TrainConfig& cfg);
+
+struct ConfigKeyInfo {
+  std::string key;  // "train.lr"
+  std::string type;
+  std::string default_value;
+  std::string help;
+};
+// Every key, for --help and the docs.
+std::vector<ConfigKeyInfo> config_keys();
+
+}  // namespace meshtrain::launch

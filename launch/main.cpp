@@ -1,0 +1,303 @@
+// The meshtrain command line: train, generate, plan, env.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "launch/config.hpp"
+#include "launch/trainer.hpp"
+#include "runtime/config.hpp"
+#include "runtime/cpu/threads.hpp"
+#include "runtime/log.hpp"
+#include "runtime/settings.hpp"
+
+namespace {
+
+using namespace meshtrain;
+namespace fs = std::filesystem;
+
+constexpr const char* kUsage = R"(usage: meshtrain <command> [options]
+
+commands:
+  train      train a GPT model (meshtrain train --help)
+  generate   continue a prompt with a trained model (meshtrain generate --help)
+  plan       parameters, FLOPs and memory per rank; compute-optimal sizes (meshtrain plan --help)
+  env        the MESHTRAIN_* environment settings and their values
+  --version  print the version
+)";
+
+constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--quiet]
+
+Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
+(Debian's fortune cookies) for 300 steps, ending with a generated sample.
+
+  --config FILE        a TOML file with sections [model] [data] [train] [eval] [sample] [run]
+  --set KEY=VALUE      override one key, e.g. --set train.lr=3e-4 --set data.train=corpus.txt
+  --quiet              no per-step lines (metrics still go to RUN_DIR/metrics.jsonl)
+
+config keys (default):
+)";
+
+constexpr const char* kGenerateUsage = R"(usage: meshtrain generate --run DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+
+Continues a prompt with the model a training run saved (DIR/config.toml, DIR/model.safetensors).
+
+  --run DIR          the run directory (default runs/latest)
+  --prompt TEXT      the text to continue (default: the config's sample.prompt)
+  --tokens N         tokens to generate (default 200)
+  --temperature T    0 = greedy (default 0.8)
+  --top-k K          sample among the K most likely tokens, 0 = all (default 40)
+  --seed S           random seed (default 1)
+)";
+
+constexpr const char* kPlanUsage = R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
+                      [--batch B] [--seq T] [--precision P]
+                      [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
+
+Parameters, training FLOPs per token and memory per rank for a model, and with a compute budget,
+the compute-optimal model size and token count (Chinchilla: about 20 tokens per parameter,
+training compute C = 6 N D).
+
+  --model PRESET         gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-small, gpt-tiny
+  --batch B, --seq T     micro-batch for the activation estimate (default: the config's)
+  --precision P          fp32, bf16 (default) or fp16
+  --budget-flops F       a compute budget in FLOPs, e.g. 1e21
+  --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
+                         and --mfu (default 0.4)
+)";
+
+struct Args {
+  std::vector<std::string> v;
+  std::size_t i = 0;
+  bool more() const { return i < v.size(); }
+  std::string next(const std::string& flag) {
+    MT_CHECK(i < v.size(), "{} needs a value", flag);
+    return v[i++];
+  }
+};
+
+double parse_number(const std::string& flag, const std::string& text, double lo, double hi) {
+  char* end = nullptr;
+  const double d = std::strtod(text.c_str(), &end);
+  MT_CHECK(!text.empty() && end == text.c_str() + text.size() && std::isfinite(d) && d >= lo && d <= hi,
+           "{} '{}': expected a number from {} to {}", flag, text, lo, hi);
+  return d;
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return fmt::format("{:.2f} {}", b, units[u]);
+}
+
+int cmd_train(Args a) {
+  std::string config;
+  std::vector<std::string> sets;
+  bool quiet = false;
+  while (a.more()) {
+    const std::string f = a.v[a.i++];
+    if (f == "--help" || f == "-h") {
+      std::printf("%s", kTrainUsage);
+      for (const auto& k : launch::config_keys())
+        std::printf("  %-22s %-28s %s (%s)\n", k.key.c_str(), k.type.c_str(), k.help.c_str(),
+                    k.default_value.c_str());
+      return 0;
+    } else if (f == "--config") {
+      config = a.next(f);
+    } else if (f == "--set") {
+      sets.push_back(a.next(f));
+    } else if (f.rfind("--set=", 0) == 0) {
+      sets.push_back(f.substr(6));
+    } else if (f == "--quiet") {
+      quiet = true;
+    } else {
+      MT_FAIL("train: unknown argument '{}' (see meshtrain train --help)", f);
+    }
+  }
+  launch::TrainConfig cfg = launch::load_config(config, sets);
+  launch::Trainer trainer(cfg);
+  trainer.set_verbose(!quiet);
+  const launch::TrainResult r = trainer.run();
+  std::printf("done: %d steps, loss %.4f -> %.4f%s, %.0f tokens/s, %d skipped; run directory %s\n",
+              r.steps, r.first_loss, r.final_loss,
+              std::isfinite(r.final_val_loss) ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str() : "",
+              r.tokens_per_s, r.skipped_steps, cfg.run_dir.c_str());
+  return 0;
+}
+
+int cmd_generate(Args a) {
+  std::string run = "runs/latest", prompt;
+  bool have_prompt = false;
+  int tokens = 200, top_k = 40;
+  double temperature = 0.8;
+  std::uint64_t seed = 1;
+  while (a.more()) {
+    const std::string f = a.v[a.i++];
+    if (f == "--help" || f == "-h") {
+      std::printf("%s", kGenerateUsage);
+      return 0;
+    } else if (f == "--run") {
+      run = a.next(f);
+    } else if (f == "--prompt") {
+      prompt = a.next(f);
+      have_prompt = true;
+    } else if (f == "--tokens") {
+      tokens = static_cast<int>(parse_number(f, a.next(f), 0, 1 << 20));
+    } else if (f == "--temperature") {
+      temperature = parse_number(f, a.next(f), 0, 100);
+    } else if (f == "--top-k") {
+      top_k = static_cast<int>(parse_number(f, a.next(f), 0, 1 << 20));
+    } else if (f == "--seed") {
+      seed = static_cast<std::uint64_t>(parse_number(f, a.next(f), 0, 9e15));
+    } else {
+      MT_FAIL("generate: unknown argument '{}' (see meshtrain generate --help)", f);
+    }
+  }
+  const std::string config = (fs::path(run) / "config.toml").string();
+  const std::string weights = (fs::path(run) / "model.safetensors").string();
+  MT_CHECK(fs::exists(config) && fs::exists(weights),
+           "generate: '{}' is not a finished run directory (needs config.toml and "
+           "model.safetensors, written at the end of meshtrain train)", run);
+  const launch::TrainConfig cfg = launch::load_config(config, {});
+  cpu::set_num_threads(cfg.threads > 0 ? cfg.threads : cpu::default_num_threads(1));
+  models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision));
+  launch::load_weights(model, weights);
+  const std::string text =
+      launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
+                            temperature, top_k, seed);
+  std::printf("%s\n", text.c_str());
+  return 0;
+}
+
+int cmd_plan(Args a) {
+  std::string config, model;
+  std::vector<std::string> sets;
+  int batch = 0, seq = 0;
+  std::string precision;
+  double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
+  while (a.more()) {
+    const std::string f = a.v[a.i++];
+    if (f == "--help" || f == "-h") {
+      std::printf("%s", kPlanUsage);
+      return 0;
+    } else if (f == "--config") {
+      config = a.next(f);
+    } else if (f == "--model") {
+      model = a.next(f);
+    } else if (f == "--set") {
+      sets.push_back(a.next(f));
+    } else if (f == "--batch") {
+      batch = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
+    } else if (f == "--seq") {
+      seq = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
+    } else if (f == "--precision") {
+      precision = a.next(f);
+    } else if (f == "--budget-flops") {
+      budget_flops = parse_number(f, a.next(f), 1, 1e40);
+    } else if (f == "--budget-gpu-hours") {
+      gpu_hours = parse_number(f, a.next(f), 1e-6, 1e12);
+    } else if (f == "--gpu-tflops") {
+      gpu_tflops = parse_number(f, a.next(f), 1e-3, 1e6);
+    } else if (f == "--mfu") {
+      mfu = parse_number(f, a.next(f), 1e-3, 1);
+    } else {
+      MT_FAIL("plan: unknown argument '{}' (see meshtrain plan --help)", f);
+    }
+  }
+  if (!model.empty()) sets.push_back("model.preset=" + model);
+  if (!precision.empty()) sets.push_back("train.precision=" + precision);
+  if (seq > 0) {
+    sets.push_back("train.seq_len=" + std::to_string(seq));
+    if (model.empty() && config.empty()) {}
+  }
+  if (batch > 0) sets.push_back("train.batch_size=" + std::to_string(batch));
+  // A sequence longer than the preset's default window is a plan question, not an error.
+  launch::TrainConfig cfg = launch::load_config(config, sets);
+  if (seq == 0 && !model.empty()) cfg.seq_len = models::GPTConfig::preset(cfg.model_preset).block_size;
+  const models::GPTConfig m = launch::model_config(cfg);
+  const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
+  const models::MemoryEstimate mem = models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len);
+  std::printf("model: %s\n", m.str().c_str());
+  std::printf("parameters: %lld\n", static_cast<long long>(m.num_parameters()));
+  std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len, m.training_flops_per_token(cfg.seq_len));
+  std::printf("memory per rank (1 rank, %s, micro-batch %d x %d):\n", std::string(policy.name()).c_str(),
+              cfg.batch_size, cfg.seq_len);
+  std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
+  std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
+  std::printf("  master weights   %s\n", human_bytes(static_cast<double>(mem.master_weights)).c_str());
+  std::printf("  AdamW state      %s\n", human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
+  std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
+  std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
+  if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
+  if (budget_flops > 0) {
+    // Chinchilla (Hoffmann et al. 2022): D = 20 N and C = 6 N D, so N = sqrt(C / 120).
+    const double n = std::sqrt(budget_flops / 120.0);
+    const double d = 20.0 * n;
+    std::printf("compute budget %.3e FLOPs%s:\n", budget_flops,
+                gpu_hours > 0 ? fmt::format(" ({} GPU-hours at {} TFLOP/s x MFU {})", gpu_hours,
+                                            gpu_tflops, mfu).c_str() : "");
+    std::printf("  compute-optimal model: %.3e parameters, trained on %.3e tokens\n", n, d);
+    std::string best;
+    double best_gap = 1e300;
+    for (const std::string& name : models::GPTConfig::preset_names()) {
+      const double p = static_cast<double>(models::GPTConfig::preset(name).num_parameters());
+      const double gap = std::fabs(std::log(p / n));
+      if (gap < best_gap) {
+        best_gap = gap;
+        best = name;
+      }
+    }
+    const double p = static_cast<double>(models::GPTConfig::preset(best).num_parameters());
+    std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n", best.c_str(), p, 20.0 * p);
+  }
+  return 0;
+}
+
+int cmd_env() {
+  const Settings& s = settings();
+  std::printf("%-28s %-34s %-8s %s\n", "variable", "type", "default", "meaning");
+  for (const auto& e : setting_table())
+    std::printf("%-28s %-34s %-8s %s\n", e.name, e.type, e.default_value, e.help);
+  std::printf("\nthis process: threads %d, log level %s, comm timeout %g s, comm debug %d\n",
+              s.threads, s.log_level.c_str(), s.comm_timeout_s, s.comm_debug ? 1 : 0);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Settings& s = settings();
+    log::set_level(s.log_level);
+    for (const auto& u : s.unknown)
+      log::warn("unknown environment variable {} (see meshtrain env for the known ones)", u);
+    Args a{std::vector<std::string>(argv + 1, argv + argc)};
+    if (!a.more() || a.v[0] == "--help" || a.v[0] == "-h" || a.v[0] == "help") {
+      std::printf("%s", kUsage);
+      return a.more() ? 0 : 2;
+    }
+    const std::string cmd = a.v[a.i++];
+    if (cmd == "train") return cmd_train(a);
+    if (cmd == "generate") return cmd_generate(a);
+    if (cmd == "plan") return cmd_plan(a);
+    if (cmd == "env") return cmd_env();
+    if (cmd == "--version") {
+      std::printf("meshtrain %s\n", MESHTRAIN_VERSION);
+      return 0;
+    }
+    std::fprintf(stderr, "meshtrain: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const meshtrain::Error& e) {
+    std::fprintf(stderr, "meshtrain: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "meshtrain: unexpected error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,383 @@
+#include "launch/trainer.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <numeric>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/config.hpp"
+#include "runtime/cpu/threads.hpp"
+#include "runtime/log.hpp"
+#include "runtime/ops.hpp"
+#include "runtime/rng.hpp"
+#include "runtime/safetensors.hpp"
+
+extern "C" const char mt_default_corpus_begin[];
+extern "C" const char mt_default_corpus_end[];
+
+namespace meshtrain::launch {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const long total = std::lround(s);
+  if (total >= 3600) return fmt::format("{}h{:02}m", total / 3600, (total % 3600) / 60);
+  if (total >= 60) return fmt::format("{}m{:02}s", total / 60, total % 60);
+  return fmt::format("{}s", total);
+}
+
+}  // namespace
+
+models::GPTConfig model_config(const TrainConfig& c) {
+  models::GPTConfig m = models::GPTConfig::preset(c.model_preset);
+  if (c.n_layer) m.n_layer = c.n_layer;
+  if (c.n_head) m.n_head = c.n_head;
+  if (c.n_embd) m.n_embd = c.n_embd;
+  if (c.block_size) m.block_size = c.block_size;
+  const bool bytes = c.vocab == "bytes" || (c.vocab == "auto" && m.vocab_size == 256);
+  m.vocab_size = bytes ? 256 : 50257;
+  m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size);
+  MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
+           m.n_embd, m.n_head);
+  MT_CHECK(c.seq_len <= m.block_size,
+           "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
+           "model.block_size", c.seq_len, m.block_size);
+  m.validate();
+  return m;
+}
+
+std::string_view default_corpus() {
+  return std::string_view(mt_default_corpus_begin,
+                          static_cast<std::size_t>(mt_default_corpus_end - mt_default_corpus_begin));
+}
+
+double measure_bf16_matmul_peak() {
+  const std::int64_t n = 1024;
+  Tensor a = Tensor::empty(Shape{n, n}, DType::kBF16), b = Tensor::empty(Shape{n, n}, DType::kBF16);
+  fill_uniform(a, Philox(1, 1), -1.0f, 1.0f);
+  fill_uniform(b, Philox(1, 2), -1.0f, 1.0f);
+  Tensor c = Tensor::empty(Shape{n, n}, DType::kBF16);
+  ops::matmul(c, a, b);  // warm-up: primitive creation, page faults
+  double best = std::numeric_limits<double>::infinity();
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    ops::matmul(c, a, b);
+    best = std::min(best, seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(n * n * n) / best;
+}
+
+Trainer::Trainer(const TrainConfig& cfg)
+    : cfg_(cfg), policy_(PrecisionPolicy::parse(cfg.precision)), model_cfg_(model_config(cfg)) {
+  cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
+  std::error_code ec;
+  fs::create_directories(cfg_.run_dir, ec);
+  if (ec) throw IoError(fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
+
+  std::vector<std::string> train = cfg_.train_files;
+  if (train.empty()) {
+    corpus_path_ = (fs::path(cfg_.run_dir) / "default_corpus.txt").string();
+    std::ofstream(corpus_path_, std::ios::binary) << default_corpus();
+    train.push_back(corpus_path_);
+  }
+  data_ = std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
+                                          cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  MT_CHECK(data_->max_token() < model_cfg_.vocab_size,
+           "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
+           data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
+           data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
+
+  model_ = std::make_unique<models::GPT>(model_cfg_, policy_);
+  model_->init_weights(cfg_.seed);
+  m_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
+  v_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
+  inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
+  targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
+  schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
+                         cfg_.steps,         cfg_.decay_fraction};
+
+  const std::string effective = to_toml(cfg_);
+  {
+    std::ofstream out(fs::path(cfg_.run_dir) / "config.toml");
+    out << "# effective configuration of this run (meshtrain " << MESHTRAIN_VERSION << ")\n" << effective;
+    if (!out) throw IoError(fmt::format("cannot write {}/config.toml", cfg_.run_dir));
+  }
+  const std::string metrics_path = (fs::path(cfg_.run_dir) / "metrics.jsonl").string();
+  metrics_ = std::fopen(metrics_path.c_str(), "w");
+  if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
+  peak_flops_ = measure_bf16_matmul_peak();
+  if (verbose_) {
+    std::printf("meshtrain %s | model %s | %s | %d thread(s)\n", MESHTRAIN_VERSION,
+                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(), cpu::num_threads());
+    std::printf("data: %lld training tokens, %lld validation tokens%s\n",
+                static_cast<long long>(data_->train().tokens()),
+                static_cast<long long>(data_->val() ? data_->val()->tokens() : 0),
+                corpus_path_.empty() ? "" : " (built-in corpus: Debian's fortune cookies)");
+    std::printf("measured bf16 matmul peak: %.1f GFLOP/s (the MFU denominator)\n", peak_flops_ / 1e9);
+    std::printf("effective config (saved in %s/config.toml):\n%s\n", cfg_.run_dir.c_str(), effective.c_str());
+    std::fflush(stdout);
+  }
+}
+
+Trainer::~Trainer() {
+  if (metrics_ != nullptr) std::fclose(metrics_);
+}
+
+void Trainer::write_metrics(const std::string& json_line) {
+  std::fputs(json_line.c_str(), metrics_);
+  std::fputc('\n', metrics_);
+  std::fflush(metrics_);
+}
+
+StepMetrics Trainer::step(int step) {
+  const auto t0 = Clock::now();
+  StepMetrics m;
+  m.step = step + 1;
+  m.total_steps = cfg_.steps;
+  m.lr = schedule_.at(step);
+  const float scale = policy_.loss_scaling ? scaler_.scale() : 1.0f;
+  model_->zero_grads();
+  double loss_sum = 0.0;
+  for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
+    data_->train().batch(static_cast<std::int64_t>(step) * cfg_.grad_accum + micro, 0, 1, inputs_,
+                         targets_);
+    loss_sum += model_->forward(inputs_, targets_);
+    model_->backward(scale / static_cast<float>(cfg_.grad_accum));
+  }
+  m.loss = static_cast<float>(loss_sum / cfg_.grad_accum);
+  m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
+  const bool finite = std::isfinite(m.loss) && std::isfinite(m.grad_norm);
+  if (policy_.loss_scaling) scaler_.update(!finite);
+  if (!finite) {
+    m.skipped = true;
+    ++skipped_;
+    ++bad_in_a_row_;
+    log::warn("step {}: non-finite {} (loss {}, grad norm {}); update skipped ({} in a row)", m.step,
+              std::isfinite(m.loss) ? "gradient" : "loss", m.loss, m.grad_norm, bad_in_a_row_);
+    MT_CHECK(policy_.loss_scaling || bad_in_a_row_ < cfg_.max_bad_steps,
+             "stopping: {} steps in a row had a non-finite loss or gradient (train.max_bad_steps = "
+             "{}); lower train.lr or check the data", bad_in_a_row_, cfg_.max_bad_steps);
+    MT_CHECK(!policy_.loss_scaling || bad_in_a_row_ < std::max(cfg_.max_bad_steps, 30),
+             "stopping: {} fp16 steps in a row overflowed even as the loss scale fell to {}",
+             bad_in_a_row_, scaler_.scale());
+  } else {
+    bad_in_a_row_ = 0;
+    float clip = 1.0f;
+    if (cfg_.grad_clip > 0 && m.grad_norm > cfg_.grad_clip)
+      clip = static_cast<float>(cfg_.grad_clip / (m.grad_norm + 1e-6));
+    const auto& params = model_->params();
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      ops::AdamWParams p;
+      p.lr = static_cast<float>(m.lr);
+      p.beta1 = static_cast<float>(cfg_.beta1);
+      p.beta2 = static_cast<float>(cfg_.beta2);
+      p.eps = static_cast<float>(cfg_.eps);
+      p.weight_decay = params[i].decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
+      p.step = step + 1 - skipped_;
+      p.grad_scale = clip / scale;
+      Tensor param = policy_.has_master_copy() ? model_->param(i) : Tensor();
+      Tensor master = model_->master(i);
+      Tensor mi = m_.slice(params[i].offset, params[i].shape.numel());
+      Tensor vi = v_.slice(params[i].offset, params[i].shape.numel());
+      ops::adamw_update(param, master, model_->grad(i).flat(), mi, vi, p);
+    }
+  }
+  m.step_ms = seconds_since(t0) * 1e3;
+  const double tokens = static_cast<double>(cfg_.batch_size) * cfg_.seq_len * cfg_.grad_accum;
+  m.tokens_per_s = tokens / (m.step_ms / 1e3);
+  m.mfu = model_cfg_.training_flops_per_token(cfg_.seq_len) * m.tokens_per_s / peak_flops_;
+  return m;
+}
+
+float Trainer::evaluate() {
+  const data::Sampler* val = data_->val();
+  if (val == nullptr) return std::numeric_limits<float>::quiet_NaN();
+  double sum = 0.0;
+  for (int i = 0; i < cfg_.eval_batches; ++i) {
+    val->batch(i, 0, 1, inputs_, targets_);
+    sum += model_->forward(inputs_, targets_);
+  }
+  return static_cast<float>(sum / cfg_.eval_batches);
+}
+
+std::string generate_text(models::GPT& model, int window_len, const std::string& prompt, int tokens,
+                          double temperature, int top_k, std::uint64_t seed) {
+  const models::GPTConfig& model_cfg = model.config();
+  MT_CHECK(window_len >= 1 && window_len <= model_cfg.block_size,
+           "generate: window {} must be in [1, {}]", window_len, model_cfg.block_size);
+  MT_CHECK(tokens >= 0, "generate: token count {} is negative", tokens);
+  const bool bytes = model_cfg.vocab_size == 256;
+  std::vector<std::int32_t> ids;
+  if (bytes) {
+    for (unsigned char ch : prompt) ids.push_back(ch);
+    if (ids.empty()) ids.push_back('\n');
+  } else {
+    ids.push_back(50256);  // GPT-2's end-of-text token starts a fresh document
+  }
+  const std::size_t prompt_len = ids.size();
+  // One fixed shape [1, T]: positions after the last real token are padding that causal
+  // attention keeps from influencing it, and the activation buffers are reused every token.
+  const int t_window = window_len;
+  const std::int64_t vp = model_cfg.padded_vocab;
+  Philox rng(seed, 0xdecade);
+  Tensor window = Tensor::zeros(Shape{1, t_window}, DType::kI32);
+  std::vector<float> probs;
+  for (int n = 0; n < tokens; ++n) {
+    const std::size_t start = ids.size() > static_cast<std::size_t>(t_window) ? ids.size() - t_window : 0;
+    const int len = static_cast<int>(ids.size() - start);
+    std::int32_t* w = window.data_as<std::int32_t>();
+    std::fill(w, w + t_window, 0);
+    std::copy(ids.begin() + static_cast<std::ptrdiff_t>(start), ids.end(), w);
+    model.forward(window);
+    Tensor row = model.logits().view(Shape{t_window, vp}).slice(len - 1, 1);
+    std::vector<float> logits = row.to_floats();
+    logits.resize(static_cast<std::size_t>(model_cfg.vocab_size));  // padded columns never win
+    std::int32_t next;
+    if (temperature <= 0) {
+      next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    } else {
+      std::vector<std::int32_t> order(logits.size());
+      std::iota(order.begin(), order.end(), 0);
+      const std::size_t k = top_k > 0 ? std::min<std::size_t>(top_k, order.size()) : order.size();
+      std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+                        [&](int a, int b) { return logits[a] > logits[b]; });
+      probs.assign(k, 0.0f);
+      const float mx = logits[order[0]];
+      double total = 0.0;
+      for (std::size_t i = 0; i < k; ++i) {
+        probs[i] = std::exp((logits[order[i]] - mx) / static_cast<float>(temperature));
+        total += probs[i];
+      }
+      double u = rng.uniform(static_cast<std::uint64_t>(n)) * total;
+      std::size_t pick = k - 1;
+      for (std::size_t i = 0; i < k; ++i) {
+        u -= probs[i];
+        if (u <= 0) {
+          pick = i;
+          break;
+        }
+      }
+      next = order[pick];
+    }
+    ids.push_back(next);
+  }
+  std::string out;
+  for (std::size_t i = bytes ? 0 : prompt_len; i < ids.size(); ++i) {
+    if (bytes) {
+      out.push_back(static_cast<char>(ids[i]));
+    } else {
+      out += (out.empty() ? "" : " ") + std::to_string(ids[i]);
+    }
+  }
+  return out;
+}
+
+std::string Trainer::generate(const std::string& prompt, int tokens, double temperature, int top_k,
+                              std::uint64_t seed) {
+  return generate_text(*model_, cfg_.seq_len, prompt, tokens, temperature, top_k, seed);
+}
+
+void load_weights(models::GPT& model, const std::string& path) {
+  const SafetensorsFile f = load_safetensors(path);
+  for (std::size_t i = 0; i < model.params().size(); ++i) {
+    const models::ParamInfo& p = model.params()[i];
+    const Tensor& t = f.at(p.name);
+    MT_CHECK(t.shape() == p.shape, "'{}': tensor '{}' has shape {}, the model expects {} (another "
+             "model's weights?)", path, p.name, t.shape().str(), p.shape.str());
+    MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path, p.name,
+             dtype_name(t.dtype()));
+    Tensor m = model.master(i);
+    m.copy_from(t);
+  }
+  MT_CHECK(f.tensors.size() == model.params().size(),
+           "'{}' holds {} tensors, the model has {} parameters", path, f.tensors.size(),
+           model.params().size());
+  model.sync_params_from_master();
+}
+
+TrainResult Trainer::run() {
+  TrainResult r;
+  std::vector<float> recent;
+  double tokens_total = 0, seconds_total = 0;
+  const auto t_start = Clock::now();
+  auto print_sample = [&](int at_step) {
+    const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
+                                   cfg_.seed + static_cast<std::uint64_t>(at_step));
+    write_metrics(nlohmann::json{{"step", at_step}, {"sample", s}}.dump(-1, ' ', false,
+                                 nlohmann::json::error_handler_t::replace));
+    if (verbose_) std::printf("---- sample at step %d ----\n%s\n----\n", at_step, s.c_str());
+    return s;
+  };
+  for (int s = 0; s < cfg_.steps; ++s) {
+    StepMetrics m = step(s);
+    if (s == 0) r.first_loss = m.loss;
+    if (s > 0) {
+      tokens_total += m.tokens_per_s * m.step_ms / 1e3;
+      seconds_total += m.step_ms / 1e3;
+    }
+    const double elapsed = seconds_since(t_start);
+    m.eta_s = elapsed / (s + 1) * (cfg_.steps - s - 1);
+    if (!m.skipped) {
+      recent.push_back(m.loss);
+      if (recent.size() > 10) recent.erase(recent.begin());
+    }
+    write_metrics(nlohmann::json{{"step", m.step}, {"loss", m.loss}, {"lr", m.lr},
+                                 {"grad_norm", m.grad_norm}, {"ms", m.step_ms},
+                                 {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
+                                 {"skipped", m.skipped}}
+                      .dump());
+    if (verbose_ && (m.step % cfg_.log_every == 0 || m.step == cfg_.steps || m.step == 1)) {
+      std::printf("step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA %s%s\n",
+                  static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss,
+                  m.lr, m.grad_norm, m.step_ms, m.tokens_per_s, 100.0 * m.mfu,
+                  format_duration(m.eta_s).c_str(), m.skipped ? " | SKIPPED" : "");
+      std::fflush(stdout);
+    }
+    if (step_cb_) step_cb_(m);
+    if (cfg_.eval_every > 0 && m.step % cfg_.eval_every == 0 && m.step != cfg_.steps) {
+      const float vl = evaluate();
+      if (std::isfinite(vl)) {
+        write_metrics(nlohmann::json{{"step", m.step}, {"val_loss", vl}}.dump());
+        if (verbose_) std::printf("step %d | validation loss %.4f\n", m.step, vl);
+        if (eval_cb_) eval_cb_(EvalMetrics{m.step, vl});
+      }
+    }
+    if (cfg_.sample_every > 0 && m.step % cfg_.sample_every == 0 && m.step != cfg_.steps)
+      print_sample(m.step);
+  }
+  r.steps = cfg_.steps;
+  r.skipped_steps = skipped_;
+  r.final_loss = recent.empty() ? std::numeric_limits<float>::quiet_NaN()
+                                : std::accumulate(recent.begin(), recent.end(), 0.0f) /
+                                      static_cast<float>(recent.size());
+  r.final_val_loss = evaluate();
+  if (std::isfinite(r.final_val_loss)) {
+    write_metrics(nlohmann::json{{"step", cfg_.steps}, {"val_loss", r.final_val_loss}}.dump());
+    if (verbose_) std::printf("final validation loss %.4f\n", r.final_val_loss);
+    if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss});
+  }
+  r.tokens_per_s = seconds_total > 0 ? tokens_total / seconds_total : 0;
+  // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
+  std::vector<std::pair<std::string, Tensor>> weights;
+  for (std::size_t i = 0; i < model_->params().size(); ++i)
+    weights.emplace_back(model_->params()[i].name, model_->master(i));
+  save_safetensors((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights,
+                   {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
+  if (cfg_.sample_tokens > 0) r.sample = print_sample(cfg_.steps);
+  return r;
+}
+
+}  // namespace meshtrain::launch

@@ -1,0 +1,119 @@
+// The Trainer: what a cluster workflow embeds. Config in, metrics out, a callback per step.
+//
+//   meshtrain::launch::Trainer trainer(meshtrain::launch::load_config("job.toml", {}));
+//   trainer.on_step([](const StepMetrics& m) { ... });
+//   TrainResult r = trainer.run();
+//
+// The trainer owns the data, the model and the optimizer state of this rank. It writes the
+// effective config (config.toml), the metrics (metrics.jsonl, one JSON object per line) and the
+// final weights (model.safetensors) into the run directory.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "launch/config.hpp"
+#include "launch/schedule.hpp"
+#include "models/gpt.hpp"
+#include "runtime/data.hpp"
+
+namespace meshtrain::launch {
+
+struct StepMetrics {
+  int step = 0;        // 1-based optimizer step just finished
+  int total_steps = 0;
+  float loss = 0;      // mean training loss of this step's global batch
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double step_ms = 0;
+  double tokens_per_s = 0;
+  double mfu = 0;        // model FLOPs utilisation against the measured bf16 matmul peak
+  double eta_s = 0;
+  bool skipped = false;  // non-finite loss or gradient: no update
+};
+
+struct EvalMetrics {
+  int step = 0;
+  float val_loss = 0;
+};
+
+struct TrainResult {
+  int steps = 0;
+  float first_loss = 0;
+  float final_loss = 0;     // mean over the last 10 steps
+  float final_val_loss = 0; // NaN without validation data
+  int skipped_steps = 0;
+  double tokens_per_s = 0;  // mean over the run, excluding the first step
+  std::string sample;       // text generated at the end
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const TrainConfig& cfg);
+  ~Trainer();
+
+  void on_step(std::function<void(const StepMetrics&)> f) { step_cb_ = std::move(f); }
+  void on_eval(std::function<void(const EvalMetrics&)> f) { eval_cb_ = std::move(f); }
+  // Prints one line per step (and evaluations and samples) to stdout. On by default.
+  void set_verbose(bool v) { verbose_ = v; }
+
+  TrainResult run();
+  // Mean validation loss over eval.batches batches; NaN without validation data.
+  float evaluate();
+  // Continues the prompt by `tokens` tokens (byte vocabulary: text; GPT-2 vocabulary: token
+  // ids are printed as numbers since no tokenizer ships here).
+  std::string generate(const std::string& prompt, int tokens, double temperature, int top_k,
+                       std::uint64_t seed);
+
+  models::GPT& model() { return *model_; }
+  const TrainConfig& config() const { return cfg_; }
+  // The bf16 matmul rate measured at start-up, the denominator of MFU.
+  double peak_flops() const { return peak_flops_; }
+
+ private:
+  // One optimizer step; returns the metrics.
+  StepMetrics step(int step);
+  void write_metrics(const std::string& json_line);
+
+  TrainConfig cfg_;
+  PrecisionPolicy policy_;
+  models::GPTConfig model_cfg_;
+  std::unique_ptr<data::Dataset> data_;
+  std::unique_ptr<models::GPT> model_;
+  Tensor m_, v_;  // AdamW state, fp32 flat
+  LrSchedule schedule_;
+  DynamicLossScaler scaler_;
+  Tensor inputs_, targets_;
+  std::function<void(const StepMetrics&)> step_cb_;
+  std::function<void(const EvalMetrics&)> eval_cb_;
+  bool verbose_ = true;
+  double peak_flops_ = 0;
+  int bad_in_a_row_ = 0;
+  int skipped_ = 0;
+  std::FILE* metrics_ = nullptr;
+  std::string corpus_path_;  // the built-in corpus, written into the run directory
+};
+
+// The model a config describes (preset plus overrides, vocabulary); checks it against
+// train.seq_len.
+models::GPTConfig model_config(const TrainConfig& cfg);
+
+// Continues `prompt` by `tokens` tokens, running the model on a fixed window of window_len
+// positions. Byte vocabulary: the prompt's bytes in, text out. GPT-2 vocabulary: starts from
+// end-of-text and returns token ids as numbers (no tokenizer ships here). temperature 0 is
+// greedy; top_k 0 samples the whole vocabulary. The draws are a function of seed.
+std::string generate_text(models::GPT& model, int window_len, const std::string& prompt,
+                          int tokens, double temperature, int top_k, std::uint64_t seed);
+
+// Loads weights saved by Trainer::run (model.safetensors) into the model's master weights and
+// parameters; every name and shape must match.
+void load_weights(models::GPT& model, const std::string& path);
+
+// Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products).
+double measure_bf16_matmul_peak();
+
+// The built-in default corpus (Debian's fortune cookies, embedded at build time).
+std::string_view default_corpus();
+
+}  // namespace meshtrain::launch
