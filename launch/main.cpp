@@ -124,10 +124,11 @@ int cmd_train(Args a) {
   launch::Trainer trainer(cfg);
   trainer.set_verbose(!quiet);
   const launch::TrainResult r = trainer.run();
-  std::printf("done: %d steps, loss %.4f -> %.4f%s, %.0f tokens/s, %d skipped; run directory %s\n",
+  std::printf("done: %d steps, loss %.4f -> %.4f%s (unigram entropy %.4f), %.0f tokens/s, %d "
+              "skipped; run directory %s\n",
               r.steps, r.first_loss, r.final_loss,
               std::isfinite(r.final_val_loss) ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str() : "",
-              r.tokens_per_s, r.skipped_steps, cfg.run_dir.c_str());
+              r.unigram_entropy, r.tokens_per_s, r.skipped_steps, cfg.run_dir.c_str());
   return 0;
 }
 

@@ -119,6 +119,7 @@ Trainer::Trainer(const TrainConfig& cfg)
   metrics_ = std::fopen(metrics_path.c_str(), "w");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   peak_flops_ = measure_bf16_matmul_peak();
+  unigram_entropy_ = data_->unigram_entropy();
   if (verbose_) {
     std::printf("meshtrain %s | model %s | %s | %d thread(s)\n", MESHTRAIN_VERSION,
                 model_cfg_.str().c_str(), std::string(policy_.name()).c_str(), cpu::num_threads());
@@ -126,6 +127,8 @@ Trainer::Trainer(const TrainConfig& cfg)
                 static_cast<long long>(data_->train().tokens()),
                 static_cast<long long>(data_->val() ? data_->val()->tokens() : 0),
                 corpus_path_.empty() ? "" : " (built-in corpus: Debian's fortune cookies)");
+    std::printf("unigram entropy of the training data: %.4f nats per token (the loss to beat)\n",
+                unigram_entropy_);
     std::printf("measured bf16 matmul peak: %.1f GFLOP/s (the MFU denominator)\n", peak_flops_ / 1e9);
     std::printf("effective config (saved in %s/config.toml):\n%s\n", cfg_.run_dir.c_str(), effective.c_str());
     std::fflush(stdout);
@@ -370,6 +373,7 @@ TrainResult Trainer::run() {
     if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss});
   }
   r.tokens_per_s = seconds_total > 0 ? tokens_total / seconds_total : 0;
+  r.unigram_entropy = unigram_entropy_;
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
   std::vector<std::pair<std::string, Tensor>> weights;
   for (std::size_t i = 0; i < model_->params().size(); ++i)

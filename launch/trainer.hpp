@@ -45,6 +45,7 @@ struct TrainResult {
   float final_val_loss = 0; // NaN without validation data
   int skipped_steps = 0;
   double tokens_per_s = 0;  // mean over the run, excluding the first step
+  double unigram_entropy = 0;  // of the training data, in nats: the loss to beat
   std::string sample;       // text generated at the end
 };
 
@@ -89,6 +90,7 @@ class Trainer {
   std::function<void(const EvalMetrics&)> eval_cb_;
   bool verbose_ = true;
   double peak_flops_ = 0;
+  double unigram_entropy_ = 0;
   int bad_in_a_row_ = 0;
   int skipped_ = 0;
   std::FILE* metrics_ = nullptr;

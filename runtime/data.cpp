@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 
@@ -244,6 +245,22 @@ std::int32_t Dataset::max_token() const {
   std::int32_t m = 0;
   for (const auto& f : files_) m = std::max(m, f->max_token());
   return m;
+}
+
+double Dataset::unigram_entropy() const {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(max_token()) + 1, 0);
+  std::int64_t total = 0;
+  for (const Span& s : train_->spans()) {
+    for (std::int64_t i = s.begin; i < s.end; ++i) ++counts[static_cast<std::size_t>(s.file->token(i))];
+    total += s.end - s.begin;
+  }
+  double h = 0.0;
+  for (std::int64_t c : counts) {
+    if (c == 0) continue;
+    const double p = static_cast<double>(c) / static_cast<double>(total);
+    h -= p * std::log(p);
+  }
+  return h;
 }
 
 bool Dataset::is_text() const { return !files_.empty() && files_.front()->is_text(); }

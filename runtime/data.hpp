@@ -75,6 +75,7 @@ class Sampler {
   Sampler(std::vector<Span> spans, int seq, std::uint64_t seed);
 
   std::int64_t windows() const { return windows_; }
+  const std::vector<Span>& spans() const { return spans_; }
   std::int64_t tokens() const { return tokens_; }
   int seq() const { return seq_; }
 
@@ -104,6 +105,9 @@ class Dataset {
   const Sampler* val() const { return val_.get(); }
   // The largest token id over all files, to check against a model's vocabulary.
   std::int32_t max_token() const;
+  // Entropy in nats of the training tokens' unigram distribution: the loss of the best model
+  // that ignores context, which a trained model must beat.
+  double unigram_entropy() const;
   bool is_text() const;
 
  private:
