@@ -481,6 +481,53 @@ TEST(MatmulGemm, HeadInsideFusedProjection) {
                  .alpha = 0.17677669f});
 }
 
+// The fp32 fallback converts with the same bits as the scalar conversions in dtype.hpp:
+// fp16 out of an fp32 GEMM is float_to_f16 of the same GEMM's fp32 output, across overflow
+// to Inf and fp16 subnormals; row lengths that are not multiples of 8 cover the tails.
+TEST(MatmulGemm, Fp16FallbackRoundsLikeTheScalarConversion) {
+  const std::int64_t m = 13, n = 37, k = 3;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> exponent(-14, 8);
+  std::uniform_real_distribution<float> fraction(1.0f, 2.0f);
+  std::bernoulli_distribution negative(0.5);
+  auto draw = [&](std::int64_t count) {
+    std::vector<float> v(static_cast<std::size_t>(count));
+    for (float& x : v)
+      x = (negative(rng) ? -1.0f : 1.0f) * std::ldexp(fraction(rng), exponent(rng));
+    return v;
+  };
+  Tensor a = Tensor::from_floats(draw(m * k), Shape{m, k}, DType::kF32);
+  Tensor b = Tensor::from_floats(draw(k * n), Shape{k, n}, DType::kF32);
+  Tensor c16 = Tensor::empty(Shape{m, n}, DType::kF16);
+  Tensor c32 = Tensor::empty(Shape{m, n}, DType::kF32);
+  ops::matmul(c16, a, b);
+  ops::matmul(c32, a, b);
+  const f16* h = c16.data_as<f16>();
+  const float* f = c32.data_as<float>();
+  int inf = 0, subnormal = 0;
+  for (std::int64_t i = 0; i < m * n; ++i) {
+    ASSERT_EQ(h[i].bits, float_to_f16(f[i]).bits) << "element " << i << " = " << f[i];
+    inf += (h[i].bits & 0x7fffu) == 0x7c00u;
+    subnormal += (h[i].bits & 0x7c00u) == 0 && (h[i].bits & 0x3ffu) != 0;
+  }
+  EXPECT_GT(inf, 0);
+  EXPECT_GT(subnormal, 0);
+
+  // And fp16 in is widened exactly: a times the identity is a, subnormals and 65504 included.
+  const std::int64_t rows = 5, cols = 21;
+  std::vector<float> values = draw(rows * cols);
+  values[0] = 65504.0f;
+  values[1] = std::ldexp(1.0f, -24);  // the smallest fp16 subnormal
+  values[2] = -std::ldexp(3.0f, -20);
+  Tensor x = Tensor::from_floats(values, Shape{rows, cols}, DType::kF16);
+  std::vector<float> eye(static_cast<std::size_t>(cols * cols), 0.0f);
+  for (std::int64_t i = 0; i < cols; ++i) eye[i * cols + i] = 1.0f;
+  Tensor id = Tensor::from_floats(eye, Shape{cols, cols}, DType::kF16);
+  Tensor y = Tensor::empty(Shape{rows, cols}, DType::kF32);
+  ops::matmul(y, x, id);
+  EXPECT_EQ(y.to_floats(), x.to_floats());
+}
+
 TEST(MatmulGemm, RejectsBadArguments) {
   std::vector<float> a(64, 1.0f), b(64, 1.0f), c(64, 0.0f);
   cpu::GemmArgs g;
