@@ -231,23 +231,20 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
     ids.push_back(50256);  // GPT-2's end-of-text token starts a fresh document
   }
   const std::size_t prompt_len = ids.size();
-  // One fixed shape [1, T]: positions after the last real token are padding that causal
-  // attention keeps from influencing it, and the activation buffers are reused every token.
-  const int t_window = window_len;
-  const std::int64_t vp = model_cfg.padded_vocab;
+  // KV-cached decoding: each new token costs one position's work. When the cache is full,
+  // restart it on the last half window of the text so far.
+  const std::size_t keep = static_cast<std::size_t>(std::max(1, window_len / 2));
   Philox rng(seed, 0xdecade);
-  Tensor window = Tensor::zeros(Shape{1, t_window}, DType::kI32);
   std::vector<float> probs;
+  auto refill = [&](std::size_t from) {
+    model.reset_cache();
+    std::vector<float> last;
+    for (std::size_t i = from; i < ids.size(); ++i) last = model.decode(ids[i]);
+    return last;
+  };
+  std::vector<float> logits =
+      refill(ids.size() > static_cast<std::size_t>(window_len) ? ids.size() - window_len : 0);
   for (int n = 0; n < tokens; ++n) {
-    const std::size_t start = ids.size() > static_cast<std::size_t>(t_window) ? ids.size() - t_window : 0;
-    const int len = static_cast<int>(ids.size() - start);
-    std::int32_t* w = window.data_as<std::int32_t>();
-    std::fill(w, w + t_window, 0);
-    std::copy(ids.begin() + static_cast<std::ptrdiff_t>(start), ids.end(), w);
-    model.forward(window);
-    Tensor row = model.logits().view(Shape{t_window, vp}).slice(len - 1, 1);
-    std::vector<float> logits = row.to_floats();
-    logits.resize(static_cast<std::size_t>(model_cfg.vocab_size));  // padded columns never win
     std::int32_t next;
     if (temperature <= 0) {
       next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -256,7 +253,7 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
       std::iota(order.begin(), order.end(), 0);
       const std::size_t k = top_k > 0 ? std::min<std::size_t>(top_k, order.size()) : order.size();
       std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
-                        [&](int a, int b) { return logits[a] > logits[b]; });
+                        [&](int x, int y) { return logits[x] > logits[y]; });
       probs.assign(k, 0.0f);
       const float mx = logits[order[0]];
       double total = 0.0;
@@ -276,6 +273,12 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
       next = order[pick];
     }
     ids.push_back(next);
+    if (n + 1 == tokens) break;
+    if (model.cache_length() >= window_len) {
+      logits = refill(ids.size() - keep);
+    } else {
+      logits = model.decode(next);
+    }
   }
   std::string out;
   for (std::size_t i = bytes ? 0 : prompt_len; i < ids.size(); ++i) {

@@ -343,3 +343,62 @@ void GPT::backward(float loss_multiplier) {
 }
 
 }  // namespace meshtrain::models
+
+namespace meshtrain::models {
+
+std::vector<float> GPT::decode(std::int32_t token) {
+  MT_CHECK(token >= 0 && token < cfg_.vocab_size, "decode: token id {} is outside the vocabulary of {}",
+           token, cfg_.vocab_size);
+  MT_CHECK(cache_len_ < cfg_.block_size,
+           "decode: the KV cache holds the model's {} positions; reset_cache() and re-feed a window",
+           cfg_.block_size);
+  Device& d = *device_;
+  const DType a = policy_.activation;
+  const std::int64_t c = cfg_.n_embd;
+  if (k_cache_.empty()) {
+    for (int l = 0; l < cfg_.n_layer; ++l) {
+      k_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, c}, a, d));
+      v_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, c}, a, d));
+    }
+    dec_token_ = Tensor::empty(Shape{1, 1}, DType::kI32, d);
+    dec_x_ = Tensor::empty(Shape{1, c}, a, d);
+    dec_ln_ = Tensor::empty(Shape{1, c}, a, d);
+    dec_mean_ = Tensor::empty(Shape{1}, DType::kF32, d);
+    dec_rstd_ = Tensor::empty(Shape{1}, DType::kF32, d);
+    dec_qkv_ = Tensor::empty(Shape{1, 3 * c}, a, d);
+    dec_atty_ = Tensor::empty(Shape{1, c}, a, d);
+    dec_tmp_ = Tensor::empty(Shape{1, c}, a, d);
+    dec_fch_ = Tensor::empty(Shape{1, 4 * c}, a, d);
+    dec_fch_gelu_ = Tensor::empty(Shape{1, 4 * c}, a, d);
+    dec_logits_ = Tensor::empty(Shape{1, cfg_.padded_vocab}, a, d);
+  }
+  const int pos = cache_len_;
+  std::int32_t host_token = token;
+  dec_token_.copy_from(Tensor::wrap(&host_token, Shape{1, 1}, DType::kI32));
+  Tensor x3 = dec_x_.view(Shape{1, 1, c});
+  // Position pos is row pos of wpe: pass that row as a one-position table.
+  ops::embedding_forward(x3, dec_token_, param(wte_), param(wpe_).slice(pos, 1));
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const Layer& L = layers_[l];
+    ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(L.ln1_w), param(L.ln1_b));
+    Tensor qkv_b = param(L.qkv_b), proj_b = param(L.proj_b), fc_b = param(L.fc_b),
+           fcproj_b = param(L.fcproj_b);
+    ops::linear_forward(dec_qkv_, dec_ln_, param(L.qkv_w), &qkv_b);
+    ops::attention_decode(dec_atty_, k_cache_[l], v_cache_[l], dec_qkv_, pos, cfg_.n_head);
+    ops::linear_forward(dec_tmp_, dec_atty_, param(L.proj_w), &proj_b);
+    ops::add(dec_x_, dec_x_, dec_tmp_);
+    ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(L.ln2_w), param(L.ln2_b));
+    ops::linear_forward(dec_fch_, dec_ln_, param(L.fc_w), &fc_b);
+    ops::gelu_forward(dec_fch_gelu_, dec_fch_);
+    ops::linear_forward(dec_tmp_, dec_fch_gelu_, param(L.fcproj_w), &fcproj_b);
+    ops::add(dec_x_, dec_x_, dec_tmp_);
+  }
+  ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(lnf_w_), param(lnf_b_));
+  ops::linear_forward(dec_logits_, dec_ln_, param(wte_), nullptr);
+  ++cache_len_;
+  std::vector<float> logits = dec_logits_.to_floats();
+  logits.resize(static_cast<std::size_t>(cfg_.vocab_size));  // padded columns never win
+  return logits;
+}
+
+}  // namespace meshtrain::models

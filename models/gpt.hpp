@@ -105,6 +105,13 @@ class GPT {
   void backward(float loss_multiplier = 1.0f);
   void zero_grads() { grads_flat_.zero_(); }
 
+  // Incremental decoding of one sequence with a KV cache: decode(token) runs `token` at the
+  // next position (cache_length()) and returns the fp32 logits of the real vocabulary for the
+  // token after it. At most block_size positions; reset_cache() starts a new sequence.
+  std::vector<float> decode(std::int32_t token);
+  void reset_cache() { cache_len_ = 0; }
+  int cache_length() const { return cache_len_; }
+
   // Bytes of activation buffers currently held.
   std::int64_t activation_bytes() const;
 
@@ -138,6 +145,11 @@ class GPT {
   Tensor residual_out_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_, lse_;
   // Backward scratch.
   Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
+  // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
+  std::vector<Tensor> k_cache_, v_cache_;
+  Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_,
+      dec_fch_, dec_fch_gelu_, dec_logits_;
+  int cache_len_ = 0;
 };
 
 }  // namespace meshtrain::models

@@ -34,6 +34,8 @@ class Backend {
   virtual void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                                   const Tensor& out, const Tensor& lse, int batch, int seq,
                                   int n_head, int head_size) = 0;
+  virtual void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
+                                int batch, int max_seq, int pos, int n_head, int head_size) = 0;
   // Token ids are already checked to lie in [0, V).
   virtual void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte,
                                  const Tensor& wpe, int batch, int seq, int channels) = 0;

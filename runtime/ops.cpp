@@ -262,6 +262,32 @@ void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, con
                                      d.head_size);
 }
 
+void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
+                      int n_head) {
+  const char* op = "attention_decode";
+  check_defined(qkv, op, "qkv");
+  check_same_device(qkv, out, op, "out");
+  check_same_device(qkv, k_cache, op, "k_cache");
+  check_same_device(qkv, v_cache, op, "v_cache");
+  check_float(qkv, op, "qkv");
+  MT_CHECK(qkv.ndim() == 2, "attention_decode: qkv must be [B, 3C], got {}", qkv.str());
+  MT_CHECK(n_head >= 1 && qkv.dim(1) % (3 * n_head) == 0,
+           "attention_decode: qkv's width {} is not 3 x n_head ({}) x head size", qkv.dim(1), n_head);
+  const std::int64_t b = qkv.dim(0), c = qkv.dim(1) / 3;
+  check_shape(out, Shape{b, c}, op, "out");
+  check_dtype(out, qkv.dtype(), op, "out");
+  MT_CHECK(k_cache.ndim() == 3 && k_cache.dim(0) == b && k_cache.dim(2) == c,
+           "attention_decode: k_cache must be [{}, T_max, {}], got {}", b, c, k_cache.str());
+  check_shape(v_cache, k_cache.shape(), op, "v_cache");
+  check_dtype(k_cache, qkv.dtype(), op, "k_cache");
+  check_dtype(v_cache, qkv.dtype(), op, "v_cache");
+  MT_CHECK(pos >= 0 && pos < k_cache.dim(1), "attention_decode: position {} outside the cache of {}",
+           pos, k_cache.dim(1));
+  backend_of(qkv).attention_decode(out, k_cache, v_cache, qkv, static_cast<int>(b),
+                                   static_cast<int>(k_cache.dim(1)), pos, n_head,
+                                   static_cast<int>(c / n_head));
+}
+
 namespace {
 void check_tokens(const Tensor& tokens, std::int64_t vocab, const char* op) {
   check_dtype(tokens, DType::kI32, op, "tokens");

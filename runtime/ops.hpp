@@ -77,6 +77,12 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head);
 void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                         const Tensor& lse, int n_head);
 
+// One decoding step with a KV cache. qkv: [B, 3C], the fused projection of the token at
+// position pos; its k and v are stored in row pos of k_cache and v_cache ([B, T_max, C]), and
+// out [B, C] is the causal attention of its q over positions 0..pos (fp32 softmax).
+void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
+                      int n_head);
+
 // ---- embedding ------------------------------------------------------------------------------
 
 // out[b, t] = wte[tokens[b, t]] + wpe[t]. tokens: int32 [B, T]; wte: [V, C]; wpe: [T_max, C]
