@@ -251,28 +251,65 @@ class PlanCache {
 };
 
 PlanCache& plan_cache() {
+  // Created after the engine, so destroyed before it: the primitives are made on the engine.
+  cpu_engine();
   static PlanCache cache;
   return cache;
 }
 
+// The plan for p. Each thread remembers the plans it has used, so that a repeated problem
+// takes no lock.
+const Plan& find_plan(const Problem& p) {
+  thread_local std::unordered_map<Problem, const Plan*, ProblemHash> seen;
+  if (auto it = seen.find(p); it != seen.end()) return *it->second;
+  const Plan& plan = plan_cache().get(p);
+  seen.emplace(p, &plan);
+  return plan;
+}
+
+// A thread's oneDNN memory objects and argument map for one plan. Creating them costs a few
+// microseconds, as much as the arithmetic of a 64^3 GEMM, so they are made once per thread
+// and plan and only re-pointed at each call's data.
+struct Bindings {
+  dnnl::memory a, b, c, bias, scratchpad;
+  std::unordered_map<int, dnnl::memory> args;
+};
+
+Bindings& thread_bindings(const Plan& plan, const Problem& p) {
+  thread_local std::unordered_map<const Plan*, Bindings> all;
+  if (auto it = all.find(&plan); it != all.end()) return it->second;
+  const dnnl::engine& engine = cpu_engine();
+  Bindings bind;
+  bind.a = dnnl::memory(plan.a_md, engine, DNNL_MEMORY_NONE);
+  bind.b = dnnl::memory(plan.b_md, engine, DNNL_MEMORY_NONE);
+  bind.c = dnnl::memory(plan.c_md, engine, DNNL_MEMORY_NONE);
+  bind.args = {{DNNL_ARG_SRC, bind.a}, {DNNL_ARG_WEIGHTS, bind.b}, {DNNL_ARG_DST, bind.c}};
+  if (p.has_bias) {
+    bind.bias = dnnl::memory(plan.bias_md, engine, DNNL_MEMORY_NONE);
+    bind.args.emplace(DNNL_ARG_BIAS, bind.bias);
+  }
+  if (plan.scratchpad_md.get_size() > 0) {
+    bind.scratchpad = dnnl::memory(plan.scratchpad_md, engine, DNNL_MEMORY_NONE);
+    bind.args.emplace(DNNL_ARG_SCRATCHPAD, bind.scratchpad);
+  }
+  return all.emplace(&plan, std::move(bind)).first->second;
+}
+
 void execute_native(const Plan& plan, const Problem& p, const void* a, const void* b, void* c,
                     const void* bias) {
-  const dnnl::engine& engine = cpu_engine();
   try {
+    Bindings& bind = thread_bindings(plan, p);
     // oneDNN never writes through the source and weights handles; its API is simply not const.
-    std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, dnnl::memory(plan.a_md, engine, const_cast<void*>(a))},
-        {DNNL_ARG_WEIGHTS, dnnl::memory(plan.b_md, engine, const_cast<void*>(b))},
-        {DNNL_ARG_DST, dnnl::memory(plan.c_md, engine, c)}};
-    if (p.has_bias) {
-      args.emplace(DNNL_ARG_BIAS, dnnl::memory(plan.bias_md, engine, const_cast<void*>(bias)));
-    }
+    bind.a.set_data_handle(const_cast<void*>(a));
+    bind.b.set_data_handle(const_cast<void*>(b));
+    bind.c.set_data_handle(c);
+    if (p.has_bias) bind.bias.set_data_handle(const_cast<void*>(bias));
+    // Every call: the thread's scratch buffer moves when a larger plan has grown it.
     if (const std::size_t bytes = plan.scratchpad_md.get_size(); bytes > 0) {
-      args.emplace(DNNL_ARG_SCRATCHPAD,
-                   dnnl::memory(plan.scratchpad_md, engine, scratch(kScratchpad).get(bytes)));
+      bind.scratchpad.set_data_handle(scratch(kScratchpad).get(bytes));
     }
     dnnl::stream& stream = thread_stream();
-    plan.primitive.execute(stream, args);
+    plan.primitive.execute(stream, bind.args);
     stream.wait();
   } catch (const dnnl::error& e) {
     throw_dnnl(e, "executing the matmul primitive", p, __LINE__);
@@ -420,7 +457,7 @@ void gemm(const GemmArgs& g) {
   check_ld("ldb", g.ldb, p.b_cols(), g.trans_b ? "B (transposed, [N, K])" : "B ([K, N])");
   MT_CHECK(g.a != nullptr && g.b != nullptr, "gemm: A or B is null for {}", describe(p));
 
-  const Plan& plan = plan_cache().get(p);
+  const Plan& plan = find_plan(p);
   if (plan.f32 == nullptr) {
     execute_native(plan, p, g.a, g.b, g.c, g.bias);
   } else {
