@@ -26,8 +26,8 @@ using Json = nlohmann::ordered_json;
 
 [[noreturn]] void fail_io(const std::string& path, const char* call) {
   const int err = errno;
-  throw IoError(fmt::format("safetensors file '{}': {} failed: {}", path, call,
-                            std::strerror(err)));
+  throw IoError(
+      fmt::format("safetensors file '{}': {} failed: {}", path, call, std::strerror(err)));
 }
 
 // An owned file descriptor; the destructor closes it and logs (never throws) on failure.
@@ -132,8 +132,8 @@ std::string build_header(const std::string& path,
   try {
     text = header.dump(-1, ' ', false, Json::error_handler_t::strict);
   } catch (const Json::exception& e) {
-    MT_FAIL("save_safetensors '{}': a tensor name or metadata string is not valid UTF-8 ({})",
-            path, e.what());
+    MT_FAIL("save_safetensors '{}': a tensor name or metadata string is not valid UTF-8 ({})", path,
+            e.what());
   }
   // Pad with spaces so that the data section starts 8-byte aligned, as Hugging Face does.
   text.resize((text.size() + 7) / 8 * 8, ' ');
@@ -166,9 +166,10 @@ Json parse_header(const std::string& path, const std::string& text) {
     // Depth 0 is the root object, 1 a tensor entry or the metadata, 2 a shape or offsets array.
     if ((event == Json::parse_event_t::object_start || event == Json::parse_event_t::array_start) &&
         depth > 2)
-      MT_FAIL("safetensors file '{}': the header nests objects or arrays {} levels deep; the "
-              "format has at most 3 (header, tensor entry, shape)",
-              path, depth + 1);
+      MT_FAIL(
+          "safetensors file '{}': the header nests objects or arrays {} levels deep; the "
+          "format has at most 3 (header, tensor entry, shape)",
+          path, depth + 1);
     if (event == Json::parse_event_t::key && depth == 1)
       MT_CHECK(names.insert(parsed.get<std::string>()).second,
                "safetensors file '{}': the header names '{}' twice", path,
@@ -192,11 +193,14 @@ Json parse_header(const std::string& path, const std::string& text) {
 
 std::uint64_t as_unsigned(const std::string& path, const std::string& name, const Json& v,
                           const char* what) {
-  MT_CHECK(v.is_number_integer(), "safetensors file '{}': tensor '{}' has a {} of {} ({}), "
-           "expected a non-negative integer", path, name, what, v.dump(), v.type_name());
+  MT_CHECK(v.is_number_integer(),
+           "safetensors file '{}': tensor '{}' has a {} of {} ({}), "
+           "expected a non-negative integer",
+           path, name, what, v.dump(), v.type_name());
   MT_CHECK(v.is_number_unsigned(),
            "safetensors file '{}': tensor '{}' has a negative {} ({}), expected a non-negative "
-           "integer", path, name, what, v.dump());
+           "integer",
+           path, name, what, v.dump());
   return v.get<std::uint64_t>();
 }
 
@@ -206,18 +210,23 @@ DType entry_dtype(const std::string& path, const std::string& name, const Json& 
   const auto& text = v.get_ref<const std::string&>();
   for (DType t : {DType::kF32, DType::kBF16, DType::kF16, DType::kI32})
     if (text == dtype_safetensors_name(t)) return t;
-  MT_FAIL("safetensors file '{}': tensor '{}' has dtype '{}', expected one of F32, BF16, F16, I32 "
-          "(other safetensors dtypes are not supported)", path, name, text);
+  MT_FAIL(
+      "safetensors file '{}': tensor '{}' has dtype '{}', expected one of F32, BF16, F16, I32 "
+      "(other safetensors dtypes are not supported)",
+      path, name, text);
 }
 
 Entry parse_entry(const std::string& path, const std::string& name, const Json& v,
                   std::uint64_t data_size) {
-  MT_CHECK(v.is_object(), "safetensors file '{}': entry '{}' is a JSON {}, expected an object with "
-           "dtype, shape and data_offsets", path, name, v.type_name());
+  MT_CHECK(v.is_object(),
+           "safetensors file '{}': entry '{}' is a JSON {}, expected an object with "
+           "dtype, shape and data_offsets",
+           path, name, v.type_name());
   for (const auto& [key, unused] : v.items())
     MT_CHECK(key == "dtype" || key == "shape" || key == "data_offsets",
              "safetensors file '{}': tensor '{}' has an unknown key '{}' (expected dtype, shape, "
-             "data_offsets)", path, name, key);
+             "data_offsets)",
+             path, name, key);
   for (const char* key : {"dtype", "shape", "data_offsets"})
     MT_CHECK(v.contains(key), "safetensors file '{}': tensor '{}' has no '{}'", path, name, key);
 
@@ -236,18 +245,18 @@ Entry parse_entry(const std::string& path, const std::string& name, const Json& 
   constexpr std::uint64_t kLimit = std::numeric_limits<std::int64_t>::max();
   for (const Json& d : shape) {
     const std::uint64_t dim = as_unsigned(path, name, d, "dimension");
-    const bool overflow = __builtin_mul_overflow(nonzero_product, std::max<std::uint64_t>(dim, 1),
-                                                 &nonzero_product);
+    const bool overflow =
+        __builtin_mul_overflow(nonzero_product, std::max<std::uint64_t>(dim, 1), &nonzero_product);
     MT_CHECK(!overflow && nonzero_product <= kLimit,
              "safetensors file '{}': tensor '{}' has shape {} whose element count overflows "
-             "64 bits", path, name, shape.dump());
+             "64 bits",
+             path, name, shape.dump());
     numel *= dim;
     e.dims.push_back(static_cast<std::int64_t>(dim));
   }
   std::uint64_t nbytes = 0;
   MT_CHECK(!__builtin_mul_overflow(numel, dtype_size(e.dtype), &nbytes) && nbytes <= kLimit,
-           "safetensors file '{}': tensor '{}' of shape {} is too large", path, name,
-           shape.dump());
+           "safetensors file '{}': tensor '{}' of shape {} is too large", path, name, shape.dump());
 
   const Json& offsets = v["data_offsets"];
   MT_CHECK(offsets.is_array() && offsets.size() == 2,
@@ -255,25 +264,33 @@ Entry parse_entry(const std::string& path, const std::string& name, const Json& 
            name, offsets.dump());
   e.begin = as_unsigned(path, name, offsets[0], "data offset");
   e.end = as_unsigned(path, name, offsets[1], "data offset");
-  MT_CHECK(e.begin <= e.end, "safetensors file '{}': tensor '{}' has data_offsets [{}, {}] with "
-           "begin after end", path, name, e.begin, e.end);
+  MT_CHECK(e.begin <= e.end,
+           "safetensors file '{}': tensor '{}' has data_offsets [{}, {}] with "
+           "begin after end",
+           path, name, e.begin, e.end);
   MT_CHECK(e.end <= data_size,
            "safetensors file '{}': tensor '{}' has data_offsets [{}, {}] past the end of the data "
-           "section ({} bytes)", path, name, e.begin, e.end, data_size);
+           "section ({} bytes)",
+           path, name, e.begin, e.end, data_size);
   MT_CHECK(e.end - e.begin == nbytes,
            "safetensors file '{}': tensor '{}' is {}{} ({} bytes) but its data_offsets [{}, {}] "
-           "hold {} bytes", path, name, dtype_safetensors_name(e.dtype), shape.dump(), nbytes,
-           e.begin, e.end, e.end - e.begin);
+           "hold {} bytes",
+           path, name, dtype_safetensors_name(e.dtype), shape.dump(), nbytes, e.begin, e.end,
+           e.end - e.begin);
   return e;
 }
 
 std::map<std::string, std::string> parse_metadata(const std::string& path, const Json& v) {
-  MT_CHECK(v.is_object(), "safetensors file '{}': __metadata__ is a JSON {}, expected an object of "
-           "strings", path, v.type_name());
+  MT_CHECK(v.is_object(),
+           "safetensors file '{}': __metadata__ is a JSON {}, expected an object of "
+           "strings",
+           path, v.type_name());
   std::map<std::string, std::string> out;
   for (const auto& [key, value] : v.items()) {
-    MT_CHECK(value.is_string(), "safetensors file '{}': __metadata__ key '{}' holds a JSON {}, "
-             "expected a string", path, key, value.type_name());
+    MT_CHECK(value.is_string(),
+             "safetensors file '{}': __metadata__ key '{}' holds a JSON {}, "
+             "expected a string",
+             path, key, value.type_name());
     out[key] = value.get<std::string>();
   }
   return out;
@@ -289,8 +306,8 @@ void check_tiling(const std::string& path, std::vector<Entry>& entries, std::uin
   for (const Entry& e : entries) {
     MT_CHECK(e.begin >= covered,
              "safetensors file '{}': tensor '{}' at data bytes [{}, {}) overlaps tensor '{}' at "
-             "[{}, {})", path, e.name, e.begin, e.end, last ? last->name : "", last ? last->begin : 0,
-             covered);
+             "[{}, {})",
+             path, e.name, e.begin, e.end, last ? last->name : "", last ? last->begin : 0, covered);
     MT_CHECK(e.begin == covered,
              "safetensors file '{}': data bytes [{}, {}) belong to no tensor (before tensor '{}')",
              path, covered, e.begin, e.name);
@@ -299,7 +316,8 @@ void check_tiling(const std::string& path, std::vector<Entry>& entries, std::uin
   }
   MT_CHECK(covered == data_size,
            "safetensors file '{}': the data section has {} bytes but the tensors cover only {} "
-           "(trailing bytes)", path, data_size, covered);
+           "(trailing bytes)",
+           path, data_size, covered);
 }
 
 }  // namespace
@@ -363,8 +381,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
   for (int i = 0; i < 8; ++i) header_len |= static_cast<std::uint64_t>(len[i]) << (8 * i);
   MT_CHECK(header_len <= file_size - 8,
            "safetensors file '{}': the header length (bytes 0-7) says {} bytes, but only {} "
-           "bytes follow it (truncated file, or not a safetensors file)", path, header_len,
-           file_size - 8);
+           "bytes follow it (truncated file, or not a safetensors file)",
+           path, header_len, file_size - 8);
   MT_CHECK(header_len <= kSafetensorsMaxHeaderBytes,
            "safetensors file '{}': the header length {} exceeds the limit of {} bytes", path,
            header_len, kSafetensorsMaxHeaderBytes);

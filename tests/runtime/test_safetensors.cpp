@@ -84,9 +84,10 @@ void expect_invalid(const std::string& path, const std::vector<std::string>& fra
 
 TEST_F(Safetensors, RoundTripsEveryDtypeShapeAndMetadata) {
   std::vector<std::pair<std::string, Tensor>> tensors;
-  tensors.emplace_back("z.fp32", Tensor::from_floats(random_floats(2 * 3 * 5, 1), Shape{2, 3, 5},
-                                                     DType::kF32));
-  tensors.emplace_back("a.bf16", Tensor::from_floats(random_floats(13, 2), Shape{13}, DType::kBF16));
+  tensors.emplace_back(
+      "z.fp32", Tensor::from_floats(random_floats(2 * 3 * 5, 1), Shape{2, 3, 5}, DType::kF32));
+  tensors.emplace_back("a.bf16",
+                       Tensor::from_floats(random_floats(13, 2), Shape{13}, DType::kBF16));
   tensors.emplace_back("m.fp16",
                        Tensor::from_floats(random_floats(7 * 3, 3), Shape{7, 3}, DType::kF16));
   tensors.emplace_back("ids", Tensor::from_ints({-5, 0, 7, 2147483647, -2147483647 - 1}, Shape{5}));
@@ -203,78 +204,121 @@ TEST_F(Safetensors, CorruptFilesAreRefusedWithClearErrors) {
       {"empty file", "", {"0 bytes long", "too short"}},
       {"7 bytes", std::string(7, '\0'), {"7 bytes long"}},
       {"truncated in the header", ok.substr(0, 20), {"only 12 bytes follow", "truncated"}},
-      {"truncated in the data", ok.substr(0, ok.size() - 3),
+      {"truncated in the data",
+       ok.substr(0, ok.size() - 3),
        {"tensor 't'", "past the end of the data section (13 bytes)"}},
       {"header length past EOF", le64(1000) + "{}", {"says 1000 bytes", "only 2 bytes follow"}},
       {"header length 2^63", le64(1ull << 63) + "{}", {"says 9223372036854775808 bytes"}},
       {"header length 0", le64(0), {"too short for a JSON object"}},
-      {"bad JSON", raw_file(R"({"t": {"dtype": "F32",, "shape": [4]}})", 16),
+      {"bad JSON",
+       raw_file(R"({"t": {"dtype": "F32",, "shape": [4]}})", 16),
        {"JSON header is invalid at byte offset 30"}},
       {"not JSON at all", raw_file("hello, world", 0), {"JSON header is invalid at byte offset 8"}},
       {"invalid UTF-8", raw_file("{\"t\xff\": {}}", 0), {"JSON header is invalid"}},
       {"header is an array", raw_file("[1, 2]", 0), {"the header is a JSON array"}},
       {"entry not an object", raw_file(R"({"t": [1, 2]})", 0), {"entry 't' is a JSON array"}},
-      {"unknown dtype", raw_file(entry(R"({"dtype": "F64", "shape": [2], "data_offsets": [0, 16]})"), 16),
+      {"unknown dtype",
+       raw_file(entry(R"({"dtype": "F64", "shape": [2], "data_offsets": [0, 16]})"), 16),
        {"dtype 'F64'", "expected one of F32, BF16, F16, I32"}},
-      {"torch dtype name", raw_file(entry(R"({"dtype": "float32", "shape": [4], "data_offsets": [0, 16]})"), 16),
+      {"torch dtype name",
+       raw_file(entry(R"({"dtype": "float32", "shape": [4], "data_offsets": [0, 16]})"), 16),
        {"dtype 'float32'"}},
-      {"dtype not a string", raw_file(entry(R"({"dtype": 7, "shape": [4], "data_offsets": [0, 16]})"), 16),
+      {"dtype not a string",
+       raw_file(entry(R"({"dtype": 7, "shape": [4], "data_offsets": [0, 16]})"), 16),
        {"dtype 7, expected a string"}},
-      {"missing shape", raw_file(entry(R"({"dtype": "F32", "data_offsets": [0, 16]})"), 16),
+      {"missing shape",
+       raw_file(entry(R"({"dtype": "F32", "data_offsets": [0, 16]})"), 16),
        {"tensor 't' has no 'shape'"}},
-      {"unknown key", raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": 1})"), 16),
+      {"unknown key",
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": 1})"), 16),
        {"unknown key 'x'"}},
-      {"offsets past the data", raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [16, 32]})"), 16),
+      {"offsets past the data",
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [16, 32]})"), 16),
        {"data_offsets [16, 32] past the end of the data section (16 bytes)"}},
-      {"offsets reversed", raw_file(entry(R"({"dtype": "F32", "shape": [0], "data_offsets": [16, 0]})"), 16),
+      {"offsets reversed",
+       raw_file(entry(R"({"dtype": "F32", "shape": [0], "data_offsets": [16, 0]})"), 16),
        {"begin after end"}},
-      {"offsets huge", raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [18446744073709551600, 18446744073709551615]})"), 16),
+      {"offsets huge",
+       raw_file(
+           entry(
+               R"({"dtype": "F32", "shape": [4], "data_offsets": [18446744073709551600, 18446744073709551615]})"),
+           16),
        {"past the end of the data section"}},
-      {"offsets negative", raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]})"), 16),
+      {"offsets negative",
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]})"), 16),
        {"negative data offset (-16)"}},
-      {"offsets not a pair", raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [0]})"), 16),
+      {"offsets not a pair",
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "data_offsets": [0]})"), 16),
        {"expected [begin, end]"}},
       {"overlap",
        raw_file(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, )"
-                R"("b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})", 24),
+                R"("b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})",
+                24),
        {"tensor 'b' at data bytes [8, 24) overlaps tensor 'a' at [0, 16)"}},
       {"same range twice",
        raw_file(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, )"
-                R"("b": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}})", 16),
+                R"("b": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}})",
+                16),
        {"overlaps"}},
       {"gap",
        raw_file(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, )"
-                R"("b": {"dtype": "F32", "shape": [4], "data_offsets": [20, 36]}})", 36),
+                R"("b": {"dtype": "F32", "shape": [4], "data_offsets": [20, 36]}})",
+                36),
        {"data bytes [16, 20) belong to no tensor"}},
-      {"trailing bytes", raw_file("{" + ok_entry + "}", 20), {"20 bytes but the tensors cover only 16"}},
-      {"shape/size mismatch", raw_file(entry(R"({"dtype": "F32", "shape": [3], "data_offsets": [0, 16]})"), 16),
+      {"trailing bytes",
+       raw_file("{" + ok_entry + "}", 20),
+       {"20 bytes but the tensors cover only 16"}},
+      {"shape/size mismatch",
+       raw_file(entry(R"({"dtype": "F32", "shape": [3], "data_offsets": [0, 16]})"), 16),
        {"F32[3] (12 bytes)", "hold 16 bytes"}},
-      {"dtype/size mismatch", raw_file(entry(R"({"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]})"), 16),
+      {"dtype/size mismatch",
+       raw_file(entry(R"({"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]})"), 16),
        {"BF16[4] (8 bytes)"}},
-      {"negative dim", raw_file(entry(R"({"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]})"), 16),
+      {"negative dim",
+       raw_file(entry(R"({"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]})"), 16),
        {"negative dimension (-1)"}},
-      {"fractional dim", raw_file(entry(R"({"dtype": "F32", "shape": [2.5], "data_offsets": [0, 16]})"), 16),
+      {"fractional dim",
+       raw_file(entry(R"({"dtype": "F32", "shape": [2.5], "data_offsets": [0, 16]})"), 16),
        {"dimension of 2.5"}},
-      {"string dim", raw_file(entry(R"({"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]})"), 16),
+      {"string dim",
+       raw_file(entry(R"({"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]})"), 16),
        {"dimension of \"4\""}},
-      {"shape not an array", raw_file(entry(R"({"dtype": "F32", "shape": 4, "data_offsets": [0, 16]})"), 16),
+      {"shape not an array",
+       raw_file(entry(R"({"dtype": "F32", "shape": 4, "data_offsets": [0, 16]})"), 16),
        {"shape 4, expected an array"}},
-      {"too many dims", raw_file(entry(R"({"dtype": "F32", "shape": [1,1,1,1,1,1,4], "data_offsets": [0, 16]})"), 16),
+      {"too many dims",
+       raw_file(entry(R"({"dtype": "F32", "shape": [1,1,1,1,1,1,4], "data_offsets": [0, 16]})"),
+                16),
        {"7 dimensions, at most 6"}},
-      {"numel overflow", raw_file(entry(R"({"dtype": "F32", "shape": [4294967296, 4294967296, 4], "data_offsets": [0, 16]})"), 16),
+      {"numel overflow",
+       raw_file(
+           entry(
+               R"({"dtype": "F32", "shape": [4294967296, 4294967296, 4], "data_offsets": [0, 16]})"),
+           16),
        {"overflows 64 bits"}},
-      {"bytes overflow", raw_file(entry(R"({"dtype": "F32", "shape": [4611686018427387904], "data_offsets": [0, 16]})"), 16),
+      {"bytes overflow",
+       raw_file(
+           entry(R"({"dtype": "F32", "shape": [4611686018427387904], "data_offsets": [0, 16]})"),
+           16),
        {"too large"}},
-      {"zero dim hides a huge one", raw_file(entry(R"({"dtype": "F32", "shape": [0, 18446744073709551615], "data_offsets": [0, 0]})"), 0),
+      {"zero dim hides a huge one",
+       raw_file(
+           entry(R"({"dtype": "F32", "shape": [0, 18446744073709551615], "data_offsets": [0, 0]})"),
+           0),
        {"overflows 64 bits"}},
       {"duplicate name",
        raw_file(R"({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, )"
-                R"("t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 16),
+                R"("t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})",
+                16),
        {"names 't' twice"}},
-      {"metadata not an object", raw_file(R"({"__metadata__": [1]})", 0), {"__metadata__ is a JSON array"}},
-      {"metadata value not a string", raw_file(R"({"__metadata__": {"step": 3}})", 0),
+      {"metadata not an object",
+       raw_file(R"({"__metadata__": [1]})", 0),
+       {"__metadata__ is a JSON array"}},
+      {"metadata value not a string",
+       raw_file(R"({"__metadata__": {"step": 3}})", 0),
        {"__metadata__ key 'step' holds a JSON number, expected a string"}},
-      {"deep nesting", raw_file("{\"t\": " + std::string(100000, '[') + std::string(100000, ']') + "}", 0),
+      {"deep nesting",
+       raw_file("{\"t\": " + std::string(100000, '[') + std::string(100000, ']') + "}", 0),
        {"levels deep"}},
   };
   for (const Case& c : cases) {
@@ -331,7 +375,8 @@ TEST_F(Safetensors, InteroperatesWithPython) {
   // Values exactly representable in every dtype, so both sides can compare exactly.
   auto values = [](std::size_t n) {
     std::vector<float> v(n);
-    for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<float>(static_cast<int>(i * 37 % 101) - 50) / 8.0f;
+    for (std::size_t i = 0; i < n; ++i)
+      v[i] = static_cast<float>(static_cast<int>(i * 37 % 101) - 50) / 8.0f;
     return v;
   };
   const std::string from_cpp = file("from_cpp.safetensors");
@@ -373,7 +418,8 @@ for name, want in expect.items():
     assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, got.shape)
     assert torch.equal(got, want), (name, got, want)
 # Write back in Hugging Face's layout: keys sorted, header padded with spaces to 8 bytes.
-out = {"py_bf16": values(6).reshape(2, 3).bfloat16(), "py_i32": torch.arange(-2, 3, dtype=torch.int32)}
+out = {"py_bf16": values(6).reshape(2, 3).bfloat16(),
+       "py_i32": torch.arange(-2, 3, dtype=torch.int32)}
 hdr, chunks, off = {"__metadata__": {"from": "python"}}, [], 0
 for name, t in out.items():
     raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
