@@ -238,6 +238,15 @@ const std::map<std::string, OpFn>& op_table() {
                                  c.integer("n_head"));
          return Result{{{"dqkv", dqkv}}, {}};
        }},
+      {"attention_decode",
+       [](Case& c) {
+         const Tensor& qkv = c.tensor("qkv");
+         Tensor& k_cache = c.tensor("k_cache");
+         Tensor& v_cache = c.tensor("v_cache");
+         Tensor out = c.output("out", Shape{qkv.dim(0), qkv.dim(1) / 3}, qkv.dtype());
+         ops::attention_decode(out, k_cache, v_cache, qkv, c.integer("pos"), c.integer("n_head"));
+         return Result{{{"out", out}, {"k_cache", k_cache}, {"v_cache", v_cache}}, {}};
+       }},
       {"embedding_forward",
        [](Case& c) {
          const Tensor& tokens = c.tensor("tokens");

@@ -410,7 +410,7 @@ class Elementwise(OpTest):
         for dt in FLOATS:
             for shape, std in [((3, 5, 36), 2.0), ((1, 1, 13), 1.0), ((4, 64, 130), 3.0),
                                ((3, 7), 8.0)]:
-                name = f"{SHORT[dt]}/{'x'.join(map(str, shape))}/std{x_std}"
+                name = f"{SHORT[dt]}/{'x'.join(map(str, shape))}/std{std}"
                 g = generator(name)
                 x = randn(g, shape, dt, std)
                 x64 = x.double().requires_grad_()
@@ -639,6 +639,35 @@ class Attention(OpTest):
                     case.check("dqkv", dqkv, self.GRAD_TOL[dt], sl(scale).max(), select=sl,
                                label=f"d{part}")
                 cases.append(case)
+        self.run_and_check(cases)
+
+
+    def test_attention_decode(self):
+        # One query against a KV cache: the forward's tolerances. The cache gets the token's k
+        # and v in row pos and keeps every other row bit for bit (rows after pos hold values
+        # that would change out if they were read).
+        cases = []
+        for dt in FLOATS:
+            for (b, c, nh, t_max, pos) in [(3, 36, 3, 8, 4), (1, 36, 2, 4, 0), (2, 52, 4, 17, 16),
+                                           (3, 48, 1, 40, 32)]:
+                name = f"{SHORT[dt]}/b{b}c{c}h{nh}/pos{pos}of{t_max}"
+                g = generator(name)
+                qkv = torch.cat([randn(g, (b, c), dt, 2.0), randn(g, (b, c), dt, 2.0),
+                                 randn(g, (b, c), dt)], dim=-1)
+                k_cache, v_cache = randn(g, (b, t_max, c), dt, 2.0), randn(g, (b, t_max, c), dt)
+                want_k, want_v = k_cache.clone(), v_cache.clone()
+                want_k[:, pos], want_v[:, pos] = qkv[:, c:2 * c], qkv[:, 2 * c:]
+                # The full causal attention over positions 0..pos; its last row is the decode.
+                seq = torch.cat([torch.zeros(b, pos + 1, c, dtype=dt), want_k[:, :pos + 1],
+                                 want_v[:, :pos + 1]], dim=-1)
+                seq[:, pos, :c] = qkv[:, :c]
+                out, _ = attention_ref(seq.double(), nh)
+                cases.append(Case("attention_decode", name,
+                                  {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache},
+                                  {"pos": pos, "n_head": nh})
+                             .check("out", out[:, pos], self.OUT_TOL[dt])
+                             .exact("k_cache", want_k)
+                             .exact("v_cache", want_v))
         self.run_and_check(cases)
 
 
