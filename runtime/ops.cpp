@@ -1,6 +1,7 @@
 #include "runtime/ops.hpp"
 
 #include <cmath>
+#include <string>
 
 #include "runtime/backend.hpp"
 
@@ -38,6 +39,18 @@ void check_numel(const Tensor& t, std::int64_t want, const char* op, const char*
            want);
 }
 
+// t holds `rows` rows of `cols` columns, however its leading dimensions are split.
+void check_rows(const Tensor& t, std::int64_t rows, std::int64_t cols, const char* op,
+                const char* arg) {
+  MT_CHECK(t.ndim() >= 1 && t.dim(-1) == cols && t.numel() == rows * cols,
+           "{}: argument '{}' is {}, expected {} rows of {} columns", op, arg, t.str(), rows, cols);
+}
+
+// "fp32", or "bf16 or fp32": the dtypes a bias may have next to an output of dtype t.
+std::string bias_dtypes(DType t) {
+  return t == DType::kF32 ? "fp32" : fmt::format("{} or fp32", dtype_name(t));
+}
+
 Backend& backend_of(const Tensor& t) { return t.device().backend(); }
 
 }  // namespace
@@ -54,6 +67,7 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& 
   MT_CHECK(b.ndim() == 2, "matmul: b must be 2-D, got {}", b.str());
   MT_CHECK(a.ndim() >= 2, "matmul: a must be at least 2-D, got {}", a.str());
   MT_CHECK(!opt.trans_a || a.ndim() == 2, "matmul: a transposed must be 2-D, got {}", a.str());
+  MT_CHECK(out.ndim() >= 1, "matmul: out must have at least one dimension, got {}", out.str());
   const std::int64_t a_cols = a.dim(-1);
   const std::int64_t a_rows = a.numel() / std::max<std::int64_t>(a_cols, 1);
   const std::int64_t m = opt.trans_a ? a_cols : a_rows;
@@ -68,14 +82,42 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& 
     check_same_device(out, *opt.bias, op, "bias");
     check_shape(*opt.bias, Shape{n}, op, "bias");
     MT_CHECK(opt.bias->dtype() == out.dtype() || opt.bias->dtype() == DType::kF32,
-             "matmul: bias is {}, expected {} or fp32", opt.bias->str(), dtype_name(out.dtype()));
+             "matmul: bias is {}, expected {}", opt.bias->str(), bias_dtypes(out.dtype()));
     MT_CHECK(!opt.accumulate, "matmul: bias cannot be combined with accumulate");
   }
   if (m == 0 || n == 0) return;
   backend_of(out).matmul(out, a, b, m, n, k, opt);
 }
 
+namespace {
+// x [.., in] (at least 2-D, as matmul's a) and w [out, in] of x's float dtype, on x's device.
+void check_linear(const Tensor& x, const Tensor& w, const char* op) {
+  check_defined(x, op, "x");
+  check_same_device(x, w, op, "w");
+  check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 2, "{}: argument 'x' is {}, expected [.., in_features] with at least 2 "
+           "dimensions", op, x.str());
+  check_dtype(w, x.dtype(), op, "w");
+  MT_CHECK(w.ndim() == 2 && w.dim(1) == x.dim(-1),
+           "{}: argument 'w' is {}, expected [out_features, {}] (x is {})", op, w.str(),
+           x.dim(-1), x.str());
+}
+}  // namespace
+
 void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias) {
+  const char* op = "linear_forward";
+  check_linear(x, w, op);
+  check_same_device(x, y, op, "y");
+  check_float(y, op, "y");
+  const std::int64_t out_features = w.dim(0);
+  check_rows(y, x.numel() / std::max<std::int64_t>(x.dim(-1), 1), out_features, op, "y");
+  if (bias != nullptr) {
+    check_same_device(x, *bias, op, "bias");
+    check_shape(*bias, Shape{out_features}, op, "bias");
+    MT_CHECK(bias->dtype() == y.dtype() || bias->dtype() == DType::kF32,
+             "linear_forward: argument 'bias' is {}, expected {}", bias->str(),
+             bias_dtypes(y.dtype()));
+  }
   MatmulOptions opt;
   opt.trans_b = true;
   opt.bias = bias;
@@ -88,6 +130,7 @@ void bias_backward(Tensor& dbias, const Tensor& dy) {
   check_same_device(dy, dbias, op, "dbias");
   check_dtype(dbias, DType::kF32, op, "dbias");
   check_float(dy, op, "dy");
+  MT_CHECK(dy.ndim() >= 1, "bias_backward: argument 'dy' is {}, expected [.., N]", dy.str());
   const std::int64_t cols = dy.dim(-1);
   check_shape(dbias, Shape{cols}, op, "dbias");
   backend_of(dy).bias_backward(dbias, dy, dy.numel() / std::max<std::int64_t>(cols, 1), cols);
@@ -95,7 +138,25 @@ void bias_backward(Tensor& dbias, const Tensor& dy) {
 
 void linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
                      const Tensor& w) {
-  check_dtype(dw, DType::kF32, "linear_backward", "dw");
+  const char* op = "linear_backward";
+  check_linear(x, w, op);
+  const std::int64_t rows = x.numel() / std::max<std::int64_t>(x.dim(-1), 1);
+  check_same_device(x, dy, op, "dy");
+  check_dtype(dy, x.dtype(), op, "dy");
+  check_rows(dy, rows, w.dim(0), op, "dy");
+  check_same_device(x, dw, op, "dw");
+  check_dtype(dw, DType::kF32, op, "dw");
+  check_shape(dw, w.shape(), op, "dw");
+  if (dx != nullptr) {
+    check_same_device(x, *dx, op, "dx");
+    check_float(*dx, op, "dx");
+    check_rows(*dx, rows, w.dim(1), op, "dx");
+  }
+  if (dbias != nullptr) {
+    check_same_device(x, *dbias, op, "dbias");
+    check_dtype(*dbias, DType::kF32, op, "dbias");
+    check_shape(*dbias, Shape{w.dim(0)}, op, "dbias");
+  }
   if (dx != nullptr) matmul(*dx, dy, w);
   const std::int64_t out_features = dy.dim(-1);
   const std::int64_t in_features = x.dim(-1);
@@ -156,6 +217,7 @@ void convert(Tensor& dst, const Tensor& src) {
 void scale_(Tensor& x, float alpha) {
   check_defined(x, "scale_", "x");
   check_float(x, "scale_", "x");
+  MT_CHECK(std::isfinite(alpha), "scale_: alpha must be finite, got {}", alpha);
   backend_of(x).scale(x, alpha);
 }
 
@@ -195,6 +257,7 @@ void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor
                          {&rstd, "rstd"}})
     check_same_device(x, *t, op, name);
   check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 1, "layernorm_backward: x must have a last dimension, got {}", x.str());
   const std::int64_t cols = x.dim(-1);
   const std::int64_t rows = x.numel() / std::max<std::int64_t>(cols, 1);
   check_shape(dx, x.shape(), op, "dx");
@@ -395,6 +458,7 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   check_same_device(logits, dlogits, op, "dlogits");
   check_shape(dlogits, logits.shape(), op, "dlogits");
   check_dtype(dlogits, logits.dtype(), op, "dlogits");
+  MT_CHECK(std::isfinite(dloss), "cross_entropy_backward: dloss must be finite, got {}", dloss);
   if (lse.numel() == 0) return;
   backend_of(logits).cross_entropy_backward(dlogits, logits, lse, targets, lse.numel(),
                                             logits.dim(-1), vocab, dloss);
@@ -419,9 +483,12 @@ void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, 
   MT_CHECK(p.step >= 1, "adamw_update: step is 1-based, got {}", p.step);
   MT_CHECK(p.beta1 >= 0 && p.beta1 < 1 && p.beta2 >= 0 && p.beta2 < 1,
            "adamw_update: betas must be in [0, 1), got ({}, {})", p.beta1, p.beta2);
-  MT_CHECK(p.eps > 0 && p.lr >= 0 && p.weight_decay >= 0,
-           "adamw_update: need eps > 0, lr >= 0, weight_decay >= 0; got eps {}, lr {}, wd {}",
-           p.eps, p.lr, p.weight_decay);
+  MT_CHECK(p.eps > 0 && p.lr >= 0 && p.weight_decay >= 0 && std::isfinite(p.eps) &&
+               std::isfinite(p.lr) && std::isfinite(p.weight_decay),
+           "adamw_update: need finite eps > 0, lr >= 0, weight_decay >= 0; got eps {}, lr {}, "
+           "wd {}", p.eps, p.lr, p.weight_decay);
+  MT_CHECK(std::isfinite(p.grad_scale), "adamw_update: grad_scale must be finite, got {}",
+           p.grad_scale);
   backend_of(master).adamw_update(param, master, grad, m, v, p);
 }
 
@@ -432,17 +499,24 @@ double sum_of_squares(const Tensor& x) {
   return backend_of(x).sum_of_squares(x);
 }
 
-double global_norm(std::span<const Tensor> tensors) {
+namespace {
+double norm_of(std::span<const Tensor> tensors, const char* op) {
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    MT_CHECK(tensors[i].defined(), "{}: tensor {} of {} is undefined", op, i, tensors.size());
+    MT_CHECK(is_floating(tensors[i].dtype()), "{}: tensor {} of {} is {}, expected a float dtype",
+             op, i, tensors.size(), tensors[i].str());
+  }
   double total = 0.0;
   for (const Tensor& t : tensors) total += sum_of_squares(t);
   return std::sqrt(total);
 }
+}  // namespace
+
+double global_norm(std::span<const Tensor> tensors) { return norm_of(tensors, "global_norm"); }
 
 double clip_grad_norm(std::span<Tensor> tensors, double max_norm) {
   MT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got {}", max_norm);
-  double total = 0.0;
-  for (const Tensor& t : tensors) total += sum_of_squares(t);
-  const double norm = std::sqrt(total);
+  const double norm = norm_of(tensors, "clip_grad_norm");
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
   // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6).
   const float alpha = static_cast<float>(max_norm / (norm + 1e-6));
