@@ -83,12 +83,17 @@ double measure_bf16_matmul_peak() {
 Trainer::Trainer(const TrainConfig& cfg)
     : cfg_(cfg), policy_(PrecisionPolicy::parse(cfg.precision)), model_cfg_(model_config(cfg)) {
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
-  std::error_code ec;
-  fs::create_directories(cfg_.run_dir, ec);
-  if (ec) throw IoError(fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
-
+  // The run directory is created once the data is known to be good (except for the built-in
+  // corpus, which is written there): bad input leaves nothing behind.
+  auto create_run_dir = [&] {
+    std::error_code ec;
+    fs::create_directories(cfg_.run_dir, ec);
+    if (ec)
+      throw IoError(fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
+  };
   std::vector<std::string> train = cfg_.train_files;
   if (train.empty()) {
+    create_run_dir();
     corpus_path_ = (fs::path(cfg_.run_dir) / "default_corpus.txt").string();
     std::ofstream(corpus_path_, std::ios::binary) << default_corpus();
     train.push_back(corpus_path_);
@@ -99,6 +104,7 @@ Trainer::Trainer(const TrainConfig& cfg)
            "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
            data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
            data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
+  create_run_dir();
 
   model_ = std::make_unique<models::GPT>(model_cfg_, policy_);
   model_->init_weights(cfg_.seed);
