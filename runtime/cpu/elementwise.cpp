@@ -54,8 +54,11 @@ void CpuBackend::gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) {
       const float u = kGeluScale * (v + kGeluCube * v * v * v);
       const float th = std::tanh(u);
       const float sech2 = 1.0f - th * th;
-      const float local = 0.5f * (1.0f + th) +
-                          0.5f * v * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCube * v * v);
+      // Where tanh saturates (|x| > ~5) sech^2 is 0 and the second term vanishes; computing
+      // it anyway gives 0 * inf = NaN once x^2 overflows (|x| > ~5e19).
+      const float slope =
+          sech2 > 0.0f ? 0.5f * v * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCube * v * v) : 0.0f;
+      const float local = 0.5f * (1.0f + th) + slope;
       g_in[i] = from_float<T>(local * to_float(g_out[i]));
     }
   });
@@ -102,6 +105,17 @@ double CpuBackend::sum_of_squares(const Tensor& x) {
         for (std::int64_t j = i; j < stop; ++j) {
           const float v = to_float(p[j]);
           run += v * v;
+        }
+        if (!std::isfinite(run)) {
+          // Squares beyond fp32's range (|x| > ~1.8e19) or a non-finite element: redo the run
+          // in fp64, which keeps the first finite and the second non-finite.
+          double exact = 0.0;
+          for (std::int64_t j = i; j < stop; ++j) {
+            const double v = to_float(p[j]);
+            exact += v * v;
+          }
+          acc += exact;
+          continue;
         }
         acc += run;
       }

@@ -422,6 +422,19 @@ class Elementwise(OpTest):
                     cases.append(Case("gelu_backward", f"{name}/alias_{alias}",
                                       {"x": x, "dy": dy}, {"alias": alias})
                                  .check("dx", dx, tol[dt]))
+            # Far tails, where x^3 overflows fp32 and tanh saturates: gelu is x or -0, its
+            # derivative 1 or 0; checked against each element's own magnitude.
+            big = {F32: [1e20, 3e38, 1e5, 60.0], BF16: [1e20, 3e38, 1e5, 60.0],
+                   F16: [6e4, 1e4, 300.0, 60.0]}[dt]
+            x = torch.tensor(big + [-v for v in big], dtype=torch.float64).to(dt)
+            x64 = x.double().requires_grad_()
+            y = torch.nn.functional.gelu(x64, approximate="tanh")
+            dy = torch.linspace(0.5, 2.0, x.numel(), dtype=torch.float64).to(dt)
+            (dx,) = torch.autograd.grad(y, x64, dy.double())
+            cases.append(Case("gelu_forward", f"{SHORT[dt]}/tails", {"x": x})
+                         .check("y", y.detach(), Tol(tol[dt].rel, 0)))
+            cases.append(Case("gelu_backward", f"{SHORT[dt]}/tails", {"x": x, "dy": dy})
+                         .check("dx", dx, Tol(tol[dt].rel, 0)))
         self.run_and_check(cases)
 
     def test_convert(self):
@@ -887,6 +900,12 @@ class Optimizer(OpTest):
                 name = f"{SHORT[dt]}/{'x'.join(map(str, shape))}"
                 x = randn(generator(name), shape, dt, 3.0)
                 cases.append(Case("sum_of_squares", name, {"x": x})
+                             .check("result", (x.double() ** 2).sum().item(), sum_tol))
+            if dt != F16:
+                # Finite elements whose squares overflow fp32 still have a finite sum in fp64.
+                x = randn(generator(f"{SHORT[dt]}/huge"), (3, 5, 36), dt)
+                x[0, 1, 2], x[2, 4, 35] = 1e20, -3e19
+                cases.append(Case("sum_of_squares", f"{SHORT[dt]}/huge", {"x": x})
                              .check("result", (x.double() ** 2).sum().item(), sum_tol))
             for bad in (math.inf, math.nan):
                 x = randn(generator(f"{SHORT[dt]}/{bad}"), (3, 5, 36), dt)
