@@ -13,10 +13,11 @@ case "$preset" in
 esac
 
 # Debian packages: build tools, the libraries we link, the PyTorch reference for the tests,
-# the default training corpus (fortunes) and what the multi-rank tests run with (openmpi-bin).
+# matplotlib for scripts/plot_metrics.py, the default training corpus (fortunes) and what the
+# multi-rank tests run with (openmpi-bin).
 packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
           libgtest-dev libdnnl-dev nlohmann-json3-dev libtomlplusplus-dev python3 python3-numpy python3-torch
-          fortunes fortunes-min)
+          python3-matplotlib fortunes fortunes-min)
 
 missing=()
 for p in "${packages[@]}"; do
