@@ -1,0 +1,288 @@
+// The TOML config: defaults, every type error, unknown keys and sections with file:line,
+// ranges, --set overrides, and the to_toml round trip.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <tuple>
+
+#include <gtest/gtest.h>
+
+#include "launch/config.hpp"
+#include "launch/trainer.hpp"
+#include "runtime/error.hpp"
+
+namespace meshtrain::launch {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Every field of TrainConfig, for comparisons. The structured binding names each member, so a
+// member added to TrainConfig stops this from compiling until it is added here too.
+auto fields(const TrainConfig& c) {
+  const auto& [model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
+               data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, seed,
+               lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2,
+               eps, grad_clip, max_bad_steps, threads, eval_every, eval_batches, sample_every,
+               sample_tokens, temperature, top_k, prompt, run_dir, log_every] = c;
+  return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
+                  data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
+                  seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay,
+                  beta1, beta2, eps, grad_clip, max_bad_steps, threads, eval_every, eval_batches,
+                  sample_every, sample_tokens, temperature, top_k, prompt, run_dir, log_every);
+}
+
+bool same(const TrainConfig& a, const TrainConfig& b) {
+  return fields(a) == fields(b);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("mt_config_" + std::to_string(::getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  // Writes a config file and returns its path.
+  std::string file(const std::string& text, const std::string& name = "job.toml") const {
+    const std::string p = (dir_ / name).string();
+    std::ofstream(p) << text;
+    return p;
+  }
+  // The error of loading `text` as a config file.
+  std::string file_error(const std::string& text) const {
+    const std::string p = file(text);
+    return error_of([&] { load_config(p, {}); });
+  }
+  std::string set_error(const std::string& override_text) const {
+    return error_of([&] { load_config("", {override_text}); });
+  }
+  fs::path dir_;
+};
+
+#define EXPECT_HAS(text, part) EXPECT_NE((text).find(part), std::string::npos) << (text)
+
+TEST_F(ConfigTest, EmptyPathGivesTheDefaults) {
+  EXPECT_TRUE(same(load_config("", {}), TrainConfig{}));
+  // An empty file and a file with empty sections are the defaults too.
+  EXPECT_TRUE(same(load_config(file(""), {}), TrainConfig{}));
+  EXPECT_TRUE(same(load_config(file("[model]\n[train]\n"), {}), TrainConfig{}));
+}
+
+TEST_F(ConfigTest, FileValuesOfEveryType) {
+  const TrainConfig c = load_config(file(R"([model]
+preset = "gpt-tiny"
+n_layer = 3
+[data]
+train = ["a.txt", "b/*.bin"]
+val = "v.txt"
+val_fraction = 0.25
+[train]
+lr = 3e-4
+weight_decay = 0       # an integer is a fine number
+seed = 9007199254740992
+[sample]
+prompt = "Once upon"
+)"),
+                                    {});
+  EXPECT_EQ(c.model_preset, "gpt-tiny");
+  EXPECT_EQ(c.n_layer, 3);
+  EXPECT_EQ(c.train_files, (std::vector<std::string>{"a.txt", "b/*.bin"}));
+  EXPECT_EQ(c.val_files, (std::vector<std::string>{"v.txt"}));  // a single string is a list of one
+  EXPECT_EQ(c.val_fraction, 0.25);
+  EXPECT_EQ(c.lr, 3e-4);
+  EXPECT_EQ(c.weight_decay, 0.0);
+  EXPECT_EQ(c.seed, 9007199254740992ull);
+  EXPECT_EQ(c.prompt, "Once upon");
+  EXPECT_EQ(c.steps, TrainConfig{}.steps);  // untouched keys keep their defaults
+}
+
+TEST_F(ConfigTest, EveryTypeErrorNamesKeyLineAndTypes) {
+  // integer keys
+  EXPECT_HAS(file_error("[train]\nsteps = \"ten\"\n"),
+             "job.toml:2: 'train.steps' must be an integer, got a string");
+  EXPECT_HAS(file_error("[train]\n\nsteps = 1.5\n"),
+             "job.toml:3: 'train.steps' must be an integer, got a floating-point number");
+  EXPECT_HAS(file_error("[train]\nsteps = true\n"),
+             "'train.steps' must be an integer, got a boolean");
+  EXPECT_HAS(file_error("[train]\nseed = [1]\n"), "'train.seed' must be an integer, got an array");
+  // number keys
+  EXPECT_HAS(file_error("[train]\nlr = \"fast\"\n"),
+             "job.toml:2: 'train.lr' must be a number, got a string");
+  EXPECT_HAS(file_error("[train]\nlr = false\n"), "'train.lr' must be a number, got a boolean");
+  EXPECT_HAS(file_error("[train]\nlr = 1979-05-27\n"),
+             "'train.lr' must be a number, got a date or time");
+  // string keys
+  EXPECT_HAS(file_error("[train]\nprecision = 16\n"),
+             "job.toml:2: 'train.precision' must be a string, got an integer");
+  EXPECT_HAS(file_error("[train]\nprecision = \"fp8\"\n"),
+             "'train.precision' = \"fp8\" is not one of: fp32, bf16, fp16");
+  // lists of strings
+  EXPECT_HAS(file_error("[data]\ntrain = 3\n"),
+             "job.toml:2: 'data.train' must be a list of strings, got an integer");
+  EXPECT_HAS(file_error("[data]\ntrain = [\"a\", 2]\n"),
+             "every entry of 'data.train' must be a string");
+  EXPECT_HAS(file_error("[data]\ntrain = {a = 1}\n"),
+             "'data.train' must be a list of strings, got a table");
+}
+
+TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
+  EXPECT_HAS(file_error("[train]\nsteps = 3\n\nlrr = 0.1\n"),
+             "job.toml:4: unknown key 'train.lrr'; keys of [train] are: steps, batch_size");
+  EXPECT_HAS(
+      file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
+      "job.toml:3: unknown section [optim]: expected model, data, train, eval, sample or run");
+  EXPECT_HAS(file_error("steps = 3\n"),
+             "job.toml:1: 'steps' must be a section ([steps]); top-level keys are not allowed");
+  // TOML syntax errors carry line and column.
+  EXPECT_HAS(file_error("[train]\nsteps = = 3\n"),
+             "config file " + (dir_ / "job.toml").string() + ":2:");
+  // A missing file is an I/O error naming it.
+  const std::string missing = (dir_ / "nope.toml").string();
+  try {
+    load_config(missing, {});
+    ADD_FAILURE() << "no error for a missing config file";
+  } catch (const IoError& e) {
+    EXPECT_HAS(std::string(e.what()), "cannot read config file '" + missing + "'");
+  }
+}
+
+TEST_F(ConfigTest, OutOfRangeValuesGiveTheRange) {
+  EXPECT_HAS(file_error("[train]\nsteps = 0\n"),
+             "job.toml:2: 'train.steps' = 0 is out of range: expected 1 to 2147483647");
+  EXPECT_HAS(file_error("[train]\nbatch_size = -4\n"), "'train.batch_size' = -4 is out of range");
+  EXPECT_HAS(file_error("[data]\nval_fraction = 0.9\n"),
+             "'data.val_fraction' = 0.9 is out of range: expected 0 to 0.5");
+  EXPECT_HAS(file_error("[train]\nlr = -1e-3\n"), "'train.lr' = -0.001 is out of range");
+  EXPECT_HAS(file_error("[train]\nlr = nan\n"), "'train.lr' = nan is out of range");
+  EXPECT_HAS(file_error("[train]\ngrad_clip = inf\n"), "'train.grad_clip' = inf is out of range");
+  EXPECT_HAS(file_error("[train]\nseed = -1\n"), "'train.seed' = -1 is out of range");
+  // The ends of a range are allowed.
+  EXPECT_EQ(load_config(file("[data]\nval_fraction = 0.5\n[train]\nsteps = 1\n"), {}).steps, 1);
+}
+
+TEST_F(ConfigTest, SetOverrides) {
+  const TrainConfig c =
+      load_config(file("[train]\nsteps = 10\nlr = 1e-3\n"),
+                  {"train.steps=20", "train.lr=3e-4", "data.train=corpus.txt",
+                   "sample.prompt=Hello world", "run.dir=\"runs/quoted\"",
+                   "data.val=[\"v1.txt\", \"v2.txt\"]", "train.precision=fp32", "train.steps=30"});
+  EXPECT_EQ(c.steps, 30);  // the later override wins, and overrides beat the file
+  EXPECT_EQ(c.lr, 3e-4);
+  EXPECT_EQ(c.train_files, (std::vector<std::string>{"corpus.txt"}));  // a bare word
+  EXPECT_EQ(c.prompt, "Hello world");                                  // bare, with a space
+  EXPECT_EQ(c.run_dir, "runs/quoted");                                 // TOML quotes removed
+  EXPECT_EQ(c.val_files, (std::vector<std::string>{"v1.txt", "v2.txt"}));
+  EXPECT_EQ(c.precision, "fp32");
+}
+
+TEST_F(ConfigTest, SetErrorsNameTheOverride) {
+  EXPECT_HAS(set_error("train.steps"), "--set 'train.steps': expected section.key=value");
+  EXPECT_HAS(set_error("=3"), "--set '=3': expected section.key=value");
+  EXPECT_HAS(set_error("steps=3"), "--set 'steps=3': the key must be section.key");
+  EXPECT_HAS(set_error("train.lrr=3"),
+             "--set 'train.lrr=3': unknown key 'train.lrr'; keys of [train] are:");
+  EXPECT_HAS(set_error("optim.lr=3"),
+             "--set 'optim.lr=3': unknown key 'optim.lr': unknown section");
+  EXPECT_HAS(set_error("train.steps=abc"), "--set train.steps: 'abc' is not a valid integer");
+  EXPECT_HAS(set_error("train.steps=2.5"), "--set train.steps: 'train.steps' must be an integer");
+  EXPECT_HAS(set_error("train.steps=0"), "--set train.steps: 'train.steps' = 0 is out of range");
+  EXPECT_HAS(set_error("train.lr=1e"), "--set train.lr: '1e' is not a valid number");
+  EXPECT_HAS(set_error("train.schedule=linear"),
+             "'train.schedule' = \"linear\" is not one of: cosine, constant, wsd");
+}
+
+// A config with a value other than the default in every key, and strings that need escaping.
+TrainConfig unusual_config() {
+  TrainConfig c;
+  c.model_preset = "gpt-tiny";
+  c.n_layer = 3;
+  c.n_head = 2;
+  c.n_embd = 96;
+  c.block_size = 48;
+  c.vocab = "bytes";
+  c.train_files = {"data/a \"quoted\".txt", "data/b\\c.bin", "données/ü.txt"};
+  c.val_files = {"val.txt"};
+  c.data_format = "text";
+  c.val_fraction = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
+  c.steps = 1234;
+  c.batch_size = 3;
+  c.seq_len = 40;
+  c.grad_accum = 4;
+  c.precision = "fp16";
+  c.seed = 9007199254740991ull;
+  c.lr = 6e-4;
+  c.min_lr_ratio = 1.0 / 3.0;
+  c.warmup_steps = 7;
+  c.schedule = "wsd";
+  c.decay_fraction = 0.125;
+  c.weight_decay = 0.0;
+  c.beta1 = 0.85;
+  c.beta2 = 0.999;
+  c.eps = 1e-30;
+  c.grad_clip = 2.0;
+  c.max_bad_steps = 9;
+  c.threads = 2;
+  c.eval_every = 11;
+  c.eval_batches = 13;
+  c.sample_every = 17;
+  c.sample_tokens = 19;
+  c.temperature = 0.0;
+  c.top_k = 0;
+  c.prompt = "line one\nline two\t\"tab\" \\ end";
+  c.run_dir = "runs/x y";
+  c.log_every = 23;
+  return c;
+}
+
+TEST_F(ConfigTest, ToTomlRoundTrips) {
+  for (const TrainConfig& c : {TrainConfig{}, unusual_config()}) {
+    const TrainConfig back = load_config(file(to_toml(c), "round.toml"), {});
+    EXPECT_TRUE(same(back, c)) << to_toml(c) << "\nread back as\n" << to_toml(back);
+    EXPECT_EQ(to_toml(back), to_toml(c));
+  }
+  // Every key of the table appears in the output exactly once.
+  const std::string text = to_toml(TrainConfig{});
+  for (const ConfigKeyInfo& k : config_keys()) {
+    const std::string name = k.key.substr(k.key.find('.') + 1);
+    EXPECT_HAS(text, "\n" + name + " = ");
+  }
+}
+
+TEST_F(ConfigTest, KeyTableDocumentsEveryKey) {
+  const auto keys = config_keys();
+  EXPECT_EQ(keys.size(), std::tuple_size_v<decltype(fields(TrainConfig{}))>);
+  for (const ConfigKeyInfo& k : keys) {
+    EXPECT_FALSE(k.help.empty()) << k.key;
+    EXPECT_FALSE(k.type.empty()) << k.key;
+  }
+}
+
+TEST_F(ConfigTest, ModelConfigChecksTheCombination) {
+  TrainConfig c;
+  c.model_preset = "gpt-tiny";  // block size 64
+  c.seq_len = 128;
+  EXPECT_HAS(error_of([&] { model_config(c); }),
+             "train.seq_len (128) exceeds the model's block size (64)");
+  c.seq_len = 64;
+  c.n_head = 5;
+  EXPECT_HAS(error_of([&] { model_config(c); }),
+             "model.n_embd (64) must be a multiple of model.n_head (5)");
+  c.n_head = 0;
+  EXPECT_EQ(model_config(c).vocab_size, 256);
+  c.vocab = "gpt2";
+  EXPECT_EQ(model_config(c).padded_vocab, 50304);
+}
+
+}  // namespace
+}  // namespace meshtrain::launch
