@@ -1,0 +1,256 @@
+// The Communicator: collectives on tensors across the ranks of a group.
+//
+// Structure (as c10d): a Communicator (the process group) validates arguments, numbers every
+// collective and keeps the outstanding ones; a Backend (MPI, loopback, NCCL) carries them out;
+// every collective returns a Work handle. This header compiles with a plain C++ compiler: no
+// vendor header is visible here.
+//
+// Contract for callers, as in MPI and NCCL: every rank of a group issues the same collectives in
+// the same order, with the same dtype and compatible shapes. Breaking it is a caller bug; with
+// MESHTRAIN_COMM_DEBUG=1 every collective first checks it across ranks and reports the first
+// mismatching rank (InvalidArgument on every rank).
+//
+// No silent hangs: a collective that has not completed `timeout_s` seconds after it was posted
+// fails with CommTimeout on every rank that waits for it, naming the operation, its sequence
+// number, the group and the ranks that never arrived. The communicator is unusable afterwards;
+// the caller ends the job with abort().
+//
+// Thread-safety: a Communicator and the Work handles it returned are used by one thread at a
+// time. Different communicators may be used from different threads where the backend allows it
+// (loopback: always; MPI: when the session was started with MPI_THREAD_MULTIPLE).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/dtype.hpp"
+#include "runtime/shape.hpp"
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::comm {
+
+enum class ReduceOp : std::uint8_t { kSum, kAvg, kMax, kMin };
+
+enum class OpType : std::uint8_t {
+  kAllreduce,
+  kReduceScatter,
+  kAllGather,
+  kBroadcast,
+  kBarrier,
+  kSplit,
+};
+
+// "sum", "avg", "max", "min".
+std::string_view reduce_op_name(ReduceOp op);
+// "allreduce", "reduce_scatter", "all_gather", "broadcast", "barrier", "split".
+std::string_view op_name(OpType op);
+
+// One collective as a rank called it: the signature compared across ranks in debug mode, the
+// description in every error message.
+struct Collective {
+  OpType op = OpType::kBarrier;
+  ReduceOp reduce = ReduceOp::kSum;  // allreduce and reduce_scatter
+  DType dtype = DType::kF32;
+  Shape in_shape;  // the input (broadcast: the buffer; barrier, split: empty)
+  std::int64_t out_numel = 0;
+  int root = 0;           // broadcast
+  int color = 0;          // split
+  int key = 0;            // split
+  std::uint64_t seq = 0;  // 1 for the group's first collective, then +1 per call
+
+  // "allreduce #7 (sum, bf16[1024])".
+  std::string str() const;
+  // Whether two ranks' calls are the same collective. Split colors and keys may differ.
+  bool same_call(const Collective& other) const;
+};
+
+// Given every rank's call for one sequence number (indexed by group rank), the message naming
+// the first rank whose call differs from rank 0's, or "" when all agree.
+std::string first_mismatch(const std::vector<Collective>& calls, std::string_view group);
+
+struct CommOptions {
+  // Seconds after posting before a collective fails with CommTimeout (MESHTRAIN_COMM_TIMEOUT).
+  double timeout_s = 600.0;
+  // Check every collective's signature across ranks first (MESHTRAIN_COMM_DEBUG).
+  bool debug = false;
+
+  // From the process settings (runtime/settings.hpp).
+  static CommOptions from_settings();
+  std::chrono::steady_clock::duration timeout() const;
+};
+
+// What a backend returns for one posted collective. Implementations keep the tensors alive until
+// the operation has completed.
+class WorkImpl {
+ public:
+  using Clock = std::chrono::steady_clock;
+  WorkImpl(Collective c, Clock::time_point deadline)
+      : collective_(std::move(c)), deadline_(deadline) {}
+  virtual ~WorkImpl() = default;
+  WorkImpl(const WorkImpl&) = delete;
+  WorkImpl& operator=(const WorkImpl&) = delete;
+
+  // Advances the operation without blocking; true once it is complete and its outputs are
+  // written. Throws the backend's error (MpiError, NcclError, InvalidArgument for a mismatch).
+  virtual bool progress() = 0;
+  // Blocks until progress() is true or `until` passes; false on the latter. The default polls.
+  virtual bool wait_until(Clock::time_point until);
+  // Called once the deadline has passed without completion: the CommTimeout message, naming the
+  // ranks that never arrived. May block for a short grace period to collect arrivals in flight.
+  virtual std::string describe_timeout() = 0;
+  // The collective could not be completed and its communicator is being abandoned (after a
+  // timeout): release what can be released without waiting. Never throws.
+  virtual void abandon() noexcept {}
+
+  const Collective& collective() const { return collective_; }
+  Clock::time_point deadline() const { return deadline_; }
+
+ private:
+  Collective collective_;
+  Clock::time_point deadline_;
+};
+
+namespace detail {
+struct GroupHealth;
+}
+
+// A handle to one posted collective. Copies share the operation. Dropping every handle does not
+// cancel it: the communicator keeps it until it completes (finalize() waits for it).
+class Work {
+ public:
+  Work() = default;
+  Work(std::shared_ptr<WorkImpl> impl, std::shared_ptr<detail::GroupHealth> health);
+
+  bool defined() const { return impl_ != nullptr; }
+  // Non-blocking: true once complete. Throws CommTimeout once the deadline has passed, and the
+  // backend's error if the collective failed.
+  bool test();
+  // Blocks until complete (the blocking convenience: comm.allreduce(t).wait()). Throws
+  // CommTimeout when the collective has not completed `timeout_s` after it was posted.
+  void wait();
+  const Collective& collective() const;
+
+ private:
+  friend class Communicator;
+  void fail_timeout();
+  std::shared_ptr<WorkImpl> impl_;
+  std::shared_ptr<detail::GroupHealth> health_;
+};
+
+// Waits for every handle in order (each with its own deadline).
+void wait_all(std::vector<Work>& works);
+
+// For backends: the CommTimeout message for `c` on a group. `missing` are the group ranks that
+// never arrived; `last_seen[i]` says what missing[i] last posted on this group ("" if unknown).
+// `world_ranks` are the group's members (their world ranks, by group rank).
+std::string timeout_message(const Collective& c, std::string_view kind, std::string_view group,
+                            int rank, const std::vector<int>& world_ranks, double timeout_s,
+                            const std::vector<int>& missing,
+                            const std::vector<std::string>& last_seen);
+
+// A vendor implementation. Called by Communicator with validated arguments: tensors defined,
+// dtypes and element counts consistent with the collective, sequence number assigned.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  Backend() = default;
+  Backend(const Backend&) = delete;
+  Backend& operator=(const Backend&) = delete;
+
+  // "mpi", "loopback", "nccl".
+  virtual std::string_view kind() const = 0;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // The group's name in messages: "world", "world/1" for color 1 of a split of world.
+  virtual const std::string& name() const = 0;
+  // The rank in the world group of each member, indexed by group rank.
+  virtual const std::vector<int>& world_ranks() const = 0;
+  // Whether tensors on `device` can be passed to this backend.
+  virtual bool accepts(const Device& device) const = 0;
+
+  // Starts the collective `c`. Allreduce: in and out have the same numel and may be the same
+  // tensor. Reduce-scatter: in has size() * out.numel() elements. All-gather: out has size() *
+  // in.numel() elements; in may be this rank's slice of out. Broadcast: in is out. Barrier: none.
+  virtual std::shared_ptr<WorkImpl> post(const Collective& c, const Tensor& in,
+                                         const Tensor& out) = 0;
+  // Collective: ranks with the same color >= 0 form a new group, ordered by (key, rank); a
+  // negative color returns nullptr. Blocks until every rank has called it (or CommTimeout).
+  virtual std::unique_ptr<Backend> split(const Collective& c) = 0;
+  // Releases the group after its work has completed. Collective in spirit; must not hang.
+  virtual void finalize() = 0;
+  // Ends the job (MPI, NCCL) or fails every pending and future collective of the world
+  // (loopback). Never throws.
+  virtual void abort(int code) noexcept = 0;
+  // The group could not be finalized cleanly (a collective timed out): release what can be
+  // released without waiting. Returns true when collectives may still be running in the vendor
+  // library, so that their buffers (and this backend) must be leaked rather than freed under
+  // it. Never throws.
+  virtual bool abandon() noexcept = 0;
+};
+
+class Communicator {
+ public:
+  // A split with a negative color yields a communicator that is not valid().
+  Communicator() = default;
+  Communicator(std::unique_ptr<Backend> backend, CommOptions options);
+  // Finalizes if still open (errors are logged, never thrown); a communicator that timed out is
+  // abandoned instead, since its peers may never complete.
+  ~Communicator();
+  Communicator(Communicator&&) noexcept;
+  Communicator& operator=(Communicator&&) noexcept;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  bool valid() const { return backend_ != nullptr; }
+  explicit operator bool() const { return valid(); }
+  int rank() const;
+  int size() const;
+  const std::string& name() const;
+  const CommOptions& options() const { return options_; }
+  // The sequence number the next collective will get.
+  std::uint64_t next_seq() const { return next_seq_; }
+  Backend& backend();
+
+  // Allreduce in place: every rank's `tensor` becomes the reduction over all ranks.
+  Work allreduce(const Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+  // Out of place: out = reduction of every rank's in (same numel and dtype; may be the same).
+  Work allreduce(const Tensor& in, const Tensor& out, ReduceOp op = ReduceOp::kSum);
+  // in holds size() equal chunks; rank r's out receives the reduction of chunk r.
+  Work reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op = ReduceOp::kSum);
+  // out holds size() equal chunks; chunk r is rank r's in. `in` may be this rank's chunk of out.
+  Work all_gather(const Tensor& in, const Tensor& out);
+  // Every rank's tensor becomes root's.
+  Work broadcast(const Tensor& tensor, int root);
+  Work barrier();
+
+  // Collective over this group: see Backend::split. Children inherit the options and are
+  // independent of the parent (either may be finalized first).
+  Communicator split(int color, int key);
+
+  // Waits for every outstanding collective of this communicator.
+  void wait_all();
+  // Waits for outstanding work, then releases the group. Every rank calls it. After a timeout
+  // it waits at most one more timeout for the late ranks, then abandons the group. Idempotent.
+  void finalize();
+  // Ends the job with a non-zero status (MPI, NCCL: MPI_Abort over the world); loopback fails
+  // every pending and future collective of its world instead. Never throws.
+  void abort(int code = 1) noexcept;
+
+ private:
+  Work post(Collective c, const Tensor& in, const Tensor& out);
+  void check_usable() const;
+  void prune();
+  void abandon_group() noexcept;
+
+  std::unique_ptr<Backend> backend_;
+  CommOptions options_;
+  std::uint64_t next_seq_ = 1;
+  std::vector<Work> outstanding_;
+  std::shared_ptr<detail::GroupHealth> health_;
+};
+
+}  // namespace meshtrain::comm
