@@ -1,0 +1,482 @@
+// The MPI backend.
+//
+// Asynchrony: MPI non-blocking collectives (MPI_Iallreduce, ...), not a progress thread. A
+// progress thread would need MPI_THREAD_MULTIPLE (slower locking inside MPI on every call, and
+// not provided by every build), or would have to own every MPI call of the process; and it
+// would take a core from the compute threads, which on a CPU rank are the whole machine. The
+// price is that MPI advances a collective only while this rank is inside MPI: Work::test(),
+// Work::wait() and every new collective advance all outstanding ones, which is where the DP
+// reducer calls in anyway (it tests its buckets between layers of backward).
+//
+// Every collective is first announced on the group's ArrivalBoard (comm/mpi/arrivals.hpp): the
+// side channel that names the ranks that never arrived when a collective times out, and that
+// carries the signatures compared in debug mode.
+
+#include "comm/mpi/mpi_backend.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <functional>
+#include <thread>
+
+#include "comm/mpi/arrivals.hpp"
+#include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/reduce16.hpp"
+#include "runtime/log.hpp"
+
+namespace meshtrain::comm::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+template <DType D, ReduceOp R>
+void user_op(void* in, void* inout, int* len, MPI_Datatype*) {
+  reduce16(D, R, in, inout, static_cast<std::size_t>(*len));
+}
+
+// A duplicate of `parent`, through MPI_Comm_idup so that a rank that never comes yields
+// CommTimeout instead of a hang.
+MPI_Comm dup_until(MPI_Comm parent, Clock::time_point deadline, const std::string& name) {
+  MPI_Comm out = MPI_COMM_NULL;
+  MPI_Request req = MPI_REQUEST_NULL;
+  MT_MPI_CHECK(MPI_Comm_idup(parent, &out, &req));
+  for (int flag = 0, spins = 0; !flag; ++spins) {
+    MT_MPI_CHECK(MPI_Test(&req, &flag, MPI_STATUS_IGNORE));
+    if (flag) break;
+    if (Clock::now() >= deadline) {
+      throw CommTimeout(
+          fmt::format("creating communicator '{}' (MPI_Comm_idup) did not complete "
+                      "in time: not every rank of the group is creating it [{}]",
+                      name, log::rank_label()));
+    }
+    if (spins > 64) std::this_thread::yield();
+  }
+  return out;
+}
+
+// Everything a group's operations share. Outlives the backend while works refer to it.
+struct MpiGroup {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0;
+  int size = 1;
+  std::string name;
+  std::vector<int> world_ranks;
+  CommOptions options;
+  MpiOptions mpi;
+  std::unique_ptr<ArrivalBoard> board;
+  MPI_Datatype type16[2] = {MPI_DATATYPE_NULL, MPI_DATATYPE_NULL};  // bf16, fp16
+  MPI_Op op16[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
+                       {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};  // [bf16, fp16][sum, max, min]
+  std::uint64_t last_seq = 0;
+  bool released = false;  // finalized or abandoned
+
+  static int index16(DType d) { return d == DType::kBF16 ? 0 : 1; }
+  static int index_op(ReduceOp r) {
+    return r == ReduceOp::kMax ? 1 : r == ReduceOp::kMin ? 2 : 0;  // avg reduces as sum
+  }
+
+  void create_types_and_ops() {
+    for (int d = 0; d < 2; ++d) {
+      MT_MPI_CHECK(MPI_Type_contiguous(1, MPI_UINT16_T, &type16[d]));
+      MT_MPI_CHECK(MPI_Type_set_name(type16[d], d == 0 ? "meshtrain_bf16" : "meshtrain_fp16"));
+      MT_MPI_CHECK(MPI_Type_commit(&type16[d]));
+    }
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kBF16, ReduceOp::kSum>, 1, &op16[0][0]));
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kBF16, ReduceOp::kMax>, 1, &op16[0][1]));
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kBF16, ReduceOp::kMin>, 1, &op16[0][2]));
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kF16, ReduceOp::kSum>, 1, &op16[1][0]));
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kF16, ReduceOp::kMax>, 1, &op16[1][1]));
+    MT_MPI_CHECK(MPI_Op_create(&user_op<DType::kF16, ReduceOp::kMin>, 1, &op16[1][2]));
+  }
+
+  void free_types_and_ops() {
+    for (auto& row : op16) {
+      for (MPI_Op& op : row) {
+        if (op != MPI_OP_NULL) MT_MPI_CHECK(MPI_Op_free(&op));
+      }
+    }
+    for (MPI_Datatype& t : type16) {
+      if (t != MPI_DATATYPE_NULL) MT_MPI_CHECK(MPI_Type_free(&t));
+    }
+  }
+
+  std::chrono::milliseconds grace() const {
+    // Announcements of the ranks that did arrive were sent when they arrived; the grace only
+    // covers ones still in flight at the moment of the timeout.
+    const double ms = std::clamp(options.timeout_s * 50.0, 20.0, 500.0);
+    return std::chrono::milliseconds(static_cast<int>(ms));
+  }
+
+  std::string describe_timeout(const Collective& c) {
+    std::vector<std::string> last;
+    std::vector<int> missing;
+    if (board) missing = board->missing(c.seq, grace(), &last);
+    return timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, missing, last);
+  }
+};
+
+class MpiWork final : public WorkImpl {
+ public:
+  MpiWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<MpiGroup> group)
+      : WorkImpl(c, deadline), group_(std::move(group)) {}
+
+  ~MpiWork() override {
+    if (request_ != MPI_REQUEST_NULL) {
+      // Only reachable when a communicator was abandoned; the buffers are leaked with it.
+      log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
+    }
+  }
+
+  bool progress() override {
+    if (done_) return true;
+    int flag = 0;
+    MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    if (!flag) return false;
+    if (finish_) finish_();
+    finish_ = nullptr;
+    keep_.clear();
+    done_ = true;
+    return true;
+  }
+
+  std::string describe_timeout() override { return group_->describe_timeout(collective()); }
+
+  MPI_Request* request() { return &request_; }
+  // Runs once, when the collective has completed (conversions back, avg division, copies back
+  // to the device).
+  void on_complete(std::function<void()> f) { finish_ = std::move(f); }
+  // Keeps buffers alive until completion.
+  void keep(const Tensor& t) { keep_.push_back(t); }
+
+ private:
+  std::shared_ptr<MpiGroup> group_;
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  std::function<void()> finish_;
+  std::vector<Tensor> keep_;
+  bool done_ = false;
+};
+
+int checked_count(std::int64_t n, const Collective& c) {
+  MT_CHECK(n <= INT_MAX,
+           "{}: {} elements exceed what one MPI call can carry ({}); split the "
+           "tensor",
+           c.str(), n, INT_MAX);
+  return static_cast<int>(n);
+}
+
+// A host buffer with the contents of `t` (t itself when it is in host memory).
+Tensor host_copy(const Tensor& t) {
+  if (t.is_cpu()) return t;
+  Tensor h = Tensor::empty(t.shape(), t.dtype(), cpu_device());
+  t.device().copy_to_host(h.data(), t.data(), t.nbytes());
+  return h;
+}
+
+// A host buffer to receive into for `t` (t itself when it is in host memory).
+Tensor host_target(const Tensor& t) {
+  return t.is_cpu() ? t : Tensor::empty(t.shape(), t.dtype(), cpu_device());
+}
+
+class MpiBackend final : public Backend {
+ public:
+  // Takes ownership of `comm` (a private duplicate or a split result).
+  MpiBackend(MPI_Comm comm, std::string name, const CommOptions& options, const MpiOptions& mpi)
+      : g_(std::make_shared<MpiGroup>()) {
+    MpiGroup& g = *g_;
+    g.comm = comm;
+    g.name = std::move(name);
+    g.options = options;
+    g.mpi = mpi;
+    MT_MPI_CHECK(MPI_Comm_set_errhandler(g.comm, MPI_ERRORS_RETURN));
+    MT_MPI_CHECK(MPI_Comm_rank(g.comm, &g.rank));
+    MT_MPI_CHECK(MPI_Comm_size(g.comm, &g.size));
+    MPI_Group mine = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+    MT_MPI_CHECK(MPI_Comm_group(g.comm, &mine));
+    MT_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
+    std::vector<int> ranks(g.size);
+    for (int r = 0; r < g.size; ++r) ranks[r] = r;
+    g.world_ranks.resize(g.size);
+    MT_MPI_CHECK(
+        MPI_Group_translate_ranks(mine, g.size, ranks.data(), world, g.world_ranks.data()));
+    MT_MPI_CHECK(MPI_Group_free(&mine));
+    MT_MPI_CHECK(MPI_Group_free(&world));
+    g.board =
+        std::make_unique<ArrivalBoard>(MPI_Comm_c2f(g.comm), Clock::now() + options.timeout());
+    g.create_types_and_ops();
+  }
+
+  ~MpiBackend() override {
+    if (g_->released) return;
+    try {
+      finalize();
+    } catch (const std::exception& e) {
+      log::error("MPI communicator '{}': release failed: {}", g_->name, e.what());
+    }
+  }
+
+  std::string_view kind() const override { return "mpi"; }
+  int rank() const override { return g_->rank; }
+  int size() const override { return g_->size; }
+  const std::string& name() const override { return g_->name; }
+  const std::vector<int>& world_ranks() const override { return g_->world_ranks; }
+  // Device tensors are staged through host memory.
+  bool accepts(const Device&) const override { return true; }
+
+  MPI_Comm comm() const { return g_->comm; }
+
+  std::shared_ptr<WorkImpl> post(const Collective& c, const Tensor& in,
+                                 const Tensor& out) override {
+    MpiGroup& g = *g_;
+    const auto deadline = Clock::now() + g.options.timeout();
+    g.board->announce(c);
+    g.last_seq = c.seq;
+    if (g.options.debug) check_signatures(c, deadline);
+    auto w = std::make_shared<MpiWork>(c, deadline, g_);
+    switch (c.op) {
+      case OpType::kAllreduce:
+        start_allreduce(*w, c, in, out);
+        break;
+      case OpType::kReduceScatter:
+        start_reduce_scatter(*w, c, in, out);
+        break;
+      case OpType::kAllGather:
+        start_all_gather(*w, c, in, out);
+        break;
+      case OpType::kBroadcast:
+        start_broadcast(*w, c, in);
+        break;
+      case OpType::kBarrier:
+        MT_MPI_CHECK(MPI_Ibarrier(g.comm, w->request()));
+        break;
+      case OpType::kSplit:
+        MT_ASSERT(false, "split is not posted");
+        break;
+    }
+    return w;
+  }
+
+  std::unique_ptr<Backend> split(const Collective& c) override {
+    MpiGroup& g = *g_;
+    const auto deadline = Clock::now() + g.options.timeout();
+    g.board->announce(c);
+    g.last_seq = c.seq;
+    // MPI_Comm_split blocks until every rank calls it: only call it once all have arrived, and
+    // only if they all called split (always checked: splits are rare and a mismatch would hang).
+    check_signatures(c, deadline);
+    MPI_Comm child = MPI_COMM_NULL;
+    MT_MPI_CHECK(MPI_Comm_split(g.comm, c.color >= 0 ? c.color : MPI_UNDEFINED, c.key, &child));
+    if (child == MPI_COMM_NULL) return nullptr;
+    return std::make_unique<MpiBackend>(child, fmt::format("{}/{}", g.name, c.color), g.options,
+                                        g.mpi);
+  }
+
+  void finalize() override {
+    MpiGroup& g = *g_;
+    if (g.released) return;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) {
+      g.released = true;
+      log::error(
+          "MPI communicator '{}' released after MPI_Finalize: it was leaked (finalize "
+          "communicators before the MpiSession)",
+          g.name);
+      return;
+    }
+    g.board->finalize(g.last_seq, Clock::now() + g.options.timeout());
+    g.free_types_and_ops();
+    MT_MPI_CHECK(MPI_Comm_free(&g.comm));
+    g.released = true;
+  }
+
+  bool abandon() noexcept override {
+    MpiGroup& g = *g_;
+    if (g.released) return true;
+    g.released = true;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return true;
+    // Collectives still posted on g.comm may complete later: the communicator, its types and
+    // its ops stay allocated for them.
+    g.board->abandon();
+    return true;
+  }
+
+  void abort(int code) noexcept override {
+    log::error("aborting the job from communicator '{}' (MPI_Abort, code {})", g_->name, code);
+    MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code);
+    // MPI_Abort does not return; if an MPI library does, the job must still end.
+    std::_Exit(code == 0 ? 1 : code);
+  }
+
+ private:
+  void check_signatures(const Collective& c, Clock::time_point deadline) {
+    MpiGroup& g = *g_;
+    auto calls = g.board->await_all(c, deadline);
+    if (!calls) throw CommTimeout(g.describe_timeout(c));
+    const std::string msg = first_mismatch(*calls, g.name);
+    if (!msg.empty()) throw InvalidArgument(msg);
+  }
+
+  // The MPI datatype and op for a reduction of `d` in the wire format, or false for fp16/bf16
+  // under Reduce16::kConvert.
+  bool wire_type(DType d, ReduceOp r, MPI_Datatype* type, MPI_Op* op) const {
+    const MpiGroup& g = *g_;
+    if (d == DType::kF32) {
+      *type = MPI_FLOAT;
+      *op = r == ReduceOp::kMax ? MPI_MAX : r == ReduceOp::kMin ? MPI_MIN : MPI_SUM;
+      return true;
+    }
+    if (g.mpi.reduce16 == Reduce16::kConvert) return false;
+    *type = g.type16[MpiGroup::index16(d)];
+    *op = g.op16[MpiGroup::index16(d)][MpiGroup::index_op(r)];
+    return true;
+  }
+
+  float avg_scale(ReduceOp r) const {
+    return r == ReduceOp::kAvg ? 1.0f / static_cast<float>(g_->size) : 1.0f;
+  }
+
+  // After the reduction into `hout` (host): divide for avg, copy back to the device of `out`.
+  std::function<void()> finisher(const Tensor& hout, const Tensor& out, ReduceOp r,
+                                 bool scale_hout) {
+    const float scale = avg_scale(r);
+    return [hout, out, scale, scale_hout] {
+      if (scale_hout && scale != 1.0f) {
+        scale_inplace(hout.dtype(), hout.data(), static_cast<std::size_t>(hout.numel()), scale);
+      }
+      if (hout.data() != out.data())
+        out.device().copy_from_host(out.data(), hout.data(), out.nbytes());
+    };
+  }
+
+  void start_allreduce(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {
+    MpiGroup& g = *g_;
+    const int n = checked_count(in.numel(), c);
+    const bool in_place = in.data() == out.data();
+    Tensor hin = host_copy(in);
+    Tensor hout = in_place ? hin : host_target(out);
+    w.keep(in);
+    w.keep(out);
+    w.keep(hin);
+    w.keep(hout);
+    MPI_Datatype type;
+    MPI_Op op;
+    if (wire_type(c.dtype, c.reduce, &type, &op)) {
+      const void* send = hin.data() == hout.data() ? MPI_IN_PLACE : hin.data();
+      w.on_complete(finisher(hout, out, c.reduce, true));
+      MT_MPI_CHECK(MPI_Iallreduce(send, hout.data(), n, type, op, g.comm, w.request()));
+      return;
+    }
+    // Convert-reduce-convert: fp32 on the wire, one rounding at the end.
+    Tensor wide_in = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
+    Tensor wide_out = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
+    widen16(c.dtype, hin.data(), wide_in.data_as<float>(), static_cast<std::size_t>(n));
+    w.keep(wide_in);
+    w.keep(wide_out);
+    const float scale = avg_scale(c.reduce);
+    auto back = finisher(hout, out, c.reduce, false);
+    w.on_complete([wide_out, hout, scale, back, dtype = c.dtype, n] {
+      narrow16(dtype, wide_out.data_as<float>(), hout.data(), static_cast<std::size_t>(n), scale);
+      back();
+    });
+    MPI_Op fop = c.reduce == ReduceOp::kMax   ? MPI_MAX
+                 : c.reduce == ReduceOp::kMin ? MPI_MIN
+                                              : MPI_SUM;
+    MT_MPI_CHECK(
+        MPI_Iallreduce(wide_in.data(), wide_out.data(), n, MPI_FLOAT, fop, g.comm, w.request()));
+  }
+
+  void start_reduce_scatter(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {
+    MpiGroup& g = *g_;
+    checked_count(in.numel(), c);
+    const int m = checked_count(out.numel(), c);
+    Tensor hin = host_copy(in);
+    Tensor hout = host_target(out);
+    w.keep(in);
+    w.keep(out);
+    w.keep(hin);
+    w.keep(hout);
+    MPI_Datatype type;
+    MPI_Op op;
+    if (wire_type(c.dtype, c.reduce, &type, &op)) {
+      w.on_complete(finisher(hout, out, c.reduce, true));
+      MT_MPI_CHECK(
+          MPI_Ireduce_scatter_block(hin.data(), hout.data(), m, type, op, g.comm, w.request()));
+      return;
+    }
+    Tensor wide_in = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
+    Tensor wide_out = Tensor::empty(Shape{out.numel()}, DType::kF32, cpu_device());
+    widen16(c.dtype, hin.data(), wide_in.data_as<float>(), static_cast<std::size_t>(in.numel()));
+    w.keep(wide_in);
+    w.keep(wide_out);
+    const float scale = avg_scale(c.reduce);
+    auto back = finisher(hout, out, c.reduce, false);
+    w.on_complete([wide_out, hout, scale, back, dtype = c.dtype, m] {
+      narrow16(dtype, wide_out.data_as<float>(), hout.data(), static_cast<std::size_t>(m), scale);
+      back();
+    });
+    MPI_Op fop = c.reduce == ReduceOp::kMax   ? MPI_MAX
+                 : c.reduce == ReduceOp::kMin ? MPI_MIN
+                                              : MPI_SUM;
+    MT_MPI_CHECK(MPI_Ireduce_scatter_block(wide_in.data(), wide_out.data(), m, MPI_FLOAT, fop,
+                                           g.comm, w.request()));
+  }
+
+  void start_all_gather(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {
+    MpiGroup& g = *g_;
+    const int bytes = checked_count(static_cast<std::int64_t>(in.nbytes()), c);
+    checked_count(static_cast<std::int64_t>(out.nbytes()), c);
+    w.keep(in);
+    w.keep(out);
+    if (in.is_cpu() && out.is_cpu()) {
+      const bool own_chunk =
+          in.data() == static_cast<const std::uint8_t*>(out.data()) + g.rank * in.nbytes();
+      const void* send = own_chunk ? MPI_IN_PLACE : in.data();
+      MT_MPI_CHECK(
+          MPI_Iallgather(send, bytes, MPI_BYTE, out.data(), bytes, MPI_BYTE, g.comm, w.request()));
+      return;
+    }
+    Tensor hin = host_copy(in);
+    Tensor hout = Tensor::empty(out.shape(), out.dtype(), cpu_device());
+    w.keep(hin);
+    w.keep(hout);
+    w.on_complete(
+        [hout, out] { out.device().copy_from_host(out.data(), hout.data(), out.nbytes()); });
+    MT_MPI_CHECK(MPI_Iallgather(hin.data(), bytes, MPI_BYTE, hout.data(), bytes, MPI_BYTE, g.comm,
+                                w.request()));
+  }
+
+  void start_broadcast(MpiWork& w, const Collective& c, const Tensor& t) {
+    MpiGroup& g = *g_;
+    const int bytes = checked_count(static_cast<std::int64_t>(t.nbytes()), c);
+    Tensor h = host_copy(t);
+    w.keep(t);
+    w.keep(h);
+    if (h.data() != t.data() && g.rank != c.root) {
+      w.on_complete([h, t] { t.device().copy_from_host(t.data(), h.data(), t.nbytes()); });
+    }
+    MT_MPI_CHECK(MPI_Ibcast(h.data(), bytes, MPI_BYTE, c.root, g.comm, w.request()));
+  }
+
+  std::shared_ptr<MpiGroup> g_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_mpi_backend(std::int32_t fortran_comm, std::string name,
+                                          const CommOptions& options, const MpiOptions& mpi) {
+  MPI_Comm dup = dup_until(MPI_Comm_f2c(fortran_comm), Clock::now() + options.timeout(), name);
+  return std::make_unique<MpiBackend>(dup, std::move(name), options, mpi);
+}
+
+std::int32_t mpi_fortran_handle(Communicator& comm) {
+  auto* b = dynamic_cast<MpiBackend*>(&comm.backend());
+  MT_CHECK(b != nullptr, "communicator '{}' is not MPI-backed (it is {})", comm.name(),
+           comm.backend().kind());
+  return static_cast<std::int32_t>(MPI_Comm_c2f(b->comm()));
+}
+
+}  // namespace meshtrain::comm::detail

@@ -1,0 +1,17 @@
+// The check macro every MPI call sits in. Needs no mpi.h: MPI_SUCCESS is 0 by the standard.
+// Internal to comm/.
+#pragma once
+
+#include "runtime/error.hpp"
+
+namespace meshtrain::comm::detail {
+// Throws MpiError naming the call, file:line, the rank and MPI's own description of `err`.
+[[noreturn]] void fail_mpi(int err, const char* call, const char* file, int line);
+}  // namespace meshtrain::comm::detail
+
+#define MT_MPI_CHECK(call)                                                         \
+  do {                                                                             \
+    const int mt_mpi_err_ = (call);                                                \
+    if (mt_mpi_err_ != 0) [[unlikely]]                                             \
+      ::meshtrain::comm::detail::fail_mpi(mt_mpi_err_, #call, __FILE__, __LINE__); \
+  } while (0)
