@@ -277,6 +277,12 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
     } catch (const toml::parse_error&) {
       as_toml = false;
     }
+    // For a string key, text that is not a TOML string (or, for a list, an array) is the string
+    // itself: "--set run.dir=2024" is the directory "2024", not an integer.
+    const bool string_key = k->kind == Kind::kString || k->kind == Kind::kStrings;
+    if (as_toml && string_key && !parsed.get("v")->is_string() &&
+        !(k->kind == Kind::kStrings && parsed.get("v")->is_array()))
+      as_toml = false;
     if (as_toml) {
       k->set(cfg, *parsed.get("v"), where);
     } else {

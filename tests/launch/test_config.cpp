@@ -184,6 +184,13 @@ TEST_F(ConfigTest, SetOverrides) {
   EXPECT_EQ(c.run_dir, "runs/quoted");                                 // TOML quotes removed
   EXPECT_EQ(c.val_files, (std::vector<std::string>{"v1.txt", "v2.txt"}));
   EXPECT_EQ(c.precision, "fp32");
+  // For string keys, text that reads as another TOML type is still the string.
+  const TrainConfig d =
+      load_config("", {"sample.prompt=1984", "run.dir=2024", "data.train=42", "data.val=true"});
+  EXPECT_EQ(d.prompt, "1984");
+  EXPECT_EQ(d.run_dir, "2024");
+  EXPECT_EQ(d.train_files, (std::vector<std::string>{"42"}));
+  EXPECT_EQ(d.val_files, (std::vector<std::string>{"true"}));
 }
 
 TEST_F(ConfigTest, SetErrorsNameTheOverride) {
@@ -198,6 +205,8 @@ TEST_F(ConfigTest, SetErrorsNameTheOverride) {
   EXPECT_HAS(set_error("train.steps=2.5"), "--set train.steps: 'train.steps' must be an integer");
   EXPECT_HAS(set_error("train.steps=0"), "--set train.steps: 'train.steps' = 0 is out of range");
   EXPECT_HAS(set_error("train.lr=1e"), "--set train.lr: '1e' is not a valid number");
+  EXPECT_HAS(set_error("train.precision=16"),
+             "'train.precision' = \"16\" is not one of: fp32, bf16, fp16");
   EXPECT_HAS(set_error("train.schedule=linear"),
              "'train.schedule' = \"linear\" is not one of: cosine, constant, wsd");
 }
