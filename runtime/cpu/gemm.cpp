@@ -349,13 +349,15 @@ void convert_span(void* dst, DType dst_type, const void* src, DType src_type, st
 }
 
 // dst[r, :cols] = src[r, :cols] for rows rows, converting dtypes; both row-major with their
-// own leading dimensions.
+// own leading dimensions. Called inside a parallel region, the region's threads share the
+// rows without waiting for each other at the end (the region's own end is the barrier), so
+// that several copies cost one fork and join.
 void copy_rows(void* dst, DType dst_type, std::int64_t ld_dst, const void* src, DType src_type,
                std::int64_t ld_src, std::int64_t rows, std::int64_t cols) {
   const std::size_t dsz = dtype_size(dst_type), ssz = dtype_size(src_type);
   auto* d = static_cast<std::byte*>(dst);
   const auto* s = static_cast<const std::byte*>(src);
-#pragma omp parallel for schedule(static) if (rows * cols > kParallelGrain)
+#pragma omp for schedule(static) nowait
   for (std::int64_t r = 0; r < rows; ++r) {
     convert_span(d + r * ld_dst * dsz, dst_type, s + r * ld_src * ssz, src_type,
                  static_cast<std::size_t>(cols));
@@ -365,21 +367,24 @@ void copy_rows(void* dst, DType dst_type, std::int64_t ld_dst, const void* src, 
 // The same problem on fp32 copies of every operand that is not fp32 already.
 void execute_via_f32(const Plan& plan, const Problem& p, const GemmArgs& g) {
   const Problem& q = plan.f32_problem;
-  const void* a = g.a;
-  const void* b = g.b;
-  if (p.ab_type != DType::kF32) {
-    void* a32 = scratch(kCopyA).get(sizeof(float) * p.a_rows() * p.a_cols());
-    copy_rows(a32, DType::kF32, q.lda, g.a, p.ab_type, p.lda, p.a_rows(), p.a_cols());
-    void* b32 = scratch(kCopyB).get(sizeof(float) * p.b_rows() * p.b_cols());
-    copy_rows(b32, DType::kF32, q.ldb, g.b, p.ab_type, p.ldb, p.b_rows(), p.b_cols());
-    a = a32;
-    b = b32;
+  const bool convert_ab = p.ab_type != DType::kF32;
+  const bool convert_c = p.c_type != DType::kF32;
+  // The buffers are the calling thread's: look them up before any parallel region.
+  void* a32 = convert_ab ? scratch(kCopyA).get(sizeof(float) * p.a_rows() * p.a_cols()) : nullptr;
+  void* b32 = convert_ab ? scratch(kCopyB).get(sizeof(float) * p.b_rows() * p.b_cols()) : nullptr;
+  void* c = convert_c ? scratch(kCopyC).get(sizeof(float) * p.m * p.n) : g.c;
+  const std::int64_t copied =
+      (convert_ab ? p.m * p.k + p.k * p.n : 0) + (convert_c && p.beta_one ? p.m * p.n : 0);
+#pragma omp parallel if (copied > kParallelGrain)
+  {
+    if (convert_ab) {
+      copy_rows(a32, DType::kF32, q.lda, g.a, p.ab_type, p.lda, p.a_rows(), p.a_cols());
+      copy_rows(b32, DType::kF32, q.ldb, g.b, p.ab_type, p.ldb, p.b_rows(), p.b_cols());
+    }
+    if (convert_c && p.beta_one) copy_rows(c, DType::kF32, q.ldc, g.c, p.c_type, p.ldc, p.m, p.n);
   }
-  void* c = g.c;
-  if (p.c_type != DType::kF32) {
-    c = scratch(kCopyC).get(sizeof(float) * p.m * p.n);
-    if (p.beta_one) copy_rows(c, DType::kF32, q.ldc, g.c, p.c_type, p.ldc, p.m, p.n);
-  }
+  const void* a = convert_ab ? a32 : g.a;
+  const void* b = convert_ab ? b32 : g.b;
   const void* bias = g.bias;
   if (p.has_bias && p.bias_type != DType::kF32) {
     void* bias32 = scratch(kCopyBias).get(sizeof(float) * p.n);
@@ -387,7 +392,10 @@ void execute_via_f32(const Plan& plan, const Problem& p, const GemmArgs& g) {
     bias = bias32;
   }
   execute_native(*plan.f32, q, a, b, c, bias);
-  if (c != g.c) copy_rows(g.c, p.c_type, p.ldc, c, DType::kF32, q.ldc, p.m, p.n);
+  if (convert_c) {
+#pragma omp parallel if (p.m * p.n > kParallelGrain)
+    copy_rows(g.c, p.c_type, p.ldc, c, DType::kF32, q.ldc, p.m, p.n);
+  }
 }
 
 // K = 0: the product is empty, so C = alpha * bias + beta * C. oneDNN 2.6 divides by zero
