@@ -1,7 +1,7 @@
 // op_runner: runs single meshtrain ops on cases written by the PyTorch conformance suite
 // (tests/runtime/test_ops_torch.py) and writes what they produced.
 //
-//   op_runner --device cpu --in CASE_DIR --out RESULT_DIR
+//   op_runner --device cpu [--threads N] --in CASE_DIR --out RESULT_DIR
 //
 // Every CASE_DIR/*.safetensors is one case: its metadata names the op ("op") and the op's
 // scalar arguments; its tensors are the op's inputs, by argument name, plus the initial
@@ -11,7 +11,9 @@
 // writes (rather than accumulates into) start as NaN, so that an element the op forgets to
 // write cannot pass.
 //
-// The device is a parameter so that every backend built runs the same cases.
+// The device is a parameter so that every backend built runs the same cases. --threads sets
+// the CPU backend's OpenMP thread count (default: OpenMP's), so that results can be compared
+// across thread counts.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/safetensors.hpp"
 
@@ -346,21 +349,25 @@ Result run_case(const std::string& path, Device& device) {
 
 int run(int argc, char** argv) {
   std::string device_name = "cpu", in_dir, out_dir;
+  int threads = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     MT_CHECK(i + 1 < argc, "op_runner: option {} needs a value", arg);
     if (arg == "--device")
       device_name = argv[++i];
+    else if (arg == "--threads")
+      threads = std::stoi(argv[++i]);
     else if (arg == "--in")
       in_dir = argv[++i];
     else if (arg == "--out")
       out_dir = argv[++i];
     else
-      MT_FAIL("op_runner: unknown option '{}' (expected --device, --in, --out)", arg);
+      MT_FAIL("op_runner: unknown option '{}' (expected --device, --threads, --in, --out)", arg);
   }
   MT_CHECK(!in_dir.empty() && !out_dir.empty(),
-           "usage: op_runner --device cpu --in CASE_DIR --out RESULT_DIR");
+           "usage: op_runner --device cpu [--threads N] --in CASE_DIR --out RESULT_DIR");
   Device& device = device_named(device_name);
+  if (threads > 0) cpu::set_num_threads(threads);
   std::vector<fs::path> cases;
   for (const auto& entry : fs::directory_iterator(in_dir))
     if (entry.path().extension() == ".safetensors") cases.push_back(entry.path());

@@ -192,7 +192,7 @@ def compare(case, label, got, want, tol, scale):
             f"{a:.3g} ({tol!r}, scale {s:.3g})"), worst
 
 
-def run_cases(cases):
+def run_cases(cases, threads=None):
     """Runs every case through one op_runner process; returns [(tensors, metadata)]."""
     with tempfile.TemporaryDirectory(prefix="meshtrain_ops_") as tmp:
         in_dir, out_dir = os.path.join(tmp, "in"), os.path.join(tmp, "out")
@@ -200,8 +200,10 @@ def run_cases(cases):
         for i, c in enumerate(cases):
             write_safetensors(os.path.join(in_dir, f"{i:04d}.safetensors"), c.inputs,
                               {"op": c.op, "case": c.name, **c.meta})
-        proc = subprocess.run([OPTIONS.runner, "--device", OPTIONS.device, "--in", in_dir,
-                               "--out", out_dir], capture_output=True, text=True, timeout=550)
+        command = [OPTIONS.runner, "--device", OPTIONS.device, "--in", in_dir, "--out", out_dir]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=550)
         if proc.returncode != 0:
             raise RuntimeError(f"op_runner failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return [read_safetensors(os.path.join(out_dir, f"{i:04d}.safetensors"))
@@ -941,6 +943,64 @@ class Optimizer(OpTest):
             case.exact(f"t{i}", t)
         cases.append(case)
         self.run_and_check(cases)
+
+
+class ThreadCount(unittest.TestCase):
+    """The CPU kernels cut their work into chunks that do not depend on the thread count and
+    reduce in chunk order (runtime/cpu/parallel.hpp), so 1 and 3 threads give the same bits.
+    matmul (oneDNN) and attention make no such promise and are not checked here."""
+
+    def test_results_do_not_depend_on_thread_count(self):
+        if OPTIONS.device != "cpu":
+            self.skipTest("thread counts apply to the CPU backend")
+        g = generator("threads")
+        x = randn(g, (4, 64, 130), BF16)
+        tokens = torch.randint(0, 50, (4, 64), generator=g, dtype=I32)
+        logits = randn(g, (15, 50304), F32, 2.0)
+        targets = torch.randint(0, 50257, (15,), generator=g, dtype=I32)
+        cases = [
+            Case("add", "", {"a": x, "b": randn(g, x.shape, BF16)}),
+            Case("gelu_backward", "", {"x": x, "dy": randn(g, x.shape, BF16)}),
+            Case("convert", "", {"src": randn(g, (70000,), F32)}, {"dtype": "bf16"}),
+            Case("scale_", "", {"x": randn(g, (100003,), F16)}, {"alpha": "0.37"}),
+            Case("bias_backward", "", {"dy": randn(g, (1000, 50), BF16),
+                                       "dbias": randn(g, (50,), F32)}),
+            Case("layernorm_forward", "", {"x": x, "weight": randn(g, (130,), BF16),
+                                           "bias": randn(g, (130,), BF16)}, {"eps": "1e-5"}),
+            Case("layernorm_backward", "", {
+                "x": x, "dy": randn(g, x.shape, BF16), "weight": randn(g, (130,), BF16),
+                "mean": randn(g, (4, 64), F32), "rstd": randn(g, (4, 64), F32, 0.1, 1.0),
+                "dweight": randn(g, (130,), F32), "dbias": randn(g, (130,), F32)}),
+            Case("embedding_forward", "", {"tokens": tokens, "wte": randn(g, (50, 130), BF16),
+                                           "wpe": randn(g, (64, 130), BF16)}),
+            Case("embedding_backward", "", {"tokens": tokens, "dout": x,
+                                            "dwte": randn(g, (50, 130), F32),
+                                            "dwpe": randn(g, (64, 130), F32)}),
+            Case("cross_entropy_forward", "", {"logits": logits, "targets": targets},
+                 {"vocab": 50257}),
+            Case("cross_entropy_backward", "", {"logits": logits, "targets": targets,
+                                                "lse": randn(g, (15,), F32, 1.0, 11.0)},
+                 {"vocab": 50257, "dloss": "0.1"}),
+            Case("adamw_update", "", {"master": randn(g, (50003,), F32),
+                                      "m": randn(g, (50003,), F32, 0.01),
+                                      "v": randn(g, (50003,), F32, 0.01) ** 2,
+                                      "grads": randn(g, (2, 50003), F32),
+                                      "param": randn(g, (50003,), BF16)},
+                 {"lr": "1e-3", "beta1": "0.9", "beta2": "0.95", "eps": "1e-8",
+                  "weight_decay": "0.1", "grad_scale": "1", "first_step": 3}),
+            Case("sum_of_squares", "", {"x": randn(g, (100003,), BF16)}),
+        ]
+        one, three = run_cases(cases, threads=1), run_cases(cases, threads=3)
+        for case, (t1, m1), (t3, m3) in zip(cases, one, three):
+            with self.subTest(op=case.op):
+                self.assertNotIn("error", m1)
+                self.assertEqual(m1, m3, f"{case.op}: scalar results differ")
+                self.assertEqual(sorted(t1), sorted(t3))
+                for name in t1:
+                    msg, _ = compare(case, f"{name} with 3 threads vs 1", t3[name], t1[name],
+                                     EXACT, None)
+                    if msg:
+                        self.fail(msg)
 
 
 def print_stats():
