@@ -1,14 +1,576 @@
-// PLACEHOLDER: replaced by the flash-attention implementation.
+// Causal multi-head attention on the CPU in the flash-attention formulation: scores exist only
+// as a bounded per-thread block, the softmax is computed online in fp32, and backward
+// recomputes the probabilities from the saved log-sum-exp instead of keeping [B, H, T, T].
+//
+// Layout: qkv rows hold 3C elements; head h of batch b reads q, k, v at columns h*D, C + h*D,
+// 2C + h*D with leading dimension 3C, so every GEMM addresses the head in place, without
+// copies. out, dout (and the q/k/v parts of dqkv) use leading dimensions C (and 3C).
+//
+// Forward, per (b, h, block of kQueryRows queries), over key chunks of at most kKeyChunk keys
+// that stop at the block's last query (chunks wholly above the causal diagonal are never formed):
+//   S = Q K^T / sqrt(D)                                  GEMM, fp32 out
+//   m' = max(m, rowmax S);  P = exp(S - m');  l = l e^(m - m') + rowsum P
+//   O = O e^(m - m') + P V                               P in the operand dtype, fp32 acc
+// and finally out = O / l, lse = m + log l.
+//
+// Backward works on transposed scores, so that lse and delta index columns and vectorise:
+// per (b, h) and key block of kKeyRows keys, over query chunks (aligned to kQueryChunk) that
+// start at the block's first key,
+//   S^T = K Q^T / sqrt(D);  P^T = exp(S^T - lse);  dP^T = V dO^T
+//   dS^T = P^T o (dP^T - delta),  delta_i = rowsum(dO o O)_i
+//   dV += P^T dO;  dK += dS^T Q / sqrt(D);  dQ += dS K / sqrt(D)
+// P^T and dS^T are rounded to the operand dtype for their GEMMs, as on GPUs. dK and dV of a key
+// block are final when its query chunks are done; dQ gathers over key blocks in increasing order
+// in an fp32 [T, D] buffer per thread (fp32 tensors accumulate in dqkv itself). Every sum runs
+// in a fixed order inside one task, so results do not depend on the thread count.
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// GCC 12's AVX-512 headers start from _mm512_undefined_*(), which -Wmaybe-uninitialized takes
+// for a read of an uninitialised value once inlined (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define MT_ATTENTION_AVX512 1
+#else
+#define MT_ATTENTION_AVX512 0
+#endif
+
 #include "runtime/cpu/cpu_backend.hpp"
+#include "runtime/cpu/gemm.hpp"
+#include "runtime/cpu/parallel.hpp"
+#include "runtime/cpu/threads.hpp"
 
 namespace meshtrain::cpu {
+namespace {
 
-void CpuBackend::attention_forward(Tensor&, Tensor&, const Tensor&, int, int, int, int) {
-  MT_FAIL("attention_forward: not implemented yet");
+// Forward tiles: kQueryRows is the M of both GEMMs and the unit of parallel work; kKeyChunk
+// bounds the score block (kQueryRows x kKeyChunk fp32 per thread). Sequences up to kKeyChunk
+// need one chunk per query block and so no online rescaling at all.
+constexpr int kQueryRows = 64;
+constexpr int kKeyChunk = 256;
+// Backward tiles: key blocks of kKeyRows against query chunks of at most kQueryChunk queries.
+// Chunks are aligned to multiples of kQueryChunk (the first one of a key block starts at its
+// first key), which lets the dQ-only pass below reproduce the single pass bit for bit.
+constexpr int kKeyRows = 64;
+constexpr int kQueryChunk = 256;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Dims {
+  int batch, seq, n_head, head_size;
+  std::int64_t channels() const { return static_cast<std::int64_t>(n_head) * head_size; }
+  std::int64_t qkv_ld() const { return 3 * channels(); }
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(head_size)); }
+};
+
+// C (fp32) = alpha * op(A) op(B) + beta * C, with A and B in the attention's dtype.
+void gemm_f32(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+              const void* a, std::int64_t lda, const void* b, std::int64_t ldb, DType type,
+              float* c, std::int64_t ldc, float alpha, float beta) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.a_type = type;
+  g.lda = lda;
+  g.b = b;
+  g.b_type = type;
+  g.ldb = ldb;
+  g.c = c;
+  g.c_type = DType::kF32;
+  g.ldc = ldc;
+  g.alpha = alpha;
+  g.beta = beta;
+  gemm(g);
 }
-void CpuBackend::attention_backward(Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                    const Tensor&, int, int, int, int) {
-  MT_FAIL("attention_backward: not implemented yet");
+
+// ---- row kernels: the O(T^2) elementwise work, vectorised ---------------------------------
+
+#if MT_ATTENTION_AVX512
+// The first n lanes (none for n <= 0, all for n >= 16).
+inline __mmask16 lanes_below(int n) {
+  if (n <= 0) return 0;
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// exp(x) as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that r is
+// exact), exp(r) by a degree-7 minimax polynomial, 2^n by scalef. Within 2 ulp of exp; inputs
+// below -104 give 0 (exp underflows there), as softmax wants for masked or tiny scores.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const f16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+inline void store16(bf16* p, __m512 v, __mmask16 m) {
+#if defined(__AVX512BF16__)
+  const __m256i h = std::bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  // Round to nearest even as float_to_bf16 does; scores and probabilities are never NaN here.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+#endif
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+inline void store16(f16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// The largest of x[0, n); -inf when n is 0.
+inline float row_max(const float* x, int n) {
+#if MT_ATTENTION_AVX512
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int j = 0; j < n; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lanes_below(n - j), x + j));
+  return _mm512_reduce_max_ps(mx);
+#else
+  float mx = kNegInf;
+  for (int j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+#endif
+}
+
+// p[j] = exp(x[j] - sub) for j < valid and 0 for valid <= j < n, stored in the operand dtype.
+// Returns the fp32 sum of the exponentials. p may alias x (fp32).
+template <typename T>
+float softmax_row(const float* x, float sub, int valid, int n, T* p) {
+#if MT_ATTENTION_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 vsub = _mm512_set1_ps(sub);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = lanes_below(valid - j);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(load16(x + j, live), vsub)));
+    sum = _mm512_add_ps(sum, e);
+    store16(p + j, e, lanes_below(n - j));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const float e = j < valid ? std::exp(x[j] - sub) : 0.0f;
+    sum += e;
+    p[j] = from_float<T>(e);
+  }
+  return sum;
+#endif
+}
+
+// One row of a transposed score block (key k against queries c of the chunk): for c >= c0,
+// p = exp(s[c] - lse[c]) and ds = p (dp[c] - delta[c]); for c < c0 (queries before the key)
+// both are 0. p may alias s and ds may alias dp (fp32).
+template <typename T>
+void grad_row(const float* s, const float* dp, const float* lse, const float* delta, int c0, int n,
+              T* p, T* ds) {
+#if MT_ATTENTION_AVX512
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 tail = lanes_below(n - c);
+    const __mmask16 live = static_cast<__mmask16>(tail & ~lanes_below(std::max(c0 - c, 0)));
+    const __m512 e = exp512(_mm512_sub_ps(load16(s + c, live), load16(lse + c, live)));
+    const __m512 pv = _mm512_maskz_mov_ps(live, e);
+    const __m512 dv =
+        _mm512_mul_ps(pv, _mm512_sub_ps(load16(dp + c, live), load16(delta + c, live)));
+    store16(p + c, pv, tail);
+    store16(ds + c, dv, tail);
+  }
+#else
+  for (int c = 0; c < n; ++c) {
+    const float pv = c >= c0 ? std::exp(s[c] - lse[c]) : 0.0f;
+    const float dv = c >= c0 ? pv * (dp[c] - delta[c]) : 0.0f;
+    p[c] = from_float<T>(pv);
+    ds[c] = from_float<T>(dv);
+  }
+#endif
+}
+
+// dst[j] = src[j] * mul in the operand dtype.
+template <typename T>
+void store_row(T* dst, const float* src, int n, float mul) {
+#if MT_ATTENTION_AVX512
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes_below(n - j);
+    store16(dst + j, _mm512_mul_ps(load16(src + j, m), vm), m);
+  }
+#else
+  for (int j = 0; j < n; ++j) dst[j] = from_float<T>(src[j] * mul);
+#endif
+}
+
+// Sum of a[j] * b[j] in fp32.
+template <typename T>
+float dot_row(const T* a, const T* b, int n) {
+#if MT_ATTENTION_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes_below(n - j);
+    acc = _mm512_fmadd_ps(load16(a + j, m), load16(b + j, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.0f;
+  for (int j = 0; j < n; ++j) acc += to_float(a[j]) * to_float(b[j]);
+  return acc;
+#endif
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+// Per-thread forward scratch. probs is the P operand of P V; fp32 reuses scores in place.
+template <typename T>
+struct ForwardScratch {
+  static constexpr std::size_t kBlock = static_cast<std::size_t>(kQueryRows) * kKeyChunk;
+
+  explicit ForwardScratch(int head_size)
+      : scores(kBlock),
+        probs(std::is_same_v<T, float> ? 0 : kBlock),
+        acc(static_cast<std::size_t>(kQueryRows) * head_size),
+        row_max(kQueryRows),
+        row_sum(kQueryRows) {}
+
+  T* p() {
+    if constexpr (std::is_same_v<T, float>)
+      return scores.data();
+    else
+      return probs.data();
+  }
+
+  std::vector<float> scores;
+  std::vector<T> probs;
+  std::vector<float> acc, row_max, row_sum;
+};
+
+template <typename T>
+void forward_block(const Dims& d, const T* qkv, T* out, float* lse, int b, int h, int q0,
+                   ForwardScratch<T>& s) {
+  const int hd = d.head_size;
+  const std::int64_t ld = d.qkv_ld(), c = d.channels();
+  const int rows = std::min(kQueryRows, d.seq - q0);
+  const int q_end = q0 + rows;
+  const T* head =
+      qkv + static_cast<std::int64_t>(b) * d.seq * ld + static_cast<std::int64_t>(h) * hd;
+  const T* q = head + q0 * ld;
+  const T* k = head + c;
+  const T* v = head + 2 * c;
+  float* m = s.row_max.data();
+  float* l = s.row_sum.data();
+  float* acc = s.acc.data();
+  T* p = s.p();
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.0f);
+  for (int k0 = 0; k0 < q_end; k0 += kKeyChunk) {
+    const int n = std::min(kKeyChunk, q_end - k0);
+    gemm_f32(false, true, rows, n, hd, q, ld, k + k0 * ld, ld, DTypeOf<T>::value, s.scores.data(),
+             kKeyChunk, d.scale(), 0.0f);
+    for (int r = 0; r < rows; ++r) {
+      // Keys k0 .. q of this chunk are visible to query q = q0 + r.
+      const int valid = std::clamp(q0 + r - k0 + 1, 0, n);
+      const float* srow = s.scores.data() + static_cast<std::int64_t>(r) * kKeyChunk;
+      // Finite: the first chunk always holds key 0, which every query sees.
+      const float m_new = std::max(m[r], row_max(srow, valid));
+      const float corr = std::exp(m[r] - m_new);  // 0 on the first chunk (m = -inf)
+      l[r] = l[r] * corr +
+             softmax_row(srow, m_new, valid, n, p + static_cast<std::int64_t>(r) * kKeyChunk);
+      if (k0 > 0 && corr != 1.0f) {
+        float* arow = acc + static_cast<std::int64_t>(r) * hd;
+        for (int j = 0; j < hd; ++j) arow[j] *= corr;
+      }
+      m[r] = m_new;
+    }
+    gemm_f32(false, false, rows, hd, n, p, kKeyChunk, v + k0 * ld, ld, DTypeOf<T>::value, acc, hd,
+             1.0f, k0 == 0 ? 0.0f : 1.0f);
+  }
+  T* o = out + (static_cast<std::int64_t>(b) * d.seq + q0) * c + static_cast<std::int64_t>(h) * hd;
+  float* lse_row = lse + (static_cast<std::int64_t>(b) * d.n_head + h) * d.seq + q0;
+  for (int r = 0; r < rows; ++r) {
+    store_row(o + r * c, acc + static_cast<std::int64_t>(r) * hd, hd, 1.0f / l[r]);
+    lse_row[r] = m[r] + std::log(l[r]);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+// Everything one backward task reads and writes, with the per-thread scratch.
+template <typename T>
+struct BackwardTask {
+  const Dims& d;
+  const T* qkv;
+  const T* dout;
+  const float* lse;    // [B, H, T]
+  const float* delta;  // [B, H, T]: rowsum(dO o O)
+  T* dqkv;
+  // Scratch: transposed scores and their gradients (kKeyRows x kQueryChunk), the 16-bit
+  // operands made from them (fp32 uses the fp32 blocks in place), dK and dV of one key block,
+  // and the dQ rows this task gathers (fp32 dtype writes all three straight into dqkv).
+  std::vector<float> st, dpt;
+  std::vector<T> pt, dst;
+  std::vector<float> dk, dv, dq;
+
+  static constexpr bool kDirect = std::is_same_v<T, float>;
+  static constexpr std::size_t kBlock = static_cast<std::size_t>(kKeyRows) * kQueryChunk;
+
+  BackwardTask(const Dims& dims, const T* qkv_, const T* dout_, const float* lse_,
+               const float* delta_, T* dqkv_, int dq_rows)
+      : d(dims),
+        qkv(qkv_),
+        dout(dout_),
+        lse(lse_),
+        delta(delta_),
+        dqkv(dqkv_),
+        st(kBlock),
+        dpt(kBlock),
+        pt(kDirect ? 0 : kBlock),
+        dst(kDirect ? 0 : kBlock),
+        dk(kDirect ? 0 : static_cast<std::size_t>(kKeyRows) * dims.head_size),
+        dv(kDirect ? 0 : static_cast<std::size_t>(kKeyRows) * dims.head_size),
+        dq(kDirect ? 0 : static_cast<std::size_t>(dq_rows) * dims.head_size) {}
+
+  std::int64_t row(int b, int t) const { return static_cast<std::int64_t>(b) * d.seq + t; }
+  // Element (b, t) of part (0 q, 1 k, 2 v) of head h in a [B, T, 3C] tensor.
+  std::int64_t qkv_at(int b, int h, int t, int part) const {
+    return row(b, t) * d.qkv_ld() + part * d.channels() +
+           static_cast<std::int64_t>(h) * d.head_size;
+  }
+  T* p_op() {
+    if constexpr (kDirect)
+      return st.data();
+    else
+      return pt.data();
+  }
+  T* ds_op() {
+    if constexpr (kDirect)
+      return dpt.data();
+    else
+      return dst.data();
+  }
+
+  // P^T and dS^T of keys [k0, k0 + kc) against queries [qs, qs + nq), qs >= k0, into p_op()
+  // and ds_op() (leading dimension kQueryChunk).
+  void grads(int b, int h, int k0, int kc, int qs, int nq) {
+    const std::int64_t ld = d.qkv_ld(), c = d.channels();
+    const int hd = d.head_size;
+    const DType type = DTypeOf<T>::value;
+    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, h, k0, 1), ld, qkv + qkv_at(b, h, qs, 0), ld,
+             type, st.data(), kQueryChunk, d.scale(), 0.0f);
+    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, h, k0, 2), ld,
+             dout + row(b, qs) * c + static_cast<std::int64_t>(h) * hd, c, type, dpt.data(),
+             kQueryChunk, 1.0f, 0.0f);
+    const std::int64_t stats = (static_cast<std::int64_t>(b) * d.n_head + h) * d.seq + qs;
+    for (int r = 0; r < kc; ++r) {
+      const std::int64_t off = static_cast<std::int64_t>(r) * kQueryChunk;
+      // Key k0 + r is seen by queries from k0 + r on.
+      grad_row(st.data() + off, dpt.data() + off, lse + stats, delta + stats, k0 + r - qs, nq,
+               p_op() + off, ds_op() + off);
+    }
+  }
+
+  // dQ[qs, qs + nq) (+)= dS K / sqrt(D) for key block [k0, k0 + kc), into dq, whose first
+  // row is query dq_row0. Key block 0 writes, the later ones accumulate.
+  void add_dq(int b, int h, int k0, int kc, int qs, int nq, int dq_row0) {
+    const int hd = d.head_size;
+    float* out;
+    std::int64_t ldc;
+    if constexpr (kDirect) {
+      out = dqkv + qkv_at(b, h, qs, 0);
+      ldc = d.qkv_ld();
+    } else {
+      out = dq.data() + static_cast<std::int64_t>(qs - dq_row0) * hd;
+      ldc = hd;
+    }
+    gemm_f32(true, false, nq, hd, kc, ds_op(), kQueryChunk, qkv + qkv_at(b, h, k0, 1), d.qkv_ld(),
+             DTypeOf<T>::value, out, ldc, d.scale(), k0 == 0 ? 0.0f : 1.0f);
+  }
+
+  // Writes the fp32 dQ rows [q0, q0 + n) gathered in dq (row dq_row0 first) to dqkv.
+  void store_dq(int b, int h, int q0, int n, int dq_row0) {
+    if constexpr (!kDirect) {
+      const int hd = d.head_size;
+      for (int t = q0; t < q0 + n; ++t)
+        store_row(dqkv + qkv_at(b, h, t, 0),
+                  dq.data() + static_cast<std::int64_t>(t - dq_row0) * hd, hd, 1.0f);
+    }
+  }
+
+  // dK and dV of key block [k0, k0 + kc), and with_dq: its dQ contributions.
+  void key_block(int b, int h, int k0, bool with_dq) {
+    const int kc = std::min(kKeyRows, d.seq - k0);
+    const int hd = d.head_size;
+    const std::int64_t ld = d.qkv_ld(), c = d.channels();
+    const DType type = DTypeOf<T>::value;
+    float* dk_out = dk.data();
+    float* dv_out = dv.data();
+    std::int64_t ldo = hd;
+    if constexpr (kDirect) {
+      dk_out = dqkv + qkv_at(b, h, k0, 1);
+      dv_out = dqkv + qkv_at(b, h, k0, 2);
+      ldo = ld;
+    }
+    for (int qs = k0; qs < d.seq;) {
+      const int qe = std::min(d.seq, (qs / kQueryChunk + 1) * kQueryChunk);
+      const int nq = qe - qs;
+      grads(b, h, k0, kc, qs, nq);
+      const float beta = qs == k0 ? 0.0f : 1.0f;
+      gemm_f32(false, false, kc, hd, nq, p_op(), kQueryChunk,
+               dout + row(b, qs) * c + static_cast<std::int64_t>(h) * hd, c, type, dv_out, ldo,
+               1.0f, beta);
+      gemm_f32(false, false, kc, hd, nq, ds_op(), kQueryChunk, qkv + qkv_at(b, h, qs, 0), ld, type,
+               dk_out, ldo, d.scale(), beta);
+      if (with_dq) add_dq(b, h, k0, kc, qs, nq, 0);
+      qs = qe;
+    }
+    if constexpr (!kDirect) {
+      for (int r = 0; r < kc; ++r) {
+        store_row(dqkv + qkv_at(b, h, k0 + r, 1), dk.data() + static_cast<std::int64_t>(r) * hd, hd,
+                  1.0f);
+        store_row(dqkv + qkv_at(b, h, k0 + r, 2), dv.data() + static_cast<std::int64_t>(r) * hd, hd,
+                  1.0f);
+      }
+    }
+  }
+
+  // dQ of the aligned query chunk [q0, q0 + kQueryChunk): the same GEMMs on the same blocks,
+  // in the same key order, as key_block(with_dq) performs for these rows.
+  void query_chunk(int b, int h, int q0) {
+    const int qe = std::min(d.seq, q0 + kQueryChunk);
+    for (int k0 = 0; k0 < qe; k0 += kKeyRows) {
+      const int kc = std::min(kKeyRows, d.seq - k0);
+      const int qs = std::max(q0, k0);
+      grads(b, h, k0, kc, qs, qe - qs);
+      add_dq(b, h, k0, kc, qs, qe - qs, q0);
+    }
+    store_dq(b, h, q0, qe - q0, q0);
+  }
+};
+
+int blocks(int n, int size) {
+  return (n + size - 1) / size;
+}
+
+}  // namespace
+
+void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
+                                   int n_head, int head_size) {
+  const Dims d{batch, seq, n_head, head_size};
+  float* lse_data = static_cast<float*>(lse.data());
+  dispatch_float(qkv.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = static_cast<const T*>(qkv.data());
+    T* o = static_cast<T*>(out.data());
+    const int q_blocks = blocks(seq, kQueryRows);
+    const std::int64_t tasks = static_cast<std::int64_t>(batch) * n_head * q_blocks;
+    // Query blocks are the unit of work, so that few heads still fill the threads. Later blocks
+    // see more keys: handing out the heaviest first balances the dynamic schedule.
+#pragma omp parallel if (tasks > 1)
+    {
+      ForwardScratch<T> scratch(head_size);
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t i = 0; i < tasks; ++i) {
+        const int qb =
+            q_blocks - 1 - static_cast<int>(i / (static_cast<std::int64_t>(batch) * n_head));
+        const int bh = static_cast<int>(i % (static_cast<std::int64_t>(batch) * n_head));
+        forward_block(d, in, o, lse_data, bh / n_head, bh % n_head, qb * kQueryRows, scratch);
+      }
+    }
+  });
+}
+
+void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                    const Tensor& out, const Tensor& lse, int batch, int seq,
+                                    int n_head, int head_size) {
+  const Dims d{batch, seq, n_head, head_size};
+  const int heads = batch * n_head;
+  const std::int64_t c = d.channels();
+  std::vector<float> delta(static_cast<std::size_t>(heads) * seq);
+  const float* lse_data = static_cast<const float*>(lse.data());
+  dispatch_float(qkv.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = static_cast<const T*>(qkv.data());
+    const T* o = static_cast<const T*>(out.data());
+    const T* g = static_cast<const T*>(dout.data());
+    T* gin = static_cast<T*>(dqkv.data());
+    // delta_t = rowsum(dO o O) of every (b, h, t), reading dO and O row by row in memory order.
+    const std::int64_t rows = static_cast<std::int64_t>(batch) * seq;
+#pragma omp parallel for schedule(static) if (rows * c > kParallelGrain)
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const std::int64_t b = i / seq, t = i % seq;
+      for (int h = 0; h < n_head; ++h) {
+        const std::int64_t at = i * c + static_cast<std::int64_t>(h) * head_size;
+        delta[static_cast<std::size_t>((b * n_head + h) * seq + t)] =
+            dot_row(g + at, o + at, head_size);
+      }
+    }
+    const float* dl = delta.data();
+    if (heads >= num_threads()) {
+      // One task per head: dK, dV and dQ in one sweep, each GEMM and exp done once.
+#pragma omp parallel if (heads > 1)
+      {
+        BackwardTask<T> task(d, in, g, lse_data, dl, gin, seq);
+#pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < heads; ++bh) {
+          const int b = bh / n_head, h = bh % n_head;
+          for (int k0 = 0; k0 < seq; k0 += kKeyRows) task.key_block(b, h, k0, true);
+          task.store_dq(b, h, 0, seq, 0);
+        }
+      }
+      return;
+    }
+    // Fewer heads than threads: split into independent tasks per key block (dK, dV) and per
+    // query chunk (dQ). The two score GEMMs and the exp are done twice, but every thread has
+    // work, and the results are bit-identical to the single sweep.
+    const int k_blocks = blocks(seq, kKeyRows), q_chunks = blocks(seq, kQueryChunk);
+    const std::int64_t tasks = static_cast<std::int64_t>(heads) * (k_blocks + q_chunks);
+#pragma omp parallel
+    {
+      BackwardTask<T> task(d, in, g, lse_data, dl, gin, kQueryChunk);
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t i = 0; i < tasks; ++i) {
+        // The dQ chunks, which sweep the most key blocks, are handed out first.
+        const int bh = static_cast<int>(i % heads);
+        const int j = static_cast<int>(i / heads);
+        if (j < q_chunks)
+          task.query_chunk(bh / n_head, bh % n_head, (q_chunks - 1 - j) * kQueryChunk);
+        else
+          task.key_block(bh / n_head, bh % n_head, (j - q_chunks) * kKeyRows, false);
+      }
+    }
+  });
 }
 
 }  // namespace meshtrain::cpu
