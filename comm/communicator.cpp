@@ -180,6 +180,7 @@ const Collective& Work::collective() const {
 
 void Work::fail_timeout() {
   const std::string msg = impl_->describe_timeout();
+  impl_->on_timeout();
   log::error("{}", msg);
   health_->mark(msg, true);
   throw CommTimeout(msg);

@@ -102,9 +102,9 @@ class WorkImpl {
   // Called once the deadline has passed without completion: the CommTimeout message, naming the
   // ranks that never arrived. May block for a short grace period to collect arrivals in flight.
   virtual std::string describe_timeout() = 0;
-  // The collective could not be completed and its communicator is being abandoned (after a
-  // timeout): release what can be released without waiting. Never throws.
-  virtual void abandon() noexcept {}
+  // Called once after describe_timeout(), before CommTimeout is thrown: a backend whose
+  // operations could otherwise run forever ends them here (NCCL: ncclCommAbort). Never throws.
+  virtual void on_timeout() noexcept {}
 
   const Collective& collective() const { return collective_; }
   Clock::time_point deadline() const { return deadline_; }

@@ -1,0 +1,348 @@
+#include <cuda_runtime.h>
+
+#include <optional>
+
+#include "comm/mpi/arrivals.hpp"
+#include "comm/mpi/mpi_backend.hpp"
+#include "comm/nccl/nccl.hpp"
+#include "comm/nccl/nccl_compat.hpp"
+#include "runtime/cuda/cuda_check.hpp"
+#include "runtime/cuda/stream.hpp"
+#include "runtime/log.hpp"
+
+namespace meshtrain::comm {
+
+namespace nccl_compat {
+void fail_nccl(ncclResult_t result, ncclComm_t comm, const char* call, const char* file, int line) {
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) device = -1;
+  const std::string detail = last_error(comm);
+  throw NcclError(fmt::format("{} failed: {}{}{} at {} [{}, cuda:{}]", call,
+                              ncclGetErrorString(result), detail.empty() ? "" : ": ", detail,
+                              ::meshtrain::detail::source_location(file, line), log::rank_label(),
+                              device));
+}
+}  // namespace nccl_compat
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+ncclDataType_t nccl_type(DType d) {
+  switch (d) {
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kF16:
+      return ncclFloat16;
+    case DType::kI32:
+      return ncclInt32;
+  }
+  MT_ASSERT(false, "no NCCL type for {}", dtype_name(d));
+  return ncclFloat32;
+}
+
+ncclRedOp_t nccl_op(ReduceOp r) {
+  switch (r) {
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kAvg:
+      return ncclAvg;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+  }
+  return ncclSum;
+}
+
+// What a group's operations share. Used from one thread at a time (the communicator's).
+struct NcclGroup {
+  ncclComm_t comm = nullptr;
+  int rank = 0;
+  int size = 1;
+  int device = 0;
+  std::string name;
+  std::vector<int> world_ranks;
+  CommOptions options;
+  cudaStream_t compute = nullptr;      // not owned: the caller's compute stream
+  std::optional<cuda::Stream> stream;  // owned: every collective of the group runs here
+  Communicator mpi;                    // the same ranks over MPI: bootstrap and side channel
+  std::unique_ptr<detail::ArrivalBoard> board;
+  float* scratch = nullptr;  // one float on the device, what barrier() reduces
+  std::uint64_t last_seq = 0;
+  bool aborted = false;
+  bool released = false;
+
+  ~NcclGroup() {
+    if (scratch != nullptr) {
+      const cudaError_t err = cudaFree(scratch);
+      if (err != cudaSuccess)
+        log::error("cudaFree of the NCCL scratch failed: {}", cudaGetErrorString(err));
+    }
+  }
+
+  // Ends every kernel of the communicator; afterwards its buffers may be freed.
+  void abort_comm() noexcept {
+    if (comm == nullptr || aborted) return;
+    aborted = true;
+    const ncclResult_t r = ncclCommAbort(comm);
+    if (r != ncclSuccess) {
+      log::error("ncclCommAbort on group '{}' failed: {}", name, ncclGetErrorString(r));
+    }
+  }
+
+  void check_usable() const {
+    if (aborted) {
+      throw NcclError(
+          fmt::format("the NCCL communicator of group '{}' was aborted after an "
+                      "earlier failure [{}]",
+                      name, log::rank_label()));
+    }
+  }
+
+  std::string describe_timeout(const Collective& c) {
+    std::vector<std::string> last;
+    std::vector<int> missing;
+    if (board) {
+      const double ms = std::clamp(options.timeout_s * 50.0, 20.0, 500.0);
+      missing = board->missing(c.seq, std::chrono::milliseconds(static_cast<int>(ms)), &last);
+    }
+    return timeout_message(c, "nccl", name, rank, world_ranks, options.timeout_s, missing, last);
+  }
+};
+
+class NcclWork final : public WorkImpl {
+ public:
+  NcclWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<NcclGroup> g)
+      : WorkImpl(c, deadline), g_(std::move(g)) {}
+
+  bool progress() override {
+    if (complete_) return true;
+    g_->check_usable();
+    const cudaError_t e = cudaEventQuery(done_.get());
+    if (e == cudaSuccess) {
+      // Later work on the compute stream sees the result.
+      MT_CUDA_CHECK(cudaStreamWaitEvent(g_->compute, done_.get(), 0));
+      keep_.clear();
+      complete_ = true;
+      return true;
+    }
+    if (e != cudaErrorNotReady) MT_CUDA_CHECK(e);
+    ncclResult_t async = ncclSuccess;
+    MT_NCCL_CHECK(ncclCommGetAsyncError(g_->comm, &async), g_->comm);
+    if (async != ncclSuccess && async != ncclInProgress) {
+      g_->abort_comm();
+      nccl_compat::fail_nccl(async, nullptr, "an NCCL collective (ncclCommGetAsyncError)", __FILE__,
+                             __LINE__);
+    }
+    return false;
+  }
+
+  std::string describe_timeout() override { return g_->describe_timeout(collective()); }
+  void on_timeout() noexcept override { g_->abort_comm(); }
+
+  cuda::Event& done() { return done_; }
+  void keep(const Tensor& t) { keep_.push_back(t); }
+
+ private:
+  std::shared_ptr<NcclGroup> g_;
+  cuda::Event done_;
+  std::vector<Tensor> keep_;
+  bool complete_ = false;
+};
+
+// A group over `comm`, whose members are those of `mpi`.
+std::shared_ptr<NcclGroup> make_group(ncclComm_t comm, Communicator mpi, std::string name,
+                                      cudaStream_t compute, int device,
+                                      const CommOptions& options) {
+  auto g = std::make_shared<NcclGroup>();
+  g->comm = comm;
+  g->rank = mpi.rank();
+  g->size = mpi.size();
+  g->device = device;
+  g->name = std::move(name);
+  g->world_ranks = mpi.backend().world_ranks();
+  g->options = options;
+  g->compute = compute;
+  MT_CUDA_CHECK(cudaSetDevice(device));
+  g->stream.emplace(0);
+  MT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&g->scratch), sizeof(float)));
+  MT_CUDA_CHECK(cudaMemset(g->scratch, 0, sizeof(float)));
+  g->board = std::make_unique<detail::ArrivalBoard>(detail::mpi_fortran_handle(mpi),
+                                                    Clock::now() + options.timeout());
+  g->mpi = std::move(mpi);
+  return g;
+}
+
+// ncclCommInitRank over the ranks of `mpi`, the id broadcast from its rank 0.
+ncclComm_t init_over(Communicator& mpi) {
+  ncclUniqueId id{};
+  static_assert(sizeof(id) % sizeof(std::int32_t) == 0);
+  if (mpi.rank() == 0) MT_NCCL_CHECK(ncclGetUniqueId(&id), nullptr);
+  Tensor bytes = Tensor::wrap(&id, Shape{static_cast<std::int64_t>(sizeof(id) / 4)}, DType::kI32);
+  mpi.broadcast(bytes, 0).wait();
+  ncclComm_t comm = nullptr;
+  // Every rank has passed the broadcast, so every rank reaches this call.
+  MT_NCCL_CHECK(ncclCommInitRank(&comm, mpi.size(), id, mpi.rank()), nullptr);
+  return comm;
+}
+
+class NcclBackend final : public Backend {
+ public:
+  explicit NcclBackend(std::shared_ptr<NcclGroup> g) : g_(std::move(g)) {}
+
+  ~NcclBackend() override {
+    if (g_->released) return;
+    try {
+      finalize();
+    } catch (const std::exception& e) {
+      log::error("NCCL communicator '{}': release failed: {}", g_->name, e.what());
+    }
+  }
+
+  std::string_view kind() const override { return "nccl"; }
+  int rank() const override { return g_->rank; }
+  int size() const override { return g_->size; }
+  const std::string& name() const override { return g_->name; }
+  const std::vector<int>& world_ranks() const override { return g_->world_ranks; }
+  bool accepts(const Device& d) const override {
+    return d.type() == DeviceType::kCUDA && d.index() == g_->device;
+  }
+
+  std::shared_ptr<WorkImpl> post(const Collective& c, const Tensor& in,
+                                 const Tensor& out) override {
+    NcclGroup& g = *g_;
+    g.check_usable();
+    const auto deadline = Clock::now() + g.options.timeout();
+    g.board->announce(c);
+    g.last_seq = c.seq;
+    if (g.options.debug) check_signatures(c, deadline);
+    auto w = std::make_shared<NcclWork>(c, deadline, g_);
+    // Ordered after everything queued on the compute stream so far.
+    cuda::Event ready;
+    ready.record(g.compute);
+    ready.block(g.stream->get());
+    const cudaStream_t s = g.stream->get();
+    switch (c.op) {
+      case OpType::kAllreduce:
+        MT_NCCL_CHECK(ncclAllReduce(in.data(), out.data(), static_cast<std::size_t>(in.numel()),
+                                    nccl_type(c.dtype), nccl_op(c.reduce), g.comm, s),
+                      g.comm);
+        break;
+      case OpType::kReduceScatter:
+        MT_NCCL_CHECK(
+            ncclReduceScatter(in.data(), out.data(), static_cast<std::size_t>(out.numel()),
+                              nccl_type(c.dtype), nccl_op(c.reduce), g.comm, s),
+            g.comm);
+        break;
+      case OpType::kAllGather:
+        // In place when `in` is this rank's chunk of `out`, which NCCL handles by address.
+        MT_NCCL_CHECK(ncclAllGather(in.data(), out.data(), static_cast<std::size_t>(in.numel()),
+                                    nccl_type(c.dtype), g.comm, s),
+                      g.comm);
+        break;
+      case OpType::kBroadcast:
+        MT_NCCL_CHECK(ncclBroadcast(in.data(), in.data(), static_cast<std::size_t>(in.numel()),
+                                    nccl_type(c.dtype), c.root, g.comm, s),
+                      g.comm);
+        break;
+      case OpType::kBarrier:
+        // NCCL has no barrier: a one-element allreduce completes only once every rank joined.
+        MT_NCCL_CHECK(ncclAllReduce(g.scratch, g.scratch, 1, ncclFloat32, ncclSum, g.comm, s),
+                      g.comm);
+        break;
+      case OpType::kSplit:
+        MT_ASSERT(false, "split is not posted");
+        break;
+    }
+    w->done().record(s);
+    w->keep(in);
+    w->keep(out);
+    return w;
+  }
+
+  std::unique_ptr<Backend> split(const Collective& c) override {
+    NcclGroup& g = *g_;
+    g.check_usable();
+    const auto deadline = Clock::now() + g.options.timeout();
+    g.board->announce(c);
+    g.last_seq = c.seq;
+    // ncclCommSplit blocks until every rank calls it: only once all have called split.
+    check_signatures(c, deadline);
+    Communicator child_mpi = g.mpi.split(c.color, c.key);
+    ncclComm_t child = nullptr;
+    if constexpr (nccl_compat::kHasCommSplit) {
+      MT_NCCL_CHECK(nccl_compat::split(g.comm, c.color, c.key, &child), g.comm);
+    } else if (child_mpi.valid()) {
+      child = init_over(child_mpi);
+    }
+    if (c.color < 0) return nullptr;
+    MT_ASSERT(child != nullptr && child_mpi.valid(), "split of '{}' with color {} made no group",
+              g.name, c.color);
+    return std::make_unique<NcclBackend>(make_group(child, std::move(child_mpi),
+                                                    fmt::format("{}/{}", g.name, c.color),
+                                                    g.compute, g.device, g.options));
+  }
+
+  void finalize() override {
+    NcclGroup& g = *g_;
+    if (g.released) return;
+    g.released = true;
+    g.board->finalize(g.last_seq, Clock::now() + g.options.timeout());
+    if (!g.aborted) {
+      g.stream->synchronize();
+      MT_NCCL_CHECK(nccl_compat::finalize(g.comm), g.comm);
+      MT_NCCL_CHECK(ncclCommDestroy(g.comm), g.comm);
+      g.comm = nullptr;
+    }
+    g.mpi.finalize();
+  }
+
+  bool abandon() noexcept override {
+    NcclGroup& g = *g_;
+    if (g.released) return false;
+    g.released = true;
+    // After ncclCommAbort no kernel of the group runs: its buffers can be freed normally.
+    g.abort_comm();
+    g.board->abandon();
+    return false;
+  }
+
+  void abort(int code) noexcept override {
+    g_->abort_comm();
+    g_->mpi.abort(code);
+  }
+
+ private:
+  void check_signatures(const Collective& c, Clock::time_point deadline) {
+    NcclGroup& g = *g_;
+    auto calls = g.board->await_all(c, deadline);
+    if (!calls) throw CommTimeout(g.describe_timeout(c));
+    const std::string msg = first_mismatch(*calls, g.name);
+    if (!msg.empty()) throw InvalidArgument(msg);
+  }
+
+  std::shared_ptr<NcclGroup> g_;
+};
+
+}  // namespace
+
+Communicator nccl_communicator(Communicator& bootstrap, const NcclOptions& nccl,
+                               const CommOptions& options) {
+  detail::mpi_fortran_handle(bootstrap);  // throws InvalidArgument unless MPI-backed
+  // A private copy of the bootstrap group (through split: checked and under the timeout).
+  Communicator mpi = bootstrap.split(0, bootstrap.rank());
+  if (nccl.device >= 0) MT_CUDA_CHECK(cudaSetDevice(nccl.device));
+  int device = 0;
+  MT_CUDA_CHECK(cudaGetDevice(&device));
+  ncclComm_t comm = init_over(mpi);
+  std::string name = bootstrap.name();
+  return Communicator(std::make_unique<NcclBackend>(make_group(
+                          comm, std::move(mpi), std::move(name),
+                          static_cast<cudaStream_t>(nccl.compute_stream), device, options)),
+                      options);
+}
+
+}  // namespace meshtrain::comm
