@@ -45,7 +45,6 @@
 
 #include "runtime/cpu/cpu_backend.hpp"
 #include "runtime/cpu/gemm.hpp"
-#include "runtime/cpu/parallel.hpp"
 #include "runtime/cpu/threads.hpp"
 
 namespace meshtrain::cpu {
@@ -525,18 +524,16 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
     const T* o = static_cast<const T*>(out.data());
     const T* g = static_cast<const T*>(dout.data());
     T* gin = static_cast<T*>(dqkv.data());
-    // delta_t = rowsum(dO o O) of every (b, h, t), reading dO and O row by row in memory order.
-    const std::int64_t rows = static_cast<std::int64_t>(batch) * seq;
-#pragma omp parallel for schedule(static) if (rows * c > kParallelGrain)
-    for (std::int64_t i = 0; i < rows; ++i) {
-      const std::int64_t b = i / seq, t = i % seq;
-      for (int h = 0; h < n_head; ++h) {
-        const std::int64_t at = i * c + static_cast<std::int64_t>(h) * head_size;
-        delta[static_cast<std::size_t>((b * n_head + h) * seq + t)] =
-            dot_row(g + at, o + at, head_size);
+    // delta_t = rowsum(dO o O) of head bh, read where a task needs it rather than in a pass of
+    // its own: one parallel region (and one barrier) fewer.
+    float* dl = delta.data();
+    auto head_delta = [&](int bh) {
+      const std::int64_t b = bh / n_head, h = bh % n_head;
+      for (int t = 0; t < seq; ++t) {
+        const std::int64_t at = (b * seq + t) * c + h * head_size;
+        dl[static_cast<std::int64_t>(bh) * seq + t] = dot_row(g + at, o + at, head_size);
       }
-    }
-    const float* dl = delta.data();
+    };
     if (heads >= num_threads()) {
       // One task per head: dK, dV and dQ in one sweep, each GEMM and exp done once.
 #pragma omp parallel if (heads > 1)
@@ -545,6 +542,7 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < heads; ++bh) {
           const int b = bh / n_head, h = bh % n_head;
+          head_delta(bh);
           for (int k0 = 0; k0 < seq; k0 += kKeyRows) task.key_block(b, h, k0, true);
           task.store_dq(b, h, 0, seq, 0);
         }
@@ -559,6 +557,9 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
 #pragma omp parallel
     {
       BackwardTask<T> task(d, in, g, lse_data, dl, gin, kQueryChunk);
+      // Every task of a head reads its delta: the implicit barrier after this loop orders them.
+#pragma omp for schedule(static)
+      for (int bh = 0; bh < heads; ++bh) head_delta(bh);
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t i = 0; i < tasks; ++i) {
         // The dQ chunks, which sweep the most key blocks, are handed out first.
