@@ -115,8 +115,8 @@ struct ArrivalBoard::Impl {
   void cancel_receives() noexcept {
     for (int peer = 0; peer < size; ++peer) {
       if (recv_requests[peer] == MPI_REQUEST_NULL) continue;
-      MPI_Cancel(&recv_requests[peer]);
-      MPI_Wait(&recv_requests[peer], MPI_STATUS_IGNORE);
+      MT_MPI_LOG(MPI_Cancel(&recv_requests[peer]));
+      MT_MPI_LOG(MPI_Wait(&recv_requests[peer], MPI_STATUS_IGNORE));
     }
   }
 };
@@ -268,11 +268,11 @@ void ArrivalBoard::abandon() noexcept {
   // completes them in the background) and leak the buffers.
   for (auto& out : s.outgoing) {
     for (MPI_Request& r : out.requests) {
-      if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+      if (r != MPI_REQUEST_NULL) MT_MPI_LOG(MPI_Request_free(&r));
     }
   }
   if (!s.outgoing.empty()) new std::deque<Outgoing>(std::move(s.outgoing));
-  MPI_Comm_free(&s.comm);
+  MT_MPI_LOG(MPI_Comm_free(&s.comm));
   s.comm = MPI_COMM_NULL;
 }
 

@@ -276,7 +276,7 @@ class MpiBackend final : public Backend {
     MpiGroup& g = *g_;
     if (g.released) return;
     int finalized = 0;
-    MPI_Finalized(&finalized);
+    MT_MPI_CHECK(MPI_Finalized(&finalized));
     if (finalized) {
       g.released = true;
       log::error(
@@ -296,7 +296,7 @@ class MpiBackend final : public Backend {
     if (g.released) return true;
     g.released = true;
     int finalized = 0;
-    MPI_Finalized(&finalized);
+    MT_MPI_LOG(MPI_Finalized(&finalized));
     if (finalized) return true;
     // Collectives still posted on g.comm may complete later: the communicator, its types and
     // its ops stay allocated for them.
@@ -306,7 +306,7 @@ class MpiBackend final : public Backend {
 
   void abort(int code) noexcept override {
     log::error("aborting the job from communicator '{}' (MPI_Abort, code {})", g_->name, code);
-    MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code);
+    MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
     // MPI_Abort does not return; if an MPI library does, the job must still end.
     std::_Exit(code == 0 ? 1 : code);
   }

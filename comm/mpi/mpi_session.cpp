@@ -78,7 +78,7 @@ void MpiSession::finalize() {
 void MpiSession::abort(int code) {
   log::error("aborting the job (MPI_Abort, code {})", code);
   owns_ = false;
-  MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code);
+  MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
   std::_Exit(code == 0 ? 1 : code);  // MPI_Abort does not return; the job must end regardless
 }
 

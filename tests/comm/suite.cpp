@@ -142,6 +142,7 @@ bool contains(const std::string& s, const std::string& part) {
 }
 
 TEST_P(CommSuite, RankAndSize) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   const int n = h().size();
   h().run(suite_options(), [&](Communicator& c) {
     EXPECT_EQ(c.size(), n);
@@ -218,6 +219,7 @@ void check_gathered(const std::string& what, const std::vector<float>& got, DTyp
 }
 
 TEST_P(CommSuite, AllGather) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   h().run(suite_options(), [&](Communicator& c) {
     const int n = c.size();
     for (DType d : kFloatTypes) {
@@ -241,6 +243,7 @@ TEST_P(CommSuite, AllGather) {
 }
 
 TEST_P(CommSuite, Broadcast) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   h().run(suite_options(), [&](Communicator& c) {
     const int n = c.size();
     for (DType d : kFloatTypes) {
@@ -258,6 +261,7 @@ TEST_P(CommSuite, Broadcast) {
 }
 
 TEST_P(CommSuite, BarrierAndSequenceNumbers) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   h().run(suite_options(), [&](Communicator& c) {
     for (int i = 0; i < 10; ++i) {
       Work w = c.barrier();
@@ -271,6 +275,7 @@ TEST_P(CommSuite, BarrierAndSequenceNumbers) {
 }
 
 TEST_P(CommSuite, SplitSubgroups) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   h().run(suite_options(), [&](Communicator& c) {
     const int n = c.size();
     const int r = c.rank();
@@ -364,6 +369,7 @@ TEST_P(CommSuite, ManyOutstandingAsync) {
 }
 
 TEST_P(CommSuite, TimeoutNamesTheRankThatNeverArrived) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   if (h().size() < 2) GTEST_SKIP() << "needs a peer to wait for";
   CommOptions o = suite_options();
   o.timeout_s = 2.0;
@@ -409,6 +415,7 @@ TEST_P(CommSuite, TimeoutNamesTheRankThatNeverArrived) {
 }
 
 TEST_P(CommSuite, DebugModeReportsMismatchedCalls) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   if (h().size() < 2) GTEST_SKIP() << "needs two ranks to disagree";
   CommOptions o = suite_options();
   o.debug = true;
@@ -448,6 +455,7 @@ TEST_P(CommSuite, DebugModeReportsMismatchedCalls) {
 }
 
 TEST_P(CommSuite, BadArgumentsAreRejectedLocally) {
+  MT_SKIP_ON_REDUCTION_VARIANT();
   h().run(suite_options(), [&](Communicator& c) {
     const int n = c.size();
     Tensor a = Tensor::zeros(Shape{7}, DType::kF32);

@@ -19,6 +19,9 @@ class Harness {
   // Runs body on every rank with a fresh group communicator using `options`, then finalizes it.
   // Exceptions escaping body are reported as test failures on that rank.
   virtual void run(const CommOptions& options, const std::function<void(Communicator&)>& body) = 0;
+  // True for a harness that differs from another one only in how reductions are computed (MPI
+  // with convert-reduce-convert): tests that reduce nothing skip themselves on it.
+  virtual bool reduction_variant() const { return false; }
 };
 
 // Defined by each test binary: the harness for the suite's parameter.
@@ -37,5 +40,8 @@ class CommSuite : public ::testing::TestWithParam<int> {
  protected:
   Harness& h() { return harness(GetParam()); }
 };
+
+#define MT_SKIP_ON_REDUCTION_VARIANT() \
+  if (h().reduction_variant()) GTEST_SKIP() << "reduces nothing: covered by the other variant"
 
 }  // namespace meshtrain::comm::commtest

@@ -25,6 +25,7 @@ class MpiHarness final : public Harness {
  public:
   explicit MpiHarness(Reduce16 mode) : mode_(mode) {}
   int size() const override { return g_session->size(); }
+  bool reduction_variant() const override { return mode_ == Reduce16::kConvert; }
   void run(const CommOptions& options, const std::function<void(Communicator&)>& body) override {
     MpiOptions mpi;
     mpi.reduce16 = mode_;
