@@ -313,6 +313,11 @@ void GPT::backward(float loss_multiplier) {
   Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
   ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, residual_out_, param(lnf_w_), lnf_mean_,
                           lnf_rstd_, /*accumulate_dx=*/false);
+  auto ready = [&](int first, int last) {
+    if (grads_ready_)
+      grads_ready_(params_[first].offset, params_[last].offset + params_[last].shape.numel());
+  };
+  ready(lnf_w_, lnf_b_);
   for (int l = cfg_.n_layer - 1; l >= 0; --l) {
     const Layer& L = layers_[l];
     LayerActs& x = acts_[l];
@@ -337,9 +342,11 @@ void GPT::backward(float loss_multiplier) {
     dgb = grad(L.ln1_b);
     ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual, param(L.ln1_w), x.ln1_mean,
                             x.ln1_rstd, /*accumulate_dx=*/true);
+    ready(L.ln1_w, L.fcproj_b);
   }
   Tensor dwpe = grad(wpe_);
   ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);
+  ready(wte_, wpe_);
 }
 
 }  // namespace meshtrain::models

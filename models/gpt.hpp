@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,13 @@ class GPT {
   // of (mean loss) x loss_multiplier: pass 1 / accumulation steps (x the loss scale under fp16).
   void backward(float loss_multiplier = 1.0f);
   void zero_grads() { grads_flat_.zero_(); }
+  // Called by backward each time the gradients of flat elements [begin, end) are final for this
+  // backward: the final LayerNorm, then each layer from the last to the first, then the
+  // embeddings (wte is also written by the LM head, so it is final only at the end). The ranges
+  // tile the flat buffer, in decreasing offsets. The data-parallel reducer starts a bucket's
+  // reduction from here while backward goes on. Not called when no target was counted.
+  using GradsReadyHook = std::function<void(std::int64_t begin, std::int64_t end)>;
+  void set_grads_ready_hook(GradsReadyHook hook) { grads_ready_ = std::move(hook); }
 
   // Incremental decoding of one sequence with a KV cache: decode(token) runs `token` at the
   // next position (cache_length()) and returns the fp32 logits of the real vocabulary for the
@@ -135,6 +143,7 @@ class GPT {
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
   std::vector<Layer> layers_;
   Tensor params_flat_, master_flat_, grads_flat_;
+  GradsReadyHook grads_ready_;
 
   // Activations for the current [B, T]; reused across steps of the same shape.
   int batch_ = 0, seq_ = 0;
