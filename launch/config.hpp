@@ -43,6 +43,10 @@ struct TrainConfig {
   int max_bad_steps = 5;            // stop after this many non-finite steps in a row
   int threads = 0;                  // CPU threads per rank; 0 = MESHTRAIN_THREADS or automatic
 
+  // [dp] data parallelism (mpirun -np N: DP = N)
+  double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
+  std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
+
   // [eval]
   int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)
   int eval_batches = 8;

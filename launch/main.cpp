@@ -1,11 +1,14 @@
 // The meshtrain command line: train, generate, plan, env.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "comm/mpi.hpp"
 #include "launch/config.hpp"
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
@@ -96,6 +99,13 @@ std::string human_bytes(double b) {
   return fmt::format("{:.2f} {}", b, units[u]);
 }
 
+// Whether this process was started by mpirun (Open MPI, or a PMI launcher: MPICH, Slurm).
+bool launched_by_mpirun() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v) != nullptr) return true;
+  return false;
+}
+
 int cmd_train(Args a) {
   std::string config;
   std::vector<std::string> sets;
@@ -121,9 +131,33 @@ int cmd_train(Args a) {
     }
   }
   launch::TrainConfig cfg = launch::load_config(config, sets);
-  launch::Trainer trainer(cfg);
-  trainer.set_verbose(!quiet);
-  const launch::TrainResult r = trainer.run();
+  // Under mpirun every process is one rank: DP = the number of processes. A plain run starts no
+  // MPI at all.
+  std::optional<comm::MpiSession> session;
+  comm::Communicator world;
+  if (launched_by_mpirun()) {
+    session.emplace();
+    world = session->world();
+  }
+  launch::TrainResult r;
+  try {
+    launch::Trainer trainer(cfg, world.valid() ? &world : nullptr);
+    trainer.set_verbose(!quiet);
+    r = trainer.run();
+  } catch (const std::exception& e) {
+    if (!session || session->size() == 1) throw;
+    // One rank's error must not leave the others waiting in a collective: end the whole job.
+    std::fprintf(stderr, "meshtrain: error on rank %d of %d: %s\n", session->rank(),
+                 session->size(), e.what());
+    std::fflush(stderr);
+    session->abort(1);
+  }
+  const bool root = !session || session->rank() == 0;
+  if (session) {
+    world.finalize();
+    session->finalize();
+  }
+  if (!root) return 0;
   std::printf("done: %d steps, loss %.4f -> %.4f%s (unigram entropy %.4f), %.0f tokens/s, %d "
               "skipped; run directory %s\n",
               r.steps, r.first_loss, r.final_loss,

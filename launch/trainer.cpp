@@ -9,6 +9,8 @@
 #include <limits>
 #include <numeric>
 
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
 #include "runtime/config.hpp"
@@ -80,9 +82,11 @@ double measure_bf16_matmul_peak() {
   return 2.0 * static_cast<double>(n * n * n) / best;
 }
 
-Trainer::Trainer(const TrainConfig& cfg)
+Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     : cfg_(cfg), policy_(PrecisionPolicy::parse(cfg.precision)), model_cfg_(model_config(cfg)) {
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
+  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, /*tp=*/1);
+  verbose_ = is_root();
   // The run directory is created once the data is known to be good (except for the built-in
   // corpus, which is written there): bad input leaves nothing behind.
   auto create_run_dir = [&] {
@@ -92,22 +96,44 @@ Trainer::Trainer(const TrainConfig& cfg)
       throw IoError(fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
   };
   std::vector<std::string> train = cfg_.train_files;
+  std::string private_corpus;  // ranks other than 0 read the built-in corpus from a temporary
   if (train.empty()) {
-    create_run_dir();
-    corpus_path_ = (fs::path(cfg_.run_dir) / "default_corpus.txt").string();
-    std::ofstream(corpus_path_, std::ios::binary) << default_corpus();
-    train.push_back(corpus_path_);
+    if (is_root()) {
+      create_run_dir();
+      corpus_path_ = (fs::path(cfg_.run_dir) / "default_corpus.txt").string();
+    } else {
+      private_corpus = (fs::temp_directory_path() /
+                        fmt::format("meshtrain-corpus-{}-{}.txt", ::getpid(), mesh_.world_rank()))
+                           .string();
+    }
+    const std::string& path = is_root() ? corpus_path_ : private_corpus;
+    std::ofstream(path, std::ios::binary) << default_corpus();
+    train.push_back(path);
   }
   data_ = std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
                                           cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  if (!private_corpus.empty()) {
+    std::error_code ec;
+    fs::remove(private_corpus, ec);  // the dataset has it mapped
+  }
   MT_CHECK(data_->max_token() < model_cfg_.vocab_size,
            "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
            data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
            data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
-  create_run_dir();
+  if (is_root()) create_run_dir();
 
   model_ = std::make_unique<models::GPT>(model_cfg_, policy_);
   model_->init_weights(cfg_.seed);
+  if (mesh_.dp_size() > 1) {
+    std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
+    for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
+    parallel::ReducerOptions ro;
+    ro.bucket_bytes = static_cast<std::int64_t>(cfg_.dp_bucket_mb * (1 << 20));
+    ro.overlap = cfg_.dp_overlap == "on";
+    reducer_ = std::make_unique<parallel::GradReducer>(mesh_.dp(), model_->flat_grads(), ranges, ro);
+    model_->set_grads_ready_hook(
+        [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
+  }
   m_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
   v_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
@@ -116,6 +142,9 @@ Trainer::Trainer(const TrainConfig& cfg)
                          cfg_.steps,         cfg_.decay_fraction};
 
   const std::string effective = to_toml(cfg_);
+  peak_flops_ = measure_bf16_matmul_peak();
+  unigram_entropy_ = data_->unigram_entropy();
+  if (!is_root()) return;
   {
     std::ofstream out(fs::path(cfg_.run_dir) / "config.toml");
     out << "# effective configuration of this run (meshtrain " << MESHTRAIN_VERSION << ")\n" << effective;
@@ -124,11 +153,12 @@ Trainer::Trainer(const TrainConfig& cfg)
   const std::string metrics_path = (fs::path(cfg_.run_dir) / "metrics.jsonl").string();
   metrics_ = std::fopen(metrics_path.c_str(), "w");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
-  peak_flops_ = measure_bf16_matmul_peak();
-  unigram_entropy_ = data_->unigram_entropy();
   if (verbose_) {
-    std::printf("meshtrain %s | model %s | %s | %d thread(s)\n", MESHTRAIN_VERSION,
-                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(), cpu::num_threads());
+    std::printf("meshtrain %s | model %s | %s | %d thread(s)%s\n", MESHTRAIN_VERSION,
+                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(), cpu::num_threads(),
+                mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}",
+                                                  mesh_.world_size(), mesh_.dp_size(),
+                                                  mesh_.tp_size()).c_str() : "");
     std::printf("data: %lld training tokens, %lld validation tokens%s\n",
                 static_cast<long long>(data_->train().tokens()),
                 static_cast<long long>(data_->val() ? data_->val()->tokens() : 0),
@@ -146,6 +176,7 @@ Trainer::~Trainer() {
 }
 
 void Trainer::write_metrics(const std::string& json_line) {
+  if (metrics_ == nullptr) return;  // ranks other than 0
   std::fputs(json_line.c_str(), metrics_);
   std::fputc('\n', metrics_);
   std::fflush(metrics_);
@@ -161,12 +192,25 @@ StepMetrics Trainer::step(int step) {
   model_->zero_grads();
   double loss_sum = 0.0;
   for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
-    data_->train().batch(static_cast<std::int64_t>(step) * cfg_.grad_accum + micro, 0, 1, inputs_,
-                         targets_);
+    data_->train().batch(static_cast<std::int64_t>(step) * cfg_.grad_accum + micro, mesh_.dp_rank(),
+                         mesh_.dp_size(), inputs_, targets_);
+    // Only the last micro-step's backward reduces: earlier ones accumulate locally.
+    if (reducer_) reducer_->begin_step(micro + 1 == cfg_.grad_accum);
     loss_sum += model_->forward(inputs_, targets_);
     model_->backward(scale / static_cast<float>(cfg_.grad_accum));
   }
   m.loss = static_cast<float>(loss_sum / cfg_.grad_accum);
+  if (reducer_) {
+    // The global mean loss rides along with the last buckets; the gradients are averaged over
+    // DP once finish() returns, so the norm below is the global one on every rank.
+    Tensor loss = Tensor::from_floats({m.loss}, Shape{1}, DType::kF32);
+    comm::Work loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
+    const parallel::ReducerStats rs = reducer_->finish();
+    loss_work.wait();
+    m.loss = loss.data_as<float>()[0];
+    m.comm_wait_ms = rs.wait_ms;
+    m.comm_hidden = rs.hidden;
+  }
   m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
   const bool finite = std::isfinite(m.loss) && std::isfinite(m.grad_norm);
   if (policy_.loss_scaling) scaler_.update(!finite);
@@ -205,9 +249,12 @@ StepMetrics Trainer::step(int step) {
     }
   }
   m.step_ms = seconds_since(t0) * 1e3;
-  const double tokens = static_cast<double>(cfg_.batch_size) * cfg_.seq_len * cfg_.grad_accum;
+  const double tokens =
+      static_cast<double>(cfg_.batch_size) * cfg_.seq_len * cfg_.grad_accum * mesh_.dp_size();
   m.tokens_per_s = tokens / (m.step_ms / 1e3);
-  m.mfu = model_cfg_.training_flops_per_token(cfg_.seq_len) * m.tokens_per_s / peak_flops_;
+  // Per rank: the global rate over the ranks' summed peak.
+  m.mfu = model_cfg_.training_flops_per_token(cfg_.seq_len) * m.tokens_per_s / peak_flops_ /
+          mesh_.world_size();
   return m;
 }
 
@@ -325,7 +372,8 @@ TrainResult Trainer::run() {
   std::vector<float> recent;
   double tokens_total = 0, seconds_total = 0;
   const auto t_start = Clock::now();
-  auto print_sample = [&](int at_step) {
+  auto print_sample = [&](int at_step) -> std::string {
+    if (!is_root()) return {};  // sampling does not communicate; rank 0 alone samples
     const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
                                    cfg_.seed + static_cast<std::uint64_t>(at_step));
     write_metrics(nlohmann::json{{"step", at_step}, {"sample", s}}.dump(-1, ' ', false,
@@ -351,11 +399,18 @@ TrainResult Trainer::run() {
                                  {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
                                  {"skipped", m.skipped}}
                       .dump());
+    if (mesh_.distributed())
+      write_metrics(nlohmann::json{{"step", m.step}, {"comm_wait_ms", m.comm_wait_ms},
+                                   {"comm_hidden", m.comm_hidden}}.dump());
     if (verbose_ && (m.step % cfg_.log_every == 0 || m.step == cfg_.steps || m.step == 1)) {
-      std::printf("step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA %s%s\n",
+      std::printf("step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA %s%s%s\n",
                   static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss,
                   m.lr, m.grad_norm, m.step_ms, m.tokens_per_s, 100.0 * m.mfu,
-                  format_duration(m.eta_s).c_str(), m.skipped ? " | SKIPPED" : "");
+                  format_duration(m.eta_s).c_str(),
+                  mesh_.distributed() ? fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden",
+                                                    m.comm_wait_ms, 100.0 * m.comm_hidden).c_str()
+                                      : "",
+                  m.skipped ? " | SKIPPED" : "");
       std::fflush(stdout);
     }
     if (step_cb_) step_cb_(m);
@@ -384,12 +439,15 @@ TrainResult Trainer::run() {
   r.tokens_per_s = seconds_total > 0 ? tokens_total / seconds_total : 0;
   r.unigram_entropy = unigram_entropy_;
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
-  std::vector<std::pair<std::string, Tensor>> weights;
-  for (std::size_t i = 0; i < model_->params().size(); ++i)
-    weights.emplace_back(model_->params()[i].name, model_->master(i));
-  save_safetensors((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights,
-                   {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
+  if (is_root()) {
+    std::vector<std::pair<std::string, Tensor>> weights;
+    for (std::size_t i = 0; i < model_->params().size(); ++i)
+      weights.emplace_back(model_->params()[i].name, model_->master(i));
+    save_safetensors((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights,
+                     {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
+  }
   if (cfg_.sample_tokens > 0) r.sample = print_sample(cfg_.steps);
+  mesh_.finalize();
   return r;
 }
 

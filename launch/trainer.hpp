@@ -16,6 +16,8 @@
 #include "launch/config.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
+#include "parallel/grad_reducer.hpp"
+#include "parallel/mesh.hpp"
 #include "runtime/data.hpp"
 
 namespace meshtrain::launch {
@@ -31,6 +33,11 @@ struct StepMetrics {
   double mfu = 0;        // model FLOPs utilisation against the measured bf16 matmul peak
   double eta_s = 0;
   bool skipped = false;  // non-finite loss or gradient: no update
+  // Data parallelism (0 on one rank): time this step blocked waiting for the gradient
+  // reduction after backward, and the share of the reduction's span (first bucket posted to
+  // last completed) that overlapped backward instead.
+  double comm_wait_ms = 0;
+  double comm_hidden = 0;
 };
 
 struct EvalMetrics {
@@ -51,13 +58,18 @@ struct TrainResult {
 
 class Trainer {
  public:
-  explicit Trainer(const TrainConfig& cfg);
+  // world: the job's ranks (mpirun -np N: DP = N), or null for one process. Every rank builds
+  // the same model from the same seed and trains on its slice of each global batch
+  // (train.batch_size rows per rank and micro-step); rank 0 alone prints and writes the run
+  // directory. Collective: every rank of `world` constructs a Trainer and calls run(). The
+  // communicator must outlive the trainer.
+  explicit Trainer(const TrainConfig& cfg, comm::Communicator* world = nullptr);
   ~Trainer();
 
   void on_step(std::function<void(const StepMetrics&)> f) { step_cb_ = std::move(f); }
   void on_eval(std::function<void(const EvalMetrics&)> f) { eval_cb_ = std::move(f); }
-  // Prints one line per step (and evaluations and samples) to stdout. On by default.
-  void set_verbose(bool v) { verbose_ = v; }
+  // Prints one line per step (and evaluations and samples) to stdout. On by default, on rank 0.
+  void set_verbose(bool v) { verbose_ = v && is_root(); }
 
   TrainResult run();
   // Mean validation loss over eval.batches batches; NaN without validation data.
@@ -68,6 +80,9 @@ class Trainer {
                        std::uint64_t seed);
 
   models::GPT& model() { return *model_; }
+  const parallel::Mesh& mesh() const { return mesh_; }
+  // Whether this rank prints and writes files (rank 0, or the only one).
+  bool is_root() const { return mesh_.world_rank() == 0; }
   const TrainConfig& config() const { return cfg_; }
   // The bf16 matmul rate measured at start-up, the denominator of MFU.
   double peak_flops() const { return peak_flops_; }
@@ -79,6 +94,8 @@ class Trainer {
 
   TrainConfig cfg_;
   PrecisionPolicy policy_;
+  parallel::Mesh mesh_;
+  std::unique_ptr<parallel::GradReducer> reducer_;  // null on one rank
   models::GPTConfig model_cfg_;
   std::unique_ptr<data::Dataset> data_;
   std::unique_ptr<models::GPT> model_;

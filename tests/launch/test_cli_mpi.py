@@ -1,0 +1,59 @@
+"""`mpirun -np N meshtrain train` as a user runs it: rank 0 alone writes the run directory, the
+losses of DP = N with batch 1 per rank match one process with batch N (fp32, float32 rounding),
+the metrics carry the communication wait and the hidden share, and an error on one rank ends the
+job instead of hanging the others."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def train(cmd, run_dir, batch):
+    args = cmd + ["train", "--quiet", "--set", "model.preset=gpt-tiny", "--set", "train.steps=8",
+                  "--set", f"train.batch_size={batch}", "--set", "train.seq_len=32",
+                  "--set", "train.precision=fp32", "--set", "train.threads=1",
+                  "--set", "sample.tokens=0", "--set", "eval.every=0", "--set", "dp.bucket_mb=0.05",
+                  "--set", f"run.dir={run_dir}"]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    if p.returncode != 0:
+        sys.exit(f"FAIL: {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return p.stdout, rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--meshtrain", required=True)
+    ap.add_argument("--mpiexec", required=True, help="mpiexec and its flags up to the process count flag, one string")
+    ap.add_argument("--ranks", type=int, required=True)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, one = train([a.meshtrain], os.path.join(tmp, "one"), a.ranks)
+        out, dp = train(a.mpiexec.split() + [str(a.ranks), a.meshtrain], os.path.join(tmp, "dp"), 1)
+        if out.count("done:") != 1:
+            sys.exit(f"FAIL: expected one 'done:' line (rank 0 only), got:\n{out}")
+        loss1 = [r["loss"] for r in one if "loss" in r]
+        lossn = [r["loss"] for r in dp if "loss" in r]
+        if len(loss1) != 8 or len(lossn) != 8:
+            sys.exit(f"FAIL: step counts {len(loss1)} and {len(lossn)}")
+        for s, (x, y) in enumerate(zip(loss1, lossn)):
+            if abs(x - y) > 1e-5 * abs(x):
+                sys.exit(f"FAIL: step {s + 1}: one rank {x}, {a.ranks} ranks {y}")
+        comm = [r for r in dp if "comm_wait_ms" in r]
+        if len(comm) != 8 or not all(0 <= r["comm_hidden"] <= 1 for r in comm):
+            sys.exit(f"FAIL: communication metrics missing or out of range: {comm}")
+        if not os.path.exists(os.path.join(tmp, "dp", "model.safetensors")):
+            sys.exit("FAIL: rank 0 wrote no model.safetensors")
+    # An error on rank 0 alone (its run directory cannot be created) ends every rank, not a hang.
+    bad = a.mpiexec.split() + [str(a.ranks), a.meshtrain, "train", "--set", "model.preset=gpt-tiny",
+                               "--set", "train.seq_len=32", "--set", "run.dir=/proc/nonexistent/run"]
+    p = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+    if p.returncode == 0 or "error on rank 0" not in p.stderr:
+        sys.exit(f"FAIL: a rank-0 error should end the job non-zero:\n{p.stdout}\n{p.stderr}")
+    print(f"ok: {a.ranks} ranks match one rank over 8 steps")
+
+
+if __name__ == "__main__":
+    main()

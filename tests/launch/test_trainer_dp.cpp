@@ -1,0 +1,146 @@
+// The Trainer under data parallelism, with threads as ranks (loopback): DP = N with micro-batch
+// B trains like one rank with batch N x B (fp32: to float32 rounding; bf16: within its
+// tolerance), gradient accumulation composes with DP, and the same seed gives bit-identical
+// runs. The CLI under mpirun is checked by launch_cli_mpi.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+
+#include <gtest/gtest.h>
+
+#include "comm/loopback.hpp"
+#include "launch/trainer.hpp"
+
+namespace meshtrain::launch {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct DpRun {
+  std::vector<float> losses;
+  std::vector<double> norms;
+  std::vector<float> weights;  // rank 0's fp32 master weights at the end
+  bool replicas_equal = true;  // every rank ended with rank 0's weights, bit for bit
+};
+
+class TrainerDp : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("mt_trainer_dp_" + std::to_string(::getpid()));
+    fs::create_directories(dir_);
+    std::ofstream out((dir_ / "corpus.txt").string());
+    const char* lines[] = {"the quick brown fox jumps over the lazy dog\n",
+                           "a stitch in time saves nine\n", "to be or not to be\n"};
+    for (int i = 0; i < 400; ++i) out << lines[(i * 7) % 3];
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  TrainConfig config(int batch, int accum, const std::string& precision) const {
+    TrainConfig c;
+    c.model_preset = "gpt-tiny";
+    c.train_files = {(dir_ / "corpus.txt").string()};
+    c.val_fraction = 0.1;
+    c.steps = 20;
+    c.batch_size = batch;
+    c.grad_accum = accum;
+    c.seq_len = 32;
+    c.warmup_steps = 2;
+    c.eval_every = 0;
+    c.eval_batches = 1;
+    c.sample_tokens = 0;
+    c.threads = 1;
+    c.precision = precision;
+    c.dp_bucket_mb = 0.05;  // several buckets for gpt-tiny
+    c.run_dir = (dir_ / ("run_" + std::to_string(counter_++))).string();
+    return c;
+  }
+
+  // n ranks (threads); n = 1 runs without a communicator, as a plain process does.
+  static DpRun train(const TrainConfig& cfg, int n) {
+    DpRun run;
+    std::mutex mu;
+    std::vector<std::vector<float>> finals(n);
+    auto body = [&](comm::Communicator* c) {
+      Trainer t(cfg, c);
+      t.set_verbose(false);
+      const int rank = c ? c->rank() : 0;
+      if (rank == 0) {
+        t.on_step([&](const StepMetrics& m) {
+          run.losses.push_back(m.loss);
+          run.norms.push_back(m.grad_norm);
+        });
+      }
+      t.run();
+      const float* w = t.model().flat_master().data_as<float>();
+      std::lock_guard<std::mutex> lock(mu);
+      finals[rank].assign(w, w + t.model().num_parameters());
+    };
+    if (n == 1) {
+      body(nullptr);
+    } else {
+      comm::LoopbackWorld world(n);
+      world.run([&](comm::Communicator& c) { body(&c); });
+    }
+    run.weights = finals[0];
+    for (int r = 1; r < n; ++r) run.replicas_equal &= finals[r] == finals[0];
+    return run;
+  }
+
+  static void expect_close(const DpRun& got, const DpRun& want, float loss_rel, float weight_abs) {
+    EXPECT_TRUE(got.replicas_equal) << "the ranks' replicas diverged";
+    ASSERT_EQ(got.losses.size(), want.losses.size());
+    for (std::size_t s = 0; s < got.losses.size(); ++s) {
+      EXPECT_NEAR(got.losses[s], want.losses[s], loss_rel * want.losses[s]) << "step " << s + 1;
+      EXPECT_NEAR(got.norms[s], want.norms[s], 10 * loss_rel * want.norms[s]) << "step " << s + 1;
+    }
+    ASSERT_EQ(got.weights.size(), want.weights.size());
+    float d = 0;
+    for (std::size_t i = 0; i < got.weights.size(); ++i)
+      d = std::max(d, std::abs(got.weights[i] - want.weights[i]));
+    EXPECT_LE(d, weight_abs);
+  }
+
+  fs::path dir_;
+  mutable int counter_ = 0;
+};
+
+// Adam divides by sqrt(v): a weight whose gradient is near zero moves by up to lr either way, so
+// float32 rounding of a gradient shows in the weights as a fraction of one update (lr = 1e-3).
+constexpr float kFp32Loss = 1e-5f, kFp32Weights = 2e-4f;
+
+TEST_F(TrainerDp, Fp32TwoRanksMatchOneRankWithTheGlobalBatch) {
+  expect_close(train(config(2, 1, "fp32"), 2), train(config(4, 1, "fp32"), 1), kFp32Loss,
+               kFp32Weights);
+}
+
+TEST_F(TrainerDp, Fp32ThreeRanksMatchOneRankWithTheGlobalBatch) {
+  expect_close(train(config(1, 1, "fp32"), 3), train(config(3, 1, "fp32"), 1), kFp32Loss,
+               kFp32Weights);
+}
+
+TEST_F(TrainerDp, AccumulationOnTwoRanksMatchesTheGlobalBatch) {
+  expect_close(train(config(1, 2, "fp32"), 2), train(config(4, 1, "fp32"), 1), kFp32Loss,
+               kFp32Weights);
+}
+
+TEST_F(TrainerDp, SameSeedGivesBitIdenticalRuns) {
+  const DpRun a = train(config(2, 2, "bf16"), 2), b = train(config(2, 2, "bf16"), 2);
+  EXPECT_TRUE(a.replicas_equal);
+  EXPECT_EQ(a.losses, b.losses);
+  EXPECT_EQ(a.weights, b.weights);
+}
+
+TEST_F(TrainerDp, Bf16TwoRanksAgreeWithOneRankWithinTolerance) {
+  const DpRun dp = train(config(2, 1, "bf16"), 2), one = train(config(4, 1, "bf16"), 1);
+  EXPECT_TRUE(dp.replicas_equal);
+  ASSERT_EQ(dp.losses.size(), one.losses.size());
+  for (std::size_t s = 0; s < dp.losses.size(); ++s)
+    EXPECT_NEAR(dp.losses[s], one.losses[s], 2e-2 * one.losses[s]) << "step " << s + 1;
+}
+
+}  // namespace
+}  // namespace meshtrain::launch
