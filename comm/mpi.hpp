@@ -9,10 +9,14 @@
 // comm/mpi/mpi_backend.cpp for why there is no progress thread. Errors come back as MpiError
 // (the communicators use MPI_ERRORS_RETURN).
 //
+// Large allreduces and reduce-scatters run as rings over point-to-point messages, advanced by
+// the same calls (comm/mpi/ring.hpp: faster than Open MPI's non-blocking collectives there).
+//
 // 16-bit reductions (bf16, fp16) accumulate in fp32, in one of two ways (Reduce16):
-//  - kWireOp: MPI user-defined ops on the 16-bit data. Half the bytes of fp32 on the wire; each
-//    pairwise step adds in fp32 and rounds to 16 bits, so a reduction over n ranks rounds up to
-//    ceil(log2 n) (tree) or n - 1 (ring) times, as NCCL does.
+//  - kWireOp: 16-bit data on the wire, combined in fp32 and rounded at every step: by MPI
+//    user-defined ops below the ring threshold, by the ring's own loop above it. Half the bytes
+//    of fp32; a reduction over n ranks rounds up to ceil(log2 n) (tree) or n - 1 (ring) times,
+//    as NCCL does.
 //  - kConvert: convert to fp32, reduce fp32, convert back. One rounding, twice the bytes.
 // The default is the faster one on the benchmark (bench/results/comm.md).
 //
@@ -20,6 +24,7 @@
 // on its compute stream): that is how several ranks can share one GPU in tests.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "comm/communicator.hpp"
@@ -30,6 +35,10 @@ enum class Reduce16 : std::uint8_t { kWireOp, kConvert };
 
 struct MpiOptions {
   Reduce16 reduce16 = Reduce16::kWireOp;
+  // Allreduce and reduce-scatter of at least this many bytes run as a ring over point-to-point
+  // messages (comm/mpi/ring.hpp); smaller ones as MPI non-blocking collectives, whose latency
+  // is lower. SIZE_MAX: never a ring (the benchmark's comparison).
+  std::size_t ring_min_bytes = 64u << 10;
 };
 
 enum class MpiThreads : std::uint8_t {

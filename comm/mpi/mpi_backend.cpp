@@ -8,6 +8,9 @@
 // Work::wait() and every new collective advance all outstanding ones, which is where the DP
 // reducer calls in anyway (it tests its buckets between layers of backward).
 //
+// Allreduce and reduce-scatter of MpiOptions::ring_min_bytes or more run as rings over
+// non-blocking point-to-point messages instead (comm/mpi/ring.hpp), advanced by the same calls.
+//
 // Every collective is first announced on the group's ArrivalBoard (comm/mpi/arrivals.hpp): the
 // side channel that names the ranks that never arrived when a collective times out, and that
 // carries the signatures compared in debug mode.
@@ -24,6 +27,7 @@
 #include "comm/mpi/arrivals.hpp"
 #include "comm/mpi/mpi_check.hpp"
 #include "comm/mpi/reduce16.hpp"
+#include "comm/mpi/ring.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain::comm::detail {
@@ -70,6 +74,7 @@ struct MpiGroup {
   MPI_Op op16[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
                        {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};  // [bf16, fp16][sum, max, min]
   std::uint64_t last_seq = 0;
+  int tag_ub = 32767;     // the largest tag (MPI_TAG_UB; the standard guarantees 32767)
   bool released = false;  // finalized or abandoned
 
   static int index16(DType d) { return d == DType::kBF16 ? 0 : 1; }
@@ -123,7 +128,7 @@ class MpiWork final : public WorkImpl {
       : WorkImpl(c, deadline), group_(std::move(group)) {}
 
   ~MpiWork() override {
-    if (request_ != MPI_REQUEST_NULL) {
+    if (request_ != MPI_REQUEST_NULL || (ring_ && !done_)) {
       // Only reachable when a communicator was abandoned; the buffers are leaked with it.
       log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
     }
@@ -131,9 +136,15 @@ class MpiWork final : public WorkImpl {
 
   bool progress() override {
     if (done_) return true;
-    int flag = 0;
-    MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-    if (!flag) return false;
+    // Every ring in flight, of any group: a peer may be waiting for one this rank is not.
+    ring_progress_all();
+    if (ring_) {
+      if (!ring_->advance()) return false;
+    } else {
+      int flag = 0;
+      MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+      if (!flag) return false;
+    }
     if (finish_) finish_();
     finish_ = nullptr;
     keep_.clear();
@@ -144,6 +155,11 @@ class MpiWork final : public WorkImpl {
   std::string describe_timeout() override { return group_->describe_timeout(collective()); }
 
   MPI_Request* request() { return &request_; }
+  // Runs the collective as a ring (comm/mpi/ring.hpp) instead of an MPI request.
+  void start_ring(const RingSpec& spec) {
+    ring_ = std::make_shared<RingOp>(spec);
+    ring_register(ring_);
+  }
   // Runs once, when the collective has completed (conversions back, avg division, copies back
   // to the device).
   void on_complete(std::function<void()> f) { finish_ = std::move(f); }
@@ -153,6 +169,7 @@ class MpiWork final : public WorkImpl {
  private:
   std::shared_ptr<MpiGroup> group_;
   MPI_Request request_ = MPI_REQUEST_NULL;
+  std::shared_ptr<RingOp> ring_;
   std::function<void()> finish_;
   std::vector<Tensor> keep_;
   bool done_ = false;
@@ -352,6 +369,32 @@ class MpiBackend final : public Backend {
     };
   }
 
+  // Large reductions run as rings (comm/mpi/ring.hpp), small ones as libnbc collectives, whose
+  // latency is lower.
+  bool use_ring(std::size_t bytes) const {
+    return g_->size >= 2 && bytes >= g_->mpi.ring_min_bytes;
+  }
+
+  RingSpec ring_spec(const Collective& c, bool reduce_scatter, DType dtype, const void* in,
+                     void* out, std::int64_t count) const {
+    RingSpec r;
+    r.reduce_scatter = reduce_scatter;
+    r.dtype = dtype;
+    r.op = c.reduce;
+    r.in = in;
+    r.out = out;
+    r.count = count;
+    r.final_scale = avg_scale(c.reduce);
+    r.fortran_comm = static_cast<std::int32_t>(MPI_Comm_c2f(g_->comm));
+    // One tag per operation, so that concurrent rings never match each other's messages.
+    r.tag = static_cast<int>(c.seq % (static_cast<std::uint64_t>(g_->tag_ub) + 1));
+    return r;
+  }
+
+  static MPI_Op float_op(ReduceOp r) {
+    return r == ReduceOp::kMax ? MPI_MAX : r == ReduceOp::kMin ? MPI_MIN : MPI_SUM;
+  }
+
   void start_allreduce(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {
     MpiGroup& g = *g_;
     const int n = checked_count(in.numel(), c);
@@ -365,33 +408,43 @@ class MpiBackend final : public Backend {
     MPI_Datatype type;
     MPI_Op op;
     if (wire_type(c.dtype, c.reduce, &type, &op)) {
+      if (use_ring(hin.nbytes())) {
+        w.on_complete(finisher(hout, out, c.reduce, false));  // the ring divides for avg
+        w.start_ring(ring_spec(c, false, c.dtype, hin.data(), hout.data(), n));
+        return;
+      }
       const void* send = hin.data() == hout.data() ? MPI_IN_PLACE : hin.data();
       w.on_complete(finisher(hout, out, c.reduce, true));
       MT_MPI_CHECK(MPI_Iallreduce(send, hout.data(), n, type, op, g.comm, w.request()));
       return;
     }
     // Convert-reduce-convert: fp32 on the wire, one rounding at the end.
-    Tensor wide_in = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
-    Tensor wide_out = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
-    widen16(c.dtype, hin.data(), wide_in.data_as<float>(), static_cast<std::size_t>(n));
-    w.keep(wide_in);
-    w.keep(wide_out);
     const float scale = avg_scale(c.reduce);
     auto back = finisher(hout, out, c.reduce, false);
+    Tensor wide = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
+    widen16(c.dtype, hin.data(), wide.data_as<float>(), static_cast<std::size_t>(n));
+    w.keep(wide);
+    if (use_ring(wide.nbytes())) {
+      w.on_complete([wide, hout, back, dtype = c.dtype, n] {
+        narrow16(dtype, wide.data_as<float>(), hout.data(), static_cast<std::size_t>(n), 1.0f);
+        back();
+      });
+      w.start_ring(ring_spec(c, false, DType::kF32, wide.data(), wide.data(), n));
+      return;
+    }
+    Tensor wide_out = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
+    w.keep(wide_out);
     w.on_complete([wide_out, hout, scale, back, dtype = c.dtype, n] {
       narrow16(dtype, wide_out.data_as<float>(), hout.data(), static_cast<std::size_t>(n), scale);
       back();
     });
-    MPI_Op fop = c.reduce == ReduceOp::kMax   ? MPI_MAX
-                 : c.reduce == ReduceOp::kMin ? MPI_MIN
-                                              : MPI_SUM;
-    MT_MPI_CHECK(
-        MPI_Iallreduce(wide_in.data(), wide_out.data(), n, MPI_FLOAT, fop, g.comm, w.request()));
+    MT_MPI_CHECK(MPI_Iallreduce(wide.data(), wide_out.data(), n, MPI_FLOAT, float_op(c.reduce),
+                                g.comm, w.request()));
   }
 
   void start_reduce_scatter(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {
     MpiGroup& g = *g_;
-    checked_count(in.numel(), c);
+    const int total = checked_count(in.numel(), c);
     const int m = checked_count(out.numel(), c);
     Tensor hin = host_copy(in);
     Tensor hout = host_target(out);
@@ -402,6 +455,11 @@ class MpiBackend final : public Backend {
     MPI_Datatype type;
     MPI_Op op;
     if (wire_type(c.dtype, c.reduce, &type, &op)) {
+      if (use_ring(hin.nbytes())) {
+        w.on_complete(finisher(hout, out, c.reduce, false));
+        w.start_ring(ring_spec(c, true, c.dtype, hin.data(), hout.data(), total));
+        return;
+      }
       w.on_complete(finisher(hout, out, c.reduce, true));
       MT_MPI_CHECK(
           MPI_Ireduce_scatter_block(hin.data(), hout.data(), m, type, op, g.comm, w.request()));
@@ -409,20 +467,22 @@ class MpiBackend final : public Backend {
     }
     Tensor wide_in = Tensor::empty(Shape{in.numel()}, DType::kF32, cpu_device());
     Tensor wide_out = Tensor::empty(Shape{out.numel()}, DType::kF32, cpu_device());
-    widen16(c.dtype, hin.data(), wide_in.data_as<float>(), static_cast<std::size_t>(in.numel()));
+    widen16(c.dtype, hin.data(), wide_in.data_as<float>(), static_cast<std::size_t>(total));
     w.keep(wide_in);
     w.keep(wide_out);
-    const float scale = avg_scale(c.reduce);
+    const bool ring = use_ring(wide_in.nbytes());
+    const float scale = ring ? 1.0f : avg_scale(c.reduce);  // the ring divides for avg itself
     auto back = finisher(hout, out, c.reduce, false);
     w.on_complete([wide_out, hout, scale, back, dtype = c.dtype, m] {
       narrow16(dtype, wide_out.data_as<float>(), hout.data(), static_cast<std::size_t>(m), scale);
       back();
     });
-    MPI_Op fop = c.reduce == ReduceOp::kMax   ? MPI_MAX
-                 : c.reduce == ReduceOp::kMin ? MPI_MIN
-                                              : MPI_SUM;
-    MT_MPI_CHECK(MPI_Ireduce_scatter_block(wide_in.data(), wide_out.data(), m, MPI_FLOAT, fop,
-                                           g.comm, w.request()));
+    if (ring) {
+      w.start_ring(ring_spec(c, true, DType::kF32, wide_in.data(), wide_out.data(), total));
+      return;
+    }
+    MT_MPI_CHECK(MPI_Ireduce_scatter_block(wide_in.data(), wide_out.data(), m, MPI_FLOAT,
+                                           float_op(c.reduce), g.comm, w.request()));
   }
 
   void start_all_gather(MpiWork& w, const Collective& c, const Tensor& in, const Tensor& out) {

@@ -83,6 +83,45 @@ void reduce_codec(ReduceOp op, const std::uint16_t* in, std::uint16_t* inout, st
   }
 }
 
+// Loads and stores of fp32 data, so that the fp32 loops share the templates.
+struct F32Codec {
+  static float load(float f) { return f; }
+  static float store(float f) { return f; }
+};
+
+template <typename Codec, typename T, typename Op, bool kScale>
+void reduce3_loop(const T* a, const T* __restrict b, T* out, std::size_t n, float scale) {
+  for (std::size_t i = 0; i < n; ++i) {
+    float v = Op::apply(Codec::load(a[i]), Codec::load(b[i]));
+    if constexpr (kScale) v *= scale;
+    out[i] = Codec::store(v);
+  }
+}
+
+template <typename Codec, typename T>
+void reduce3_codec(ReduceOp op, const void* a, const void* b, void* out, std::size_t n,
+                   float scale) {
+  const T* pa = static_cast<const T*>(a);
+  const T* pb = static_cast<const T*>(b);
+  T* po = static_cast<T*>(out);
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      if (scale != 1.0f) {
+        reduce3_loop<Codec, T, Add, true>(pa, pb, po, n, scale);
+      } else {
+        reduce3_loop<Codec, T, Add, false>(pa, pb, po, n, scale);
+      }
+      return;
+    case ReduceOp::kMax:
+      reduce3_loop<Codec, T, Max, false>(pa, pb, po, n, scale);
+      return;
+    case ReduceOp::kMin:
+      reduce3_loop<Codec, T, Min, false>(pa, pb, po, n, scale);
+      return;
+  }
+}
+
 template <typename Codec>
 void widen_loop(const std::uint16_t* __restrict src, float* __restrict dst, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) dst[i] = Codec::load(src[i]);
@@ -115,6 +154,24 @@ void reduce16(DType dtype, ReduceOp op, const void* in, void* inout, std::size_t
       break;
   }
   MT_ASSERT(false, "reduce16 on {}", dtype_name(dtype));
+}
+
+void reduce_into(DType dtype, ReduceOp op, const void* a, const void* b, void* out, std::size_t n,
+                 float scale) {
+  switch (dtype) {
+    case DType::kF32:
+      reduce3_codec<F32Codec, float>(op, a, b, out, n, scale);
+      return;
+    case DType::kBF16:
+      reduce3_codec<Bf16Codec, std::uint16_t>(op, a, b, out, n, scale);
+      return;
+    case DType::kF16:
+      reduce3_codec<F16Codec, std::uint16_t>(op, a, b, out, n, scale);
+      return;
+    case DType::kI32:
+      break;
+  }
+  MT_ASSERT(false, "reduce_into on {}", dtype_name(dtype));
 }
 
 void widen16(DType dtype, const void* src, float* dst, std::size_t n) {

@@ -20,6 +20,12 @@ void widen16(DType dtype, const void* src, float* dst, std::size_t n);
 // dst[i] = round(src[i] * scale) to bf16 or fp16.
 void narrow16(DType dtype, const float* src, void* dst, std::size_t n, float scale);
 
+// out[i] = round(op(a[i], b[i]) * scale) for fp32, bf16 or fp16: one step of a ring reduction
+// (scale is 1 except at the step that completes an element's reduction under kAvg). `out` may
+// be `a`.
+void reduce_into(DType dtype, ReduceOp op, const void* a, const void* b, void* out, std::size_t n,
+                 float scale);
+
 // x[i] = round(x[i] * scale) in place, for fp32, bf16 or fp16 (the division of kAvg).
 void scale_inplace(DType dtype, void* x, std::size_t n, float scale);
 

@@ -368,6 +368,35 @@ TEST_P(CommSuite, ManyOutstandingAsync) {
   });
 }
 
+TEST_P(CommSuite, RanksWaitInDifferentOrders) {
+  // Large operations run as rings advanced by the waiting rank: waiting on one must keep
+  // advancing the others, or two ranks waiting in different orders would stall each other.
+  h().run(suite_options(), [&](Communicator& c) {
+    const int n = c.size();
+    Communicator other = c.split(0, -c.rank());  // a second group over the same ranks
+    constexpr int kOps = 6;
+    constexpr std::int64_t kCount = 100'003;  // 400 KB of fp32: above the ring threshold
+    std::vector<Work> works;
+    std::vector<Tensor> tensors;
+    std::vector<std::uint64_t> seeds;
+    for (int k = 0; k < kOps; ++k) {
+      Communicator& g = k % 2 == 0 ? c : other;
+      const DType d = k % 3 == 0 ? DType::kF32 : DType::kBF16;
+      seeds.push_back(seed_of(d, kCount, 200 + k));
+      tensors.push_back(make(d, seeds.back(), c.rank(), kCount));
+      works.push_back(g.allreduce(tensors.back(), ReduceOp::kSum));
+    }
+    // Even ranks wait first to last, odd ranks last to first.
+    for (int i = 0; i < kOps; ++i) works[c.rank() % 2 == 0 ? i : kOps - 1 - i].wait();
+    for (int k = 0; k < kOps; ++k) {
+      const DType d = k % 3 == 0 ? DType::kF32 : DType::kBF16;
+      check_reduced(fmt::format("allreduce #{} waited out of order", k), tensors[k].to_floats(),
+                    ReduceOp::kSum, expect(d, seeds[k], n, 0, kCount), d, n);
+    }
+    other.finalize();
+  });
+}
+
 TEST_P(CommSuite, TimeoutNamesTheRankThatNeverArrived) {
   MT_SKIP_ON_REDUCTION_VARIANT();
   if (h().size() < 2) GTEST_SKIP() << "needs a peer to wait for";

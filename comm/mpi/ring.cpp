@@ -1,0 +1,263 @@
+#include "comm/mpi/ring.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <vector>
+
+#include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/reduce16.hpp"
+#include "runtime/log.hpp"
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::comm::detail {
+namespace {
+
+constexpr std::size_t kSegmentBytes = 1u << 20;
+
+int mod(int a, int n) {
+  return ((a % n) + n) % n;
+}
+
+struct RecvSegment {
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::int64_t offset = 0;  // elements into the chunk
+  std::int64_t length = 0;
+  int slot = 0;  // temp buffer, in the reduce-scatter phase
+};
+
+}  // namespace
+
+struct RingOp::Impl {
+  RingSpec s;
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  std::size_t esize = 0;
+  int rank = 0;
+  int size = 1;
+  int left = 0;
+  int right = 0;
+  std::int64_t seg = 0;  // elements per segment
+
+  enum Phase { kReduceScatter, kAllGather, kDone } phase = kReduceScatter;
+  int step = 0;
+
+  // The current step.
+  std::vector<MPI_Request> sends;
+  std::deque<RecvSegment> recvs;
+  std::int64_t recv_chunk = 0;   // chunk index received this step
+  std::int64_t next_offset = 0;  // next segment of the received chunk to post
+  bool free_slot[2] = {true, true};
+
+  Tensor temp;        // 2 segments: what the reduce-scatter phase receives into
+  Tensor partial[2];  // reduce-scatter only: the partial sums passed on between steps
+  std::exception_ptr error;
+  std::atomic<bool> finished{false};
+  std::mutex mu;  // advance() from two threads at once (MPI_THREAD_MULTIPLE) is serialised
+
+  // Element range of chunk c.
+  std::int64_t chunk_begin(std::int64_t c) const {
+    if (s.reduce_scatter) return c * (s.count / size);
+    return c * s.count / size;
+  }
+  std::int64_t chunk_length(std::int64_t c) const { return chunk_begin(c + 1) - chunk_begin(c); }
+
+  const std::uint8_t* in_at(std::int64_t element) const {
+    return static_cast<const std::uint8_t*>(s.in) + element * esize;
+  }
+  std::uint8_t* out_at(std::int64_t element) const {
+    return static_cast<std::uint8_t*>(s.out) + element * esize;
+  }
+
+  int steps() const { return size - 1; }
+
+  // Where the chunk sent at reduce-scatter step `st` lives.
+  const void* rs_send_source(std::int64_t c, int st) const {
+    if (st == 0) return in_at(chunk_begin(c));
+    if (s.reduce_scatter) return partial[(st - 1) % 2].data();
+    return out_at(chunk_begin(c));
+  }
+  // Where the chunk received at reduce-scatter step `st` is combined into.
+  std::uint8_t* rs_destination(std::int64_t c, int st) const {
+    if (!s.reduce_scatter) return out_at(chunk_begin(c));
+    if (st == steps() - 1) return static_cast<std::uint8_t*>(s.out);
+    return static_cast<std::uint8_t*>(partial[st % 2].data());
+  }
+
+  void start_step() {
+    sends.clear();
+    recvs.clear();
+    next_offset = 0;
+    free_slot[0] = free_slot[1] = true;
+    if (phase == kReduceScatter) {
+      // Allreduce ends with chunk r+1 reduced on rank r; reduce-scatter shifts by one so that
+      // rank r ends with chunk r.
+      const int shift = s.reduce_scatter ? 1 : 0;
+      const std::int64_t send_chunk = mod(rank - step - shift, size);
+      recv_chunk = mod(rank - step - 1 - shift, size);
+      const std::int64_t len = chunk_length(send_chunk);
+      const auto* src = static_cast<const std::uint8_t*>(rs_send_source(send_chunk, step));
+      for (std::int64_t off = 0; off < len; off += seg) {
+        const std::int64_t n = std::min(seg, len - off);
+        MPI_Request& r = sends.emplace_back(MPI_REQUEST_NULL);
+        MT_MPI_CHECK(
+            MPI_Isend(src + off * esize, static_cast<int>(n), type, right, s.tag, comm, &r));
+      }
+      post_receives();
+    } else {
+      const std::int64_t send_chunk = mod(rank + 1 - step, size);
+      recv_chunk = mod(rank - step, size);
+      MPI_Request& r = sends.emplace_back(MPI_REQUEST_NULL);
+      MT_MPI_CHECK(MPI_Isend(out_at(chunk_begin(send_chunk)),
+                             static_cast<int>(chunk_length(send_chunk)), type, right, s.tag, comm,
+                             &r));
+      RecvSegment& seg_in = recvs.emplace_back();
+      seg_in.length = chunk_length(recv_chunk);
+      MT_MPI_CHECK(MPI_Irecv(out_at(chunk_begin(recv_chunk)), static_cast<int>(seg_in.length), type,
+                             left, s.tag, comm, &seg_in.request));
+      next_offset = seg_in.length;
+    }
+  }
+
+  // Reduce-scatter phase: keeps a receive posted in every free temp slot.
+  void post_receives() {
+    const std::int64_t len = chunk_length(recv_chunk);
+    for (int slot = 0; slot < 2 && next_offset < len; ++slot) {
+      if (!free_slot[slot]) continue;
+      RecvSegment& r = recvs.emplace_back();
+      r.offset = next_offset;
+      r.length = std::min(seg, len - next_offset);
+      r.slot = slot;
+      free_slot[slot] = false;
+      next_offset += r.length;
+      auto* buf = static_cast<std::uint8_t*>(temp.data()) + slot * seg * esize;
+      MT_MPI_CHECK(MPI_Irecv(buf, static_cast<int>(r.length), type, left, s.tag, comm, &r.request));
+    }
+  }
+
+  bool advance_locked() {
+    while (phase != kDone) {
+      // Received segments, in order: combine them, then reuse their slot.
+      while (!recvs.empty()) {
+        RecvSegment& r = recvs.front();
+        int flag = 0;
+        MT_MPI_CHECK(MPI_Test(&r.request, &flag, MPI_STATUS_IGNORE));
+        if (!flag) break;
+        if (phase == kReduceScatter) {
+          const bool last = step == steps() - 1;
+          const std::int64_t first = chunk_begin(recv_chunk) + r.offset;
+          const auto* recv = static_cast<const std::uint8_t*>(temp.data()) + r.slot * seg * esize;
+          std::uint8_t* dst = rs_destination(recv_chunk, step) + r.offset * esize;
+          reduce_into(s.dtype, s.op, in_at(first), recv, dst, static_cast<std::size_t>(r.length),
+                      last ? s.final_scale : 1.0f);
+          free_slot[r.slot] = true;
+          recvs.pop_front();
+          post_receives();
+        } else {
+          recvs.pop_front();
+        }
+      }
+      int sent = 0;
+      MT_MPI_CHECK(
+          MPI_Testall(static_cast<int>(sends.size()), sends.data(), &sent, MPI_STATUSES_IGNORE));
+      if (!recvs.empty() || !sent) return false;
+      if (++step == steps()) {
+        step = 0;
+        phase = phase == kReduceScatter && !s.reduce_scatter ? kAllGather : kDone;
+      }
+      if (phase != kDone) start_step();
+    }
+    finished = true;
+    return true;
+  }
+};
+
+RingOp::RingOp(const RingSpec& spec) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.s = spec;
+  m.comm = MPI_Comm_f2c(spec.fortran_comm);
+  m.esize = dtype_size(spec.dtype);
+  m.type = spec.dtype == DType::kF32 ? MPI_FLOAT : MPI_UINT16_T;
+  MT_MPI_CHECK(MPI_Comm_rank(m.comm, &m.rank));
+  MT_MPI_CHECK(MPI_Comm_size(m.comm, &m.size));
+  MT_ASSERT(m.size >= 2, "a ring needs two ranks");
+  MT_ASSERT(!spec.reduce_scatter || spec.count % m.size == 0, "reduce-scatter of {} over {} ranks",
+            spec.count, m.size);
+  m.left = mod(m.rank - 1, m.size);
+  m.right = mod(m.rank + 1, m.size);
+  m.seg = std::max<std::int64_t>(1, static_cast<std::int64_t>(kSegmentBytes / m.esize));
+  m.temp = Tensor::empty(Shape{2 * m.seg}, spec.dtype, cpu_device());
+  if (spec.reduce_scatter && m.size > 2) {
+    const std::int64_t chunk = spec.count / m.size;
+    m.partial[0] = Tensor::empty(Shape{chunk}, spec.dtype, cpu_device());
+    m.partial[1] = Tensor::empty(Shape{chunk}, spec.dtype, cpu_device());
+  }
+  m.start_step();
+}
+
+RingOp::~RingOp() {
+  if (impl_ && !impl_->finished) {
+    // Only reachable for an abandoned group; its requests may still write into the buffers.
+    log::warn("ring operation destroyed before it completed: its buffers are leaked");
+    new Tensor(impl_->temp);
+    new Tensor(impl_->partial[0]);
+    new Tensor(impl_->partial[1]);
+  }
+}
+
+bool RingOp::advance() {
+  std::lock_guard lock(impl_->mu);
+  if (impl_->error) std::rethrow_exception(impl_->error);
+  return impl_->advance_locked();
+}
+
+namespace {
+struct Registry {
+  std::mutex mu;
+  std::vector<std::weak_ptr<RingOp>> ops;
+};
+// The list holds weak references only: it owns no operation, buffer or communicator.
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+}  // namespace
+
+void ring_register(const std::shared_ptr<RingOp>& op) {
+  Registry& r = registry();
+  std::lock_guard lock(r.mu);
+  r.ops.push_back(op);
+}
+
+void ring_progress_all() noexcept {
+  Registry& r = registry();
+  std::vector<std::shared_ptr<RingOp>> live;
+  {
+    std::lock_guard lock(r.mu);
+    std::erase_if(r.ops, [](const std::weak_ptr<RingOp>& w) { return w.expired(); });
+    for (const auto& w : r.ops) {
+      if (auto op = w.lock()) live.push_back(std::move(op));
+    }
+  }
+  for (const auto& op : live) {
+    RingOp::Impl& m = *op->impl_;
+    std::unique_lock lock(m.mu, std::try_to_lock);
+    if (!lock.owns_lock() || m.error || m.finished) continue;
+    try {
+      m.advance_locked();
+    } catch (...) {
+      m.error = std::current_exception();
+    }
+  }
+  std::lock_guard lock(r.mu);
+  std::erase_if(r.ops, [](const std::weak_ptr<RingOp>& w) {
+    auto op = w.lock();
+    return !op || op->impl_->finished;
+  });
+}
+
+}  // namespace meshtrain::comm::detail
