@@ -192,6 +192,8 @@ const std::vector<Key>& keys() {
               "stop after this many non-finite steps in a row"),
       int_key("train", "threads", &TrainConfig::threads, 0, 4096,
               "CPU threads per rank (0 = automatic)"),
+      int_key("train", "zero", &TrainConfig::zero, 0, 1,
+              "1: ZeRO-1, AdamW on this rank's 1/DP shard (sharded Adam state)"),
       double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0.001, 1 << 16,
                  "data parallelism: gradient bucket size in MiB"),
       string_key("dp", "overlap", &TrainConfig::dp_overlap, {"on", "off"},

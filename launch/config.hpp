@@ -46,6 +46,7 @@ struct TrainConfig {
   // [dp] data parallelism (mpirun -np N: DP = N)
   double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
   std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
+  int zero = 0;                      // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
 
   // [eval]
   int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)

@@ -56,7 +56,7 @@ Continues a prompt with the model a training run saved (DIR/config.toml, DIR/mod
 )";
 
 constexpr const char* kPlanUsage = R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
-                      [--batch B] [--seq T] [--precision P]
+                      [--batch B] [--seq T] [--precision P] [--dp N]
                       [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
 
 Parameters, training FLOPs per token and memory per rank for a model, and with a compute budget,
@@ -66,6 +66,7 @@ training compute C = 6 N D).
   --model PRESET         gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-small, gpt-tiny
   --batch B, --seq T     micro-batch for the activation estimate (default: the config's)
   --precision P          fp32, bf16 (default) or fp16
+  --dp N                 data-parallel ranks: also shows what ZeRO-1 (train.zero = 1) saves
   --budget-flops F       a compute budget in FLOPs, e.g. 1e21
   --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
                          and --mfu (default 0.4)
@@ -213,7 +214,7 @@ int cmd_generate(Args a) {
 int cmd_plan(Args a) {
   std::string config, model;
   std::vector<std::string> sets;
-  int batch = 0, seq = 0;
+  int batch = 0, seq = 0, dp = 1;
   std::string precision;
   double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
   while (a.more()) {
@@ -233,6 +234,8 @@ int cmd_plan(Args a) {
       seq = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
     } else if (f == "--precision") {
       precision = a.next(f);
+    } else if (f == "--dp") {
+      dp = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
     } else if (f == "--budget-flops") {
       budget_flops = parse_number(f, a.next(f), 1, 1e40);
     } else if (f == "--budget-gpu-hours") {
@@ -269,6 +272,24 @@ int cmd_plan(Args a) {
   std::printf("  AdamW state      %s\n", human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
   std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
   std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
+  if (dp > 1) {
+    // ZeRO-1 as the trainer implements it: the AdamW state (and the reduced gradients it reads)
+    // live as this rank's 1/dp shard of the flat buffer padded to a multiple of dp; the model
+    // still holds whole parameter, gradient and master buffers (one fp32 shard-sized gradient
+    // buffer and a padded gradient staging buffer are added).
+    const std::int64_t n = m.num_parameters();
+    const std::int64_t shard = (n + dp - 1) / dp;
+    const std::int64_t adam = 2 * 4 * shard;
+    const std::int64_t extra = 4 * shard + 4 * shard * dp + mem.parameters / n * shard * dp;
+    const std::int64_t total = mem.total() - mem.optimizer_state + adam + extra;
+    std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
+    std::printf("  AdamW state      %s (shard of %lld parameters)\n",
+                human_bytes(static_cast<double>(adam)).c_str(), static_cast<long long>(shard));
+    std::printf("  ZeRO buffers     %s (padded gradients and parameters, gradient shard)\n",
+                human_bytes(static_cast<double>(extra)).c_str());
+    std::printf("  total            %s (saves %s per rank)\n", human_bytes(static_cast<double>(total)).c_str(),
+                human_bytes(static_cast<double>(mem.total() - total)).c_str());
+  }
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) {
     // Chinchilla (Hoffmann et al. 2022): D = 20 N and C = 6 N D, so N = sqrt(C / 120).

@@ -124,7 +124,19 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
 
   model_ = std::make_unique<models::GPT>(model_cfg_, policy_);
   model_->init_weights(cfg_.seed);
-  if (mesh_.dp_size() > 1) {
+  const std::int64_t n_params = model_->num_parameters();
+  zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;
+  if (zero_) {
+    // ZeRO-1: this rank owns flat elements [shard_lo_, shard_lo_ + shard_n_) of a buffer padded
+    // to a multiple of DP: their reduced gradients, Adam state and master weights. Gradients are
+    // reduce-scattered after backward; the updated 16-bit parameters are all-gathered.
+    const std::int64_t dp = mesh_.dp_size();
+    shard_n_ = (n_params + dp - 1) / dp;
+    shard_lo_ = shard_n_ * mesh_.dp_rank();
+    grad_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, DType::kF32);
+    grad_shard_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
+    param_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, policy_.param);
+  } else if (mesh_.dp_size() > 1) {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
@@ -134,8 +146,9 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     model_->set_grads_ready_hook(
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
-  m_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
-  v_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32);
+  if (!zero_) shard_n_ = n_params;
+  m_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
+  v_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
@@ -211,7 +224,23 @@ StepMetrics Trainer::step(int step) {
     m.comm_wait_ms = rs.wait_ms;
     m.comm_hidden = rs.hidden;
   }
-  m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
+  if (zero_) {
+    const auto tc = Clock::now();
+    Tensor loss = Tensor::from_floats({m.loss}, Shape{1}, DType::kF32);
+    comm::Work loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
+    grad_pad_.slice(0, model_->num_parameters()).copy_from(model_->flat_grads());
+    mesh_.dp().reduce_scatter(grad_pad_, grad_shard_, comm::ReduceOp::kAvg).wait();
+    loss_work.wait();
+    m.loss = loss.data_as<float>()[0];
+    // The squared norm summed over the shards (the padding is zero).
+    Tensor sq = Tensor::from_floats({static_cast<float>(ops::sum_of_squares(grad_shard_))},
+                                    Shape{1}, DType::kF32);
+    mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
+    m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
+    m.comm_wait_ms = seconds_since(tc) * 1e3;
+  } else {
+    m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
+  }
   const bool finite = std::isfinite(m.loss) && std::isfinite(m.grad_norm);
   if (policy_.loss_scaling) scaler_.update(!finite);
   if (!finite) {
@@ -232,7 +261,15 @@ StepMetrics Trainer::step(int step) {
     if (cfg_.grad_clip > 0 && m.grad_norm > cfg_.grad_clip)
       clip = static_cast<float>(cfg_.grad_clip / (m.grad_norm + 1e-6));
     const auto& params = model_->params();
+    // This rank updates flat elements [own_lo, own_hi): all of them, or its ZeRO-1 shard, whose
+    // gradients, m and v start at own_lo.
+    const std::int64_t own_lo = zero_ ? shard_lo_ : 0;
+    const std::int64_t own_hi = std::min(model_->num_parameters(), own_lo + shard_n_);
+    const Tensor& grads = zero_ ? grad_shard_ : model_->flat_grads();
     for (std::size_t i = 0; i < params.size(); ++i) {
+      const std::int64_t lo = std::max(params[i].offset, own_lo);
+      const std::int64_t hi = std::min(params[i].offset + params[i].shape.numel(), own_hi);
+      if (hi <= lo) continue;
       ops::AdamWParams p;
       p.lr = static_cast<float>(m.lr);
       p.beta1 = static_cast<float>(cfg_.beta1);
@@ -241,11 +278,16 @@ StepMetrics Trainer::step(int step) {
       p.weight_decay = params[i].decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
       p.step = step + 1 - skipped_;
       p.grad_scale = clip / scale;
-      Tensor param = policy_.has_master_copy() ? model_->param(i) : Tensor();
-      Tensor master = model_->master(i);
-      Tensor mi = m_.slice(params[i].offset, params[i].shape.numel());
-      Tensor vi = v_.slice(params[i].offset, params[i].shape.numel());
-      ops::adamw_update(param, master, model_->grad(i).flat(), mi, vi, p);
+      Tensor param = policy_.has_master_copy() ? model_->flat_params().slice(lo, hi - lo) : Tensor();
+      Tensor master = model_->flat_master().slice(lo, hi - lo);
+      Tensor mi = m_.slice(lo - own_lo, hi - lo);
+      Tensor vi = v_.slice(lo - own_lo, hi - lo);
+      ops::adamw_update(param, master, grads.slice(lo - own_lo, hi - lo), mi, vi, p);
+    }
+    if (zero_) {
+      const auto tc = Clock::now();
+      zero_gather(model_->flat_params(), param_pad_);
+      m.comm_wait_ms += seconds_since(tc) * 1e3;
     }
   }
   m.step_ms = seconds_since(t0) * 1e3;
@@ -256,6 +298,15 @@ StepMetrics Trainer::step(int step) {
   m.mfu = model_cfg_.training_flops_per_token(cfg_.seq_len) * m.tokens_per_s / peak_flops_ /
           mesh_.world_size();
   return m;
+}
+
+void Trainer::zero_gather(Tensor& flat, Tensor& pad) {
+  const std::int64_t valid =
+      std::clamp<std::int64_t>(model_->num_parameters() - shard_lo_, 0, shard_n_);
+  Tensor own = pad.slice(shard_lo_, shard_n_);
+  if (valid > 0) own.slice(0, valid).copy_from(flat.slice(shard_lo_, valid));
+  mesh_.dp().all_gather(own, pad).wait();
+  flat.copy_from(pad.slice(0, model_->num_parameters()));
 }
 
 float Trainer::evaluate() {
@@ -439,6 +490,11 @@ TrainResult Trainer::run() {
   r.tokens_per_s = seconds_total > 0 ? tokens_total / seconds_total : 0;
   r.unigram_entropy = unigram_entropy_;
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
+  if (zero_ && policy_.has_master_copy()) {
+    // Each rank's master weights are current on its shard only.
+    Tensor pad = Tensor::zeros(Shape{shard_n_ * mesh_.dp_size()}, DType::kF32);
+    zero_gather(model_->flat_master(), pad);
+  }
   if (is_root()) {
     std::vector<std::pair<std::string, Tensor>> weights;
     for (std::size_t i = 0; i < model_->params().size(); ++i)

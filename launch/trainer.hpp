@@ -95,11 +95,17 @@ class Trainer {
   TrainConfig cfg_;
   PrecisionPolicy policy_;
   parallel::Mesh mesh_;
-  std::unique_ptr<parallel::GradReducer> reducer_;  // null on one rank
+  std::unique_ptr<parallel::GradReducer> reducer_;  // plain DP only
+  // ZeRO-1 (train.zero = 1 with DP > 1): this rank's shard of the padded flat buffers.
+  bool zero_ = false;
+  std::int64_t shard_lo_ = 0, shard_n_ = 0;  // without ZeRO: 0 and every parameter
+  Tensor grad_pad_, grad_shard_, param_pad_;
+  // All-gathers every rank's shard of `flat` (through `pad`, padded to DP x shard) into `flat`.
+  void zero_gather(Tensor& flat, Tensor& pad);
   models::GPTConfig model_cfg_;
   std::unique_ptr<data::Dataset> data_;
   std::unique_ptr<models::GPT> model_;
-  Tensor m_, v_;  // AdamW state, fp32 flat
+  Tensor m_, v_;  // AdamW state, fp32 flat (this rank's shard under ZeRO-1)
   LrSchedule schedule_;
   DynamicLossScaler scaler_;
   Tensor inputs_, targets_;

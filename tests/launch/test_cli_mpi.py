@@ -10,12 +10,12 @@ import sys
 import tempfile
 
 
-def train(cmd, run_dir, batch):
+def train(cmd, run_dir, batch, extra=()):
     args = cmd + ["train", "--quiet", "--set", "model.preset=gpt-tiny", "--set", "train.steps=8",
                   "--set", f"train.batch_size={batch}", "--set", "train.seq_len=32",
                   "--set", "train.precision=fp32", "--set", "train.threads=1",
                   "--set", "sample.tokens=0", "--set", "eval.every=0", "--set", "dp.bucket_mb=0.05",
-                  "--set", f"run.dir={run_dir}"]
+                  "--set", f"run.dir={run_dir}", *extra]
     p = subprocess.run(args, capture_output=True, text=True, timeout=240)
     if p.returncode != 0:
         sys.exit(f"FAIL: {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
@@ -41,6 +41,13 @@ def main():
         for s, (x, y) in enumerate(zip(loss1, lossn)):
             if abs(x - y) > 1e-5 * abs(x):
                 sys.exit(f"FAIL: step {s + 1}: one rank {x}, {a.ranks} ranks {y}")
+        # ZeRO-1 over MPI (reduce-scatter, sharded AdamW, all-gather) matches too.
+        _, zero = train(a.mpiexec.split() + [str(a.ranks), a.meshtrain], os.path.join(tmp, "zero"), 1,
+                        ("--set", "train.zero=1"))
+        lossz = [r["loss"] for r in zero if "loss" in r]
+        for s, (x, y) in enumerate(zip(loss1, lossz)):
+            if abs(x - y) > 1e-5 * abs(x):
+                sys.exit(f"FAIL: ZeRO-1 step {s + 1}: one rank {x}, {a.ranks} ranks {y}")
         comm = [r for r in dp if "comm_wait_ms" in r]
         if len(comm) != 8 or not all(0 <= r["comm_hidden"] <= 1 for r in comm):
             sys.exit(f"FAIL: communication metrics missing or out of range: {comm}")
