@@ -324,25 +324,30 @@ void GPT::backward(float loss_multiplier) {
     // dresidual holds the gradient of this layer's output.
     Tensor dw = grad(L.fcproj_w), db = grad(L.fcproj_b);
     ops::linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
+    ready(L.fcproj_w, L.fcproj_b);
     ops::gelu_backward(dfch_, dfch_, x.fch);
     dw = grad(L.fc_w);
     db = grad(L.fc_b);
     ops::linear_backward(&dln_, dw, &db, dfch_, x.ln2, param(L.fc_w));
+    ready(L.fc_w, L.fc_b);
     Tensor dgw = grad(L.ln2_w), dgb = grad(L.ln2_b);
     ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual2, param(L.ln2_w), x.ln2_mean,
                             x.ln2_rstd, /*accumulate_dx=*/true);
+    ready(L.ln2_w, L.ln2_b);
     dw = grad(L.proj_w);
     db = grad(L.proj_b);
     ops::linear_backward(&datty_, dw, &db, dresidual_, x.atty, param(L.proj_w));
+    ready(L.proj_w, L.proj_b);
     ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, cfg_.n_head);
     dw = grad(L.qkv_w);
     db = grad(L.qkv_b);
     ops::linear_backward(&dln_, dw, &db, dqkv_, x.ln1, param(L.qkv_w));
+    ready(L.qkv_w, L.qkv_b);
     dgw = grad(L.ln1_w);
     dgb = grad(L.ln1_b);
     ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual, param(L.ln1_w), x.ln1_mean,
                             x.ln1_rstd, /*accumulate_dx=*/true);
-    ready(L.ln1_w, L.fcproj_b);
+    ready(L.ln1_w, L.ln1_b);
   }
   Tensor dwpe = grad(wpe_);
   ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);

@@ -106,9 +106,10 @@ class GPT {
   void backward(float loss_multiplier = 1.0f);
   void zero_grads() { grads_flat_.zero_(); }
   // Called by backward each time the gradients of flat elements [begin, end) are final for this
-  // backward: the final LayerNorm, then each layer from the last to the first, then the
-  // embeddings (wte is also written by the LM head, so it is final only at the end). The ranges
-  // tile the flat buffer, in decreasing offsets. The data-parallel reducer starts a bucket's
+  // backward: the final LayerNorm, then each layer's weight-and-bias pairs from the last layer's
+  // MLP projection to the first layer's ln_1, then the embeddings (wte is also written by the LM
+  // head, so it is final only at the end). The ranges tile the flat buffer, in decreasing
+  // offsets. Several calls per layer give a reducer as many chances to progress communication. The data-parallel reducer starts a bucket's
   // reduction from here while backward goes on. Not called when no target was counted.
   using GradsReadyHook = std::function<void(std::int64_t begin, std::int64_t end)>;
   void set_grads_ready_hook(GradsReadyHook hook) { grads_ready_ = std::move(hook); }
