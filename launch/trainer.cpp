@@ -389,7 +389,8 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
     if (bytes) {
       out.push_back(static_cast<char>(ids[i]));
     } else {
-      out += (out.empty() ? "" : " ") + std::to_string(ids[i]);
+      if (!out.empty()) out.push_back(' ');
+      out += std::to_string(ids[i]);
     }
   }
   return out;
