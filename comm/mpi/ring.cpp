@@ -18,6 +18,9 @@ namespace meshtrain::comm::detail {
 namespace {
 
 constexpr std::size_t kSegmentBytes = 1u << 20;
+// Below this, an allreduce over two ranks exchanges whole buffers (one synchronisation
+// instead of two; each rank reduces everything); above it the ring's halved reduction wins.
+constexpr std::size_t kExchangeMaxBytes = 4u << 20;
 
 int mod(int a, int n) {
   return ((a % n) + n) % n;
@@ -42,6 +45,9 @@ struct RingOp::Impl {
   int left = 0;
   int right = 0;
   std::int64_t seg = 0;  // elements per segment
+  // Two ranks, below kExchangeMaxBytes: exchange whole buffers and reduce everything in one
+  // step instead of the ring's two.
+  bool exchange = false;
 
   enum Phase { kReduceScatter, kAllGather, kDone } phase = kReduceScatter;
   int step = 0;
@@ -61,6 +67,7 @@ struct RingOp::Impl {
 
   // Element range of chunk c.
   std::int64_t chunk_begin(std::int64_t c) const {
+    if (exchange) return c == 0 ? 0 : s.count;
     if (s.reduce_scatter) return c * (s.count / size);
     return c * s.count / size;
   }
@@ -73,7 +80,7 @@ struct RingOp::Impl {
     return static_cast<std::uint8_t*>(s.out) + element * esize;
   }
 
-  int steps() const { return size - 1; }
+  int steps() const { return exchange ? 1 : size - 1; }
 
   // Where the chunk sent at reduce-scatter step `st` lives.
   const void* rs_send_source(std::int64_t c, int st) const {
@@ -97,8 +104,8 @@ struct RingOp::Impl {
       // Allreduce ends with chunk r+1 reduced on rank r; reduce-scatter shifts by one so that
       // rank r ends with chunk r.
       const int shift = s.reduce_scatter ? 1 : 0;
-      const std::int64_t send_chunk = mod(rank - step - shift, size);
-      recv_chunk = mod(rank - step - 1 - shift, size);
+      const std::int64_t send_chunk = exchange ? 0 : mod(rank - step - shift, size);
+      recv_chunk = exchange ? 0 : mod(rank - step - 1 - shift, size);
       const std::int64_t len = chunk_length(send_chunk);
       const auto* src = static_cast<const std::uint8_t*>(rs_send_source(send_chunk, step));
       for (std::int64_t off = 0; off < len; off += seg) {
@@ -148,6 +155,13 @@ struct RingOp::Impl {
         MT_MPI_CHECK(MPI_Test(&r.request, &flag, MPI_STATUS_IGNORE));
         if (!flag) break;
         if (phase == kReduceScatter) {
+          if (exchange) {
+            // In place, the segment about to be overwritten is the one this rank sends: its
+            // send must have completed (the peer has copied it) first.
+            int sent_seg = 0;
+            MT_MPI_CHECK(MPI_Test(&sends[r.offset / seg], &sent_seg, MPI_STATUS_IGNORE));
+            if (!sent_seg) break;
+          }
           const bool last = step == steps() - 1;
           const std::int64_t first = chunk_begin(recv_chunk) + r.offset;
           const auto* recv = static_cast<const std::uint8_t*>(temp.data()) + r.slot * seg * esize;
@@ -167,7 +181,7 @@ struct RingOp::Impl {
       if (!recvs.empty() || !sent) return false;
       if (++step == steps()) {
         step = 0;
-        phase = phase == kReduceScatter && !s.reduce_scatter ? kAllGather : kDone;
+        phase = phase == kReduceScatter && !s.reduce_scatter && !exchange ? kAllGather : kDone;
       }
       if (phase != kDone) start_step();
     }
@@ -190,6 +204,8 @@ RingOp::RingOp(const RingSpec& spec) : impl_(std::make_unique<Impl>()) {
   m.left = mod(m.rank - 1, m.size);
   m.right = mod(m.rank + 1, m.size);
   m.seg = std::max<std::int64_t>(1, static_cast<std::int64_t>(kSegmentBytes / m.esize));
+  m.exchange = !spec.reduce_scatter && m.size == 2 &&
+               static_cast<std::size_t>(spec.count) * m.esize < kExchangeMaxBytes;
   m.temp = Tensor::empty(Shape{2 * m.seg}, spec.dtype, cpu_device());
   if (spec.reduce_scatter && m.size > 2) {
     const std::int64_t chunk = spec.count / m.size;
