@@ -11,9 +11,9 @@
 // Algorithm (rank r of n, buffer in n chunks): reduce-scatter in n-1 steps, each sending one
 // chunk to rank r+1 and receiving one from rank r-1, which is combined with this rank's input
 // into the output (or a scratch chunk for reduce-scatter); then, for allreduce, all-gather in
-// n-1 steps passing the reduced chunks around. An allreduce over exactly two ranks below 4 MiB
-// instead exchanges the whole buffers and each rank reduces all of it: one synchronisation
-// instead of two, which measured faster there (the ring's halved reduction wins above). Within a
+// n-1 steps passing the reduced chunks around. An allreduce over exactly two ranks below
+// 512 KiB instead exchanges the whole buffers and each rank reduces all of it: one
+// synchronisation instead of two, which measured faster there (the ring wins above). Within a
 // step the chunk travels in segments of 1 MiB received into two alternating buffers, so that the
 // reduction of one segment reads data still in cache. One tag per operation (from its sequence
 // number) keeps concurrent operations apart; within one, MPI's non-overtaking order matches the

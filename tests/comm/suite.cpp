@@ -24,7 +24,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr DType kFloatTypes[] = {DType::kF32, DType::kBF16, DType::kF16};
-constexpr std::int64_t kCounts[] = {1, 7, 1'000'003};
+// 65'537 also takes the two-rank exchange path of the MPI backend (64-512 KiB).
+constexpr std::int64_t kCounts[] = {1, 7, 65'537, 1'000'003};
 constexpr ReduceOp kOps[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin};
 
 std::uint64_t mix(std::uint64_t x) {
