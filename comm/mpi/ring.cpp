@@ -56,6 +56,7 @@ struct RingOp::Impl {
 
   // The current step.
   std::vector<MPI_Request> sends;
+  std::vector<MPI_Request> next_sends;  // the next step's, posted as this step finishes segments
   std::deque<RecvSegment> recvs;
   std::int64_t recv_chunk = 0;   // chunk index received this step
   std::int64_t next_offset = 0;  // next segment of the received chunk to post
@@ -84,12 +85,6 @@ struct RingOp::Impl {
 
   int steps() const { return exchange ? 1 : size - 1; }
 
-  // Where the chunk sent at reduce-scatter step `st` lives.
-  const void* rs_send_source(std::int64_t c, int st) const {
-    if (st == 0) return in_at(chunk_begin(c));
-    if (s.reduce_scatter) return partial[(st - 1) % 2].data();
-    return out_at(chunk_begin(c));
-  }
   // Where the chunk received at reduce-scatter step `st` is combined into.
   std::uint8_t* rs_destination(std::int64_t c, int st) const {
     if (!s.reduce_scatter) return out_at(chunk_begin(c));
@@ -97,8 +92,17 @@ struct RingOp::Impl {
     return static_cast<std::uint8_t*>(partial[st % 2].data());
   }
 
+  // Whether the current step is the last of the whole operation.
+  bool last_step() const {
+    if (step != steps() - 1) return false;
+    return exchange || phase == kAllGather || s.reduce_scatter;
+  }
+
   void start_step() {
-    sends.clear();
+    // This step's sends were posted segment by segment as the previous step finished them
+    // (forward()), except the first step's, which come from the input.
+    sends = std::move(next_sends);
+    next_sends.clear();
     recvs.clear();
     next_offset = 0;
     free_slot[0] = free_slot[1] = true;
@@ -108,28 +112,45 @@ struct RingOp::Impl {
       const int shift = s.reduce_scatter ? 1 : 0;
       const std::int64_t send_chunk = exchange ? 0 : mod(rank - step - shift, size);
       recv_chunk = exchange ? 0 : mod(rank - step - 1 - shift, size);
-      const std::int64_t len = chunk_length(send_chunk);
-      const auto* src = static_cast<const std::uint8_t*>(rs_send_source(send_chunk, step));
-      for (std::int64_t off = 0; off < len; off += seg) {
-        const std::int64_t n = std::min(seg, len - off);
-        MPI_Request& r = sends.emplace_back(MPI_REQUEST_NULL);
-        MT_MPI_CHECK(
-            MPI_Isend(src + off * esize, static_cast<int>(n), type, right, s.tag, comm, &r));
+      if (step == 0) {
+        const std::int64_t len = chunk_length(send_chunk);
+        const auto* src = in_at(chunk_begin(send_chunk));
+        for (std::int64_t off = 0; off < len; off += seg) {
+          const std::int64_t n = std::min(seg, len - off);
+          MPI_Request& r = sends.emplace_back(MPI_REQUEST_NULL);
+          MT_MPI_CHECK(
+              MPI_Isend(src + off * esize, static_cast<int>(n), type, right, s.tag, comm, &r));
+        }
       }
       post_receives();
     } else {
-      const std::int64_t send_chunk = mod(rank + 1 - step, size);
       recv_chunk = mod(rank - step, size);
-      MPI_Request& r = sends.emplace_back(MPI_REQUEST_NULL);
-      MT_MPI_CHECK(MPI_Isend(out_at(chunk_begin(send_chunk)),
-                             static_cast<int>(chunk_length(send_chunk)), type, right, s.tag, comm,
-                             &r));
-      RecvSegment& seg_in = recvs.emplace_back();
-      seg_in.length = chunk_length(recv_chunk);
-      MT_MPI_CHECK(MPI_Irecv(out_at(chunk_begin(recv_chunk)), static_cast<int>(seg_in.length), type,
-                             left, s.tag, comm, &seg_in.request));
-      next_offset = seg_in.length;
+      // Straight into the output, every segment at once.
+      const std::int64_t len = chunk_length(recv_chunk);
+      for (std::int64_t off = 0; off < len; off += seg) {
+        RecvSegment& r = recvs.emplace_back();
+        r.offset = off;
+        r.length = std::min(seg, len - off);
+        MT_MPI_CHECK(MPI_Irecv(out_at(chunk_begin(recv_chunk) + off), static_cast<int>(r.length),
+                               type, left, s.tag, comm, &r.request));
+      }
+      next_offset = len;
     }
+  }
+
+  // A segment of this step's received chunk is final in its destination. The next step sends
+  // exactly that chunk on (in every transition: reduce-scatter to reduce-scatter, to
+  // all-gather, all-gather to all-gather), so the segment is sent at once: the peer can take
+  // it while this rank works on the rest, instead of every rank waiting at step boundaries.
+  // Sends to one peer are posted in the order the peer posts its receives, which is what
+  // matches them (one tag, non-overtaking).
+  void forward(const RecvSegment& r) {
+    if (last_step()) return;
+    const std::uint8_t* src = phase == kReduceScatter
+                                  ? rs_destination(recv_chunk, step) + r.offset * esize
+                                  : out_at(chunk_begin(recv_chunk) + r.offset);
+    MPI_Request& req = next_sends.emplace_back(MPI_REQUEST_NULL);
+    MT_MPI_CHECK(MPI_Isend(src, static_cast<int>(r.length), type, right, s.tag, comm, &req));
   }
 
   // Reduce-scatter phase: keeps a receive posted in every free temp slot.
@@ -170,10 +191,12 @@ struct RingOp::Impl {
           std::uint8_t* dst = rs_destination(recv_chunk, step) + r.offset * esize;
           reduce_into(s.dtype, s.op, in_at(first), recv, dst, static_cast<std::size_t>(r.length),
                       last ? s.final_scale : 1.0f);
+          forward(r);
           free_slot[r.slot] = true;
           recvs.pop_front();
           post_receives();
         } else {
+          forward(r);
           recvs.pop_front();
         }
       }
@@ -237,6 +260,7 @@ namespace {
 struct Registry {
   std::mutex mu;
   std::vector<std::weak_ptr<RingOp>> ops;
+  std::atomic<int> count{0};  // ops.size(), readable without the lock
 };
 // The list holds weak references only: it owns no operation, buffer or communicator.
 Registry& registry() {
@@ -249,11 +273,15 @@ void ring_register(const std::shared_ptr<RingOp>& op) {
   Registry& r = registry();
   std::lock_guard lock(r.mu);
   r.ops.push_back(op);
+  r.count = static_cast<int>(r.ops.size());
 }
 
 void ring_progress_all() noexcept {
   Registry& r = registry();
-  std::vector<std::shared_ptr<RingOp>> live;
+  if (r.count.load(std::memory_order_relaxed) == 0) return;  // the common case: no ring
+  // Reused between calls: this runs in every poll of every wait.
+  thread_local std::vector<std::shared_ptr<RingOp>> live;
+  live.clear();
   {
     std::lock_guard lock(r.mu);
     std::erase_if(r.ops, [](const std::weak_ptr<RingOp>& w) { return w.expired(); });
@@ -271,11 +299,13 @@ void ring_progress_all() noexcept {
       m.error = std::current_exception();
     }
   }
+  live.clear();
   std::lock_guard lock(r.mu);
   std::erase_if(r.ops, [](const std::weak_ptr<RingOp>& w) {
     auto op = w.lock();
     return !op || op->impl_->finished;
   });
+  r.count = static_cast<int>(r.ops.size());
 }
 
 }  // namespace meshtrain::comm::detail
