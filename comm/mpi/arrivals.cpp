@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/ring.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain::comm::detail {
@@ -135,7 +136,10 @@ ArrivalBoard::ArrivalBoard(std::int32_t fortran_comm, Clock::time_point deadline
           "creating the side channel of a communicator (MPI_Comm_idup) did not "
           "complete in time: not every rank of the group is creating it");
     }
-    if (!flag) std::this_thread::yield();
+    if (!flag) {
+      ring_progress_all();
+      std::this_thread::yield();
+    }
   }
   MT_MPI_CHECK(MPI_Comm_set_errhandler(s.comm, MPI_ERRORS_RETURN));
   MT_MPI_CHECK(MPI_Comm_rank(s.comm, &s.rank));
@@ -195,6 +199,7 @@ std::vector<int> ArrivalBoard::missing(std::uint64_t seq, std::chrono::milliseco
   std::vector<int> out;
   for (;;) {
     s.drain();
+    ring_progress_all();
     out = absent();
     if (out.empty() || Clock::now() >= until) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -214,6 +219,7 @@ std::optional<std::vector<Collective>> ArrivalBoard::await_all(const Collective&
   Impl& s = *impl_;
   for (int spins = 0;; ++spins) {
     s.drain();
+    ring_progress_all();
     bool all = true;
     for (int peer = 0; peer < s.size && all; ++peer) {
       all = peer == s.rank || s.latest[peer] >= mine.seq;
@@ -243,6 +249,7 @@ void ArrivalBoard::finalize(std::uint64_t last_seq, Clock::time_point deadline) 
   // Drain what the peers announced up to the end, so that no message is left unmatched.
   for (int spins = 0;; ++spins) {
     s.drain();
+    ring_progress_all();
     bool all = s.outgoing.empty();
     for (int peer = 0; peer < s.size && all; ++peer) {
       all = peer == s.rank || s.latest[peer] >= last_seq;

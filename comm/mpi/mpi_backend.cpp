@@ -55,6 +55,7 @@ MPI_Comm dup_until(MPI_Comm parent, Clock::time_point deadline, const std::strin
                       "in time: not every rank of the group is creating it [{}]",
                       name, log::rank_label()));
     }
+    ring_progress_all();
     if (spins > 64) std::this_thread::yield();
   }
   return out;
@@ -281,6 +282,9 @@ class MpiBackend final : public Backend {
     g.last_seq = c.seq;
     // MPI_Comm_split blocks until every rank calls it: only call it once all have arrived, and
     // only if they all called split (always checked: splits are rare and a mismatch would hang).
+    // While this rank blocks in it, its rings stand still; that is safe because the wait for
+    // the others' arrival advances rings, and once every rank has arrived at the split no rank
+    // is still waiting on an earlier collective.
     check_signatures(c, deadline);
     MPI_Comm child = MPI_COMM_NULL;
     MT_MPI_CHECK(MPI_Comm_split(g.comm, c.color >= 0 ? c.color : MPI_UNDEFINED, c.key, &child));

@@ -68,7 +68,8 @@ class RingOp {
 
 // Adds `op` to the process-wide list of rings in flight.
 void ring_register(const std::shared_ptr<RingOp>& op);
-// Advances every ring in flight; errors are kept for the operation's own advance().
+// Advances every ring in flight; errors are kept for the operation's own advance(). Every
+// polling loop of comm/mpi calls it, so that a rank waiting anywhere keeps its rings moving.
 void ring_progress_all() noexcept;
 
 }  // namespace meshtrain::comm::detail

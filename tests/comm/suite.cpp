@@ -394,6 +394,21 @@ TEST_P(CommSuite, RanksWaitInDifferentOrders) {
       check_reduced(fmt::format("allreduce #{} waited out of order", k), tensors[k].to_floats(),
                     ReduceOp::kSum, expect(d, seeds[k], n, 0, kCount), d, n);
     }
+    // A blocking split (MPI_Comm_split) while an operation is outstanding: even ranks split
+    // first and wait after, odd ranks wait first and split after.
+    Tensor big = make(DType::kF32, seeds[0], c.rank(), kCount);
+    Work pending = other.allreduce(big, ReduceOp::kMax);
+    if (c.rank() % 2 == 0) {
+      Communicator s = other.split(0, c.rank());
+      pending.wait();
+      s.finalize();
+    } else {
+      pending.wait();
+      Communicator s = other.split(0, c.rank());
+      s.finalize();
+    }
+    check_reduced("allreduce outstanding across a split", big.to_floats(), ReduceOp::kMax,
+                  expect(DType::kF32, seeds[0], n, 0, kCount), DType::kF32, n);
     other.finalize();
   });
 }
