@@ -104,7 +104,7 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
 }
 
 int GPT::add_param(const std::string& name, const Shape& shape, int layer, bool decay) {
-  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay});
+  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay, shape, -1, 1});
   num_params_ += shape.numel();
   return static_cast<int>(params_.size()) - 1;
 }

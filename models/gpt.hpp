@@ -65,6 +65,15 @@ struct ParamInfo {
   std::int64_t offset;  // elements into the flat buffers
   int layer;            // -1 for embeddings and the final LayerNorm
   bool decay;           // weight decay applies (2-D weights only)
+  // Tensor parallelism: how this rank's tensor is cut from the full (unsharded) one, so that
+  // checkpoints can store and reshard parameters independently of the layout. The full tensor
+  // has shape full_shape; along shard_dim it is viewed as shard_parts equal blocks (3 for the
+  // fused QKV projection: Q, K, V), and TP rank r of K holds from each block the r-th of K equal
+  // slices, the slices concatenated in block order. shard_dim = -1: replicated on every TP rank
+  // (full_shape == shape).
+  Shape full_shape;
+  int shard_dim = -1;
+  int shard_parts = 1;
 };
 
 class GPT {
