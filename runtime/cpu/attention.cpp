@@ -31,20 +31,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// GCC 12's AVX-512 headers start from _mm512_undefined_*(), which -Wmaybe-uninitialized takes
-// for a read of an uninitialised value once inlined (GCC bug 105593, fixed in GCC 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define MT_ATTENTION_AVX512 1
-#else
-#define MT_ATTENTION_AVX512 0
-#endif
-
 #include "runtime/cpu/cpu_backend.hpp"
 #include "runtime/cpu/gemm.hpp"
+#include "runtime/cpu/simd.hpp"
 #include "runtime/cpu/threads.hpp"
 
 namespace meshtrain::cpu {
@@ -96,66 +85,9 @@ void gemm_f32(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::i
 
 // ---- row kernels: the O(T^2) elementwise work, vectorised ---------------------------------
 
-#if MT_ATTENTION_AVX512
-// The first n lanes (none for n <= 0, all for n >= 16).
-inline __mmask16 lanes_below(int n) {
-  if (n <= 0) return 0;
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-// exp(x) as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that r is
-// exact), exp(r) by a degree-7 minimax polynomial, 2^n by scalef. Within 2 ulp of exp; inputs
-// below -104 give 0 (exp underflows there), as softmax wants for masked or tiny scores.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-inline __m512 load16(const bf16* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline __m512 load16(const f16* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-inline void store16(float* p, __m512 v, __mmask16 m) {
-  _mm512_mask_storeu_ps(p, m, v);
-}
-inline void store16(bf16* p, __m512 v, __mmask16 m) {
-#if defined(__AVX512BF16__)
-  const __m256i h = std::bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
-#else
-  // Round to nearest even as float_to_bf16 does; scores and probabilities are never NaN here.
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-#endif
-  _mm256_mask_storeu_epi16(p, m, h);
-}
-inline void store16(f16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
-
 // The largest of x[0, n); -inf when n is 0.
 inline float row_max(const float* x, int n) {
-#if MT_ATTENTION_AVX512
+#if MT_CPU_AVX512
   __m512 mx = _mm512_set1_ps(kNegInf);
   for (int j = 0; j < n; j += 16)
     mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, lanes_below(n - j), x + j));
@@ -171,7 +103,7 @@ inline float row_max(const float* x, int n) {
 // Returns the fp32 sum of the exponentials. p may alias x (fp32).
 template <typename T>
 float softmax_row(const float* x, float sub, int valid, int n, T* p) {
-#if MT_ATTENTION_AVX512
+#if MT_CPU_AVX512
   __m512 sum = _mm512_setzero_ps();
   const __m512 vsub = _mm512_set1_ps(sub);
   for (int j = 0; j < n; j += 16) {
@@ -198,7 +130,7 @@ float softmax_row(const float* x, float sub, int valid, int n, T* p) {
 template <typename T>
 void grad_row(const float* s, const float* dp, const float* lse, const float* delta, int c0, int n,
               T* p, T* ds) {
-#if MT_ATTENTION_AVX512
+#if MT_CPU_AVX512
   for (int c = 0; c < n; c += 16) {
     const __mmask16 tail = lanes_below(n - c);
     const __mmask16 live = static_cast<__mmask16>(tail & ~lanes_below(std::max(c0 - c, 0)));
@@ -222,7 +154,7 @@ void grad_row(const float* s, const float* dp, const float* lse, const float* de
 // dst[j] = src[j] * mul in the operand dtype.
 template <typename T>
 void store_row(T* dst, const float* src, int n, float mul) {
-#if MT_ATTENTION_AVX512
+#if MT_CPU_AVX512
   const __m512 vm = _mm512_set1_ps(mul);
   for (int j = 0; j < n; j += 16) {
     const __mmask16 m = lanes_below(n - j);
@@ -236,7 +168,7 @@ void store_row(T* dst, const float* src, int n, float mul) {
 // Sum of a[j] * b[j] in fp32.
 template <typename T>
 float dot_row(const T* a, const T* b, int n) {
-#if MT_ATTENTION_AVX512
+#if MT_CPU_AVX512
   __m512 acc = _mm512_setzero_ps();
   for (int j = 0; j < n; j += 16) {
     const __mmask16 m = lanes_below(n - j);
