@@ -1,11 +1,15 @@
 // LayerNorm on the CPU. Statistics in fp32 (two passes over the row: mean, then variance,
 // which is stable where E[x^2] - E[x]^2 is not). Weight and bias gradients are reduced over
-// fixed row chunks in order, so results do not depend on the thread count.
+// fixed row chunks in order, so results do not depend on the thread count. With AVX-512, row
+// sums run in 16 lanes (then the lanes are added): another rounding order than the scalar path,
+// but the same for every thread count.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "runtime/cpu/cpu_backend.hpp"
 #include "runtime/cpu/parallel.hpp"
+#include "runtime/cpu/simd.hpp"
 
 namespace meshtrain::cpu {
 
@@ -23,6 +27,28 @@ void CpuBackend::layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const 
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelGrain)
     for (std::int64_t r = 0; r < rows; ++r) {
       const T* row = in + r * cols;
+      T* o = out + r * cols;
+#if MT_CPU_AVX512
+      const int n = static_cast<int>(cols);
+      __m512 acc = _mm512_setzero_ps();
+      for (int j = 0; j < n; j += 16) acc = _mm512_add_ps(acc, load16(row + j, lanes_below(n - j)));
+      const float m = _mm512_reduce_add_ps(acc) / static_cast<float>(cols);
+      const __m512 vm = _mm512_set1_ps(m);
+      acc = _mm512_setzero_ps();
+      for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = lanes_below(n - j);
+        const __m512 d = _mm512_maskz_sub_ps(k, load16(row + j, k), vm);
+        acc = _mm512_fmadd_ps(d, d, acc);
+      }
+      const float var = _mm512_reduce_add_ps(acc);
+      const float s = 1.0f / std::sqrt(var / static_cast<float>(cols) + eps);
+      const __m512 vs = _mm512_set1_ps(s);
+      for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = lanes_below(n - j);
+        const __m512 xn = _mm512_mul_ps(_mm512_sub_ps(load16(row + j, k), vm), vs);
+        store16(o + j, _mm512_fmadd_ps(xn, load16(w + j, k), load16(b + j, k)), k);
+      }
+#else
       float sum = 0.0f;
       for (std::int64_t j = 0; j < cols; ++j) sum += to_float(row[j]);
       const float m = sum / static_cast<float>(cols);
@@ -32,9 +58,9 @@ void CpuBackend::layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const 
         var += d * d;
       }
       const float s = 1.0f / std::sqrt(var / static_cast<float>(cols) + eps);
-      T* o = out + r * cols;
       for (std::int64_t j = 0; j < cols; ++j)
         o[j] = from_float<T>((to_float(row[j]) - m) * s * to_float(w[j]) + to_float(b[j]));
+#endif
       mu[r] = m;
       rs[r] = s;
     }
@@ -66,6 +92,34 @@ void CpuBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, 
       for (std::int64_t r = chunk_begin(c, rows, chunks); r < e; ++r) {
         const T* xr = in + r * cols;
         const T* gr = g + r * cols;
+        T* out = gx + r * cols;
+#if MT_CPU_AVX512
+        const int n = static_cast<int>(cols);
+        const __m512 vmu = _mm512_set1_ps(mu[r]), vrs = _mm512_set1_ps(rs[r]);
+        __m512 acc_dn = _mm512_setzero_ps(), acc_dnn = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 16) {
+          const __mmask16 k = lanes_below(n - j);
+          const __m512 nv = _mm512_maskz_mul_ps(k, _mm512_sub_ps(load16(xr + j, k), vmu), vrs);
+          const __m512 gv = load16(gr + j, k);
+          const __m512 dn = _mm512_mul_ps(gv, load16(w + j, k));
+          store16(norm.data() + j, nv, k);
+          store16(dnorm.data() + j, dn, k);
+          acc_dn = _mm512_add_ps(acc_dn, dn);
+          acc_dnn = _mm512_fmadd_ps(dn, nv, acc_dnn);
+          store16(pdw + j, _mm512_fmadd_ps(gv, nv, load16(pdw + j, k)), k);
+          store16(pdb + j, _mm512_add_ps(gv, load16(pdb + j, k)), k);
+        }
+        const __m512 dnorm_mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc_dn) / static_cast<float>(cols));
+        const __m512 dnorm_norm_mean =
+            _mm512_set1_ps(_mm512_reduce_add_ps(acc_dnn) / static_cast<float>(cols));
+        for (int j = 0; j < n; j += 16) {
+          const __mmask16 k = lanes_below(n - j);
+          __m512 v = _mm512_sub_ps(load16(dnorm.data() + j, k), dnorm_mean);
+          v = _mm512_mul_ps(_mm512_fnmadd_ps(load16(norm.data() + j, k), dnorm_norm_mean, v), vrs);
+          if (accumulate_dx) v = _mm512_add_ps(v, load16(out + j, k));
+          store16(out + j, v, k);
+        }
+#else
         float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
         for (std::int64_t j = 0; j < cols; ++j) {
           const float nv = (to_float(xr[j]) - mu[r]) * rs[r];
@@ -80,12 +134,12 @@ void CpuBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, 
         }
         dnorm_mean /= static_cast<float>(cols);
         dnorm_norm_mean /= static_cast<float>(cols);
-        T* out = gx + r * cols;
         for (std::int64_t j = 0; j < cols; ++j) {
           float v = (dnorm[j] - dnorm_mean - norm[j] * dnorm_norm_mean) * rs[r];
           if (accumulate_dx) v += to_float(out[j]);
           out[j] = from_float<T>(v);
         }
+#endif
       }
     }
   });
