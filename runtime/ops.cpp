@@ -69,7 +69,8 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& 
   MT_CHECK(!opt.trans_a || a.ndim() == 2, "matmul: a transposed must be 2-D, got {}", a.str());
   MT_CHECK(out.ndim() >= 1, "matmul: out must have at least one dimension, got {}", out.str());
   const std::int64_t a_cols = a.dim(-1);
-  const std::int64_t a_rows = a.numel() / std::max<std::int64_t>(a_cols, 1);
+  std::int64_t a_rows = 1;  // not numel / cols, which is 0 for a [M, 0] operand
+  for (int d = 0; d + 1 < a.ndim(); ++d) a_rows *= a.dim(d);
   const std::int64_t m = opt.trans_a ? a_cols : a_rows;
   const std::int64_t k = opt.trans_a ? a_rows : a_cols;
   const std::int64_t kb = opt.trans_b ? b.dim(1) : b.dim(0);

@@ -282,8 +282,7 @@ TEST(Matmul, ThreeDimensionalA) {
 }
 
 TEST(Matmul, EmptyInnerDimension) {
-  // K = 0: the product is empty, out = bias, or out stays as it was when accumulating. (ops
-  // reads M from a's rows, so an empty K reaches the backend through a transposed a.)
+  // K = 0: the product is empty, out = bias, or out stays as it was when accumulating.
   Tensor a = Tensor::empty(Shape{0, 3}, DType::kBF16);
   Tensor b = Tensor::empty(Shape{0, 4}, DType::kBF16);
   Tensor out = Tensor::from_floats(std::vector<float>(12, 5.0f), Shape{3, 4}, DType::kF32);
@@ -302,6 +301,14 @@ TEST(Matmul, EmptyInnerDimension) {
   plain.trans_a = true;
   ops::matmul(out, a, b, plain);
   EXPECT_EQ(out.to_floats(), std::vector<float>(12, 0.0f));
+  // Untransposed a [3, 0] (and [1, 3, 0]): M comes from a's leading dimensions, not numel / K.
+  for (const Shape& shape : {Shape{3, 0}, Shape{1, 3, 0}}) {
+    Tensor a2 = Tensor::empty(shape, DType::kBF16);
+    ops::MatmulOptions untransposed;
+    untransposed.bias = &bias;
+    ops::matmul(out, a2, b, untransposed);
+    EXPECT_EQ(out.to_floats(), (std::vector<float>{1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4}));
+  }
 }
 
 // ---- errors through ops::matmul ---------------------------------------------------------------
