@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "runtime/cpu/gemm.hpp"
 #include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
@@ -31,6 +32,9 @@
 #include "runtime/tensor.hpp"
 
 namespace {
+
+using meshtrain::bench::median;
+using meshtrain::bench::now_ms;
 
 using meshtrain::bf16;
 using meshtrain::DType;
@@ -40,36 +44,10 @@ using meshtrain::Tensor;
 constexpr int kBatch = 8, kSeq = 256, kHeadSize = 64, kHeads = 6;
 constexpr int kChannels = kHeads * kHeadSize;
 
-double now_ms() {
-  using clock = std::chrono::steady_clock;
-  return std::chrono::duration<double, std::milli>(clock::now().time_since_epoch()).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 void gemm_bf16(bool trans_a, bool trans_b, int m, int n, int k, const void* a, std::int64_t lda,
                const void* b, std::int64_t ldb, float* c, std::int64_t ldc, float alpha) {
-  meshtrain::cpu::GemmArgs g;
-  g.trans_a = trans_a;
-  g.trans_b = trans_b;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.a = a;
-  g.a_type = DType::kBF16;
-  g.lda = lda;
-  g.b = b;
-  g.b_type = DType::kBF16;
-  g.ldb = ldb;
-  g.c = c;
-  g.c_type = DType::kF32;
-  g.ldc = ldc;
-  g.alpha = alpha;
-  meshtrain::cpu::gemm(g);
+  meshtrain::cpu::gemm_f32(trans_a, trans_b, m, n, k, a, lda, b, ldb, DType::kBF16, c, ldc, alpha,
+                           0.0f);
 }
 
 // The seven dense T x T x D GEMMs of attention forward + backward, for every (batch, head).
@@ -106,20 +84,7 @@ void dense_matmuls(const Tensor& qkv, const Tensor& dout) {
 
 int main(int argc, char** argv) {
   int reps = 30, threads = omp_get_num_procs();
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (std::strcmp(argv[i], "--reps") == 0) {
-      reps = std::atoi(argv[i + 1]);
-    } else if (std::strcmp(argv[i], "--threads") == 0) {
-      threads = std::atoi(argv[i + 1]);
-    } else {
-      std::fprintf(stderr, "usage: %s [--reps N] [--threads N]\n", argv[0]);
-      return 2;
-    }
-  }
-  if (reps < 1 || threads < 1) {
-    std::fprintf(stderr, "--reps and --threads must be at least 1\n");
-    return 2;
-  }
+  if (!meshtrain::bench::parse_reps_threads(argc, argv, reps, threads)) return 2;
   meshtrain::cpu::set_num_threads(threads);
 
   Tensor qkv = Tensor::empty(Shape{kBatch, kSeq, 3 * kChannels}, DType::kBF16);

@@ -27,12 +27,16 @@
 #include <unordered_map>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/tensor.hpp"
 
 namespace {
+
+using meshtrain::bench::median;
+using meshtrain::bench::now_ms;
 
 using meshtrain::DType;
 using meshtrain::Shape;
@@ -54,17 +58,6 @@ void add_linear(std::vector<Problem>& ps, const std::string& layer, std::int64_t
   ps.push_back({layer, "forward", kRows, out, in, false, true, false, DType::kBF16, DType::kBF16});
   ps.push_back({layer, "dx", kRows, in, out, false, false, false, DType::kBF16, DType::kBF16});
   ps.push_back({layer, "dW", out, in, kRows, true, false, true, DType::kBF16, DType::kF32});
-}
-
-double now_ms() {
-  using clock = std::chrono::steady_clock;
-  return std::chrono::duration<double, std::milli>(clock::now().time_since_epoch()).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 dnnl::memory::data_type dnnl_type(DType t) {
@@ -171,20 +164,7 @@ Result run(const Problem& p, int reps, const dnnl::engine& engine, dnnl::stream&
 
 int main(int argc, char** argv) {
   int reps = 5, threads = omp_get_max_threads();
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
-      reps = std::atoi(argv[++i]);
-    } else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
-      threads = std::atoi(argv[++i]);
-    } else {
-      std::fprintf(stderr, "usage: %s [--reps N] [--threads N]\n", argv[0]);
-      return 2;
-    }
-  }
-  if (reps < 1 || threads < 1) {
-    std::fprintf(stderr, "--reps and --threads must be at least 1\n");
-    return 2;
-  }
+  if (!meshtrain::bench::parse_reps_threads(argc, argv, reps, threads)) return 2;
   meshtrain::cpu::set_num_threads(threads);
 
   std::vector<Problem> problems;

@@ -59,30 +59,6 @@ struct Dims {
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(head_size)); }
 };
 
-// C (fp32) = alpha * op(A) op(B) + beta * C, with A and B in the attention's dtype.
-void gemm_f32(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
-              const void* a, std::int64_t lda, const void* b, std::int64_t ldb, DType type,
-              float* c, std::int64_t ldc, float alpha, float beta) {
-  GemmArgs g;
-  g.trans_a = trans_a;
-  g.trans_b = trans_b;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.a = a;
-  g.a_type = type;
-  g.lda = lda;
-  g.b = b;
-  g.b_type = type;
-  g.ldb = ldb;
-  g.c = c;
-  g.c_type = DType::kF32;
-  g.ldc = ldc;
-  g.alpha = alpha;
-  g.beta = beta;
-  gemm(g);
-}
-
 // ---- row kernels: the O(T^2) elementwise work, vectorised ---------------------------------
 
 // The largest of x[0, n); -inf when n is 0.

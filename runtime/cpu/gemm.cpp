@@ -478,4 +478,27 @@ std::size_t gemm_cache_size() {
   return plan_cache().size();
 }
 
+void gemm_f32(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+              const void* a, std::int64_t lda, const void* b, std::int64_t ldb, DType type,
+              float* c, std::int64_t ldc, float alpha, float beta) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.a_type = type;
+  g.lda = lda;
+  g.b = b;
+  g.b_type = type;
+  g.ldb = ldb;
+  g.c = c;
+  g.c_type = DType::kF32;
+  g.ldc = ldc;
+  g.alpha = alpha;
+  g.beta = beta;
+  gemm(g);
+}
+
 }  // namespace meshtrain::cpu

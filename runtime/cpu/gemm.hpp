@@ -45,6 +45,12 @@ struct GemmArgs {
 // both messages give the problem's shapes, leading dimensions and dtypes.
 void gemm(const GemmArgs& args);
 
+// C (fp32) = alpha op(A) op(B) + beta C, with A and B both of dtype `type`: the shape of
+// attention's GEMMs (scores and their gradients), and of the benchmarks that mirror them.
+void gemm_f32(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+              const void* a, std::int64_t lda, const void* b, std::int64_t ldb, DType type,
+              float* c, std::int64_t ldc, float alpha, float beta);
+
 // Number of cached problems (a problem run through fp32 copies counts itself and its fp32
 // problem). For tests: repeating a problem must not grow it.
 std::size_t gemm_cache_size();
