@@ -14,10 +14,11 @@ esac
 
 # Debian packages: build tools, the libraries we link, the PyTorch reference for the tests,
 # matplotlib for scripts/plot_metrics.py, the default training corpus (fortunes) and what the
-# multi-rank tests run with (openmpi-bin).
+# multi-rank tests run with (openmpi-bin), and what the multi-node tests build their network
+# namespaces with (iproute2, iputils-ping).
 packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
           libgtest-dev libdnnl-dev nlohmann-json3-dev libtomlplusplus-dev python3 python3-numpy python3-torch
-          python3-matplotlib fortunes fortunes-min)
+          python3-matplotlib fortunes fortunes-min iproute2 iputils-ping)
 
 missing=()
 for p in "${packages[@]}"; do
