@@ -49,7 +49,9 @@ if(MESHTRAIN_CUDA)
   check_language(CUDA)
   meshtrain_require(CMAKE_CUDA_COMPILER "the CUDA compiler (nvcc)" "nvidia-cuda-toolkit (or the CUDA Toolkit, with nvcc on PATH)")
   enable_language(CUDA)
-  set(CMAKE_CUDA_STANDARD 20)
+  # C++17 for .cu files: the CMake of Debian 12 knows no CUDA20 dialect for nvcc, and the
+  # kernels need nothing newer.
+  set(CMAKE_CUDA_STANDARD 17)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   find_package(CUDAToolkit REQUIRED)
   meshtrain_require(CUDAToolkit_FOUND "the CUDA Toolkit" "nvidia-cuda-toolkit")
@@ -62,4 +64,15 @@ if(MESHTRAIN_CUDA)
   find_path(MESHTRAIN_CUDNN_INCLUDE cudnn.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/include)
   find_library(MESHTRAIN_CUDNN_LIB cudnn HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/lib/x86_64-linux-gnu)
   meshtrain_require(MESHTRAIN_CUDNN_LIB "cuDNN 9" "libcudnn9-dev-cuda-13")
+  # cudnn-frontend (header-only) ships in PyPI's nvidia-cudnn-frontend, whose wheel holds an
+  # include/ folder; scripts/setup.sh cuda unpacks it into .deps/cudnn_frontend. Or point
+  # -DMESHTRAIN_CUDNN_FRONTEND_INCLUDE (or the environment's CUDNN_FRONTEND_INCLUDE) at it.
+  find_path(MESHTRAIN_CUDNN_FRONTEND_INCLUDE cudnn_frontend.h
+    HINTS $ENV{CUDNN_FRONTEND_INCLUDE} ${PROJECT_SOURCE_DIR}/.deps/cudnn_frontend/include
+          /usr/include /usr/local/include)
+  if(NOT MESHTRAIN_CUDNN_FRONTEND_INCLUDE)
+    message(FATAL_ERROR "meshtrain: cudnn-frontend headers (cudnn_frontend.h) not found. Run "
+      "scripts/setup.sh cuda (it unpacks PyPI's nvidia-cudnn-frontend into .deps/), or pass "
+      "-DMESHTRAIN_CUDNN_FRONTEND_INCLUDE=<dir with cudnn_frontend.h>")
+  endif()
 endif()

@@ -1,0 +1,85 @@
+// Fused softmax cross-entropy on CUDA: one block per row, fp32, over the first `vocab`
+// columns only. No probability tensor: backward recomputes exp(logit - lse) per element.
+#include <cfloat>
+
+#include "runtime/cuda/kernel_utils.cuh"
+
+namespace meshtrain::cuda::kernels {
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ float block_max(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float m = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : -INFINITY;
+  return warp_max(m);
+}
+
+template <typename T>
+__global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T* logits,
+                                             const std::int32_t* targets,
+                                             std::int64_t padded_vocab, int vocab) {
+  const std::int64_t r = blockIdx.x;
+  const T* row = logits + r * padded_vocab;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, to_f32(row[j]));
+  mx = block_max(mx);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(to_f32(row[j]) - mx);
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) {
+    const float l = mx + logf(sum);
+    const int t = targets[r];
+    lse[r] = l;
+    losses[r] = t < 0 ? 0.0f : l - to_f32(row[t]);
+  }
+}
+
+// dlogits may alias logits: each element is read and written by the same thread.
+template <typename T>
+__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
+                                              const std::int32_t* targets,
+                                              std::int64_t padded_vocab, int vocab, float dloss) {
+  const std::int64_t r = blockIdx.x;
+  const T* row = logits + r * padded_vocab;
+  T* drow = dlogits + r * padded_vocab;
+  const int t = targets[r];
+  const float l = lse[r];
+  for (std::int64_t j = threadIdx.x; j < padded_vocab; j += blockDim.x) {
+    float g = 0.0f;
+    if (t >= 0 && j < vocab) g = (expf(to_f32(row[j]) - l) - (j == t ? 1.0f : 0.0f)) * dloss;
+    drow[j] = from_f32<T>(g);
+  }
+}
+
+}  // namespace
+
+void cross_entropy_forward(DType t, float* losses, float* lse, const void* logits,
+                           const std::int32_t* targets, std::int64_t rows,
+                           std::int64_t padded_vocab, int vocab, cudaStream_t s) {
+  dispatch_float(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    cross_entropy_forward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+        losses, lse, static_cast<const T*>(logits), targets, padded_vocab, vocab);
+    MT_CU_LAUNCH_CHECK();
+  });
+}
+
+void cross_entropy_backward(DType t, void* dlogits, const void* logits, const float* lse,
+                            const std::int32_t* targets, std::int64_t rows,
+                            std::int64_t padded_vocab, int vocab, float dloss, cudaStream_t s) {
+  dispatch_float(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, padded_vocab,
+        vocab, dloss);
+    MT_CU_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace meshtrain::cuda::kernels

@@ -1,0 +1,260 @@
+// The CUDA device: stream, caching allocator over cudaMalloc, host copies through a pinned
+// staging buffer, and the choice of GPU from the launcher's local rank.
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "runtime/cuda/cuda_backend.hpp"
+#include "runtime/cuda/cuda_check.hpp"
+#include "runtime/log.hpp"
+#include "runtime/settings.hpp"
+
+namespace meshtrain::cuda {
+namespace {
+
+// Host copies up to this size go through the pinned staging buffer (one memcpy on the host,
+// then an asynchronous DMA); larger ones let the driver stage pageable memory itself.
+constexpr std::size_t kStagingBytes = std::size_t{4} << 20;
+
+int select_device(int index) {
+  const int n = device_count();
+  if (n == 0) throw CudaError("no CUDA device is visible to this process (" + log::rank_label() + ")");
+  MT_CHECK(index >= 0 && index < n, "CUDA device {} does not exist: {} visible", index, n);
+  MT_CUDA_CHECK(cudaSetDevice(index));
+  return index;
+}
+
+std::string mib(std::size_t bytes) { return fmt::format("{:.1f} MiB", bytes / 1048576.0); }
+
+}  // namespace
+
+void launch_failed(cudaError_t err, const char* what, const char* file, int line) {
+  detail::fail_cuda(err, what, file, line);
+}
+
+// ---- PinnedBuffer, DeviceGuard --------------------------------------------------------------
+
+PinnedBuffer::PinnedBuffer(std::size_t nbytes) : nbytes_(nbytes) {
+  if (nbytes > 0) MT_CUDA_CHECK(cudaMallocHost(&ptr_, nbytes));
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (ptr_ == nullptr) return;
+  const cudaError_t err = cudaFreeHost(ptr_);
+  if (err != cudaSuccess) log::error("cudaFreeHost failed: {}", cudaGetErrorString(err));
+}
+
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  std::swap(ptr_, o.ptr_);
+  std::swap(nbytes_, o.nbytes_);
+  return *this;
+}
+
+DeviceGuard::DeviceGuard(int index) {
+  MT_CUDA_CHECK(cudaGetDevice(&previous_));
+  if (previous_ != index) {
+    MT_CUDA_CHECK(cudaSetDevice(index));
+    changed_ = true;
+  }
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (!changed_) return;
+  const cudaError_t err = cudaSetDevice(previous_);
+  if (err != cudaSuccess) log::error("cudaSetDevice({}) failed: {}", previous_, cudaGetErrorString(err));
+}
+
+// ---- DeviceBuffer, GrowingScratch -----------------------------------------------------------
+
+DeviceBuffer::DeviceBuffer(Device& device, std::size_t nbytes)
+    : device_(&device), ptr_(device.allocate(nbytes)), nbytes_(nbytes) {}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : device_(o.device_), ptr_(o.ptr_), nbytes_(o.nbytes_) {
+  o.ptr_ = nullptr;
+  o.nbytes_ = 0;
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    device_ = o.device_;
+    ptr_ = std::exchange(o.ptr_, nullptr);
+    nbytes_ = std::exchange(o.nbytes_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::reset() noexcept {
+  if (ptr_ != nullptr) device_->deallocate(ptr_, nbytes_);
+  ptr_ = nullptr;
+  nbytes_ = 0;
+}
+
+void* GrowingScratch::get(std::size_t nbytes) {
+  if (nbytes > buffer_.size()) {
+    // The old block returns to the caching allocator; work already queued on the stream that
+    // uses it runs before anything that reuses it, since there is one stream.
+    buffer_.reset();
+    buffer_ = DeviceBuffer(device_, nbytes + nbytes / 4);
+  }
+  return buffer_.data();
+}
+
+// ---- CudaDevice -----------------------------------------------------------------------------
+
+CudaDevice::CudaDevice(int index)
+    : index_(select_device(index)),
+      stream_(0),
+      allocator_(
+          [index](std::size_t n) {
+            DeviceGuard guard(index);
+            void* p = nullptr;
+            const cudaError_t err = cudaMalloc(&p, n);
+            if (err == cudaErrorMemoryAllocation) {
+              cudaGetLastError();  // clear it: the caller retries after emptying the cache
+              throw std::bad_alloc();
+            }
+            MT_CUDA_CHECK(err);
+            return p;
+          },
+          [index](void* p) {
+            // Blocks are freed only once the stream has finished with them (empty_cache and
+            // the destructor synchronize first); cudaFree also synchronizes the device.
+            const cudaError_t err = cudaFree(p);
+            if (err != cudaSuccess)
+              log::error("cudaFree on cuda:{} failed: {}", index, cudaGetErrorString(err));
+          },
+          settings().allocator_cache),
+      staging_(kStagingBytes) {
+  backend_ = std::make_unique<CudaBackend>(*this);
+}
+
+CudaDevice::~CudaDevice() {
+  const cudaError_t err = cudaStreamSynchronize(stream_.get());
+  if (err != cudaSuccess)
+    log::error("cuda:{}: work failed before the device closed: {}", index_, cudaGetErrorString(err));
+  backend_.reset();
+  allocator_.empty_cache();
+}
+
+void* CudaDevice::allocate(std::size_t nbytes) {
+  try {
+    return allocator_.allocate(nbytes);
+  } catch (const std::bad_alloc&) {
+  }
+  // Out of memory: give the cached blocks back and try once more.
+  synchronize();
+  allocator_.empty_cache();
+  try {
+    return allocator_.allocate(nbytes);
+  } catch (const std::bad_alloc&) {
+    std::size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    const MemoryStats s = allocator_.stats();
+    throw CudaError(fmt::format(
+        "out of GPU memory on {} ({}): asked for {}; {} in use by tensors, {} free of {} on the "
+        "device", name(), log::rank_label(), mib(nbytes), mib(s.in_use_bytes), mib(free_b),
+        mib(total_b)));
+  }
+}
+
+void CudaDevice::deallocate(void* ptr, std::size_t nbytes) noexcept {
+  allocator_.deallocate(ptr, nbytes);
+}
+
+void CudaDevice::empty_cache() {
+  synchronize();
+  allocator_.empty_cache();
+}
+
+void CudaDevice::copy_from_host(void* dst, const void* src, std::size_t n) {
+  if (n == 0) return;
+  DeviceGuard guard(index_);
+  if (n <= staging_.size()) {
+    std::lock_guard<std::mutex> lock(staging_mu_);
+    std::memcpy(staging_.data(), src, n);
+    MT_CUDA_CHECK(cudaMemcpyAsync(dst, staging_.data(), n, cudaMemcpyHostToDevice, stream()));
+    MT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    return;
+  }
+  MT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream()));
+  MT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void CudaDevice::copy_to_host(void* dst, const void* src, std::size_t n) {
+  if (n == 0) return;
+  DeviceGuard guard(index_);
+  if (n <= staging_.size()) {
+    std::lock_guard<std::mutex> lock(staging_mu_);
+    MT_CUDA_CHECK(cudaMemcpyAsync(staging_.data(), src, n, cudaMemcpyDeviceToHost, stream()));
+    MT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+    std::memcpy(dst, staging_.data(), n);
+    return;
+  }
+  MT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream()));
+  MT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void CudaDevice::copy_within(void* dst, const void* src, std::size_t n) {
+  if (n == 0 || dst == src) return;
+  DeviceGuard guard(index_);
+  MT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream()));
+}
+
+void CudaDevice::fill_zero(void* dst, std::size_t n) {
+  if (n == 0) return;
+  DeviceGuard guard(index_);
+  MT_CUDA_CHECK(cudaMemsetAsync(dst, 0, n, stream()));
+}
+
+void CudaDevice::synchronize() {
+  DeviceGuard guard(index_);
+  MT_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+cudaStream_t stream_of(Device& device) {
+  auto* d = dynamic_cast<CudaDevice*>(&device);
+  MT_CHECK(d != nullptr, "{} is not a CUDA device", device.name());
+  return d->stream();
+}
+
+// ---- opening devices ------------------------------------------------------------------------
+
+int local_rank_from_launcher(const std::map<std::string, std::string>& env) {
+  for (const char* name :
+       {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK"}) {
+    auto it = env.find(name);
+    if (it == env.end()) continue;
+    const std::string& text = it->second;
+    std::size_t used = 0;
+    int value = -1;
+    try {
+      value = std::stoi(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MT_CHECK(used == text.size() && !text.empty() && value >= 0,
+             "environment variable {}='{}' is not a local rank (expected an integer >= 0)", name,
+             text);
+    return value;
+  }
+  return 0;
+}
+
+int local_rank_from_launcher() {
+  std::map<std::string, std::string> env;
+  for (const char* name :
+       {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK"})
+    if (const char* v = std::getenv(name)) env.emplace(name, v);
+  return local_rank_from_launcher(env);
+}
+
+std::unique_ptr<Device> open_device(int index) { return std::make_unique<CudaDevice>(index); }
+
+std::unique_ptr<Device> open_local_device() {
+  return open_device(device_for_local_rank(local_rank_from_launcher()));
+}
+
+}  // namespace meshtrain::cuda

@@ -1,0 +1,75 @@
+// Opening CUDA devices. This header is plain C++ (no cuda_runtime.h), so that the trainer and
+// the tests can open a GPU through the Device interface without seeing CUDA types.
+//
+// A CUDA Device owns one compute stream (every op, copy and fill on that device is ordered on
+// it), a caching allocator over cudaMalloc (freed blocks are reused in stream order, so a
+// training step makes no cudaMalloc once its sizes have been seen), a pinned staging buffer
+// for host copies, and the op backend (cuBLASLt, cuDNN and our kernels). Whoever opens a
+// device owns it and must destroy it after every tensor on it; nothing static owns one.
+// Thread-safety: allocation is thread-safe; ops and copies are meant to be issued by one
+// thread (the rank's), as on the CPU.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "runtime/device.hpp"
+
+namespace meshtrain::cuda {
+
+// Number of visible GPUs; 0 when there is no driver or no device (never throws for that).
+int device_count();
+
+// This process's rank on its node, from the launcher's variables in `env`:
+// OMPI_COMM_WORLD_LOCAL_RANK (Open MPI), SLURM_LOCALID (srun), MPI_LOCALRANKID (MPICH, Intel
+// MPI), LOCAL_RANK (torchrun and Kubernetes launchers), first found wins; 0 when none is set.
+// A value that is not a non-negative integer throws InvalidArgument naming the variable.
+int local_rank_from_launcher(const std::map<std::string, std::string>& env);
+// The same, from this process's environment.
+int local_rank_from_launcher();
+
+// Opens GPU `index` (makes it this thread's current device). Throws CudaError when there is
+// no such device.
+std::unique_ptr<Device> open_device(int index);
+// Opens the GPU of this rank: local rank modulo the number of visible GPUs.
+std::unique_ptr<Device> open_local_device();
+
+// Page-locked host memory (cudaMallocHost), for fast and asynchronous host <-> device copies.
+// Move-only; the destructor never throws.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t nbytes);
+  ~PinnedBuffer();
+  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(o.ptr_), nbytes_(o.nbytes_) {
+    o.ptr_ = nullptr;
+    o.nbytes_ = 0;
+  }
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  void* data() const { return ptr_; }
+  std::size_t size() const { return nbytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t nbytes_ = 0;
+};
+
+// Makes a device current for its scope and restores the previous one (c10's DeviceGuard).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int index);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+  bool changed_ = false;
+};
+
+}  // namespace meshtrain::cuda
