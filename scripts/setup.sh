@@ -19,6 +19,8 @@ esac
 packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
           libgtest-dev libdnnl-dev nlohmann-json3-dev libtomlplusplus-dev python3 python3-numpy python3-torch
           python3-matplotlib fortunes fortunes-min iproute2 iputils-ping)
+# The cuda preset fetches cudnn-frontend's headers from PyPI (scripts/fetch_cudnn_frontend.sh).
+if [[ "$preset" == cuda ]]; then packages+=(python3-pip); fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -43,6 +45,8 @@ if [[ "$preset" == cuda ]] && ! command -v nvcc >/dev/null; then
   echo "setup.sh: the cuda preset needs nvcc on PATH (CUDA Toolkit 12.4 or newer)" >&2
   exit 1
 fi
+
+if [[ "$preset" == cuda ]]; then scripts/fetch_cudnn_frontend.sh; fi
 
 cmake --preset "$preset" >/dev/null
 cmake --build --preset "$preset" -j "$(nproc)"
