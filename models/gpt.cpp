@@ -61,6 +61,34 @@ void GPTConfig::validate() const {
            padded_vocab, vocab_size);
 }
 
+void GPTConfig::validate_tp(int tp) const {
+  MT_CHECK(tp >= 1, "the tensor-parallel size must be at least 1, got {}", tp);
+  if (tp == 1) return;
+  MT_CHECK(n_head % tp == 0,
+           "the model cannot be split across {} tensor-parallel ranks: model.n_head ({}) must be "
+           "a multiple of the tensor-parallel size (each rank holds whole attention heads); "
+           "choose a tensor-parallel size that divides {}",
+           tp, n_head, n_head);
+  MT_CHECK(n_embd % tp == 0,
+           "the model cannot be split across {} tensor-parallel ranks: model.n_embd ({}) must be "
+           "a multiple of the tensor-parallel size",
+           tp, n_embd);
+  MT_CHECK(padded_vocab % tp == 0,
+           "the model cannot be split across {} tensor-parallel ranks: the padded vocabulary ({}) "
+           "must be a multiple of the tensor-parallel size (pad_vocab(vocab_size, 128 x TP))",
+           tp, padded_vocab);
+}
+
+std::int64_t GPTConfig::num_parameters_per_rank(int tp) const {
+  validate_tp(tp);
+  const std::int64_t c = n_embd;
+  // Split: wte, c_attn (weight and bias), attn.c_proj weight, c_fc (weight and bias),
+  // mlp.c_proj weight. Replicated: wpe, LayerNorms, both c_proj biases.
+  const std::int64_t split = static_cast<std::int64_t>(padded_vocab) * c +
+                             n_layer * ((3 * c * c + 3 * c) + c * c + (4 * c * c + 4 * c) + 4 * c * c);
+  return split / tp + (num_parameters() - split);
+}
+
 std::int64_t GPTConfig::num_parameters() const {
   const std::int64_t c = n_embd;
   const std::int64_t per_layer = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c +
@@ -82,59 +110,70 @@ std::string GPTConfig::str() const {
 }
 
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq) {
+                               int seq, int tp) {
   MemoryEstimate m;
-  const std::int64_t n = cfg.num_parameters();
+  const std::int64_t n = cfg.num_parameters_per_rank(tp);
   m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
   m.gradients = n * 4;
   m.master_weights = policy.has_master_copy() ? n * 4 : 0;
   m.optimizer_state = 2 * n * 4;
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
-  // Per layer, as GPT::ensure_activations allocates: residual, ln1, qkv, atty, residual2,
-  // ln2 (C each but qkv 3C), fch and fch_gelu (4C each); fp32 statistics and lse.
-  const std::int64_t per_layer = bt * c * a * (1 + 1 + 3 + 1 + 1 + 1 + 4 + 4) +
-                                 bt * 4 * 4 + static_cast<std::int64_t>(batch) * cfg.n_head * seq * 4;
-  // Final: residual out, lnf, logits, fp32 losses/lse/stats; backward scratch (dresidual,
-  // dln, datty: C; dqkv: 3C; dfch: 4C).
-  const std::int64_t final_acts = bt * c * a * 2 + bt * cfg.padded_vocab * a + bt * 4 * 4 +
-                                  bt * c * a * (1 + 1 + 1 + 3 + 4) + bt * 4 * 2;
+  // Per layer, as GPT::ensure_activations allocates: residual, ln1, residual2, ln2 (C each,
+  // replicated under TP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C, split over TP); fp32
+  // statistics and lse (per local head).
+  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp +
+                                 bt * 4 * 4 +
+                                 static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
+  // Final: residual out, lnf, this rank's logits columns, fp32 losses/lse/stats; backward
+  // scratch (dresidual, dln: C; datty: C / TP; dqkv: 3C / TP; dfch: 4C / TP).
+  const std::int64_t final_acts = bt * c * a * 2 + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4 +
+                                  bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp + bt * 4 * 2;
   m.activations = cfg.n_layer * per_layer + final_acts;
   return m;
 }
 
-int GPT::add_param(const std::string& name, const Shape& shape, int layer, bool decay) {
-  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay, shape, -1, 1});
+int GPT::add_param(const std::string& name, const Shape& full, int layer, bool decay,
+                   int shard_dim, int shard_parts) {
+  const Shape shape =
+      shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp_.size());
+  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay, full, shard_dim, shard_parts});
   num_params_ += shape.numel();
   return static_cast<int>(params_.size()) - 1;
 }
 
-GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device)
-    : cfg_(cfg), policy_(policy), device_(&device) {
+GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, parallel::TPGroup tp)
+    : cfg_(cfg), policy_(policy), device_(&device), tp_(tp) {
   cfg_.validate();
+  cfg_.validate_tp(tp_.size());
+  heads_ = cfg_.n_head / tp_.size();
+  vocab_start_ = static_cast<std::int64_t>(cfg_.padded_vocab / tp_.size()) * tp_.rank();
   const std::int64_t c = cfg_.n_embd;
-  wte_ = add_param("wte.weight", Shape{cfg_.padded_vocab, c}, -1, true);
+  wte_ = add_param("wte.weight", Shape{cfg_.padded_vocab, c}, -1, true, 0);
   wpe_ = add_param("wpe.weight", Shape{cfg_.block_size, c}, -1, true);
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     Layer L;
     L.ln1_w = add_param(p + "ln_1.weight", Shape{c}, l, false);
     L.ln1_b = add_param(p + "ln_1.bias", Shape{c}, l, false);
-    L.qkv_w = add_param(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true);
-    L.qkv_b = add_param(p + "attn.c_attn.bias", Shape{3 * c}, l, false);
-    L.proj_w = add_param(p + "attn.c_proj.weight", Shape{c, c}, l, true);
+    // Column-parallel, Q, K and V each split by heads.
+    L.qkv_w = add_param(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true, 0, 3);
+    L.qkv_b = add_param(p + "attn.c_attn.bias", Shape{3 * c}, l, false, 0, 3);
+    // Row-parallel: split along its input (the heads); the bias is replicated.
+    L.proj_w = add_param(p + "attn.c_proj.weight", Shape{c, c}, l, true, 1);
     L.proj_b = add_param(p + "attn.c_proj.bias", Shape{c}, l, false);
     L.ln2_w = add_param(p + "ln_2.weight", Shape{c}, l, false);
     L.ln2_b = add_param(p + "ln_2.bias", Shape{c}, l, false);
-    L.fc_w = add_param(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true);
-    L.fc_b = add_param(p + "mlp.c_fc.bias", Shape{4 * c}, l, false);
-    L.fcproj_w = add_param(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true);
+    L.fc_w = add_param(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true, 0);
+    L.fc_b = add_param(p + "mlp.c_fc.bias", Shape{4 * c}, l, false, 0);
+    L.fcproj_w = add_param(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true, 1);
     L.fcproj_b = add_param(p + "mlp.c_proj.bias", Shape{c}, l, false);
     layers_.push_back(L);
   }
   lnf_w_ = add_param("ln_f.weight", Shape{c}, -1, false);
   lnf_b_ = add_param("ln_f.bias", Shape{c}, -1, false);
-  MT_ASSERT(num_params_ == cfg_.num_parameters(), "{} vs {}", num_params_, cfg_.num_parameters());
+  MT_ASSERT(num_params_ == cfg_.num_parameters_per_rank(tp_.size()), "{} vs {}", num_params_,
+            cfg_.num_parameters_per_rank(tp_.size()));
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
   if (policy_.has_master_copy()) master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
   grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
@@ -161,21 +200,26 @@ void GPT::init_weights(std::uint64_t seed) {
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const ParamInfo& p = params_[i];
     Tensor m = master(i);
+    // A shard gets the full tensor's values at its place: the full tensor is drawn, then cut.
+    const bool split = p.shard_dim >= 0 && tp_.size() > 1;
+    Tensor full = split ? Tensor::empty(p.full_shape, DType::kF32) : m;
     const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
     const bool is_ln = p.name.find("ln_") != std::string::npos;
     if (is_bias) {
-      m.zero_();
+      full.zero_();
     } else if (is_ln) {
-      m.copy_from(Tensor::from_floats(std::vector<float>(p.shape.numel(), 1.0f), p.shape, DType::kF32));
+      full.copy_from(Tensor::from_floats(std::vector<float>(p.full_shape.numel(), 1.0f),
+                                         p.full_shape, DType::kF32));
     } else {
       const bool residual = p.name.find("c_proj.weight") != std::string::npos;
-      fill_normal(m, Philox(seed, i), 0.0f, residual ? 0.02f * residual_scale : 0.02f);
+      fill_normal(full, Philox(seed, i), 0.0f, residual ? 0.02f * residual_scale : 0.02f);
     }
+    // Padded vocabulary rows are zero: they are never a target, and their logits never win
+    // because cross-entropy ignores those columns.
+    if (static_cast<int>(i) == wte_ && cfg_.padded_vocab > cfg_.vocab_size)
+      full.slice(cfg_.vocab_size, cfg_.padded_vocab - cfg_.vocab_size).zero_();
+    if (split) parallel::copy_shard(m, full, p.shard_dim, p.shard_parts, tp_.rank(), tp_.size());
   }
-  // Padded vocabulary rows are zero: they are never a target, and their logits never win
-  // because cross-entropy ignores those columns.
-  if (cfg_.padded_vocab > cfg_.vocab_size)
-    master(wte_).slice(cfg_.vocab_size, cfg_.padded_vocab - cfg_.vocab_size).zero_();
   sync_params_from_master();
 }
 
@@ -187,7 +231,8 @@ void GPT::ensure_activations(int batch, int seq) {
   if (batch == batch_ && seq == seq_) return;
   Device& d = *device_;
   const DType a = policy_.activation;
-  const std::int64_t b = batch, t = seq, c = cfg_.n_embd;
+  // c: the residual width (replicated under TP); cl: this rank's heads' width.
+  const std::int64_t b = batch, t = seq, c = cfg_.n_embd, cl = c / tp_.size();
   acts_.clear();
   for (int l = 0; l < cfg_.n_layer; ++l) {
     LayerActs x;
@@ -195,29 +240,29 @@ void GPT::ensure_activations(int batch, int seq) {
     x.ln1 = Tensor::empty(Shape{b, t, c}, a, d);
     x.ln1_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
     x.ln1_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    x.qkv = Tensor::empty(Shape{b, t, 3 * c}, a, d);
-    x.atty = Tensor::empty(Shape{b, t, c}, a, d);
-    x.lse = Tensor::empty(Shape{b, cfg_.n_head, t}, DType::kF32, d);
+    x.qkv = Tensor::empty(Shape{b, t, 3 * cl}, a, d);
+    x.atty = Tensor::empty(Shape{b, t, cl}, a, d);
+    x.lse = Tensor::empty(Shape{b, heads_, t}, DType::kF32, d);
     x.residual2 = Tensor::empty(Shape{b, t, c}, a, d);
     x.ln2 = Tensor::empty(Shape{b, t, c}, a, d);
     x.ln2_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
     x.ln2_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    x.fch = Tensor::empty(Shape{b, t, 4 * c}, a, d);
-    x.fch_gelu = Tensor::empty(Shape{b, t, 4 * c}, a, d);
+    x.fch = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
+    x.fch_gelu = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
     acts_.push_back(std::move(x));
   }
   residual_out_ = Tensor::empty(Shape{b, t, c}, a, d);
   lnf_ = Tensor::empty(Shape{b, t, c}, a, d);
   lnf_mean_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
   lnf_rstd_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
-  logits_ = Tensor::empty(Shape{b, t, cfg_.padded_vocab}, a, d);
+  logits_ = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
   losses_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
   lse_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
   dresidual_ = Tensor::empty(Shape{b, t, c}, a, d);
   dln_ = Tensor::empty(Shape{b, t, c}, a, d);
-  datty_ = Tensor::empty(Shape{b, t, c}, a, d);
-  dqkv_ = Tensor::empty(Shape{b, t, 3 * c}, a, d);
-  dfch_ = Tensor::empty(Shape{b, t, 4 * c}, a, d);
+  datty_ = Tensor::empty(Shape{b, t, cl}, a, d);
+  dqkv_ = Tensor::empty(Shape{b, t, 3 * cl}, a, d);
+  dfch_ = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
   batch_ = batch;
   seq_ = seq;
 }
@@ -253,43 +298,54 @@ float GPT::forward(const Tensor& tokens, const Tensor& targets) {
   }
   ensure_activations(b, t);
   tokens_ = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
-  {
-    // Tokens outside the real vocabulary would index padded rows: refuse them.
-    const std::vector<std::int32_t> ids = tokens.to_ints();
-    for (std::size_t i = 0; i < ids.size(); ++i)
-      MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
-               "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
-               "of {}", ids[i], i / t, i % t, cfg_.vocab_size);
+  // Tokens outside the real vocabulary would index padded rows: refuse them.
+  const std::vector<std::int32_t> ids = tokens.to_ints();
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
+             "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
+             "of {}", ids[i], i / t, i % t, cfg_.vocab_size);
+  // Under TP: the embedding is vocab-parallel; in each block the QKV projection and c_fc are
+  // column-parallel (f: no communication), attention runs this rank's heads, and both c_proj
+  // are row-parallel (g: one allreduce each); the LM head is column-parallel over the
+  // vocabulary and feeds the vocab-parallel cross-entropy.
+  if (tp_.active()) {
+    embedding_.forward(acts_[0].residual, ids, b, t, param(wte_), param(wpe_), vocab_start_, tp_);
+  } else {
+    ops::embedding_forward(acts_[0].residual, tokens_, param(wte_), param(wpe_));
   }
-  ops::embedding_forward(acts_[0].residual, tokens_, param(wte_), param(wpe_));
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const Layer& L = layers_[l];
     LayerActs& x = acts_[l];
     ops::layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.residual, param(L.ln1_w), param(L.ln1_b));
     Tensor qkv_b = param(L.qkv_b);
-    ops::linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
-    ops::attention_forward(x.atty, x.lse, x.qkv, cfg_.n_head);
+    parallel::column_linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
+    ops::attention_forward(x.atty, x.lse, x.qkv, heads_);
     Tensor proj_b = param(L.proj_b);
-    ops::linear_forward(x.residual2, x.atty, param(L.proj_w), &proj_b);
+    parallel::row_linear_forward(x.residual2, x.atty, param(L.proj_w), &proj_b, tp_);
     ops::add(x.residual2, x.residual2, x.residual);
     ops::layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, param(L.ln2_w), param(L.ln2_b));
     Tensor fc_b = param(L.fc_b);
-    ops::linear_forward(x.fch, x.ln2, param(L.fc_w), &fc_b);
+    parallel::column_linear_forward(x.fch, x.ln2, param(L.fc_w), &fc_b);
     ops::gelu_forward(x.fch_gelu, x.fch);
     Tensor& next = l + 1 < cfg_.n_layer ? acts_[l + 1].residual : residual_out_;
     Tensor fcproj_b = param(L.fcproj_b);
-    ops::linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b);
+    parallel::row_linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b, tp_);
     ops::add(next, next, x.residual2);
   }
   ops::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual_out_, param(lnf_w_), param(lnf_b_));
-  ops::linear_forward(logits_, lnf_, param(wte_), nullptr);
+  parallel::column_linear_forward(logits_, lnf_, param(wte_), nullptr);
   have_targets_ = targets.defined();
   if (!have_targets_) return std::numeric_limits<float>::quiet_NaN();
   targets_ = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
-  Tensor logits2d = logits_.view(Shape{static_cast<std::int64_t>(b) * t, cfg_.padded_vocab});
+  const std::int64_t vocab_local = cfg_.padded_vocab / tp_.size();
+  Tensor logits2d = logits_.view(Shape{static_cast<std::int64_t>(b) * t, vocab_local});
   Tensor targets1d = targets_.view(Shape{static_cast<std::int64_t>(b) * t});
-  ops::cross_entropy_forward(losses_, lse_, logits2d, targets1d, cfg_.vocab_size);
   const std::vector<std::int32_t> tg = targets.to_ints();
+  if (tp_.active()) {
+    cross_entropy_.forward(losses_, logits2d, tg, vocab_start_, cfg_.vocab_size, tp_);
+  } else {
+    ops::cross_entropy_forward(losses_, lse_, logits2d, targets1d, cfg_.vocab_size);
+  }
   std::int64_t counted = 0;
   for (std::int32_t v : tg) counted += v >= 0;
   valid_targets_ = static_cast<float>(counted);
@@ -303,13 +359,17 @@ void GPT::backward(float loss_multiplier) {
   MT_CHECK(have_targets_, "GPT backward needs a forward with targets first");
   const std::int64_t bt = static_cast<std::int64_t>(batch_) * seq_;
   if (valid_targets_ == 0) return;
-  Tensor logits2d = logits_.view(Shape{bt, cfg_.padded_vocab});
+  Tensor logits2d = logits_.view(Shape{bt, cfg_.padded_vocab / tp_.size()});
   // dlogits overwrite the logits in place: the largest activation is not held twice.
-  ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}), cfg_.vocab_size,
-                              loss_multiplier / valid_targets_);
+  if (tp_.active()) {
+    cross_entropy_.backward(logits2d, logits2d, loss_multiplier / valid_targets_);
+  } else {
+    ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}),
+                                cfg_.vocab_size, loss_multiplier / valid_targets_);
+  }
   have_targets_ = false;  // the logits are gone
   Tensor dwte = grad(wte_);
-  ops::linear_backward(&dln_, dwte, nullptr, logits_, lnf_, param(wte_));
+  parallel::column_linear_backward(&dln_, dwte, nullptr, logits_, lnf_, param(wte_), tp_);
   Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
   ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, residual_out_, param(lnf_w_), lnf_mean_,
                           lnf_rstd_, /*accumulate_dx=*/false);
@@ -323,12 +383,12 @@ void GPT::backward(float loss_multiplier) {
     LayerActs& x = acts_[l];
     // dresidual holds the gradient of this layer's output.
     Tensor dw = grad(L.fcproj_w), db = grad(L.fcproj_b);
-    ops::linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
+    parallel::row_linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
     ready(L.fcproj_w, L.fcproj_b);
     ops::gelu_backward(dfch_, dfch_, x.fch);
     dw = grad(L.fc_w);
     db = grad(L.fc_b);
-    ops::linear_backward(&dln_, dw, &db, dfch_, x.ln2, param(L.fc_w));
+    parallel::column_linear_backward(&dln_, dw, &db, dfch_, x.ln2, param(L.fc_w), tp_);
     ready(L.fc_w, L.fc_b);
     Tensor dgw = grad(L.ln2_w), dgb = grad(L.ln2_b);
     ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual2, param(L.ln2_w), x.ln2_mean,
@@ -336,12 +396,12 @@ void GPT::backward(float loss_multiplier) {
     ready(L.ln2_w, L.ln2_b);
     dw = grad(L.proj_w);
     db = grad(L.proj_b);
-    ops::linear_backward(&datty_, dw, &db, dresidual_, x.atty, param(L.proj_w));
+    parallel::row_linear_backward(&datty_, dw, &db, dresidual_, x.atty, param(L.proj_w));
     ready(L.proj_w, L.proj_b);
-    ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, cfg_.n_head);
+    ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, heads_);
     dw = grad(L.qkv_w);
     db = grad(L.qkv_b);
-    ops::linear_backward(&dln_, dw, &db, dqkv_, x.ln1, param(L.qkv_w));
+    parallel::column_linear_backward(&dln_, dw, &db, dqkv_, x.ln1, param(L.qkv_w), tp_);
     ready(L.qkv_w, L.qkv_b);
     dgw = grad(L.ln1_w);
     dgb = grad(L.ln1_b);
@@ -350,7 +410,11 @@ void GPT::backward(float loss_multiplier) {
     ready(L.ln1_w, L.ln1_b);
   }
   Tensor dwpe = grad(wpe_);
-  ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);
+  if (tp_.active()) {
+    embedding_.backward(dwte, dwpe, dresidual_);
+  } else {
+    ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);
+  }
   ready(wte_, wpe_);
 }
 
@@ -366,49 +430,58 @@ std::vector<float> GPT::decode(std::int32_t token) {
            cfg_.block_size);
   Device& d = *device_;
   const DType a = policy_.activation;
-  const std::int64_t c = cfg_.n_embd;
+  const std::int64_t c = cfg_.n_embd, cl = c / tp_.size();
   if (k_cache_.empty()) {
     for (int l = 0; l < cfg_.n_layer; ++l) {
-      k_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, c}, a, d));
-      v_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, c}, a, d));
+      k_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, cl}, a, d));
+      v_cache_.push_back(Tensor::empty(Shape{1, cfg_.block_size, cl}, a, d));
     }
     dec_token_ = Tensor::empty(Shape{1, 1}, DType::kI32, d);
     dec_x_ = Tensor::empty(Shape{1, c}, a, d);
     dec_ln_ = Tensor::empty(Shape{1, c}, a, d);
     dec_mean_ = Tensor::empty(Shape{1}, DType::kF32, d);
     dec_rstd_ = Tensor::empty(Shape{1}, DType::kF32, d);
-    dec_qkv_ = Tensor::empty(Shape{1, 3 * c}, a, d);
-    dec_atty_ = Tensor::empty(Shape{1, c}, a, d);
+    dec_qkv_ = Tensor::empty(Shape{1, 3 * cl}, a, d);
+    dec_atty_ = Tensor::empty(Shape{1, cl}, a, d);
     dec_tmp_ = Tensor::empty(Shape{1, c}, a, d);
-    dec_fch_ = Tensor::empty(Shape{1, 4 * c}, a, d);
-    dec_fch_gelu_ = Tensor::empty(Shape{1, 4 * c}, a, d);
-    dec_logits_ = Tensor::empty(Shape{1, cfg_.padded_vocab}, a, d);
+    dec_fch_ = Tensor::empty(Shape{1, 4 * cl}, a, d);
+    dec_fch_gelu_ = Tensor::empty(Shape{1, 4 * cl}, a, d);
+    dec_logits_ = Tensor::empty(Shape{1, cfg_.padded_vocab / tp_.size()}, a, d);
+    if (tp_.active()) dec_logits_full_ = Tensor::empty(Shape{cfg_.padded_vocab}, a, d);
   }
   const int pos = cache_len_;
   std::int32_t host_token = token;
   dec_token_.copy_from(Tensor::wrap(&host_token, Shape{1, 1}, DType::kI32));
   Tensor x3 = dec_x_.view(Shape{1, 1, c});
   // Position pos is row pos of wpe: pass that row as a one-position table.
-  ops::embedding_forward(x3, dec_token_, param(wte_), param(wpe_).slice(pos, 1));
+  if (tp_.active()) {
+    dec_embedding_.forward(x3, {token}, 1, 1, param(wte_), param(wpe_).slice(pos, 1), vocab_start_,
+                           tp_);
+  } else {
+    ops::embedding_forward(x3, dec_token_, param(wte_), param(wpe_).slice(pos, 1));
+  }
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const Layer& L = layers_[l];
     ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(L.ln1_w), param(L.ln1_b));
     Tensor qkv_b = param(L.qkv_b), proj_b = param(L.proj_b), fc_b = param(L.fc_b),
            fcproj_b = param(L.fcproj_b);
-    ops::linear_forward(dec_qkv_, dec_ln_, param(L.qkv_w), &qkv_b);
-    ops::attention_decode(dec_atty_, k_cache_[l], v_cache_[l], dec_qkv_, pos, cfg_.n_head);
-    ops::linear_forward(dec_tmp_, dec_atty_, param(L.proj_w), &proj_b);
+    parallel::column_linear_forward(dec_qkv_, dec_ln_, param(L.qkv_w), &qkv_b);
+    ops::attention_decode(dec_atty_, k_cache_[l], v_cache_[l], dec_qkv_, pos, heads_);
+    parallel::row_linear_forward(dec_tmp_, dec_atty_, param(L.proj_w), &proj_b, tp_);
     ops::add(dec_x_, dec_x_, dec_tmp_);
     ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(L.ln2_w), param(L.ln2_b));
-    ops::linear_forward(dec_fch_, dec_ln_, param(L.fc_w), &fc_b);
+    parallel::column_linear_forward(dec_fch_, dec_ln_, param(L.fc_w), &fc_b);
     ops::gelu_forward(dec_fch_gelu_, dec_fch_);
-    ops::linear_forward(dec_tmp_, dec_fch_gelu_, param(L.fcproj_w), &fcproj_b);
+    parallel::row_linear_forward(dec_tmp_, dec_fch_gelu_, param(L.fcproj_w), &fcproj_b, tp_);
     ops::add(dec_x_, dec_x_, dec_tmp_);
   }
   ops::layernorm_forward(dec_ln_, dec_mean_, dec_rstd_, dec_x_, param(lnf_w_), param(lnf_b_));
-  ops::linear_forward(dec_logits_, dec_ln_, param(wte_), nullptr);
+  parallel::column_linear_forward(dec_logits_, dec_ln_, param(wte_), nullptr);
   ++cache_len_;
-  std::vector<float> logits = dec_logits_.to_floats();
+  // Sampling needs the whole distribution: one row of logits is gathered (rank r's columns
+  // are vocabulary rows [r V/K, (r + 1) V/K), so rank order is vocabulary order).
+  if (tp_.active()) tp_.comm()->all_gather(dec_logits_.flat(), dec_logits_full_).wait();
+  std::vector<float> logits = (tp_.active() ? dec_logits_full_ : dec_logits_).to_floats();
   logits.resize(static_cast<std::size_t>(cfg_.vocab_size));  // padded columns never win
   return logits;
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel/tensor_parallel.hpp"
 #include "runtime/precision.hpp"
 #include "runtime/tensor.hpp"
 
@@ -35,10 +36,16 @@ struct GPTConfig {
   static int pad_vocab(int vocab_size, int multiple = 128);
   // Throws InvalidArgument naming the field when the config is inconsistent.
   void validate() const;
+  // Throws InvalidArgument naming the field when the model cannot be split across `tp`
+  // tensor-parallel ranks: heads (and so width and MLP width) and padded_vocab must divide.
+  void validate_tp(int tp) const;
 
   int head_size() const { return n_embd / n_head; }
   // Every parameter, including the position embedding and the tied embedding once.
   std::int64_t num_parameters() const;
+  // Parameters one rank holds under tensor parallelism over `tp` ranks: a 1/tp shard of the
+  // split ones plus every replicated one (LayerNorms, row-parallel biases, wpe).
+  std::int64_t num_parameters_per_rank(int tp) const;
   // Training FLOPs per token at sequence length seq (forward + backward: 6 per parameter
   // multiply-add, plus attention's 12 x layers x width x seq, as in PaLM's appendix B / llm.c).
   double training_flops_per_token(int seq) const;
@@ -55,9 +62,10 @@ struct MemoryEstimate {
     return parameters + gradients + master_weights + optimizer_state + activations;
   }
 };
-// Memory of one rank holding the whole model (no sharding) for a micro-batch of [batch, seq].
+// Memory of one rank for a micro-batch of [batch, seq], with the model split across `tp`
+// tensor-parallel ranks (1: the whole model), as GPT allocates it.
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq);
+                               int seq, int tp = 1);
 
 struct ParamInfo {
   std::string name;     // Hugging Face GPT-2 names: "wte.weight", "h.0.attn.c_attn.weight", ...
@@ -70,7 +78,13 @@ struct ParamInfo {
   // has shape full_shape; along shard_dim it is viewed as shard_parts equal blocks (3 for the
   // fused QKV projection: Q, K, V), and TP rank r of K holds from each block the r-th of K equal
   // slices, the slices concatenated in block order. shard_dim = -1: replicated on every TP rank
-  // (full_shape == shape).
+  // (full_shape == shape). The fields are the same at TP = 1 (shape == full_shape there), so
+  // a TP = 1 model says how a TP = K one splits. Which tensors split (parallel/
+  // tensor_parallel.hpp): wte along 0 (vocab rows), c_attn weight and bias along 0 in 3 parts,
+  // mlp.c_fc weight and bias along 0, both c_proj weights along 1; the rest is replicated.
+  // wte's full_shape[0] is padded_vocab, which depends on the layout (a multiple of 128 x TP):
+  // its rows from vocab_size on are zero, so resharding wte across layouts copies the first
+  // vocab_size rows and zero-fills the rest.
   Shape full_shape;
   int shard_dim = -1;
   int shard_parts = 1;
@@ -78,17 +92,27 @@ struct ParamInfo {
 
 class GPT {
  public:
-  GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device());
+  // With a TP group of K > 1 ranks, this rank holds its shard of every split parameter (see
+  // ParamInfo) and forward, backward and decode are collective over the group: every rank of it
+  // calls them in the same order on the same tokens. Throws InvalidArgument (validate_tp) when
+  // the model cannot be split K ways. The group's communicator must outlive the model.
+  GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device(),
+      parallel::TPGroup tp = {});
 
   const GPTConfig& config() const { return cfg_; }
   const PrecisionPolicy& policy() const { return policy_; }
   Device& device() const { return *device_; }
   const std::vector<ParamInfo>& params() const { return params_; }
+  // Parameters this rank holds (all of them at TP = 1).
   std::int64_t num_parameters() const { return num_params_; }
+  const parallel::TPGroup& tp() const { return tp_; }
+  // First row of the padded vocabulary this rank's wte shard holds.
+  std::int64_t vocab_start() const { return vocab_start_; }
 
   // GPT-2 initialisation from (seed, stream = parameter index): normal(0, 0.02) weights,
   // residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 x layers), zero biases,
-  // unit LayerNorm weights. Identical on every rank and device for one seed.
+  // unit LayerNorm weights. Identical on every rank and device for one seed; under TP each rank
+  // holds its shard of the full model's values (the same model as at TP = 1).
   void init_weights(std::uint64_t seed);
 
   // Flat buffers: compute parameters, fp32 master (the same tensor as params under fp32),
@@ -106,7 +130,8 @@ class GPT {
   // per-token losses and returns their mean over counted targets; without, returns NaN and
   // leaves logits() ready. Activations are kept for backward.
   float forward(const Tensor& tokens, const Tensor& targets = Tensor());
-  // Logits of the last forward, [B, T, padded_vocab]. Overwritten by backward.
+  // Logits of the last forward, [B, T, padded_vocab / TP] (this rank's vocabulary columns).
+  // Overwritten by backward.
   const Tensor& logits() const { return logits_; }
   // Per-token fp32 losses of the last forward with targets.
   const Tensor& losses() const { return losses_; }
@@ -125,7 +150,8 @@ class GPT {
 
   // Incremental decoding of one sequence with a KV cache: decode(token) runs `token` at the
   // next position (cache_length()) and returns the fp32 logits of the real vocabulary for the
-  // token after it. At most block_size positions; reset_cache() starts a new sequence.
+  // token after it. At most block_size positions; reset_cache() starts a new sequence. Under TP
+  // every rank gets the whole vocabulary's logits (one row all-gathered).
   std::vector<float> decode(std::int32_t token);
   void reset_cache() { cache_len_ = 0; }
   int cache_length() const { return cache_len_; }
@@ -143,11 +169,18 @@ class GPT {
         fch_gelu;
   };
   void ensure_activations(int batch, int seq);
-  int add_param(const std::string& name, const Shape& shape, int layer, bool decay);
+  // full: the unsharded shape; shard_dim -1 = replicated.
+  int add_param(const std::string& name, const Shape& full, int layer, bool decay,
+                int shard_dim = -1, int shard_parts = 1);
 
   GPTConfig cfg_;
   PrecisionPolicy policy_;
   Device* device_;
+  parallel::TPGroup tp_;
+  int heads_ = 0;  // heads on this rank: n_head / TP
+  std::int64_t vocab_start_ = 0;
+  parallel::VocabParallelEmbedding embedding_, dec_embedding_;
+  parallel::VocabParallelCrossEntropy cross_entropy_;
   std::vector<ParamInfo> params_;
   std::int64_t num_params_ = 0;
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
@@ -167,7 +200,7 @@ class GPT {
   // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
   std::vector<Tensor> k_cache_, v_cache_;
   Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_,
-      dec_fch_, dec_fch_gelu_, dec_logits_;
+      dec_fch_, dec_fch_gelu_, dec_logits_, dec_logits_full_;
   int cache_len_ = 0;
 };
 

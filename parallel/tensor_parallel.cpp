@@ -1,0 +1,339 @@
+#include "parallel/tensor_parallel.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "runtime/ops.hpp"
+
+namespace meshtrain::parallel {
+
+void TPGroup::allreduce(const Tensor& t, comm::ReduceOp op) const {
+  if (comm_ != nullptr) comm_->allreduce(t, op).wait();
+}
+
+// ---- shards ----------------------------------------------------------------------------------
+
+namespace {
+
+// A tensor of full shape viewed as [outer, parts, size, piece] (row-major): shard r of block p
+// under outer index o is row (o parts + p) size + r of [outer parts size, piece].
+struct ShardGeometry {
+  std::int64_t outer = 1, piece = 1;
+};
+
+ShardGeometry geometry(const Shape& full, int dim, int parts, int size) {
+  MT_CHECK(dim >= 0 && dim < full.ndim(), "shard dimension {} is outside the {}-D shape {}", dim,
+           full.ndim(), full.str());
+  MT_CHECK(parts >= 1 && size >= 1, "shard parts ({}) and group size ({}) must be positive", parts,
+           size);
+  MT_CHECK(full[dim] % (static_cast<std::int64_t>(parts) * size) == 0,
+           "dimension {} of {} ({}) cannot be split into {} blocks of {} equal shards", dim,
+           full.str(), full[dim], parts, size);
+  ShardGeometry g;
+  for (int i = 0; i < dim; ++i) g.outer *= full[i];
+  g.piece = full[dim] / (static_cast<std::int64_t>(parts) * size);
+  for (int i = dim + 1; i < full.ndim(); ++i) g.piece *= full[i];
+  return g;
+}
+
+// Copies every (outer, block) piece of rank's shard between the full and the shard tensors.
+template <typename Fn>
+void for_each_piece(const Shape& full, int dim, int parts, int rank, int size, Fn fn) {
+  MT_CHECK(rank >= 0 && rank < size, "shard rank {} outside a group of {}", rank, size);
+  const ShardGeometry g = geometry(full, dim, parts, size);
+  for (std::int64_t o = 0; o < g.outer; ++o)
+    for (int p = 0; p < parts; ++p)
+      fn(((o * parts + p) * size + rank) * g.piece, (o * parts + p) * g.piece, g.piece);
+}
+
+}  // namespace
+
+Shape shard_shape(const Shape& full, int dim, int parts, int size) {
+  geometry(full, dim, parts, size);
+  std::vector<std::int64_t> d = full.to_vector();
+  d[static_cast<std::size_t>(dim)] /= size;
+  return Shape(d);
+}
+
+void copy_shard(Tensor& shard, const Tensor& full, int dim, int parts, int rank, int size) {
+  MT_CHECK(shard.shape() == shard_shape(full.shape(), dim, parts, size),
+           "copy_shard: shard {} does not fit a {}-way split of {} along dimension {}",
+           shard.str(), size, full.str(), dim);
+  const Tensor f = full.flat(), s = shard.flat();
+  for_each_piece(full.shape(), dim, parts, rank, size,
+                 [&](std::int64_t at_full, std::int64_t at_shard, std::int64_t n) {
+                   Tensor dst = s.slice(at_shard, n);
+                   dst.copy_from(f.slice(at_full, n));
+                 });
+}
+
+void place_shard(Tensor& full, const Tensor& shard, int dim, int parts, int rank, int size) {
+  MT_CHECK(shard.shape() == shard_shape(full.shape(), dim, parts, size),
+           "place_shard: shard {} does not fit a {}-way split of {} along dimension {}",
+           shard.str(), size, full.str(), dim);
+  const Tensor f = full.flat(), s = shard.flat();
+  for_each_piece(full.shape(), dim, parts, rank, size,
+                 [&](std::int64_t at_full, std::int64_t at_shard, std::int64_t n) {
+                   Tensor dst = f.slice(at_full, n);
+                   dst.copy_from(s.slice(at_shard, n));
+                 });
+}
+
+Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int parts,
+                   const TPGroup& tp) {
+  if (dim < 0 || tp.size() == 1) {
+    MT_CHECK(shard.shape() == full_shape, "gather_full: {} is not the full shape {}", shard.str(),
+             full_shape.str());
+    return shard.clone();
+  }
+  const int k = tp.size();
+  MT_CHECK(shard.shape() == shard_shape(full_shape, dim, parts, k),
+           "gather_full: shard {} does not fit a {}-way split of {} along dimension {}",
+           shard.str(), k, full_shape.str(), dim);
+  const std::int64_t n = shard.numel();
+  Tensor all = Tensor::empty(Shape{n * k}, shard.dtype(), shard.device());
+  tp.comm()->all_gather(shard.flat(), all).wait();
+  Tensor full = Tensor::empty(full_shape, shard.dtype(), shard.device());
+  for (int r = 0; r < k; ++r)
+    place_shard(full, all.slice(r * n, n).view(shard.shape()), dim, parts, r, k);
+  return full;
+}
+
+// ---- gradient norm ---------------------------------------------------------------------------
+
+double norm_squared_share(const Tensor& grads, std::int64_t lo,
+                          const std::vector<FlatParam>& params, int tp_rank) {
+  const std::int64_t hi = lo + grads.numel();
+  double sum = 0.0;
+  // Adjacent counted parameters are summed as one run.
+  std::int64_t run_lo = 0, run_hi = 0;
+  auto flush = [&] {
+    if (run_hi > run_lo) sum += ops::sum_of_squares(grads.slice(run_lo - lo, run_hi - run_lo));
+    run_lo = run_hi = 0;
+  };
+  for (const FlatParam& p : params) {
+    const std::int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+    if (b <= a) continue;
+    if (p.replicated && tp_rank != 0) {
+      flush();
+      continue;
+    }
+    if (run_hi == a) {
+      run_hi = b;
+    } else {
+      flush();
+      run_lo = a;
+      run_hi = b;
+    }
+  }
+  flush();
+  return sum;
+}
+
+// ---- column- and row-parallel linear --------------------------------------------------------
+
+void column_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias) {
+  ops::linear_forward(y, x, w, bias);
+}
+
+void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
+                            const Tensor& x, const Tensor& w, const TPGroup& tp) {
+  ops::linear_backward(dx, dw, dbias, dy, x, w);
+  if (dx != nullptr) tp.allreduce(*dx);
+}
+
+void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias,
+                        const TPGroup& tp) {
+  ops::linear_forward(y, x, w, tp.rank() == 0 ? bias : nullptr);
+  tp.allreduce(y);
+}
+
+void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
+                         const Tensor& x, const Tensor& w) {
+  ops::linear_backward(dx, dw, dbias, dy, x, w);
+}
+
+// ---- vocab-parallel embedding ----------------------------------------------------------------
+
+void VocabParallelEmbedding::forward(Tensor& out, const std::vector<std::int32_t>& ids, int batch,
+                                     int seq, const Tensor& wte, const Tensor& wpe,
+                                     std::int64_t vocab_start, const TPGroup& tp) {
+  MT_CHECK(wte.defined() && wte.ndim() == 2, "vocab-parallel embedding: wte must be [V/K, C]");
+  const std::int64_t n = static_cast<std::int64_t>(batch) * seq, rows = wte.dim(0),
+                     c = wte.dim(1);
+  MT_CHECK(static_cast<std::int64_t>(ids.size()) == n,
+           "vocab-parallel embedding: {} token ids for a [{}, {}] batch", ids.size(), batch, seq);
+  std::vector<std::int32_t> local(ids.size());
+  masked_.clear();
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t id = ids[static_cast<std::size_t>(i)];
+    if (id >= vocab_start && id < vocab_start + rows) {
+      local[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(id - vocab_start);
+    } else {
+      local[static_cast<std::size_t>(i)] = 0;
+      if (!masked_.empty() && masked_.back().second == i) {
+        ++masked_.back().second;
+      } else {
+        masked_.emplace_back(i, i + 1);
+      }
+    }
+  }
+  local_ids_ = Tensor::from_ints(local, Shape{batch, seq}, wte.device());
+  batch_ = batch;
+  seq_ = seq;
+  // The position embedding is added once, by rank 0; the allreduce sums one real row and zeros.
+  const bool with_wpe = tp.rank() == 0 && wpe.defined();
+  ops::embedding_forward(out, local_ids_, wte, with_wpe ? wpe : Tensor());
+  Tensor rows_out = out.view(Shape{n, c});
+  for (auto [lo, hi] : masked_) {
+    if (!with_wpe) {
+      rows_out.slice(lo, hi - lo).zero_();
+      continue;
+    }
+    while (lo < hi) {  // runs may cross sequences: wpe rows restart at each sequence
+      const std::int64_t t = lo % seq, len = std::min(hi - lo, seq - t);
+      Tensor dst = rows_out.slice(lo, len);
+      dst.copy_from(wpe.slice(t, len));
+      lo += len;
+    }
+  }
+  tp.allreduce(out);
+}
+
+void VocabParallelEmbedding::backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout) {
+  MT_CHECK(local_ids_.defined(), "vocab-parallel embedding: backward before forward");
+  const std::int64_t n = static_cast<std::int64_t>(batch_) * seq_, c = dwte.dim(1);
+  MT_CHECK(dout.numel() == n * c, "vocab-parallel embedding: dout {} for a [{}, {}, {}] forward",
+           dout.str(), batch_, seq_, c);
+  Tensor no_wpe;
+  if (masked_.empty()) {
+    ops::embedding_backward(dwte, no_wpe, dout, local_ids_);
+  } else {
+    if (!scratch_.defined() || scratch_.shape() != dout.shape() || scratch_.dtype() != dout.dtype())
+      scratch_ = Tensor::empty(dout.shape(), dout.dtype(), dout.device());
+    scratch_.copy_from(dout);
+    Tensor rows = scratch_.view(Shape{n, c});
+    for (auto [lo, hi] : masked_) rows.slice(lo, hi - lo).zero_();
+    ops::embedding_backward(dwte, no_wpe, scratch_, local_ids_);
+  }
+  if (dwpe.defined()) {
+    // dwpe[t] += sum over the batch of dout[b, t]: a bias gradient over [B, T x C].
+    Tensor dpos = dwpe.slice(0, seq_).view(Shape{static_cast<std::int64_t>(seq_) * c});
+    ops::bias_backward(dpos, dout.view(Shape{batch_, static_cast<std::int64_t>(seq_) * c}));
+  }
+}
+
+// ---- vocab-parallel cross-entropy ------------------------------------------------------------
+
+namespace {
+
+template <typename Fn>
+void dispatch_float(DType t, Fn fn) {
+  switch (t) {
+    case DType::kF32: fn(float{}); return;
+    case DType::kBF16: fn(bf16{}); return;
+    case DType::kF16: fn(f16{}); return;
+    default: MT_FAIL("vocab-parallel cross-entropy: logits must be a float dtype, got {}", dtype_name(t));
+  }
+}
+
+constexpr std::int64_t kParallelGrain = 1 << 15;
+
+}  // namespace
+
+void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
+                                        const std::vector<std::int32_t>& targets,
+                                        std::int64_t vocab_start, int vocab, const TPGroup& tp) {
+  MT_CHECK(logits.defined() && logits.ndim() >= 2, "vocab-parallel cross-entropy: logits must be [N, V/K]");
+  MT_CHECK(logits.is_cpu(), "vocab-parallel cross-entropy runs on CPU tensors, got {}", logits.str());
+  const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
+  MT_CHECK(static_cast<std::int64_t>(targets.size()) == n,
+           "vocab-parallel cross-entropy: {} targets for {} rows", targets.size(), n);
+  MT_CHECK(losses.dtype() == DType::kF32 && losses.numel() == n,
+           "vocab-parallel cross-entropy: losses must be fp32 [{}], got {}", n, losses.str());
+  const std::int64_t valid = std::clamp<std::int64_t>(vocab - vocab_start, 0, cols);
+  vocab_start_ = vocab_start;
+  vocab_ = vocab;
+  local_.assign(static_cast<std::size_t>(n), -1);
+  ignored_.assign(static_cast<std::size_t>(n), false);
+  for (std::int64_t r = 0; r < n; ++r) {
+    const std::int32_t t = targets[static_cast<std::size_t>(r)];
+    MT_CHECK(t < vocab, "vocab-parallel cross-entropy: target {} at row {} is outside the vocabulary of {}",
+             t, r, vocab);
+    if (t < 0) {
+      ignored_[static_cast<std::size_t>(r)] = true;
+    } else if (t >= vocab_start && t < vocab_start + valid) {
+      local_[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(t - vocab_start);
+    }
+  }
+  // 1. The row maxima over every rank's real columns.
+  std::vector<float> mx(static_cast<std::size_t>(n), -std::numeric_limits<float>::infinity());
+  // 2. Sum of exp(logit - max) in [0, n), the target logit (0 on other ranks) in [n, 2n).
+  std::vector<float> sums(static_cast<std::size_t>(2 * n), 0.0f);
+  dispatch_float(logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(logits.data());
+#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
+    for (std::int64_t r = 0; r < n; ++r) {
+      const T* row = z + r * cols;
+      float m = -std::numeric_limits<float>::infinity();
+      for (std::int64_t j = 0; j < valid; ++j) m = std::max(m, to_float(row[j]));
+      mx[static_cast<std::size_t>(r)] = m;
+    }
+    tp.allreduce(Tensor::wrap(mx.data(), Shape{n}, DType::kF32), comm::ReduceOp::kMax);
+#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
+    for (std::int64_t r = 0; r < n; ++r) {
+      const T* row = z + r * cols;
+      const float m = mx[static_cast<std::size_t>(r)];
+      float s = 0.0f;
+      for (std::int64_t j = 0; j < valid; ++j) s += std::exp(to_float(row[j]) - m);
+      sums[static_cast<std::size_t>(r)] = s;
+      const std::int32_t t = local_[static_cast<std::size_t>(r)];
+      if (t >= 0) sums[static_cast<std::size_t>(n + r)] = to_float(row[t]);
+    }
+  });
+  tp.allreduce(Tensor::wrap(sums.data(), Shape{2 * n}, DType::kF32), comm::ReduceOp::kSum);
+  lse_.resize(static_cast<std::size_t>(n));
+  std::vector<float> loss(static_cast<std::size_t>(n));
+  for (std::int64_t r = 0; r < n; ++r) {
+    const std::size_t i = static_cast<std::size_t>(r);
+    lse_[i] = mx[i] + std::log(sums[i]);
+    loss[i] = ignored_[i] ? 0.0f : lse_[i] - sums[static_cast<std::size_t>(n) + i];
+  }
+  losses.copy_from(Tensor::wrap(loss.data(), Shape{n}, DType::kF32));
+}
+
+void VocabParallelCrossEntropy::backward(Tensor& dlogits, const Tensor& logits, float dloss) {
+  const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
+  MT_CHECK(static_cast<std::int64_t>(lse_.size()) == n,
+           "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n, lse_.size());
+  MT_CHECK(dlogits.shape() == logits.shape() && dlogits.dtype() == logits.dtype() && dlogits.is_cpu(),
+           "vocab-parallel cross-entropy: dlogits {} must match logits {}", dlogits.str(), logits.str());
+  MT_CHECK(std::isfinite(dloss), "vocab-parallel cross-entropy: dloss must be finite, got {}", dloss);
+  const std::int64_t valid = std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols);
+  dispatch_float(logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(logits.data());
+    T* dz = static_cast<T*>(dlogits.data());
+#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
+    for (std::int64_t r = 0; r < n; ++r) {
+      const T* row = z + r * cols;
+      T* drow = dz + r * cols;  // may alias row: each element is read before it is written
+      const std::size_t i = static_cast<std::size_t>(r);
+      if (ignored_[i]) {
+        for (std::int64_t j = 0; j < cols; ++j) drow[j] = from_float<T>(0.0f);
+        continue;
+      }
+      const float l = lse_[i];
+      const std::int32_t t = local_[i];
+      for (std::int64_t j = 0; j < valid; ++j) {
+        const float p = std::exp(to_float(row[j]) - l);
+        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
+      }
+      for (std::int64_t j = valid; j < cols; ++j) drow[j] = from_float<T>(0.0f);
+    }
+  });
+}
+
+}  // namespace meshtrain::parallel

@@ -1,0 +1,155 @@
+// Tensor parallelism (Megatron-LM, Shoeybi et al. 2019): layers whose weights are split across
+// the K ranks of a TP group, each an ordinary layer that calls the group's communicator in
+// forward or backward.
+//
+// Operators on the TP group (Megatron's f and g):
+//   f  identity in forward, allreduce(sum) of the input gradient in backward: where a replicated
+//      activation enters a column-parallel layer (ln_1 -> QKV, ln_2 -> c_fc, ln_f -> LM head).
+//   g  allreduce(sum) in forward, identity in backward: where a row-parallel layer's partial
+//      outputs leave the TP region (attention c_proj, MLP c_proj, the vocab-parallel embedding).
+//
+// Sharding (the contract models::ParamInfo documents): a tensor of full shape F is split along
+// one dimension d, viewed as `parts` equal blocks (3 for the fused QKV: Q, K, V); TP rank r of K
+// holds from every block the r-th of K equal slices, concatenated in block order. So a column-
+// parallel weight [out, in] is split along d = 0 (out), a row-parallel one along d = 1 (in), the
+// vocab-parallel embedding along d = 0 (rows of the padded vocabulary).
+//
+// Replicated parameters (LayerNorms, biases of row-parallel layers, the position embedding) see
+// identical inputs and identical gradients on every TP rank (each allreduce returns the same
+// bits on every rank), so every rank computes the same update and they stay identical without
+// communication. A row-parallel bias is added once: by TP rank 0, before the allreduce.
+//
+// All functions here are collective over the group when its size is above 1: every rank of the
+// group calls them in the same order with the same shapes (comm/communicator.hpp). Thread-safety:
+// as the communicator.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.hpp"
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::parallel {
+
+// A TP group as the layers see it: a communicator, or none for TP = 1 (then every collective is
+// a no-op and the layers are the plain ones).
+class TPGroup {
+ public:
+  TPGroup() = default;
+  // The communicator must outlive the group; a communicator of size 1 acts as none.
+  explicit TPGroup(comm::Communicator& tp) : comm_(tp.valid() && tp.size() > 1 ? &tp : nullptr) {}
+
+  int rank() const { return comm_ != nullptr ? comm_->rank() : 0; }
+  int size() const { return comm_ != nullptr ? comm_->size() : 1; }
+  bool active() const { return comm_ != nullptr; }
+  comm::Communicator* comm() const { return comm_; }
+
+  // Blocking allreduce in place (no-op for TP = 1).
+  void allreduce(const Tensor& t, comm::ReduceOp op = comm::ReduceOp::kSum) const;
+
+ private:
+  comm::Communicator* comm_ = nullptr;
+};
+
+// ---- shards ----------------------------------------------------------------------------------
+
+// The shape of rank r's shard of a tensor of full shape `full` (any r: shards are equal).
+// Throws InvalidArgument when full[dim] is not a multiple of parts x size.
+Shape shard_shape(const Shape& full, int dim, int parts, int size);
+// shard = rank's shard of full (shapes as shard_shape; dtypes may differ: values are converted).
+void copy_shard(Tensor& shard, const Tensor& full, int dim, int parts, int rank, int size);
+// The inverse: writes rank's shard into its place in full.
+void place_shard(Tensor& full, const Tensor& shard, int dim, int parts, int rank, int size);
+// Collective: every rank of the group receives the full tensor (in the shard's dtype) assembled
+// from every rank's shard. dim = -1 (replicated): a copy of the local tensor.
+Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int parts,
+                   const TPGroup& tp);
+
+// ---- gradient norm ---------------------------------------------------------------------------
+
+// One parameter's place in a flat buffer and whether it is replicated across the TP group.
+struct FlatParam {
+  std::int64_t offset = 0, numel = 0;
+  bool replicated = false;
+};
+// This rank's share of the squared global gradient norm, for flat elements [lo, lo +
+// grads.numel()) of the TP-local flat buffer (grads: fp32; all of it, or a ZeRO-1 shard):
+// elements of split parameters count on every TP rank (each holds different ones), elements of
+// replicated parameters on TP rank 0 only (every rank holds the same). Summed over the TP group
+// (and over the DP group for ZeRO-1 shards), it is the squared norm of the whole model's
+// gradient, each element counted once. Accumulated in fp64.
+double norm_squared_share(const Tensor& grads, std::int64_t lo,
+                          const std::vector<FlatParam>& params, int tp_rank);
+
+// ---- column- and row-parallel linear --------------------------------------------------------
+
+// Column-parallel linear: w is this rank's rows [out/K, in] of the full [out, in] weight, bias
+// its [out/K] slice; x is replicated. y = x w^T + bias, this rank's out/K columns of the output.
+// Forward is f's identity: no communication.
+void column_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias);
+// dw, dbias += this rank's gradient; dx (when not null) = f's backward: the allreduce over the
+// group of every rank's partial dy w.
+void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
+                            const Tensor& x, const Tensor& w, const TPGroup& tp);
+
+// Row-parallel linear: w is this rank's columns [out, in/K] of the full weight, x this rank's
+// in/K features, bias the full (replicated) [out]. y = allreduce_sum(x w^T) + bias, the bias
+// added by rank 0 alone before the allreduce (g's forward).
+void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias,
+                        const TPGroup& tp);
+// g's backward is the identity: dy is the same on every rank. dx = dy w (this rank's in/K
+// features); dw += this rank's gradient; dbias (replicated) += column sums of dy on every rank.
+void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
+                         const Tensor& x, const Tensor& w);
+
+// ---- vocab-parallel embedding ----------------------------------------------------------------
+
+// Token embedding with the rows of wte split across the group: rank r holds rows
+// [vocab_start, vocab_start + wte.dim(0)) of the padded vocabulary. Forward looks up the ids this
+// rank holds, writes zero for the others (masked), adds the (replicated) position embedding on
+// rank 0, and allreduces (g). Backward: every rank holds the same output gradient; this rank's
+// rows of dwte get the gradient of its own ids, dwpe (replicated) the full gradient.
+class VocabParallelEmbedding {
+ public:
+  // ids: host token ids of tokens [B, T] (B * T values, each in [0, vocabulary)); out: [B, T, C].
+  void forward(Tensor& out, const std::vector<std::int32_t>& ids, int batch, int seq,
+               const Tensor& wte, const Tensor& wpe, std::int64_t vocab_start, const TPGroup& tp);
+  // After forward: dwte (this rank's rows) and dwpe (fp32) +=. dout is not modified.
+  void backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout);
+
+ private:
+  // Runs [first, second) of flat token positions whose ids this rank does not hold.
+  std::vector<std::pair<std::int64_t, std::int64_t>> masked_;
+  Tensor local_ids_;  // int32 [B, T]: id - vocab_start, 0 where masked
+  Tensor scratch_;    // dout with the masked rows zeroed
+  int batch_ = 0, seq_ = 0;
+};
+
+// ---- vocab-parallel cross-entropy ------------------------------------------------------------
+
+// Softmax cross-entropy over logits whose columns are split across the group: rank r holds
+// columns [vocab_start, vocab_start + logits.dim(-1)) of the padded vocabulary; columns at or
+// beyond `vocab` are padding (ignored, zero gradient). The full-vocabulary logits are never
+// gathered: forward allreduces the row maxima, then the sums of exp(logit - max) together with
+// the target logits (held by one rank each), so every rank gets every row's loss and
+// log-sum-exp. The kernels run on CPU tensors.
+class VocabParallelCrossEntropy {
+ public:
+  // logits: [N, V/K] (activation dtype); targets: N host ids, negative = ignored (loss 0).
+  // losses: fp32 [N], written (identical on every rank).
+  void forward(Tensor& losses, const Tensor& logits, const std::vector<std::int32_t>& targets,
+               std::int64_t vocab_start, int vocab, const TPGroup& tp);
+  // dlogits = dloss * (softmax - onehot(target)) on this rank's columns, written, padded columns
+  // zero, ignored rows zero. dlogits may alias logits.
+  void backward(Tensor& dlogits, const Tensor& logits, float dloss);
+
+ private:
+  std::vector<float> lse_;           // per row, over the whole vocabulary
+  std::vector<std::int32_t> local_;  // per row: target - vocab_start on its rank, -1 elsewhere
+  std::vector<bool> ignored_;
+  std::int64_t vocab_start_ = 0;
+  int vocab_ = 0;
+};
+
+}  // namespace meshtrain::parallel
