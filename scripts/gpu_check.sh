@@ -117,7 +117,8 @@ configure() {
     -DMPI_C_COMPILER="$deps/bin/mpicc" -DMPIEXEC_EXECUTABLE="$deps/bin/mpirun"
     -DMESHTRAIN_CUDNN_INCLUDE="$cudnn_inc" -DMESHTRAIN_CUDNN_LIB="$cudnn_lib"
     -DMESHTRAIN_NCCL_INCLUDE="$nccl_inc" -DMESHTRAIN_NCCL_LIB="$nccl_lib"
-    -DMESHTRAIN_CUDNN_FRONTEND_INCLUDE="$root/.deps/gpu/cudnn_frontend/include")
+    -DMESHTRAIN_CUDNN_FRONTEND_INCLUDE="$root/.deps/gpu/cudnn_frontend/include"
+    -DMESHTRAIN_FORTUNES_DIR="$deps/usr/share/games/fortunes")
   [[ -n $cublaslt_lib && ! -e $cuda_root/lib64/libcublasLt.so ]] && args+=(-DCUDA_cublasLt_LIBRARY="$cublaslt_lib")
   [[ -n $nvrtc_lib && ! -e $cuda_root/lib64/libnvrtc.so ]] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc_lib")
   command -v ninja >/dev/null || args+=(-G "Unix Makefiles")

@@ -1,7 +1,7 @@
 // op_runner: runs single meshtrain ops on cases written by the PyTorch conformance suite
 // (tests/runtime/test_ops_torch.py) and writes what they produced.
 //
-//   op_runner --device cpu [--threads N] --in CASE_DIR --out RESULT_DIR
+//   op_runner --device cpu|cuda [--threads N] --in CASE_DIR --out RESULT_DIR
 //
 // Every CASE_DIR/*.safetensors is one case: its metadata names the op ("op") and the op's
 // scalar arguments; its tensors are the op's inputs, by argument name, plus the initial
@@ -21,10 +21,15 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "runtime/config.hpp"
 #include "runtime/cpu/threads.hpp"
+#if MESHTRAIN_HAS_CUDA
+#include "runtime/cuda/cuda_device.hpp"
+#endif
 #include "runtime/ops.hpp"
 #include "runtime/safetensors.hpp"
 
@@ -35,9 +40,19 @@ namespace fs = std::filesystem;
 
 using Outputs = std::vector<std::pair<std::string, Tensor>>;
 
-Device& device_named(const std::string& name) {
+// The device called name; a CUDA device is opened into `owned`, which must outlive every
+// tensor on it.
+Device& device_named(const std::string& name, std::unique_ptr<Device>& owned) {
   if (name == "cpu") return cpu_device();
+#if MESHTRAIN_HAS_CUDA
+  if (name == "cuda") {
+    owned = cuda::open_local_device();
+    return *owned;
+  }
+  MT_FAIL("op_runner: unknown device '{}' (available: cpu, cuda)", name);
+#else
   MT_FAIL("op_runner: device '{}' is not available in this build (available: cpu)", name);
+#endif
 }
 
 // A tensor on `device` whose every float element is NaN.
@@ -366,7 +381,8 @@ int run(int argc, char** argv) {
   }
   MT_CHECK(!in_dir.empty() && !out_dir.empty(),
            "usage: op_runner --device cpu [--threads N] --in CASE_DIR --out RESULT_DIR");
-  Device& device = device_named(device_name);
+  std::unique_ptr<Device> owned;
+  Device& device = device_named(device_name, owned);
   if (threads > 0) cpu::set_num_threads(threads);
   std::vector<fs::path> cases;
   for (const auto& entry : fs::directory_iterator(in_dir))
