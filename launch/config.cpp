@@ -171,6 +171,8 @@ const std::vector<Key>& keys() {
               "micro-steps per optimizer step"),
       string_key("train", "precision", &TrainConfig::precision, {"fp32", "bf16", "fp16"},
                  "precision policy"),
+      string_key("train", "device", &TrainConfig::device, {"cpu", "cuda"},
+                 "compute device; cuda: one GPU per rank, chosen by the local rank"),
       int_key("train", "seed", &TrainConfig::seed, 0, 9.007199254740992e15, "random seed"),
       double_key("train", "lr", &TrainConfig::lr, 0, 10, "peak learning rate"),
       double_key("train", "min_lr_ratio", &TrainConfig::min_lr_ratio, 0, 1,

@@ -31,6 +31,7 @@ struct TrainConfig {
   int seq_len = 128;
   int grad_accum = 1;   // micro-steps per optimizer step
   std::string precision = "bf16";
+  std::string device = "cpu";       // cpu, or cuda: one GPU per rank (builds with MESHTRAIN_CUDA)
   std::uint64_t seed = 1337;
   double lr = 1e-3;
   double min_lr_ratio = 0.1;   // final lr as a fraction of lr (cosine, wsd)

@@ -31,13 +31,14 @@ commands:
   --version  print the version
 )";
 
-constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--quiet]
+constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--quiet]
 
 Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
 (Debian's fortune cookies) for 300 steps, ending with a generated sample.
 
   --config FILE        a TOML file with sections [model] [data] [train] [eval] [sample] [run]
   --set KEY=VALUE      override one key, e.g. --set train.lr=3e-4 --set data.train=corpus.txt
+  --device cpu|cuda    the same as --set train.device=...: cuda trains on one GPU per rank
   --quiet              no per-step lines (metrics still go to RUN_DIR/metrics.jsonl)
 
 config keys (default):
@@ -127,6 +128,8 @@ int cmd_train(Args a) {
       sets.push_back(f.substr(6));
     } else if (f == "--quiet") {
       quiet = true;
+    } else if (f == "--device") {
+      sets.push_back("train.device=" + a.next(f));
     } else {
       MT_FAIL("train: unknown argument '{}' (see meshtrain train --help)", f);
     }

@@ -14,6 +14,9 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/config.hpp"
+#if MESHTRAIN_HAS_CUDA
+#include "runtime/cuda/cuda_device.hpp"
+#endif
 #include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
 #include "runtime/ops.hpp"
@@ -66,17 +69,21 @@ std::string_view default_corpus() {
                           static_cast<std::size_t>(mt_default_corpus_end - mt_default_corpus_begin));
 }
 
-double measure_bf16_matmul_peak() {
-  const std::int64_t n = 1024;
-  Tensor a = Tensor::empty(Shape{n, n}, DType::kBF16), b = Tensor::empty(Shape{n, n}, DType::kBF16);
+double measure_bf16_matmul_peak(Device& device) {
+  // A GPU needs a larger product to reach its rate (and to time it with the host clock).
+  const std::int64_t n = device.is_cpu() ? 1024 : 8192;
+  Tensor a = Tensor::empty(Shape{n, n}, DType::kBF16, device);
+  Tensor b = Tensor::empty(Shape{n, n}, DType::kBF16, device);
   fill_uniform(a, Philox(1, 1), -1.0f, 1.0f);
   fill_uniform(b, Philox(1, 2), -1.0f, 1.0f);
-  Tensor c = Tensor::empty(Shape{n, n}, DType::kBF16);
+  Tensor c = Tensor::empty(Shape{n, n}, DType::kBF16, device);
   ops::matmul(c, a, b);  // warm-up: primitive creation, page faults
+  device.synchronize();
   double best = std::numeric_limits<double>::infinity();
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = Clock::now();
     ops::matmul(c, a, b);
+    device.synchronize();
     best = std::min(best, seconds_since(t0));
   }
   return 2.0 * static_cast<double>(n * n * n) / best;
@@ -87,6 +94,14 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, /*tp=*/1);
   verbose_ = is_root();
+  if (cfg_.device == "cuda") {
+#if MESHTRAIN_HAS_CUDA
+    gpu_ = cuda::open_local_device();
+#else
+    MT_FAIL("train.device = \"cuda\": this meshtrain was built without CUDA (build the cuda "
+            "preset: scripts/setup.sh cuda)");
+#endif
+  }
   // The run directory is created once the data is known to be good (except for the built-in
   // corpus, which is written there): bad input leaves nothing behind.
   auto create_run_dir = [&] {
@@ -122,7 +137,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
            data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
   if (is_root()) create_run_dir();
 
-  model_ = std::make_unique<models::GPT>(model_cfg_, policy_);
+  model_ = std::make_unique<models::GPT>(model_cfg_, policy_, device());
   model_->init_weights(cfg_.seed);
   const std::int64_t n_params = model_->num_parameters();
   zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;
@@ -133,9 +148,9 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     const std::int64_t dp = mesh_.dp_size();
     shard_n_ = (n_params + dp - 1) / dp;
     shard_lo_ = shard_n_ * mesh_.dp_rank();
-    grad_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, DType::kF32);
-    grad_shard_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
-    param_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, policy_.param);
+    grad_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, DType::kF32, device());
+    grad_shard_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
+    param_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, policy_.param, device());
   } else if (mesh_.dp_size() > 1) {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
@@ -147,15 +162,15 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
   if (!zero_) shard_n_ = n_params;
-  m_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
-  v_ = Tensor::zeros(Shape{shard_n_}, DType::kF32);
+  m_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
+  v_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
                          cfg_.steps,         cfg_.decay_fraction};
 
   const std::string effective = to_toml(cfg_);
-  peak_flops_ = measure_bf16_matmul_peak();
+  peak_flops_ = measure_bf16_matmul_peak(device());
   unigram_entropy_ = data_->unigram_entropy();
   if (!is_root()) return;
   {
@@ -167,8 +182,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   metrics_ = std::fopen(metrics_path.c_str(), "w");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   if (verbose_) {
-    std::printf("meshtrain %s | model %s | %s | %d thread(s)%s\n", MESHTRAIN_VERSION,
-                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(), cpu::num_threads(),
+    std::printf("meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION,
+                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(),
+                gpu_ ? gpu_->name().c_str()
+                     : fmt::format("{} thread(s)", cpu::num_threads()).c_str(),
                 mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}",
                                                   mesh_.world_size(), mesh_.dp_size(),
                                                   mesh_.tp_size()).c_str() : "");
@@ -290,6 +307,7 @@ StepMetrics Trainer::step(int step) {
       m.comm_wait_ms += seconds_since(tc) * 1e3;
     }
   }
+  device().synchronize();  // a GPU step ends when its queued work does
   m.step_ms = seconds_since(t0) * 1e3;
   const double tokens =
       static_cast<double>(cfg_.batch_size) * cfg_.seq_len * cfg_.grad_accum * mesh_.dp_size();
@@ -493,7 +511,7 @@ TrainResult Trainer::run() {
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
   if (zero_ && policy_.has_master_copy()) {
     // Each rank's master weights are current on its shard only.
-    Tensor pad = Tensor::zeros(Shape{shard_n_ * mesh_.dp_size()}, DType::kF32);
+    Tensor pad = Tensor::zeros(Shape{shard_n_ * mesh_.dp_size()}, DType::kF32, device());
     zero_gather(model_->flat_master(), pad);
   }
   if (is_root()) {

@@ -94,6 +94,10 @@ class Trainer {
 
   TrainConfig cfg_;
   PrecisionPolicy policy_;
+  // The GPU of this rank under train.device = "cuda" (null on the CPU). Declared before every
+  // tensor member so that it is destroyed after them.
+  std::unique_ptr<Device> gpu_;
+  Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   parallel::Mesh mesh_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // plain DP only
   // ZeRO-1 (train.zero = 1 with DP > 1): this rank's shard of the padded flat buffers.
@@ -136,7 +140,7 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
 void load_weights(models::GPT& model, const std::string& path);
 
 // Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products).
-double measure_bf16_matmul_peak();
+double measure_bf16_matmul_peak(Device& device = cpu_device());
 
 // The built-in default corpus (Debian's fortune cookies, embedded at build time).
 std::string_view default_corpus();

@@ -12,7 +12,11 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/trainer.hpp"
+#include "runtime/config.hpp"
 #include "runtime/data.hpp"
+#if MESHTRAIN_HAS_CUDA
+#include "runtime/cuda/cuda_device.hpp"
+#endif
 
 namespace meshtrain::launch {
 namespace {
@@ -176,6 +180,38 @@ TEST_F(TrainerTest, LoadWeightsRejectsAnotherModel) {
 }
 
 // Bad data stops the Trainer before it creates or writes anything in the run directory.
+// train.device = "cuda": on a GPU the fp32 losses follow the CPU's (the same model, data and
+// seed; sums in another order); without one, or in a build without CUDA, a clear error before
+// anything is written.
+TEST_F(TrainerTest, CudaDeviceFollowsTheCpuOrSaysWhyNot) {
+  TrainConfig c = tiny("gpu");
+  c.precision = "fp32";
+  c.device = "cuda";
+#if MESHTRAIN_HAS_CUDA
+  const bool have_gpu = cuda::device_count() > 0;
+#else
+  const bool have_gpu = false;
+#endif
+  if (!have_gpu) {
+    std::string error = "(no error)";
+    try {
+      Trainer t(c);
+    } catch (const Error& e) {
+      error = e.what();
+    }
+    EXPECT_HAS(error, MESHTRAIN_HAS_CUDA ? "no CUDA device is visible" : "built without CUDA");
+    EXPECT_FALSE(fs::exists(path("gpu")));
+    return;
+  }
+  const std::vector<float> gpu = losses(c);
+  c.device = "cpu";
+  c.run_dir = path("cpu");
+  const std::vector<float> cpu = losses(c);
+  ASSERT_EQ(gpu.size(), cpu.size());
+  for (std::size_t i = 0; i < gpu.size(); ++i)
+    EXPECT_NEAR(gpu[i], cpu[i], 1e-3 * std::abs(cpu[i])) << "step " << i + 1;
+}
+
 TEST_F(TrainerTest, BadDataWritesNothing) {
   auto error_of = [&](const TrainConfig& c) -> std::string {
     try {
