@@ -196,6 +196,8 @@ const std::vector<Key>& keys() {
               "CPU threads per rank (0 = automatic)"),
       int_key("train", "zero", &TrainConfig::zero, 0, 1,
               "1: ZeRO-1, AdamW on this rank's 1/DP shard (sharded Adam state)"),
+      int_key("train", "tp", &TrainConfig::tp, 1, 1 << 16,
+              "tensor-parallel size K: mpirun -np N runs DP = N/K x TP = K, TP innermost"),
       double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0.001, 1 << 16,
                  "data parallelism: gradient bucket size in MiB"),
       string_key("dp", "overlap", &TrainConfig::dp_overlap, {"on", "off"},

@@ -48,6 +48,9 @@ struct TrainConfig {
   double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
   std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
   int zero = 0;                      // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
+  // Tensor parallelism: mpirun -np N runs DP = N / tp x TP = tp, consecutive ranks forming a TP
+  // group (TP innermost). The model's heads and padded vocabulary must divide by tp.
+  int tp = 1;
 
   // [eval]
   int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)

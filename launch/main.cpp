@@ -31,14 +31,16 @@ commands:
   --version  print the version
 )";
 
-constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--quiet]
+constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K] [--quiet]
 
 Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
-(Debian's fortune cookies) for 300 steps, ending with a generated sample.
+(Debian's fortune cookies) for 300 steps, ending with a generated sample. Under mpirun -np N:
+DP = N / K x TP = K (consecutive ranks form a tensor-parallel group).
 
   --config FILE        a TOML file with sections [model] [data] [train] [eval] [sample] [run]
   --set KEY=VALUE      override one key, e.g. --set train.lr=3e-4 --set data.train=corpus.txt
   --device cpu|cuda    the same as --set train.device=...: cuda trains on one GPU per rank
+  --tp K               tensor parallelism over K ranks (= --set train.tp=K)
   --quiet              no per-step lines (metrics still go to RUN_DIR/metrics.jsonl)
 
 config keys (default):
@@ -47,6 +49,8 @@ config keys (default):
 constexpr const char* kGenerateUsage = R"(usage: meshtrain generate --run DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
 
 Continues a prompt with the model a training run saved (DIR/config.toml, DIR/model.safetensors).
+Under mpirun -np K the model is split across the K ranks (tensor parallelism; its heads must
+divide by K) and rank 0 prints the text.
 
   --run DIR          the run directory (default runs/latest)
   --prompt TEXT      the text to continue (default: the config's sample.prompt)
@@ -57,7 +61,7 @@ Continues a prompt with the model a training run saved (DIR/config.toml, DIR/mod
 )";
 
 constexpr const char* kPlanUsage = R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
-                      [--batch B] [--seq T] [--precision P] [--dp N]
+                      [--batch B] [--seq T] [--precision P] [--dp N] [--tp K]
                       [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
 
 Parameters, training FLOPs per token and memory per rank for a model, and with a compute budget,
@@ -68,6 +72,7 @@ training compute C = 6 N D).
   --batch B, --seq T     micro-batch for the activation estimate (default: the config's)
   --precision P          fp32, bf16 (default) or fp16
   --dp N                 data-parallel ranks: also shows what ZeRO-1 (train.zero = 1) saves
+  --tp K                 tensor-parallel ranks: memory per rank of a model split K ways
   --budget-flops F       a compute budget in FLOPs, e.g. 1e21
   --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
                          and --mfu (default 0.4)
@@ -130,6 +135,8 @@ int cmd_train(Args a) {
       quiet = true;
     } else if (f == "--device") {
       sets.push_back("train.device=" + a.next(f));
+    } else if (f == "--tp") {
+      sets.push_back("train.tp=" + a.next(f));
     } else {
       MT_FAIL("train: unknown argument '{}' (see meshtrain train --help)", f);
     }
@@ -203,21 +210,51 @@ int cmd_generate(Args a) {
   MT_CHECK(fs::exists(config) && fs::exists(weights),
            "generate: '{}' is not a finished run directory (needs config.toml and "
            "model.safetensors, written at the end of meshtrain train)", run);
-  const launch::TrainConfig cfg = launch::load_config(config, {});
-  cpu::set_num_threads(cfg.threads > 0 ? cfg.threads : cpu::default_num_threads(1));
-  models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision));
-  launch::load_weights(model, weights);
-  const std::string text =
-      launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
-                            temperature, top_k, seed);
-  std::printf("%s\n", text.c_str());
+  launch::TrainConfig cfg = launch::load_config(config, {});
+  // Under mpirun every rank holds a 1/N shard of the model (TP = N), whatever layout trained it:
+  // the saved weights are full tensors.
+  std::optional<comm::MpiSession> session;
+  comm::Communicator world;
+  if (launched_by_mpirun()) {
+    session.emplace();
+    world = session->world();
+  }
+  cfg.tp = 1;
+  const models::GPTConfig unsplit = launch::model_config(cfg);
+  const int ranks = world.valid() ? world.size() : 1;
+  MT_CHECK(unsplit.n_head % ranks == 0,
+           "generate: mpirun -np {} splits the model across {} ranks, but its {} attention heads "
+           "do not divide by {}; use a process count that divides {}",
+           ranks, ranks, unsplit.n_head, ranks, unsplit.n_head);
+  cfg.tp = ranks;
+  std::string text;
+  try {
+    cpu::set_num_threads(cfg.threads > 0 ? cfg.threads : cpu::default_num_threads(1));
+    models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision), cpu_device(),
+                      world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
+    launch::load_weights(model, weights);
+    text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
+                                 temperature, top_k, seed);
+  } catch (const std::exception& e) {
+    if (!session || session->size() == 1) throw;
+    std::fprintf(stderr, "meshtrain: error on rank %d of %d: %s\n", session->rank(),
+                 session->size(), e.what());
+    std::fflush(stderr);
+    session->abort(1);
+  }
+  const bool root = !session || session->rank() == 0;
+  if (session) {
+    world.finalize();
+    session->finalize();
+  }
+  if (root) std::printf("%s\n", text.c_str());
   return 0;
 }
 
 int cmd_plan(Args a) {
   std::string config, model;
   std::vector<std::string> sets;
-  int batch = 0, seq = 0, dp = 1;
+  int batch = 0, seq = 0, dp = 1, tp = 0;
   std::string precision;
   double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
   while (a.more()) {
@@ -239,6 +276,8 @@ int cmd_plan(Args a) {
       precision = a.next(f);
     } else if (f == "--dp") {
       dp = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
+    } else if (f == "--tp") {
+      tp = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 16));
     } else if (f == "--budget-flops") {
       budget_flops = parse_number(f, a.next(f), 1, 1e40);
     } else if (f == "--budget-gpu-hours") {
@@ -258,17 +297,23 @@ int cmd_plan(Args a) {
     if (model.empty() && config.empty()) {}
   }
   if (batch > 0) sets.push_back("train.batch_size=" + std::to_string(batch));
+  if (tp > 0) sets.push_back("train.tp=" + std::to_string(tp));
   // A sequence longer than the preset's default window is a plan question, not an error.
   launch::TrainConfig cfg = launch::load_config(config, sets);
   if (seq == 0 && !model.empty()) cfg.seq_len = models::GPTConfig::preset(cfg.model_preset).block_size;
   const models::GPTConfig m = launch::model_config(cfg);
   const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
-  const models::MemoryEstimate mem = models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len);
+  const models::MemoryEstimate mem =
+      models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp);
   std::printf("model: %s\n", m.str().c_str());
-  std::printf("parameters: %lld\n", static_cast<long long>(m.num_parameters()));
+  std::printf("parameters: %lld", static_cast<long long>(m.num_parameters()));
+  if (cfg.tp > 1)
+    std::printf(" (%lld per rank under TP = %d)", static_cast<long long>(m.num_parameters_per_rank(cfg.tp)),
+                cfg.tp);
+  std::printf("\n");
   std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len, m.training_flops_per_token(cfg.seq_len));
-  std::printf("memory per rank (1 rank, %s, micro-batch %d x %d):\n", std::string(policy.name()).c_str(),
-              cfg.batch_size, cfg.seq_len);
+  std::printf("memory per rank (DP %d x TP %d = %d ranks, %s, micro-batch %d x %d):\n", dp, cfg.tp,
+              dp * cfg.tp, std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
   std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
   std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
   std::printf("  master weights   %s\n", human_bytes(static_cast<double>(mem.master_weights)).c_str());
@@ -280,7 +325,7 @@ int cmd_plan(Args a) {
     // live as this rank's 1/dp shard of the flat buffer padded to a multiple of dp; the model
     // still holds whole parameter, gradient and master buffers (one fp32 shard-sized gradient
     // buffer and a padded gradient staging buffer are added).
-    const std::int64_t n = m.num_parameters();
+    const std::int64_t n = m.num_parameters_per_rank(cfg.tp);
     const std::int64_t shard = (n + dp - 1) / dp;
     const std::int64_t adam = 2 * 4 * shard;
     const std::int64_t extra = 4 * shard + 4 * shard * dp + mem.parameters / n * shard * dp;

@@ -54,13 +54,19 @@ models::GPTConfig model_config(const TrainConfig& c) {
   if (c.block_size) m.block_size = c.block_size;
   const bool bytes = c.vocab == "bytes" || (c.vocab == "auto" && m.vocab_size == 256);
   m.vocab_size = bytes ? 256 : 50257;
-  m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size);
+  // Under tensor parallelism every rank holds an equal, 128-aligned slice of the vocabulary.
+  m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
   MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
            m.n_embd, m.n_head);
+  MT_CHECK(m.n_head % c.tp == 0,
+           "train.tp = {}: the model's {} attention heads (model.n_head) cannot be split across {} "
+           "tensor-parallel ranks; train.tp must divide model.n_head",
+           c.tp, m.n_head, c.tp);
   MT_CHECK(c.seq_len <= m.block_size,
            "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
            "model.block_size", c.seq_len, m.block_size);
   m.validate();
+  m.validate_tp(c.tp);
   return m;
 }
 
@@ -89,11 +95,29 @@ double measure_bf16_matmul_peak(Device& device) {
   return 2.0 * static_cast<double>(n * n * n) / best;
 }
 
+namespace {
+// The layout is checked before the model: a process count that train.tp does not divide is
+// named as such, whatever the model.
+const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicator* world) {
+  const int ranks = world != nullptr ? world->size() : 1;
+  MT_CHECK(ranks % cfg.tp == 0,
+           "train.tp = {} needs a multiple of {} ranks (mpirun -np N runs DP = N / {} x TP = {}); "
+           "this job has {}",
+           cfg.tp, cfg.tp, cfg.tp, cfg.tp, ranks);
+  return cfg;
+}
+}  // namespace
+
 Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
-    : cfg_(cfg), policy_(PrecisionPolicy::parse(cfg.precision)), model_cfg_(model_config(cfg)) {
+    : cfg_(checked_layout(cfg, world)), policy_(PrecisionPolicy::parse(cfg.precision)),
+      model_cfg_(model_config(cfg)) {
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
-  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, /*tp=*/1);
+  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
   verbose_ = is_root();
+  // The vocab-parallel cross-entropy's loops are CPU code (parallel/tensor_parallel.hpp).
+  MT_CHECK(cfg_.tp == 1 || cfg_.device == "cpu",
+           "train.tp = {} with train.device = \"{}\": tensor parallelism runs on the CPU device "
+           "only in this version", cfg_.tp, cfg_.device);
   if (cfg_.device == "cuda") {
 #if MESHTRAIN_HAS_CUDA
     gpu_ = cuda::open_local_device();
@@ -137,8 +161,11 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
            data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
   if (is_root()) create_run_dir();
 
-  model_ = std::make_unique<models::GPT>(model_cfg_, policy_, device());
+  model_ = std::make_unique<models::GPT>(model_cfg_, policy_, device(),
+                                        parallel::TPGroup(mesh_.tp()));
   model_->init_weights(cfg_.seed);
+  for (const models::ParamInfo& p : model_->params())
+    norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
   const std::int64_t n_params = model_->num_parameters();
   zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;
   if (zero_) {
@@ -249,12 +276,21 @@ StepMetrics Trainer::step(int step) {
     mesh_.dp().reduce_scatter(grad_pad_, grad_shard_, comm::ReduceOp::kAvg).wait();
     loss_work.wait();
     m.loss = loss.data_as<float>()[0];
-    // The squared norm summed over the shards (the padding is zero).
-    Tensor sq = Tensor::from_floats({static_cast<float>(ops::sum_of_squares(grad_shard_))},
-                                    Shape{1}, DType::kF32);
+    // The squared norm summed over the DP shards (the padding is zero) and the TP ranks.
+    const std::int64_t valid =
+        std::clamp<std::int64_t>(model_->num_parameters() - shard_lo_, 0, shard_n_);
+    Tensor sq = Tensor::from_floats(
+        {static_cast<float>(grad_norm_share(grad_shard_.slice(0, valid), shard_lo_))}, Shape{1},
+        DType::kF32);
     mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
+    parallel::TPGroup(mesh_.tp()).allreduce(sq);
     m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
     m.comm_wait_ms = seconds_since(tc) * 1e3;
+  } else if (mesh_.tp_size() > 1) {
+    Tensor sq = Tensor::from_floats({static_cast<float>(grad_norm_share(model_->flat_grads(), 0))},
+                                    Shape{1}, DType::kF32);
+    parallel::TPGroup(mesh_.tp()).allreduce(sq);
+    m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
   } else {
     m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
   }
@@ -316,6 +352,10 @@ StepMetrics Trainer::step(int step) {
   m.mfu = model_cfg_.training_flops_per_token(cfg_.seq_len) * m.tokens_per_s / peak_flops_ /
           mesh_.world_size();
   return m;
+}
+
+double Trainer::grad_norm_share(const Tensor& grads, std::int64_t lo) const {
+  return parallel::norm_squared_share(grads, lo, norm_params_, mesh_.tp_rank());
 }
 
 void Trainer::zero_gather(Tensor& flat, Tensor& pad) {
@@ -421,15 +461,31 @@ std::string Trainer::generate(const std::string& prompt, int tokens, double temp
 
 void load_weights(models::GPT& model, const std::string& path) {
   const SafetensorsFile f = load_safetensors(path);
+  const models::GPTConfig& mc = model.config();
+  const parallel::TPGroup& tp = model.tp();
   for (std::size_t i = 0; i < model.params().size(); ++i) {
     const models::ParamInfo& p = model.params()[i];
-    const Tensor& t = f.at(p.name);
-    MT_CHECK(t.shape() == p.shape, "'{}': tensor '{}' has shape {}, the model expects {} (another "
-             "model's weights?)", path, p.name, t.shape().str(), p.shape.str());
+    Tensor t = f.at(p.name);
     MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path, p.name,
              dtype_name(t.dtype()));
+    // The vocabulary padding depends on the layout (128 x TP rows): the real rows are what count.
+    const bool wte = p.name == "wte.weight";
+    const bool same = t.shape() == p.full_shape ||
+                      (wte && t.ndim() == 2 && t.dim(0) >= mc.vocab_size &&
+                       t.dim(1) == p.full_shape[1]);
+    MT_CHECK(same, "'{}': tensor '{}' has shape {}, the model expects {} (another model's weights?)",
+             path, p.name, t.shape().str(), p.full_shape.str());
+    if (wte && t.shape() != p.full_shape) {
+      Tensor full = Tensor::zeros(p.full_shape, t.dtype());
+      full.slice(0, mc.vocab_size).copy_from(t.slice(0, mc.vocab_size));
+      t = full;
+    }
     Tensor m = model.master(i);
-    m.copy_from(t);
+    if (p.shard_dim >= 0 && tp.size() > 1) {
+      parallel::copy_shard(m, t, p.shard_dim, p.shard_parts, tp.rank(), tp.size());
+    } else {
+      m.copy_from(t);
+    }
   }
   MT_CHECK(f.tensors.size() == model.params().size(),
            "'{}' holds {} tensors, the model has {} parameters", path, f.tensors.size(),
@@ -443,7 +499,9 @@ TrainResult Trainer::run() {
   double tokens_total = 0, seconds_total = 0;
   const auto t_start = Clock::now();
   auto print_sample = [&](int at_step) -> std::string {
-    if (!is_root()) return {};  // sampling does not communicate; rank 0 alone samples
+    // The TP group of world rank 0 decodes together (decode is collective over TP); other DP
+    // replicas skip sampling. Rank 0 alone writes and prints.
+    if (mesh_.dp_rank() != 0) return {};
     const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
                                    cfg_.seed + static_cast<std::uint64_t>(at_step));
     write_metrics(nlohmann::json{{"step", at_step}, {"sample", s}}.dump(-1, ' ', false,
@@ -514,12 +572,24 @@ TrainResult Trainer::run() {
     Tensor pad = Tensor::zeros(Shape{shard_n_ * mesh_.dp_size()}, DType::kF32, device());
     zero_gather(model_->flat_master(), pad);
   }
-  if (is_root()) {
+  // Under TP the TP group of rank 0 gathers every split tensor; the file holds the full model
+  // in the TP = 1 layout whatever the layout (wte padded to a multiple of 128 rows only).
+  if (mesh_.dp_rank() == 0) {
     std::vector<std::pair<std::string, Tensor>> weights;
-    for (std::size_t i = 0; i < model_->params().size(); ++i)
-      weights.emplace_back(model_->params()[i].name, model_->master(i));
-    save_safetensors((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights,
-                     {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
+    const parallel::TPGroup tp(mesh_.tp());
+    for (std::size_t i = 0; i < model_->params().size(); ++i) {
+      const models::ParamInfo& p = model_->params()[i];
+      Tensor full = p.shard_dim < 0 || tp.size() == 1
+                        ? model_->master(i)
+                        : parallel::gather_full(model_->master(i), p.full_shape, p.shard_dim,
+                                                p.shard_parts, tp);
+      if (static_cast<int>(i) == 0 && p.name == "wte.weight")
+        full = full.slice(0, models::GPTConfig::pad_vocab(model_cfg_.vocab_size));
+      weights.emplace_back(p.name, full);
+    }
+    if (is_root())
+      save_safetensors((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights,
+                       {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
   }
   if (cfg_.sample_tokens > 0) r.sample = print_sample(cfg_.steps);
   mesh_.finalize();

@@ -58,11 +58,13 @@ struct TrainResult {
 
 class Trainer {
  public:
-  // world: the job's ranks (mpirun -np N: DP = N), or null for one process. Every rank builds
-  // the same model from the same seed and trains on its slice of each global batch
-  // (train.batch_size rows per rank and micro-step); rank 0 alone prints and writes the run
-  // directory. Collective: every rank of `world` constructs a Trainer and calls run(). The
-  // communicator must outlive the trainer.
+  // world: the job's ranks (mpirun -np N: DP = N / train.tp x TP = train.tp), or null for one
+  // process. Every rank builds the same model from the same seed (under TP, its shard of it)
+  // and each DP replica trains on its slice of each global batch (train.batch_size rows per DP
+  // rank and micro-step; the ranks of a TP group share their rows); rank 0 alone prints and
+  // writes the run directory. Collective: every rank of `world` constructs a Trainer and calls
+  // run(). The communicator must outlive the trainer. A model whose heads cannot be split
+  // train.tp ways, or a world size that train.tp does not divide, throws InvalidArgument.
   explicit Trainer(const TrainConfig& cfg, comm::Communicator* world = nullptr);
   ~Trainer();
 
@@ -75,7 +77,8 @@ class Trainer {
   // Mean validation loss over eval.batches batches; NaN without validation data.
   float evaluate();
   // Continues the prompt by `tokens` tokens (byte vocabulary: text; GPT-2 vocabulary: token
-  // ids are printed as numbers since no tokenizer ships here).
+  // ids are printed as numbers since no tokenizer ships here). Under TP, collective over the
+  // TP group: its ranks call it together and get the same text.
   std::string generate(const std::string& prompt, int tokens, double temperature, int top_k,
                        std::uint64_t seed);
 
@@ -106,6 +109,10 @@ class Trainer {
   Tensor grad_pad_, grad_shard_, param_pad_;
   // All-gathers every rank's shard of `flat` (through `pad`, padded to DP x shard) into `flat`.
   void zero_gather(Tensor& flat, Tensor& pad);
+  // This rank's share of the squared gradient norm for flat elements [lo, lo + grads.numel())
+  // (parallel::norm_squared_share: split parameters counted per shard, replicated ones once).
+  double grad_norm_share(const Tensor& grads, std::int64_t lo) const;
+  std::vector<parallel::FlatParam> norm_params_;
   models::GPTConfig model_cfg_;
   std::unique_ptr<data::Dataset> data_;
   std::unique_ptr<models::GPT> model_;
@@ -136,7 +143,8 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
                           int tokens, double temperature, int top_k, std::uint64_t seed);
 
 // Loads weights saved by Trainer::run (model.safetensors) into the model's master weights and
-// parameters; every name and shape must match.
+// parameters; every name and full shape must match, except wte's padded rows (the padding
+// depends on the TP layout). Under TP each rank keeps its shard.
 void load_weights(models::GPT& model, const std::string& path);
 
 // Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products).
