@@ -9,6 +9,7 @@
 #include <limits>
 #include <numeric>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -566,6 +567,37 @@ TrainResult Trainer::run() {
   }
   r.tokens_per_s = seconds_total > 0 ? tokens_total / seconds_total : 0;
   r.unigram_entropy = unigram_entropy_;
+  {
+    // What this rank holds for training (the same on every rank of a layout, but for ZeRO-1's
+    // last shard), and the peak resident set size, the largest over every rank.
+    auto bytes = [](const Tensor& t) {
+      return t.defined() ? static_cast<std::int64_t>(t.nbytes()) : std::int64_t{0};
+    };
+    const std::int64_t params = bytes(model_->flat_params()), grads = bytes(model_->flat_grads());
+    const std::int64_t master = policy_.has_master_copy() ? bytes(model_->flat_master()) : 0;
+    const std::int64_t adam = bytes(m_) + bytes(v_);
+    const std::int64_t zero_buffers = bytes(grad_pad_) + bytes(grad_shard_) + bytes(param_pad_);
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    const float rss_mib = static_cast<float>(ru.ru_maxrss) / 1024.0f;  // ru_maxrss is in KiB
+    Tensor peak = Tensor::from_floats({rss_mib}, Shape{1}, DType::kF32);
+    if (mesh_.dp_size() > 1) mesh_.dp().allreduce(peak, comm::ReduceOp::kMax).wait();
+    parallel::TPGroup(mesh_.tp()).allreduce(peak, comm::ReduceOp::kMax);
+    const float rss_max = peak.data_as<float>()[0];
+    write_metrics(nlohmann::json{{"step", cfg_.steps},
+                                 {"memory", {{"param_bytes", params}, {"grad_bytes", grads},
+                                             {"master_bytes", master}, {"adam_bytes", adam},
+                                             {"zero_buffer_bytes", zero_buffers},
+                                             {"activation_bytes", model_->activation_bytes()},
+                                             {"peak_rss_mib_rank0", rss_mib},
+                                             {"peak_rss_mib_max", rss_max}}}}
+                      .dump());
+    if (verbose_)
+      std::printf("memory per rank: parameters %.2f MiB, gradients %.2f MiB, master %.2f MiB, "
+                  "AdamW %.2f MiB, activations %.2f MiB; peak RSS %.1f MiB (largest rank)\n",
+                  params / 1048576.0, grads / 1048576.0, master / 1048576.0, adam / 1048576.0,
+                  model_->activation_bytes() / 1048576.0, rss_max);
+  }
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
   if (zero_ && policy_.has_master_copy()) {
     // Each rank's master weights are current on its shard only.
