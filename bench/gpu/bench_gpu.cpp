@@ -50,18 +50,29 @@ Args parse(int argc, char** argv) {
       MT_CHECK(i + 1 < argc, "{} needs a value", k);
       return argv[++i];
     };
-    if (k == "--model") a.model = value();
-    else if (k == "--batch") a.batch = std::stoi(value());
-    else if (k == "--seq") a.seq = std::stoi(value());
-    else if (k == "--steps") a.steps = std::stoi(value());
-    else if (k == "--warmup") a.warmup = std::stoi(value());
-    else if (k == "--precision") a.precision = value();
-    else if (k == "--peak-tflops") a.peak_tflops = std::stod(value());
-    else if (k == "--json") a.json = value();
-    else if (k == "--dump") a.dump = value();
-    else MT_FAIL("unknown argument '{}' (see the comment at the top of bench_gpu.cpp)", k);
+    if (k == "--model")
+      a.model = value();
+    else if (k == "--batch")
+      a.batch = std::stoi(value());
+    else if (k == "--seq")
+      a.seq = std::stoi(value());
+    else if (k == "--steps")
+      a.steps = std::stoi(value());
+    else if (k == "--warmup")
+      a.warmup = std::stoi(value());
+    else if (k == "--precision")
+      a.precision = value();
+    else if (k == "--peak-tflops")
+      a.peak_tflops = std::stod(value());
+    else if (k == "--json")
+      a.json = value();
+    else if (k == "--dump")
+      a.dump = value();
+    else
+      MT_FAIL("unknown argument '{}' (see the comment at the top of bench_gpu.cpp)", k);
   }
-  MT_CHECK(a.batch > 0 && a.seq > 0 && a.steps > 0 && a.warmup >= 0, "--batch, --seq and --steps must be positive, --warmup non-negative");
+  MT_CHECK(a.batch > 0 && a.seq > 0 && a.steps > 0 && a.warmup >= 0,
+           "--batch, --seq and --steps must be positive, --warmup non-negative");
   return a;
 }
 
@@ -176,13 +187,14 @@ int run(int argc, char** argv) {
   const double tokens_per_s = static_cast<double>(rows) * args.steps / elapsed;
   const double achieved = cfg.training_flops_per_token(args.seq) * tokens_per_s / 1e12;
   const MemoryStats ms = dev->memory_stats();
-  std::printf("model %s, batch %d x seq %d, %s: %.0f tokens/s, %.1f ms/step, %.1f TFLOP/s, "
-              "MFU %.1f%% of %.0f (datasheet), %.1f%% of %.1f (GEMM measured); peak memory "
-              "%.2f GiB; losses first %.4f last %.4f\n",
-              args.model.c_str(), args.batch, args.seq, args.precision.c_str(), tokens_per_s,
-              1e3 * elapsed / args.steps, achieved, 100 * achieved / args.peak_tflops,
-              args.peak_tflops, 100 * achieved / gemm_big, gemm_big,
-              ms.peak_in_use_bytes / 1073741824.0, losses.front(), losses.back());
+  std::printf(
+      "model %s, batch %d x seq %d, %s: %.0f tokens/s, %.1f ms/step, %.1f TFLOP/s, "
+      "MFU %.1f%% of %.0f (datasheet), %.1f%% of %.1f (GEMM measured); peak memory "
+      "%.2f GiB; losses first %.4f last %.4f\n",
+      args.model.c_str(), args.batch, args.seq, args.precision.c_str(), tokens_per_s,
+      1e3 * elapsed / args.steps, achieved, 100 * achieved / args.peak_tflops, args.peak_tflops,
+      100 * achieved / gemm_big, gemm_big, ms.peak_in_use_bytes / 1073741824.0, losses.front(),
+      losses.back());
   if (!args.dump.empty()) {
     std::ofstream out(args.dump + "/losses.json");
     out << "{\"lr\": 1e-4, \"clip\": 1.0, \"losses\": [";
@@ -192,7 +204,8 @@ int run(int argc, char** argv) {
   if (!args.json.empty()) {
     std::ofstream out(args.json);
     out << fmt::format(
-        "{{\"impl\": \"meshtrain\", \"device\": \"{}\", \"model\": \"{}\", \"batch\": {}, \"seq\": {}, "
+        "{{\"impl\": \"meshtrain\", \"device\": \"{}\", \"model\": \"{}\", \"batch\": {}, \"seq\": "
+        "{}, "
         "\"precision\": \"{}\", \"tokens_per_s\": {:.1f}, \"ms_per_step\": {:.3f}, "
         "\"model_tflops\": {:.2f}, \"gemm_8192_tflops\": {:.2f}, \"gemm_step_tflops\": {:.2f}, "
         "\"mfu_datasheet\": {:.4f}, \"mfu_gemm\": {:.4f}, \"peak_memory_bytes\": {}}}\n",

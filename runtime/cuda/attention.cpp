@@ -72,16 +72,15 @@ class CudnnAttention {
     const std::size_t es = dtype_size(t);
     auto* in = static_cast<char*>(const_cast<void*>(qkv));
     auto* grad = static_cast<char*>(dqkv);
-    std::unordered_map<std::int64_t, void*> pack{
-        {kQ, in},
-        {kK, in + c * es},
-        {kV, in + 2 * c * es},
-        {kO, const_cast<void*>(out)},
-        {kDO, const_cast<void*>(dout)},
-        {kStats, const_cast<float*>(lse)},
-        {kDQ, grad},
-        {kDK, grad + c * es},
-        {kDV, grad + 2 * c * es}};
+    std::unordered_map<std::int64_t, void*> pack{{kQ, in},
+                                                 {kK, in + c * es},
+                                                 {kV, in + 2 * c * es},
+                                                 {kO, const_cast<void*>(out)},
+                                                 {kDO, const_cast<void*>(dout)},
+                                                 {kStats, const_cast<float*>(lse)},
+                                                 {kDQ, grad},
+                                                 {kDK, grad + c * es},
+                                                 {kDV, grad + 2 * c * es}};
     return run(e, pack, scratch);
   }
 
@@ -90,7 +89,8 @@ class CudnnAttention {
     bool backward;
     int dtype, b, s, h, d;
     bool operator<(const Key& o) const {
-      return std::tie(backward, dtype, b, s, h, d) < std::tie(o.backward, o.dtype, o.b, o.s, o.h, o.d);
+      return std::tie(backward, dtype, b, s, h, d) <
+             std::tie(o.backward, o.dtype, o.b, o.s, o.h, o.d);
     }
   };
   struct Entry {
@@ -102,8 +102,8 @@ class CudnnAttention {
     void* ws = e.workspace > 0 ? scratch.get(static_cast<std::size_t>(e.workspace)) : nullptr;
     fe::error_t st = e.graph->execute(handle_, pack, ws);
     if (!st.is_good())
-      throw CudaError(fmt::format("cuDNN SDPA execute failed: {} [{}]", st.get_message(),
-                                  log::rank_label()));
+      throw CudaError(
+          fmt::format("cuDNN SDPA execute failed: {} [{}]", st.get_message(), log::rank_label()));
     return true;
   }
 
@@ -118,8 +118,10 @@ class CudnnAttention {
         const std::string first = why;
         e = build(key, false, why);
         if (e.graph != nullptr)
-          log::warn("cuDNN has no deterministic attention backward for B={} T={} H={} D={} ({}); "
-                    "using its non-deterministic one", key.b, key.s, key.h, key.d, first);
+          log::warn(
+              "cuDNN has no deterministic attention backward for B={} T={} H={} D={} ({}); "
+              "using its non-deterministic one",
+              key.b, key.s, key.h, key.d, first);
       }
     } catch (const std::exception& ex) {
       e = Entry{};
@@ -148,7 +150,8 @@ class CudnnAttention {
     const std::vector<std::int64_t> out_stride{s * c, d, c, 1};
     auto tensor = [&](const char* name, Uid uid, const std::vector<std::int64_t>& stride) {
       return graph->tensor(
-          fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(dims).set_stride(stride));
+          fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(dims).set_stride(
+              stride));
     };
     auto q = tensor("Q", kQ, qkv_stride);
     auto kk = tensor("K", kK, qkv_stride);
@@ -163,8 +166,11 @@ class CudnnAttention {
                       .set_diagonal_band_right_bound(0);
       auto [o, stats] = graph->sdpa(q, kk, v, opts);
       o->set_output(true).set_uid(kO).set_dim(dims).set_stride(out_stride);
-      stats->set_output(true).set_uid(kStats).set_data_type(fe::DataType_t::FLOAT)
-          .set_dim({b, h, s, 1}).set_stride({h * s, s, 1, 1});
+      stats->set_output(true)
+          .set_uid(kStats)
+          .set_data_type(fe::DataType_t::FLOAT)
+          .set_dim({b, h, s, 1})
+          .set_stride({h * s, s, 1, 1});
     } else {
       auto o = tensor("O", kO, out_stride);
       auto dout = tensor("dO", kDO, out_stride);
@@ -227,16 +233,17 @@ CudaBackend::~CudaBackend() {
   }
 }
 
-void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch,
-                                    int seq, int n_head, int head_size) {
+void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
+                                    int n_head, int head_size) {
   DeviceGuard g(device_.index());
   if (cudnn_ == nullptr) cudnn_ = std::make_unique<CudnnAttention>(stream());
   last_attention_cudnn_ = cudnn_->forward(qkv.dtype(), out.data(), static_cast<float*>(lse.data()),
                                           qkv.data(), batch, seq, n_head, head_size, scratch_);
   if (last_attention_cudnn_) return;
-  MT_CHECK(head_size <= kernels::kMaxHeadSize,
-           "attention on CUDA: cuDNN refused head size {} and the fallback kernel supports up to {}",
-           head_size, kernels::kMaxHeadSize);
+  MT_CHECK(
+      head_size <= kernels::kMaxHeadSize,
+      "attention on CUDA: cuDNN refused head size {} and the fallback kernel supports up to {}",
+      head_size, kernels::kMaxHeadSize);
   kernels::attention_forward(qkv.dtype(), out.data(), static_cast<float*>(lse.data()), qkv.data(),
                              batch, seq, n_head, head_size, stream());
 }
@@ -246,17 +253,17 @@ void CudaBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Ten
                                      int n_head, int head_size) {
   DeviceGuard g(device_.index());
   if (cudnn_ == nullptr) cudnn_ = std::make_unique<CudnnAttention>(stream());
-  last_attention_cudnn_ =
-      cudnn_->backward(qkv.dtype(), dqkv.data(), dout.data(), qkv.data(), out.data(),
-                       static_cast<const float*>(lse.data()), batch, seq, n_head, head_size,
-                       scratch_);
+  last_attention_cudnn_ = cudnn_->backward(qkv.dtype(), dqkv.data(), dout.data(), qkv.data(),
+                                           out.data(), static_cast<const float*>(lse.data()), batch,
+                                           seq, n_head, head_size, scratch_);
   if (last_attention_cudnn_) return;
-  MT_CHECK(head_size <= kernels::kMaxHeadSize,
-           "attention on CUDA: cuDNN refused head size {} and the fallback kernel supports up to {}",
-           head_size, kernels::kMaxHeadSize);
+  MT_CHECK(
+      head_size <= kernels::kMaxHeadSize,
+      "attention on CUDA: cuDNN refused head size {} and the fallback kernel supports up to {}",
+      head_size, kernels::kMaxHeadSize);
   kernels::attention_backward(qkv.dtype(), dqkv.data(), dout.data(), qkv.data(), out.data(),
-                              static_cast<const float*>(lse.data()), batch, seq, n_head,
-                              head_size, scratch_, stream());
+                              static_cast<const float*>(lse.data()), batch, seq, n_head, head_size,
+                              scratch_, stream());
 }
 
 }  // namespace meshtrain::cuda

@@ -24,7 +24,8 @@ struct Geometry {
            static_cast<std::int64_t>(h) * head_size;
   }
   __device__ std::int64_t out_at(int b, int t, int h) const {
-    return (static_cast<std::int64_t>(b) * seq + t) * c() + static_cast<std::int64_t>(h) * head_size;
+    return (static_cast<std::int64_t>(b) * seq + t) * c() +
+           static_cast<std::int64_t>(h) * head_size;
   }
   __device__ std::int64_t lse_at(int b, int h, int t) const {
     return (static_cast<std::int64_t>(b) * n_head + h) * seq + t;
@@ -243,14 +244,14 @@ void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, 
     dq_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in, lse,
                                                                 delta, g, scale);
     MT_CU_LAUNCH_CHECK();
-    dkv_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in,
-                                                                 lse, delta, g, scale);
+    dkv_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in, lse,
+                                                                 delta, g, scale);
     MT_CU_LAUNCH_CHECK();
   });
 }
 
-void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv,
-                      int batch, int max_seq, int pos, int n_head, int head_size, cudaStream_t s) {
+void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv, int batch,
+                      int max_seq, int pos, int n_head, int head_size, cudaStream_t s) {
   const float scale = 1.0f / sqrtf(static_cast<float>(head_size));
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -8,7 +8,9 @@
 
 namespace meshtrain::cuda {
 
-cudaStream_t CudaBackend::stream() const { return device_.stream(); }
+cudaStream_t CudaBackend::stream() const {
+  return device_.stream();
+}
 
 void CudaBackend::bias_backward(Tensor& dbias, const Tensor& dy, std::int64_t rows,
                                 std::int64_t cols) {
@@ -47,8 +49,8 @@ void CudaBackend::layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const
                                     std::int64_t cols, float eps) {
   DeviceGuard g(device_.index());
   kernels::layernorm_forward(x.dtype(), y.data(), static_cast<float*>(mean.data()),
-                             static_cast<float*>(rstd.data()), x.data(), weight.data(),
-                             bias.data(), rows, cols, eps, stream());
+                             static_cast<float*>(rstd.data()), x.data(), weight.data(), bias.data(),
+                             rows, cols, eps, stream());
 }
 
 void CudaBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
@@ -56,16 +58,14 @@ void CudaBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias,
                                      const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                                      bool accumulate_dx) {
   DeviceGuard g(device_.index());
-  kernels::layernorm_backward(x.dtype(), dx.data(), static_cast<float*>(dweight.data()),
-                              static_cast<float*>(dbias.data()), dy.data(), x.data(),
-                              weight.data(), static_cast<const float*>(mean.data()),
-                              static_cast<const float*>(rstd.data()), rows, cols, accumulate_dx,
-                              scratch_, stream());
+  kernels::layernorm_backward(
+      x.dtype(), dx.data(), static_cast<float*>(dweight.data()), static_cast<float*>(dbias.data()),
+      dy.data(), x.data(), weight.data(), static_cast<const float*>(mean.data()),
+      static_cast<const float*>(rstd.data()), rows, cols, accumulate_dx, scratch_, stream());
 }
 
-void CudaBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache,
-                                   const Tensor& qkv, int batch, int max_seq, int pos, int n_head,
-                                   int head_size) {
+void CudaBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
+                                   int batch, int max_seq, int pos, int n_head, int head_size) {
   MT_CHECK(head_size <= kernels::kMaxHeadSize,
            "attention_decode on CUDA supports head sizes up to {}, got {}", kernels::kMaxHeadSize,
            head_size);
@@ -105,10 +105,9 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, 
                                          const Tensor& targets, std::int64_t rows,
                                          std::int64_t padded_vocab, int vocab, float dloss) {
   DeviceGuard g(device_.index());
-  kernels::cross_entropy_backward(logits.dtype(), dlogits.data(), logits.data(),
-                                  static_cast<const float*>(lse.data()),
-                                  static_cast<const std::int32_t*>(targets.data()), rows,
-                                  padded_vocab, vocab, dloss, stream());
+  kernels::cross_entropy_backward(
+      logits.dtype(), dlogits.data(), logits.data(), static_cast<const float*>(lse.data()),
+      static_cast<const std::int32_t*>(targets.data()), rows, padded_vocab, vocab, dloss, stream());
 }
 
 void CudaBackend::adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m,

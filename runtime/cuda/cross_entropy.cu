@@ -22,8 +22,8 @@ __device__ float block_max(float v) {
 
 template <typename T>
 __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T* logits,
-                                             const std::int32_t* targets,
-                                             std::int64_t padded_vocab, int vocab) {
+                                             const std::int32_t* targets, std::int64_t padded_vocab,
+                                             int vocab) {
   const std::int64_t r = blockIdx.x;
   const T* row = logits + r * padded_vocab;
   float mx = -INFINITY;
@@ -76,8 +76,8 @@ void cross_entropy_backward(DType t, void* dlogits, const void* logits, const fl
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
-        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, padded_vocab,
-        vocab, dloss);
+        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, padded_vocab, vocab,
+        dloss);
     MT_CU_LAUNCH_CHECK();
   });
 }

@@ -85,8 +85,8 @@ class CudaBackend final : public Backend {
   void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int batch, int seq, int n_head,
                           int head_size) override;
-  void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        int batch, int max_seq, int pos, int n_head, int head_size) override;
+  void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int batch,
+                        int max_seq, int pos, int n_head, int head_size) override;
   void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe,
                          int batch, int seq, int channels) override;
   void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
@@ -95,8 +95,8 @@ class CudaBackend final : public Backend {
                              const Tensor& targets, std::int64_t rows, std::int64_t padded_vocab,
                              int vocab) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
-                              const Tensor& targets, std::int64_t rows,
-                              std::int64_t padded_vocab, int vocab, float dloss) override;
+                              const Tensor& targets, std::int64_t rows, std::int64_t padded_vocab,
+                              int vocab, float dloss) override;
   void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
                     const ops::AdamWParams& p) override;
   double sum_of_squares(const Tensor& x) override;
@@ -108,8 +108,8 @@ class CudaBackend final : public Backend {
   // out, pre_gelu, a, b 16-bit of one dtype; bias of that dtype. Falls back to matmul + GELU
   // when cuBLASLt offers no algorithm for it.
   void matmul_gelu(Tensor& out, Tensor& pre_gelu, const Tensor& a, const Tensor& b,
-                   const Tensor& bias, std::int64_t m, std::int64_t n, std::int64_t k,
-                   bool trans_a, bool trans_b);
+                   const Tensor& bias, std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
+                   bool trans_b);
 
   // Which attention path ran last (for tests and benchmarks): true = cuDNN.
   bool last_attention_used_cudnn() const { return last_attention_cudnn_; }

@@ -19,13 +19,16 @@ constexpr std::size_t kStagingBytes = std::size_t{4} << 20;
 
 int select_device(int index) {
   const int n = device_count();
-  if (n == 0) throw CudaError("no CUDA device is visible to this process (" + log::rank_label() + ")");
+  if (n == 0)
+    throw CudaError("no CUDA device is visible to this process (" + log::rank_label() + ")");
   MT_CHECK(index >= 0 && index < n, "CUDA device {} does not exist: {} visible", index, n);
   MT_CUDA_CHECK(cudaSetDevice(index));
   return index;
 }
 
-std::string mib(std::size_t bytes) { return fmt::format("{:.1f} MiB", bytes / 1048576.0); }
+std::string mib(std::size_t bytes) {
+  return fmt::format("{:.1f} MiB", bytes / 1048576.0);
+}
 
 }  // namespace
 
@@ -62,7 +65,8 @@ DeviceGuard::DeviceGuard(int index) {
 DeviceGuard::~DeviceGuard() {
   if (!changed_) return;
   const cudaError_t err = cudaSetDevice(previous_);
-  if (err != cudaSuccess) log::error("cudaSetDevice({}) failed: {}", previous_, cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    log::error("cudaSetDevice({}) failed: {}", previous_, cudaGetErrorString(err));
 }
 
 // ---- DeviceBuffer, GrowingScratch -----------------------------------------------------------
@@ -134,7 +138,8 @@ CudaDevice::CudaDevice(int index)
 CudaDevice::~CudaDevice() {
   const cudaError_t err = cudaStreamSynchronize(stream_.get());
   if (err != cudaSuccess)
-    log::error("cuda:{}: work failed before the device closed: {}", index_, cudaGetErrorString(err));
+    log::error("cuda:{}: work failed before the device closed: {}", index_,
+               cudaGetErrorString(err));
   backend_.reset();
   allocator_.empty_cache();
 }
@@ -155,8 +160,8 @@ void* CudaDevice::allocate(std::size_t nbytes) {
     const MemoryStats s = allocator_.stats();
     throw CudaError(fmt::format(
         "out of GPU memory on {} ({}): asked for {}; {} in use by tensors, {} free of {} on the "
-        "device", name(), log::rank_label(), mib(nbytes), mib(s.in_use_bytes), mib(free_b),
-        mib(total_b)));
+        "device",
+        name(), log::rank_label(), mib(nbytes), mib(s.in_use_bytes), mib(free_b), mib(total_b)));
   }
 }
 
@@ -220,6 +225,8 @@ cudaStream_t stream_of(Device& device) {
   return d->stream();
 }
 
+void* compute_stream(Device& device) { return stream_of(device); }
+
 // ---- opening devices ------------------------------------------------------------------------
 
 int local_rank_from_launcher(const std::map<std::string, std::string>& env) {
@@ -251,7 +258,9 @@ int local_rank_from_launcher() {
   return local_rank_from_launcher(env);
 }
 
-std::unique_ptr<Device> open_device(int index) { return std::make_unique<CudaDevice>(index); }
+std::unique_ptr<Device> open_device(int index) {
+  return std::make_unique<CudaDevice>(index);
+}
 
 std::unique_ptr<Device> open_local_device() {
   return open_device(device_for_local_rank(local_rank_from_launcher()));

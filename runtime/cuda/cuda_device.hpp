@@ -36,6 +36,11 @@ std::unique_ptr<Device> open_device(int index);
 // Opens the GPU of this rank: local rank modulo the number of visible GPUs.
 std::unique_ptr<Device> open_local_device();
 
+// The compute stream of a CUDA device, as a cudaStream_t behind void* (for code that orders
+// its own CUDA work with the ops without seeing CUDA types here: NCCL's compute_stream
+// option). Throws InvalidArgument for a device that is not CUDA.
+void* compute_stream(Device& device);
+
 // Page-locked host memory (cudaMallocHost), for fast and asynchronous host <-> device copies.
 // Move-only; the destructor never throws.
 class PinnedBuffer {

@@ -1,8 +1,8 @@
 // Elementwise CUDA kernels (residual add, GELU, conversion, scaling, AdamW) and the small
 // reductions (sum of squares, bias gradient, token range). Grid-stride loops; fp32 math.
 #include <cfloat>
-#include <cmath>
 #include <climits>
+#include <cmath>
 
 #include "runtime/cuda/kernel_utils.cuh"
 
@@ -13,9 +13,9 @@ constexpr int kThreads = 256;
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCube = 0.044715f;
 
-#define MT_GRID_STRIDE(i, n)                                                             \
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; \
-       i < (n); i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+#define MT_GRID_STRIDE(i, n)                                                                       \
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
 
 template <typename T>
 __global__ void add_kernel(T* out, const T* a, const T* b, std::int64_t n) {
@@ -115,7 +115,8 @@ __device__ MinMax block_minmax(MinMax v) {
   part[threadIdx.x] = v;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) part[threadIdx.x] = merge(part[threadIdx.x], part[threadIdx.x + stride]);
+    if (threadIdx.x < stride)
+      part[threadIdx.x] = merge(part[threadIdx.x], part[threadIdx.x + stride]);
     __syncthreads();
   }
   return part[0];
@@ -186,8 +187,8 @@ void gelu_backward(DType t, void* dx, const void* dy, const void* x, std::int64_
 void convert(DType dst_type, void* dst, DType src_type, const void* src, std::int64_t n,
              cudaStream_t s) {
   if (dst_type == src_type) {
-    if (dst != src) MT_CU_CHECK(cudaMemcpyAsync(dst, src, n * dtype_size(dst_type),
-                                                cudaMemcpyDeviceToDevice, s));
+    if (dst != src)
+      MT_CU_CHECK(cudaMemcpyAsync(dst, src, n * dtype_size(dst_type), cudaMemcpyDeviceToDevice, s));
     return;
   }
   dispatch_float(dst_type, [&](auto dtag) {
@@ -251,8 +252,8 @@ void bias_backward(DType t, float* dbias, const void* dy, std::int64_t rows, std
   if (rows == 0 || cols == 0) return;
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    column_sums(BiasValue<T>{static_cast<const T*>(dy), cols}, rows, cols, dbias, nullptr,
-                scratch, s);
+    column_sums(BiasValue<T>{static_cast<const T*>(dy), cols}, rows, cols, dbias, nullptr, scratch,
+                s);
   });
 }
 

@@ -21,7 +21,8 @@ __global__ void embedding_forward_kernel(T* out, const std::int32_t* ids, const 
     const int c = static_cast<int>(i % channels);
     float v = to_f32(wte[static_cast<std::int64_t>(ids[r]) * channels + c]);
     if (wpe != nullptr) v += to_f32(wpe[(r % seq) * channels + c]);
-    out[i] = wpe != nullptr ? from_f32<T>(v) : wte[static_cast<std::int64_t>(ids[r]) * channels + c];
+    out[i] =
+        wpe != nullptr ? from_f32<T>(v) : wte[static_cast<std::int64_t>(ids[r]) * channels + c];
   }
 }
 
@@ -66,7 +67,9 @@ int key_bits(std::int64_t vocab) {
   return bits;
 }
 
-std::size_t align256(std::size_t n) { return (n + 255) / 256 * 256; }
+std::size_t align256(std::size_t n) {
+  return (n + 255) / 256 * 256;
+}
 
 }  // namespace
 
@@ -76,8 +79,8 @@ void embedding_forward(DType t, void* out, const std::int32_t* tokens, const voi
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     embedding_forward_kernel<<<grid_for(rows * channels, kThreads), kThreads, 0, s>>>(
-        static_cast<T*>(out), tokens, static_cast<const T*>(wte), static_cast<const T*>(wpe),
-        rows, seq, channels);
+        static_cast<T*>(out), tokens, static_cast<const T*>(wte), static_cast<const T*>(wpe), rows,
+        seq, channels);
     MT_CU_LAUNCH_CHECK();
   });
 }
@@ -89,12 +92,10 @@ void embedding_backward(DType t, float* dwte, float* dwpe, const void* dout,
   MT_CU_CHECK(n <= INT32_MAX ? cudaSuccess : cudaErrorInvalidValue);
   const int bits = key_bits(vocab);
   std::size_t sort_bytes = 0;
-  MT_CU_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes,
-                                              static_cast<const std::int32_t*>(nullptr),
-                                              static_cast<std::int32_t*>(nullptr),
-                                              static_cast<const std::int32_t*>(nullptr),
-                                              static_cast<std::int32_t*>(nullptr),
-                                              static_cast<int>(n), 0, bits, s));
+  MT_CU_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, sort_bytes, static_cast<const std::int32_t*>(nullptr),
+      static_cast<std::int32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
+      static_cast<std::int32_t*>(nullptr), static_cast<int>(n), 0, bits, s));
   const std::size_t ids_bytes = align256(sizeof(std::int32_t) * n);
   auto* base = static_cast<char*>(scratch.get(3 * ids_bytes + sort_bytes));
   auto* order_in = reinterpret_cast<std::int32_t*>(base);

@@ -21,18 +21,31 @@ struct TypeTag {
 template <typename F>
 void dispatch_float(DType t, F&& f) {
   switch (t) {
-    case DType::kF32: f(TypeTag<float>{}); return;
-    case DType::kBF16: f(TypeTag<__nv_bfloat16>{}); return;
-    case DType::kF16: f(TypeTag<__half>{}); return;
-    case DType::kI32: break;
+    case DType::kF32:
+      f(TypeTag<float>{});
+      return;
+    case DType::kBF16:
+      f(TypeTag<__nv_bfloat16>{});
+      return;
+    case DType::kF16:
+      f(TypeTag<__half>{});
+      return;
+    case DType::kI32:
+      break;
   }
   launch_failed(cudaErrorInvalidValue, "dispatch_float: int32 where a float dtype is needed",
                 __FILE__, __LINE__);
 }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(float x) {
+  return x;
+}
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+__device__ __forceinline__ float to_f32(__half x) {
+  return __half2float(x);
+}
 
 // Round to nearest even, as the CPU conversions in runtime/dtype.hpp.
 template <typename T>
@@ -134,8 +147,8 @@ __global__ void colsum_partials(Value value, std::int64_t rows, std::int64_t col
 template <int kUnused = 0>
 __global__ void colsum_finish(const float2* partial, int chunks, std::int64_t cols, float* out0,
                               float* out1) {
-  for (std::int64_t c = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       c < cols; c += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+  for (std::int64_t c = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; c < cols;
+       c += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     float2 total = partial[c];
     for (int k = 1; k < chunks; ++k) {
       total.x += partial[static_cast<std::int64_t>(k) * cols + c].x;

@@ -21,9 +21,9 @@ namespace meshtrain::cuda {
 // that .cu files stay free of fmt).
 [[noreturn]] void launch_failed(cudaError_t err, const char* what, const char* file, int line);
 
-#define MT_CU_CHECK(call)                                                          \
-  do {                                                                             \
-    const cudaError_t mt_e_ = (call);                                              \
+#define MT_CU_CHECK(call)                                                                         \
+  do {                                                                                            \
+    const cudaError_t mt_e_ = (call);                                                             \
     if (mt_e_ != cudaSuccess) ::meshtrain::cuda::launch_failed(mt_e_, #call, __FILE__, __LINE__); \
   } while (0)
 #define MT_CU_LAUNCH_CHECK() MT_CU_CHECK(cudaGetLastError())
@@ -73,8 +73,8 @@ void layernorm_forward(DType t, void* y, float* mean, float* rstd, const void* x
                        float eps, cudaStream_t s);
 void layernorm_backward(DType t, void* dx, float* dweight, float* dbias, const void* dy,
                         const void* x, const void* weight, const float* mean, const float* rstd,
-                        std::int64_t rows, std::int64_t cols, bool accumulate_dx,
-                        Scratch& scratch, cudaStream_t s);
+                        std::int64_t rows, std::int64_t cols, bool accumulate_dx, Scratch& scratch,
+                        cudaStream_t s);
 
 // ---- embedding (embedding.cu) ----
 // wpe may be null.
@@ -101,8 +101,8 @@ void attention_forward(DType t, void* out, float* lse, const void* qkv, int batc
 void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, const void* out,
                         const float* lse, int batch, int seq, int n_head, int head_size,
                         Scratch& scratch, cudaStream_t s);
-void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv,
-                      int batch, int max_seq, int pos, int n_head, int head_size, cudaStream_t s);
+void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv, int batch,
+                      int max_seq, int pos, int n_head, int head_size, cudaStream_t s);
 
 }  // namespace kernels
 }  // namespace meshtrain::cuda

@@ -98,8 +98,8 @@ void layernorm_forward(DType t, void* y, float* mean, float* rstd, const void* x
 
 void layernorm_backward(DType t, void* dx, float* dweight, float* dbias, const void* dy,
                         const void* x, const void* weight, const float* mean, const float* rstd,
-                        std::int64_t rows, std::int64_t cols, bool accumulate_dx,
-                        Scratch& scratch, cudaStream_t s) {
+                        std::int64_t rows, std::int64_t cols, bool accumulate_dx, Scratch& scratch,
+                        cudaStream_t s) {
   if (rows == 0 || cols == 0) return;
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;

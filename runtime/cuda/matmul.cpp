@@ -33,10 +33,14 @@ namespace {
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::kF32: return CUDA_R_32F;
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kF16: return CUDA_R_16F;
-    case DType::kI32: break;
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    case DType::kI32:
+      break;
   }
   MT_FAIL("cuBLASLt: no float type for {}", dtype_name(t));
 }
@@ -45,7 +49,8 @@ cudaDataType_t cuda_type(DType t) {
 std::uint32_t alignment_of(const void* p) {
   const auto a = reinterpret_cast<std::uintptr_t>(p);
   if (a == 0) return 256;
-  return static_cast<std::uint32_t>(std::min<std::uintptr_t>(256, std::uintptr_t{1} << std::countr_zero(a)));
+  return static_cast<std::uint32_t>(
+      std::min<std::uintptr_t>(256, std::uintptr_t{1} << std::countr_zero(a)));
 }
 
 // RAII for the cuBLASLt descriptors of one call.
@@ -69,10 +74,10 @@ void set_desc(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const
 
 }  // namespace
 
-bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void* b,
-                            DType ab_type, std::int64_t m, std::int64_t n, std::int64_t k,
-                            bool trans_a, bool trans_b, bool accumulate, const void* bias,
-                            DType bias_type, void* aux, cublasLtEpilogue_t epilogue) {
+bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void* b, DType ab_type,
+                            std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
+                            bool trans_b, bool accumulate, const void* bias, DType bias_type,
+                            void* aux, cublasLtEpilogue_t epilogue) {
   // cuBLASLt's view: D[N, M] = opA(ours b) opB(ours a).
   const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -85,7 +90,8 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
   set_desc(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
   if (bias != nullptr) {
     set_desc(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    set_desc(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<std::int32_t>(cuda_type(bias_type)));
+    set_desc(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+             static_cast<std::int32_t>(cuda_type(bias_type)));
   }
   if (aux != nullptr) {
     set_desc(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
@@ -93,17 +99,26 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
   }
   const cudaDataType_t t_ab = cuda_type(ab_type), t_c = cuda_type(out_type);
   // Stored shapes (column-major rows x cols): ours b is [K, N] row-major = [N, K] col-major.
-  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, t_ab, op_a == CUBLAS_OP_N ? lt_m : lt_k,
-                                             op_a == CUBLAS_OP_N ? lt_k : lt_m,
-                                             static_cast<std::int64_t>(op_a == CUBLAS_OP_N ? lt_m : lt_k)));
-  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, t_ab, op_b == CUBLAS_OP_N ? lt_k : lt_n,
-                                             op_b == CUBLAS_OP_N ? lt_n : lt_k,
-                                             static_cast<std::int64_t>(op_b == CUBLAS_OP_N ? lt_k : lt_n)));
-  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, lt_m, lt_n, static_cast<std::int64_t>(lt_m)));
+  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(
+      &d.a, t_ab, op_a == CUBLAS_OP_N ? lt_m : lt_k, op_a == CUBLAS_OP_N ? lt_k : lt_m,
+      static_cast<std::int64_t>(op_a == CUBLAS_OP_N ? lt_m : lt_k)));
+  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(
+      &d.b, t_ab, op_b == CUBLAS_OP_N ? lt_k : lt_n, op_b == CUBLAS_OP_N ? lt_n : lt_k,
+      static_cast<std::int64_t>(op_b == CUBLAS_OP_N ? lt_k : lt_n)));
+  MT_CUBLAS_CHECK(
+      cublasLtMatrixLayoutCreate(&d.c, t_c, lt_m, lt_n, static_cast<std::int64_t>(lt_m)));
 
-  GemmKey key{trans_a, trans_b, m, n, k, static_cast<int>(ab_type), static_cast<int>(out_type),
-              bias != nullptr ? static_cast<int>(bias_type) : -1, static_cast<int>(epilogue),
-              static_cast<int>(alignment_of(a)), static_cast<int>(alignment_of(b)),
+  GemmKey key{trans_a,
+              trans_b,
+              m,
+              n,
+              k,
+              static_cast<int>(ab_type),
+              static_cast<int>(out_type),
+              bias != nullptr ? static_cast<int>(bias_type) : -1,
+              static_cast<int>(epilogue),
+              static_cast<int>(alignment_of(a)),
+              static_cast<int>(alignment_of(b)),
               static_cast<int>(std::min(alignment_of(out), aux ? alignment_of(aux) : 256u)),
               accumulate};
   auto it = plans_.find(key);
@@ -124,8 +139,8 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
         d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, d.op, d.a, d.b, d.c, d.c, d.pref,
-                                                             1, &result, &found);
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(lt_, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
     GemmPlan plan;
     plan.found = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (plan.found) {
@@ -134,10 +149,11 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
       // No algorithm for this combination (NOT_SUPPORTED, or INVALID_VALUE for an epilogue or
       // bias type it does not take): the caller falls back. Said once per key, since it costs
       // speed and a benchmark should show why.
-      log::warn("cuBLASLt offers no algorithm for M={} N={} K={} {} -> {} (epilogue {}, bias {}): "
-                "{}; using the fallback", m, n, k, dtype_name(ab_type), dtype_name(out_type),
-                static_cast<int>(epilogue), bias != nullptr ? dtype_name(bias_type) : "none",
-                cublasLtGetStatusString(st));
+      log::warn(
+          "cuBLASLt offers no algorithm for M={} N={} K={} {} -> {} (epilogue {}, bias {}): "
+          "{}; using the fallback",
+          m, n, k, dtype_name(ab_type), dtype_name(out_type), static_cast<int>(epilogue),
+          bias != nullptr ? dtype_name(bias_type) : "none", cublasLtGetStatusString(st));
     }
     it = plans_.emplace(key, plan).first;
   }
@@ -159,8 +175,9 @@ void CudaBackend::matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int
       Tensor rows = Tensor::empty(Shape{m, n}, out.dtype(), device_);
       rows.zero_();
       Tensor bias = opt.bias->dtype() == out.dtype() ? *opt.bias : opt.bias->to(out.dtype());
-      for (std::int64_t r = 0; r < m; ++r) device_.copy_within(
-          static_cast<char*>(rows.data()) + r * n * dtype_size(out.dtype()), bias.data(), bias.nbytes());
+      for (std::int64_t r = 0; r < m; ++r)
+        device_.copy_within(static_cast<char*>(rows.data()) + r * n * dtype_size(out.dtype()),
+                            bias.data(), bias.nbytes());
       kernels::add(out.dtype(), out.data(), out.data(), rows.data(), out.numel(), stream());
     }
     return;
@@ -174,9 +191,11 @@ void CudaBackend::matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int
   // No algorithm for this combination of dtypes (fp32 operands into a 16-bit output, or an
   // fp32 bias beside a 16-bit output): compute into fp32 with an fp32 bias, then convert.
   Tensor acc = Tensor::empty(Shape{m, n}, DType::kF32, device_);
-  if (opt.accumulate) kernels::convert(DType::kF32, acc.data(), out.dtype(), out.data(), m * n, stream());
+  if (opt.accumulate)
+    kernels::convert(DType::kF32, acc.data(), out.dtype(), out.data(), m * n, stream());
   Tensor bias32;
-  if (opt.bias != nullptr) bias32 = opt.bias->dtype() == DType::kF32 ? *opt.bias : opt.bias->to(DType::kF32);
+  if (opt.bias != nullptr)
+    bias32 = opt.bias->dtype() == DType::kF32 ? *opt.bias : opt.bias->to(DType::kF32);
   const bool ok = lt_matmul(acc.data(), DType::kF32, a.data(), b.data(), a.dtype(), m, n, k,
                             opt.trans_a, opt.trans_b, opt.accumulate,
                             bias32.defined() ? bias32.data() : nullptr, DType::kF32, nullptr, epi);

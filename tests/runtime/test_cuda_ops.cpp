@@ -26,10 +26,14 @@ constexpr DType kDTypes[] = {DType::kF32, DType::kBF16, DType::kF16};
 // intermediates where the GPU keeps them (attention's P and dS).
 double tolerance(DType t) {
   switch (t) {
-    case DType::kF32: return 2e-5;
-    case DType::kBF16: return 1.5e-2;
-    case DType::kF16: return 3e-3;
-    case DType::kI32: break;
+    case DType::kF32:
+      return 2e-5;
+    case DType::kBF16:
+      return 1.5e-2;
+    case DType::kF16:
+      return 3e-3;
+    case DType::kI32:
+      break;
   }
   return 0.0;
 }
@@ -79,17 +83,19 @@ class CudaOps : public ::testing::Test {
     return {Tensor::from_ints(v, s, gpu()), Tensor::from_ints(v, s)};
   }
   Pair nan_pair(const Shape& s, DType t) {
-    std::vector<float> v(static_cast<std::size_t>(s.numel()), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> v(static_cast<std::size_t>(s.numel()),
+                         std::numeric_limits<float>::quiet_NaN());
     return {Tensor::from_floats(v, s, t, gpu()), Tensor::from_floats(v, s, DType::kF32)};
   }
 
-  static void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  static void expect_close(const Tensor& got, const Tensor& want, double tol,
+                           const std::string& what) {
     const std::vector<float> g = got.to_floats(), w = want.to_floats();
     ASSERT_EQ(g.size(), w.size()) << what;
     double num = 0.0, den = 0.0;
     for (std::size_t i = 0; i < g.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(g[i])) << what << ": element " << i << " is " << g[i]
-                                       << " (reference " << w[i] << ")";
+      ASSERT_TRUE(std::isfinite(g[i]))
+          << what << ": element " << i << " is " << g[i] << " (reference " << w[i] << ")";
       num += (double{g[i]} - w[i]) * (double{g[i]} - w[i]);
       den += double{w[i]} * w[i];
     }
@@ -97,7 +103,9 @@ class CudaOps : public ::testing::Test {
     EXPECT_LE(rel, tol) << what << ": relative L2 error " << rel;
   }
 
-  static std::string name(const char* op, DType t) { return std::string(op) + " " + std::string(dtype_name(t)); }
+  static std::string name(const char* op, DType t) {
+    return std::string(op) + " " + std::string(dtype_name(t));
+  }
 
   std::mt19937 rng_{20261123};
   static Device* gpu_;
@@ -111,7 +119,8 @@ TEST_F(CudaOps, DeviceBasics) {
   const std::vector<float> v = randn(1000);
   Tensor t = Tensor::from_floats(v, Shape{1000}, DType::kF32, gpu());
   EXPECT_EQ(t.to_floats(), v);
-  Tensor big = Tensor::from_floats(randn(3 << 20), Shape{3 << 20}, DType::kF32, gpu());  // > staging
+  Tensor big =
+      Tensor::from_floats(randn(3 << 20), Shape{3 << 20}, DType::kF32, gpu());  // > staging
   EXPECT_EQ(big.clone().to_floats(), big.to_floats());
   t.zero_();
   for (float x : t.to_floats()) ASSERT_EQ(x, 0.0f);
@@ -136,7 +145,9 @@ TEST_F(CudaOps, AllocatorReusesBlocksInSteadyState) {
 TEST(CudaDevice, LocalRankFromLauncher) {
   EXPECT_EQ(cuda::local_rank_from_launcher({}), 0);
   EXPECT_EQ(cuda::local_rank_from_launcher({{"SLURM_LOCALID", "3"}}), 3);
-  EXPECT_EQ(cuda::local_rank_from_launcher({{"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"SLURM_LOCALID", "3"}}), 1);
+  EXPECT_EQ(
+      cuda::local_rank_from_launcher({{"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"SLURM_LOCALID", "3"}}),
+      1);
   EXPECT_THROW(cuda::local_rank_from_launcher({{"LOCAL_RANK", "x1"}}), InvalidArgument);
   EXPECT_THROW(cuda::local_rank_from_launcher({{"LOCAL_RANK", "-1"}}), InvalidArgument);
 }
@@ -213,7 +224,8 @@ TEST_F(CudaOps, LinearBackwardAndBiasGrad) {
     ops::linear_backward(&dx.gpu, dw.gpu, &db.gpu, dy.gpu, x.gpu, w.gpu);
     ops::linear_backward(&dx.cpu, dw.cpu, &db.cpu, dy.cpu, x.cpu, w.cpu);
     expect_close(dx.gpu, dx.cpu, tolerance(t), name("linear_backward dx", t));
-    expect_close(dw.gpu, dw.cpu, 1e-5 * std::sqrt(double(rows)) + 2e-5, name("linear_backward dw", t));
+    expect_close(dw.gpu, dw.cpu, 1e-5 * std::sqrt(double(rows)) + 2e-5,
+                 name("linear_backward dw", t));
     expect_close(db.gpu, db.cpu, 2e-5, name("linear_backward dbias", t));
   }
 }
@@ -253,8 +265,10 @@ TEST_F(CudaOps, LayerNorm) {
     for (std::int64_t cols : {768, 100, 33}) {
       const Shape s{4, 65, cols};
       const std::int64_t rows = 4 * 65;
-      Pair x = randn_pair(s, t, 2.0f), w = randn_pair(Shape{cols}, t), b = randn_pair(Shape{cols}, t);
-      Pair y = nan_pair(s, t), mean = nan_pair(Shape{rows}, DType::kF32), rstd = nan_pair(Shape{rows}, DType::kF32);
+      Pair x = randn_pair(s, t, 2.0f), w = randn_pair(Shape{cols}, t),
+           b = randn_pair(Shape{cols}, t);
+      Pair y = nan_pair(s, t), mean = nan_pair(Shape{rows}, DType::kF32),
+           rstd = nan_pair(Shape{rows}, DType::kF32);
       ops::layernorm_forward(y.gpu, mean.gpu, rstd.gpu, x.gpu, w.gpu, b.gpu);
       ops::layernorm_forward(y.cpu, mean.cpu, rstd.cpu, x.cpu, w.cpu, b.cpu);
       expect_close(y.gpu, y.cpu, tolerance(t), name("layernorm_forward y", t));
@@ -264,8 +278,10 @@ TEST_F(CudaOps, LayerNorm) {
         Pair dy = randn_pair(s, t);
         Pair dx = accumulate ? randn_pair(s, t) : nan_pair(s, t);
         Pair dw = randn_pair(Shape{cols}, DType::kF32), db = randn_pair(Shape{cols}, DType::kF32);
-        ops::layernorm_backward(dx.gpu, dw.gpu, db.gpu, dy.gpu, x.gpu, w.gpu, mean.gpu, rstd.gpu, accumulate);
-        ops::layernorm_backward(dx.cpu, dw.cpu, db.cpu, dy.cpu, x.cpu, w.cpu, mean.cpu, rstd.cpu, accumulate);
+        ops::layernorm_backward(dx.gpu, dw.gpu, db.gpu, dy.gpu, x.gpu, w.gpu, mean.gpu, rstd.gpu,
+                                accumulate);
+        ops::layernorm_backward(dx.cpu, dw.cpu, db.cpu, dy.cpu, x.cpu, w.cpu, mean.cpu, rstd.cpu,
+                                accumulate);
         expect_close(dx.gpu, dx.cpu, tolerance(t), name("layernorm_backward dx", t));
         expect_close(dw.gpu, dw.cpu, 2e-5, name("layernorm_backward dweight", t));
         expect_close(db.gpu, db.cpu, 2e-5, name("layernorm_backward dbias", t));
@@ -280,7 +296,8 @@ TEST_F(CudaOps, Attention) {
   };
   auto& backend = dynamic_cast<cuda::CudaBackend&>(gpu().backend());
   for (DType t : kDTypes) {
-    for (Case c : {Case{2, 64, 128, 2}, Case{1, 200, 192, 3}, Case{2, 129, 256, 2}, Case{1, 17, 96, 3}}) {
+    for (Case c :
+         {Case{2, 64, 128, 2}, Case{1, 200, 192, 3}, Case{2, 129, 256, 2}, Case{1, 17, 96, 3}}) {
       const std::string what = name("attention", t) + " B" + std::to_string(c.batch) + " T" +
                                std::to_string(c.seq) + " C" + std::to_string(c.channels) + " H" +
                                std::to_string(c.n_head);
@@ -302,11 +319,13 @@ TEST_F(CudaOps, Attention) {
       // Deterministic: the same inputs give the same bits.
       Tensor again = nan_pair(qkv.cpu.shape(), t).gpu;
       ops::attention_backward(again, dout.gpu, qkv.gpu, out.gpu, lse.gpu, c.n_head);
-      EXPECT_EQ(again.to_floats(), dqkv.gpu.to_floats()) << what << " backward is not deterministic";
+      EXPECT_EQ(again.to_floats(), dqkv.gpu.to_floats())
+          << what << " backward is not deterministic";
       std::printf("%s: forward %s, backward %s\n", what.c_str(), fwd_cudnn ? "cuDNN" : "fallback",
                   bwd_cudnn ? "cuDNN" : "fallback");
-      if (t != DType::kF32 && c.channels / c.n_head == 64)
+      if (t != DType::kF32 && c.channels / c.n_head == 64) {
         EXPECT_TRUE(fwd_cudnn && bwd_cudnn) << what << ": cuDNN should run GPT-2's head size";
+      }
     }
   }
 }
@@ -347,7 +366,8 @@ TEST_F(CudaOps, Embedding) {
       ops::embedding_forward(out.cpu, tokens.cpu, wte.cpu, with_pos ? wpe.cpu : Tensor());
       expect_close(out.gpu, out.cpu, tolerance(t), name("embedding_forward", t));
       Pair dout = randn_pair(Shape{b, s, c}, t);
-      Pair dwte = randn_pair(Shape{v, c}, DType::kF32), dwpe = randn_pair(Shape{80, c}, DType::kF32);
+      Pair dwte = randn_pair(Shape{v, c}, DType::kF32),
+           dwpe = randn_pair(Shape{80, c}, DType::kF32);
       Tensor pos_gpu = with_pos ? dwpe.gpu : Tensor(), pos_cpu = with_pos ? dwpe.cpu : Tensor();
       ops::embedding_backward(dwte.gpu, pos_gpu, dout.gpu, tokens.gpu);
       ops::embedding_backward(dwte.cpu, pos_cpu, dout.cpu, tokens.cpu);
@@ -413,7 +433,13 @@ TEST_F(CudaOps, AdamW) {
       const Shape s{10007};
       Pair master = randn_pair(s, DType::kF32), grad = randn_pair(s, DType::kF32, 0.1f);
       Pair m = randn_pair(s, DType::kF32, 0.01f);
-      Pair v = pair([&] { auto x = randn(s.numel(), 0.01f); for (auto& e : x) e = e * e; return x; }(), s, DType::kF32);
+      Pair v = pair(
+          [&] {
+            auto x = randn(s.numel(), 0.01f);
+            for (auto& e : x) e = e * e;
+            return x;
+          }(),
+          s, DType::kF32);
       Pair param = nan_pair(s, t);
       ops::AdamWParams p;
       p.lr = 1e-3f;
@@ -444,7 +470,8 @@ TEST_F(CudaOps, NormsAndClipping) {
   }
   std::vector<float> inf(100, 1.0f);
   inf[42] = std::numeric_limits<float>::infinity();
-  EXPECT_TRUE(std::isinf(ops::sum_of_squares(Tensor::from_floats(inf, Shape{100}, DType::kF32, gpu()))));
+  EXPECT_TRUE(
+      std::isinf(ops::sum_of_squares(Tensor::from_floats(inf, Shape{100}, DType::kF32, gpu()))));
 }
 
 }  // namespace
