@@ -136,6 +136,13 @@ def main():
     expect_error(mpi + ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32",
                         "--set", "run.dir=/tmp/meshtrain-tp-never", "--tp", str(n + 1)],
                  f"needs a multiple of {n + 1} ranks", "TP size that does not divide the ranks")
+    # plan shows the per-rank memory of a DP x TP layout, and refuses one that cannot split.
+    p = run([a.meshtrain, "plan", "--model", "gpt2", "--dp", "2", "--tp", str(n if n != 3 else 4)])
+    if p.returncode != 0 or "per rank under TP" not in p.stdout or "DP 2 x TP" not in p.stdout:
+        sys.exit(f"FAIL: plan --tp:\n{p.stdout}\n{p.stderr}")
+    p = run([a.meshtrain, "plan", "--model", "gpt2", "--tp", "5"])
+    if p.returncode == 0 or "cannot be split" not in p.stderr:
+        sys.exit(f"FAIL: plan --tp 5 on a 12-head model should be refused:\n{p.stdout}\n{p.stderr}")
     if os.path.exists("/tmp/meshtrain-tp-never"):
         sys.exit("FAIL: a refused job left a run directory behind")
     print(f"ok: TP = {n} matches one process over {STEPS} steps")
