@@ -1,5 +1,6 @@
 #include "comm/communicator.hpp"
 
+#include <algorithm>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -175,12 +176,34 @@ bool WorkImpl::wait_until(Clock::time_point until) {
   }
 }
 
+std::optional<WorkImpl::Clock::time_point> WorkImpl::completed_at() const {
+  const Clock::rep t = completed_.load(std::memory_order_acquire);
+  if (t == 0) return std::nullopt;
+  return Clock::time_point(Clock::duration(t));
+}
+
+void WorkImpl::mark_completed(Clock::time_point t) noexcept {
+  Clock::rep expected = 0;
+  const Clock::rep v = std::max<Clock::rep>(t.time_since_epoch().count(), 1);
+  completed_.compare_exchange_strong(expected, v, std::memory_order_acq_rel);
+}
+
 Work::Work(std::shared_ptr<WorkImpl> impl, std::shared_ptr<detail::GroupHealth> health)
     : impl_(std::move(impl)), health_(std::move(health)) {}
 
 const Collective& Work::collective() const {
   MT_CHECK(defined(), "collective() of an empty Work handle");
   return impl_->collective();
+}
+
+std::chrono::steady_clock::time_point Work::posted_at() const {
+  MT_CHECK(defined(), "posted_at() of an empty Work handle");
+  return impl_->posted_at();
+}
+
+std::optional<std::chrono::steady_clock::time_point> Work::completed_at() const {
+  MT_CHECK(defined(), "completed_at() of an empty Work handle");
+  return impl_->completed_at();
 }
 
 void Work::fail_timeout() {
@@ -194,7 +217,10 @@ void Work::fail_timeout() {
 bool Work::test() {
   MT_CHECK(defined(), "test() on an empty Work handle");
   try {
-    if (impl_->progress()) return true;
+    if (impl_->progress()) {
+      impl_->mark_completed();
+      return true;
+    }
   } catch (const std::exception& e) {
     health_->mark(e.what(), false);
     throw;
@@ -213,6 +239,7 @@ void Work::wait() {
     throw;
   }
   if (!done) fail_timeout();
+  impl_->mark_completed();
 }
 
 void wait_all(std::vector<Work>& works) {

@@ -20,9 +20,11 @@
 // (loopback: always; MPI: when the session was started with MPI_THREAD_MULTIPLE).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -108,10 +110,19 @@ class WorkImpl {
 
   const Collective& collective() const { return collective_; }
   Clock::time_point deadline() const { return deadline_; }
+  Clock::time_point posted_at() const { return posted_; }
+  // When the operation completed: as the backend saw it (the MPI progress thread records the
+  // moment the transfer finished), else when a test() or wait() first saw it complete.
+  // nullopt while it has not.
+  std::optional<Clock::time_point> completed_at() const;
+  // Records the completion time; the first call wins. Thread-safe.
+  void mark_completed(Clock::time_point t = Clock::now()) noexcept;
 
  private:
   Collective collective_;
   Clock::time_point deadline_;
+  Clock::time_point posted_ = Clock::now();
+  std::atomic<Clock::rep> completed_{0};  // ticks since the clock's epoch; 0: not yet
 };
 
 namespace detail {
@@ -133,6 +144,9 @@ class Work {
   // CommTimeout when the collective has not completed `timeout_s` after it was posted.
   void wait();
   const Collective& collective() const;
+  // See WorkImpl: when it was posted, and when it completed (nullopt before).
+  std::chrono::steady_clock::time_point posted_at() const;
+  std::optional<std::chrono::steady_clock::time_point> completed_at() const;
 
  private:
   friend class Communicator;

@@ -19,6 +19,9 @@ const std::vector<SettingInfo>& setting_table() {
        "a collective that has not completed after this long fails on every rank"},
       {"MESHTRAIN_COMM_DEBUG", "0|1", "0",
        "check before each collective that all ranks call the same op, shape and dtype"},
+      {"MESHTRAIN_COMM_PROGRESS", "thread|caller", "thread",
+       "MPI collectives advance in a background thread while the rank computes (thread), or only "
+       "when the caller tests or waits (caller)"},
       {"MESHTRAIN_ALLOCATOR_CACHE", "0|1", "1",
        "0 returns every freed block to the system (for memory debuggers)"},
   };
@@ -67,6 +70,10 @@ Settings Settings::parse(const std::map<std::string, std::string>& env) {
       s.comm_timeout_s = parse_positive(name, value);
     } else if (name == "MESHTRAIN_COMM_DEBUG") {
       s.comm_debug = parse_bool(name, value);
+    } else if (name == "MESHTRAIN_COMM_PROGRESS") {
+      MT_CHECK(value == "thread" || value == "caller",
+               "environment variable {}='{}': expected thread or caller", name, value);
+      s.comm_progress = value;
     } else if (name == "MESHTRAIN_ALLOCATOR_CACHE") {
       s.allocator_cache = parse_bool(name, value);
     } else if (name.rfind("MESHTRAIN_", 0) == 0) {

@@ -16,6 +16,9 @@ struct Settings {
   std::string log_level = "info"; // MESHTRAIN_LOG_LEVEL
   double comm_timeout_s = 600.0;  // MESHTRAIN_COMM_TIMEOUT: seconds before a collective fails
   bool comm_debug = false;        // MESHTRAIN_COMM_DEBUG: check every collective's signature
+  // MESHTRAIN_COMM_PROGRESS: "thread" (a background thread advances MPI collectives while the
+  // caller computes) or "caller" (only test() and wait() advance them).
+  std::string comm_progress = "thread";
   bool allocator_cache = true;    // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
   std::vector<std::string> unknown;  // MESHTRAIN_* names that are not in the table
 

@@ -1,15 +1,12 @@
 // The MPI backend.
 //
-// Asynchrony: MPI non-blocking collectives (MPI_Iallreduce, ...), not a progress thread. A
-// progress thread would need MPI_THREAD_MULTIPLE (slower locking inside MPI on every call, and
-// not provided by every build), or would have to own every MPI call of the process; and it
-// would take a core from the compute threads, which on a CPU rank are the whole machine. The
-// price is that MPI advances a collective only while this rank is inside MPI: Work::test(),
-// Work::wait() and every new collective advance all outstanding ones, which is where the DP
-// reducer calls in anyway (it tests its buckets between layers of backward).
-//
-// Allreduce and reduce-scatter of MpiOptions::ring_min_bytes or more run as rings over
-// non-blocking point-to-point messages instead (comm/mpi/ring.hpp), advanced by the same calls.
+// Asynchrony: every collective starts at once (MPI non-blocking collectives for small messages,
+// our rings of non-blocking point-to-point messages for large ones, comm/mpi/ring.hpp) and is
+// advanced from two places: the caller's Work::test()/wait() and every new collective, and the
+// process's progress thread (comm/mpi/progress.hpp), which keeps the rings moving while the
+// caller computes. The thread sleeps between polls, and every MPI call of comm/ holds one mutex
+// (MT_MPI_CHECK), so MPI_THREAD_SERIALIZED suffices. MESHTRAIN_COMM_PROGRESS=caller turns the
+// thread off (then only the caller advances collectives, as MPI itself does).
 //
 // Every collective is first announced on the group's ArrivalBoard (comm/mpi/arrivals.hpp): the
 // side channel that names the ranks that never arrived when a collective times out, and that
@@ -26,6 +23,7 @@
 
 #include "comm/mpi/arrivals.hpp"
 #include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/progress.hpp"
 #include "comm/mpi/reduce16.hpp"
 #include "comm/mpi/ring.hpp"
 #include "runtime/log.hpp"
@@ -75,8 +73,10 @@ struct MpiGroup {
   MPI_Op op16[2][3] = {{MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL},
                        {MPI_OP_NULL, MPI_OP_NULL, MPI_OP_NULL}};  // [bf16, fp16][sum, max, min]
   std::uint64_t last_seq = 0;
-  int tag_ub = 32767;     // the largest tag (MPI_TAG_UB; the standard guarantees 32767)
-  bool released = false;  // finalized or abandoned
+  int tag_ub = 32767;  // the largest tag (MPI_TAG_UB; the standard guarantees 32767)
+  // Finalized or abandoned: the progress thread no longer touches its requests.
+  std::atomic<bool> released{false};
+  std::shared_ptr<ProgressEngine> engine;  // null: only the caller advances collectives
 
   static int index16(DType d) { return d == DType::kBF16 ? 0 : 1; }
   static int index_op(ReduceOp r) {
@@ -123,28 +123,36 @@ struct MpiGroup {
   }
 };
 
-class MpiWork final : public WorkImpl {
+// One posted collective. Two threads may advance it: its owner (progress(), which finishes it)
+// and the progress thread (poll(), which only moves the transfer and records when it completed).
+// `mu_` serialises them; the thread only try-locks it.
+class MpiWork final : public WorkImpl, public Pollable {
  public:
   MpiWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<MpiGroup> group)
       : WorkImpl(c, deadline), group_(std::move(group)) {}
 
   ~MpiWork() override {
-    if (request_ != MPI_REQUEST_NULL || (ring_ && !done_)) {
+    if (request_ != MPI_REQUEST_NULL || (ring_ && !ring_->done())) {
       // Only reachable when a communicator was abandoned; the buffers are leaked with it.
       log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
     }
   }
 
   bool progress() override {
+    std::lock_guard lock(mu_);
     if (done_) return true;
     // Every ring in flight, of any group: a peer may be waiting for one this rank is not.
     ring_progress_all();
-    if (ring_) {
-      if (!ring_->advance()) return false;
-    } else {
-      int flag = 0;
-      MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-      if (!flag) return false;
+    if (!transferred_) {
+      if (ring_) {
+        if (!ring_->advance()) return false;
+      } else {
+        int flag = 0;
+        MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+        if (!flag) return false;
+      }
+      transferred_ = true;
+      mark_completed();
     }
     if (finish_) finish_();
     finish_ = nullptr;
@@ -153,7 +161,34 @@ class MpiWork final : public WorkImpl {
     return true;
   }
 
-  std::string describe_timeout() override { return group_->describe_timeout(collective()); }
+  // From the progress thread: advance the transfer; never runs finish_ (device copies and
+  // conversions stay on the owner's thread). Errors are left for the owner's progress().
+  void poll() noexcept override {
+    if (group_->released.load(std::memory_order_acquire)) return;
+    std::unique_lock lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock() || transferred_) return;
+    try {
+      if (ring_) {
+        if (!ring_->done()) return;  // ring_progress_all() has just advanced it
+      } else {
+        int flag = 0;
+        MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+        if (!flag) return;
+      }
+      transferred_ = true;
+      mark_completed();
+      progress_events().fetch_add(1, std::memory_order_relaxed);
+    } catch (const std::exception& e) {
+      // MPI_Test failed: the owner's progress() sees the request still pending and the error
+      // again (or a timeout).
+      log::debug("{}: progress thread: {}", collective().str(), e.what());
+    }
+  }
+
+  std::string describe_timeout() override {
+    std::lock_guard lock(mu_);
+    return group_->describe_timeout(collective());
+  }
 
   MPI_Request* request() { return &request_; }
   // Runs the collective as a ring (comm/mpi/ring.hpp) instead of an MPI request.
@@ -169,10 +204,12 @@ class MpiWork final : public WorkImpl {
 
  private:
   std::shared_ptr<MpiGroup> group_;
+  std::mutex mu_;
   MPI_Request request_ = MPI_REQUEST_NULL;
   std::shared_ptr<RingOp> ring_;
   std::function<void()> finish_;
   std::vector<Tensor> keep_;
+  bool transferred_ = false;  // the data has arrived (finish_ may still be due)
   bool done_ = false;
 };
 
@@ -223,6 +260,7 @@ class MpiBackend final : public Backend {
     g.board =
         std::make_unique<ArrivalBoard>(MPI_Comm_c2f(g.comm), Clock::now() + options.timeout());
     g.create_types_and_ops();
+    g.engine = ProgressEngine::acquire();
   }
 
   ~MpiBackend() override {
@@ -272,6 +310,7 @@ class MpiBackend final : public Backend {
         MT_ASSERT(false, "split is not posted");
         break;
     }
+    if (g.engine) g.engine->add(w);
     return w;
   }
 
@@ -310,6 +349,7 @@ class MpiBackend final : public Backend {
     g.free_types_and_ops();
     MT_MPI_CHECK(MPI_Comm_free(&g.comm));
     g.released = true;
+    g.engine.reset();  // the thread stops with the last group that used it
   }
 
   bool abandon() noexcept override {

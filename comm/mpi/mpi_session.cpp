@@ -5,6 +5,7 @@
 #include "comm/mpi.hpp"
 #include "comm/mpi/mpi_backend.hpp"
 #include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/progress.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain::comm {
@@ -39,6 +40,9 @@ MpiSession::MpiSession(int* argc, char*** argv, MpiThreads threads) {
   MT_MPI_CHECK(MPI_Comm_rank(node, &local_rank_));
   MT_MPI_CHECK(MPI_Comm_size(node, &local_size_));
   MT_MPI_CHECK(MPI_Comm_free(&node));
+  // Initialised here: every MPI call of the process is comm/'s, made under its lock, so the
+  // progress thread may call MPI at MPI_THREAD_SERIALIZED.
+  if (owns_) detail::mark_mpi_owned(true);
   log::set_rank(rank_, size_);
 }
 
@@ -70,6 +74,8 @@ Communicator MpiSession::world(const CommOptions& options, const MpiOptions& mpi
 void MpiSession::finalize() {
   if (!owns_) return;
   owns_ = false;
+  detail::progress_shutdown();
+  detail::mark_mpi_owned(false);
   int finalized = 0;
   MT_MPI_CHECK(MPI_Finalized(&finalized));
   if (!finalized) MT_MPI_CHECK(MPI_Finalize());
@@ -78,6 +84,7 @@ void MpiSession::finalize() {
 void MpiSession::abort(int code) {
   log::error("aborting the job (MPI_Abort, code {})", code);
   owns_ = false;
+  detail::progress_shutdown();
   MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
   std::_Exit(code == 0 ? 1 : code);  // MPI_Abort does not return; the job must end regardless
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/progress.hpp"
 #include "comm/mpi/reduce16.hpp"
 #include "runtime/log.hpp"
 #include "runtime/tensor.hpp"
@@ -199,6 +200,7 @@ struct RingOp::Impl {
           forward(r);
           recvs.pop_front();
         }
+        progress_events().fetch_add(1, std::memory_order_relaxed);
       }
       int sent = 0;
       MT_MPI_CHECK(
@@ -210,6 +212,7 @@ struct RingOp::Impl {
       }
       if (phase != kDone) start_step();
     }
+    progress_events().fetch_add(1, std::memory_order_relaxed);
     finished = true;
     return true;
   }
@@ -248,6 +251,10 @@ RingOp::~RingOp() {
     new Tensor(impl_->partial[0]);
     new Tensor(impl_->partial[1]);
   }
+}
+
+bool RingOp::done() const {
+  return impl_->finished.load(std::memory_order_acquire);
 }
 
 bool RingOp::advance() {

@@ -60,6 +60,8 @@ class RingOp {
   // Advances as far as possible without blocking; true once the output is complete. Throws
   // MpiError, also one raised while another operation's wait advanced this one.
   bool advance();
+  // Whether the output is complete (without advancing; any thread).
+  bool done() const;
 
  private:
   friend void ring_progress_all() noexcept;

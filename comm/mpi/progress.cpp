@@ -1,0 +1,159 @@
+#include "comm/mpi/progress.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <thread>
+#include <vector>
+
+#include "comm/mpi/mpi_check.hpp"
+#include "comm/mpi/ring.hpp"
+#include "runtime/log.hpp"
+#include "runtime/settings.hpp"
+
+namespace meshtrain::comm::detail {
+namespace {
+
+using namespace std::chrono_literals;
+// Poll interval while a collective is in flight: short after a poll that moved data (the next
+// segment is likely ready soon), doubling while nothing moves. 400 us bounds the delay a step of
+// a ring can wait for the thread; it is half the time a 1 MiB segment takes on a 10 Gbit/s link.
+constexpr auto kMinInterval = 50us;
+constexpr auto kMaxInterval = 400us;
+
+// Process-wide bookkeeping; it owns no engine (a weak reference) and no MPI resource.
+struct Registry {
+  std::mutex mu;
+  std::weak_ptr<ProgressEngine> engine;
+  bool shutdown = false;
+};
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+std::atomic<bool> g_mpi_owned{false};
+
+}  // namespace
+
+std::atomic<std::uint64_t>& progress_events() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
+}
+
+struct ProgressEngine::Impl {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::weak_ptr<Pollable>> items;
+  bool stop = false;
+  bool woken = false;
+  std::thread thread;
+
+  void run() {
+    std::vector<std::shared_ptr<Pollable>> live;
+    auto interval = std::chrono::microseconds(kMinInterval);
+    std::unique_lock lock(mu);
+    while (!stop) {
+      std::erase_if(items, [](const std::weak_ptr<Pollable>& w) { return w.expired(); });
+      if (items.empty()) {
+        // Nothing in flight: sleep until a collective is posted.
+        cv.wait(lock, [&] { return stop || !items.empty(); });
+        interval = kMinInterval;
+        continue;
+      }
+      for (const auto& w : items) {
+        if (auto p = w.lock()) live.push_back(std::move(p));
+      }
+      lock.unlock();
+      const std::uint64_t before = progress_events().load(std::memory_order_relaxed);
+      ring_progress_all();
+      for (const auto& p : live) p->poll();
+      const bool moved = progress_events().load(std::memory_order_relaxed) != before;
+      // Dropping these may destroy the last reference to a group, and with it to the engine:
+      // ~ProgressEngine then detaches instead of joining this thread (see there).
+      live.clear();
+      lock.lock();
+      interval = moved ? std::chrono::microseconds(kMinInterval)
+                       : std::min<std::chrono::microseconds>(interval * 2, kMaxInterval);
+      cv.wait_for(lock, interval, [&] { return stop || woken; });
+      woken = false;
+    }
+  }
+
+  void halt() noexcept {
+    {
+      std::lock_guard lock(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    if (!thread.joinable()) return;
+    if (thread.get_id() == std::this_thread::get_id()) {
+      thread.detach();  // the loop sees `stop` and returns; it holds its own reference to us
+    } else {
+      thread.join();
+    }
+  }
+};
+
+ProgressEngine::ProgressEngine() : impl_(std::make_shared<Impl>()) {}
+
+ProgressEngine::~ProgressEngine() {
+  if (impl_) impl_->halt();
+}
+
+void ProgressEngine::stop() noexcept {
+  impl_->halt();
+}
+
+std::shared_ptr<ProgressEngine> ProgressEngine::acquire() {
+  if (settings().comm_progress != "thread") return nullptr;
+  Registry& r = registry();
+  std::lock_guard lock(r.mu);
+  if (r.shutdown) return nullptr;
+  if (auto e = r.engine.lock()) return e;
+  int provided = MPI_THREAD_SINGLE;
+  MT_MPI_CHECK(MPI_Query_thread(&provided));
+  const bool allowed = provided == MPI_THREAD_MULTIPLE ||
+                       (g_mpi_owned.load() && provided >= MPI_THREAD_SERIALIZED);
+  if (!allowed) {
+    log::debug(
+        "comm: no progress thread (MPI thread level {} and MPI not initialised by meshtrain); "
+        "collectives progress inside test() and wait() only",
+        provided);
+    return nullptr;
+  }
+  std::shared_ptr<ProgressEngine> e(new ProgressEngine());
+  // The thread holds its own reference to the state it reads: when it is detached (see
+  // halt()), the state outlives the engine until the loop returns.
+  e->impl_->thread = std::thread([impl = e->impl_] { impl->run(); });
+  r.engine = e;
+  return e;
+}
+
+void ProgressEngine::add(std::weak_ptr<Pollable> p) {
+  {
+    std::lock_guard lock(impl_->mu);
+    if (impl_->stop) return;
+    impl_->items.push_back(std::move(p));
+    impl_->woken = true;
+  }
+  impl_->cv.notify_one();
+}
+
+void mark_mpi_owned(bool owned) {
+  g_mpi_owned = owned;
+}
+
+void progress_shutdown() noexcept {
+  Registry& r = registry();
+  std::shared_ptr<ProgressEngine> e;
+  {
+    std::lock_guard lock(r.mu);
+    r.shutdown = true;
+    e = r.engine.lock();
+  }
+  if (e) e->stop();
+}
+
+}  // namespace meshtrain::comm::detail
