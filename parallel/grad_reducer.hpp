@@ -1,17 +1,39 @@
-// GradReducer: data-parallel gradient averaging, overlapped with backward.
+// GradReducer: data-parallel gradient averaging, overlapped with backward; optionally sharded
+// (ZeRO-1) and optionally reduced in bf16.
 //
-// The fp32 gradients stay in the model's flat buffer; the reducer cuts it into buckets of whole
-// parameters in reverse parameter order (the order backward finishes them): a small first
-// bucket so that communication starts early, then buckets of about `bucket_bytes`. The model's
-// backward reports each flat range as its gradients become final (grads_ready); once every
-// element of a bucket is final, the bucket's asynchronous allreduce (average over the DP group)
-// starts in place. Buckets are posted in the same order on every rank because every rank runs the
-// same backward over the same layout.
+// The fp32 gradients stay in the model's flat buffer; the reducer cuts it into buckets in
+// reverse parameter order (the order backward finishes them): a small first bucket so that
+// communication starts early, then buckets of about `bucket_bytes`. The model's backward reports
+// each flat range as its gradients become final (grads_ready); once every element of a bucket is
+// final, the bucket's asynchronous reduction (average over the DP group) starts. Buckets are
+// posted in the same order on every rank because every rank runs the same backward over the same
+// layout.
 //
-// Progress: MPI's non-blocking collectives advance only inside MPI calls (comm/mpi has no
-// progress thread), so every grads_ready call also tests the outstanding buckets: between two
-// layers of backward the reduction moves on while the next layer computes.
+// Plain DP (shard = false): each bucket is allreduced in place; buckets are cut at parameter
+// boundaries. ZeRO-1 (shard = true): each bucket is reduce-scattered, and rank r keeps the r-th
+// of dp equal chunks of every bucket (as Megatron-LM's distributed optimizer does): buckets are
+// cut at multiples of dp elements, so only the first bucket (the one holding the end of the
+// buffer) may need padding, through a small staging buffer. shard_pieces() says which flat
+// elements this rank owns and where they sit in its shard; all_gather_shards() rebuilds a whole
+// flat buffer (the 16-bit parameters after the optimizer, or the fp32 master weights) from every
+// rank's shard.
 //
+// bf16 reduction (reduce_dtype = kBF16): a bucket is converted to bf16 when posted, reduced in
+// bf16 on the wire (summed in fp32 at every step, comm/mpi.hpp), and widened back when it
+// completes: half the bytes, with bf16 rounding of the averaged gradients.
+//
+// Progress: the MPI backend's progress thread advances the buckets while backward computes
+// (comm/mpi/progress.hpp); every grads_ready call also tests the buckets in flight, which is all
+// the progress there is when that thread is off (MESHTRAIN_COMM_PROGRESS=caller).
+//
+// Timing (ReducerStats), from the moments the backend saw each bucket complete
+// (comm::Work::completed_at; the progress thread records them as they happen): buckets travel
+// one after another, so bucket b occupies the link from max(its post, bucket b-1's completion)
+// to its completion. comm_ms sums these busy intervals; hidden is the share of them that lay
+// before finish() was called, i.e. behind backward; wait_ms is what finish() blocked. With
+// overlap off every bucket is posted in finish(): hidden is 0 and wait_ms the whole cost.
+// (A span such as "first post to last completion" would count idle link time as hidden.)
+
 // Gradient accumulation: begin_step(communicate = false) for every micro-step but the last;
 // such steps only accumulate locally. finish() waits for every bucket (posting any that were
 // never completed by hooks, e.g. with overlap off) before the norm and the optimizer read them.
@@ -36,14 +58,26 @@ struct ReducerOptions {
   // Off: nothing is posted during backward; finish() reduces every bucket (the baseline that
   // overlap is measured against).
   bool overlap = true;
+  // kF32 or kBF16: the dtype gradients travel and are summed in (bf16: summed in fp32 per step).
+  DType reduce_dtype = DType::kF32;
+  // ZeRO-1: reduce-scatter into this rank's shard instead of allreducing every gradient.
+  bool shard = false;
 };
 
 // What one optimizer step's reduction cost, in milliseconds.
 struct ReducerStats {
   double wait_ms = 0;  // finish() blocked on communication (exposed time)
-  double comm_ms = 0;  // from the first bucket's post to the last bucket's completion
-  double hidden = 0;   // share of comm_ms not spent waiting in finish(): 1 - wait / comm
+  double comm_ms = 0;  // the buckets' summed busy time (see above)
+  double hidden = 0;   // share of comm_ms that ran before finish(), behind backward
   int buckets = 0;
+};
+
+// A run of flat elements this rank owns under sharding: flat [flat_offset, flat_offset +
+// length) is shard [shard_offset, shard_offset + length).
+struct ShardPiece {
+  std::int64_t flat_offset = 0;
+  std::int64_t shard_offset = 0;
+  std::int64_t length = 0;
 };
 
 class GradReducer {
@@ -58,19 +92,35 @@ class GradReducer {
   // micro-steps of gradient accumulation).
   void begin_step(bool communicate);
   // Flat elements [begin, end) of the gradients are final for this step: starts every bucket
-  // that became complete, then tests the buckets in flight (MPI progress).
+  // that became complete, then tests the buckets in flight.
   void grads_ready(std::int64_t begin, std::int64_t end);
   // Posts what is left, waits for every bucket (CommTimeout on a peer that never arrives) and
-  // returns the step's statistics. A no-op after a non-communicating step.
+  // returns the step's statistics. A no-op after a non-communicating step. Afterwards the
+  // averaged gradients are in the flat buffer (plain DP) or in shard_grads() (ZeRO-1).
   ReducerStats finish();
 
   // Bucket i covers flat elements [first, second); bucket 0 holds the last parameters.
   const std::vector<std::pair<std::int64_t, std::int64_t>>& buckets() const { return buckets_; }
+  const ReducerOptions& options() const { return options_; }
+
+  // Sharding only. Elements in this rank's shard (the same on every rank: padding included).
+  std::int64_t shard_numel() const { return shard_numel_; }
+  // The flat elements this rank owns, in increasing shard offset.
+  const std::vector<ShardPiece>& shard_pieces() const { return pieces_; }
+  // This rank's averaged fp32 gradients after finish(), shard_numel() elements (padding zero).
+  const Tensor& shard_grads() const { return grad_shard_; }
+  // Collective over the DP group: `flat` (numel = the gradient buffer's, any dtype) receives
+  // every rank's owned pieces, each read from `shard` (shard_numel() elements, same dtype) on
+  // its owner. `shard` may be undefined when flat already holds this rank's pieces (in place).
+  // Blocks until done.
+  void all_gather_shards(const Tensor& shard, Tensor& flat);
 
  private:
   using Clock = std::chrono::steady_clock;
   void post(std::size_t b);
+  void complete(std::size_t b);
   void poll();
+  std::int64_t chunk(std::size_t b) const;  // sharding: elements of bucket b per rank
 
   comm::Communicator* dp_;
   Tensor grads_;
@@ -81,8 +131,16 @@ class GradReducer {
   std::vector<bool> done_;
   std::size_t next_post_ = 0;  // buckets are posted strictly in order 0, 1, ...
   bool communicate_ = false;
-  bool first_posted_ = false;
-  Clock::time_point first_post_, last_done_;
+  std::vector<Clock::time_point> posted_at_, done_at_;  // per bucket, this step
+  // bf16 reduction: the staging copy of every bucket (sharded: padded buckets, then the
+  // shard's chunks).
+  Tensor wire_, wire_shard_;
+  // Sharding.
+  std::int64_t shard_numel_ = 0;
+  std::vector<std::int64_t> shard_offset_;  // per bucket: where its chunk sits in the shard
+  std::vector<ShardPiece> pieces_;
+  Tensor grad_shard_;
+  Tensor pad_;  // fp32 staging for the one bucket whose length is not a multiple of dp
 };
 
 }  // namespace meshtrain::parallel

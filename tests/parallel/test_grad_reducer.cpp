@@ -193,6 +193,117 @@ TEST_P(DataParallel, Bf16AgreesWithinTolerance) {
   expect_close(dp, one, 1e-2f, 2e-2f);
 }
 
+// bf16 reduction rounds every averaged gradient to bf16 (8 bits of mantissa): the run follows
+// the fp32 reduction closely, but not bit for bit (the option really changes the wire).
+TEST_P(DataParallel, Bf16ReductionAgreesWithFp32Reduction) {
+  const int n = GetParam();
+  ReducerOptions bf16;
+  bf16.reduce_dtype = DType::kBF16;
+  bf16.first_bucket_bytes = 4096;
+  bf16.bucket_bytes = 64 * 1024;
+  const RunResult fp32 = train(n, 1, 2, 6, "fp32");
+  const RunResult low = train(n, 1, 2, 6, "fp32", bf16);
+  expect_close(low, fp32, 2e-3f, 3e-3f);
+  EXPECT_NE(low.params, fp32.params);
+}
+
+// ZeRO-1's layout: the ranks' pieces tile the buffer exactly once, every bucket but the first
+// splits into dp equal chunks, and a shard is about 1/dp of the buffer.
+TEST_P(DataParallel, ShardPiecesTileTheBufferOnce) {
+  const int n = GetParam();
+  models::GPT model(models::GPTConfig::preset("gpt-tiny"), PrecisionPolicy::parse("fp32"));
+  const std::int64_t np = model.num_parameters();
+  std::vector<int> owner(static_cast<std::size_t>(np), -1);
+  std::vector<std::int64_t> shard_sizes(n);
+  std::mutex mu;
+  comm::LoopbackWorld world(n);
+  world.run([&](comm::Communicator& c) {
+    ReducerOptions o;
+    o.shard = true;
+    o.first_bucket_bytes = 1000;  // not a multiple of anything
+    o.bucket_bytes = 40 * 1024;
+    Tensor grads = Tensor::zeros(Shape{np}, DType::kF32);
+    GradReducer r(c, grads, param_ranges(model), o);
+    std::lock_guard<std::mutex> lock(mu);
+    shard_sizes[c.rank()] = r.shard_numel();
+    std::int64_t next_shard = 0;
+    for (const ShardPiece& p : r.shard_pieces()) {
+      EXPECT_GE(p.shard_offset, next_shard);
+      next_shard = p.shard_offset + p.length;
+      for (std::int64_t i = p.flat_offset; i < p.flat_offset + p.length; ++i) {
+        EXPECT_EQ(owner[i], -1) << "element " << i << " owned twice";
+        owner[i] = c.rank();
+      }
+    }
+    EXPECT_LE(next_shard, r.shard_numel());
+    for (std::size_t b = 1; b < r.buckets().size(); ++b)
+      EXPECT_EQ((r.buckets()[b].second - r.buckets()[b].first) % n, 0) << "bucket " << b;
+    EXPECT_GE(r.buckets().size(), 3u);
+  });
+  EXPECT_EQ(std::count(owner.begin(), owner.end(), -1), 0) << "elements nobody owns";
+  for (int r = 0; r < n; ++r) {
+    EXPECT_EQ(shard_sizes[r], shard_sizes[0]);
+    EXPECT_LE(shard_sizes[r], (np + n - 1) / n + 1);  // one padded bucket
+  }
+}
+
+// Reduce-scatter into the shard gives the same average as an allreduce would, for fp32 and bf16
+// wires; all_gather_shards rebuilds a whole buffer from the shards, in fp32 and in bf16.
+TEST_P(DataParallel, ShardedReductionAndGatherMatchTheWholeBuffer) {
+  const int n = GetParam();
+  models::GPT model(models::GPTConfig::preset("gpt-tiny"), PrecisionPolicy::parse("fp32"));
+  const std::int64_t np = model.num_parameters();
+  auto value = [](int rank, std::int64_t i) {
+    return std::sin(0.001f * static_cast<float>(i) + static_cast<float>(rank)) * 3.0f;
+  };
+  for (DType wire : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(dtype_name(wire));
+    comm::LoopbackWorld world(n);
+    world.run([&](comm::Communicator& c) {
+      ReducerOptions o;
+      o.shard = true;
+      o.reduce_dtype = wire;
+      o.first_bucket_bytes = 1000;
+      o.bucket_bytes = 40 * 1024;
+      Tensor grads = Tensor::zeros(Shape{np}, DType::kF32);
+      float* g = grads.data_as<float>();
+      for (std::int64_t i = 0; i < np; ++i) g[i] = value(c.rank(), i);
+      GradReducer r(c, grads, param_ranges(model), o);
+      r.begin_step(true);
+      r.grads_ready(0, np);
+      r.finish();
+      const float* sg = r.shard_grads().data_as<float>();
+      float worst = 0;
+      for (const ShardPiece& p : r.shard_pieces()) {
+        for (std::int64_t k = 0; k < p.length; ++k) {
+          double mean = 0;
+          for (int q = 0; q < n; ++q) mean += value(q, p.flat_offset + k);
+          mean /= n;
+          worst = std::max(worst, static_cast<float>(std::abs(sg[p.shard_offset + k] - mean)));
+        }
+      }
+      EXPECT_LE(worst, wire == DType::kF32 ? 1e-6f : 3.0f / 128);
+      // Gather: shard element = f(its flat index) on its owner.
+      for (DType d : {DType::kF32, DType::kBF16}) {
+        Tensor shard = Tensor::zeros(Shape{r.shard_numel()}, DType::kF32);
+        for (const ShardPiece& p : r.shard_pieces())
+          for (std::int64_t k = 0; k < p.length; ++k)
+            shard.data_as<float>()[p.shard_offset + k] = static_cast<float>(p.flat_offset + k);
+        Tensor flat = Tensor::zeros(Shape{np}, d);
+        r.all_gather_shards(shard.to(d), flat);
+        const std::vector<float> got = flat.to_floats();
+        const std::vector<float> want =
+            Tensor::from_floats([&] {
+              std::vector<float> w(static_cast<std::size_t>(np));
+              for (std::int64_t i = 0; i < np; ++i) w[i] = static_cast<float>(i);
+              return w;
+            }(), Shape{np}, DType::kF32).to(d).to_floats();
+        EXPECT_EQ(got, want) << dtype_name(d);
+      }
+    });
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Ranks, DataParallel, ::testing::Values(2, 3, 4),
                          [](const auto& info) { return "np" + std::to_string(info.param); });
 
