@@ -202,6 +202,8 @@ const std::vector<Key>& keys() {
                  "data parallelism: gradient bucket size in MiB"),
       string_key("dp", "overlap", &TrainConfig::dp_overlap, {"on", "off"},
                  "data parallelism: reduce gradient buckets during backward (on) or after it"),
+      string_key("dp", "reduce_dtype", &TrainConfig::dp_reduce_dtype, {"fp32", "bf16"},
+                 "data parallelism: dtype gradients are averaged in (bf16: half the bytes)"),
       int_key("eval", "every", &TrainConfig::eval_every, 0, kMaxInt,
               "validation loss every N steps (0 = only at the end)"),
       int_key("eval", "batches", &TrainConfig::eval_batches, 1, 1 << 20,

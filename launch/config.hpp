@@ -47,6 +47,7 @@ struct TrainConfig {
   // [dp] data parallelism (mpirun -np N: DP = N)
   double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
   std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
+  std::string dp_reduce_dtype = "fp32";  // fp32, or bf16: half the bytes, bf16-rounded gradients
   int zero = 0;                      // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
   // Tensor parallelism: mpirun -np N runs DP = N / tp x TP = tp, consecutive ranks forming a TP
   // group (TP innermost). The model's heads and padded vocabulary must divide by tp.

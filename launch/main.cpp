@@ -169,11 +169,14 @@ int cmd_train(Args a) {
     session->finalize();
   }
   if (!root) return 0;
+  std::string rss;
+  for (double mib : r.peak_rss_mib) rss += fmt::format("{}{:.0f}", rss.empty() ? "" : ", ", mib);
   std::printf("done: %d steps, loss %.4f -> %.4f%s (unigram entropy %.4f), %.0f tokens/s, %d "
-              "skipped; run directory %s\n",
+              "skipped; peak RSS %s MiB%s; run directory %s\n",
               r.steps, r.first_loss, r.final_loss,
               std::isfinite(r.final_val_loss) ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str() : "",
-              r.unigram_entropy, r.tokens_per_s, r.skipped_steps, cfg.run_dir.c_str());
+              r.unigram_entropy, r.tokens_per_s, r.skipped_steps, rss.c_str(),
+              r.peak_rss_mib.size() > 1 ? " (by rank)" : "", cfg.run_dir.c_str());
   return 0;
 }
 
@@ -321,22 +324,30 @@ int cmd_plan(Args a) {
   std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
   std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
   if (dp > 1) {
-    // ZeRO-1 as the trainer implements it: the AdamW state (and the reduced gradients it reads)
-    // live as this rank's 1/dp shard of the flat buffer padded to a multiple of dp; the model
-    // still holds whole parameter, gradient and master buffers (one fp32 shard-sized gradient
-    // buffer and a padded gradient staging buffer are added).
+    // ZeRO-1 as the trainer implements it (parallel/grad_reducer.hpp): the fp32 master weights
+    // (16-bit policies) and the AdamW state exist only as this rank's 1/dp shard, and the
+    // averaged gradients are reduce-scattered into a shard-sized buffer; the model keeps its
+    // whole parameters and gradients (backward writes every gradient). Buckets are cut at
+    // multiples of dp, so a shard is ceil(n / dp) elements up to one element per bucket.
     const std::int64_t n = m.num_parameters_per_rank(cfg.tp);
     const std::int64_t shard = (n + dp - 1) / dp;
+    const std::int64_t master = policy.has_master_copy() ? 4 * shard : 0;
     const std::int64_t adam = 2 * 4 * shard;
-    const std::int64_t extra = 4 * shard + 4 * shard * dp + mem.parameters / n * shard * dp;
-    const std::int64_t total = mem.total() - mem.optimizer_state + adam + extra;
+    const std::int64_t grad_shard = 4 * shard;
+    const std::int64_t total = mem.parameters + mem.gradients + mem.activations + master + adam +
+                               grad_shard;
     std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
-    std::printf("  AdamW state      %s (shard of %lld parameters)\n",
-                human_bytes(static_cast<double>(adam)).c_str(), static_cast<long long>(shard));
-    std::printf("  ZeRO buffers     %s (padded gradients and parameters, gradient shard)\n",
-                human_bytes(static_cast<double>(extra)).c_str());
-    std::printf("  total            %s (saves %s per rank)\n", human_bytes(static_cast<double>(total)).c_str(),
-                human_bytes(static_cast<double>(mem.total() - total)).c_str());
+    std::printf("  master weights   %s (shard of %lld parameters)\n",
+                human_bytes(static_cast<double>(master)).c_str(), static_cast<long long>(shard));
+    std::printf("  AdamW state      %s (shard)\n", human_bytes(static_cast<double>(adam)).c_str());
+    std::printf("  gradient shard   %s (the averaged gradients this rank updates with)\n",
+                human_bytes(static_cast<double>(grad_shard)).c_str());
+    std::printf("  total            %s (saves %s per rank, %.0f%%)\n",
+                human_bytes(static_cast<double>(total)).c_str(),
+                human_bytes(static_cast<double>(mem.total() - total)).c_str(),
+                100.0 * static_cast<double>(mem.total() - total) / static_cast<double>(mem.total()));
+    std::printf("  (dp.reduce_dtype = \"bf16\" adds a bf16 staging copy of the gradients: %s)\n",
+                human_bytes(static_cast<double>(2 * n)).c_str());
   }
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) {

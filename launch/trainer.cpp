@@ -168,30 +168,38 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   for (const models::ParamInfo& p : model_->params())
     norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
   const std::int64_t n_params = model_->num_parameters();
+  world_ = world;
   zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;
-  if (zero_) {
-    // ZeRO-1: this rank owns flat elements [shard_lo_, shard_lo_ + shard_n_) of a buffer padded
-    // to a multiple of DP: their reduced gradients, Adam state and master weights. Gradients are
-    // reduce-scattered after backward; the updated 16-bit parameters are all-gathered.
-    const std::int64_t dp = mesh_.dp_size();
-    shard_n_ = (n_params + dp - 1) / dp;
-    shard_lo_ = shard_n_ * mesh_.dp_rank();
-    grad_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, DType::kF32, device());
-    grad_shard_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
-    param_pad_ = Tensor::zeros(Shape{shard_n_ * dp}, policy_.param, device());
-  } else if (mesh_.dp_size() > 1) {
+  std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
+  if (mesh_.dp_size() > 1) {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
     ro.bucket_bytes = static_cast<std::int64_t>(cfg_.dp_bucket_mb * (1 << 20));
     ro.overlap = cfg_.dp_overlap == "on";
+    ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
+    // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.
+    ro.shard = zero_;
     reducer_ = std::make_unique<parallel::GradReducer>(mesh_.dp(), model_->flat_grads(), ranges, ro);
     model_->set_grads_ready_hook(
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
-  if (!zero_) shard_n_ = n_params;
-  m_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
-  v_ = Tensor::zeros(Shape{shard_n_}, DType::kF32, device());
+  if (zero_) {
+    opt_n = reducer_->shard_numel();
+    if (policy_.has_master_copy()) {
+      // Keep this rank's shard of the fp32 master weights and free the model's whole copy
+      // (returned to the system, not kept in the allocator's cache).
+      master_shard_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
+      for (const parallel::ShardPiece& p : reducer_->shard_pieces()) {
+        Tensor dst = master_shard_.slice(p.shard_offset, p.length);
+        dst.copy_from(model_->flat_master().slice(p.flat_offset, p.length));
+      }
+      model_->release_master_copy();
+      model_->device().empty_cache();
+    }
+  }
+  m_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
+  v_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
@@ -260,7 +268,8 @@ StepMetrics Trainer::step(int step) {
   m.loss = static_cast<float>(loss_sum / cfg_.grad_accum);
   if (reducer_) {
     // The global mean loss rides along with the last buckets; the gradients are averaged over
-    // DP once finish() returns, so the norm below is the global one on every rank.
+    // DP once finish() returns (ZeRO-1: this rank's shard of them), so the norm below is the
+    // global one on every rank.
     Tensor loss = Tensor::from_floats({m.loss}, Shape{1}, DType::kF32);
     comm::Work loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
     const parallel::ReducerStats rs = reducer_->finish();
@@ -268,25 +277,20 @@ StepMetrics Trainer::step(int step) {
     m.loss = loss.data_as<float>()[0];
     m.comm_wait_ms = rs.wait_ms;
     m.comm_hidden = rs.hidden;
+    m.comm_ms = rs.comm_ms;
   }
   if (zero_) {
     const auto tc = Clock::now();
-    Tensor loss = Tensor::from_floats({m.loss}, Shape{1}, DType::kF32);
-    comm::Work loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
-    grad_pad_.slice(0, model_->num_parameters()).copy_from(model_->flat_grads());
-    mesh_.dp().reduce_scatter(grad_pad_, grad_shard_, comm::ReduceOp::kAvg).wait();
-    loss_work.wait();
-    m.loss = loss.data_as<float>()[0];
     // The squared norm summed over the DP shards (the padding is zero) and the TP ranks.
-    const std::int64_t valid =
-        std::clamp<std::int64_t>(model_->num_parameters() - shard_lo_, 0, shard_n_);
-    Tensor sq = Tensor::from_floats(
-        {static_cast<float>(grad_norm_share(grad_shard_.slice(0, valid), shard_lo_))}, Shape{1},
-        DType::kF32);
+    double share = 0;
+    for (const parallel::ShardPiece& p : reducer_->shard_pieces())
+      share += grad_norm_share(reducer_->shard_grads().slice(p.shard_offset, p.length),
+                               p.flat_offset);
+    Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
     mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     parallel::TPGroup(mesh_.tp()).allreduce(sq);
     m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
-    m.comm_wait_ms = seconds_since(tc) * 1e3;
+    m.comm_wait_ms += seconds_since(tc) * 1e3;
   } else if (mesh_.tp_size() > 1) {
     Tensor sq = Tensor::from_floats({static_cast<float>(grad_norm_share(model_->flat_grads(), 0))},
                                     Shape{1}, DType::kF32);
@@ -315,32 +319,40 @@ StepMetrics Trainer::step(int step) {
     if (cfg_.grad_clip > 0 && m.grad_norm > cfg_.grad_clip)
       clip = static_cast<float>(cfg_.grad_clip / (m.grad_norm + 1e-6));
     const auto& params = model_->params();
-    // This rank updates flat elements [own_lo, own_hi): all of them, or its ZeRO-1 shard, whose
-    // gradients, m and v start at own_lo.
-    const std::int64_t own_lo = zero_ ? shard_lo_ : 0;
-    const std::int64_t own_hi = std::min(model_->num_parameters(), own_lo + shard_n_);
-    const Tensor& grads = zero_ ? grad_shard_ : model_->flat_grads();
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      const std::int64_t lo = std::max(params[i].offset, own_lo);
-      const std::int64_t hi = std::min(params[i].offset + params[i].shape.numel(), own_hi);
-      if (hi <= lo) continue;
-      ops::AdamWParams p;
-      p.lr = static_cast<float>(m.lr);
-      p.beta1 = static_cast<float>(cfg_.beta1);
-      p.beta2 = static_cast<float>(cfg_.beta2);
-      p.eps = static_cast<float>(cfg_.eps);
-      p.weight_decay = params[i].decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
-      p.step = step + 1 - skipped_;
-      p.grad_scale = clip / scale;
-      Tensor param = policy_.has_master_copy() ? model_->flat_params().slice(lo, hi - lo) : Tensor();
-      Tensor master = model_->flat_master().slice(lo, hi - lo);
-      Tensor mi = m_.slice(lo - own_lo, hi - lo);
-      Tensor vi = v_.slice(lo - own_lo, hi - lo);
-      ops::adamw_update(param, master, grads.slice(lo - own_lo, hi - lo), mi, vi, p);
+    // This rank updates the flat elements it owns: all of them, or its ZeRO-1 pieces, whose
+    // gradients, m, v (and master weights, 16-bit policies) sit at the piece's shard offset.
+    std::vector<parallel::ShardPiece> owned{{0, 0, model_->num_parameters()}};
+    if (zero_) owned = reducer_->shard_pieces();
+    const Tensor& grads = zero_ ? reducer_->shard_grads() : model_->flat_grads();
+    const bool sharded_master = zero_ && policy_.has_master_copy();
+    for (const parallel::ShardPiece& piece : owned) {
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        const std::int64_t lo = std::max(params[i].offset, piece.flat_offset);
+        const std::int64_t hi = std::min(params[i].offset + params[i].shape.numel(),
+                                         piece.flat_offset + piece.length);
+        if (hi <= lo) continue;
+        const std::int64_t at = piece.shard_offset + (lo - piece.flat_offset);
+        ops::AdamWParams p;
+        p.lr = static_cast<float>(m.lr);
+        p.beta1 = static_cast<float>(cfg_.beta1);
+        p.beta2 = static_cast<float>(cfg_.beta2);
+        p.eps = static_cast<float>(cfg_.eps);
+        p.weight_decay = params[i].decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
+        p.step = step + 1 - skipped_;
+        p.grad_scale = clip / scale;
+        Tensor param =
+            policy_.has_master_copy() ? model_->flat_params().slice(lo, hi - lo) : Tensor();
+        Tensor master = sharded_master ? master_shard_.slice(at, hi - lo)
+                                       : model_->flat_master().slice(lo, hi - lo);
+        Tensor mi = m_.slice(at, hi - lo);
+        Tensor vi = v_.slice(at, hi - lo);
+        ops::adamw_update(param, master, grads.slice(at, hi - lo), mi, vi, p);
+      }
     }
     if (zero_) {
+      // Every rank wrote the parameters it owns in place: gather the others'.
       const auto tc = Clock::now();
-      zero_gather(model_->flat_params(), param_pad_);
+      reducer_->all_gather_shards(Tensor(), model_->flat_params());
       m.comm_wait_ms += seconds_since(tc) * 1e3;
     }
   }
@@ -359,13 +371,11 @@ double Trainer::grad_norm_share(const Tensor& grads, std::int64_t lo) const {
   return parallel::norm_squared_share(grads, lo, norm_params_, mesh_.tp_rank());
 }
 
-void Trainer::zero_gather(Tensor& flat, Tensor& pad) {
-  const std::int64_t valid =
-      std::clamp<std::int64_t>(model_->num_parameters() - shard_lo_, 0, shard_n_);
-  Tensor own = pad.slice(shard_lo_, shard_n_);
-  if (valid > 0) own.slice(0, valid).copy_from(flat.slice(shard_lo_, valid));
-  mesh_.dp().all_gather(own, pad).wait();
-  flat.copy_from(pad.slice(0, model_->num_parameters()));
+Tensor Trainer::master_weights() {
+  if (model_->holds_master()) return model_->flat_master();
+  MT_CHECK(final_master_.defined(),
+           "master_weights(): under ZeRO-1 the whole master weights exist only after run()");
+  return final_master_;
 }
 
 float Trainer::evaluate() {
@@ -530,7 +540,7 @@ TrainResult Trainer::run() {
                       .dump());
     if (mesh_.distributed())
       write_metrics(nlohmann::json{{"step", m.step}, {"comm_wait_ms", m.comm_wait_ms},
-                                   {"comm_hidden", m.comm_hidden}}.dump());
+                                   {"comm_hidden", m.comm_hidden}, {"comm_ms", m.comm_ms}}.dump());
     if (verbose_ && (m.step % cfg_.log_every == 0 || m.step == cfg_.steps || m.step == 1)) {
       std::printf("step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA %s%s%s\n",
                   static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss,
@@ -574,23 +584,32 @@ TrainResult Trainer::run() {
       return t.defined() ? static_cast<std::int64_t>(t.nbytes()) : std::int64_t{0};
     };
     const std::int64_t params = bytes(model_->flat_params()), grads = bytes(model_->flat_grads());
-    const std::int64_t master = policy_.has_master_copy() ? bytes(model_->flat_master()) : 0;
+    const std::int64_t master = !policy_.has_master_copy() ? 0
+                                : model_->holds_master() ? bytes(model_->flat_master())
+                                                         : bytes(master_shard_);
     const std::int64_t adam = bytes(m_) + bytes(v_);
-    const std::int64_t zero_buffers = bytes(grad_pad_) + bytes(grad_shard_) + bytes(param_pad_);
+    const std::int64_t zero_buffers = zero_ ? bytes(reducer_->shard_grads()) : 0;
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
     const float rss_mib = static_cast<float>(ru.ru_maxrss) / 1024.0f;  // ru_maxrss is in KiB
-    Tensor peak = Tensor::from_floats({rss_mib}, Shape{1}, DType::kF32);
-    if (mesh_.dp_size() > 1) mesh_.dp().allreduce(peak, comm::ReduceOp::kMax).wait();
-    parallel::TPGroup(mesh_.tp()).allreduce(peak, comm::ReduceOp::kMax);
-    const float rss_max = peak.data_as<float>()[0];
+    // Every rank's peak, by world rank.
+    const int n = world_ != nullptr ? world_->size() : 1;
+    Tensor all = Tensor::zeros(Shape{n}, DType::kF32);
+    if (n > 1) {
+      world_->all_gather(Tensor::from_floats({rss_mib}, Shape{1}, DType::kF32), all).wait();
+    } else {
+      all.data_as<float>()[0] = rss_mib;
+    }
+    for (int i = 0; i < n; ++i) r.peak_rss_mib.push_back(all.data_as<float>()[i]);
+    const float rss_max = *std::max_element(r.peak_rss_mib.begin(), r.peak_rss_mib.end());
     write_metrics(nlohmann::json{{"step", cfg_.steps},
                                  {"memory", {{"param_bytes", params}, {"grad_bytes", grads},
                                              {"master_bytes", master}, {"adam_bytes", adam},
                                              {"zero_buffer_bytes", zero_buffers},
                                              {"activation_bytes", model_->activation_bytes()},
                                              {"peak_rss_mib_rank0", rss_mib},
-                                             {"peak_rss_mib_max", rss_max}}}}
+                                             {"peak_rss_mib_max", rss_max}}},
+                                 {"peak_rss_mib", r.peak_rss_mib}}
                       .dump());
     if (verbose_)
       std::printf("memory per rank: parameters %.2f MiB, gradients %.2f MiB, master %.2f MiB, "
@@ -599,22 +618,23 @@ TrainResult Trainer::run() {
                   model_->activation_bytes() / 1048576.0, rss_max);
   }
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
-  if (zero_ && policy_.has_master_copy()) {
-    // Each rank's master weights are current on its shard only.
-    Tensor pad = Tensor::zeros(Shape{shard_n_ * mesh_.dp_size()}, DType::kF32, device());
-    zero_gather(model_->flat_master(), pad);
+  if (!model_->holds_master()) {
+    // ZeRO-1: each rank holds its shard of the master weights; every rank gathers the whole.
+    final_master_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32, device());
+    reducer_->all_gather_shards(master_shard_, final_master_);
   }
   // Under TP the TP group of rank 0 gathers every split tensor; the file holds the full model
   // in the TP = 1 layout whatever the layout (wte padded to a multiple of 128 rows only).
   if (mesh_.dp_rank() == 0) {
+    const Tensor master = master_weights();
     std::vector<std::pair<std::string, Tensor>> weights;
     const parallel::TPGroup tp(mesh_.tp());
     for (std::size_t i = 0; i < model_->params().size(); ++i) {
       const models::ParamInfo& p = model_->params()[i];
+      const Tensor mine = master.slice(p.offset, p.shape.numel()).view(p.shape);
       Tensor full = p.shard_dim < 0 || tp.size() == 1
-                        ? model_->master(i)
-                        : parallel::gather_full(model_->master(i), p.full_shape, p.shard_dim,
-                                                p.shard_parts, tp);
+                        ? mine
+                        : parallel::gather_full(mine, p.full_shape, p.shard_dim, p.shard_parts, tp);
       if (static_cast<int>(i) == 0 && p.name == "wte.weight")
         full = full.slice(0, models::GPTConfig::pad_vocab(model_cfg_.vocab_size));
       weights.emplace_back(p.name, full);

@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "launch/config.hpp"
 #include "launch/schedule.hpp"
@@ -38,6 +39,7 @@ struct StepMetrics {
   // last completed) that overlapped backward instead.
   double comm_wait_ms = 0;
   double comm_hidden = 0;
+  double comm_ms = 0;  // the reduction's span: first bucket posted to last completed
 };
 
 struct EvalMetrics {
@@ -54,6 +56,8 @@ struct TrainResult {
   double tokens_per_s = 0;  // mean over the run, excluding the first step
   double unigram_entropy = 0;  // of the training data, in nats: the loss to beat
   std::string sample;       // text generated at the end
+  // Peak resident memory of every rank (getrusage), in MiB, by world rank.
+  std::vector<double> peak_rss_mib;
 };
 
 class Trainer {
@@ -83,6 +87,12 @@ class Trainer {
                        std::uint64_t seed);
 
   models::GPT& model() { return *model_; }
+  // The whole fp32 master weights: the model's own, or under ZeRO-1 (where each rank holds a
+  // shard) the copy gathered at the end of run(). Throws before that.
+  Tensor master_weights();
+  // Elements of AdamW state (each of m and v) this rank holds: every parameter, or under
+  // ZeRO-1 its shard.
+  std::int64_t optimizer_state_numel() const { return m_.numel(); }
   const parallel::Mesh& mesh() const { return mesh_; }
   // Whether this rank prints and writes files (rank 0, or the only one).
   bool is_root() const { return mesh_.world_rank() == 0; }
@@ -102,13 +112,13 @@ class Trainer {
   std::unique_ptr<Device> gpu_;
   Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   parallel::Mesh mesh_;
-  std::unique_ptr<parallel::GradReducer> reducer_;  // plain DP only
-  // ZeRO-1 (train.zero = 1 with DP > 1): this rank's shard of the padded flat buffers.
+  comm::Communicator* world_ = nullptr;
+  std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1
+  // ZeRO-1 (train.zero = 1 with DP > 1): AdamW state and (16-bit policies) the fp32 master
+  // weights exist only for this rank's shard (reducer_->shard_pieces()); the model holds no
+  // master copy. final_master_: the whole master weights, gathered at the end of run().
   bool zero_ = false;
-  std::int64_t shard_lo_ = 0, shard_n_ = 0;  // without ZeRO: 0 and every parameter
-  Tensor grad_pad_, grad_shard_, param_pad_;
-  // All-gathers every rank's shard of `flat` (through `pad`, padded to DP x shard) into `flat`.
-  void zero_gather(Tensor& flat, Tensor& pad);
+  Tensor master_shard_, final_master_;
   // This rank's share of the squared gradient norm for flat elements [lo, lo + grads.numel())
   // (parallel::norm_squared_share: split parameters counted per shard, replicated ones once).
   double grad_norm_share(const Tensor& grads, std::int64_t lo) const;

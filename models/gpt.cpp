@@ -184,7 +184,21 @@ Tensor GPT::param(std::size_t i) const {
   return params_flat_.slice(p.offset, p.shape.numel()).view(p.shape);
 }
 
+Tensor& GPT::flat_master() {
+  MT_CHECK(!master_released_,
+           "the model's master weights were released (ZeRO-1 keeps them sharded in the trainer)");
+  return policy_.has_master_copy() ? master_flat_ : params_flat_;
+}
+
+void GPT::release_master_copy() {
+  if (!policy_.has_master_copy()) return;
+  master_flat_ = Tensor();
+  master_released_ = true;
+}
+
 Tensor GPT::master(std::size_t i) const {
+  MT_CHECK(!master_released_,
+           "the model's master weights were released (ZeRO-1 keeps them sharded in the trainer)");
   const ParamInfo& p = params_.at(i);
   const Tensor& flat = policy_.has_master_copy() ? master_flat_ : params_flat_;
   return flat.slice(p.offset, p.shape.numel()).view(p.shape);
@@ -224,6 +238,7 @@ void GPT::init_weights(std::uint64_t seed) {
 }
 
 void GPT::sync_params_from_master() {
+  MT_CHECK(!master_released_, "sync_params_from_master after release_master_copy");
   if (policy_.has_master_copy()) ops::convert(params_flat_, master_flat_);
 }
 

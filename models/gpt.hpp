@@ -118,13 +118,19 @@ class GPT {
   // Flat buffers: compute parameters, fp32 master (the same tensor as params under fp32),
   // fp32 gradients. param(i) etc. are views of parameter i shaped as params()[i].shape.
   Tensor& flat_params() { return params_flat_; }
-  Tensor& flat_master() { return policy_.has_master_copy() ? master_flat_ : params_flat_; }
+  Tensor& flat_master();
   Tensor& flat_grads() { return grads_flat_; }
   Tensor param(std::size_t i) const;
   Tensor master(std::size_t i) const;
   Tensor grad(std::size_t i) const;
   // Writes the compute parameters from the master weights (after an optimizer step or a load).
   void sync_params_from_master();
+  // ZeRO-1: the trainer keeps this rank's shard of the fp32 master weights itself, so the
+  // model's whole copy is freed (16-bit policies; under fp32 the master is the parameter and
+  // nothing is freed). Afterwards master(), flat_master() and sync_params_from_master() throw.
+  void release_master_copy();
+  // False once release_master_copy() freed a separate master copy.
+  bool holds_master() const { return !master_released_; }
 
   // Forward on tokens [B, T] (int32). With targets ([B, T], negative = ignore), computes the
   // per-token losses and returns their mean over counted targets; without, returns NaN and
@@ -186,6 +192,7 @@ class GPT {
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
   std::vector<Layer> layers_;
   Tensor params_flat_, master_flat_, grads_flat_;
+  bool master_released_ = false;
   GradsReadyHook grads_ready_;
 
   // Activations for the current [B, T]; reused across steps of the same shape.

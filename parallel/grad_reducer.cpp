@@ -80,18 +80,17 @@ GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
       if (c * dp_size != hi2 - lo) padded_max = std::max(padded_max, c * dp_size);
       shard_numel_ += c;
     }
-    grad_shard_ = Tensor::zeros(Shape{std::max<std::int64_t>(shard_numel_, 1)}, DType::kF32)
-                      .slice(0, shard_numel_);
+    grad_shard_ = Tensor::zeros(Shape{shard_numel_}, DType::kF32, grads_.device());
     if (padded_max > 0 && options_.reduce_dtype == DType::kF32)
-      pad_ = Tensor::zeros(Shape{padded_max}, DType::kF32);
+      pad_ = Tensor::zeros(Shape{padded_max}, DType::kF32, grads_.device());
   }
   if (options_.reduce_dtype == DType::kBF16) {
     std::int64_t n = expect;
     if (options_.shard) {
       n = shard_numel_ * dp_size;  // every bucket padded to dp chunks
-      wire_shard_ = Tensor::zeros(Shape{shard_numel_}, DType::kBF16);
+      wire_shard_ = Tensor::zeros(Shape{shard_numel_}, DType::kBF16, grads_.device());
     }
-    wire_ = Tensor::zeros(Shape{n}, DType::kBF16);
+    wire_ = Tensor::zeros(Shape{n}, DType::kBF16, grads_.device());
   }
   ready_.assign(buckets_.size(), 0);
   works_.resize(buckets_.size());
@@ -244,7 +243,7 @@ void GradReducer::all_gather_shards(const Tensor& shard, Tensor& flat) {
     if (padded == n) {
       out = flat.slice(lo, n);
     } else {
-      out = Tensor::zeros(Shape{padded}, flat.dtype());
+      out = Tensor::zeros(Shape{padded}, flat.dtype(), flat.device());
       staged.emplace_back(b, out);
     }
     Tensor own = out.slice(rank * c, c);

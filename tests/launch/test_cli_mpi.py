@@ -48,8 +48,27 @@ def main():
         for s, (x, y) in enumerate(zip(loss1, lossz)):
             if abs(x - y) > 1e-5 * abs(x):
                 sys.exit(f"FAIL: ZeRO-1 step {s + 1}: one rank {x}, {a.ranks} ranks {y}")
+        # bf16 gradient reduction follows the fp32 run within bf16 rounding.
+        mpi = a.mpiexec.split() + [str(a.ranks), a.meshtrain]
+        _, low = train(mpi, os.path.join(tmp, "low"), 1, ("--set", "dp.reduce_dtype=bf16"))
+        lossl = [r["loss"] for r in low if "loss" in r]
+        for s, (x, y) in enumerate(zip(loss1, lossl)):
+            if abs(x - y) > 5e-3 * abs(x):
+                sys.exit(f"FAIL: bf16 reduction step {s + 1}: one rank {x}, {a.ranks} ranks {y}")
+        # ZeRO-1 under the bf16 policy (sharded fp32 master weights) follows plain DP.
+        bf = ("--set", "train.precision=bf16")
+        _, plain16 = train(mpi, os.path.join(tmp, "plain16"), 1, bf)
+        _, zero16 = train(mpi, os.path.join(tmp, "zero16"), 1, bf + ("--set", "train.zero=1"))
+        lp = [r["loss"] for r in plain16 if "loss" in r]
+        lz = [r["loss"] for r in zero16 if "loss" in r]
+        for s, (x, y) in enumerate(zip(lp, lz)):
+            if abs(x - y) > 1e-2 * abs(x):
+                sys.exit(f"FAIL: bf16 ZeRO-1 step {s + 1}: plain DP {x}, ZeRO-1 {y}")
+        rss = [r["peak_rss_mib"] for r in zero16 if "peak_rss_mib" in r]
+        if len(rss) != 1 or len(rss[0]) != a.ranks or not all(v > 0 for v in rss[0]):
+            sys.exit(f"FAIL: expected one peak_rss_mib line with {a.ranks} values, got {rss}")
         comm = [r for r in dp if "comm_wait_ms" in r]
-        if len(comm) != 8 or not all(0 <= r["comm_hidden"] <= 1 for r in comm):
+        if len(comm) != 8 or not all(0 <= r["comm_hidden"] <= 1 and r["comm_ms"] >= 0 for r in comm):
             sys.exit(f"FAIL: communication metrics missing or out of range: {comm}")
         if not os.path.exists(os.path.join(tmp, "dp", "model.safetensors")):
             sys.exit("FAIL: rank 0 wrote no model.safetensors")

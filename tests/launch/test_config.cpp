@@ -24,13 +24,15 @@ auto fields(const TrainConfig& c) {
   const auto& [model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, device,
                seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2,
-               eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, zero, tp, eval_every,
+               eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, zero,
+               tp, eval_every,
                eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
                log_every] = c;
   return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                   data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
                   device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay,
-                  beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, zero, tp,
+                  beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
+                  dp_reduce_dtype, zero, tp,
                   eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
                   run_dir, log_every);
 }
