@@ -3,7 +3,8 @@
 # our Debian libraries): builds the cuda preset, runs the GPU tests, and runs the benchmark,
 # writing what came out under $OUT (build/gpu_out when OUT is unset).
 #
-#   scripts/gpu_check.sh [STAGE...]      STAGE: env build test bench (default: all four)
+#   scripts/gpu_check.sh [STAGE...]      STAGE: env configure build test bench
+#                                        (default: env build test bench; build configures)
 #
 # Before the first call, on a machine with network: scripts/fetch_gpu_deps.sh (fills
 # .deps/gpu, which the device tool must carry). bench/gpu/README.md has the exact device-tool
@@ -170,11 +171,12 @@ stage_bench() {
 }
 
 for s in "${stages[@]}"; do
-  case "$s" in env|build|test|bench) ;; *) echo "gpu_check.sh: unknown stage '$s'" >&2; exit 2 ;; esac
+  case "$s" in env|configure|build|test|bench) ;; *) echo "gpu_check.sh: unknown stage '$s'" >&2; exit 2 ;; esac
 done
 stage_env || exit 1
 for s in "${stages[@]}"; do
   case "$s" in
+    configure) say "configure"; configure ;;
     build) stage_build ;;
     test) stage_test ;;
     bench) stage_bench ;;

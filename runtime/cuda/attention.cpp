@@ -5,8 +5,9 @@
 //
 // cuDNN reads q, k, v in place from the fused projection: tensors [B, H, T, D] with strides
 // (T*3C, D, 3C, 1) at offsets 0, C and 2C; out and dout have strides (T*C, D, C, 1), dqkv the
-// strides of qkv. Its softmax statistics ("Stats", fp32 [B, H, T, 1]) are the log-sum-exp of
-// the scaled scores, which is our lse. Backward asks for cuDNN's deterministic algorithm.
+// strides of qkv. Its softmax statistics ("Stats", fp32 [B, H, T, 1]) are max + ln(sum exp)
+// of the scaled scores (cudnn-frontend's Softmax_attributes: natural log unless
+// stats_use_log2 is set), which is our lse. Backward asks for cuDNN's deterministic algorithm.
 #include "runtime/cuda/cuda_backend.hpp"
 
 // cudnn-frontend's JSON (de)serialisation is not used; skipping it keeps its bundled
