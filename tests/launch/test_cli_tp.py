@@ -3,7 +3,8 @@ DP = N/K x TP = K, with ZeRO-1) trains for 20 steps to the losses and weights (m
 gathered over TP) of one process with the same global batch; bf16 agrees within tolerance;
 `mpirun -np K meshtrain generate` gives the one-process text from the same run directory; a model
 whose heads cannot be split, or a process count that --tp does not divide, ends the job with a
-clear error instead of a hang."""
+clear error instead of a hang; gradient accumulation under TP matches too; `plan --tp` shows a
+DP x TP layout's memory per rank."""
 import argparse
 import array
 import json
@@ -116,6 +117,12 @@ def main():
             compare("DP 2 x TP 2", one, d("one"), dptp, d("dptp"), loss_tol, param_tol)
             _, zero = train(mpi, d("zero"), 2, ("--tp", "2", "--set", "train.zero=1"))
             compare("DP 2 x TP 2, ZeRO-1", one, d("one"), zero, d("zero"), loss_tol, param_tol)
+        if n == 2:
+            # Gradient accumulation under TP: 2 micro-steps of 2 rows match one process.
+            acc = ("--set", "train.grad_accum=2")
+            _, one_acc = train([a.meshtrain], d("one_acc"), 2, acc)
+            _, tp_acc = train(mpi, d("tp_acc"), 2, ("--tp", "2", *acc))
+            compare("TP 2, accumulation", one_acc, d("one_acc"), tp_acc, d("tp_acc"), loss_tol, param_tol)
         # bf16: within tolerance of the one-process bf16 run.
         _, one16 = train([a.meshtrain], d("one16"), 4, (*model, "--set", "train.precision=bf16"))
         _, tp16 = train(mpi, d("tp16"), 4, ("--tp", str(n), *model, "--set", "train.precision=bf16"))
@@ -136,6 +143,10 @@ def main():
     expect_error(mpi + ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32",
                         "--set", "run.dir=/tmp/meshtrain-tp-never", "--tp", str(n + 1)],
                  f"needs a multiple of {n + 1} ranks", "TP size that does not divide the ranks")
+    # One process cannot hold a TP group.
+    expect_error([a.meshtrain, "train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32",
+                  "--set", "run.dir=/tmp/meshtrain-tp-never", "--tp", "2"],
+                 "needs a multiple of 2 ranks", "--tp 2 without mpirun")
     # plan shows the per-rank memory of a DP x TP layout, and refuses one that cannot split.
     p = run([a.meshtrain, "plan", "--model", "gpt2", "--dp", "2", "--tp", str(n if n != 3 else 4)])
     if p.returncode != 0 or "per rank under TP" not in p.stdout or "DP 2 x TP" not in p.stdout:
