@@ -4,10 +4,11 @@
 // destroyed) before the session, and the session is created before any of them. Nothing with
 // static lifetime owns a communicator.
 //
-// Collectives are MPI non-blocking collectives on a private duplicate of the group's MPI
-// communicator, progressed by Work::test()/wait() and by every new collective; see
-// comm/mpi/mpi_backend.cpp for why there is no progress thread. Errors come back as MpiError
-// (the communicators use MPI_ERRORS_RETURN).
+// Collectives are MPI non-blocking collectives (or our rings) on a private duplicate of the
+// group's MPI communicator, advanced by Work::test()/wait(), by every new collective, and by the
+// process's progress thread while the caller computes (comm/mpi/progress.hpp; every MPI call of
+// comm/ holds one mutex, so MPI_THREAD_SERIALIZED suffices; MESHTRAIN_COMM_PROGRESS=caller
+// turns it off). Errors come back as MpiError (the communicators use MPI_ERRORS_RETURN).
 //
 // Large allreduces and reduce-scatters run as rings over point-to-point messages, advanced by
 // the same calls (comm/mpi/ring.hpp: faster than Open MPI's non-blocking collectives there).
