@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <condition_variable>
 #include <functional>
 #include <thread>
 
@@ -178,10 +179,35 @@ class MpiWork final : public WorkImpl, public Pollable {
       transferred_ = true;
       mark_completed();
       progress_events().fetch_add(1, std::memory_order_relaxed);
+      done_cv_.notify_all();
     } catch (const std::exception& e) {
       // MPI_Test failed: the owner's progress() sees the request still pending and the error
       // again (or a timeout).
       log::debug("{}: progress thread: {}", collective().str(), e.what());
+    }
+  }
+
+  // Spins for a while (the lowest latency on an idle machine), then, when the progress thread
+  // is there to move the transfer, sleeps until it reports it done (or 20 us .. 1 ms pass, to
+  // finish it here and watch the deadline). A waiter that kept spinning would take the core from
+  // the peer it waits for whenever ranks outnumber cores, and from the progress thread.
+  bool wait_until(Clock::time_point until) override {
+    constexpr auto kSpin = std::chrono::milliseconds(1);
+    const auto start = Clock::now();
+    auto nap = std::chrono::microseconds(20);
+    for (;;) {
+      if (progress()) return true;
+      const auto now = Clock::now();
+      if (now >= until) return false;
+      if (now - start < kSpin) continue;
+      if (!group_->engine) {
+        std::this_thread::yield();  // only this thread moves it
+        continue;
+      }
+      std::unique_lock lock(mu_);
+      done_cv_.wait_for(lock, std::min<Clock::duration>(nap, until - now),
+                        [&] { return transferred_; });
+      nap = std::min(nap * 2, std::chrono::microseconds(1000));
     }
   }
 
@@ -205,6 +231,7 @@ class MpiWork final : public WorkImpl, public Pollable {
  private:
   std::shared_ptr<MpiGroup> group_;
   std::mutex mu_;
+  std::condition_variable done_cv_;  // the progress thread finished the transfer
   MPI_Request request_ = MPI_REQUEST_NULL;
   std::shared_ptr<RingOp> ring_;
   std::function<void()> finish_;
