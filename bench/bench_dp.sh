@@ -1,34 +1,118 @@
 #!/usr/bin/env bash
-# Data-parallel weak scaling and overlap: the default model (gpt-small, bf16, batch 8 x 128 per
-# rank) on 1 rank, then 2 ranks with overlap on and off, one thread per rank. Prints the median
-# step time, tokens/s (global), the communication wait and the hidden share, from metrics.jsonl.
-#   bench/bench_dp.sh [path/to/meshtrain] [steps]
+# Data parallelism, the two measurements of issue 5, in one command:
+#
+#  1. Weak scaling 1 -> 2 ranks on this machine: the default model (gpt-small, bf16, 8 x 128
+#     tokens per rank and step), one thread per rank, `--bind-to core`. The 1-rank and 2-rank
+#     runs are interleaved ROUNDS times so that load from other work hits both alike; every run
+#     records the load average. Efficiency = (2-rank global tokens/s) / (2 x 1-rank tokens/s).
+#  2. Overlap over a 10 Gbit/s link: two ranks in separate network namespaces joined by veth
+#     links through a bridge, each link limited to 10 Gbit/s with tc tbf (tests/netns/netns.sh),
+#     MPI over TCP only. Overlap on and off, interleaved ROUNDS times. The share of the
+#     allreduce hidden behind backward = 1 - (wait with overlap on) / (wait with overlap off):
+#     with overlap off every bucket is reduced after backward, so its wait is the whole cost.
+#     Skipped (with a note) when not run as root.
+#
+#   bench/bench_dp.sh [path/to/meshtrain] [steps] [rounds]      (defaults: build/cpu, 15, 3)
+#   BENCH_DP_PARTS="scaling overlap" selects the parts; extra `--set` flags for every run can be
+#   given in BENCH_DP_SET (e.g. "--set dp.bucket_mb=4").
+# Prints markdown tables (medians over steps 3..steps of each run, then over rounds).
 set -euo pipefail
-MT=${1:-build/cpu/launch/meshtrain}
+cd "$(dirname "$0")/.."
+MT=$(realpath "${1:-build/cpu/launch/meshtrain}")
 STEPS=${2:-15}
+ROUNDS=${3:-3}
+PARTS=${BENCH_DP_PARTS:-scaling overlap}
+[[ -x "$MT" ]] || { echo "bench_dp: no meshtrain at $MT (build the cpu preset first)" >&2; exit 1; }
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# shellcheck disable=SC2206
+EXTRA=(${BENCH_DP_SET:-})
 COMMON=(--quiet --set "train.steps=$STEPS" --set train.threads=1 --set sample.tokens=0
-        --set eval.every=0)
-"$MT" train "${COMMON[@]}" --set "run.dir=$OUT/np1" > /dev/null
-mpirun -np 2 --bind-to core "$MT" train "${COMMON[@]}" --set "run.dir=$OUT/np2_on" > /dev/null
-mpirun -np 2 --bind-to core "$MT" train "${COMMON[@]}" --set dp.overlap=off \
-  --set "run.dir=$OUT/np2_off" > /dev/null
-python3 - "$OUT" <<'PY'
-import json, statistics, sys
-out = sys.argv[1]
-base = None
-print("| run | ms/step | tokens/s (global) | weak-scaling eff. | comm wait ms | hidden |")
-print("| --- | --- | --- | --- | --- | --- |")
-for name in ["np1", "np2_on", "np2_off"]:
-    rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
-    st = [r for r in rows if "ms" in r][2:]          # the first steps warm up
-    cm = [r for r in rows if "comm_wait_ms" in r][2:]
-    ms = statistics.median(r["ms"] for r in st)
-    base = base or ms
-    wait = statistics.mean(r["comm_wait_ms"] for r in cm) if cm else 0.0
-    hid = statistics.mean(r["comm_hidden"] for r in cm) if cm else 0.0
-    tps = statistics.median(r["tokens_per_s"] for r in st)
-    print(f"| {name} | {ms:.0f} | {tps:.0f} | {100 * base / ms:.0f}% | {wait:.1f} | {100 * hid:.0f}% |")
+        --set eval.every=0 --set eval.batches=1 "${EXTRA[@]}")
+load() { cut -d' ' -f1 /proc/loadavg; }
+
+# summary NAME...: one row per configuration, medians over rounds of per-run medians.
+summary() {
+  python3 - "$OUT" "$@" <<'PY'
+import json, os, statistics, sys
+out, names = sys.argv[1], sys.argv[2:]
+def runs(name):
+    r = []
+    for d in sorted(os.listdir(out)):
+        if d.rsplit("_r", 1)[0] != name: continue
+        rows = [json.loads(l) for l in open(f"{out}/{d}/metrics.jsonl")]
+        st = [x for x in rows if "ms" in x][2:]           # the first two steps warm up
+        cm = [x for x in rows if "comm_wait_ms" in x][2:]
+        med = lambda k, xs: statistics.median(x[k] for x in xs) if xs else 0.0
+        r.append(dict(ms=med("ms", st), tps=med("tokens_per_s", st), wait=med("comm_wait_ms", cm),
+                      busy=med("comm_ms", cm), hid=med("comm_hidden", cm),
+                      load=float(open(f"{out}/{d}/load").read())))
+    return r
+res = {n: runs(n) for n in names}
+M = lambda n, k: statistics.median(x[k] for x in res[n])
+print("| run | rounds | ms/step | tokens/s (global) | comm wait ms | comm busy ms | hidden (per step) | load avg |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for n in names:
+    loads = ", ".join(f"{x['load']:.1f}" for x in res[n])
+    print(f"| {n} | {len(res[n])} | {M(n,'ms'):.0f} | {M(n,'tps'):.0f} | {M(n,'wait'):.1f} | "
+          f"{M(n,'busy'):.1f} | {100*M(n,'hid'):.0f}% | {loads} |")
+if "np1" in res and "np2" in res:
+    eff = [b["tps"] / (2 * a["tps"]) for a, b in zip(res["np1"], res["np2"])]
+    print(f"\nweak-scaling efficiency 1 -> 2 ranks, per round (interleaved runs): "
+          f"{', '.join(f'{100*e:.0f}%' for e in eff)}; median {100*statistics.median(eff):.0f}%")
+for on, off in (("np2", "np2_off"), ("net_on", "net_off")):
+    if on in res and off in res and M(off, "wait") > 0:
+        hidden = 1 - M(on, "wait") / M(off, "wait")
+        by_step = (M(off, "ms") - M(on, "ms")) / M(off, "wait")
+        print(f"\n{on} vs {off}: allreduce hidden behind backward = 1 - wait_on / wait_off = "
+              f"{100*hidden:.0f}% ({M(on,'wait'):.1f} vs {M(off,'wait'):.1f} ms); "
+              f"step-time gain / wait_off = {100*by_step:.0f}%")
 PY
+}
+
+if [[ " $PARTS " == *" scaling "* ]]; then
+  echo "## weak scaling 1 -> 2 ranks on this machine ($(nproc) cores), $STEPS steps x $ROUNDS rounds"
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for cfg in np1 np2 np2_off; do
+      d="$OUT/${cfg}_r$r"
+      mkdir -p "$d"
+      load > "$d/load"
+      case $cfg in
+        np1) "$MT" train "${COMMON[@]}" --set "run.dir=$d" > /dev/null ;;
+        np2) mpirun -np 2 --bind-to core "$MT" train "${COMMON[@]}" --set "run.dir=$d" > /dev/null ;;
+        np2_off) mpirun -np 2 --bind-to core "$MT" train "${COMMON[@]}" --set dp.overlap=off \
+                   --set "run.dir=$d" > /dev/null ;;
+      esac
+    done
+  done
+  summary np1 np2 np2_off
+fi
+
+if [[ " $PARTS " == *" overlap "* ]]; then
+  echo
+  echo "## two ranks in two network namespaces, 10 Gbit/s tbf links, TCP, $STEPS steps x $ROUNDS rounds"
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "(skipped: network namespaces need root)"
+  else
+    NETNS="$PWD/tests/netns/netns.sh"
+    export MT_NETNS_PREFIX=mtbdp MT_NETNS_SUBNET=10.214.0
+    "$NETNS" up 2
+    trap '"$NETNS" down; rm -rf "$OUT"' EXIT
+    "$NETNS" shape 1 rate 10gbit
+    "$NETNS" shape 2 rate 10gbit
+    "$NETNS" hostfile 1 > "$OUT/hosts"
+    for ((r = 1; r <= ROUNDS; r++)); do
+      for cfg in net_on net_off; do
+        d="$OUT/${cfg}_r$r"
+        mkdir -p "$d"
+        load > "$d/load"
+        "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" --bind-to none \
+          -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
+          "$MT" train "${COMMON[@]}" --set "dp.overlap=${cfg#net_}" --set "run.dir=$d" > /dev/null
+      done
+    done
+    echo "link bytes node 1 (tx rx): $("$NETNS" stats 1)"
+    summary net_on net_off
+  fi
+fi
