@@ -10,7 +10,11 @@
 #     MPI over TCP only. Overlap on and off, interleaved ROUNDS times. The share of the
 #     allreduce hidden behind backward = 1 - (wait with overlap on) / (wait with overlap off):
 #     with overlap off every bucket is reduced after backward, so its wait is the whole cost.
-#     Skipped (with a note) when not run as root.
+#     Skipped (with a note) when not run as root. Open MPI's TCP transport moves bytes only
+#     inside MPI calls unless its own progress thread is on (btl_tcp_progress_thread=1, which
+#     blocks in epoll rather than spinning): it is turned on here, and buckets are 4 MiB
+#     (BENCH_DP_NET_BUCKET_MB) so that the last bucket, which holds the embeddings and is final
+#     only when backward ends, is small.
 #
 #   bench/bench_dp.sh [path/to/meshtrain] [steps] [rounds]      (defaults: build/cpu, 15, 3)
 #   BENCH_DP_PARTS="scaling overlap" selects the parts; extra `--set` flags for every run can be
@@ -107,9 +111,11 @@ if [[ " $PARTS " == *" overlap "* ]]; then
         d="$OUT/${cfg}_r$r"
         mkdir -p "$d"
         load > "$d/load"
-        "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" --bind-to none \
-          -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
-          "$MT" train "${COMMON[@]}" --set "dp.overlap=${cfg#net_}" --set "run.dir=$d" > /dev/null
+        OMPI_MCA_btl_tcp_progress_thread=1 "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
+          --bind-to none -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
+          -x OMPI_MCA_btl_tcp_progress_thread "$MT" train "${COMMON[@]}" \
+          --set "dp.bucket_mb=${BENCH_DP_NET_BUCKET_MB:-4}" --set "dp.overlap=${cfg#net_}" \
+          --set "run.dir=$d" > /dev/null
       done
     done
     echo "link bytes node 1 (tx rx): $("$NETNS" stats 1)"
