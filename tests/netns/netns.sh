@@ -23,6 +23,7 @@
 #                                        and from it are dropped silently (TCP sees no reset)
 #   tests/netns/netns.sh heal NODE       plug it back in
 #   tests/netns/netns.sh kill NODE [SIG] send SIG (default KILL) to every process in NODE
+#   tests/netns/netns.sh pids NODE       the processes running in NODE
 #   tests/netns/netns.sh stats NODE      bytes sent and received on NODE's link: "TX RX"
 #   tests/netns/netns.sh nodes           list the node names
 #
@@ -236,6 +237,7 @@ case "$cmd" in
     ns="$(node_name "$1")"
     ip netns pids "$ns" | xargs -r kill -"${2:-KILL}"
     ;;
+  pids) (($# == 1)) || die "usage: netns.sh pids NODE"; ip netns pids "$(node_name "$1")" ;;
   stats)
     (($# == 1)) || die "usage: netns.sh stats NODE"
     ns="$(node_name "$1")"
