@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# deploy/slurm end to end against a real Slurm (Debian's slurm-wlm): munged, slurmctld and two
+# slurmd started here, each slurmd on its own node of a network-namespace cluster
+# (tests/netns/netns.sh), with two (counted, not real) GPUs per node. Submits
+#   single_node.sbatch  2 tasks on one node
+#   multi_node.sbatch   2 nodes x 1 task, over TCP between the namespaces
+# with `sbatch --wait`, and checks each trained with DP = 2 and gave the same losses as
+# `mpirun -np 2` of the same job (DP is deterministic).
+#
+#   tests/deploy/test_slurm.sh MESHTRAIN
+# Exit 77 (skipped) when not root or slurm-wlm/munge are missing, unless MESHTRAIN_REQUIRE_SLURM=1
+# (CI), which turns a missing piece into a failure.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+mt="$(realpath "${1:?usage: test_slurm.sh MESHTRAIN}")"
+skip() {
+  if [[ "${MESHTRAIN_REQUIRE_SLURM:-0}" == 1 ]]; then echo "FAIL: $* (MESHTRAIN_REQUIRE_SLURM=1)"; exit 1; fi
+  echo "SKIP: $*"; exit 77
+}
+[[ $(id -u) -eq 0 ]] || skip "needs root (network namespaces, Slurm daemons)"
+for b in slurmctld slurmd munged sbatch; do
+  command -v "$b" >/dev/null || skip "$b not found: apt-get install slurm-wlm munge"
+done
+[[ -e /usr/lib/x86_64-linux-gnu/slurm-wlm/mpi_pmix.so || -n "$(find /usr/lib -name mpi_pmix.so 2>/dev/null)" ]] \
+  || skip "Slurm's PMIx plugin (mpi_pmix.so) not found"
+
+export MT_NETNS_PREFIX=mtsl OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+N="$root/tests/netns/netns.sh"
+# The cluster's shared file system (outside /tmp: every node gets a /tmp of its own below).
+d="$(mktemp -d /var/tmp/mtslurm.XXXXXX)"
+chmod 755 "$d"
+cleanup() {
+  "$N" down  # kills slurmctld, slurmd and the job's processes in the nodes
+  [[ -f "$d/munged.pid" ]] && kill "$(cat "$d/munged.pid")" 2>/dev/null
+  rm -rf "$d"
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*"
+  for f in "$d"/*.log; do echo "--- $f"; tail -20 "$f"; done
+  exit 1
+}
+
+"$N" up 2 || fail "netns up 2"
+
+# munge: a fresh key and its own socket (the machine's munged, if any, is left alone).
+dd if=/dev/urandom of="$d/munge.key" bs=1024 count=1 status=none
+chmod 400 "$d/munge.key"
+mkdir -p "$d/munge"
+munged --force --key-file="$d/munge.key" --socket="$d/munge/munge.sock" \
+  --pid-file="$d/munged.pid" --log-file="$d/munged.log" --seed-file="$d/munge/seed" \
+  || fail "munged did not start"
+
+cat >"$d/slurm.conf" <<EOF
+ClusterName=meshtrain-test
+SlurmctldHost=mtsl-n1(10.213.0.1)
+AuthType=auth/munge
+AuthInfo=socket=$d/munge/munge.sock
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$d/state
+SlurmdSpoolDir=$d/spool-%n
+SlurmctldPidFile=$d/slurmctld.pid
+SlurmdPidFile=$d/slurmd-%n.pid
+SlurmctldLogFile=$d/slurmctld.log
+SlurmdLogFile=$d/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+GresTypes=gpu
+SchedulerType=sched/backfill
+NodeName=mtsl-n1 NodeAddr=10.213.0.1 CPUs=$(nproc) Gres=gpu:2 State=UNKNOWN
+NodeName=mtsl-n2 NodeAddr=10.213.0.2 CPUs=$(nproc) Gres=gpu:2 State=UNKNOWN
+PartitionName=main Nodes=mtsl-n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+# Two GPUs per node, stand-ins: Slurm allocates them by device file and sets CUDA_VISIBLE_DEVICES
+# from the file's number; nothing opens them (there is no GPU here).
+mkdir -p "$d/dev"
+mknod "$d/dev/nvidia0" c 1 3 && mknod "$d/dev/nvidia1" c 1 3 || fail "mknod"  # /dev/null's numbers
+echo "Name=gpu File=$d/dev/nvidia[0-1]" >"$d/gres.conf"
+mkdir -p "$d/state"
+export SLURM_CONF="$d/slurm.conf"
+
+mkdir -p "$d/spool-mtsl-n1" "$d/spool-mtsl-n2" "$d/tmp-mtsl-n1" "$d/tmp-mtsl-n2"
+chmod 1777 "$d/tmp-mtsl-n1" "$d/tmp-mtsl-n2"
+on_node() {  # K CMD...: CMD in node K's network with hostname mtsl-nK and a /tmp of its own (as
+  # separate machines have; Slurm's PMIx plugin keeps per-step directories there), keeping the
+  # other mounts (slurmd needs /sys/fs/cgroup, which `ip netns exec` hides behind a fresh /sys)
+  local k="$1"; shift
+  nsenter --net="/run/netns/mtsl-n$k" unshare --uts --mount --propagation private -- /bin/sh -c \
+    'hostname "$1" && mount --bind "$2" /tmp && shift 2 && exec "$@"' sh "mtsl-n$k" "$d/tmp-mtsl-n$k" "$@"
+}
+on_node 1 slurmctld -D -f "$SLURM_CONF" >"$d/slurmctld.out.log" 2>&1 &
+on_node 1 slurmd -D -N mtsl-n1 -f "$SLURM_CONF" >"$d/slurmd1.out.log" 2>&1 &
+on_node 2 slurmd -D -N mtsl-n2 -f "$SLURM_CONF" >"$d/slurmd2.out.log" 2>&1 &
+for ((i = 0; i < 60; i++)); do
+  idle=$("$N" exec 1 sinfo -h -N -o "%N %t" 2>/dev/null | grep -c " idle")
+  ((idle == 2)) && break
+  "$N" exec 1 sinfo -h -N -o "%t" 2>/dev/null | grep -q "drain\|inval" && break
+  sleep 1
+done
+((idle == 2)) || fail "Slurm did not bring both nodes up: $("$N" exec 1 sinfo -N 2>&1)"
+
+# The job: gpt-tiny, 8 steps, fp32, 2 ranks x batch 1, over TCP between the nodes.
+job=(--set model.preset=gpt-tiny --set train.steps=8 --set train.batch_size=1 --set train.seq_len=32
+     --set train.precision=fp32 --set sample.tokens=0 --set eval.every=0 --set dp.bucket_mb=0.05)
+losses() { /usr/bin/python3 -c '
+import json, sys
+print(" ".join(str(json.loads(l)["loss"]) for l in open(sys.argv[1]) if "\"step\"" in l and "\"loss\"" in l))' "$1/metrics.jsonl"; }
+
+timeout 120 mpirun -np 2 --oversubscribe --mca pml ob1 --mca btl self,vader,tcp -x MESHTRAIN_THREADS=1 \
+  "$mt" train --quiet "${job[@]}" --set "run.dir=$d/ref" >"$d/ref.log" 2>&1 || fail "reference mpirun -np 2"
+ref="$(losses "$d/ref")"
+
+submit() {  # NAME SCRIPT SBATCH-OPTIONS...
+  local name="$1" script="$2"; shift 2
+  local t=$SECONDS
+  # Open MPI inside the nodes: TCP over their links (the only way between namespaces), no UCX.
+  (cd "$d" && "$N" exec 1 env MESHTRAIN="$mt" RUN_DIR="$d/$name" OMPI_MCA_pml=ob1 \
+     OMPI_MCA_btl=self,vader,tcp OMPI_MCA_btl_tcp_if_include=eth0 OMPI_MCA_oob_tcp_if_include=eth0 \
+     MESHTRAIN_THREADS=1 timeout 180 sbatch --wait --job-name="$name" --time=5 \
+     --output="$d/$name.log" --cpus-per-task=1 "$@" "$root/deploy/slurm/$script" --quiet "${job[@]}") \
+     >"$d/$name.sbatch.log" 2>&1 || fail "$name: sbatch --wait failed: $(cat "$d/$name.sbatch.log")"
+  grep -q "2 ranks: DP 2 x TP 1" "$d/$name.log" || fail "$name: not a 2-rank DP job"
+  local got; got="$(losses "$d/$name")"
+  [[ "$got" == "$ref" && -n "$got" ]] || fail "$name: losses [$got], mpirun -np 2 gave [$ref]"
+  echo "ok $name: $(grep -o 'on [0-9] node(s) ([^)]*)' "$d/$name.log"), same losses as mpirun -np 2, $((SECONDS - t)) s"
+}
+submit single single_node.sbatch --nodes=1 --ntasks-per-node=2
+grep -q "on 1 node(s) (mtsl-n1)\|on 1 node(s) (mtsl-n2)" "$d/single.log" || fail "single: not one node"
+before=$("$N" stats 2 | awk '{print $1 + $2}')
+submit multi multi_node.sbatch --nodes=2 --ntasks-per-node=1
+moved=$(($("$N" stats 2 | awk '{print $1 + $2}') - before))
+# 8 steps of a ring allreduce of 0.12M fp32 gradients between 2 ranks: ~4 MB through node 2.
+((moved > 3000000)) || fail "multi: only $moved bytes crossed node 2's link"
+echo "ok multi: $moved bytes through node 2's link"
+grep -q "on 2 node(s) (mtsl-n\[1-2\])" "$d/multi.log" || fail "multi: not two nodes"
