@@ -8,14 +8,14 @@
 # `mpirun -np 2` of the same job (DP is deterministic).
 #
 #   tests/deploy/test_slurm.sh MESHTRAIN
-# Exit 77 (skipped) when not root or slurm-wlm/munge are missing, unless MESHTRAIN_REQUIRE_SLURM=1
+# Exit 77 (skipped) when not root or slurm-wlm/munge are missing, unless MESHTRAIN_REQUIRE_DEPLOY=1
 # (CI), which turns a missing piece into a failure.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 mt="$(realpath "${1:?usage: test_slurm.sh MESHTRAIN}")"
 skip() {
-  if [[ "${MESHTRAIN_REQUIRE_SLURM:-0}" == 1 ]]; then echo "FAIL: $* (MESHTRAIN_REQUIRE_SLURM=1)"; exit 1; fi
+  if [[ "${MESHTRAIN_REQUIRE_DEPLOY:-0}" == 1 ]]; then echo "FAIL: $* (MESHTRAIN_REQUIRE_DEPLOY=1)"; exit 1; fi
   echo "SKIP: $*"; exit 77
 }
 [[ $(id -u) -eq 0 ]] || skip "needs root (network namespaces, Slurm daemons)"
