@@ -164,9 +164,10 @@ def case_fault(a, tmp, hosts, kind):
     metrics = f"{run_dir}/metrics.jsonl"
     t0 = time.time()
     while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
-        if p.poll() is not None or time.time() - t0 > 60:
+        if p.poll() is not None or time.time() - t0 > 120:
             p.kill()
-            fail(f"{kind}: the job did not start training:\n{output()}")
+            fail(f"{kind}: the job did not start training in {time.time() - t0:.0f} s "
+                 f"(processes: {ranks_alive((1, 2, 3))}):\n{output()}")
         time.sleep(0.1)
     if kind == "cut":
         netns("cut", "3")
@@ -189,6 +190,12 @@ def case_fault(a, tmp, hosts, kind):
     t_mpirun = time.time() - t_fault
     if kind == "cut":
         netns("heal", "3")
+        # The next case needs node 3 back: wait until it answers again.
+        for _ in range(50):
+            if subprocess.run([NETNS, "exec", "3", "ping", "-c1", "-W1", "10.213.0.1"], env=ENV,
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
     if left:
         fail(f"{kind}: still alive {t_end:.1f} s after the fault: {left}\n{out[-3000:]}")
     if t_end > TIMEOUT + 10 or t_mpirun > TIMEOUT + 10:
