@@ -103,6 +103,10 @@ def main():
         path = {"PATH": f"{fake}:{os.environ['PATH']}"}
         expect_cmd(["--hosts", "a,b", "--gpus", "auto", mt], ["-np 8", "--map-by ppr:4:node"],
                    env=path)
+        # A dry run may prepare a command for other machines: a program missing here is a warning.
+        p = mtrun(["--dry-run", "--hosts", "a,b", "/opt/elsewhere/meshtrain", "train"])
+        if p.returncode != 0 or "not an executable here" not in p.stderr:
+            fail(f"dry run for a program that lives elsewhere: {p.returncode}\n{p.stderr}")
         # meshtrain gets the run directory only where the user set none.
         got = expect_cmd([mt, "train", "--set", "run.dir=mine"], [])
         if got.count("--set") != 1:
