@@ -17,7 +17,11 @@
 #   tests/netns/netns.sh shape NODE [rate R] [delay D] [jitter J] [loss P]
 #                                        limit NODE's link in both directions: tbf at rate R
 #                                        (e.g. 10gbit, 100mbit), netem delay D (e.g. 5ms) with
-#                                        jitter J and loss P (e.g. 1%); replaces earlier limits
+#                                        jitter J and loss P (e.g. 1%); replaces earlier limits.
+#                                        On a kernel without netem, delay and loss come from a
+#                                        userspace delay line (delayline.py: two TAP devices
+#                                        replace the node's veth link; no jitter; tens of
+#                                        thousands of frames/s at most), rate still from tbf
 #   tests/netns/netns.sh unshape NODE    remove the limits
 #   tests/netns/netns.sh cut NODE        pull NODE's cable: its switch port goes down, packets to
 #                                        and from it are dropped silently (TCP sees no reset)
@@ -54,6 +58,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 prefix="${MT_NETNS_PREFIX:-mt}"
 subnet="${MT_NETNS_SUBNET:-10.213.0}"
 switch="$prefix-sw"
+state_dir="/run/mtnetns"  # delay-line processes and logs
 
 die() { echo "netns.sh: $*" >&2; exit 1; }
 
@@ -84,7 +89,7 @@ down() {
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
   done
-  rm -rf /etc/netns/"$prefix"-n* 2>/dev/null || true
+  rm -rf /etc/netns/"$prefix"-n* "$state_dir/$prefix"-n* 2>/dev/null || true
 }
 
 up() {
@@ -100,12 +105,8 @@ up() {
   for ((i = 1; i <= n; i++)); do
     local ns="$prefix-n$i"
     ip netns add "$ns"
-    # Both ends are created directly inside their namespaces: no name ever appears in the host's.
-    ip link add eth0 netns "$ns" type veth peer name "n$i" netns "$switch"
-    ip -n "$switch" link set "n$i" master br0 up
-    ip -n "$ns" addr add "$subnet.$i/24" dev eth0
     ip -n "$ns" link set lo up
-    ip -n "$ns" link set eth0 up
+    make_veth "$i"
     mkdir -p "/etc/netns/$ns"
     printf '%s' "$hosts" > "/etc/netns/$ns/hosts"
   done
@@ -115,6 +116,75 @@ up() {
     sleep 0.1
   done
   echo "netns.sh: $n nodes up: $(nodes | tr '\n' ' ')(switch $switch, $subnet.0/24)" >&2
+}
+
+make_veth() {  # K [MAC]: node K's link, a veth pair from its eth0 to port nK of the bridge
+  local k="$1" ns="$prefix-n$1"
+  # Both ends are created directly inside their namespaces: no name ever appears in the host's.
+  ip link add eth0 netns "$ns" type veth peer name "n$k" netns "$switch"
+  if [[ -n "${2:-}" ]]; then ip -n "$ns" link set eth0 address "$2"; fi
+  link_up "$k"
+}
+
+link_up() {  # K: address node K's eth0 and attach its port to the bridge
+  local k="$1" ns="$prefix-n$1"
+  ip -n "$switch" link set "n$k" master br0 up
+  ip -n "$ns" addr add "$subnet.$k/24" dev eth0
+  ip -n "$ns" link set eth0 up
+}
+
+delayline_stop() {  # NODE-NAME: back to a veth link if the node's link is a delay line
+  local ns="$1" k="${1##*-n}" pidf="$state_dir/$1.delayline.pid" i
+  [[ -f "$pidf" ]] || return 0
+  local mac; mac="$(ip -n "$ns" -br link show eth0 2>/dev/null | awk '{print $3}')"
+  kill "$(cat "$pidf")" 2>/dev/null || true
+  rm -f "$pidf"
+  # Its TAP devices vanish with it; then the veth link comes back.
+  for ((i = 0; i < 50; i++)); do
+    ip -n "$switch" link show "n$k" >/dev/null 2>&1 || break
+    sleep 0.1
+  done
+  ip -n "$ns" link del eth0 2>/dev/null || true
+  make_veth "$k" "$mac"
+}
+
+delayline_start() {  # NODE-NAME SECONDS LOSS: replace the node's veth link with a delay line
+  local ns="$1" k="${1##*-n}" delay="$2" loss="$3" i
+  local py; py="$(command -v /usr/bin/python3 || command -v python3)" || die "shape: delay without netem needs python3"
+  mkdir -p "$state_dir"
+  local ready="$state_dir/$ns.delayline.pid"
+  rm -f "$ready"
+  # In the switch's namespace, detached: `down` kills it with the switch.
+  setsid ip netns exec "$switch" "$py" "$here/delayline.py" --a "t$k" --b "u$k" --delay "$delay" \
+    --loss "$loss" --ready "$ready" </dev/null >"$state_dir/$ns.delayline.log" 2>&1 &
+  for ((i = 0; i < 50; i++)); do
+    [[ -s "$ready" ]] && break
+    sleep 0.1
+  done
+  [[ -s "$ready" ]] || die "shape: the delay line did not start: $(cat "$state_dir/$ns.delayline.log")"
+  # The node keeps its MAC address, so its peers' ARP entries stay right.
+  local mac; mac="$(ip -n "$ns" -br link show eth0 | awk '{print $3}')"
+  ip -n "$ns" link del eth0
+  ip -n "$switch" link set "u$k" netns "$ns"
+  ip -n "$ns" link set "u$k" name eth0
+  ip -n "$ns" link set eth0 address "$mac"
+  ip -n "$switch" link set "t$k" name "n$k"
+  link_up "$k"
+}
+
+to_seconds() {  # tc time (20ms, 1.5s, 500us) -> seconds
+  local t="${1,,}"
+  [[ "$t" =~ ^([0-9]+(\.[0-9]+)?)(s|ms|us)?$ ]] || die "shape: delay '$1': expected a time such as 20ms"
+  case "${BASH_REMATCH[3]}" in
+    s) echo "${BASH_REMATCH[1]}" ;;
+    us) awk -v v="${BASH_REMATCH[1]}" 'BEGIN { print v / 1e6 }' ;;
+    *) awk -v v="${BASH_REMATCH[1]}" 'BEGIN { print v / 1e3 }' ;;
+  esac
+}
+
+to_fraction() {  # tc loss (1%, 0.5%) -> fraction
+  [[ "$1" =~ ^([0-9]+(\.[0-9]+)?)%$ ]] || die "shape: loss '$1': expected a percentage such as 1%"
+  awk -v v="${BASH_REMATCH[1]}" 'BEGIN { if (v >= 100) exit 1; print v / 100 }' || die "shape: loss '$1' must be below 100%"
 }
 
 in_node() {  # NODE CMD...: run CMD in NODE's network namespace with hostname NODE
@@ -153,8 +223,13 @@ shape() {
   local netem=()
   if [[ -n "$delay" ]]; then netem+=(delay "$delay" ${jitter:+"$jitter"}); fi
   if [[ -n "$loss" ]]; then netem+=(loss "$loss"); fi
+  delayline_stop "$node"
   if ((${#netem[@]})) && ! have_netem; then
-    die "shape: this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM, module sch_netem), so delay, jitter and loss are unavailable here; rate (tbf) works"
+    # No netem in this kernel: a userspace delay line carries the node's link instead.
+    [[ -z "$jitter" ]] || die "shape: jitter needs the kernel's netem qdisc (CONFIG_NET_SCH_NETEM), which this kernel lacks"
+    delayline_start "$node" "$(to_seconds "${delay:-0ms}")" "$(if [[ -n "$loss" ]]; then to_fraction "$loss"; else echo 0; fi)"
+    netem=()
+    [[ -n "$rate" ]] || return 0
   fi
   local ns dev
   while read -r ns dev; do
@@ -226,6 +301,7 @@ case "$cmd" in
     (($# == 1)) || die "usage: netns.sh unshape NODE"
     node_name "$1" >/dev/null
     while read -r ns dev; do tc -n "$ns" qdisc del dev "$dev" root 2>/dev/null || true; done < <(link_devs "$1")
+    delayline_stop "$(node_name "$1")"
     ;;
   cut|heal)
     (($# == 1)) || die "usage: netns.sh $cmd NODE"
