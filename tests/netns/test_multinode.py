@@ -3,8 +3,8 @@ started by launch/mtrun from node 1 through the rsh agent), as a user on a clust
 
   match   DP over TCP across the nodes gives the same losses, bit for bit, as the same 3 ranks in
           one namespace (shared memory), and the gradients really cross every node's link;
-  shaped  with a bandwidth limit (tbf) and latency (netem) on a node's link the job completes with
-          the same losses;
+  shaped  with bandwidth limits (tbf) and latency (netem, or netns.sh's delay line on kernels
+          without it) on the nodes' links the job completes with the same losses;
   cut     pulling node 3's cable mid-run makes every rank exit (and mpirun too) within
           MESHTRAIN_COMM_TIMEOUT + 10 s, with an error that says what happened;
   kill    killing node 2's processes mid-run does the same for the others.
