@@ -87,7 +87,14 @@ down() {
   for ns in $(nodes) $(ip netns list 2>/dev/null | awk '{print $1}' | grep -x -- "$switch" || true); do
     # Kill what runs inside first, or the namespace outlives `ip netns del` through its processes.
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
+    # A process that has not exited yet may still hold a mount namespace in which the name is a
+    # mount point, and then the name cannot be removed: wait for them, and try again.
+    local i
+    for ((i = 0; i < 50; i++)); do
+      [[ -z "$(ip netns pids "$ns" 2>/dev/null)" ]] && ip netns del "$ns" 2>/dev/null && break
+      ip netns list | awk '{print $1}' | grep -qx -- "$ns" || break
+      sleep 0.1
+    done
   done
   rm -rf /etc/netns/"$prefix"-n* "$state_dir/$prefix"-n* 2>/dev/null || true
 }
@@ -154,8 +161,9 @@ delayline_start() {  # NODE-NAME SECONDS LOSS: replace the node's veth link with
   mkdir -p "$state_dir"
   local ready="$state_dir/$ns.delayline.pid"
   rm -f "$ready"
-  # In the switch's namespace, detached: `down` kills it with the switch.
-  setsid ip netns exec "$switch" "$py" "$here/delayline.py" --a "t$k" --b "u$k" --delay "$delay" \
+  # In the switch's network namespace, detached: `down` kills it with the switch.
+  # nsenter, not ip netns exec: no mount namespace of its own that could pin the names in /run/netns.
+  setsid nsenter --net="/run/netns/$switch" "$py" "$here/delayline.py" --a "t$k" --b "u$k" --delay "$delay" \
     --loss "$loss" --ready "$ready" </dev/null >"$state_dir/$ns.delayline.log" 2>&1 &
   for ((i = 0; i < 50; i++)); do
     [[ -s "$ready" ]] && break
