@@ -122,11 +122,21 @@ submit() {  # NAME SCRIPT SBATCH-OPTIONS...
   local name="$1" script="$2"; shift 2
   local t=$SECONDS
   # Open MPI inside the nodes: TCP over their links (the only way between namespaces), no UCX.
-  (cd "$d" && "$N" exec 1 env MESHTRAIN="$mt" RUN_DIR="$d/$name" OMPI_MCA_pml=ob1 \
+  local id
+  id=$(cd "$d" && "$N" exec 1 env MESHTRAIN="$mt" RUN_DIR="$d/$name" OMPI_MCA_pml=ob1 \
      OMPI_MCA_btl=self,vader,tcp OMPI_MCA_btl_tcp_if_include=eth0 OMPI_MCA_oob_tcp_if_include=eth0 \
-     MESHTRAIN_THREADS=1 timeout 180 sbatch --wait --job-name="$name" --time=5 \
-     --output="$d/$name.log" --cpus-per-task=1 "$@" "$root/deploy/slurm/$script" --quiet "${job[@]}") \
-     >"$d/$name.sbatch.log" 2>&1 || fail "$name: sbatch --wait failed: $(cat "$d/$name.sbatch.log")"
+     MESHTRAIN_THREADS=1 sbatch --parsable --job-name="$name" --time=5 \
+     --output="$d/$name.log" --cpus-per-task=1 "$@" "$root/deploy/slurm/$script" --quiet "${job[@]}" \
+     2>"$d/$name.sbatch.log") || fail "$name: sbatch failed: $(cat "$d/$name.sbatch.log")"
+  # Poll the job (not sbatch --wait, whose single connection a loaded slurmctld can drop).
+  local state="" info="" i
+  for ((i = 0; i < 180; i++)); do
+    info=$("$N" exec 1 scontrol show job -o "$id" 2>>"$d/$name.sbatch.log" || true)
+    state=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
+    case "$state" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE) break ;; esac
+    sleep 1
+  done
+  [[ "$state" == COMPLETED ]] || fail "$name: job $id ended $state ($(grep -o 'ExitCode=[0-9:]*' <<<"$info")): $(cat "$d/$name.sbatch.log")"
   grep -q "2 ranks: DP 2 x TP 1" "$d/$name.log" || fail "$name: not a 2-rank DP job"
   local got; got="$(losses "$d/$name")"
   [[ "$got" == "$ref" && -n "$got" ]] || fail "$name: losses [$got], mpirun -np 2 gave [$ref]"
