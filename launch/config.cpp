@@ -217,6 +217,17 @@ const std::vector<Key>& keys() {
       string_key("sample", "prompt", &TrainConfig::prompt, {}, "text the samples start from"),
       string_key("run", "dir", &TrainConfig::run_dir, {}, "run directory (config, metrics, logs)"),
       int_key("run", "log_every", &TrainConfig::log_every, 1, kMaxInt, "print a line every N steps"),
+      int_key("checkpoint", "every", &TrainConfig::ckpt_every, 0, kMaxInt,
+              "save a distributed checkpoint every N steps and at the end (0 = never)"),
+      int_key("checkpoint", "keep", &TrainConfig::ckpt_keep, 0, kMaxInt,
+              "newest checkpoints to keep (0 = all)"),
+      string_key("checkpoint", "dir", &TrainConfig::ckpt_dir, {},
+                 "checkpoint directory (empty = RUN_DIR/checkpoints)"),
+      int_key("checkpoint", "rollback_after", &TrainConfig::rollback_after, 0, kMaxInt,
+              "reload the last checkpoint after this many non-finite steps in a row, skipping the "
+              "data since (0 = never)"),
+      int_key("checkpoint", "max_rollbacks", &TrainConfig::max_rollbacks, 0, kMaxInt,
+              "rollbacks allowed in one run before the job stops"),
   };
   return table;
 }
@@ -236,6 +247,9 @@ std::string known_keys_of(const std::string& section) {
 
 void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
+  MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
+           "checkpoint.rollback_after ({}) must be below train.max_bad_steps ({}), which stops the "
+           "job first", c.rollback_after, c.max_bad_steps);
 }
 
 }  // namespace
@@ -258,7 +272,7 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
       MT_CHECK(node.is_table(),
                "{}: '{}' must be a section ([{}]); top-level keys are not allowed", at, sec, sec);
       MT_CHECK(!known_keys_of(sec).empty(),
-               "{}: unknown section [{}]: expected model, data, train, eval, sample or run", at, sec);
+               "{}: unknown section [{}]: expected model, data, train, dp, eval, sample, run or checkpoint", at, sec);
       for (const auto& [name, value] : *node.as_table()) {
         const std::string key(name.str());
         const std::string where = fmt::format("{}:{}", path, value.source().begin.line);
@@ -306,6 +320,10 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
   }
   check_combinations(cfg);
   return cfg;
+}
+
+std::string checkpoint_root(const TrainConfig& cfg) {
+  return cfg.ckpt_dir.empty() ? cfg.run_dir + "/checkpoints" : cfg.ckpt_dir;
 }
 
 std::string to_toml(const TrainConfig& cfg) {

@@ -67,7 +67,23 @@ struct TrainConfig {
   // [run]
   std::string run_dir = "runs/latest";
   int log_every = 1;
+
+  // [checkpoint] distributed checkpoints (parallel/checkpoint.hpp)
+  int ckpt_every = 0;            // save every N steps and at the end; 0 = never
+  int ckpt_keep = 3;             // newest checkpoints kept; 0 = all
+  std::string ckpt_dir = "";     // "" = RUN_DIR/checkpoints
+  int rollback_after = 0;        // non-finite steps in a row before reloading the last
+                                 // checkpoint (and skipping the data since); 0 = never
+  int max_rollbacks = 3;         // give up after this many rollbacks in one run
+
+  // Not a config key (set by `meshtrain train --resume`): a checkpoint directory, "latest"
+  // (the newest under the checkpoint directory; an error if there is none) or "auto" (the
+  // newest if there is one, else a fresh start). Empty: a fresh start.
+  std::string resume;
 };
+
+// Where checkpoints go: checkpoint.dir, or RUN_DIR/checkpoints.
+std::string checkpoint_root(const TrainConfig& cfg);
 
 // Parses a TOML file (empty path = defaults only), then applies overrides "section.key=value"
 // where value is a TOML value (strings may be left unquoted). Validates ranges and

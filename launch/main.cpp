@@ -31,7 +31,8 @@ commands:
   --version  print the version
 )";
 
-constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K] [--quiet]
+constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K]
+                       [--resume DIR|latest|auto] [--quiet]
 
 Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
 (Debian's fortune cookies) for 300 steps, ending with a generated sample. Under mpirun -np N:
@@ -41,6 +42,11 @@ DP = N / K x TP = K (consecutive ranks form a tensor-parallel group).
   --set KEY=VALUE      override one key, e.g. --set train.lr=3e-4 --set data.train=corpus.txt
   --device cpu|cuda    the same as --set train.device=...: cuda trains on one GPU per rank
   --tp K               tensor parallelism over K ranks (= --set train.tp=K)
+  --resume CKPT        continue from a checkpoint (checkpoint.every writes them): a directory
+                       RUN_DIR/checkpoints/step_N, "latest" (the newest complete one; an error if
+                       none) or "auto" (the newest, else a fresh start). Without --config the
+                       checkpoint's own config is the base; --set still overrides it. The DP/TP
+                       layout and ZeRO may differ from the saved run's.
   --quiet              no per-step lines (metrics still go to RUN_DIR/metrics.jsonl)
 
 config keys (default):
@@ -116,6 +122,7 @@ bool launched_by_mpirun() {
 int cmd_train(Args a) {
   std::string config;
   std::vector<std::string> sets;
+  std::string resume;
   bool quiet = false;
   while (a.more()) {
     const std::string f = a.v[a.i++];
@@ -137,11 +144,25 @@ int cmd_train(Args a) {
       sets.push_back("train.device=" + a.next(f));
     } else if (f == "--tp") {
       sets.push_back("train.tp=" + a.next(f));
+    } else if (f == "--resume") {
+      resume = a.next(f);
+      MT_CHECK(!resume.empty(), "--resume needs a checkpoint directory, latest or auto");
     } else {
       MT_FAIL("train: unknown argument '{}' (see meshtrain train --help)", f);
     }
   }
   launch::TrainConfig cfg = launch::load_config(config, sets);
+  if (!resume.empty()) {
+    // The checkpoint's config is the base unless --config names one; --set applies on top.
+    cfg.resume = resume;
+    const std::string dir = launch::resolve_resume(cfg);
+    if (!dir.empty()) {
+      if (config.empty()) cfg = launch::load_config((fs::path(dir) / "config.toml").string(), sets);
+      cfg.resume = dir;
+    } else {
+      cfg.resume.clear();  // auto, and nothing to resume from
+    }
+  }
   // Under mpirun every process is one rank: DP = the number of processes. A plain run starts no
   // MPI at all.
   std::optional<comm::MpiSession> session;

@@ -208,6 +208,13 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
                          cfg_.steps,         cfg_.decay_fraction};
 
+  // Resuming: the checkpoint is read and checked in full before any step runs or any file of
+  // the run directory is written.
+  if (const std::string dir = resolve_resume(cfg_); !dir.empty()) {
+    restore(dir);
+    resumed_from_ = dir;
+  }
+
   const std::string effective = to_toml(cfg_);
   peak_flops_ = measure_bf16_matmul_peak(device());
   unigram_entropy_ = data_->unigram_entropy();
@@ -218,7 +225,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     if (!out) throw IoError(fmt::format("cannot write {}/config.toml", cfg_.run_dir));
   }
   const std::string metrics_path = (fs::path(cfg_.run_dir) / "metrics.jsonl").string();
-  metrics_ = std::fopen(metrics_path.c_str(), "w");
+  // A resumed run appends to the metrics of the run it continues.
+  metrics_ = std::fopen(metrics_path.c_str(), resumed_from_.empty() ? "w" : "a");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   if (verbose_) {
     std::printf("meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION,
@@ -236,8 +244,12 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
                 unigram_entropy_);
     std::printf("measured bf16 matmul peak: %.1f GFLOP/s (the MFU denominator)\n", peak_flops_ / 1e9);
     std::printf("effective config (saved in %s/config.toml):\n%s\n", cfg_.run_dir.c_str(), effective.c_str());
+    if (!resumed_from_.empty())
+      std::printf("resuming from %s at step %d\n", resumed_from_.c_str(), start_step_);
     std::fflush(stdout);
   }
+  if (!resumed_from_.empty())
+    write_metrics(nlohmann::json{{"step", start_step_}, {"resumed_from", resumed_from_}}.dump());
 }
 
 Trainer::~Trainer() {
@@ -261,7 +273,8 @@ StepMetrics Trainer::step(int step) {
   model_->zero_grads();
   double loss_sum = 0.0;
   for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
-    data_->train().batch(static_cast<std::int64_t>(step) * cfg_.grad_accum + micro, mesh_.dp_rank(),
+    data_->train().batch(static_cast<std::int64_t>(step + data_skip_) * cfg_.grad_accum + micro,
+                         mesh_.dp_rank(),
                          mesh_.dp_size(), inputs_, targets_);
     // Only the last micro-step's backward reduces: earlier ones accumulate locally.
     if (reducer_) reducer_->begin_step(micro + 1 == cfg_.grad_accum);
@@ -523,15 +536,15 @@ TrainResult Trainer::run() {
     if (verbose_) std::printf("---- sample at step %d ----\n%s\n----\n", at_step, s.c_str());
     return s;
   };
-  for (int s = 0; s < cfg_.steps; ++s) {
+  for (int s = start_step_; s < cfg_.steps; ++s) {
     StepMetrics m = step(s);
-    if (s == 0) r.first_loss = m.loss;
-    if (s > 0) {
+    if (s == start_step_) r.first_loss = m.loss;
+    if (s > start_step_) {
       tokens_total += m.tokens_per_s * m.step_ms / 1e3;
       seconds_total += m.step_ms / 1e3;
     }
     const double elapsed = seconds_since(t_start);
-    m.eta_s = elapsed / (s + 1) * (cfg_.steps - s - 1);
+    m.eta_s = elapsed / (s + 1 - start_step_) * (cfg_.steps - s - 1);
     if (!m.skipped) {
       recent.push_back(m.loss);
       if (recent.size() > 10) recent.erase(recent.begin());
@@ -556,6 +569,32 @@ TrainResult Trainer::run() {
       std::fflush(stdout);
     }
     if (step_cb_) step_cb_(m);
+    if (m.skipped && cfg_.rollback_after > 0 && bad_in_a_row_ >= cfg_.rollback_after &&
+        !last_checkpoint_.empty()) {
+      // Reload the last checkpoint and draw fresh batches from the step that failed on: the
+      // steps since the checkpoint are redone on data the model has not seen (as PaLM did after
+      // loss spikes).
+      MT_CHECK(rollbacks_ < cfg_.max_rollbacks,
+               "stopping: {} non-finite steps in a row again after {} rollbacks "
+               "(checkpoint.max_rollbacks = {})", bad_in_a_row_, rollbacks_, cfg_.max_rollbacks);
+      const int failed_at = m.step;
+      const int rollbacks = rollbacks_ + 1;
+      restore(last_checkpoint_);
+      rollbacks_ = rollbacks;
+      data_skip_ += failed_at - start_step_;
+      bad_in_a_row_ = 0;
+      log::warn("step {}: {} non-finite steps in a row; rolled back to {} (step {}), skipping {} "
+                "steps of data (rollback {} of at most {})", failed_at, cfg_.rollback_after,
+                last_checkpoint_, start_step_, failed_at - start_step_, rollbacks_,
+                cfg_.max_rollbacks);
+      write_metrics(nlohmann::json{{"step", failed_at}, {"rollback_to", start_step_},
+                                   {"checkpoint", last_checkpoint_}, {"data_skip_steps", data_skip_}}
+                        .dump());
+      s = start_step_ - 1;
+      continue;
+    }
+    if (cfg_.ckpt_every > 0 && (m.step % cfg_.ckpt_every == 0 || m.step == cfg_.steps))
+      save_checkpoint(m.step);
     if (cfg_.eval_every > 0 && m.step % cfg_.eval_every == 0 && m.step != cfg_.steps) {
       const float vl = evaluate();
       if (std::isfinite(vl)) {

@@ -17,6 +17,7 @@
 #include "launch/config.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
+#include "parallel/checkpoint.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
 #include "runtime/data.hpp"
@@ -100,9 +101,21 @@ class Trainer {
   // The bf16 matmul rate measured at start-up, the denominator of MFU.
   double peak_flops() const { return peak_flops_; }
 
+  // Checkpoints (launch/checkpointing.cpp). Collective: writes checkpoint.dir/step_N holding
+  // the state after `steps_done` optimizer steps; returns its path.
+  std::string save_checkpoint(int steps_done);
+  // The checkpoint this trainer resumed from ("" for a fresh start) and the step it continues at.
+  const std::string& resumed_from() const { return resumed_from_; }
+  int start_step() const { return start_step_; }
+
  private:
   // One optimizer step; returns the metrics.
   StepMetrics step(int step);
+  // Loads a checkpoint's weights, optimizer and loss-scaler state, step and data position
+  // (launch/checkpointing.cpp). Throws before touching anything when the checkpoint's model
+  // differs from this one.
+  void restore(const std::string& dir);
+  std::vector<parallel::TensorSlot> checkpoint_slots() const;
   void write_metrics(const std::string& json_line);
 
   TrainConfig cfg_;
@@ -137,6 +150,12 @@ class Trainer {
   double unigram_entropy_ = 0;
   int bad_in_a_row_ = 0;
   int skipped_ = 0;
+  // Checkpoints: where this run started, the steps of data skipped by rollbacks (the batch of
+  // step s is drawn at s + data_skip_), the rollbacks so far and the last checkpoint written.
+  int start_step_ = 0;
+  int data_skip_ = 0;
+  int rollbacks_ = 0;
+  std::string resumed_from_, last_checkpoint_;
   std::FILE* metrics_ = nullptr;
   std::string corpus_path_;  // the built-in corpus, written into the run directory
 };
@@ -156,6 +175,11 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
 // parameters; every name and full shape must match, except wte's padded rows (the padding
 // depends on the TP layout). Under TP each rank keeps its shard.
 void load_weights(models::GPT& model, const std::string& path);
+
+// The checkpoint that cfg.resume names: the directory itself, or for "latest" and "auto" the
+// newest complete one under checkpoint_root(cfg). "" for a fresh start (cfg.resume empty, or
+// "auto" with none). Throws when "latest" finds none or a named directory does not exist.
+std::string resolve_resume(const TrainConfig& cfg);
 
 // Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products).
 double measure_bf16_matmul_peak(Device& device = cpu_device());

@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/checksum.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain {
@@ -334,9 +335,15 @@ const Tensor& SafetensorsFile::at(std::string_view name) const {
   return *t;
 }
 
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+SavedFile save_safetensors(const std::string& path,
+                           const std::vector<std::pair<std::string, Tensor>>& tensors,
+                           const std::map<std::string, std::string>& metadata) {
+  SavedFile saved;
+  auto write_counted = [&](int fd, const std::string& p, const void* data, std::size_t n) {
+    write_all(fd, p, data, n);
+    saved.crc32c = crc32c(saved.crc32c, data, n);
+    saved.bytes += n;
+  };
   const std::string header = build_header(path, tensors, metadata);
   const std::string tmp = path + ".tmp";
   UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
@@ -346,15 +353,15 @@ void save_safetensors(const std::string& path,
   std::uint8_t len[8];
   std::uint64_t n = header.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<std::uint8_t>(n >> (8 * i));
-  write_all(fd.get(), tmp, len, 8);
-  write_all(fd.get(), tmp, header.data(), header.size());
+  write_counted(fd.get(), tmp, len, 8);
+  write_counted(fd.get(), tmp, header.data(), header.size());
   for (const auto& [name, t] : tensors) {
     if (t.numel() == 0) continue;
     if (t.is_cpu()) {
-      write_all(fd.get(), tmp, t.data(), t.nbytes());
+      write_counted(fd.get(), tmp, t.data(), t.nbytes());
     } else {
       const Tensor host = t.to(cpu_device());
-      write_all(fd.get(), tmp, host.data(), host.nbytes());
+      write_counted(fd.get(), tmp, host.data(), host.nbytes());
     }
   }
   if (::fsync(fd.get()) != 0) fail_io(tmp, "fsync");
@@ -362,21 +369,21 @@ void save_safetensors(const std::string& path,
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail_io(path, "rename from the .tmp file");
   guard.commit();
   sync_directory_of(path);
+  return saved;
 }
 
-SafetensorsFile load_safetensors(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) fail_io(path, "open");
-  struct stat st;
-  if (::fstat(fd.get(), &st) != 0) fail_io(path, "fstat");
-  MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
-  const auto file_size = static_cast<std::uint64_t>(st.st_size);
+namespace {
+
+// The reading core shared by files and byte buffers: `read(dst, n, offset, what)` fills dst
+// with n bytes at offset and throws if they are not there.
+template <typename Read>
+SafetensorsFile parse_layout(const std::string& path, std::uint64_t file_size, Read&& read) {
   MT_CHECK(file_size >= 8,
            "safetensors file '{}': {} bytes long, too short for the 8-byte header length", path,
            file_size);
 
   std::uint8_t len[8];
-  read_exact(fd.get(), path, len, 8, 0, "the header length");
+  read(len, 8, 0, "the header length");
   std::uint64_t header_len = 0;
   for (int i = 0; i < 8; ++i) header_len |= static_cast<std::uint64_t>(len[i]) << (8 * i);
   MT_CHECK(header_len <= file_size - 8,
@@ -391,7 +398,7 @@ SafetensorsFile load_safetensors(const std::string& path) {
            header_len);
 
   std::string text(header_len, '\0');
-  read_exact(fd.get(), path, text.data(), header_len, 8, "the header");
+  read(text.data(), header_len, 8, "the header");
   const Json header = parse_header(path, text);
   MT_CHECK(header.is_object(), "safetensors file '{}': the header is a JSON {}, expected an object",
            path, header.type_name());
@@ -412,11 +419,35 @@ SafetensorsFile load_safetensors(const std::string& path) {
   out.tensors.reserve(entries.size());
   for (const Entry& e : entries) {
     Tensor t = Tensor::empty(Shape(e.dims), e.dtype);
-    read_exact(fd.get(), path, t.data(), t.nbytes(), data_start + e.begin,
-               fmt::format("tensor '{}'", e.name));
+    read(t.data(), t.nbytes(), data_start + e.begin, fmt::format("tensor '{}'", e.name));
     out.tensors.emplace_back(e.name, std::move(t));
   }
   return out;
+}
+
+}  // namespace
+
+SafetensorsFile load_safetensors(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) fail_io(path, "open");
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) fail_io(path, "fstat");
+  MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
+  return parse_layout(path, static_cast<std::uint64_t>(st.st_size),
+                      [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view what) {
+                        read_exact(fd.get(), path, dst, n, offset, what);
+                      });
+}
+
+SafetensorsFile parse_safetensors(const std::string& name, const void* data, std::size_t size) {
+  const auto* bytes = static_cast<const std::uint8_t*>(data);
+  return parse_layout(name, size,
+                      [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view) {
+                        // parse_layout checked every range against size before reading it.
+                        MT_ASSERT(offset <= size && n <= size - offset,
+                                  "read of [{}, +{}) past {} bytes", offset, n, size);
+                        if (n > 0) std::memcpy(dst, bytes + offset, n);
+                      });
 }
 
 }  // namespace meshtrain

@@ -43,9 +43,14 @@ struct SafetensorsFile {
 // (fsync), renamed over `path`, and the directory entry is flushed too. On failure `path.tmp`
 // is removed and an existing `path` is left as it was. Two writers to one path at once are
 // not supported (they share `path.tmp`).
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+// Returns the size and CRC-32C (runtime/checksum.hpp) of the bytes written.
+struct SavedFile {
+  std::uint64_t bytes = 0;
+  std::uint32_t crc32c = 0;
+};
+SavedFile save_safetensors(const std::string& path,
+                           const std::vector<std::pair<std::string, Tensor>>& tensors,
+                           const std::map<std::string, std::string>& metadata = {});
 
 // Reads a whole file into CPU tensors. Nothing in the file is trusted: the header length is
 // checked against the file size and kSafetensorsMaxHeaderBytes before anything is allocated,
@@ -53,5 +58,9 @@ void save_safetensors(const std::string& path,
 // Shape::kMaxDims of them) whose byte size equals its data_offsets range, and the ranges must
 // tile the data section without overlaps, gaps or trailing bytes.
 SafetensorsFile load_safetensors(const std::string& path);
+
+// The same checks on a file already in memory (checkpoint files, read once for their checksum;
+// fuzzing). `name` appears in error messages in place of the path.
+SafetensorsFile parse_safetensors(const std::string& name, const void* data, std::size_t size);
 
 }  // namespace meshtrain

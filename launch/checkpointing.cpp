@@ -1,0 +1,182 @@
+// The trainer's side of distributed checkpoints: what state a checkpoint holds beyond the
+// tensors, and how a run resumes from one (parallel/checkpoint.hpp has the format).
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+
+#include <nlohmann/json.hpp>
+
+#include "launch/trainer.hpp"
+#include "runtime/log.hpp"
+
+namespace meshtrain::launch {
+namespace {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+Json model_json(const models::GPTConfig& m) {
+  return Json{{"n_layer", m.n_layer},       {"n_head", m.n_head},
+              {"n_embd", m.n_embd},         {"block_size", m.block_size},
+              {"vocab_size", m.vocab_size}, {"padded_vocab", m.padded_vocab}};
+}
+
+template <typename T>
+T state_value(const std::string& dir, const Json& j, const char* section, const char* key) {
+  const std::string where = fmt::format("checkpoint '{}': state.{}.{}", dir, section, key);
+  MT_CHECK(j.is_object() && j.contains(section) && j[section].is_object() &&
+               j[section].contains(key),
+           "{} is missing", where);
+  const Json& v = j[section][key];
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    MT_CHECK(v.is_number(), "{} must be a number, got {}", where, v.dump());
+  } else {
+    MT_CHECK(v.is_number_integer() && v.template get<std::int64_t>() >= 0 &&
+                 v.template get<std::int64_t>() <= std::numeric_limits<int>::max(),
+             "{} must be a non-negative integer, got {}", where, v.dump());
+  }
+  return v.template get<T>();
+}
+
+}  // namespace
+
+std::string resolve_resume(const TrainConfig& cfg) {
+  if (cfg.resume.empty()) return {};
+  const std::string root = checkpoint_root(cfg);
+  if (cfg.resume == "latest" || cfg.resume == "auto") {
+    const std::string dir = parallel::latest_checkpoint(root);
+    MT_CHECK(!dir.empty() || cfg.resume == "auto",
+             "--resume latest: no complete checkpoint under '{}' (checkpoint.dir, or "
+             "run.dir/checkpoints)", root);
+    return dir;
+  }
+  std::error_code ec;
+  MT_CHECK(fs::is_directory(cfg.resume, ec), "--resume '{}': no such checkpoint directory",
+           cfg.resume);
+  return cfg.resume;
+}
+
+std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
+  std::vector<parallel::TensorSlot> out;
+  for (const models::ParamInfo& p : model_->params()) {
+    parallel::TensorSlot s;
+    s.name = p.name;
+    s.shape = p.shape;
+    s.offset = p.offset;
+    s.full_shape = p.full_shape.ndim() == 0 ? p.shape : p.full_shape;
+    s.shard_dim = p.shard_dim;
+    s.shard_parts = p.shard_parts;
+    // The vocabulary rows past the real vocabulary are zero padding whose count depends on the
+    // layout (a multiple of 128 x TP).
+    if (p.name == "wte.weight") s.real_rows = model_cfg_.vocab_size;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+std::string Trainer::save_checkpoint(int steps_done) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Json state{
+      {"model", model_json(model_cfg_)},
+      {"precision", std::string(policy_.name())},
+      {"seed", cfg_.seed},
+      {"optimizer", {{"skipped_steps", skipped_}, {"bad_in_a_row", bad_in_a_row_}}},
+      {"loss_scaler",
+       {{"scale", scaler_.scale()},
+        {"clean_steps", scaler_.clean_steps_in_a_row()},
+        {"skipped", scaler_.skipped_steps()}}},
+      {"data",
+       {{"skip_steps", data_skip_},
+        {"batch_size", cfg_.batch_size},
+        {"grad_accum", cfg_.grad_accum},
+        {"seq_len", cfg_.seq_len},
+        {"dp", mesh_.dp_size()}}},
+  };
+  const std::int64_t n = model_->num_parameters();
+  // Under ZeRO-1 m and v hold this rank's shard (elements shard_lo_ on); the master weights are
+  // current on that shard, which is exactly the range this rank writes.
+  std::vector<parallel::FlatState> states{
+      {"master", model_->flat_master(), 0},
+      {"adam_m", m_, zero_ ? shard_lo_ : 0},
+      {"adam_v", v_, zero_ ? shard_lo_ : 0},
+  };
+  const std::string dir = parallel::save_checkpoint(
+      mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states,
+      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0}, state.dump(),
+      to_toml(cfg_), cfg_.ckpt_keep);
+  last_checkpoint_ = dir;
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  write_metrics(Json{{"step", steps_done}, {"checkpoint", dir}, {"checkpoint_ms", ms}}.dump());
+  if (verbose_) {
+    std::printf("step %d | checkpoint %s (%.0f ms)\n", steps_done, dir.c_str(), ms);
+    std::fflush(stdout);
+  }
+  return dir;
+}
+
+void Trainer::restore(const std::string& dir) {
+  const parallel::CheckpointInfo info = parallel::read_checkpoint_info(dir);
+  Json state;
+  try {
+    state = Json::parse(info.state_json);
+  } catch (const Json::parse_error& e) {
+    MT_FAIL("checkpoint '{}': state is not JSON: {}", dir, e.what());
+  }
+  MT_CHECK(state.is_object() && state.contains("model"), "checkpoint '{}': state.model is missing", dir);
+  const Json want = model_json(model_cfg_);
+  for (const auto& [k, v] : want.items()) {
+    if (k == "padded_vocab") continue;  // depends on the TP layout; checked per tensor
+    MT_CHECK(state["model"].contains(k) && state["model"][k] == v,
+             "checkpoint '{}' holds another model: model.{} is {} there and {} here (model "
+             "config: {})",
+             dir, k, state["model"].contains(k) ? state["model"][k].dump() : "missing", v.dump(),
+             model_cfg_.str());
+  }
+  // Everything is read and checked before anything of this trainer changes.
+  const int skipped = state_value<int>(dir, state, "optimizer", "skipped_steps");
+  const int bad = state_value<int>(dir, state, "optimizer", "bad_in_a_row");
+  const float scale = state_value<float>(dir, state, "loss_scaler", "scale");
+  const int clean = state_value<int>(dir, state, "loss_scaler", "clean_steps");
+  const int scaler_skipped = state_value<int>(dir, state, "loss_scaler", "skipped");
+  const int data_skip = state_value<int>(dir, state, "data", "skip_steps");
+  MT_CHECK(std::isfinite(scale) && scale > 0, "checkpoint '{}': loss scale {} is not positive",
+           dir, scale);
+  MT_CHECK(info.step <= cfg_.steps,
+           "checkpoint '{}' is at step {}, past train.steps = {}: raise train.steps to continue",
+           dir, info.step, cfg_.steps);
+  MT_CHECK(skipped <= info.step, "checkpoint '{}': {} skipped steps of {}", dir, skipped, info.step);
+
+  const std::int64_t n = model_->num_parameters();
+  // Load into scratch buffers first: a checkpoint that fails half way leaves the model as it was.
+  Tensor master = Tensor::empty(Shape{n}, DType::kF32);
+  Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
+  parallel::load_checkpoint(dir, checkpoint_slots(), n,
+                            {{"master", master, 0},
+                             {"adam_m", m, zero_ ? shard_lo_ : 0},
+                             {"adam_v", v, zero_ ? shard_lo_ : 0}},
+                            mesh_.tp_rank(), mesh_.tp_size());
+  model_->flat_master().copy_from(master);
+  model_->sync_params_from_master();
+  m_.copy_from(m);
+  v_.copy_from(v);
+  skipped_ = skipped;
+  bad_in_a_row_ = bad;
+  scaler_.restore(scale, clean, scaler_skipped);
+  data_skip_ = data_skip;
+  start_step_ = info.step;
+  last_checkpoint_ = dir;
+
+  const int rows = cfg_.batch_size * cfg_.grad_accum * mesh_.dp_size();
+  const int saved_rows = state_value<int>(dir, state, "data", "batch_size") *
+                         state_value<int>(dir, state, "data", "grad_accum") *
+                         state_value<int>(dir, state, "data", "dp");
+  if (rows != saved_rows || state_value<int>(dir, state, "data", "seq_len") != cfg_.seq_len)
+    log::warn("resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
+              "the data order from here differs from the saved run's",
+              dir, rows, cfg_.seq_len, saved_rows, state_value<int>(dir, state, "data", "seq_len"));
+}
+
+}  // namespace meshtrain::launch

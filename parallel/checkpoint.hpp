@@ -1,0 +1,113 @@
+// Distributed checkpoints: a directory per step that stores logical (full, unsharded) tensors as
+// pieces with their global offsets, so that a job resumes on any DP x TP layout.
+//
+//   ROOT/step_00000100/
+//     manifest.json            step, layout, the caller's state (config, RNG, data, loss scaler),
+//                              every logical tensor's full shape, every piece's place in it, and
+//                              the size and CRC-32C of every file
+//     config.toml              the effective config of the job that wrote it
+//     shard-00000.safetensors  the pieces world rank 0 wrote (fp32), one file per rank
+//     ...
+//
+// What is stored: per-element fp32 state held in flat buffers ("master" weights, Adam "adam_m"
+// and "adam_v"), cut from each rank's flat buffer. The flat buffer of TP rank t holds each
+// logical tensor's TP shard (TensorSlot: full shape, shard dim, parts). DP rank d of every TP
+// group writes elements [d, d + 1) x ceil(n / DP) of its group's flat buffer: each distinct
+// shard is written once, spread evenly over all ranks; under ZeRO-1 that range is exactly the
+// rank's own optimizer shard, without ZeRO the replicas split the writing.
+//
+// A piece is a box of a logical tensor (offsets and shape in full coordinates) of which it holds
+// the elements [flat[0], flat[1]) in row-major order. The reader assembles any rank's shard of
+// any layout from the pieces that overlap it and checks that every element is covered exactly
+// once.
+//
+// Atomicity: the ranks write into ROOT/.tmp-step_N; once every rank reports its file written
+// and fsynced, world rank 0 writes the manifest, fsyncs it and the directory, and renames the
+// directory to ROOT/step_N (then fsyncs ROOT). A complete checkpoint therefore always has its
+// manifest, and latest_checkpoint() only ever sees complete ones. Old checkpoints beyond `keep`
+// are renamed away (.del-step_N) before they are removed, so a crash while deleting never leaves
+// a partial step_N behind.
+//
+// Nothing read is trusted: the manifest's structure, every file's size and checksum (before its
+// content is used), every piece's box against the tensor's shape and the stored data's size.
+// Errors are InvalidArgument (content) or IoError (system calls), naming the file and what.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel/mesh.hpp"
+#include "runtime/tensor.hpp"
+
+namespace meshtrain::parallel {
+
+// One logical tensor's place in this rank's flat buffers (see models::ParamInfo).
+struct TensorSlot {
+  std::string name;
+  Shape shape;               // this rank's shard
+  std::int64_t offset = 0;   // elements into the flat buffers
+  Shape full_shape;          // the logical tensor
+  int shard_dim = -1;        // -1: replicated on every TP rank
+  int shard_parts = 1;       // equal blocks along shard_dim, each split over TP (fused QKV: 3)
+  // Rows (dim 0) at and after this index are layout-dependent zero padding (the vocabulary
+  // padded to a multiple of 128 x TP): a checkpoint need not have them, and they load as zeros.
+  // -1: every row is real.
+  std::int64_t real_rows = -1;
+};
+
+// One kind of fp32 per-element state: data[j] is flat element base + j.
+struct FlatState {
+  std::string kind;  // "master", "adam_m", "adam_v", ...
+  Tensor data;       // fp32, CPU
+  std::int64_t base = 0;
+};
+
+struct CheckpointLayout {
+  int dp = 1, tp = 1, zero = 0;
+};
+
+struct CheckpointInfo {
+  std::string dir;
+  int step = 0;
+  CheckpointLayout layout;
+  std::string state_json;   // the caller's state object, as saved
+  std::string config_toml;  // the text of config.toml
+};
+
+// The directory name of step N: "step_00000100".
+std::string checkpoint_name(int step);
+
+// Collective over the mesh's ranks: writes ROOT/step_N as described above and returns its
+// path. `states` are this rank's buffers (each must hold this rank's write range, see above);
+// `slots` tile [0, flat_numel) of the flat buffers; state_json is a JSON object the caller gets
+// back from read_checkpoint_info. Keeps the newest `keep` checkpoints (0 keeps all). Every rank
+// throws IoError if any rank failed to write its file; then no step_N appears.
+std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
+                            const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
+                            const std::vector<FlatState>& states, const CheckpointLayout& layout,
+                            const std::string& state_json, const std::string& config_toml,
+                            int keep);
+
+// The complete checkpoint with the highest step under ROOT, or "" when there is none.
+std::string latest_checkpoint(const std::string& root);
+// Every complete checkpoint under ROOT, oldest first.
+std::vector<std::string> list_checkpoints(const std::string& root);
+
+// Reads and validates the manifest (structure only; files are checked when loaded). Throws
+// InvalidArgument naming the manifest and what is wrong.
+CheckpointInfo read_checkpoint_info(const std::string& dir);
+
+// Fills `targets` (this rank's buffers; elements at and beyond flat_numel are left alone) from
+// the checkpoint, for TP rank tp_rank of tp_size. Every file read is checked against the
+// manifest's size and checksum first. Throws when a tensor is missing, has another shape, or an
+// element is not covered exactly once; the targets may then be partly written.
+void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slots,
+                     std::int64_t flat_numel, const std::vector<FlatState>& targets, int tp_rank,
+                     int tp_size);
+
+// Checks every file the manifest lists against its size and checksum. Throws on the first
+// mismatch.
+void verify_checkpoint(const std::string& dir);
+
+}  // namespace meshtrain::parallel
