@@ -150,7 +150,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
                            .string();
     }
     const std::string& path = is_root() ? corpus_path_ : private_corpus;
-    std::ofstream(path, std::ios::binary) << default_corpus();
+    // A resumed run finds the corpus already there: leave the run directory as it is.
+    std::error_code ec;
+    if (!is_root() || fs::file_size(path, ec) != default_corpus().size() || ec)
+      std::ofstream(path, std::ios::binary) << default_corpus();
     train.push_back(path);
   }
   data_ = std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
