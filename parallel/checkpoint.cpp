@@ -177,7 +177,7 @@ struct Piece {
 };
 
 // The pieces that the rank at (dp_rank, tp_rank) writes: its range of the flat buffer, cut
-// along tensors and boxes.
+// along tensors and boxes. A replicated tensor (shard_dim -1) is written by one TP rank only.
 std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
                                  const std::vector<std::string>& kinds, int dp_rank, int dp_size,
                                  int tp_rank, int tp_size, int world_rank) {
@@ -186,7 +186,12 @@ std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, std::int6
   const std::int64_t hi = std::min(flat_numel, lo + chunk);
   std::vector<Piece> out;
   for (const std::string& kind : kinds) {
-    for (const TensorSlot& s : slots) {
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      const TensorSlot& s = slots[i];
+      // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
+      // that the writing stays spread.
+      if (s.shard_dim < 0 && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)
+        continue;
       const std::vector<Box> boxes = shard_boxes(s, tp_rank, tp_size);
       std::int64_t local = s.offset;
       for (std::size_t b = 0; b < boxes.size(); ++b) {
@@ -419,7 +424,11 @@ std::string read_checked(const Manifest& m, const std::string& name) {
   std::error_code ec;
   MT_CHECK(fs::exists(path, ec), "checkpoint '{}': file '{}' listed in the manifest is missing",
            m.info.dir, name);
-  const std::string bytes = read_file(path, std::max<std::uint64_t>(fe.bytes, 1) * 2 + 4096);
+  const std::uintmax_t size = fs::file_size(path, ec);
+  MT_CHECK(!ec && size == fe.bytes,
+           "checkpoint '{}': '{}' is {} bytes, the manifest says {} (truncated or replaced)",
+           m.info.dir, name, ec ? 0 : size, fe.bytes);
+  const std::string bytes = read_file(path, fe.bytes);
   MT_CHECK(bytes.size() == fe.bytes,
            "checkpoint '{}': '{}' is {} bytes, the manifest says {} (truncated or replaced)",
            m.info.dir, name, bytes.size(), fe.bytes);

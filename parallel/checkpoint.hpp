@@ -14,7 +14,8 @@
 // logical tensor's TP shard (TensorSlot: full shape, shard dim, parts). DP rank d of every TP
 // group writes elements [d, d + 1) x ceil(n / DP) of its group's flat buffer: each distinct
 // shard is written once, spread evenly over all ranks; under ZeRO-1 that range is exactly the
-// rank's own optimizer shard, without ZeRO the replicas split the writing.
+// rank's own optimizer shard, without ZeRO the replicas split the writing. A tensor replicated
+// over TP (LayerNorms, biases of row-parallel layers) is written by one TP rank, chosen in turn.
 //
 // A piece is a box of a logical tensor (offsets and shape in full coordinates) of which it holds
 // the elements [flat[0], flat[1]) in row-major order. The reader assembles any rank's shard of

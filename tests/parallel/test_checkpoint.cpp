@@ -1,0 +1,229 @@
+// Distributed checkpoints at the format level, with threads as ranks (loopback): tensors sharded
+// the Megatron way (column-parallel with fused QKV parts, row-parallel, vocabulary-parallel
+// with layout-dependent padding, replicated), saved under one DP x TP layout and loaded under
+// another, element for element; ZeRO-style partial ranges; latest and keep; refusals.
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "comm/loopback.hpp"
+#include "parallel/checkpoint.hpp"
+#include "runtime/checksum.hpp"
+#include "runtime/error.hpp"
+
+namespace meshtrain::parallel {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int kC = 8;        // width: divisible by every TP size used (1, 2, 4)
+constexpr int kVocab = 200;  // real rows of the embedding
+
+int padded_vocab(int tp) { return (kVocab + 8 * tp - 1) / (8 * tp) * (8 * tp); }
+
+struct Spec {
+  std::string name;
+  std::vector<std::int64_t> full;
+  int dim, parts;
+  bool vocab;
+};
+
+std::vector<Spec> specs(int tp) {
+  return {{"wte", {padded_vocab(tp), kC}, 0, 1, true},  {"qkv.w", {3 * kC, kC}, 0, 3, false},
+          {"qkv.b", {3 * kC}, 0, 3, false},              {"proj.w", {kC, kC}, 1, 1, false},
+          {"proj.b", {kC}, -1, 1, false},                {"ln", {kC}, -1, 1, false}};
+}
+
+// The value of element `idx` (full coordinates, row-major) of tensor t, state kind k.
+float value(int t, int k, std::int64_t row, std::int64_t col, bool vocab) {
+  if (vocab && row >= kVocab) return 0.0f;  // padding rows are zero
+  return static_cast<float>(t * 100000 + k * 10000) + static_cast<float>(row * 64 + col) * 0.5f;
+}
+
+struct Local {
+  std::vector<TensorSlot> slots;
+  std::int64_t n = 0;
+  // Expected local flat values per kind.
+  std::vector<std::vector<float>> expect;
+};
+
+const char* kKinds[] = {"master", "adam_m", "adam_v"};
+
+// The shards TP rank r of tp holds, and their values, computed independently of the library.
+Local make_local(int r, int tp) {
+  Local L;
+  L.expect.resize(3);
+  const auto sp = specs(tp);
+  for (std::size_t t = 0; t < sp.size(); ++t) {
+    const Spec& s = sp[t];
+    TensorSlot slot;
+    slot.name = s.name;
+    slot.full_shape = Shape(s.full);
+    slot.shard_dim = s.dim;
+    slot.shard_parts = s.parts;
+    slot.real_rows = s.vocab ? kVocab : -1;
+    std::vector<std::int64_t> local = s.full;
+    if (s.dim >= 0) local[s.dim] /= tp;
+    slot.shape = Shape(local);
+    slot.offset = L.n;
+    const std::int64_t rows = local.size() == 2 ? local[0] : 1, cols = local.back();
+    for (int k = 0; k < 3; ++k)
+      for (std::int64_t i = 0; i < rows; ++i)
+        for (std::int64_t j = 0; j < cols; ++j) {
+          // Local (i, j) -> full (gi, gj).
+          std::int64_t gi = i, gj = j;
+          if (s.dim >= 0) {
+            std::int64_t& li = local.size() == 2 ? (s.dim == 0 ? gi : gj) : gj;
+            const std::int64_t x = local.size() == 2 ? (s.dim == 0 ? i : j) : j;
+            const std::int64_t block = s.full[s.dim] / s.parts, slice = block / tp;
+            li = (x / slice) * block + r * slice + x % slice;
+          }
+          L.expect[k].push_back(local.size() == 2 ? value(static_cast<int>(t), k, gi, gj, s.vocab)
+                                                  : value(static_cast<int>(t), k, 0, gj, s.vocab));
+        }
+    L.n += slot.shape.numel();
+    L.slots.push_back(slot);
+  }
+  return L;
+}
+
+Tensor floats(const std::vector<float>& v) {
+  return Tensor::from_floats(v, Shape{static_cast<std::int64_t>(v.size())}, DType::kF32);
+}
+
+// Saves step `step` under dp x tp; the adam_m state is ZeRO-style (each rank holds only its
+// 1/dp range, garbage elsewhere is not even allocated).
+void save_layout(const std::string& root, int step, int dp, int tp, int keep = 0) {
+  comm::LoopbackWorld world(dp * tp);
+  world.run([&](comm::Communicator& c) {
+    Mesh mesh(c, tp);
+    const Local L = make_local(mesh.tp_rank(), tp);
+    const std::int64_t chunk = (L.n + dp - 1) / dp, lo = std::min(L.n, chunk * mesh.dp_rank());
+    std::vector<float> m(L.expect[1].begin() + lo, L.expect[1].begin() + std::min(L.n, lo + chunk));
+    std::vector<FlatState> states{{"master", floats(L.expect[0]), 0},
+                                  {"adam_m", floats(m), lo},
+                                  {"adam_v", floats(L.expect[2]), 0}};
+    save_checkpoint(mesh, root, step, L.slots, L.n, states, CheckpointLayout{dp, tp, 1},
+                    R"({"note": "test"})", "[train]\nsteps = 1\n", keep);
+    mesh.finalize();
+  });
+}
+
+// Loads into TP rank r of tp, the range [lo, lo + len) of each kind, and checks every element.
+void check_load(const std::string& dir, int r, int tp, std::int64_t lo, std::int64_t len) {
+  const Local L = make_local(r, tp);
+  len = std::min(len, L.n - lo);
+  std::vector<FlatState> targets;
+  for (const char* k : kKinds)
+    targets.push_back({k, Tensor::from_floats(std::vector<float>(static_cast<std::size_t>(len), -1.0f), Shape{len}, DType::kF32), lo});
+  load_checkpoint(dir, L.slots, L.n, targets, r, tp);
+  for (int k = 0; k < 3; ++k) {
+    const float* got = targets[k].data.data_as<float>();
+    for (std::int64_t i = 0; i < len; ++i)
+      ASSERT_EQ(got[i], L.expect[k][lo + i])
+          << dir << " kind " << kKinds[k] << " tp " << r << "/" << tp << " element " << lo + i;
+  }
+}
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("mt_ckpt_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+TEST(Crc32c, KnownAnswerAndChaining) {
+  EXPECT_EQ(crc32c(0, "123456789", 9), 0xE3069283u);  // the CRC-32C check value
+  std::vector<std::uint8_t> big(100003);
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<std::uint8_t>(i * 7 + 3);
+  const std::uint32_t whole = crc32c(0, big.data(), big.size());
+  EXPECT_EQ(crc32c(crc32c(0, big.data(), 12345), big.data() + 12345, big.size() - 12345), whole);
+}
+
+TEST_F(CheckpointTest, EveryLayoutLoadsEveryOther) {
+  const int layouts[][2] = {{1, 1}, {2, 2}, {3, 1}, {1, 4}, {2, 1}};
+  int step = 1;
+  for (const auto& saved : layouts) {
+    save_layout(dir_.string(), step, saved[0], saved[1]);
+    const std::string ck = (dir_ / checkpoint_name(step)).string();
+    const CheckpointInfo info = read_checkpoint_info(ck);
+    EXPECT_EQ(info.step, step);
+    EXPECT_EQ(info.layout.dp, saved[0]);
+    EXPECT_EQ(info.layout.tp, saved[1]);
+    EXPECT_EQ(info.config_toml, "[train]\nsteps = 1\n");
+    for (int tp : {1, 2, 4})
+      for (int r = 0; r < tp; ++r) {
+        const std::int64_t n = make_local(r, tp).n;
+        check_load(ck, r, tp, 0, n);               // everything (no ZeRO)
+        check_load(ck, r, tp, n / 3, n / 3 + 1);   // a ZeRO-style range
+      }
+    verify_checkpoint(ck);
+    ++step;
+  }
+  EXPECT_EQ(latest_checkpoint(dir_.string()), (dir_ / checkpoint_name(step - 1)).string());
+}
+
+TEST_F(CheckpointTest, LatestSkipsIncompleteAndKeepPrunes) {
+  save_layout(dir_.string(), 2, 1, 1);
+  // What a crash leaves: a temporary directory of a later step, and one being deleted.
+  fs::create_directories(dir_ / ".tmp-step_00000009");
+  std::ofstream(dir_ / ".tmp-step_00000009" / "shard-00000.safetensors") << "partial";
+  fs::create_directories(dir_ / ".del-step_00000001");
+  fs::create_directories(dir_ / "step_notanumber");
+  EXPECT_EQ(latest_checkpoint(dir_.string()), (dir_ / "step_00000002").string());
+  for (int s : {4, 6, 8}) save_layout(dir_.string(), s, 2, 1, /*keep=*/2);
+  std::vector<std::string> names;
+  for (const std::string& p : list_checkpoints(dir_.string())) names.push_back(fs::path(p).filename());
+  EXPECT_EQ(names, (std::vector<std::string>{"step_00000006", "step_00000008"}));
+  EXPECT_FALSE(fs::exists(dir_ / ".tmp-step_00000009"));  // cleaned by the next save
+  EXPECT_FALSE(fs::exists(dir_ / ".del-step_00000001"));
+  // Saving a step again replaces it.
+  save_layout(dir_.string(), 8, 1, 2, 2);
+  EXPECT_EQ(read_checkpoint_info((dir_ / "step_00000008").string()).layout.tp, 2);
+}
+
+TEST_F(CheckpointTest, RefusesBrokenManifests) {
+  save_layout(dir_.string(), 3, 2, 1);
+  const fs::path ck = dir_ / checkpoint_name(3);
+  const fs::path mf = ck / "manifest.json";
+  const std::string good = [&] {
+    std::ifstream in(mf);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }();
+  auto expect_error = [&](const std::function<void(nlohmann::json&)>& edit, const std::string& msg) {
+    nlohmann::json j = nlohmann::json::parse(good);
+    edit(j);
+    std::ofstream(mf) << j.dump();
+    try {
+      const Local L = make_local(0, 1);
+      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), 0}};
+      load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
+      ADD_FAILURE() << "expected an error containing '" << msg << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+    }
+  };
+  expect_error([](nlohmann::json& j) { j["pieces"].push_back(j["pieces"][0]); }, "stored twice");
+  expect_error([](nlohmann::json& j) { j["pieces"][0]["offsets"][0] = 1 << 30; }, "leaves tensor");
+  expect_error([](nlohmann::json& j) { j["pieces"][0]["flat"][1] = 1 << 30; }, "not within the box");
+  expect_error([](nlohmann::json& j) { j["pieces"][0]["file"] = "../../etc/passwd"; }, "not in 'files'");
+  expect_error([](nlohmann::json& j) { j["files"]["../x"] = j["files"]["config.toml"]; }, "plain file name");
+  expect_error([](nlohmann::json& j) { j["version"] = 2; }, "version 2 is not supported");
+  expect_error([](nlohmann::json& j) { j["tensors"].erase("ln"); }, "tensor 'ln' is not in 'tensors'");
+  expect_error([](nlohmann::json& j) { j["files"]["shard-00001.safetensors"]["crc32c"] = "00000000"; },
+               "CRC-32C");
+  expect_error([](nlohmann::json& j) { j["files"]["shard-00000.safetensors"]["bytes"] = 5; },
+               "the manifest says 5");
+}
+
+}  // namespace
+}  // namespace meshtrain::parallel
