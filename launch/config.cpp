@@ -245,6 +245,17 @@ std::string known_keys_of(const std::string& section) {
   return s;
 }
 
+// The sections of the key table, in order.
+std::string known_sections() {
+  std::string s, last;
+  for (const Key& k : keys())
+    if (k.section != last) {
+      s += (s.empty() ? "" : ", ") + k.section;
+      last = k.section;
+    }
+  return s;
+}
+
 void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
@@ -271,8 +282,8 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
       const std::string at = fmt::format("{}:{}", path, node.source().begin.line);
       MT_CHECK(node.is_table(),
                "{}: '{}' must be a section ([{}]); top-level keys are not allowed", at, sec, sec);
-      MT_CHECK(!known_keys_of(sec).empty(),
-               "{}: unknown section [{}]: expected model, data, train, dp, eval, sample, run or checkpoint", at, sec);
+      MT_CHECK(!known_keys_of(sec).empty(), "{}: unknown section [{}]: expected one of {}", at,
+               sec, known_sections());
       for (const auto& [name, value] : *node.as_table()) {
         const std::string key(name.str());
         const std::string where = fmt::format("{}:{}", path, value.source().begin.line);

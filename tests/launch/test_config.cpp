@@ -147,7 +147,7 @@ TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
              "job.toml:4: unknown key 'train.lrr'; keys of [train] are: steps, batch_size");
   EXPECT_HAS(
       file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
-      "job.toml:3: unknown section [optim]: expected model, data, train, eval, sample or run");
+      "job.toml:3: unknown section [optim]: expected one of model, data, train, dp, eval, sample, run, checkpoint");
   EXPECT_HAS(file_error("steps = 3\n"),
              "job.toml:1: 'steps' must be a section ([steps]); top-level keys are not allowed");
   // TOML syntax errors carry line and column.
