@@ -2,7 +2,8 @@
 - resume is bit-exact under data parallelism and ZeRO-1 (fp32 and bf16): losses and final
   weights equal the uninterrupted run's;
 - resharding: a checkpoint saved under one layout resumes under another (DP N -> 1, 1 -> N,
-  ZeRO-1 on -> off and off -> on) with equal losses to float32 rounding;
+  ZeRO-1 on -> off and off -> on; at 2 ranks TP 2 -> 1 and 1 -> 2, and TP 2 resumes bit-exactly)
+  with equal losses to float32 rounding;
 - a rank SIGKILLed mid-step: every other rank is gone within the communication timeout plus
   10 s, the job exits non-zero naming the lost rank, and `--resume latest` continues to the
   uninterrupted run's losses."""
@@ -102,6 +103,28 @@ def main():
             diff = max_weight_diff(os.path.join(src, "model.safetensors"), os.path.join(d, "model.safetensors"))
             if diff > 1e-5:
                 fail(f"{what}: final weights differ by up to {diff}")
+
+        # Tensor parallelism (2 ranks: TP = 2; 4 heads split 2 ways): bit-exact resume under
+        # TP 2, and TP 2 -> 1 and 1 -> 2 (the global batch is one row per DP rank).
+        if n == 2:
+            tp_cfg = base + ("--set", "train.precision=fp32", "--set", "train.tp=2")
+            tp_ref = os.path.join(tmp, "tp-ref")
+            train(mpi, tp_ref, 1, tp_cfg)
+            tp_res = os.path.join(tmp, "tp-res")
+            train(mpi, tp_res, 1, resume=step4(tp_ref))
+            compare_losses(losses(tp_ref), losses(tp_res), range(5, 9), what="TP 2 resume")
+            if not same_weights(os.path.join(tp_ref, "model.safetensors"), os.path.join(tp_res, "model.safetensors")):
+                fail("TP 2: final weights after resuming differ")
+            one_ref = os.path.join(tmp, "tp-one-ref")
+            train(one, one_ref, 1, base + ("--set", "train.precision=fp32"))
+            for what, cmd, src, extra in (("TP 2 -> 1", one, tp_ref, ("--set", "train.tp=1")),
+                                          ("TP 1 -> 2", mpi, one_ref, ("--set", "train.tp=2"))):
+                d = os.path.join(tmp, what.replace(" ", "").replace(">", ""))
+                train(cmd, d, 1, extra, resume=step4(src))
+                compare_losses(losses(src), losses(d), range(5, 9), rel=2e-5, what=what)
+                diff = max_weight_diff(os.path.join(src, "model.safetensors"), os.path.join(d, "model.safetensors"))
+                if diff > 1e-5:
+                    fail(f"{what}: final weights differ by up to {diff}")
 
         # 3. A rank SIGKILLed mid-step, then --resume latest.
         timeout_s = 10
