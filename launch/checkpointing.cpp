@@ -95,15 +95,25 @@ std::string Trainer::save_checkpoint(int steps_done) {
         {"dp", mesh_.dp_size()}}},
   };
   const std::int64_t n = model_->num_parameters();
-  // Under ZeRO-1 m and v hold this rank's shard (elements shard_lo_ on); the master weights are
-  // current on that shard, which is exactly the range this rank writes.
+  // Under ZeRO-1 this rank holds m, v (and, 16-bit policies, the master weights) for the flat
+  // pieces it owns, and writes exactly those: every element is written by its owner.
+  std::vector<parallel::FlatSegment> owned;
+  parallel::FlatRanges write;
+  if (zero_) {
+    for (const parallel::ShardPiece& p : reducer_->shard_pieces()) {
+      owned.push_back({p.flat_offset, p.shard_offset, p.length});
+      write.emplace_back(p.flat_offset, p.flat_offset + p.length);
+    }
+  }
+  const bool sharded_master = zero_ && policy_.has_master_copy();
   std::vector<parallel::FlatState> states{
-      {"master", model_->flat_master(), 0},
-      {"adam_m", m_, zero_ ? shard_lo_ : 0},
-      {"adam_v", v_, zero_ ? shard_lo_ : 0},
+      sharded_master ? parallel::FlatState{"master", master_shard_, 0, owned}
+                     : parallel::FlatState{"master", model_->flat_master(), 0, {}},
+      {"adam_m", m_, 0, owned},
+      {"adam_v", v_, 0, owned},
   };
   const std::string dir = parallel::save_checkpoint(
-      mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states,
+      mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states, write,
       parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0}, state.dump(),
       to_toml(cfg_), cfg_.ckpt_keep);
   last_checkpoint_ = dir;
@@ -150,16 +160,28 @@ void Trainer::restore(const std::string& dir) {
   MT_CHECK(skipped <= info.step, "checkpoint '{}': {} skipped steps of {}", dir, skipped, info.step);
 
   const std::int64_t n = model_->num_parameters();
-  // Load into scratch buffers first: a checkpoint that fails half way leaves the model as it was.
+  // Load into scratch buffers (CPU) first: a checkpoint that fails half way leaves the model as
+  // it was. The whole master (this TP rank's shard of every tensor) is needed for the compute
+  // parameters; m and v only where this rank runs the optimizer.
+  std::vector<parallel::FlatSegment> owned;
+  if (zero_)
+    for (const parallel::ShardPiece& p : reducer_->shard_pieces())
+      owned.push_back({p.flat_offset, p.shard_offset, p.length});
   Tensor master = Tensor::empty(Shape{n}, DType::kF32);
   Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
   parallel::load_checkpoint(dir, checkpoint_slots(), n,
-                            {{"master", master, 0},
-                             {"adam_m", m, zero_ ? shard_lo_ : 0},
-                             {"adam_v", v, zero_ ? shard_lo_ : 0}},
+                            {{"master", master, 0, {}}, {"adam_m", m, 0, owned}, {"adam_v", v, 0, owned}},
                             mesh_.tp_rank(), mesh_.tp_size());
-  model_->flat_master().copy_from(master);
-  model_->sync_params_from_master();
+  if (zero_ && policy_.has_master_copy()) {
+    // The model holds no master copy: this rank's pieces go to its shard, and the 16-bit
+    // parameters are the master's rounding, as the optimizer writes them.
+    for (const parallel::FlatSegment& g : owned)
+      master_shard_.slice(g.at, g.length).copy_from(master.slice(g.flat, g.length));
+    model_->flat_params().copy_from(master);
+  } else {
+    model_->flat_master().copy_from(master);
+    model_->sync_params_from_master();
+  }
   m_.copy_from(m);
   v_.copy_from(v);
   skipped_ = skipped;

@@ -176,44 +176,64 @@ struct Piece {
   std::int64_t src = 0;                   // writer side: local flat index of element flat_lo
 };
 
-// The pieces that the rank at (dp_rank, tp_rank) writes: its range of the flat buffer, cut
-// along tensors and boxes. A replicated tensor (shard_dim -1) is written by one TP rank only.
-std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
-                                 const std::vector<std::string>& kinds, int dp_rank, int dp_size,
-                                 int tp_rank, int tp_size, int world_rank) {
+// The default write ranges of DP rank d: [d, d + 1) x ceil(n / DP).
+FlatRanges default_ranges(std::int64_t flat_numel, int dp_rank, int dp_size) {
   const std::int64_t chunk = (flat_numel + dp_size - 1) / dp_size;
   const std::int64_t lo = std::min(flat_numel, chunk * dp_rank);
-  const std::int64_t hi = std::min(flat_numel, lo + chunk);
+  return {{lo, std::min(flat_numel, lo + chunk)}};
+}
+
+// The pieces that TP rank tp_rank writes for its flat ranges, cut along tensors and boxes. A
+// replicated tensor (shard_dim -1) is written by one TP rank only.
+std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, const FlatRanges& ranges,
+                                 const std::vector<std::string>& kinds, int tp_rank, int tp_size,
+                                 int world_rank) {
   std::vector<Piece> out;
   for (const std::string& kind : kinds) {
-    for (std::size_t i = 0; i < slots.size(); ++i) {
-      const TensorSlot& s = slots[i];
-      // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
-      // that the writing stays spread.
-      if (s.shard_dim < 0 && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)
-        continue;
-      const std::vector<Box> boxes = shard_boxes(s, tp_rank, tp_size);
-      std::int64_t local = s.offset;
-      for (std::size_t b = 0; b < boxes.size(); ++b) {
-        const std::int64_t n = boxes[b].numel();
-        const std::int64_t a = std::max(lo, local), e = std::min(hi, local + n);
-        if (a < e) {
-          Piece p;
-          p.tensor = s.name;
-          p.kind = kind;
-          p.file = shard_file_name(world_rank);
-          p.key = fmt::format("{}/{}#{}", kind, s.name, b);
-          p.box = boxes[b];
-          p.flat_lo = a - local;
-          p.flat_hi = e - local;
-          p.src = a;
-          out.push_back(p);
+    for (const auto& [lo, hi] : ranges) {
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        const TensorSlot& s = slots[i];
+        // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
+        // that the writing stays spread.
+        if (s.shard_dim < 0 && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)
+          continue;
+        const std::vector<Box> boxes = shard_boxes(s, tp_rank, tp_size);
+        std::int64_t local = s.offset;
+        for (std::size_t b = 0; b < boxes.size(); ++b) {
+          const std::int64_t n = boxes[b].numel();
+          const std::int64_t a = std::max(lo, local), e = std::min(hi, local + n);
+          if (a < e) {
+            Piece p;
+            p.tensor = s.name;
+            p.kind = kind;
+            p.file = shard_file_name(world_rank);
+            p.key = fmt::format("{}/{}#{}@{}", kind, s.name, b, a - local);
+            p.box = boxes[b];
+            p.flat_lo = a - local;
+            p.flat_hi = e - local;
+            p.src = a;
+            out.push_back(p);
+          }
+          local += n;
         }
-        local += n;
       }
     }
   }
   return out;
+}
+
+// The part of `s` holding flat elements [src, src + n): a view of its data.
+Tensor state_view(const FlatState& s, std::int64_t src, std::int64_t n) {
+  if (s.segments.empty()) {
+    MT_ASSERT(src >= s.base && src + n <= s.base + s.data.numel(),
+              "checkpoint: state '{}' holds flat [{}, {}), a piece needs [{}, {})", s.kind, s.base,
+              s.base + s.data.numel(), src, src + n);
+    return s.data.slice(src - s.base, n);
+  }
+  for (const FlatSegment& g : s.segments)
+    if (src >= g.flat && src + n <= g.flat + g.length) return s.data.slice(g.at + src - g.flat, n);
+  MT_ASSERT(false, "checkpoint: state '{}' holds no segment with flat [{}, {})", s.kind, src, src + n);
+  return {};
 }
 
 Json piece_json(const Piece& p) {
@@ -258,6 +278,34 @@ std::vector<std::int32_t> mesh_gather(Mesh& mesh, const std::vector<std::int32_t
       for (std::size_t i = 0; i < n; ++i)
         out[(static_cast<std::size_t>(d) * tp + t) * n + i] =
             a[(static_cast<std::size_t>(t) * dp + d) * n + i];
+  return out;
+}
+
+// Every rank's flat ranges, by world rank (a count, then the ranges padded to the longest list).
+std::vector<FlatRanges> mesh_gather_ranges(Mesh& mesh, const FlatRanges& mine) {
+  const int count = static_cast<int>(mine.size());
+  std::int32_t most = count;
+  for (std::int32_t c : mesh_gather(mesh, {count})) most = std::max(most, c);
+  std::vector<std::int32_t> flat;
+  flat.push_back(count);
+  for (int i = 0; i < most; ++i) {
+    const auto [lo, hi] = i < count ? mine[i] : std::pair<std::int64_t, std::int64_t>{0, 0};
+    for (std::int64_t v : {lo, hi}) {
+      flat.push_back(static_cast<std::int32_t>(v & 0x7fffffff));
+      flat.push_back(static_cast<std::int32_t>(v >> 31));
+    }
+  }
+  const std::vector<std::int32_t> all = mesh_gather(mesh, flat);
+  const std::size_t per = flat.size();
+  std::vector<FlatRanges> out(static_cast<std::size_t>(mesh.world_size()));
+  for (std::size_t r = 0; r < out.size(); ++r) {
+    const std::int32_t* p = all.data() + r * per;
+    for (int i = 0; i < p[0]; ++i) {
+      const std::int32_t* q = p + 1 + 4 * i;
+      out[r].emplace_back(static_cast<std::int64_t>(q[0]) | (static_cast<std::int64_t>(q[1]) << 31),
+                          static_cast<std::int64_t>(q[2]) | (static_cast<std::int64_t>(q[3]) << 31));
+    }
+  }
   return out;
 }
 
@@ -445,9 +493,9 @@ std::string checkpoint_name(int step) { return fmt::format("step_{:08}", step); 
 
 std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                             const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
-                            const std::vector<FlatState>& states, const CheckpointLayout& layout,
-                            const std::string& state_json, const std::string& config_toml,
-                            int keep) {
+                            const std::vector<FlatState>& states, const FlatRanges& write,
+                            const CheckpointLayout& layout, const std::string& state_json,
+                            const std::string& config_toml, int keep) {
   const fs::path root_path(root);
   const fs::path final_dir = root_path / checkpoint_name(step);
   const fs::path tmp_dir = root_path / (".tmp-" + checkpoint_name(step));
@@ -475,21 +523,20 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                             : fmt::format("checkpoint of step {}: rank 0 could not create '{}'",
                                           step, tmp_dir.string()));
 
-  // 2. Every rank writes its range of every state to its own file.
+  // 2. Every rank writes its ranges of every state to its own file.
+  const FlatRanges my_ranges =
+      write.empty() ? default_ranges(flat_numel, mesh.dp_rank(), mesh.dp_size()) : write;
+  const std::vector<FlatRanges> all_ranges = mesh_gather_ranges(mesh, my_ranges);
   SavedFile saved;
   try {
-    const std::vector<Piece> mine =
-        writer_pieces(slots, flat_numel, kinds, mesh.dp_rank(), mesh.dp_size(), mesh.tp_rank(),
-                      mesh.tp_size(), mesh.world_rank());
+    const std::vector<Piece> mine = writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(),
+                                                  mesh.tp_size(), mesh.world_rank());
     std::vector<std::pair<std::string, Tensor>> tensors;
     for (const Piece& p : mine) {
       const FlatState& s =
           *std::find_if(states.begin(), states.end(), [&](const FlatState& f) { return f.kind == p.kind; });
-      const std::int64_t n = p.flat_hi - p.flat_lo;
-      MT_ASSERT(s.data.dtype() == DType::kF32 && p.src >= s.base && p.src + n <= s.base + s.data.numel(),
-                "checkpoint: state '{}' holds flat [{}, {}), piece '{}' needs [{}, {})", s.kind,
-                s.base, s.base + s.data.numel(), p.key, p.src, p.src + n);
-      Tensor t = s.data.slice(p.src - s.base, n);
+      MT_ASSERT(s.data.dtype() == DType::kF32, "checkpoint: state '{}' is not fp32", s.kind);
+      Tensor t = state_view(s, p.src, p.flat_hi - p.flat_lo);
       if (p.flat_lo == 0 && p.flat_hi == p.box.numel()) t = t.view(Shape(p.box.shape));
       tensors.emplace_back(p.key, t);
     }
@@ -524,9 +571,9 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                                     (static_cast<std::uint64_t>(all[at + 3]) << 31);
         files[shard_file_name(r)] = Json{
             {"bytes", bytes}, {"crc32c", crc32c_hex(static_cast<std::uint32_t>(all[at + 1]))}};
-        const int d = r / mesh.tp_size(), t = r % mesh.tp_size();
-        for (const Piece& p : writer_pieces(slots, flat_numel, kinds, d, mesh.dp_size(), t,
-                                            mesh.tp_size(), r))
+        const int t = r % mesh.tp_size();
+        for (const Piece& p : writer_pieces(slots, all_ranges[static_cast<std::size_t>(r)], kinds,
+                                            t, mesh.tp_size(), r))
           pieces.push_back(piece_json(p));
       }
       const SavedFile cfg = write_text_file((tmp_dir / "config.toml").string(), config_toml);
@@ -660,8 +707,19 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
     return *f;
   };
 
-  for (const FlatState& target : targets) {
-    MT_ASSERT(target.data.dtype() == DType::kF32, "checkpoint targets are fp32");
+  // Targets made of segments load as one contiguous target per segment.
+  std::vector<FlatState> contiguous;
+  for (const FlatState& t : targets) {
+    if (t.segments.empty()) {
+      contiguous.push_back(t);
+      continue;
+    }
+    for (const FlatSegment& g : t.segments)
+      contiguous.push_back(FlatState{t.kind, t.data.slice(g.at, g.length), g.flat, {}});
+  }
+  for (const FlatState& target : contiguous) {
+    MT_ASSERT(target.data.dtype() == DType::kF32 && target.data.is_cpu(),
+              "checkpoint targets are fp32 CPU tensors");
     const std::int64_t lo = target.base;
     const std::int64_t hi = std::min(flat_numel, target.base + target.data.numel());
     if (hi <= lo) continue;

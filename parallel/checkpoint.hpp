@@ -11,10 +11,10 @@
 //
 // What is stored: per-element fp32 state held in flat buffers ("master" weights, Adam "adam_m"
 // and "adam_v"), cut from each rank's flat buffer. The flat buffer of TP rank t holds each
-// logical tensor's TP shard (TensorSlot: full shape, shard dim, parts). DP rank d of every TP
-// group writes elements [d, d + 1) x ceil(n / DP) of its group's flat buffer: each distinct
-// shard is written once, spread evenly over all ranks; under ZeRO-1 that range is exactly the
-// rank's own optimizer shard, without ZeRO the replicas split the writing. A tensor replicated
+// logical tensor's TP shard (TensorSlot: full shape, shard dim, parts). Each rank of a TP group's
+// DP replicas writes its share of the group's flat buffer: under ZeRO-1 the pieces it owns,
+// without ZeRO DP rank d writes elements [d, d + 1) x ceil(n / DP). Each distinct shard is
+// written once, spread evenly over all ranks. A tensor replicated
 // over TP (LayerNorms, biases of row-parallel layers) is written by one TP rank, chosen in turn.
 //
 // A piece is a box of a logical tensor (offsets and shape in full coordinates) of which it holds
@@ -57,12 +57,22 @@ struct TensorSlot {
   std::int64_t real_rows = -1;
 };
 
-// One kind of fp32 per-element state: data[j] is flat element base + j.
+// A run of flat elements held in a state buffer: data[at + j] is flat element flat + j.
+struct FlatSegment {
+  std::int64_t flat = 0, at = 0, length = 0;
+};
+
+// One kind of fp32 per-element state. Without segments, data[j] is flat element base + j;
+// with segments (a ZeRO-1 shard made of several pieces), as they say.
 struct FlatState {
   std::string kind;  // "master", "adam_m", "adam_v", ...
-  Tensor data;       // fp32, CPU
+  Tensor data;       // fp32, any device (copied through the host)
   std::int64_t base = 0;
+  std::vector<FlatSegment> segments;
 };
+
+// Flat element ranges [first, second).
+using FlatRanges = std::vector<std::pair<std::int64_t, std::int64_t>>;
 
 struct CheckpointLayout {
   int dp = 1, tp = 1, zero = 0;
@@ -80,15 +90,18 @@ struct CheckpointInfo {
 std::string checkpoint_name(int step);
 
 // Collective over the mesh's ranks: writes ROOT/step_N as described above and returns its
-// path. `states` are this rank's buffers (each must hold this rank's write range, see above);
+// path. `write` is the flat ranges this rank writes: every flat element must be written by
+// exactly one rank of its TP group (a ZeRO-1 rank passes the pieces it owns); empty means
+// DP rank d writes [d, d + 1) x ceil(flat_numel / DP). `states` are this rank's buffers and
+// must hold what it writes;
 // `slots` tile [0, flat_numel) of the flat buffers; state_json is a JSON object the caller gets
 // back from read_checkpoint_info. Keeps the newest `keep` checkpoints (0 keeps all). Every rank
 // throws IoError if any rank failed to write its file; then no step_N appears.
 std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                             const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
-                            const std::vector<FlatState>& states, const CheckpointLayout& layout,
-                            const std::string& state_json, const std::string& config_toml,
-                            int keep);
+                            const std::vector<FlatState>& states, const FlatRanges& write,
+                            const CheckpointLayout& layout, const std::string& state_json,
+                            const std::string& config_toml, int keep);
 
 // The complete checkpoint with the highest step under ROOT, or "" when there is none.
 std::string latest_checkpoint(const std::string& root);
@@ -99,7 +112,7 @@ std::vector<std::string> list_checkpoints(const std::string& root);
 // InvalidArgument naming the manifest and what is wrong.
 CheckpointInfo read_checkpoint_info(const std::string& dir);
 
-// Fills `targets` (this rank's buffers; elements at and beyond flat_numel are left alone) from
+// Fills `targets` (this rank's buffers, CPU; elements at and beyond flat_numel are left alone) from
 // the checkpoint, for TP rank tp_rank of tp_size. Every file read is checked against the
 // manifest's size and checksum first. Throws when a tensor is missing, has another shape, or an
 // element is not covered exactly once; the targets may then be partly written.

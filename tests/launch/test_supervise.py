@@ -1,0 +1,80 @@
+"""launch/meshtrain-supervise as a user runs it:
+- a job SIGKILLed after its first checkpoint is relaunched with --resume auto, the restart and
+  its cause (the signal) are logged, and the job ends with the losses and weights of a run that
+  never failed;
+- a job that keeps failing is relaunched --max-restarts times, each cause logged (meshtrain's
+  error line), and the supervisor exits with the job's status."""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+from ckpt_util import TINY, compare_losses, fail, losses, run, same_weights
+
+# Runs the training in the background; on the first attempt (no flag file yet) SIGKILLs it as
+# soon as its first checkpoint is complete, so that the supervisor sees a job killed mid-run.
+KILLER = r'''
+set -u
+"$@" &
+pid=$!
+if [ ! -e "$FLAG" ]; then
+  touch "$FLAG"
+  for i in $(seq 1 3000); do
+    if ls -d "$CKPTS"/step_* >/dev/null 2>&1; then kill -KILL $pid; break; fi
+    sleep 0.01
+  done
+fi
+wait $pid
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--meshtrain", required=True)
+    ap.add_argument("--supervise", required=True)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = [*TINY, "--set", "train.batch_size=2", "--set", "train.steps=40", "--set", "checkpoint.every=10",
+               "--set", "train.precision=fp32"]
+        ref = os.path.join(tmp, "ref")
+        run([a.meshtrain, "train", "--quiet", *cfg, "--set", f"run.dir={ref}"])
+        d = os.path.join(tmp, "job")
+        log = os.path.join(tmp, "supervise.log")
+        env = dict(os.environ, FLAG=os.path.join(tmp, "killed-once"), CKPTS=os.path.join(d, "checkpoints"))
+        p = subprocess.run([a.supervise, "--max-restarts", "2", "--delay", "0", "--log", log, "--",
+                            "bash", "-c", KILLER, "killer", a.meshtrain, "train", "--quiet", *cfg,
+                            "--set", f"run.dir={d}", "--resume", "auto"],
+                           capture_output=True, text=True, timeout=240, env=env)
+        text = open(log).read()
+        if p.returncode != 0:
+            fail(f"supervised job exited {p.returncode}\n{text}\n{p.stderr[-3000:]}")
+        if "attempt 1 failed: exit status 137 (signal 9, SIGKILL)" not in text or "restart 1 of 2" not in text \
+                or "attempt 2 succeeded" not in text:
+            fail(f"the log does not show one SIGKILL, one restart and a success:\n{text}")
+        resumed = [l for l in open(os.path.join(d, "metrics.jsonl")) if "resumed_from" in l]
+        if len(resumed) != 1 or "step_00000010" not in resumed[0]:
+            fail(f"the relaunch did not resume from the step-10 checkpoint: {resumed}")
+        compare_losses(losses(ref), losses(d), range(1, 41), what="supervised job")
+        if not same_weights(os.path.join(ref, "model.safetensors"), os.path.join(d, "model.safetensors")):
+            fail("supervised job: final weights differ from the uninterrupted run's")
+
+        # A job that cannot succeed: 1 attempt + 2 restarts, then the job's status.
+        log2 = os.path.join(tmp, "fail.log")
+        p = subprocess.run([a.supervise, "--max-restarts", "2", "--delay", "0", "--log", log2, "--",
+                            a.meshtrain, "train", "--set", "model.preset=gpt-nope", "--resume", "auto"],
+                           capture_output=True, text=True, timeout=120)
+        text = open(log2).read()
+        if p.returncode != 1:
+            fail(f"a failing job: supervisor exited {p.returncode}, expected the job's 1\n{text}")
+        if text.count("failed: exit status 1; cause: meshtrain: error:") != 3 or "gpt-nope" not in text \
+                or "giving up after 2 restart(s)" not in text:
+            fail(f"a failing job: expected 3 failures with meshtrain's error as the cause:\n{text}")
+        p = subprocess.run([a.supervise, "--max-restarts", "x", "--", "true"], capture_output=True, text=True)
+        if p.returncode != 2 or "not a non-negative integer" not in p.stderr:
+            fail(f"bad --max-restarts: {p.returncode} {p.stderr}")
+    print("ok: a killed job restarts from its checkpoint to the uninterrupted result; restarts are capped and logged")
+
+
+if __name__ == "__main__":
+    main()
