@@ -58,9 +58,9 @@ std::string resolve_resume(const TrainConfig& cfg) {
   return cfg.resume;
 }
 
-std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
+std::vector<parallel::TensorSlot> checkpoint_slots(const models::GPT& model) {
   std::vector<parallel::TensorSlot> out;
-  for (const models::ParamInfo& p : model_->params()) {
+  for (const models::ParamInfo& p : model.params()) {
     parallel::TensorSlot s;
     s.name = p.name;
     s.shape = p.shape;
@@ -70,10 +70,23 @@ std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
     s.shard_parts = p.shard_parts;
     // The vocabulary rows past the real vocabulary are zero padding whose count depends on the
     // layout (a multiple of 128 x TP).
-    if (p.name == "wte.weight") s.real_rows = model_cfg_.vocab_size;
+    if (p.name == "wte.weight") s.real_rows = model.config().vocab_size;
     out.push_back(std::move(s));
   }
   return out;
+}
+
+std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
+  return launch::checkpoint_slots(*model_);
+}
+
+void load_checkpoint_weights(models::GPT& model, const std::string& dir) {
+  const std::int64_t n = model.num_parameters();
+  Tensor master = Tensor::empty(Shape{n}, DType::kF32);
+  parallel::load_checkpoint(dir, checkpoint_slots(model), n, {{"master", master, 0}},
+                            model.tp().rank(), model.tp().size());
+  model.flat_master().copy_from(master);
+  model.sync_params_from_master();
 }
 
 std::string Trainer::save_checkpoint(int steps_done) {

@@ -155,6 +155,9 @@ const std::vector<Key>& keys() {
               "maximum sequence length (0 = preset)"),
       string_key("model", "vocab", &TrainConfig::vocab, {"auto", "bytes", "gpt2"},
                  "bytes: 256 symbols (text); gpt2: 50257 tokens (token shards); auto: by preset"),
+      string_key("model", "init", &TrainConfig::model_init, {},
+                 "start from these weights (a model.safetensors written by train or import) "
+                 "instead of a random initialisation"),
       strings_key("data", "train", &TrainConfig::train_files,
                   "training files or globs (llm.c .bin shards or text); empty = built-in corpus"),
       strings_key("data", "val", &TrainConfig::val_files,

@@ -76,6 +76,10 @@ struct TrainConfig {
                                  // checkpoint (and skipping the data since); 0 = never
   int max_rollbacks = 3;         // give up after this many rollbacks in one run
 
+  // [model] init: a model.safetensors in meshtrain's names and layout (what train and
+  // `meshtrain import --hf` write) to start from instead of the random initialisation.
+  std::string model_init = "";
+
   // Not a config key (set by `meshtrain train --resume`): a checkpoint directory, "latest"
   // (the newest under the checkpoint directory; an error if there is none) or "auto" (the
   // newest if there is one, else a fresh start). Empty: a fresh start.

@@ -10,6 +10,9 @@
 
 #include "comm/mpi.hpp"
 #include "launch/config.hpp"
+#include "launch/hf.hpp"
+#include "runtime/safetensors.hpp"
+#include <fstream>
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/cpu/threads.hpp"
@@ -27,6 +30,8 @@ commands:
   train      train a GPT model (meshtrain train --help)
   generate   continue a prompt with a trained model (meshtrain generate --help)
   plan       parameters, FLOPs and memory per rank; compute-optimal sizes (meshtrain plan --help)
+  export     write a trained model in the Hugging Face GPT-2 layout (meshtrain export --help)
+  import     read a Hugging Face GPT-2 model to fine-tune or sample (meshtrain import --help)
   env        the MESHTRAIN_* environment settings and their values
   --version  print the version
 )";
@@ -82,6 +87,27 @@ training compute C = 6 N D).
   --budget-flops F       a compute budget in FLOPs, e.g. 1e21
   --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
                          and --mfu (default 0.4)
+)";
+
+constexpr const char* kExportUsage = R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT]
+
+Writes OUT/model.safetensors and OUT/config.json in the Hugging Face GPT-2 layout (Conv1D
+weights [in, out], the vocabulary trimmed to its real size, fp32), loadable with transformers'
+GPT2LMHeadModel.from_pretrained(OUT).
+
+  --run DIR          the run directory (default runs/latest): its config.toml and, without
+                     --checkpoint, its final model.safetensors
+  --checkpoint CKPT  export a checkpoint instead: a directory, or latest (the newest of the run)
+)";
+
+constexpr const char* kImportUsage = R"(usage: meshtrain import --hf DIR --out RUN_DIR
+
+Reads a Hugging Face GPT-2 model (DIR/config.json and DIR/model.safetensors, as save_pretrained
+writes them; vocabulary 50257 or 256) and writes RUN_DIR/model.safetensors in meshtrain's layout
+and RUN_DIR/config.toml whose model.init points at it. Then:
+
+  meshtrain generate --run RUN_DIR --prompt ...
+  meshtrain train --config RUN_DIR/config.toml --set run.dir=finetune --set data.train=...
 )";
 
 struct Args {
@@ -395,6 +421,93 @@ int cmd_plan(Args a) {
   return 0;
 }
 
+int cmd_export(Args a) {
+  std::string out, run = "runs/latest", checkpoint;
+  while (a.more()) {
+    const std::string f = a.v[a.i++];
+    if (f == "--help" || f == "-h") {
+      std::printf("%s", kExportUsage);
+      return 0;
+    } else if (f == "--hf") {
+      out = a.next(f);
+    } else if (f == "--run") {
+      run = a.next(f);
+    } else if (f == "--checkpoint") {
+      checkpoint = a.next(f);
+    } else {
+      MT_FAIL("export: unknown argument '{}' (see meshtrain export --help)", f);
+    }
+  }
+  MT_CHECK(!out.empty(), "export: --hf OUT is required (see meshtrain export --help)");
+  std::string config = (fs::path(run) / "config.toml").string();
+  if (checkpoint == "latest") {
+    MT_CHECK(fs::exists(config), "export: '{}' has no config.toml", run);
+    checkpoint = parallel::latest_checkpoint(launch::checkpoint_root(launch::load_config(config, {})));
+    MT_CHECK(!checkpoint.empty(), "export: no complete checkpoint for the run '{}'", run);
+  }
+  if (!checkpoint.empty()) config = (fs::path(checkpoint) / "config.toml").string();
+  MT_CHECK(fs::exists(config), "export: '{}' does not exist", config);
+  const launch::TrainConfig cfg = launch::load_config(config, {});
+  models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
+  if (checkpoint.empty()) {
+    const std::string weights = (fs::path(run) / "model.safetensors").string();
+    MT_CHECK(fs::exists(weights), "export: '{}' has no model.safetensors (a finished run; or "
+             "export a checkpoint with --checkpoint)", run);
+    launch::load_weights(model, weights);
+  } else {
+    launch::load_checkpoint_weights(model, checkpoint);
+  }
+  launch::export_hf(model, out);
+  std::printf("wrote %s/model.safetensors and %s/config.json (%s)\n", out.c_str(), out.c_str(),
+              model.config().str().c_str());
+  return 0;
+}
+
+int cmd_import(Args a) {
+  std::string hf, out;
+  while (a.more()) {
+    const std::string f = a.v[a.i++];
+    if (f == "--help" || f == "-h") {
+      std::printf("%s", kImportUsage);
+      return 0;
+    } else if (f == "--hf") {
+      hf = a.next(f);
+    } else if (f == "--out") {
+      out = a.next(f);
+    } else {
+      MT_FAIL("import: unknown argument '{}' (see meshtrain import --help)", f);
+    }
+  }
+  MT_CHECK(!hf.empty() && !out.empty(), "import: --hf DIR and --out RUN_DIR are required");
+  const launch::ImportedModel m = launch::import_hf(hf);
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  MT_CHECK(!ec, "import: cannot create '{}': {}", out, ec.message());
+  const std::string weights = fs::absolute(fs::path(out) / "model.safetensors").string();
+  save_safetensors(weights, m.weights, {{"format", "meshtrain"}, {"source", fs::absolute(hf).string()}});
+  const bool gpt2 = m.config.vocab_size == 50257;
+  std::vector<std::string> sets = {
+      std::string("model.preset=") + (gpt2 ? "gpt2" : "gpt-small"),
+      std::string("model.vocab=") + (gpt2 ? "gpt2" : "bytes"),
+      "model.n_layer=" + std::to_string(m.config.n_layer),
+      "model.n_head=" + std::to_string(m.config.n_head),
+      "model.n_embd=" + std::to_string(m.config.n_embd),
+      "model.block_size=" + std::to_string(m.config.block_size),
+      "model.init=" + weights,
+      "train.seq_len=" + std::to_string(std::min(m.config.block_size, launch::TrainConfig{}.seq_len)),
+      "run.dir=" + out};
+  const launch::TrainConfig cfg = launch::load_config("", sets);
+  launch::model_config(cfg);  // checks the combination
+  {
+    std::ofstream f(fs::path(out) / "config.toml");
+    f << "# imported from " << fs::absolute(hf).string() << " (meshtrain import --hf)\n" << launch::to_toml(cfg);
+    MT_CHECK(f.good(), "import: cannot write '{}/config.toml'", out);
+  }
+  std::printf("imported %s: %s\nwrote %s and %s/config.toml\n", hf.c_str(), m.config.str().c_str(),
+              weights.c_str(), out.c_str());
+  return 0;
+}
+
 int cmd_env() {
   const Settings& s = settings();
   std::printf("%-28s %-34s %-8s %s\n", "variable", "type", "default", "meaning");
@@ -423,6 +536,8 @@ int main(int argc, char** argv) {
     if (cmd == "generate") return cmd_generate(a);
     if (cmd == "plan") return cmd_plan(a);
     if (cmd == "env") return cmd_env();
+    if (cmd == "export") return cmd_export(a);
+    if (cmd == "import") return cmd_import(a);
     if (cmd == "--version") {
       std::printf("meshtrain %s\n", MESHTRAIN_VERSION);
       return 0;

@@ -173,6 +173,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   model_->init_weights(cfg_.seed);
   for (const models::ParamInfo& p : model_->params())
     norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
+  // Starting weights from a file (fine-tuning); a resumed run takes the checkpoint's instead.
+  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) load_weights(*model_, cfg_.model_init);
   const std::int64_t n_params = model_->num_parameters();
   world_ = world;
   zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;

@@ -181,6 +181,12 @@ void load_weights(models::GPT& model, const std::string& path);
 // "auto" with none). Throws when "latest" finds none or a named directory does not exist.
 std::string resolve_resume(const TrainConfig& cfg);
 
+// How a model's parameters map to checkpoint tensors (full shapes, TP shards, vocab padding).
+std::vector<parallel::TensorSlot> checkpoint_slots(const models::GPT& model);
+// Loads the master weights (only) of a checkpoint into the model, any layout it was saved
+// under, and refreshes the compute parameters.
+void load_checkpoint_weights(models::GPT& model, const std::string& dir);
+
 // Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products).
 double measure_bf16_matmul_peak(Device& device = cpu_device());
 

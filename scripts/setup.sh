@@ -18,9 +18,9 @@ esac
 # namespaces with (iproute2, iputils-ping).
 packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
           libgtest-dev libdnnl-dev nlohmann-json3-dev libtomlplusplus-dev python3 python3-numpy python3-torch
-          python3-matplotlib fortunes fortunes-min iproute2 iputils-ping)
-# The cuda preset fetches cudnn-frontend's headers from PyPI (scripts/fetch_cudnn_frontend.sh).
-if [[ "$preset" == cuda ]]; then packages+=(python3-pip); fi
+          python3-matplotlib fortunes fortunes-min iproute2 iputils-ping python3-pip)
+# python3-pip: the cuda preset fetches cudnn-frontend's headers from PyPI
+# (scripts/fetch_cudnn_frontend.sh), and the interchange test needs transformers (below).
 
 missing=()
 for p in "${packages[@]}"; do
@@ -38,6 +38,20 @@ if ((${#missing[@]})); then
     echo "setup.sh: missing Debian packages: ${missing[*]}" >&2
     echo "install them with: sudo apt-get install ${missing[*]}" >&2
     exit 1
+  fi
+fi
+
+# Hugging Face transformers for tests/launch/test_hf.py (export/import against
+# GPT2LMHeadModel), pinned to the last line that supports Debian's torch 1.13; from PyPI into
+# the system Python that has python3-torch. Without it that test reports itself skipped.
+if ! /usr/bin/python3 -c "import transformers" 2>/dev/null; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup.sh: installing transformers 4.40.2 from PyPI"
+    /usr/bin/python3 -m pip install --quiet --break-system-packages --root-user-action=ignore \
+      "transformers==4.40.2" "huggingface-hub<1.0" >/dev/null
+  else
+    echo "setup.sh: transformers is missing (tests/launch/test_hf.py will be skipped); install it" \
+         "with: python3 -m pip install --break-system-packages 'transformers==4.40.2'" >&2
   fi
 fi
 

@@ -28,7 +28,7 @@ auto fields(const TrainConfig& c) {
                tp, eval_every,
                eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
                log_every, ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks,
-               resume] = c;
+               model_init, resume] = c;
   return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                   data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
                   device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay,
@@ -36,7 +36,7 @@ auto fields(const TrainConfig& c) {
                   dp_reduce_dtype, zero, tp,
                   eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
                   run_dir, log_every, ckpt_every, ckpt_keep, ckpt_dir, rollback_after,
-                  max_rollbacks, resume);
+                  max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
