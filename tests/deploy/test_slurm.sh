@@ -89,12 +89,23 @@ export SLURM_CONF="$d/slurm.conf"
 
 mkdir -p "$d/spool-mtsl-n1" "$d/spool-mtsl-n2" "$d/tmp-mtsl-n1" "$d/tmp-mtsl-n2"
 chmod 1777 "$d/tmp-mtsl-n1" "$d/tmp-mtsl-n2"
+# A checkout or build that lives under /tmp (a CI clone, say) must stay visible on the nodes,
+# whose /tmp is their own: its top folder under /tmp is bind-mounted into each node's /tmp.
+keep=""
+for p in "$root" "$mt"; do
+  case "$p" in /tmp/*) rel="${p#/tmp/}"; keep="$keep ${rel%%/*}" ;; esac
+done
+export MT_SLURM_KEEP="$keep"
 on_node() {  # K CMD...: CMD in node K's network with hostname mtsl-nK and a /tmp of its own (as
   # separate machines have; Slurm's PMIx plugin keeps per-step directories there), keeping the
   # other mounts (slurmd needs /sys/fs/cgroup, which `ip netns exec` hides behind a fresh /sys)
   local k="$1"; shift
   nsenter --net="/run/netns/mtsl-n$k" unshare --uts --mount --propagation private -- /bin/sh -c \
-    'hostname "$1" && mount --bind "$2" /tmp && shift 2 && exec "$@"' sh "mtsl-n$k" "$d/tmp-mtsl-n$k" "$@"
+    'hostname "$1" || exit 1
+     for rel in $MT_SLURM_KEEP; do
+       mkdir -p "$2/$rel" && mount --bind "/tmp/$rel" "$2/$rel" || exit 1
+     done
+     mount --rbind "$2" /tmp && shift 2 && exec "$@"' sh "mtsl-n$k" "$d/tmp-mtsl-n$k" "$@"
 }
 on_node 1 slurmctld -D -f "$SLURM_CONF" >"$d/slurmctld.out.log" 2>&1 &
 on_node 1 slurmd -D -N mtsl-n1 -f "$SLURM_CONF" >"$d/slurmd1.out.log" 2>&1 &
