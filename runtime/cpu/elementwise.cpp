@@ -95,18 +95,6 @@ void gelu_backward_range(T* g_in, const T* g_out, const T* in, std::int64_t n) {
   }
 }
 
-// Runs f(begin, end) over [0, n) in chunks of whole 16-lane groups, in parallel when large.
-template <typename F>
-void for_chunks(std::int64_t n, F&& f) {
-  const std::int64_t chunks = chunk_count(n, kParallelGrain, 1024);
-  const auto begin = [&](std::int64_t c) { return chunk_begin(c, n / 16, chunks) * 16; };
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (std::int64_t c = 0; c < chunks; ++c) {
-    const std::int64_t b = begin(c), e = c + 1 == chunks ? n : begin(c + 1);
-    f(b, e);
-  }
-}
-
 }  // namespace
 
 void CpuBackend::gelu_forward(Tensor& y, const Tensor& x) {
@@ -114,7 +102,7 @@ void CpuBackend::gelu_forward(Tensor& y, const Tensor& x) {
     using T = decltype(tag);
     T* out = static_cast<T*>(y.data());
     const T* in = static_cast<const T*>(x.data());
-    for_chunks(x.numel(), [&](std::int64_t b, std::int64_t e) {
+    for_lane_chunks(x.numel(), [&](std::int64_t b, std::int64_t e) {
       gelu_forward_range(out + b, in + b, e - b);
     });
   });
@@ -126,7 +114,7 @@ void CpuBackend::gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) {
     T* g_in = static_cast<T*>(dx.data());
     const T* g_out = static_cast<const T*>(dy.data());
     const T* in = static_cast<const T*>(x.data());
-    for_chunks(x.numel(), [&](std::int64_t b, std::int64_t e) {
+    for_lane_chunks(x.numel(), [&](std::int64_t b, std::int64_t e) {
       gelu_backward_range(g_in + b, g_out + b, in + b, e - b);
     });
   });

@@ -26,11 +26,7 @@ void CpuBackend::adamw_update(Tensor& param, Tensor& master, const Tensor& grad,
   auto update = [&](auto* out) {
     using T = std::remove_pointer_t<decltype(out)>;
     constexpr bool kOut = !std::is_same_v<T, std::nullptr_t>;
-    const std::int64_t chunks = chunk_count(n, kParallelGrain, 1024);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      std::int64_t i = chunk_begin(c, n / 16, chunks) * 16;
-      const std::int64_t end = c + 1 == chunks ? n : chunk_begin(c + 1, n / 16, chunks) * 16;
+    for_lane_chunks(n, [&](std::int64_t i, std::int64_t end) {
 #if MT_CPU_AVX512
       // The same operations in the same order as the scalar loop below, 16 lanes at a time.
       const __m512 vgs = _mm512_set1_ps(gs), vdecay = _mm512_set1_ps(decay);
@@ -63,7 +59,7 @@ void CpuBackend::adamw_update(Tensor& param, Tensor& master, const Tensor& grad,
         w[i] = wi;
         if constexpr (kOut) out[i] = from_float<T>(wi);
       }
-    }
+    });
   };
   if (!param.defined()) {
     update(static_cast<std::nullptr_t*>(nullptr));

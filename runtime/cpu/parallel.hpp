@@ -21,4 +21,15 @@ inline std::int64_t chunk_begin(std::int64_t i, std::int64_t n, std::int64_t chu
   return n * i / chunks;
 }
 
+// Runs f(begin, end) over [0, n) in a fixed number of chunks (chunk_count with kParallelGrain)
+// whose bounds are multiples of `lanes` (but the last, which ends at n), in parallel when there
+// is more than one: vector kernels see whole vectors but for the tail.
+template <typename F>
+void for_lane_chunks(std::int64_t n, F&& f, std::int64_t lanes = 16) {
+  const std::int64_t chunks = chunk_count(n, kParallelGrain, 1024);
+  const auto begin = [&](std::int64_t c) { return chunk_begin(c, n / lanes, chunks) * lanes; };
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (std::int64_t c = 0; c < chunks; ++c) f(begin(c), c + 1 == chunks ? n : begin(c + 1));
+}
+
 }  // namespace meshtrain::cpu
