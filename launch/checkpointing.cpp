@@ -83,7 +83,7 @@ std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
 void load_checkpoint_weights(models::GPT& model, const std::string& dir) {
   const std::int64_t n = model.num_parameters();
   Tensor master = Tensor::empty(Shape{n}, DType::kF32);
-  parallel::load_checkpoint(dir, checkpoint_slots(model), n, {{"master", master, 0}},
+  parallel::load_checkpoint(dir, checkpoint_slots(model), n, {{"master", master, 0, {}}},
                             model.tp().rank(), model.tp().size());
   model.flat_master().copy_from(master);
   model.sync_params_from_master();
