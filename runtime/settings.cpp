@@ -22,6 +22,9 @@ const std::vector<SettingInfo>& setting_table() {
       {"MESHTRAIN_COMM_PROGRESS", "thread|caller", "thread",
        "MPI collectives advance in a background thread while the rank computes (thread), or only "
        "when the caller tests or waits (caller)"},
+      {"MESHTRAIN_COMM_POLL_US", "int 10..100000", "2000",
+       "while a collective is in flight, the longest the progress thread sleeps between polls "
+       "(it polls ten times as often right after one that moved data)"},
       {"MESHTRAIN_ALLOCATOR_CACHE", "0|1", "1",
        "0 returns every freed block to the system (for memory debuggers)"},
   };
@@ -74,6 +77,11 @@ Settings Settings::parse(const std::map<std::string, std::string>& env) {
       MT_CHECK(value == "thread" || value == "caller",
                "environment variable {}='{}': expected thread or caller", name, value);
       s.comm_progress = value;
+    } else if (name == "MESHTRAIN_COMM_POLL_US") {
+      s.comm_poll_us = parse_int(name, value, 10);
+      MT_CHECK(s.comm_poll_us <= 100000,
+               "environment variable {}='{}' is above 100000 (0.1 s between polls would stall "
+               "every collective)", name, value);
     } else if (name == "MESHTRAIN_ALLOCATOR_CACHE") {
       s.allocator_cache = parse_bool(name, value);
     } else if (name.rfind("MESHTRAIN_", 0) == 0) {

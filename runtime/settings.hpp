@@ -19,6 +19,9 @@ struct Settings {
   // MESHTRAIN_COMM_PROGRESS: "thread" (a background thread advances MPI collectives while the
   // caller computes) or "caller" (only test() and wait() advance them).
   std::string comm_progress = "thread";
+  // MESHTRAIN_COMM_POLL_US: the progress thread's longest sleep between polls while a collective
+  // is in flight; it starts at a tenth of it after a poll that moved data.
+  int comm_poll_us = 2000;
   bool allocator_cache = true;    // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
   std::vector<std::string> unknown;  // MESHTRAIN_* names that are not in the table
 

@@ -16,12 +16,14 @@
 namespace meshtrain::comm::detail {
 namespace {
 
-using namespace std::chrono_literals;
-// Poll interval while a collective is in flight: short after a poll that moved data (the next
-// segment is likely ready soon), doubling while nothing moves. 400 us bounds the delay a step of
-// a ring can wait for the thread; it is half the time a 1 MiB segment takes on a 10 Gbit/s link.
-constexpr auto kMinInterval = 50us;
-constexpr auto kMaxInterval = 400us;
+// Poll interval while a collective is in flight: a tenth of MESHTRAIN_COMM_POLL_US after a poll
+// that moved data (the next segment is likely ready soon), doubling while nothing moves, up to
+// MESHTRAIN_COMM_POLL_US (default 2 ms). Every wake-up preempts the compute thread on its core:
+// at 50-400 us, two ranks on two cores made 2,000 context switches a step each and spent about
+// 8% of the step in the kernel (bench/results/dp.md); at 200 us - 2 ms, 400. The Open MPI
+// transports move bytes on their own (shared memory: the receiver's copy; TCP: its progress
+// thread), so a longer nap delays only the posting of a ring's next step, and the caller's
+// wait() polls on its own once backward is done.
 
 // Process-wide bookkeeping; it owns no engine (a weak reference) and no MPI resource.
 struct Registry {
@@ -51,15 +53,17 @@ struct ProgressEngine::Impl {
   std::thread thread;
 
   void run() {
+    const std::chrono::microseconds max_interval(settings().comm_poll_us);
+    const std::chrono::microseconds min_interval(std::max(1, settings().comm_poll_us / 10));
     std::vector<std::shared_ptr<Pollable>> live;
-    auto interval = std::chrono::microseconds(kMinInterval);
+    auto interval = min_interval;
     std::unique_lock lock(mu);
     while (!stop) {
       std::erase_if(items, [](const std::weak_ptr<Pollable>& w) { return w.expired(); });
       if (items.empty()) {
         // Nothing in flight: sleep until a collective is posted.
         cv.wait(lock, [&] { return stop || !items.empty(); });
-        interval = kMinInterval;
+        interval = min_interval;
         continue;
       }
       for (const auto& w : items) {
@@ -74,8 +78,7 @@ struct ProgressEngine::Impl {
       // ~ProgressEngine then detaches instead of joining this thread (see there).
       live.clear();
       lock.lock();
-      interval = moved ? std::chrono::microseconds(kMinInterval)
-                       : std::min<std::chrono::microseconds>(interval * 2, kMaxInterval);
+      interval = moved ? min_interval : std::min(interval * 2, max_interval);
       cv.wait_for(lock, interval, [&] { return stop || woken; });
       woken = false;
     }

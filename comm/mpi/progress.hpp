@@ -14,8 +14,9 @@
 // when MPI provides MPI_THREAD_MULTIPLE (an embedding program then may call MPI freely too).
 //
 // Why it does not steal the compute core: the thread sleeps on a condition variable while no
-// collective is in flight, and while one is, it polls at an adaptive interval (50 us after a
-// poll that moved something, doubling to at most 400 us while nothing moves) and sleeps in
+// collective is in flight, and while one is, it polls at an adaptive interval (a tenth of
+// MESHTRAIN_COMM_POLL_US after a poll that moved something, doubling to at most
+// MESHTRAIN_COMM_POLL_US, 2 ms by default, while nothing moves) and sleeps in
 // between. A poll costs a few microseconds, so the thread takes a few percent of one core while
 // communication is in flight and nothing otherwise. It never blocks inside MPI.
 //

@@ -14,6 +14,7 @@ TEST(Settings, Defaults) {
   EXPECT_DOUBLE_EQ(s.comm_timeout_s, 600.0);
   EXPECT_FALSE(s.comm_debug);
   EXPECT_TRUE(s.allocator_cache);
+  EXPECT_EQ(s.comm_poll_us, 2000);
 }
 
 TEST(Settings, ParsesValues) {
@@ -21,7 +22,9 @@ TEST(Settings, ParsesValues) {
                                 {"MESHTRAIN_COMM_TIMEOUT", "2.5"},
                                 {"MESHTRAIN_COMM_DEBUG", "1"},
                                 {"MESHTRAIN_LOG_LEVEL", "debug"},
+                                {"MESHTRAIN_COMM_POLL_US", "400"},
                                 {"MESHTRAIN_THREDS", "2"}});
+  EXPECT_EQ(s.comm_poll_us, 400);
   EXPECT_EQ(s.threads, 3);
   EXPECT_DOUBLE_EQ(s.comm_timeout_s, 2.5);
   EXPECT_TRUE(s.comm_debug);
@@ -34,7 +37,9 @@ TEST(Settings, BadValuesNameTheVariable) {
   for (auto [k, v] : std::vector<std::pair<std::string, std::string>>{
            {"MESHTRAIN_THREADS", "-1"}, {"MESHTRAIN_THREADS", "two"},
            {"MESHTRAIN_COMM_TIMEOUT", "0"}, {"MESHTRAIN_COMM_TIMEOUT", "inf"},
-           {"MESHTRAIN_COMM_DEBUG", "maybe"}, {"MESHTRAIN_LOG_LEVEL", "loud"}}) {
+           {"MESHTRAIN_COMM_DEBUG", "maybe"}, {"MESHTRAIN_LOG_LEVEL", "loud"},
+           {"MESHTRAIN_COMM_POLL_US", "5"}, {"MESHTRAIN_COMM_POLL_US", "200000"},
+           {"MESHTRAIN_COMM_POLL_US", "1ms"}}) {
     try {
       Settings::parse({{k, v}});
       FAIL() << k << "=" << v << " was accepted";
