@@ -35,6 +35,8 @@ EXTRA=(${BENCH_DP_SET:-})
 COMMON=(--quiet --set "train.steps=$STEPS" --set train.threads=1 --set sample.tokens=0
         --set eval.every=0 --set eval.batches=1 "${EXTRA[@]}")
 load() { cut -d' ' -f1 /proc/loadavg; }
+# The progress thread's longest nap between polls (comm/mpi/progress.hpp), passed to every rank.
+export MESHTRAIN_COMM_POLL_US=${MESHTRAIN_COMM_POLL_US:-2000}
 
 # summary NAME...: one row per configuration, medians over rounds of per-run medians.
 summary() {
@@ -113,7 +115,7 @@ if [[ " $PARTS " == *" overlap "* ]]; then
         load > "$d/load"
         OMPI_MCA_btl_tcp_progress_thread=1 "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
           --bind-to none -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
-          -x OMPI_MCA_btl_tcp_progress_thread "$MT" train "${COMMON[@]}" \
+          -x OMPI_MCA_btl_tcp_progress_thread -x MESHTRAIN_COMM_POLL_US "$MT" train "${COMMON[@]}" \
           --set "dp.bucket_mb=${BENCH_DP_NET_BUCKET_MB:-4}" --set "dp.overlap=${cfg#net_}" \
           --set "run.dir=$d" > /dev/null
       done
