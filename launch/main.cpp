@@ -1,9 +1,11 @@
-// The meshtrain command line: train, generate, plan, env.
+// The meshtrain command line: train, generate, plan, export, import, env.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -11,12 +13,11 @@
 #include "comm/mpi.hpp"
 #include "launch/config.hpp"
 #include "launch/hf.hpp"
-#include "runtime/safetensors.hpp"
-#include <fstream>
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
+#include "runtime/safetensors.hpp"
 #include "runtime/settings.hpp"
 
 namespace {
@@ -114,10 +115,6 @@ struct Args {
   std::vector<std::string> v;
   std::size_t i = 0;
   bool more() const { return i < v.size(); }
-  std::string next(const std::string& flag) {
-    MT_CHECK(i < v.size(), "{} needs a value", flag);
-    return v[i++];
-  }
 };
 
 double parse_number(const std::string& flag, const std::string& text, double lo, double hi) {
@@ -127,6 +124,86 @@ double parse_number(const std::string& flag, const std::string& text, double lo,
            "{} '{}': expected a number from {} to {}", flag, text, lo, hi);
   return d;
 }
+
+// One command's flags, declared as a table: each flag names what its value sets. parse() takes
+// `--flag VALUE` and `--flag=VALUE` alike, prints the usage for --help / -h, and refuses an
+// unknown argument or a missing value naming the command and the flag.
+class Flags {
+ public:
+  using Setter = std::function<void(const std::string& flag, const std::string& value)>;
+  Flags(const char* command, const char* usage) : command_(command), usage_(usage) {}
+
+  // A flag that takes a value.
+  Flags& value(const char* name, Setter set) {
+    flags_.push_back({name, true, std::move(set)});
+    return *this;
+  }
+  Flags& text(const char* name, std::string* out) {
+    return value(name, [out](const std::string&, const std::string& v) { *out = v; });
+  }
+  // A repeatable flag: every occurrence adds its value.
+  Flags& texts(const char* name, std::vector<std::string>* out) {
+    return value(name, [out](const std::string&, const std::string& v) { out->push_back(v); });
+  }
+  template <typename T>
+  Flags& number(const char* name, double lo, double hi, T* out) {
+    return value(name, [=](const std::string& f, const std::string& v) {
+      *out = static_cast<T>(parse_number(f, v, lo, hi));
+    });
+  }
+  // A flag without a value.
+  Flags& on(const char* name, bool* out) {
+    flags_.push_back({name, false, [out](const std::string&, const std::string&) { *out = true; }});
+    return *this;
+  }
+  // Printed after the usage by --help.
+  Flags& more_help(std::function<void()> print) {
+    more_help_ = std::move(print);
+    return *this;
+  }
+
+  // Applies every argument left in `a`; false when --help printed the usage (the command then
+  // returns 0 without doing anything).
+  bool parse(Args& a) const {
+    while (a.more()) {
+      const std::string arg = a.v[a.i++];
+      if (arg == "--help" || arg == "-h") {
+        std::printf("%s", usage_);
+        if (more_help_) more_help_();
+        return false;
+      }
+      const auto eq = arg.find('=');
+      const std::string name = arg.rfind("--", 0) == 0 ? arg.substr(0, eq) : arg;
+      const Flag* flag = nullptr;
+      for (const Flag& f : flags_) flag = flag != nullptr || name != f.name ? flag : &f;
+      MT_CHECK(flag != nullptr, "{}: unknown argument '{}' (see meshtrain {} --help)", command_,
+               arg, command_);
+      std::string v;
+      if (!flag->takes_value) {
+        MT_CHECK(eq == std::string::npos, "{}: {} takes no value (got '{}')", command_, name, arg);
+      } else if (eq != std::string::npos) {
+        v = arg.substr(eq + 1);
+      } else {
+        MT_CHECK(a.more(), "{}: {} needs a value (see meshtrain {} --help)", command_, name,
+                 command_);
+        v = a.v[a.i++];
+      }
+      flag->set(name, v);
+    }
+    return true;
+  }
+
+ private:
+  struct Flag {
+    std::string name;
+    bool takes_value;
+    Setter set;
+  };
+  const char* command_;
+  const char* usage_;
+  std::vector<Flag> flags_;
+  std::function<void()> more_help_;
+};
 
 std::string human_bytes(double b) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -150,33 +227,28 @@ int cmd_train(Args a) {
   std::vector<std::string> sets;
   std::string resume;
   bool quiet = false;
-  while (a.more()) {
-    const std::string f = a.v[a.i++];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s", kTrainUsage);
-      for (const auto& k : launch::config_keys())
-        std::printf("  %-22s %-28s %s (%s)\n", k.key.c_str(), k.type.c_str(), k.help.c_str(),
-                    k.default_value.c_str());
-      return 0;
-    } else if (f == "--config") {
-      config = a.next(f);
-    } else if (f == "--set") {
-      sets.push_back(a.next(f));
-    } else if (f.rfind("--set=", 0) == 0) {
-      sets.push_back(f.substr(6));
-    } else if (f == "--quiet") {
-      quiet = true;
-    } else if (f == "--device") {
-      sets.push_back("train.device=" + a.next(f));
-    } else if (f == "--tp") {
-      sets.push_back("train.tp=" + a.next(f));
-    } else if (f == "--resume") {
-      resume = a.next(f);
-      MT_CHECK(!resume.empty(), "--resume needs a checkpoint directory, latest or auto");
-    } else {
-      MT_FAIL("train: unknown argument '{}' (see meshtrain train --help)", f);
-    }
-  }
+  const bool go =
+      Flags("train", kTrainUsage)
+          .text("--config", &config)
+          .texts("--set", &sets)
+          .on("--quiet", &quiet)
+          .value("--device", [&](const std::string&, const std::string& v) {
+            sets.push_back("train.device=" + v);
+          })
+          .value("--tp", [&](const std::string&, const std::string& v) {
+            sets.push_back("train.tp=" + v);
+          })
+          .value("--resume", [&](const std::string&, const std::string& v) {
+            MT_CHECK(!v.empty(), "--resume needs a checkpoint directory, latest or auto");
+            resume = v;
+          })
+          .more_help([] {
+            for (const auto& k : launch::config_keys())
+              std::printf("  %-22s %-28s %s (%s)\n", k.key.c_str(), k.type.c_str(),
+                          k.help.c_str(), k.default_value.c_str());
+          })
+          .parse(a);
+  if (!go) return 0;
   launch::TrainConfig cfg = launch::load_config(config, sets);
   if (!resume.empty()) {
     // The checkpoint's config is the base unless --config names one; --set applies on top.
@@ -233,28 +305,19 @@ int cmd_generate(Args a) {
   int tokens = 200, top_k = 40;
   double temperature = 0.8;
   std::uint64_t seed = 1;
-  while (a.more()) {
-    const std::string f = a.v[a.i++];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s", kGenerateUsage);
-      return 0;
-    } else if (f == "--run") {
-      run = a.next(f);
-    } else if (f == "--prompt") {
-      prompt = a.next(f);
-      have_prompt = true;
-    } else if (f == "--tokens") {
-      tokens = static_cast<int>(parse_number(f, a.next(f), 0, 1 << 20));
-    } else if (f == "--temperature") {
-      temperature = parse_number(f, a.next(f), 0, 100);
-    } else if (f == "--top-k") {
-      top_k = static_cast<int>(parse_number(f, a.next(f), 0, 1 << 20));
-    } else if (f == "--seed") {
-      seed = static_cast<std::uint64_t>(parse_number(f, a.next(f), 0, 9e15));
-    } else {
-      MT_FAIL("generate: unknown argument '{}' (see meshtrain generate --help)", f);
-    }
-  }
+  const bool go = Flags("generate", kGenerateUsage)
+                      .text("--run", &run)
+                      .value("--prompt",
+                             [&](const std::string&, const std::string& v) {
+                               prompt = v;
+                               have_prompt = true;
+                             })
+                      .number("--tokens", 0, 1 << 20, &tokens)
+                      .number("--temperature", 0, 100, &temperature)
+                      .number("--top-k", 0, 1 << 20, &top_k)
+                      .number("--seed", 0, 9e15, &seed)
+                      .parse(a);
+  if (!go) return 0;
   const std::string config = (fs::path(run) / "config.toml").string();
   const std::string weights = (fs::path(run) / "model.safetensors").string();
   MT_CHECK(fs::exists(config) && fs::exists(weights),
@@ -307,39 +370,21 @@ int cmd_plan(Args a) {
   int batch = 0, seq = 0, dp = 1, tp = 0;
   std::string precision;
   double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
-  while (a.more()) {
-    const std::string f = a.v[a.i++];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s", kPlanUsage);
-      return 0;
-    } else if (f == "--config") {
-      config = a.next(f);
-    } else if (f == "--model") {
-      model = a.next(f);
-    } else if (f == "--set") {
-      sets.push_back(a.next(f));
-    } else if (f == "--batch") {
-      batch = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
-    } else if (f == "--seq") {
-      seq = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
-    } else if (f == "--precision") {
-      precision = a.next(f);
-    } else if (f == "--dp") {
-      dp = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 20));
-    } else if (f == "--tp") {
-      tp = static_cast<int>(parse_number(f, a.next(f), 1, 1 << 16));
-    } else if (f == "--budget-flops") {
-      budget_flops = parse_number(f, a.next(f), 1, 1e40);
-    } else if (f == "--budget-gpu-hours") {
-      gpu_hours = parse_number(f, a.next(f), 1e-6, 1e12);
-    } else if (f == "--gpu-tflops") {
-      gpu_tflops = parse_number(f, a.next(f), 1e-3, 1e6);
-    } else if (f == "--mfu") {
-      mfu = parse_number(f, a.next(f), 1e-3, 1);
-    } else {
-      MT_FAIL("plan: unknown argument '{}' (see meshtrain plan --help)", f);
-    }
-  }
+  const bool go = Flags("plan", kPlanUsage)
+                      .text("--config", &config)
+                      .text("--model", &model)
+                      .texts("--set", &sets)
+                      .number("--batch", 1, 1 << 20, &batch)
+                      .number("--seq", 1, 1 << 20, &seq)
+                      .text("--precision", &precision)
+                      .number("--dp", 1, 1 << 20, &dp)
+                      .number("--tp", 1, 1 << 16, &tp)
+                      .number("--budget-flops", 1, 1e40, &budget_flops)
+                      .number("--budget-gpu-hours", 1e-6, 1e12, &gpu_hours)
+                      .number("--gpu-tflops", 1e-3, 1e6, &gpu_tflops)
+                      .number("--mfu", 1e-3, 1, &mfu)
+                      .parse(a);
+  if (!go) return 0;
   if (!model.empty()) sets.push_back("model.preset=" + model);
   if (!precision.empty()) sets.push_back("train.precision=" + precision);
   if (seq > 0) {
@@ -423,21 +468,12 @@ int cmd_plan(Args a) {
 
 int cmd_export(Args a) {
   std::string out, run = "runs/latest", checkpoint;
-  while (a.more()) {
-    const std::string f = a.v[a.i++];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s", kExportUsage);
-      return 0;
-    } else if (f == "--hf") {
-      out = a.next(f);
-    } else if (f == "--run") {
-      run = a.next(f);
-    } else if (f == "--checkpoint") {
-      checkpoint = a.next(f);
-    } else {
-      MT_FAIL("export: unknown argument '{}' (see meshtrain export --help)", f);
-    }
-  }
+  const bool go = Flags("export", kExportUsage)
+                      .text("--hf", &out)
+                      .text("--run", &run)
+                      .text("--checkpoint", &checkpoint)
+                      .parse(a);
+  if (!go) return 0;
   MT_CHECK(!out.empty(), "export: --hf OUT is required (see meshtrain export --help)");
   std::string config = (fs::path(run) / "config.toml").string();
   if (checkpoint == "latest") {
@@ -465,19 +501,7 @@ int cmd_export(Args a) {
 
 int cmd_import(Args a) {
   std::string hf, out;
-  while (a.more()) {
-    const std::string f = a.v[a.i++];
-    if (f == "--help" || f == "-h") {
-      std::printf("%s", kImportUsage);
-      return 0;
-    } else if (f == "--hf") {
-      hf = a.next(f);
-    } else if (f == "--out") {
-      out = a.next(f);
-    } else {
-      MT_FAIL("import: unknown argument '{}' (see meshtrain import --help)", f);
-    }
-  }
+  if (!Flags("import", kImportUsage).text("--hf", &hf).text("--out", &out).parse(a)) return 0;
   MT_CHECK(!hf.empty() && !out.empty(), "import: --hf DIR and --out RUN_DIR are required");
   const launch::ImportedModel m = launch::import_hf(hf);
   std::error_code ec;
@@ -508,7 +532,13 @@ int cmd_import(Args a) {
   return 0;
 }
 
-int cmd_env() {
+constexpr const char* kEnvUsage = R"(usage: meshtrain env
+
+Lists every MESHTRAIN_* environment setting (type, default, meaning) and this process's values.
+)";
+
+int cmd_env(Args a) {
+  if (!Flags("env", kEnvUsage).parse(a)) return 0;
   const Settings& s = settings();
   std::printf("%-28s %-34s %-8s %s\n", "variable", "type", "default", "meaning");
   for (const auto& e : setting_table())
@@ -535,7 +565,7 @@ int main(int argc, char** argv) {
     if (cmd == "train") return cmd_train(a);
     if (cmd == "generate") return cmd_generate(a);
     if (cmd == "plan") return cmd_plan(a);
-    if (cmd == "env") return cmd_env();
+    if (cmd == "env") return cmd_env(a);
     if (cmd == "export") return cmd_export(a);
     if (cmd == "import") return cmd_import(a);
     if (cmd == "--version") {

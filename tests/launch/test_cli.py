@@ -291,9 +291,23 @@ class Cli(unittest.TestCase):
     def test_unknown_command(self):
         r = self.expect_error(["fly"], "unknown command 'fly'", rc=2)
         self.assertIn("usage: meshtrain", r.err)
-        for cmd in ("train", "generate", "plan"):
+        for cmd in ("train", "generate", "plan", "export", "import", "env"):
             r = run(MESHTRAIN, cmd, "--help", check=True)
             self.assertIn(f"usage: meshtrain {cmd}", r.out)
+
+    def test_flag_forms(self):
+        # Every command takes --flag VALUE and --flag=VALUE alike, and names itself and the
+        # flag when one is wrong.
+        a = run(MESHTRAIN, "plan", "--model", "gpt2", "--dp", "4", check=True).out
+        b = run(MESHTRAIN, "plan", "--model=gpt2", "--dp=4", check=True).out
+        self.assertEqual(a, b)
+        self.assertIn("parameters: 124475904", b)
+        self.expect_error(["plan", "--dp=x"], "--dp 'x': expected a number")
+        self.expect_error(["generate", "--tokens"], "generate: --tokens needs a value")
+        self.expect_error(["train", "--quiet=1"], "train: --quiet takes no value")
+        self.expect_error(["env", "--bogus"], "env: unknown argument '--bogus'")
+        self.expect_error(["export", "extra"], "export: unknown argument 'extra'")
+        self.expect_error(["import", "--hf"], "import: --hf needs a value")
 
 
 def main():
