@@ -47,6 +47,21 @@ class Backend {
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
                                       const Tensor& targets, std::int64_t rows,
                                       std::int64_t padded_vocab, int vocab, float dloss) = 0;
+  // Fused ops (ops.hpp): the CPU composes them from the ops above.
+  virtual void linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                                   const Tensor* bias, std::int64_t m, std::int64_t n,
+                                   std::int64_t k) = 0;
+  virtual void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd,
+                                          const Tensor& a, const Tensor& b, const Tensor& weight,
+                                          const Tensor& bias, std::int64_t rows, std::int64_t cols,
+                                          float eps) = 0;
+  // Vocab-parallel loss pieces; owner values are checked to lie below ranks.
+  virtual void cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts,
+                                     const Tensor& owner, int ranks, std::int64_t rows) = 0;
+  virtual void cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits,
+                                            const Tensor& lse, const Tensor& targets,
+                                            std::int64_t rows, std::int64_t cols, int valid,
+                                            float dloss) = 0;
   virtual void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m,
                             Tensor& v, const ops::AdamWParams& p) = 0;
   virtual double sum_of_squares(const Tensor& x) = 0;

@@ -125,6 +125,30 @@ void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* b
   matmul(y, x, w, opt);
 }
 
+void linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                         const Tensor* bias) {
+  const char* op = "linear_gelu_forward";
+  check_linear(x, w, op);
+  const std::int64_t rows = x.numel() / std::max<std::int64_t>(x.dim(-1), 1);
+  const std::int64_t out_features = w.dim(0);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&pre, "pre"}, {&y, "y"}}) {
+    check_same_device(x, *t, op, name);
+    check_dtype(*t, x.dtype(), op, name);
+    check_rows(*t, rows, out_features, op, name);
+  }
+  if (bias != nullptr) {
+    check_same_device(x, *bias, op, "bias");
+    check_shape(*bias, Shape{out_features}, op, "bias");
+    MT_CHECK(bias->dtype() == x.dtype() || bias->dtype() == DType::kF32,
+             "linear_gelu_forward: argument 'bias' is {}, expected {}", bias->str(),
+             bias_dtypes(x.dtype()));
+  }
+  MT_CHECK(pre.data() != y.data() || pre.numel() == 0,
+           "linear_gelu_forward: pre and y must be different buffers (backward needs pre)");
+  if (rows == 0 || out_features == 0) return;
+  backend_of(x).linear_gelu_forward(pre, y, x, w, bias, rows, out_features, x.dim(-1));
+}
+
 void bias_backward(Tensor& dbias, const Tensor& dy) {
   const char* op = "bias_backward";
   check_defined(dy, op, "dy");
@@ -246,6 +270,44 @@ void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
   check_numel(mean, rows, op, "mean");
   check_numel(rstd, rows, op, "rstd");
   backend_of(x).layernorm_forward(y, mean, rstd, x, weight, bias, rows, cols, eps);
+}
+
+void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& weight, const Tensor& bias,
+                                float eps) {
+  const char* op = "residual_layernorm_forward";
+  check_defined(a, op, "a");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&b, "b"},
+                         {&sum, "sum"},
+                         {&y, "y"},
+                         {&mean, "mean"},
+                         {&rstd, "rstd"},
+                         {&weight, "weight"},
+                         {&bias, "bias"}})
+    check_same_device(a, *t, op, name);
+  check_float(a, op, "a");
+  MT_CHECK(a.ndim() >= 1 && a.dim(-1) > 0,
+           "residual_layernorm_forward: a must have a last dimension, got {}", a.str());
+  MT_CHECK(eps > 0 && std::isfinite(eps),
+           "residual_layernorm_forward: eps must be positive, got {}", eps);
+  const std::int64_t cols = a.dim(-1);
+  const std::int64_t rows = a.numel() / cols;
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&b, "b"}, {&sum, "sum"}, {&y, "y"}}) {
+    check_shape(*t, a.shape(), op, name);
+    check_dtype(*t, a.dtype(), op, name);
+  }
+  MT_CHECK(y.data() != sum.data() && y.data() != a.data() && y.data() != b.data(),
+           "residual_layernorm_forward: y must not alias sum, a or b");
+  check_shape(weight, Shape{cols}, op, "weight");
+  check_shape(bias, Shape{cols}, op, "bias");
+  check_dtype(weight, a.dtype(), op, "weight");
+  check_dtype(bias, a.dtype(), op, "bias");
+  check_dtype(mean, DType::kF32, op, "mean");
+  check_dtype(rstd, DType::kF32, op, "rstd");
+  check_numel(mean, rows, op, "mean");
+  check_numel(rstd, rows, op, "rstd");
+  backend_of(a).residual_layernorm_forward(sum, y, mean, rstd, a, b, weight, bias, rows, cols, eps);
 }
 
 void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
@@ -463,6 +525,62 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
   if (lse.numel() == 0) return;
   backend_of(logits).cross_entropy_backward(dlogits, logits, lse, targets, lse.numel(),
                                             logits.dim(-1), vocab, dloss);
+}
+
+void cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts, const Tensor& owner) {
+  const char* op = "cross_entropy_combine";
+  check_defined(parts, op, "parts");
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&losses, "losses"}, {&lse, "lse"}, {&owner, "owner"}})
+    check_same_device(parts, *t, op, name);
+  check_dtype(parts, DType::kF32, op, "parts");
+  MT_CHECK(parts.ndim() == 3 && parts.dim(1) == 2 && parts.dim(0) >= 1,
+           "cross_entropy_combine: parts must be [K, 2, N], got {}", parts.str());
+  const std::int64_t ranks = parts.dim(0), rows = parts.dim(2);
+  check_dtype(losses, DType::kF32, op, "losses");
+  check_numel(losses, rows, op, "losses");
+  check_dtype(lse, DType::kF32, op, "lse");
+  check_numel(lse, rows, op, "lse");
+  check_dtype(owner, DType::kI32, op, "owner");
+  check_numel(owner, rows, op, "owner");
+  if (rows == 0) return;
+  std::int32_t lo, hi;
+  std::int64_t lo_at, hi_at;
+  backend_of(owner).token_range(owner, lo, lo_at, hi, hi_at);
+  MT_CHECK(hi < ranks, "cross_entropy_combine: owner {} at row {} is not one of the {} ranks", hi,
+           hi_at, ranks);
+  backend_of(parts).cross_entropy_combine(losses, lse, parts, owner, static_cast<int>(ranks), rows);
+}
+
+void cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                                  const Tensor& targets, int valid, float dloss) {
+  const char* op = "cross_entropy_backward_split";
+  check_defined(logits, op, "logits");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dlogits, "dlogits"},
+                         {&lse, "lse"},
+                         {&targets, "targets"}})
+    check_same_device(logits, *t, op, name);
+  check_float(logits, op, "logits");
+  MT_CHECK(logits.ndim() >= 2, "{}: logits must be [N, V_local], got {}", op, logits.str());
+  const std::int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<std::int64_t>(cols, 1);
+  MT_CHECK(valid >= 0 && valid <= cols, "{}: valid {} must be in [0, {}] (the local width)", op,
+           valid, cols);
+  check_shape(dlogits, logits.shape(), op, "dlogits");
+  check_dtype(dlogits, logits.dtype(), op, "dlogits");
+  check_dtype(lse, DType::kF32, op, "lse");
+  check_numel(lse, rows, op, "lse");
+  check_dtype(targets, DType::kI32, op, "targets");
+  check_numel(targets, rows, op, "targets");
+  MT_CHECK(std::isfinite(dloss), "{}: dloss must be finite, got {}", op, dloss);
+  if (rows == 0) return;
+  std::int32_t lo, hi;
+  std::int64_t lo_at, hi_at;
+  backend_of(targets).token_range(targets, lo, lo_at, hi, hi_at);
+  MT_CHECK(hi < valid && lo >= -2,
+           "{}: targets must be in [-2, {}) (-1: on another rank, -2: ignored); row {} holds {}",
+           op, valid, hi >= valid ? hi_at : lo_at, hi >= valid ? hi : lo);
+  backend_of(logits).cross_entropy_backward_split(dlogits, logits, lse, targets, rows, cols, valid,
+                                                  dloss);
 }
 
 void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,

@@ -35,6 +35,13 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& 
 
 // y[.., out] = x[.., in] @ w[out, in]^T + bias[out]   (PyTorch's nn.Linear layout)
 void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias);
+// Fused: pre = x @ w^T + bias and y = gelu(pre) (the MLP up-projection; backward takes pre:
+// gelu_backward, then linear_backward). CUDA runs one cuBLASLt matmul with the GELU_AUX_BIAS
+// epilogue for 16-bit dtypes (GELU of the fp32 accumulator, so y may differ from
+// gelu(rounded pre) by one 16-bit rounding); the CPU computes linear_forward then gelu_forward
+// (the same bits as calling them).
+void linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                         const Tensor* bias);
 // dx = dy @ w (written; skipped when dx is null), dw += dy^T @ x, dbias += column sums of dy.
 void linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
                      const Tensor& w);
@@ -60,6 +67,15 @@ void scale_(Tensor& x, float alpha);
 // x, y: [.., C]; weight, bias: [C] in x's dtype; mean, rstd: fp32 with x.numel()/C elements.
 void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
                        const Tensor& weight, const Tensor& bias, float eps = 1e-5f);
+// Fused residual add and LayerNorm (pre-LN blocks): sum = a + b (rounded to the dtype), then
+// y = layernorm(sum), statistics from the rounded sum: the same as add then layernorm_forward
+// (bit for bit on the CPU, which calls those). sum may alias a or b. CUDA: one pass per row.
+// Backward needs no fused op: layernorm_backward(accumulate_dx = true) adds the LayerNorm's
+// input gradient to the residual stream's gradient in the same pass, and an add passes its
+// gradient through.
+void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& weight, const Tensor& bias,
+                                float eps = 1e-5f);
 // dx = (or += when accumulate_dx) the input gradient; dweight, dbias (fp32) +=.
 void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
                         const Tensor& x, const Tensor& weight, const Tensor& mean,
@@ -105,6 +121,25 @@ void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
 // dlogits may alias logits.
 void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
                             const Tensor& targets, int vocab, float dloss);
+
+// ---- vocab-parallel loss (parallel/tensor_parallel.hpp) ------------------------------------
+// Cross-entropy over logits whose vocabulary columns are split across K ranks, around one
+// all-gather. Rank k first runs cross_entropy_forward on its own columns with its local targets
+// (target - its first column where it holds the target, negative elsewhere): its partial
+// log-sum-exp lse_k, and on the rank holding the target lse_k - logit[target].
+// parts: fp32 [K, 2, N], rank k's lse_k then its losses_k, in rank order. owner: int32 [N], the
+// rank holding row i's target, negative for an ignored row. Writes lse[i] = log sum_k
+// exp(lse_k[i]) (in rank order: the same bits on every rank) and losses[i] = lse[i] - (lse_o[i]
+// - losses_o[i]) for o = owner[i] (0 for ignored rows). lse_k may be -inf (a rank without real
+// columns); at least one rank's must be finite.
+void cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts, const Tensor& owner);
+// Backward on one rank's columns of logits [N, V_local]: dlogits = dloss * (exp(logit - lse) -
+// onehot(t)) on the first `valid` columns (0 <= valid <= V_local), 0 beyond. targets: int32
+// [N]: t in [0, valid) a target in this rank's columns, -1 a target on another rank (no one-hot
+// term), -2 an ignored row (all 0). lse: the full log-sum-exp (cross_entropy_combine). dlogits
+// may alias logits.
+void cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                                  const Tensor& targets, int valid, float dloss);
 
 // ---- optimizer ------------------------------------------------------------------------------
 

@@ -42,6 +42,18 @@ class CpuBackend final : public Backend {
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
                               const Tensor& targets, std::int64_t rows,
                               std::int64_t padded_vocab, int vocab, float dloss) override;
+  void linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                           const Tensor* bias, std::int64_t m, std::int64_t n,
+                           std::int64_t k) override;
+  void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd,
+                                  const Tensor& a, const Tensor& b, const Tensor& weight,
+                                  const Tensor& bias, std::int64_t rows, std::int64_t cols,
+                                  float eps) override;
+  void cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts, const Tensor& owner,
+                             int ranks, std::int64_t rows) override;
+  void cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
+                                    const Tensor& targets, std::int64_t rows, std::int64_t cols,
+                                    int valid, float dloss) override;
   void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
                     const ops::AdamWParams& p) override;
   double sum_of_squares(const Tensor& x) override;

@@ -152,4 +152,13 @@ void CpuBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, 
   }
 }
 
+// Not fused on the CPU: the same calls (and so the same bits) as add then layernorm_forward.
+void CpuBackend::residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd,
+                                            const Tensor& a, const Tensor& b, const Tensor& weight,
+                                            const Tensor& bias, std::int64_t rows,
+                                            std::int64_t cols, float eps) {
+  add(sum, a, b);
+  layernorm_forward(y, mean, rstd, sum, weight, bias, rows, cols, eps);
+}
+
 }  // namespace meshtrain::cpu

@@ -34,4 +34,16 @@ void CpuBackend::matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int6
   gemm(g);
 }
 
+// Not fused on the CPU: the same calls (and so the same bits) as linear_forward then
+// gelu_forward.
+void CpuBackend::linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                                     const Tensor* bias, std::int64_t m, std::int64_t n,
+                                     std::int64_t k) {
+  ops::MatmulOptions opt;
+  opt.trans_b = true;
+  opt.bias = bias;
+  matmul(pre, x, w, m, n, k, opt);
+  gelu_forward(y, pre);
+}
+
 }  // namespace meshtrain::cpu

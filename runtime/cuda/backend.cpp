@@ -110,6 +110,50 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, 
       static_cast<const std::int32_t*>(targets.data()), rows, padded_vocab, vocab, dloss, stream());
 }
 
+void CudaBackend::cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts,
+                                        const Tensor& owner, int ranks, std::int64_t rows) {
+  DeviceGuard g(device_.index());
+  kernels::cross_entropy_combine(
+      static_cast<float*>(losses.data()), static_cast<float*>(lse.data()),
+      static_cast<const float*>(parts.data()), static_cast<const std::int32_t*>(owner.data()),
+      ranks, rows, stream());
+}
+
+void CudaBackend::cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits,
+                                               const Tensor& lse, const Tensor& targets,
+                                               std::int64_t rows, std::int64_t cols, int valid,
+                                               float dloss) {
+  DeviceGuard g(device_.index());
+  kernels::cross_entropy_backward_split(
+      logits.dtype(), dlogits.data(), logits.data(), static_cast<const float*>(lse.data()),
+      static_cast<const std::int32_t*>(targets.data()), rows, cols, valid, dloss, stream());
+}
+
+void CudaBackend::residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rstd,
+                                             const Tensor& a, const Tensor& b, const Tensor& weight,
+                                             const Tensor& bias, std::int64_t rows,
+                                             std::int64_t cols, float eps) {
+  DeviceGuard g(device_.index());
+  kernels::residual_layernorm_forward(a.dtype(), sum.data(), y.data(),
+                                      static_cast<float*>(mean.data()),
+                                      static_cast<float*>(rstd.data()), a.data(), b.data(),
+                                      weight.data(), bias.data(), rows, cols, eps, stream());
+}
+
+void CudaBackend::linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                                      const Tensor* bias, std::int64_t m, std::int64_t n,
+                                      std::int64_t k) {
+  if (x.dtype() != DType::kF32 && bias != nullptr && bias->dtype() == x.dtype()) {
+    matmul_gelu(y, pre, x, w, *bias, m, n, k, /*trans_a=*/false, /*trans_b=*/true);
+    return;
+  }
+  ops::MatmulOptions opt;
+  opt.trans_b = true;
+  opt.bias = bias;
+  matmul(pre, x, w, m, n, k, opt);
+  gelu_forward(y, pre);
+}
+
 void CudaBackend::adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m,
                                Tensor& v, const ops::AdamWParams& p) {
   DeviceGuard g(device_.index());

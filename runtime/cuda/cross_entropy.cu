@@ -57,7 +57,63 @@ __global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const
   }
 }
 
+// One thread per row; the ranks' partials are combined in rank order (deterministic).
+__global__ void cross_entropy_combine_kernel(float* losses, float* lse, const float* parts,
+                                             const std::int32_t* owner, int ranks,
+                                             std::int64_t rows) {
+  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    float mx = -INFINITY;
+    for (int k = 0; k < ranks; ++k) mx = fmaxf(mx, parts[(2 * k) * rows + r]);
+    float sum = 0.0f;
+    for (int k = 0; k < ranks; ++k) sum += expf(parts[(2 * k) * rows + r] - mx);
+    const float l = mx + logf(sum);
+    lse[r] = l;
+    const int o = owner[r];
+    losses[r] = o < 0 ? 0.0f : l - (parts[(2 * o) * rows + r] - parts[(2 * o + 1) * rows + r]);
+  }
+}
+
+// As cross_entropy_backward_kernel, with t == -1 meaning "the target is on another rank" (no
+// one-hot term) and t <= -2 an ignored row.
+template <typename T>
+__global__ void cross_entropy_backward_split_kernel(T* dlogits, const T* logits, const float* lse,
+                                                    const std::int32_t* targets, std::int64_t cols,
+                                                    int valid, float dloss) {
+  const std::int64_t r = blockIdx.x;
+  const T* row = logits + r * cols;
+  T* drow = dlogits + r * cols;
+  const int t = targets[r];
+  const int n = t <= -2 ? 0 : valid;
+  const float l = lse[r];
+  for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    float g = 0.0f;
+    if (j < n) g = (expf(to_f32(row[j]) - l) - (j == t ? 1.0f : 0.0f)) * dloss;
+    drow[j] = from_f32<T>(g);
+  }
+}
+
 }  // namespace
+
+void cross_entropy_combine(float* losses, float* lse, const float* parts, const std::int32_t* owner,
+                           int ranks, std::int64_t rows, cudaStream_t s) {
+  if (rows == 0) return;
+  cross_entropy_combine_kernel<<<grid_for(rows, 256), 256, 0, s>>>(losses, lse, parts, owner, ranks,
+                                                                   rows);
+  MT_CU_LAUNCH_CHECK();
+}
+
+void cross_entropy_backward_split(DType t, void* dlogits, const void* logits, const float* lse,
+                                  const std::int32_t* targets, std::int64_t rows, std::int64_t cols,
+                                  int valid, float dloss, cudaStream_t s) {
+  if (rows == 0) return;
+  dispatch_float(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    cross_entropy_backward_split_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, cols, valid, dloss);
+    MT_CU_LAUNCH_CHECK();
+  });
+}
 
 void cross_entropy_forward(DType t, float* losses, float* lse, const void* logits,
                            const std::int32_t* targets, std::int64_t rows,

@@ -227,6 +227,30 @@ cudaStream_t stream_of(Device& device) {
 
 void* compute_stream(Device& device) { return stream_of(device); }
 
+namespace {
+int cuda_index(Device& device) {
+  MT_CHECK(device.type() == DeviceType::kCUDA, "{} is not a CUDA device", device.name());
+  return device.index();
+}
+}  // namespace
+
+std::string device_uuid(Device& device) {
+  cudaDeviceProp prop{};
+  MT_CUDA_CHECK(cudaGetDeviceProperties(&prop, cuda_index(device)));
+  std::string hex;
+  for (int i = 0; i < 16; ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) hex += '-';
+    hex += fmt::format("{:02x}", static_cast<unsigned char>(prop.uuid.bytes[i]));
+  }
+  return "GPU-" + hex;
+}
+
+std::string device_pci_bus_id(Device& device) {
+  char id[32] = {};
+  MT_CUDA_CHECK(cudaDeviceGetPCIBusId(id, static_cast<int>(sizeof(id)), cuda_index(device)));
+  return id;
+}
+
 // ---- opening devices ------------------------------------------------------------------------
 
 int local_rank_from_launcher(const std::map<std::string, std::string>& env) {

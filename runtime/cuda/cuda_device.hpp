@@ -41,6 +41,13 @@ std::unique_ptr<Device> open_local_device();
 // option). Throws InvalidArgument for a device that is not CUDA.
 void* compute_stream(Device& device);
 
+// The GPU's UUID as nvidia-smi prints it ("GPU-8c1e6f2a-...") and its PCI bus id
+// ("0000:3b:00.0"), for telling whether two ranks drive the same physical GPU (device indices
+// do not: each rank may see a different CUDA_VISIBLE_DEVICES). Throws InvalidArgument for a
+// device that is not CUDA, CudaError when the driver cannot say.
+std::string device_uuid(Device& device);
+std::string device_pci_bus_id(Device& device);
+
 // Page-locked host memory (cudaMallocHost), for fast and asynchronous host <-> device copies.
 // Move-only; the destructor never throws.
 class PinnedBuffer {

@@ -71,6 +71,10 @@ void token_range(const std::int32_t* tokens, std::int64_t n, std::int64_t* out, 
 void layernorm_forward(DType t, void* y, float* mean, float* rstd, const void* x,
                        const void* weight, const void* bias, std::int64_t rows, std::int64_t cols,
                        float eps, cudaStream_t s);
+// sum = a + b (may alias a or b), y = layernorm(sum): one warp per row.
+void residual_layernorm_forward(DType t, void* sum, void* y, float* mean, float* rstd,
+                                const void* a, const void* b, const void* weight, const void* bias,
+                                std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s);
 void layernorm_backward(DType t, void* dx, float* dweight, float* dbias, const void* dy,
                         const void* x, const void* weight, const float* mean, const float* rstd,
                         std::int64_t rows, std::int64_t cols, bool accumulate_dx, Scratch& scratch,
@@ -92,6 +96,12 @@ void cross_entropy_forward(DType t, float* losses, float* lse, const void* logit
 void cross_entropy_backward(DType t, void* dlogits, const void* logits, const float* lse,
                             const std::int32_t* targets, std::int64_t rows,
                             std::int64_t padded_vocab, int vocab, float dloss, cudaStream_t s);
+// Vocab-parallel pieces (runtime/ops.hpp): parts fp32 [ranks, 2, rows].
+void cross_entropy_combine(float* losses, float* lse, const float* parts, const std::int32_t* owner,
+                           int ranks, std::int64_t rows, cudaStream_t s);
+void cross_entropy_backward_split(DType t, void* dlogits, const void* logits, const float* lse,
+                                  const std::int32_t* targets, std::int64_t rows, std::int64_t cols,
+                                  int valid, float dloss, cudaStream_t s);
 
 // ---- attention (attention.cu): the simple kernels, for shapes and dtypes cuDNN refuses ----
 // Head sizes up to kMaxHeadSize.

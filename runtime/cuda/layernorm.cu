@@ -62,6 +62,42 @@ __global__ void layernorm_backward_dx_kernel(T* dx, const T* dy, const T* x, con
   }
 }
 
+// Residual add fused into the LayerNorm: sum = a + b rounded to T (stored; it may alias a or b:
+// each element is read and written by one lane, before any lane reads sum), then the same
+// statistics as layernorm_forward_kernel from the rounded values, so y matches add followed by
+// layernorm_forward.
+template <typename T>
+__global__ void residual_layernorm_forward_kernel(T* sum_out, T* y, float* mean, float* rstd,
+                                                  const T* a, const T* b, const T* w, const T* bias,
+                                                  std::int64_t rows, int cols, float eps) {
+  const std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  const T* ar = a + r * cols;
+  const T* br = b + r * cols;
+  T* row = sum_out + r * cols;
+  float sum = 0.0f;
+  for (int j = lane; j < cols; j += 32) {
+    const T v = from_f32<T>(to_f32(ar[j]) + to_f32(br[j]));
+    row[j] = v;
+    sum += to_f32(v);
+  }
+  const float m = warp_sum(sum) / static_cast<float>(cols);
+  float var = 0.0f;
+  for (int j = lane; j < cols; j += 32) {
+    const float d = to_f32(row[j]) - m;
+    var += d * d;
+  }
+  const float s = rsqrtf(warp_sum(var) / static_cast<float>(cols) + eps);
+  T* out = y + r * cols;
+  for (int j = lane; j < cols; j += 32)
+    out[j] = from_f32<T>((to_f32(row[j]) - m) * s * to_f32(w[j]) + to_f32(bias[j]));
+  if (lane == 0) {
+    mean[r] = m;
+    rstd[r] = s;
+  }
+}
+
 // (dy * normalised x, dy) at (r, c): the terms of dweight and dbias.
 template <typename T>
 struct LayernormGradValue {
@@ -92,6 +128,20 @@ void layernorm_forward(DType t, void* y, float* mean, float* rstd, const void* x
     layernorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(y), mean, rstd, static_cast<const T*>(x), static_cast<const T*>(weight),
         static_cast<const T*>(bias), rows, static_cast<int>(cols), eps);
+    MT_CU_LAUNCH_CHECK();
+  });
+}
+
+void residual_layernorm_forward(DType t, void* sum, void* y, float* mean, float* rstd,
+                                const void* a, const void* b, const void* weight, const void* bias,
+                                std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s) {
+  if (rows == 0) return;
+  dispatch_float(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    residual_layernorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
+        static_cast<T*>(sum), static_cast<T*>(y), mean, rstd, static_cast<const T*>(a),
+        static_cast<const T*>(b), static_cast<const T*>(weight), static_cast<const T*>(bias), rows,
+        static_cast<int>(cols), eps);
     MT_CU_LAUNCH_CHECK();
   });
 }

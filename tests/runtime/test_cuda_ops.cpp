@@ -4,6 +4,7 @@
 // element it forgets fails. Where no GPU is visible every test reports skipped.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -424,6 +425,112 @@ TEST_F(CudaOps, CrossEntropy) {
     // In place, as the trainer does it.
     ops::cross_entropy_backward(logits.gpu, logits.gpu, lse.gpu, targets.gpu, vocab, 1.0f / rows);
     expect_close(logits.gpu, dlogits.cpu, tolerance(t), name("cross_entropy_backward in place", t));
+  }
+}
+
+// The fused ops against the CPU's unfused composition (ops.hpp): linear + GELU through the
+// cuBLASLt epilogue (16-bit with a bias of the same dtype) or matmul + GELU (fp32, fp32 bias,
+// no bias); residual add + LayerNorm in one pass, in place as GPT runs it.
+TEST_F(CudaOps, LinearGeluForward) {
+  for (DType t : kDTypes) {
+    for (int bias_kind : {0, 1, 2}) {  // same dtype, fp32, none
+      const std::int64_t rows = 2 * 96, in = 256, outf = 1024;
+      Pair x = randn_pair(Shape{2, 96, in}, t), w = randn_pair(Shape{outf, in}, t, 0.05f);
+      Pair bias = randn_pair(Shape{outf}, bias_kind == 1 ? DType::kF32 : t, 0.1f);
+      Pair pre = nan_pair(Shape{2, 96, outf}, t), y = nan_pair(Shape{2, 96, outf}, t);
+      const Tensor* bg = bias_kind == 2 ? nullptr : &bias.gpu;
+      const Tensor* bc = bias_kind == 2 ? nullptr : &bias.cpu;
+      ops::linear_gelu_forward(pre.gpu, y.gpu, x.gpu, w.gpu, bg);
+      ops::linear_forward(pre.cpu, x.cpu, w.cpu, bc);
+      ops::gelu_forward(y.cpu, pre.cpu);
+      const std::string what =
+          " bias " + std::to_string(bias_kind) + " rows " + std::to_string(rows);
+      expect_close(pre.gpu, pre.cpu, tolerance(t), name("linear_gelu_forward pre", t) + what);
+      expect_close(y.gpu, y.cpu, tolerance(t), name("linear_gelu_forward y", t) + what);
+    }
+  }
+}
+
+TEST_F(CudaOps, ResidualLayerNormForward) {
+  for (DType t : kDTypes) {
+    for (std::int64_t cols : {768, 100, 33}) {
+      const Shape s{4, 65, cols};
+      const std::int64_t rows = 4 * 65;
+      Pair a = randn_pair(s, t, 2.0f), b = randn_pair(s, t), w = randn_pair(Shape{cols}, t),
+           bias = randn_pair(Shape{cols}, t);
+      Pair y = nan_pair(s, t), mean = nan_pair(Shape{rows}, DType::kF32),
+           rstd = nan_pair(Shape{rows}, DType::kF32);
+      // Reference: the fp32 sum of the rounded inputs, then LayerNorm.
+      Tensor sum_cpu = Tensor::empty(s, DType::kF32);
+      ops::add(sum_cpu, a.cpu, b.cpu);
+      ops::layernorm_forward(y.cpu, mean.cpu, rstd.cpu, sum_cpu, w.cpu, bias.cpu);
+      // In place into a, as GPT does (residual2 = residual2 + residual).
+      ops::residual_layernorm_forward(a.gpu, y.gpu, mean.gpu, rstd.gpu, a.gpu, b.gpu, w.gpu,
+                                      bias.gpu);
+      const std::string what = " cols " + std::to_string(cols);
+      expect_close(a.gpu, sum_cpu, tolerance(t), name("residual_layernorm_forward sum", t) + what);
+      expect_close(y.gpu, y.cpu, tolerance(t), name("residual_layernorm_forward y", t) + what);
+      expect_close(mean.gpu, mean.cpu, 1e-4, name("residual_layernorm_forward mean", t) + what);
+      expect_close(rstd.gpu, rstd.cpu, 1e-4, name("residual_layernorm_forward rstd", t) + what);
+    }
+  }
+}
+
+// The vocab-parallel pieces: three ranks' columns of one logits matrix, each rank's partial
+// forward on the GPU, the parts stacked as the all-gather would, combined; against the CPU's
+// plain cross-entropy over all columns.
+TEST_F(CudaOps, CrossEntropyCombineAndSplitBackward) {
+  for (DType t : kDTypes) {
+    const int rows = 37, k = 3, cols = 384, vocab = 3 * 384 - 200;  // rank 2 partly padding
+    std::vector<std::int32_t> tg = randint(rows, vocab);
+    tg[3] = -1;
+    Pair logits = randn_pair(Shape{rows, k * cols}, t, 3.0f);
+    Pair targets = ints(tg, Shape{rows});
+    Pair losses = nan_pair(Shape{rows}, DType::kF32), lse = nan_pair(Shape{rows}, DType::kF32);
+    ops::cross_entropy_forward(losses.cpu, lse.cpu, logits.cpu, targets.cpu, vocab);
+    Pair dfull = nan_pair(Shape{rows, k * cols}, t);
+    ops::cross_entropy_backward(dfull.cpu, logits.cpu, lse.cpu, targets.cpu, vocab, 0.5f);
+    std::vector<float> full = logits.gpu.to_floats();  // the rounded values
+    std::vector<float> parts;
+    std::vector<std::int32_t> owner(rows);
+    std::vector<std::vector<std::int32_t>> locals(k, std::vector<std::int32_t>(rows));
+    std::vector<Tensor> shards;
+    for (int r = 0; r < k; ++r) {
+      std::vector<float> sh(static_cast<std::size_t>(rows) * cols);
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) sh[i * cols + j] = full[i * k * cols + r * cols + j];
+      for (int i = 0; i < rows; ++i) {
+        const int o = tg[i] < 0 ? -1 : tg[i] / cols;
+        owner[i] = o;
+        locals[r][i] = tg[i] < 0 ? -2 : (o == r ? tg[i] - r * cols : -1);
+      }
+      Tensor s = Tensor::from_floats(sh, Shape{rows, cols}, t, gpu());
+      Tensor lt = Tensor::from_ints(locals[r], Shape{rows}, gpu());
+      Tensor pl = Tensor::empty(Shape{rows}, DType::kF32, gpu()),
+             pls = Tensor::empty(Shape{rows}, DType::kF32, gpu());
+      const int valid = std::min(cols, vocab - r * cols);
+      ops::cross_entropy_forward(pl, pls, s, lt, valid);
+      for (float v : pls.to_floats()) parts.push_back(v);
+      for (float v : pl.to_floats()) parts.push_back(v);
+      shards.push_back(s);
+    }
+    Tensor parts_t = Tensor::from_floats(parts, Shape{k, 2, rows}, DType::kF32, gpu());
+    Tensor owner_t = Tensor::from_ints(owner, Shape{rows}, gpu());
+    ops::cross_entropy_combine(losses.gpu, lse.gpu, parts_t, owner_t);
+    expect_close(losses.gpu, losses.cpu, 2e-5, name("cross_entropy_combine losses", t));
+    expect_close(lse.gpu, lse.cpu, 2e-5, name("cross_entropy_combine lse", t));
+    const std::vector<float> want = dfull.cpu.to_floats();
+    for (int r = 0; r < k; ++r) {
+      const int valid = std::min(cols, vocab - r * cols);
+      Tensor lt = Tensor::from_ints(locals[r], Shape{rows}, gpu());
+      // In place, as the trainer does it.
+      ops::cross_entropy_backward_split(shards[r], shards[r], lse.gpu, lt, valid, 0.5f);
+      std::vector<float> w(static_cast<std::size_t>(rows) * cols);
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) w[i * cols + j] = want[i * k * cols + r * cols + j];
+      expect_close(shards[r], Tensor::from_floats(w, Shape{rows, cols}, DType::kF32), tolerance(t),
+                   name("cross_entropy_backward_split", t) + " rank " + std::to_string(r));
+    }
   }
 }
 

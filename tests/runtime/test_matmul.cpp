@@ -629,5 +629,40 @@ TEST(MatmulGemm, ConcurrentCallersGetTheirOwnResults) {
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(ok[t], 1) << "thread " << t;
 }
 
+// The fused ops on the CPU are compositions of the unfused ones: the same bits (the GPU run
+// checks the CUDA fusions against these; tests/runtime/test_cuda_ops.cpp).
+TEST(FusedOps, CpuMatchesTheUnfusedOpsBitForBit) {
+  std::mt19937 rng(7);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    const Tensor x = Tensor::from_floats(random_values(2 * 5 * 24, rng), Shape{2, 5, 24}, t);
+    const Tensor w = Tensor::from_floats(random_values(40 * 24, rng), Shape{40, 24}, t);
+    const Tensor bias = Tensor::from_floats(random_values(40, rng), Shape{40}, t);
+    Tensor pre = Tensor::empty(Shape{2, 5, 40}, t), y = Tensor::empty(Shape{2, 5, 40}, t);
+    Tensor pre2 = Tensor::empty(Shape{2, 5, 40}, t), y2 = Tensor::empty(Shape{2, 5, 40}, t);
+    ops::linear_gelu_forward(pre, y, x, w, &bias);
+    ops::linear_forward(pre2, x, w, &bias);
+    ops::gelu_forward(y2, pre2);
+    EXPECT_EQ(pre.to_floats(), pre2.to_floats()) << dtype_name(t);
+    EXPECT_EQ(y.to_floats(), y2.to_floats()) << dtype_name(t);
+
+    const Tensor a = Tensor::from_floats(random_values(6 * 24, rng), Shape{6, 24}, t);
+    const Tensor b = Tensor::from_floats(random_values(6 * 24, rng), Shape{6, 24}, t);
+    const Tensor g = Tensor::from_floats(random_values(24, rng), Shape{24}, t);
+    const Tensor beta = Tensor::from_floats(random_values(24, rng), Shape{24}, t);
+    Tensor sum = a.clone(), ln = Tensor::empty(Shape{6, 24}, t);
+    Tensor mean = Tensor::empty(Shape{6}, DType::kF32), rstd = Tensor::empty(Shape{6}, DType::kF32);
+    ops::residual_layernorm_forward(sum, ln, mean, rstd, sum, b, g, beta);  // in place
+    Tensor sum2 = Tensor::empty(Shape{6, 24}, t), ln2 = Tensor::empty(Shape{6, 24}, t);
+    Tensor mean2 = Tensor::empty(Shape{6}, DType::kF32),
+           rstd2 = Tensor::empty(Shape{6}, DType::kF32);
+    ops::add(sum2, a, b);
+    ops::layernorm_forward(ln2, mean2, rstd2, sum2, g, beta);
+    EXPECT_EQ(sum.to_floats(), sum2.to_floats()) << dtype_name(t);
+    EXPECT_EQ(ln.to_floats(), ln2.to_floats()) << dtype_name(t);
+    EXPECT_EQ(mean.to_floats(), mean2.to_floats()) << dtype_name(t);
+    EXPECT_EQ(rstd.to_floats(), rstd2.to_floats()) << dtype_name(t);
+  }
+}
+
 }  // namespace
 }  // namespace meshtrain

@@ -746,6 +746,114 @@ TEST(OpsErrors, Embedding) {
   });
 }
 
+TEST(OpsErrors, FusedOps) {
+  Tensor x = rnd({2, 3, 8}), w = rnd({16, 8}), bias = rnd({16}), pre = rnd({2, 3, 16}),
+         y = rnd({2, 3, 16}), undefined;
+  expect_valid([&] { ops::linear_gelu_forward(pre, y, x, w, &bias); }, "linear_gelu_forward");
+  Tensor a = rnd({4, 8}), b = rnd({4, 8}), s = rnd({4, 8}), ln = rnd({4, 8}), g = rnd({8}),
+         beta = rnd({8}), mean = rnd({4}), rstd = rnd({4});
+  expect_valid([&] { ops::residual_layernorm_forward(s, ln, mean, rstd, a, b, g, beta); },
+               "residual_layernorm_forward");
+  expect_valid([&] { ops::residual_layernorm_forward(a, ln, mean, rstd, a, b, g, beta); },
+               "residual_layernorm_forward in place");
+  expect_errors({
+      {"pre shape",
+       [&] {
+         Tensor p = rnd({2, 3, 8});
+         ops::linear_gelu_forward(p, y, x, w, &bias);
+       },
+       {"linear_gelu_forward", "'pre'"}},
+      {"y dtype",
+       [&] {
+         Tensor yy = rnd({2, 3, 16}, kBF16);
+         ops::linear_gelu_forward(pre, yy, x, w, &bias);
+       },
+       {"linear_gelu_forward", "'y'"}},
+      {"pre is y",
+       [&] { ops::linear_gelu_forward(y, y, x, w, &bias); },
+       {"linear_gelu_forward", "different buffers"}},
+      {"bias shape",
+       [&] {
+         Tensor bb = rnd({8});
+         ops::linear_gelu_forward(pre, y, x, w, &bb);
+       },
+       {"linear_gelu_forward", "'bias'"}},
+      {"w in features",
+       [&] {
+         Tensor ww = rnd({16, 9});
+         ops::linear_gelu_forward(pre, y, x, ww, &bias);
+       },
+       {"linear_gelu_forward", "'w'"}},
+      {"residual b shape",
+       [&] {
+         Tensor bb = rnd({4, 7});
+         ops::residual_layernorm_forward(s, ln, mean, rstd, a, bb, g, beta);
+       },
+       {"residual_layernorm_forward", "'b'"}},
+      {"residual y aliases sum",
+       [&] { ops::residual_layernorm_forward(s, s, mean, rstd, a, b, g, beta); },
+       {"residual_layernorm_forward", "y must not alias"}},
+      {"residual mean numel",
+       [&] {
+         Tensor m = rnd({3});
+         ops::residual_layernorm_forward(s, ln, m, rstd, a, b, g, beta);
+       },
+       {"residual_layernorm_forward", "'mean'"}},
+      {"residual a undefined",
+       [&] { ops::residual_layernorm_forward(s, ln, mean, rstd, undefined, b, g, beta); },
+       {"residual_layernorm_forward", "'a'", "undefined"}},
+  });
+}
+
+TEST(OpsErrors, VocabParallelLoss) {
+  Tensor parts = rnd({2, 2, 3}), owner = ints({0, 1, -1}, {3}), losses = rnd({3}), lse = rnd({3});
+  expect_valid([&] { ops::cross_entropy_combine(losses, lse, parts, owner); },
+               "cross_entropy_combine");
+  Tensor logits = rnd({3, 8}), dlogits = rnd({3, 8}), targets = ints({4, -1, -2}, {3});
+  expect_valid([&] { ops::cross_entropy_backward_split(dlogits, logits, lse, targets, 5, 0.5f); },
+               "cross_entropy_backward_split");
+  expect_errors({
+      {"parts 2-D",
+       [&] {
+         ops::cross_entropy_combine(losses, lse, rnd({2, 3}), owner);
+       },
+       {"cross_entropy_combine", "[K, 2, N]"}},
+      {"owner beyond the ranks",
+       [&] {
+         ops::cross_entropy_combine(losses, lse, parts, ints({0, 2, -1}, {3}));
+       },
+       {"cross_entropy_combine", "owner 2 at row 1", "2 ranks"}},
+      {"owner float",
+       [&] { ops::cross_entropy_combine(losses, lse, parts, rnd({3})); },
+       {"cross_entropy_combine", "'owner'", "int32"}},
+      {"losses numel",
+       [&] {
+         Tensor l = rnd({4});
+         ops::cross_entropy_combine(l, lse, parts, owner);
+       },
+       {"cross_entropy_combine", "'losses'", "3 elements"}},
+      {"split target >= valid",
+       [&] {
+         ops::cross_entropy_backward_split(dlogits, logits, lse, ints({5, -1, 0}, {3}), 5, 1.0f);
+       },
+       {"cross_entropy_backward_split", "row 0 holds 5"}},
+      {"split target below -2",
+       [&] {
+         ops::cross_entropy_backward_split(dlogits, logits, lse, ints({1, -3, 0}, {3}), 5, 1.0f);
+       },
+       {"cross_entropy_backward_split", "row 1 holds -3"}},
+      {"split valid above the width",
+       [&] { ops::cross_entropy_backward_split(dlogits, logits, lse, targets, 9, 1.0f); },
+       {"cross_entropy_backward_split", "valid 9", "[0, 8]"}},
+      {"split dloss",
+       [&] {
+         ops::cross_entropy_backward_split(dlogits, logits, lse, targets, 5,
+                                           std::numeric_limits<float>::infinity());
+       },
+       {"cross_entropy_backward_split", "finite"}},
+  });
+}
+
 TEST(OpsErrors, CrossEntropy) {
   // N=3 rows, vocab 5 padded to 8.
   Tensor logits = rnd({3, 8}), targets = ints({4, -1, 0}, {3}), losses = rnd({3}), lse = rnd({3});
