@@ -206,6 +206,16 @@ std::optional<std::chrono::steady_clock::time_point> Work::completed_at() const 
   return impl_->completed_at();
 }
 
+std::shared_ptr<DeviceMark> Work::device_start() const {
+  MT_CHECK(defined(), "device_start() of an empty Work handle");
+  return impl_->device_start();
+}
+
+std::shared_ptr<DeviceMark> Work::device_end() const {
+  MT_CHECK(defined(), "device_end() of an empty Work handle");
+  return impl_->device_end();
+}
+
 void Work::fail_timeout() {
   const std::string msg = impl_->describe_timeout();
   impl_->on_timeout();
@@ -322,6 +332,11 @@ const std::string& Communicator::name() const {
 Backend& Communicator::backend() {
   MT_CHECK(valid(), "backend() of a communicator that is not valid");
   return *backend_;
+}
+
+std::shared_ptr<DeviceMark> Communicator::mark_compute() {
+  MT_CHECK(valid(), "mark_compute() of a communicator that is not valid");
+  return backend_->mark_compute();
 }
 
 void Communicator::check_usable() const {

@@ -85,6 +85,18 @@ struct CommOptions {
   std::chrono::steady_clock::duration timeout() const;
 };
 
+// A point on a device's timeline (NCCL: a CUDA timing event on the compute stream). A GPU runs
+// behind the host that queues its work, so host clocks cannot say when a collective overlapped
+// compute; device marks can. Backends without a device timeline (MPI, loopback) have none.
+class DeviceMark {
+ public:
+  virtual ~DeviceMark() = default;
+  // Milliseconds on the device clock from `origin` to this mark (negative when this mark came
+  // first). Blocks until both have been reached. Both marks must come from the same backend
+  // kind and device (InvalidArgument otherwise).
+  virtual double ms_since(const DeviceMark& origin) const = 0;
+};
+
 // What a backend returns for one posted collective. Implementations keep the tensors alive until
 // the operation has completed.
 class WorkImpl {
@@ -117,6 +129,10 @@ class WorkImpl {
   std::optional<Clock::time_point> completed_at() const;
   // Records the completion time; the first call wins. Thread-safe.
   void mark_completed(Clock::time_point t = Clock::now()) noexcept;
+  // Device timeline: where the collective started and ended on the device (null for backends
+  // without one). Valid to read (ms_since) once the operation has completed.
+  virtual std::shared_ptr<DeviceMark> device_start() const { return nullptr; }
+  virtual std::shared_ptr<DeviceMark> device_end() const { return nullptr; }
 
  private:
   Collective collective_;
@@ -147,6 +163,10 @@ class Work {
   // See WorkImpl: when it was posted, and when it completed (nullopt before).
   std::chrono::steady_clock::time_point posted_at() const;
   std::optional<std::chrono::steady_clock::time_point> completed_at() const;
+  // See WorkImpl: device-timeline marks of the collective's start and end (null for host
+  // backends).
+  std::shared_ptr<DeviceMark> device_start() const;
+  std::shared_ptr<DeviceMark> device_end() const;
 
  private:
   friend class Communicator;
@@ -185,6 +205,10 @@ class Backend {
   virtual const std::vector<int>& world_ranks() const = 0;
   // Whether tensors on `device` can be passed to this backend.
   virtual bool accepts(const Device& device) const = 0;
+  // A mark on the device timeline at the current end of the compute stream (what the caller
+  // has queued so far), comparable with the device_start/device_end of this backend's work;
+  // null for backends without a device timeline (the default).
+  virtual std::shared_ptr<DeviceMark> mark_compute() { return nullptr; }
 
   // Starts the collective `c`. Allreduce: in and out have the same numel and may be the same
   // tensor. Reduce-scatter: in has size() * out.numel() elements. All-gather: out has size() *
@@ -228,6 +252,8 @@ class Communicator {
   // The sequence number the next collective will get.
   std::uint64_t next_seq() const { return next_seq_; }
   Backend& backend();
+  // See Backend::mark_compute: null for host backends.
+  std::shared_ptr<DeviceMark> mark_compute();
 
   // Allreduce in place: every rank's `tensor` becomes the reduction over all ranks.
   Work allreduce(const Tensor& tensor, ReduceOp op = ReduceOp::kSum);

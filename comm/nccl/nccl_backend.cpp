@@ -113,18 +113,41 @@ struct NcclGroup {
   }
 };
 
+// A timing event recorded on one of the group's streams: the device clock at that point.
+class CudaMark final : public DeviceMark {
+ public:
+  explicit CudaMark(int device) : device_(device) {}
+  double ms_since(const DeviceMark& origin) const override {
+    const auto* o = dynamic_cast<const CudaMark*>(&origin);
+    MT_CHECK(o != nullptr && o->device_ == device_,
+             "ms_since: device marks of different devices or backends cannot be compared");
+    o->event_.synchronize();
+    event_.synchronize();
+    return static_cast<double>(o->event_.elapsed_ms(event_));
+  }
+  void record(cudaStream_t s) { event_.record(s); }
+  const cuda::Event& event() const { return event_; }
+
+ private:
+  int device_;
+  cuda::Event event_{/*timing=*/true};
+};
+
 class NcclWork final : public WorkImpl {
  public:
   NcclWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<NcclGroup> g)
-      : WorkImpl(c, deadline), g_(std::move(g)) {}
+      : WorkImpl(c, deadline),
+        g_(std::move(g)),
+        start_(std::make_shared<CudaMark>(g_->device)),
+        done_(std::make_shared<CudaMark>(g_->device)) {}
 
   bool progress() override {
     if (complete_) return true;
     g_->check_usable();
-    const cudaError_t e = cudaEventQuery(done_.get());
+    const cudaError_t e = cudaEventQuery(done_->event().get());
     if (e == cudaSuccess) {
       // Later work on the compute stream sees the result.
-      MT_CUDA_CHECK(cudaStreamWaitEvent(g_->compute, done_.get(), 0));
+      MT_CUDA_CHECK(cudaStreamWaitEvent(g_->compute, done_->event().get(), 0));
       keep_.clear();
       complete_ = true;
       return true;
@@ -143,12 +166,17 @@ class NcclWork final : public WorkImpl {
   std::string describe_timeout() override { return g_->describe_timeout(collective()); }
   void on_timeout() noexcept override { g_->abort_comm(); }
 
-  cuda::Event& done() { return done_; }
+  std::shared_ptr<DeviceMark> device_start() const override { return start_; }
+  std::shared_ptr<DeviceMark> device_end() const override { return done_; }
+  CudaMark& start() { return *start_; }
+  CudaMark& done() { return *done_; }
   void keep(const Tensor& t) { keep_.push_back(t); }
 
  private:
   std::shared_ptr<NcclGroup> g_;
-  cuda::Event done_;
+  // Timing events on the group's stream around the collective: its device-time span (and
+  // done_ is what progress() polls).
+  std::shared_ptr<CudaMark> start_, done_;
   std::vector<Tensor> keep_;
   bool complete_ = false;
 };
@@ -210,6 +238,12 @@ class NcclBackend final : public Backend {
   bool accepts(const Device& d) const override {
     return d.type() == DeviceType::kCUDA && d.index() == g_->device;
   }
+  std::shared_ptr<DeviceMark> mark_compute() override {
+    g_->check_usable();
+    auto m = std::make_shared<CudaMark>(g_->device);
+    m->record(g_->compute);
+    return m;
+  }
 
   std::shared_ptr<WorkImpl> post(const Collective& c, const Tensor& in,
                                  const Tensor& out) override {
@@ -225,6 +259,7 @@ class NcclBackend final : public Backend {
     ready.record(g.compute);
     ready.block(g.stream->get());
     const cudaStream_t s = g.stream->get();
+    w->start().record(s);
     switch (c.op) {
       case OpType::kAllreduce:
         MT_NCCL_CHECK(ncclAllReduce(in.data(), out.data(), static_cast<std::size_t>(in.numel()),
