@@ -328,26 +328,37 @@ float GPT::forward(const Tensor& tokens, const Tensor& targets) {
   } else {
     ops::embedding_forward(acts_[0].residual, tokens_, param(wte_), param(wpe_));
   }
+  // Each residual add is fused with the LayerNorm that reads its result
+  // (ops::residual_layernorm_forward: the same bits as add then layernorm_forward on the CPU),
+  // and the MLP's c_fc with its GELU (ops::linear_gelu_forward: a cuBLASLt epilogue on CUDA).
+  // (validate() ensures n_layer >= 1.)
+  ops::layernorm_forward(acts_[0].ln1, acts_[0].ln1_mean, acts_[0].ln1_rstd, acts_[0].residual,
+                         param(layers_[0].ln1_w), param(layers_[0].ln1_b));
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const Layer& L = layers_[l];
     LayerActs& x = acts_[l];
-    ops::layernorm_forward(x.ln1, x.ln1_mean, x.ln1_rstd, x.residual, param(L.ln1_w), param(L.ln1_b));
     Tensor qkv_b = param(L.qkv_b);
     parallel::column_linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
     ops::attention_forward(x.atty, x.lse, x.qkv, heads_);
     Tensor proj_b = param(L.proj_b);
     parallel::row_linear_forward(x.residual2, x.atty, param(L.proj_w), &proj_b, tp_);
-    ops::add(x.residual2, x.residual2, x.residual);
-    ops::layernorm_forward(x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2, param(L.ln2_w), param(L.ln2_b));
+    ops::residual_layernorm_forward(x.residual2, x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2,
+                                    x.residual, param(L.ln2_w), param(L.ln2_b));
     Tensor fc_b = param(L.fc_b);
-    parallel::column_linear_forward(x.fch, x.ln2, param(L.fc_w), &fc_b);
-    ops::gelu_forward(x.fch_gelu, x.fch);
-    Tensor& next = l + 1 < cfg_.n_layer ? acts_[l + 1].residual : residual_out_;
+    parallel::column_linear_gelu_forward(x.fch, x.fch_gelu, x.ln2, param(L.fc_w), &fc_b);
+    const bool last = l + 1 == cfg_.n_layer;
+    Tensor& next = last ? residual_out_ : acts_[l + 1].residual;
     Tensor fcproj_b = param(L.fcproj_b);
     parallel::row_linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b, tp_);
-    ops::add(next, next, x.residual2);
+    if (last) {
+      ops::residual_layernorm_forward(next, lnf_, lnf_mean_, lnf_rstd_, next, x.residual2,
+                                      param(lnf_w_), param(lnf_b_));
+    } else {
+      LayerActs& nx = acts_[l + 1];
+      ops::residual_layernorm_forward(next, nx.ln1, nx.ln1_mean, nx.ln1_rstd, next, x.residual2,
+                                      param(layers_[l + 1].ln1_w), param(layers_[l + 1].ln1_b));
+    }
   }
-  ops::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual_out_, param(lnf_w_), param(lnf_b_));
   parallel::column_linear_forward(logits_, lnf_, param(wte_), nullptr);
   have_targets_ = targets.defined();
   if (!have_targets_) return std::numeric_limits<float>::quiet_NaN();

@@ -111,6 +111,7 @@ void GradReducer::begin_step(bool communicate) {
              "GradReducer: begin_step while a reduction is in flight (finish() the "
              "previous communicating step first)");
   communicate_ = communicate;
+  origin_ = communicate ? dp_->mark_compute() : nullptr;
   std::fill(ready_.begin(), ready_.end(), 0);
   std::fill(done_.begin(), done_.end(), false);
   next_post_ = 0;
@@ -196,15 +197,40 @@ ReducerStats GradReducer::finish() {
   if (!communicate_) return s;
   communicate_ = false;
   const auto t0 = Clock::now();
+  // The end of backward on the device: everything queued on the compute stream so far.
+  const std::shared_ptr<comm::DeviceMark> backward_end = origin_ ? dp_->mark_compute() : nullptr;
   while (next_post_ < buckets_.size()) post(next_post_++);
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
     if (!done_[b]) {
       works_[b].wait();
       complete(b);
     }
-    works_[b] = comm::Work();
   }
   const auto t1 = Clock::now();
+  s.buckets = static_cast<int>(buckets_.size());
+  if (backward_end) {
+    // Device time, relative to the start of backward. Buckets run in order on one stream.
+    const double bw_end = backward_end->ms_since(*origin_);
+    double busy = 0, before = 0, last_end = 0;
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      const std::shared_ptr<comm::DeviceMark> start = works_[b].device_start();
+      const std::shared_ptr<comm::DeviceMark> end = works_[b].device_end();
+      MT_ASSERT(start && end, "bucket {} has no device timing on a device-timed communicator", b);
+      const double a = start->ms_since(*origin_);
+      const double e = std::max(end->ms_since(*origin_), a);
+      busy += e - a;
+      before += std::clamp(bw_end, a, e) - a;
+      last_end = std::max(last_end, e);
+      works_[b] = comm::Work();
+    }
+    origin_ = nullptr;
+    s.device_timed = true;
+    s.wait_ms = std::max(0.0, last_end - bw_end);
+    s.comm_ms = busy;
+    s.hidden = busy > 0 ? std::clamp(before / busy, 0.0, 1.0) : 0.0;
+    return s;
+  }
+  for (comm::Work& w : works_) w = comm::Work();
   double busy = 0, before = 0;
   Clock::time_point link_free = posted_at_[0];
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
@@ -214,14 +240,14 @@ ReducerStats GradReducer::finish() {
     before += ms_between(start, std::clamp(t0, start, end));
     link_free = end;
   }
-  s.buckets = static_cast<int>(buckets_.size());
   s.wait_ms = ms_between(t0, t1);
   s.comm_ms = busy;
   s.hidden = busy > 0 ? std::clamp(before / busy, 0.0, 1.0) : 0.0;
   return s;
 }
 
-void GradReducer::all_gather_shards(const Tensor& shard, Tensor& flat) {
+double GradReducer::all_gather_shards(const Tensor& shard, Tensor& flat) {
+  const auto t0 = Clock::now();
   MT_CHECK(options_.shard, "GradReducer::all_gather_shards needs the sharded (ZeRO-1) layout");
   MT_CHECK(flat.numel() == grads_.numel(),
            "all_gather_shards: the flat buffer has {} elements, the layout {}", flat.numel(),
@@ -258,11 +284,17 @@ void GradReducer::all_gather_shards(const Tensor& shard, Tensor& flat) {
     works.push_back(dp_->all_gather(own, out));
   }
   comm::wait_all(works);
+  double ms = ms_between(t0, Clock::now());
+  if (!works.empty() && works.front().device_start()) {
+    // The all-gathers run back to back on the communication stream.
+    ms = std::max(0.0, works.back().device_end()->ms_since(*works.front().device_start()));
+  }
   for (auto& [b, out] : staged) {
     const auto [lo, hi] = buckets_[b];
     Tensor dst = flat.slice(lo, hi - lo);
     dst.copy_from(out.slice(0, hi - lo));
   }
+  return ms;
 }
 
 }  // namespace meshtrain::parallel

@@ -33,6 +33,15 @@
 // before finish() was called, i.e. behind backward; wait_ms is what finish() blocked. With
 // overlap off every bucket is posted in finish(): hidden is 0 and wait_ms the whole cost.
 // (A span such as "first post to last completion" would count idle link time as hidden.)
+//
+// On a device timeline (the NCCL backend: Communicator::mark_compute is not null) the host
+// clock says nothing useful: the host queues backward long before the GPU runs it. There the
+// same three figures come from CUDA timing events: a mark on the compute stream when the step's
+// backward starts (begin_step) and when it has all been queued (finish), and each bucket's
+// start and end on the communication stream. comm_ms sums the buckets' device spans (they run
+// one after another on one stream), hidden is the share of them before the end of backward on
+// the device, and wait_ms is how long after the end of backward the last bucket ended: the
+// exposed communication the compute stream waits for.
 
 // Gradient accumulation: begin_step(communicate = false) for every micro-step but the last;
 // such steps only accumulate locally. finish() waits for every bucket (posting any that were
@@ -70,6 +79,7 @@ struct ReducerStats {
   double comm_ms = 0;  // the buckets' summed busy time (see above)
   double hidden = 0;   // share of comm_ms that ran before finish(), behind backward
   int buckets = 0;
+  bool device_timed = false;  // measured on the device timeline (see above)
 };
 
 // A run of flat elements this rank owns under sharding: flat [flat_offset, flat_offset +
@@ -112,8 +122,9 @@ class GradReducer {
   // Collective over the DP group: `flat` (numel = the gradient buffer's, any dtype) receives
   // every rank's owned pieces, each read from `shard` (shard_numel() elements, same dtype) on
   // its owner. `shard` may be undefined when flat already holds this rank's pieces (in place).
-  // Blocks until done.
-  void all_gather_shards(const Tensor& shard, Tensor& flat);
+  // Blocks until done. Returns the milliseconds it communicated: the device span of the
+  // all-gathers on a device timeline, else the host time blocked.
+  double all_gather_shards(const Tensor& shard, Tensor& flat);
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -132,6 +143,9 @@ class GradReducer {
   std::size_t next_post_ = 0;  // buckets are posted strictly in order 0, 1, ...
   bool communicate_ = false;
   std::vector<Clock::time_point> posted_at_, done_at_;  // per bucket, this step
+  // Device timeline (null for host backends): the compute stream when this step's backward
+  // began.
+  std::shared_ptr<comm::DeviceMark> origin_;
   // bf16 reduction: the staging copy of every bucket (sharded: padded buckets, then the
   // shard's chunks).
   Tensor wire_, wire_shard_;

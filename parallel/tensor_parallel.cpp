@@ -137,6 +137,11 @@ void column_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Te
   ops::linear_forward(y, x, w, bias);
 }
 
+void column_linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                                const Tensor* bias) {
+  ops::linear_gelu_forward(pre, y, x, w, bias);
+}
+
 void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
                             const Tensor& x, const Tensor& w, const TPGroup& tp) {
   ops::linear_backward(dx, dw, dbias, dy, x, w);
@@ -245,16 +250,23 @@ constexpr std::int64_t kParallelGrain = 1 << 15;
 void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
                                         const std::vector<std::int32_t>& targets,
                                         std::int64_t vocab_start, int vocab, const TPGroup& tp) {
-  MT_CHECK(logits.defined() && logits.ndim() >= 2, "vocab-parallel cross-entropy: logits must be [N, V/K]");
-  MT_CHECK(logits.is_cpu(), "vocab-parallel cross-entropy runs on CPU tensors, got {}", logits.str());
+  MT_CHECK(logits.defined() && logits.ndim() >= 2,
+           "vocab-parallel cross-entropy: logits must be [N, V/K]");
   const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
   MT_CHECK(static_cast<std::int64_t>(targets.size()) == n,
            "vocab-parallel cross-entropy: {} targets for {} rows", targets.size(), n);
   MT_CHECK(losses.dtype() == DType::kF32 && losses.numel() == n,
            "vocab-parallel cross-entropy: losses must be fp32 [{}], got {}", n, losses.str());
-  const std::int64_t valid = std::clamp<std::int64_t>(vocab - vocab_start, 0, cols);
   vocab_start_ = vocab_start;
   vocab_ = vocab;
+  used_ops_ = path_ == Path::kOps || (path_ == Path::kAuto && !logits.is_cpu());
+  if (used_ops_) {
+    forward_ops(losses, logits, targets, tp);
+    return;
+  }
+  MT_CHECK(logits.is_cpu() && losses.is_cpu(),
+           "vocab-parallel cross-entropy: the host path runs on CPU tensors, got {}", logits.str());
+  const std::int64_t valid = std::clamp<std::int64_t>(vocab - vocab_start, 0, cols);
   local_.assign(static_cast<std::size_t>(n), -1);
   ignored_.assign(static_cast<std::size_t>(n), false);
   for (std::int64_t r = 0; r < n; ++r) {
@@ -304,8 +316,76 @@ void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
   losses.copy_from(Tensor::wrap(loss.data(), Shape{n}, DType::kF32));
 }
 
+void VocabParallelCrossEntropy::forward_ops(Tensor& losses, const Tensor& logits,
+                                            const std::vector<std::int32_t>& targets,
+                                            const TPGroup& tp) {
+  const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
+  const int k = tp.size(), rank = tp.rank();
+  MT_CHECK(vocab_start_ == rank * cols,
+           "vocab-parallel cross-entropy: rank {} of {} must hold columns from {} (it holds {} "
+           "from {})",
+           rank, k, rank * cols, cols, vocab_start_);
+  MT_CHECK(vocab_ <= k * cols,
+           "vocab-parallel cross-entropy: a vocabulary of {} over {} ranks of {} columns", vocab_,
+           k, cols);
+  const int valid = static_cast<int>(std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols));
+  std::vector<std::int32_t> local(static_cast<std::size_t>(n)), owner(static_cast<std::size_t>(n));
+  for (std::int64_t r = 0; r < n; ++r) {
+    const std::int32_t t = targets[static_cast<std::size_t>(r)];
+    MT_CHECK(t < vocab_,
+             "vocab-parallel cross-entropy: target {} at row {} is outside the vocabulary of {}", t,
+             r, vocab_);
+    const std::size_t i = static_cast<std::size_t>(r);
+    if (t < 0) {
+      local[i] = -2;
+      owner[i] = -1;
+    } else {
+      const auto o = static_cast<std::int32_t>(t / cols);
+      owner[i] = o;
+      local[i] = o == rank ? static_cast<std::int32_t>(t - vocab_start_) : -1;
+    }
+  }
+  Device& d = logits.device();
+  local_t_ = Tensor::from_ints(local, Shape{n}, d);
+  owner_t_ = Tensor::from_ints(owner, Shape{n}, d);
+  auto ensure = [&](Tensor& t, std::int64_t numel) {
+    if (!t.defined() || t.numel() != numel || &t.device() != &d)
+      t = Tensor::empty(Shape{numel}, DType::kF32, d);
+  };
+  ensure(stats_, 2 * n);
+  ensure(lse_t_, n);
+  Tensor part_lse = stats_.slice(0, n), part_loss = stats_.slice(n, n);
+  const Tensor logits2d = logits.view(Shape{n, cols});
+  if (valid > 0) {
+    // Local targets: negative (ignored here) where another rank holds the target.
+    ops::cross_entropy_forward(part_loss, part_lse, logits2d, local_t_, valid);
+  } else {
+    // Only padding columns on this rank: exp(-inf) adds nothing to the log-sum-exp.
+    std::vector<float> h(static_cast<std::size_t>(2 * n), 0.0f);
+    std::fill(h.begin(), h.begin() + n, -std::numeric_limits<float>::infinity());
+    stats_.copy_from(Tensor::wrap(h.data(), Shape{2 * n}, DType::kF32));
+  }
+  if (k > 1) {
+    ensure(parts_, k * 2 * n);
+    tp.comm()->all_gather(stats_, parts_).wait();
+  } else {
+    parts_ = stats_;
+  }
+  ops::cross_entropy_combine(losses, lse_t_, parts_.view(Shape{k, 2, n}), owner_t_);
+}
+
 void VocabParallelCrossEntropy::backward(Tensor& dlogits, const Tensor& logits, float dloss) {
   const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
+  if (used_ops_) {
+    MT_CHECK(lse_t_.defined() && lse_t_.numel() == n,
+             "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n,
+             lse_t_.defined() ? lse_t_.numel() : 0);
+    const int valid = static_cast<int>(std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols));
+    Tensor d2 = dlogits.view(Shape{n, cols});
+    ops::cross_entropy_backward_split(d2, logits.view(Shape{n, cols}), lse_t_, local_t_, valid,
+                                      dloss);
+    return;
+  }
   MT_CHECK(static_cast<std::int64_t>(lse_.size()) == n,
            "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n, lse_.size());
   MT_CHECK(dlogits.shape() == logits.shape() && dlogits.dtype() == logits.dtype() && dlogits.is_cpu(),

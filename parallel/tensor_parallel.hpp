@@ -88,6 +88,9 @@ double norm_squared_share(const Tensor& grads, std::int64_t lo,
 // its [out/K] slice; x is replicated. y = x w^T + bias, this rank's out/K columns of the output.
 // Forward is f's identity: no communication.
 void column_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias);
+// The same with GELU fused (ops::linear_gelu_forward): pre = x w^T + bias, y = gelu(pre).
+void column_linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
+                                const Tensor* bias);
 // dw, dbias += this rank's gradient; dx (when not null) = f's backward: the allreduce over the
 // group of every rank's partial dy w.
 void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
@@ -131,13 +134,23 @@ class VocabParallelEmbedding {
 // Softmax cross-entropy over logits whose columns are split across the group: rank r holds
 // columns [vocab_start, vocab_start + logits.dim(-1)) of the padded vocabulary; columns at or
 // beyond `vocab` are padding (ignored, zero gradient). The full-vocabulary logits are never
-// gathered: forward allreduces the row maxima, then the sums of exp(logit - max) together with
-// the target logits (held by one rank each), so every rank gets every row's loss and
-// log-sum-exp. The kernels run on CPU tensors.
+// gathered. Two implementations:
+//  - host (CPU tensors, the default there): allreduces the row maxima, then the sums of
+//    exp(logit - max) together with the target logits (held by one rank each);
+//  - ops (any device, the default off the CPU: runs on the GPU's stream): each rank runs
+//    ops::cross_entropy_forward on its own columns, one all-gather of every rank's partial
+//    log-sum-exp and loss ([K, 2, N] fp32), then ops::cross_entropy_combine; backward is
+//    ops::cross_entropy_backward_split. The two agree to float32 rounding (another order of
+//    summation); each is deterministic and gives every rank the same losses.
 class VocabParallelCrossEntropy {
  public:
+  enum class Path { kAuto, kHost, kOps };
+  // kAuto: host for CPU logits, ops otherwise. (Tests pick kOps to run the device algorithm on
+  // the CPU backend.)
+  void set_path(Path p) { path_ = p; }
+
   // logits: [N, V/K] (activation dtype); targets: N host ids, negative = ignored (loss 0).
-  // losses: fp32 [N], written (identical on every rank).
+  // losses: fp32 [N] on the logits' device, written (identical on every rank).
   void forward(Tensor& losses, const Tensor& logits, const std::vector<std::int32_t>& targets,
                std::int64_t vocab_start, int vocab, const TPGroup& tp);
   // dlogits = dloss * (softmax - onehot(target)) on this rank's columns, written, padded columns
@@ -145,9 +158,18 @@ class VocabParallelCrossEntropy {
   void backward(Tensor& dlogits, const Tensor& logits, float dloss);
 
  private:
-  std::vector<float> lse_;           // per row, over the whole vocabulary
-  std::vector<std::int32_t> local_;  // per row: target - vocab_start on its rank, -1 elsewhere
+  void forward_ops(Tensor& losses, const Tensor& logits, const std::vector<std::int32_t>& targets,
+                   const TPGroup& tp);
+  Path path_ = Path::kAuto;
+  bool used_ops_ = false;  // the path the last forward took
+  // host: per row, the log-sum-exp over the whole vocabulary, and target - vocab_start on the
+  // target's rank (-1 elsewhere).
+  std::vector<float> lse_;
+  std::vector<std::int32_t> local_;
   std::vector<bool> ignored_;
+  // ops: on the logits' device. local targets (-1: another rank's, -2: ignored), the owner
+  // rank of each target (-1: ignored), this rank's [lse; losses], everyone's, and the full lse.
+  Tensor local_t_, owner_t_, stats_, parts_, lse_t_;
   std::int64_t vocab_start_ = 0;
   int vocab_ = 0;
 };

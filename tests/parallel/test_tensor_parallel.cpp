@@ -183,19 +183,49 @@ TEST_P(TensorParallel, VocabParallelCrossEntropyMatchesTheFullLoss) {
     Tensor dlogits = Tensor::empty(logits.shape(), dt);
     ops::cross_entropy_backward(dlogits, logits, lse, targets, vocab, 0.25f);
     const float tol = dt == DType::kF32 ? 1e-6f : 1e-2f;
-    comm::LoopbackWorld world(k);
-    world.run([&](comm::Communicator& c) {
-      const TPGroup tp(c);
-      const int r = c.rank();
-      Tensor ls = shard_of(logits, 1, 1, r, k);
-      VocabParallelCrossEntropy ce;
-      Tensor loss_s = Tensor::empty(Shape{n}, DType::kF32);
-      ce.forward(loss_s, ls, tg, (padded / k) * r, vocab, tp);
-      expect_near(loss_s, losses, 2e-6f, "losses");
-      ce.backward(ls, ls, 0.25f);  // in place, as GPT does
-      expect_near(ls, shard_of(dlogits, 1, 1, r, k), tol, "dlogits shard");
-    });
+    // Both algorithms: the host one (CPU tensors) and the ops one (GPU tensors, run here on the
+    // CPU backend: the per-rank ops, the all-gather and cross_entropy_combine).
+    for (auto path :
+         {VocabParallelCrossEntropy::Path::kHost, VocabParallelCrossEntropy::Path::kOps}) {
+      const char* name = path == VocabParallelCrossEntropy::Path::kHost ? "host" : "ops";
+      comm::LoopbackWorld world(k);
+      world.run([&](comm::Communicator& c) {
+        const TPGroup tp(c);
+        const int r = c.rank();
+        Tensor ls = shard_of(logits, 1, 1, r, k);
+        VocabParallelCrossEntropy ce;
+        ce.set_path(path);
+        Tensor loss_s = Tensor::empty(Shape{n}, DType::kF32);
+        ce.forward(loss_s, ls, tg, (padded / k) * r, vocab, tp);
+        expect_near(loss_s, losses, 2e-6f, name);
+        ce.backward(ls, ls, 0.25f);  // in place, as GPT does
+        expect_near(ls, shard_of(dlogits, 1, 1, r, k), tol, name);
+      });
+    }
   }
+}
+
+// The ops algorithm on one rank (no group) is the plain cross-entropy.
+TEST(VocabParallelOps, OneRankIsThePlainLoss) {
+  const std::int64_t n = 9, padded = 128;
+  const int vocab = 100;
+  const Tensor logits = random(Shape{n, padded}, 7);
+  std::vector<std::int32_t> tg(n);
+  for (std::int64_t i = 0; i < n; ++i) tg[i] = static_cast<std::int32_t>((i * 31) % vocab);
+  tg[4] = -3;  // ignored (any negative)
+  const Tensor targets = Tensor::from_ints(tg, Shape{n});
+  Tensor losses = Tensor::empty(Shape{n}, DType::kF32), lse = Tensor::empty(Shape{n}, DType::kF32);
+  ops::cross_entropy_forward(losses, lse, logits, targets, vocab);
+  Tensor dlogits = Tensor::empty(logits.shape(), DType::kF32);
+  ops::cross_entropy_backward(dlogits, logits, lse, targets, vocab, 0.5f);
+  VocabParallelCrossEntropy ce;
+  ce.set_path(VocabParallelCrossEntropy::Path::kOps);
+  Tensor got = Tensor::empty(Shape{n}, DType::kF32);
+  ce.forward(got, logits, tg, 0, vocab, TPGroup());
+  expect_near(got, losses, 2e-6f, "losses");
+  Tensor d = logits.clone();
+  ce.backward(d, d, 0.5f);
+  expect_near(d, dlogits, 1e-7f, "dlogits");
 }
 
 TEST_P(TensorParallel, VocabParallelCrossEntropyRejectsTargetsOutsideTheVocabulary) {
