@@ -48,6 +48,10 @@ struct TrainConfig {
   double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
   std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
   std::string dp_reduce_dtype = "fp32";  // fp32, or bf16: half the bytes, bf16-rounded gradients
+  // Collectives on the model's tensors (DP gradients, TP activations): auto, nccl or mpi.
+  // auto: NCCL for each group whose ranks all drive different GPUs (train.device = "cuda"),
+  // else MPI (device tensors staged through host memory).
+  std::string comm_backend = "auto";
   int zero = 0;                      // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
   // Tensor parallelism: mpirun -np N runs DP = N / tp x TP = tp, consecutive ranks forming a TP
   // group (TP innermost). The model's heads and padded vocabulary must divide by tp.

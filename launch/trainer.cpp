@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -17,6 +18,9 @@
 #include "runtime/config.hpp"
 #if MESHTRAIN_HAS_CUDA
 #include "runtime/cuda/cuda_device.hpp"
+#endif
+#if MESHTRAIN_HAS_NCCL
+#include "comm/nccl/nccl.hpp"
 #endif
 #include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
@@ -112,16 +116,100 @@ const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicat
 }
 }  // namespace
 
+std::string Trainer::dp_backend() const {
+  if (nccl_dp_.valid()) return "nccl";
+  return mesh_.dp_size() > 1 ? "mpi" : "none";
+}
+
+std::string Trainer::tp_backend() const {
+  if (nccl_tp_.valid()) return "nccl";
+  return mesh_.tp_size() > 1 ? "mpi" : "none";
+}
+
+// comm.backend. NCCL refuses two ranks of one communicator on the same GPU (and a job that
+// oversubscribes GPUs is common on a workstation), so the ranks first exchange their GPUs'
+// UUIDs over MPI: device indices cannot tell, since each rank may see its own
+// CUDA_VISIBLE_DEVICES. The choice is made per group kind (every DP group, every TP group)
+// from the whole job's list, so that every rank takes the same decision and opens the same
+// communicators, or every rank throws the same error.
+void Trainer::setup_device_comm(comm::Communicator* world) {
+  const std::string& want = cfg_.comm_backend;
+  if (cfg_.device != "cuda" || want == "mpi" || world == nullptr) {
+    if (want == "nccl" && world == nullptr)
+      comm_summary_ = "comm.backend = nccl: one process without mpirun, nothing to communicate";
+    return;
+  }
+#if !MESHTRAIN_HAS_NCCL
+  MT_CHECK(
+      want != "nccl",
+      "comm.backend = \"nccl\": this meshtrain was built without NCCL (build the cuda preset)");
+  comm_summary_ = "MPI (built without NCCL)";
+#else
+  const int n = world->size(), tp = cfg_.tp, dp = n / tp;
+  // Every rank's UUID, 40 characters ("GPU-" and 36), as 10 int32 words per rank.
+  constexpr int kWords = 10;
+  const std::string uuid = cuda::device_uuid(*gpu_);
+  MT_ASSERT(uuid.size() == kWords * 4, "GPU UUID '{}' is not 40 characters", uuid);
+  std::vector<std::int32_t> mine(kWords);
+  std::memcpy(mine.data(), uuid.data(), uuid.size());
+  Tensor all = Tensor::empty(Shape{static_cast<std::int64_t>(n) * kWords}, DType::kI32);
+  world->all_gather(Tensor::wrap(mine.data(), Shape{kWords}, DType::kI32), all).wait();
+  std::vector<std::string> uuids(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r)
+    uuids[static_cast<std::size_t>(r)].assign(
+        reinterpret_cast<const char*>(all.data_as<std::int32_t>() + r * kWords), kWords * 4);
+  // The first two world ranks of one group that drive the same GPU: "" when there are none.
+  // Group g of the DP kind holds world ranks {d * tp + g}, of the TP kind {g * tp + t}.
+  auto shared = [&](bool dp_kind) -> std::string {
+    const int groups = dp_kind ? tp : dp, members = dp_kind ? dp : tp;
+    for (int g = 0; g < groups; ++g)
+      for (int i = 0; i < members; ++i)
+        for (int j = i + 1; j < members; ++j) {
+          const int a = dp_kind ? i * tp + g : g * tp + i, b = dp_kind ? j * tp + g : g * tp + j;
+          if (uuids[static_cast<std::size_t>(a)] == uuids[static_cast<std::size_t>(b)])
+            return fmt::format("world ranks {} and {} both drive {}", a, b,
+                               uuids[static_cast<std::size_t>(a)]);
+        }
+    return "";
+  };
+  const std::string dp_shared = shared(true), tp_shared = shared(false);
+  if (want == "nccl") {
+    const std::string& why = !dp_shared.empty() ? dp_shared : tp_shared;
+    MT_CHECK(why.empty(),
+             "comm.backend = \"nccl\": {} ({} group); NCCL allows one rank per GPU in a "
+             "communicator. Start one rank per GPU, or use comm.backend = \"auto\" (MPI where "
+             "ranks share a GPU) or \"mpi\"",
+             why, !dp_shared.empty() ? "a DP" : "a TP");
+  }
+  // auto: NCCL for a kind of group with more than one rank whose ranks all have their own
+  // GPU. nccl: every group, even of one rank (mpirun -np 1 then runs the NCCL gradient path).
+  const bool use_dp = want == "nccl" || (dp > 1 && dp_shared.empty());
+  const bool use_tp = tp > 1 && (want == "nccl" || tp_shared.empty());
+  comm::NcclOptions o;
+  o.compute_stream = cuda::compute_stream(*gpu_);
+  o.device = gpu_->index();
+  // Both on every rank, in the same order: each is collective over its MPI group.
+  if (use_dp) nccl_dp_ = comm::nccl_communicator(mesh_.distributed() ? mesh_.dp() : *world, o);
+  if (use_tp) nccl_tp_ = comm::nccl_communicator(mesh_.tp(), o);
+  auto words = [](const char* kind, bool nccl, int size, const std::string& why) {
+    if (size == 1 && !nccl) return std::string();
+    return fmt::format("{} over {}{}", kind, nccl ? "NCCL" : "MPI",
+                       !nccl && !why.empty() ? fmt::format(" ({})", why) : std::string());
+  };
+  const std::string a = words("DP", use_dp, dp, dp_shared), b = words("TP", use_tp, tp, tp_shared);
+  comm_summary_ = a.empty() ? b : b.empty() ? a : a + ", " + b;
+#endif
+}
+
 Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     : cfg_(checked_layout(cfg, world)), policy_(PrecisionPolicy::parse(cfg.precision)),
       model_cfg_(model_config(cfg)) {
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
   verbose_ = is_root();
-  // The vocab-parallel cross-entropy's loops are CPU code (parallel/tensor_parallel.hpp).
-  MT_CHECK(cfg_.tp == 1 || cfg_.device == "cpu",
-           "train.tp = {} with train.device = \"{}\": tensor parallelism runs on the CPU device "
-           "only in this version", cfg_.tp, cfg_.device);
+  MT_CHECK(cfg_.comm_backend != "nccl" || cfg_.device == "cuda",
+           "comm.backend = \"nccl\" needs train.device = \"cuda\" (NCCL moves GPU memory); on the "
+           "CPU device the ranks communicate through MPI (comm.backend = \"auto\" or \"mpi\")");
   if (cfg_.device == "cuda") {
 #if MESHTRAIN_HAS_CUDA
     gpu_ = cuda::open_local_device();
@@ -130,6 +218,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
             "preset: scripts/setup.sh cuda)");
 #endif
   }
+  setup_device_comm(world);
   // The run directory is created once the data is known to be good (except for the built-in
   // corpus, which is written there): bad input leaves nothing behind.
   auto create_run_dir = [&] {
@@ -168,8 +257,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
            data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
   if (is_root()) create_run_dir();
 
-  model_ = std::make_unique<models::GPT>(model_cfg_, policy_, device(),
-                                        parallel::TPGroup(mesh_.tp()));
+  model_ =
+      std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
   model_->init_weights(cfg_.seed);
   for (const models::ParamInfo& p : model_->params())
     norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
@@ -177,9 +266,12 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) load_weights(*model_, cfg_.model_init);
   const std::int64_t n_params = model_->num_parameters();
   world_ = world;
-  zero_ = mesh_.dp_size() > 1 && cfg_.zero == 1;
+  // comm.backend = "nccl" reduces through NCCL even for DP = 1 (mpirun -np 1 on one GPU runs
+  // the NCCL gradient path, ZeRO-1 included).
+  const bool reduce = mesh_.dp_size() > 1 || nccl_dp_.valid();
+  zero_ = reduce && cfg_.zero == 1;
   std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
-  if (mesh_.dp_size() > 1) {
+  if (reduce) {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
@@ -188,7 +280,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
     // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.
     ro.shard = zero_;
-    reducer_ = std::make_unique<parallel::GradReducer>(mesh_.dp(), model_->flat_grads(), ranges, ro);
+    reducer_ = std::make_unique<parallel::GradReducer>(dp_comm(), model_->flat_grads(), ranges, ro);
     model_->set_grads_ready_hook(
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
@@ -241,6 +333,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
                 mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}",
                                                   mesh_.world_size(), mesh_.dp_size(),
                                                   mesh_.tp_size()).c_str() : "");
+    if (!comm_summary_.empty()) std::printf("communication: %s\n", comm_summary_.c_str());
     std::printf("data: %lld training tokens, %lld validation tokens%s\n",
                 static_cast<long long>(data_->train().tokens()),
                 static_cast<long long>(data_->val() ? data_->val()->tokens() : 0),
@@ -291,14 +384,17 @@ StepMetrics Trainer::step(int step) {
     // The global mean loss rides along with the last buckets; the gradients are averaged over
     // DP once finish() returns (ZeRO-1: this rank's shard of them), so the norm below is the
     // global one on every rank.
+    // (A host scalar: over the mesh's MPI group, which exists for DP > 1.)
     Tensor loss = Tensor::from_floats({m.loss}, Shape{1}, DType::kF32);
-    comm::Work loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
+    comm::Work loss_work;
+    if (mesh_.dp().valid()) loss_work = mesh_.dp().allreduce(loss, comm::ReduceOp::kAvg);
     const parallel::ReducerStats rs = reducer_->finish();
-    loss_work.wait();
+    if (loss_work.defined()) loss_work.wait();
     m.loss = loss.data_as<float>()[0];
     m.comm_wait_ms = rs.wait_ms;
     m.comm_hidden = rs.hidden;
     m.comm_ms = rs.comm_ms;
+    m.comm_device_timed = rs.device_timed;
   }
   if (zero_) {
     const auto tc = Clock::now();
@@ -308,7 +404,7 @@ StepMetrics Trainer::step(int step) {
       share += grad_norm_share(reducer_->shard_grads().slice(p.shard_offset, p.length),
                                p.flat_offset);
     Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
-    mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
+    if (mesh_.dp().valid()) mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     parallel::TPGroup(mesh_.tp()).allreduce(sq);
     m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
     m.comm_wait_ms += seconds_since(tc) * 1e3;
@@ -372,9 +468,7 @@ StepMetrics Trainer::step(int step) {
     }
     if (zero_) {
       // Every rank wrote the parameters it owns in place: gather the others'.
-      const auto tc = Clock::now();
-      reducer_->all_gather_shards(Tensor(), model_->flat_params());
-      m.comm_wait_ms += seconds_since(tc) * 1e3;
+      m.comm_wait_ms += reducer_->all_gather_shards(Tensor(), model_->flat_params());
     }
   }
   device().synchronize();  // a GPU step ends when its queued work does
@@ -559,18 +653,24 @@ TrainResult Trainer::run() {
                                  {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
                                  {"skipped", m.skipped}}
                       .dump());
-    if (mesh_.distributed())
-      write_metrics(nlohmann::json{{"step", m.step}, {"comm_wait_ms", m.comm_wait_ms},
-                                   {"comm_hidden", m.comm_hidden}, {"comm_ms", m.comm_ms}}.dump());
+    if (mesh_.distributed() || reducer_)
+      write_metrics(nlohmann::json{{"step", m.step},
+                                   {"comm_wait_ms", m.comm_wait_ms},
+                                   {"comm_hidden", m.comm_hidden},
+                                   {"comm_ms", m.comm_ms},
+                                   {"comm_clock", m.comm_device_timed ? "device" : "host"}}
+                        .dump());
     if (verbose_ && (m.step % cfg_.log_every == 0 || m.step == cfg_.steps || m.step == 1)) {
-      std::printf("step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA %s%s%s\n",
-                  static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss,
-                  m.lr, m.grad_norm, m.step_ms, m.tokens_per_s, 100.0 * m.mfu,
-                  format_duration(m.eta_s).c_str(),
-                  mesh_.distributed() ? fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden",
-                                                    m.comm_wait_ms, 100.0 * m.comm_hidden).c_str()
-                                      : "",
-                  m.skipped ? " | SKIPPED" : "");
+      std::printf(
+          "step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA "
+          "%s%s%s\n",
+          static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss, m.lr,
+          m.grad_norm, m.step_ms, m.tokens_per_s, 100.0 * m.mfu, format_duration(m.eta_s).c_str(),
+          mesh_.distributed() || reducer_ ? fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden",
+                                                        m.comm_wait_ms, 100.0 * m.comm_hidden)
+                                                .c_str()
+                                          : "",
+          m.skipped ? " | SKIPPED" : "");
       std::fflush(stdout);
     }
     if (step_cb_) step_cb_(m);
@@ -691,6 +791,8 @@ TrainResult Trainer::run() {
                        {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
   }
   if (cfg_.sample_tokens > 0) r.sample = print_sample(cfg_.steps);
+  if (nccl_dp_.valid()) nccl_dp_.finalize();
+  if (nccl_tp_.valid()) nccl_tp_.finalize();
   mesh_.finalize();
   return r;
 }

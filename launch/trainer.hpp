@@ -41,6 +41,9 @@ struct StepMetrics {
   double comm_wait_ms = 0;
   double comm_hidden = 0;
   double comm_ms = 0;  // the reduction's span: first bucket posted to last completed
+  // Measured on the GPU's timeline with CUDA events (NCCL) rather than the host clock
+  // (parallel/grad_reducer.hpp says how).
+  bool comm_device_timed = false;
 };
 
 struct EvalMetrics {
@@ -95,6 +98,10 @@ class Trainer {
   // ZeRO-1 its shard.
   std::int64_t optimizer_state_numel() const { return m_.numel(); }
   const parallel::Mesh& mesh() const { return mesh_; }
+  // Which backend carries the DP gradients and the TP activations ("nccl", "mpi", or "none"
+  // for a group of one rank that does not communicate).
+  std::string dp_backend() const;
+  std::string tp_backend() const;
   // Whether this rank prints and writes files (rank 0, or the only one).
   bool is_root() const { return mesh_.world_rank() == 0; }
   const TrainConfig& config() const { return cfg_; }
@@ -125,6 +132,15 @@ class Trainer {
   std::unique_ptr<Device> gpu_;
   Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   parallel::Mesh mesh_;
+  // comm.backend: NCCL communicators over this rank's DP and TP groups, on the GPU's compute
+  // stream (not valid() where the group goes through the mesh's MPI communicator). The mesh's
+  // MPI groups stay in use for host scalars (loss, gradient norm) and checkpoints.
+  comm::Communicator nccl_dp_, nccl_tp_;
+  std::string comm_summary_;  // "DP over NCCL, TP over MPI (...)": the banner's words
+  // Chooses and opens the communicators above (collective over `world`).
+  void setup_device_comm(comm::Communicator* world);
+  comm::Communicator& dp_comm() { return nccl_dp_.valid() ? nccl_dp_ : mesh_.dp(); }
+  comm::Communicator& tp_comm() { return nccl_tp_.valid() ? nccl_tp_ : mesh_.tp(); }
   comm::Communicator* world_ = nullptr;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1
   // ZeRO-1 (train.zero = 1 with DP > 1): AdamW state and (16-bit policies) the fp32 master

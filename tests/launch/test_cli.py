@@ -247,6 +247,26 @@ class Cli(unittest.TestCase):
         self.expect_train_error("no_match", [f"data.train={self.path('*.nothing')}"],
                                 "matches no file")
 
+    def test_device_and_comm_backend_errors(self):
+        """train.device = "cuda" where it cannot run, and comm.backend misuse: a clear error and
+        no run directory. Without a GPU (this machine) the cuda preset's binary must say that no
+        device is visible; the cpu preset's that it was built without CUDA."""
+        self.expect_train_error("nccl_on_cpu", ["comm.backend=nccl"],
+                                'comm.backend = "nccl" needs train.device = "cuda"')
+        self.expect_train_error("bad_backend", ["comm.backend=gloo"], "comm.backend", "gloo")
+        smi = shutil.which("nvidia-smi")
+        if smi and run(smi, "-L").returncode == 0:
+            self.skipTest("a GPU is visible: scripts/gpu_check.sh runs train --device cuda")
+        run_dir = self.path("cuda_without_gpu")
+        args = ["train", "--config", self.config, "--set", f"run.dir={run_dir}", "--device", "cuda"]
+        r = run(MESHTRAIN, *args)
+        self.assertEqual(r.returncode, 1, f"exit status\n{r.out}{r.err}")
+        self.assertTrue("no CUDA device is visible" in r.err or "built without CUDA" in r.err,
+                        f"stderr: {r.err}")
+        for crash in ("terminate called", "Segmentation", "Aborted", "unexpected error"):
+            self.assertNotIn(crash, r.err)
+        self.assertFalse(os.path.exists(run_dir), "a failed run left its directory behind")
+
     def test_generate_on_a_bad_run_directory(self):
         self.expect_error(["generate", "--run", self.path("no_such_run")],
                           f"'{self.path('no_such_run')}' is not a finished run directory")

@@ -23,20 +23,19 @@ namespace fs = std::filesystem;
 auto fields(const TrainConfig& c) {
   const auto& [model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, device,
-               seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2,
-               eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, zero,
-               tp, eval_every,
-               eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
-               log_every, ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks,
-               model_init, resume] = c;
+               seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
+               beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
+               dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches, sample_every,
+               sample_tokens, temperature, top_k, prompt, run_dir, log_every, ckpt_every, ckpt_keep,
+               ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
   return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                   data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
-                  device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay,
-                  beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
-                  dp_reduce_dtype, zero, tp,
-                  eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
-                  run_dir, log_every, ckpt_every, ckpt_keep, ckpt_dir, rollback_after,
-                  max_rollbacks, model_init, resume);
+                  device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction,
+                  weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb,
+                  dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches,
+                  sample_every, sample_tokens, temperature, top_k, prompt, run_dir, log_every,
+                  ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks, model_init,
+                  resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -145,9 +144,9 @@ TEST_F(ConfigTest, EveryTypeErrorNamesKeyLineAndTypes) {
 TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
   EXPECT_HAS(file_error("[train]\nsteps = 3\n\nlrr = 0.1\n"),
              "job.toml:4: unknown key 'train.lrr'; keys of [train] are: steps, batch_size");
-  EXPECT_HAS(
-      file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
-      "job.toml:3: unknown section [optim]: expected one of model, data, train, dp, eval, sample, run, checkpoint");
+  EXPECT_HAS(file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
+             "job.toml:3: unknown section [optim]: expected one of model, data, train, dp, comm, "
+             "eval, sample, run, checkpoint");
   EXPECT_HAS(file_error("steps = 3\n"),
              "job.toml:1: 'steps' must be a section ([steps]); top-level keys are not allowed");
   // TOML syntax errors carry line and column.

@@ -212,6 +212,23 @@ TEST_F(TrainerTest, CudaDeviceFollowsTheCpuOrSaysWhyNot) {
     EXPECT_NEAR(gpu[i], cpu[i], 1e-3 * std::abs(cpu[i])) << "step " << i + 1;
 }
 
+// comm.backend = "nccl" moves GPU memory: with the CPU device it is refused before anything is
+// written, whatever the build.
+TEST_F(TrainerTest, NcclBackendNeedsTheCudaDevice) {
+  TrainConfig c = tiny("nccl_cpu");
+  c.comm_backend = "nccl";
+  std::string error = "(no error)";
+  try {
+    Trainer t(c);
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  EXPECT_HAS(error, "comm.backend = \"nccl\" needs train.device = \"cuda\"");
+  EXPECT_FALSE(fs::exists(path("nccl_cpu")));
+  c.comm_backend = "mpi";  // and the others run
+  EXPECT_EQ(losses(c).size(), static_cast<std::size_t>(c.steps));
+}
+
 TEST_F(TrainerTest, BadDataWritesNothing) {
   auto error_of = [&](const TrainConfig& c) -> std::string {
     try {
