@@ -168,13 +168,14 @@ verdict() {  # verdict OK NAME DETAIL
 }
 compare_losses() {  # compare_losses NAME GPU_RUN CPU_RUN TOL
   local detail rc
-  detail=$(python3 - "$2/metrics.jsonl" "$3/metrics.jsonl" "$4" <<'PY'
+  detail=$(python3 - "$2/metrics.jsonl" "$3/metrics.jsonl" "$4" 2>&1 <<'PY'
 import json, sys
 def losses(p):
     try:
         rows = [json.loads(l) for l in open(p)]
-    except OSError as e:
-        sys.exit(f"cannot read {p}: {e}")
+    except (OSError, ValueError) as e:
+        print(f"cannot read {p}: {e}")
+        sys.exit(1)
     return {r["step"]: r["loss"] for r in rows if "loss" in r and "lr" in r}
 g, c, tol = losses(sys.argv[1]), losses(sys.argv[2]), float(sys.argv[3])
 if not g or set(g) != set(c):
@@ -197,7 +198,7 @@ stage_trainer() {
   rm -rf "$rd"
   mkdir -p "$rd"
   # gpt-small (6 x 384), 8 x 128 tokens per rank and step, 30 steps: seconds per run.
-  local common=(--set train.steps=30 --set sample.tokens=0 --set run.log_every=10 --set train.seed=7)
+  local common=(--set train.steps=30 --set train.warmup_steps=5 --set sample.tokens=0 --set run.log_every=10 --set train.seed=7)
   local np2=(timeout 240 mpirun --oversubscribe -np 2)
   run() {  # run NAME CMD...: runs CMD, output into $rd/NAME.log (echoed), PASS/FAIL on its status
     local name=$1; shift

@@ -155,6 +155,29 @@ TEST_F(Nccl, ReduceScatterAllGatherBroadcastBarrier) {
       << "host tensors are not NCCL's";
 }
 
+// Device-timeline marks: a collective's start and end on the NCCL stream, and marks on the
+// compute stream, on one clock (what GradReducer's device-time metrics are made of).
+TEST_F(Nccl, DeviceTimelineMarks) {
+  const std::shared_ptr<DeviceMark> origin = comm_.mark_compute();
+  ASSERT_TRUE(origin) << "the NCCL backend has a device timeline";
+  Tensor t = make(DType::kF32, 1 << 22, comm_.rank());
+  Work w = comm_.allreduce(t);
+  const std::shared_ptr<DeviceMark> after = comm_.mark_compute();
+  w.wait();
+  const std::shared_ptr<DeviceMark> start = w.device_start(), end = w.device_end();
+  ASSERT_TRUE(start && end);
+  const double a = start->ms_since(*origin), b = end->ms_since(*origin);
+  EXPECT_GE(a, 0.0) << "the collective starts after what the compute stream queued before it";
+  EXPECT_GE(b, a);
+  EXPECT_LT(b, 60'000.0);
+  EXPECT_GE(after->ms_since(*origin), 0.0);
+  EXPECT_LE(origin->ms_since(*after), 0.0);
+  // A host backend's marks do not exist, and marks of different kinds do not compare.
+  Communicator world = g_session->world();
+  EXPECT_EQ(world.mark_compute(), nullptr);
+  world.finalize();
+}
+
 TEST_F(Nccl, SplitAndAsync) {
   Communicator sub = comm_.split(comm_.rank() % 2, comm_.rank());
   ASSERT_TRUE(sub.valid());
