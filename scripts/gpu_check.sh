@@ -199,7 +199,10 @@ stage_trainer() {
   mkdir -p "$rd"
   # gpt-small (6 x 384), 8 x 128 tokens per rank and step, 30 steps: seconds per run.
   local common=(--set train.steps=30 --set train.warmup_steps=5 --set sample.tokens=0 --set run.log_every=10 --set train.seed=7)
-  local np2=(timeout 240 mpirun --oversubscribe -np 2)
+  # No binding: Open MPI binds ranks to cores by default at -np <= 2, which would put every
+  # thread of a rank on one core, and two jobs at once on the same cores.
+  local np1=(timeout 240 mpirun --oversubscribe --bind-to none -np 1)
+  local np2=(timeout 240 mpirun --oversubscribe --bind-to none -np 2)
   run() {  # run NAME CMD...: runs CMD, output into $rd/NAME.log (echoed), PASS/FAIL on its status
     local name=$1; shift
     say "trainer: $name: $*"
@@ -209,32 +212,25 @@ stage_trainer() {
     verdict $rc "run $name" "exit status $rc"
     return $rc
   }
-  # The CPU references.
-  run cpu1 timeout 240 "$cli" train "${common[@]}" --set train.threads=8 --set run.dir="$rd/cpu1"
-  run cpu_dp2 "${np2[@]}" "$cli" train "${common[@]}" --set train.threads=4 --set run.dir="$rd/cpu_dp2"
-  run cpu_tp2 "${np2[@]}" "$cli" train --tp 2 "${common[@]}" --set train.threads=4 --set run.dir="$rd/cpu_tp2"
+  # The CPU references run in the background (16 threads in all) while the GPU runs run.
+  say "trainer: the CPU references, in the background"
+  local refs=(cpu1 cpu_dp2 cpu_tp2) pids=()
+  (timeout 300 "$cli" train "${common[@]}" --set train.threads=4 --set run.dir="$rd/cpu1" > "$rd/cpu1.log" 2>&1; echo $? > "$rd/cpu1.rc") &
+  pids+=($!)
+  ("${np2[@]}" "$cli" train "${common[@]}" --set train.threads=3 --set run.dir="$rd/cpu_dp2" > "$rd/cpu_dp2.log" 2>&1; echo $? > "$rd/cpu_dp2.rc") &
+  pids+=($!)
+  ("${np2[@]}" "$cli" train --tp 2 "${common[@]}" --set train.threads=3 --set run.dir="$rd/cpu_tp2" > "$rd/cpu_tp2.log" 2>&1; echo $? > "$rd/cpu_tp2.rc") &
+  pids+=($!)
+  local gpu_ok=()  # GPU runs that completed, compared once the references are done
   # One rank over NCCL (one GPU allows one rank per NCCL communicator): the DP reducer runs
   # through NCCL at DP = 1 (comm.backend = nccl), fp32 allreduce; then ZeRO-1 (reduce-scatter
   # and all-gather) with bf16 reduction.
-  if run nccl1 timeout 240 mpirun -np 1 "$cli" train --device cuda --set comm.backend=nccl "${common[@]}" --set run.dir="$rd/nccl1"; then
-    expect_in_log "nccl1 uses NCCL" "$rd/nccl1.log" "communication: DP over NCCL"
-    expect_in_log "nccl1 times comm on the device" "$rd/nccl1/metrics.jsonl" '"comm_clock":"device"'
-    compare_losses "nccl1 (DP over NCCL, 1 rank) vs cpu1" "$rd/nccl1" "$rd/cpu1" 0.05
-  fi
-  if run nccl1_zero_bf16 timeout 240 mpirun -np 1 "$cli" train --device cuda --set comm.backend=nccl --set train.zero=1 --set dp.reduce_dtype=bf16 "${common[@]}" --set run.dir="$rd/nccl1_zero_bf16"; then
-    compare_losses "nccl1 ZeRO-1 bf16-reduce vs cpu1" "$rd/nccl1_zero_bf16" "$rd/cpu1" 0.05
-  fi
+  run nccl1 "${np1[@]}" "$cli" train --device cuda --set comm.backend=nccl "${common[@]}" --set run.dir="$rd/nccl1" && gpu_ok+=(nccl1)
+  run nccl1_zero_bf16 "${np1[@]}" "$cli" train --device cuda --set comm.backend=nccl --set train.zero=1 --set dp.reduce_dtype=bf16 "${common[@]}" --set run.dir="$rd/nccl1_zero_bf16" && gpu_ok+=(nccl1_zero_bf16)
   # Two ranks sharing the GPU: comm.backend = auto must pick MPI (NCCL refuses two ranks of a
   # communicator on one GPU); DP, then TP 2 (vocab-parallel cross-entropy on the device).
-  if run gpu_dp2 "${np2[@]}" "$cli" train --device cuda "${common[@]}" --set run.dir="$rd/gpu_dp2"; then
-    expect_in_log "gpu_dp2 falls back to MPI" "$rd/gpu_dp2.log" "communication: DP over MPI (world ranks 0 and 1 both drive GPU-"
-    compare_losses "gpu_dp2 (DP 2 over MPI) vs cpu_dp2" "$rd/gpu_dp2" "$rd/cpu_dp2" 0.05
-  fi
-  if run gpu_tp2 "${np2[@]}" "$cli" train --device cuda --tp 2 "${common[@]}" --set run.dir="$rd/gpu_tp2"; then
-    expect_in_log "gpu_tp2 falls back to MPI" "$rd/gpu_tp2.log" "communication: TP over MPI (world ranks 0 and 1 both drive GPU-"
-    compare_losses "gpu_tp2 (TP 2 over MPI) vs cpu_tp2" "$rd/gpu_tp2" "$rd/cpu_tp2" 0.05
-    compare_losses "gpu_tp2 (TP 2) vs cpu1 (the same global batch on one rank)" "$rd/gpu_tp2" "$rd/cpu1" 0.05
-  fi
+  run gpu_dp2 "${np2[@]}" "$cli" train --device cuda "${common[@]}" --set run.dir="$rd/gpu_dp2" && gpu_ok+=(gpu_dp2)
+  run gpu_tp2 "${np2[@]}" "$cli" train --device cuda --tp 2 "${common[@]}" --set run.dir="$rd/gpu_tp2" && gpu_ok+=(gpu_tp2)
   # comm.backend = nccl on two ranks sharing the GPU: a clear error on every rank, no hang.
   say "trainer: nccl_shared (must fail)"
   "${np2[@]}" "$cli" train --device cuda --set comm.backend=nccl "${common[@]}" --set run.dir="$rd/nccl_shared" > "$rd/nccl_shared.log" 2>&1
@@ -245,6 +241,32 @@ stage_trainer() {
   else
     verdict 1 "nccl_shared refused" "exit status $rc (124: timeout), message present: $(grep -c 'NCCL allows one rank per GPU' "$rd/nccl_shared.log")"
   fi
+  say "trainer: waiting for the CPU references"
+  wait "${pids[@]}"
+  local ref
+  for ref in "${refs[@]}"; do
+    say "trainer: $ref (CPU reference)"
+    cat "$rd/$ref.log"
+    verdict "$(cat "$rd/$ref.rc" 2>/dev/null || echo 1)" "run $ref" "exit status $(cat "$rd/$ref.rc" 2>/dev/null)"
+  done
+  local has=" ${gpu_ok[*]} "
+  if [[ $has == *" nccl1 "* ]]; then
+    expect_in_log "nccl1 uses NCCL" "$rd/nccl1.log" "communication: DP over NCCL"
+    expect_in_log "nccl1 times comm on the device" "$rd/nccl1/metrics.jsonl" '"comm_clock":"device"'
+    compare_losses "nccl1 (DP over NCCL, 1 rank) vs cpu1" "$rd/nccl1" "$rd/cpu1" 0.05
+  fi
+  [[ $has == *" nccl1_zero_bf16 "* ]] &&
+    compare_losses "nccl1 ZeRO-1 bf16-reduce vs cpu1" "$rd/nccl1_zero_bf16" "$rd/cpu1" 0.05
+  if [[ $has == *" gpu_dp2 "* ]]; then
+    expect_in_log "gpu_dp2 falls back to MPI" "$rd/gpu_dp2.log" "communication: DP over MPI (world ranks 0 and 1 both drive GPU-"
+    compare_losses "gpu_dp2 (DP 2 over MPI) vs cpu_dp2" "$rd/gpu_dp2" "$rd/cpu_dp2" 0.05
+  fi
+  if [[ $has == *" gpu_tp2 "* ]]; then
+    expect_in_log "gpu_tp2 falls back to MPI" "$rd/gpu_tp2.log" "communication: TP over MPI (world ranks 0 and 1 both drive GPU-"
+    compare_losses "gpu_tp2 (TP 2 over MPI) vs cpu_tp2" "$rd/gpu_tp2" "$rd/cpu_tp2" 0.05
+    compare_losses "gpu_tp2 (TP 2) vs cpu1 (the same global batch on one rank)" "$rd/gpu_tp2" "$rd/cpu1" 0.05
+  fi
+  return 0
 }
 
 # ---- bench ----------------------------------------------------------------------------------
