@@ -5,10 +5,12 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/json.hpp"
 #include "runtime/safetensors.hpp"
 
 namespace meshtrain::launch {
@@ -45,12 +47,31 @@ Tensor transpose(const Tensor& t) {
 }
 
 int config_int(const std::string& path, const Json& j, const char* key, int lo, int hi) {
-  MT_CHECK(j.contains(key), "'{}': missing '{}'", path, key);
+  MT_CHECK(j.contains(key), "import: '{}': missing '{}'", path, key);
   const Json& v = j[key];
-  MT_CHECK(v.is_number_integer(), "'{}': '{}' is {}, expected an integer", path, key, v.dump());
-  const std::int64_t x = v.get<std::int64_t>();
-  MT_CHECK(x >= lo && x <= hi, "'{}': '{}' = {} is out of range [{}, {}]", path, key, x, lo, hi);
-  return static_cast<int>(x);
+  MT_CHECK(v.is_number_integer(), "import: '{}': '{}' is {}, expected an integer", path, key,
+           v.dump());
+  // A uint64 above int64's range reads as out of range, not as a wrapped negative number.
+  MT_CHECK(!(v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(hi)) &&
+               v.get<std::int64_t>() >= lo && v.get<std::int64_t>() <= hi,
+           "import: '{}': '{}' = {} is out of range [{}, {}]", path, key, v.dump(), lo, hi);
+  return static_cast<int>(v.get<std::int64_t>());
+}
+
+// An optional field of config.json of the JSON type that `fallback` has, or `fallback`.
+template <typename T>
+T config_opt(const std::string& path, const Json& j, const char* key, T fallback) {
+  if (!j.contains(key)) return fallback;
+  const Json& v = j[key];
+  if constexpr (std::is_same_v<T, bool>) {
+    MT_CHECK(v.is_boolean(), "import: '{}': '{}' is {}, expected true or false", path, key,
+             v.dump());
+  } else if constexpr (std::is_same_v<T, double>) {
+    MT_CHECK(v.is_number(), "import: '{}': '{}' is {}, expected a number", path, key, v.dump());
+  } else {
+    MT_CHECK(v.is_string(), "import: '{}': '{}' is {}, expected a string", path, key, v.dump());
+  }
+  return v.get<T>();
 }
 
 }  // namespace
@@ -124,28 +145,32 @@ ImportedModel import_hf(const std::string& dir) {
                : fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
                      ? " (only pytorch_model.bin: save it again with safe_serialization=True)"
                      : "");
-  Json j;
-  try {
-    std::ifstream f(cfg_path);
-    j = Json::parse(f);
-  } catch (const Json::exception& e) {
-    MT_FAIL("import: '{}' is not valid JSON: {}", cfg_path, e.what());
+  std::string text;
+  {
+    std::ifstream f(cfg_path, std::ios::binary);
+    std::ostringstream os;
+    os << f.rdbuf();
+    if (!f) throw IoError(fmt::format("import: cannot read '{}'", cfg_path));
+    text = os.str();
   }
+  // config.json nests 2 levels (architectures, task parameters); 16 is plenty.
+  const Json j = parse_json_file_text<Json>(text, fmt::format("import: '{}'", cfg_path), 16);
   MT_CHECK(j.is_object(), "import: '{}' is not a JSON object", cfg_path);
   if (j.contains("model_type"))
     MT_CHECK(j["model_type"] == "gpt2", "import: '{}': model_type {} is not gpt2", cfg_path,
              j["model_type"].dump());
-  const std::string act = j.value("activation_function", std::string("gelu_new"));
+  const std::string act = config_opt(cfg_path, j, "activation_function", std::string("gelu_new"));
   MT_CHECK(act == "gelu_new" || act == "gelu_pytorch_tanh",
            "import: '{}': activation_function '{}' is not the tanh GELU meshtrain computes "
            "(gelu_new)", cfg_path, act);
-  const double eps = j.value("layer_norm_epsilon", 1e-5);
+  const double eps = config_opt(cfg_path, j, "layer_norm_epsilon", 1e-5);
   MT_CHECK(std::fabs(eps - 1e-5) < 1e-12, "import: '{}': layer_norm_epsilon {} is not 1e-5",
            cfg_path, eps);
-  MT_CHECK(!j.value("scale_attn_by_inverse_layer_idx", false) &&
-               !j.value("reorder_and_upcast_attn", false) && j.value("scale_attn_weights", true),
+  MT_CHECK(!config_opt(cfg_path, j, "scale_attn_by_inverse_layer_idx", false) &&
+               !config_opt(cfg_path, j, "reorder_and_upcast_attn", false) &&
+               config_opt(cfg_path, j, "scale_attn_weights", true),
            "import: '{}': attention scaling options other than GPT-2's are not supported", cfg_path);
-  MT_CHECK(j.value("tie_word_embeddings", true),
+  MT_CHECK(config_opt(cfg_path, j, "tie_word_embeddings", true),
            "import: '{}': untied input and output embeddings are not supported", cfg_path);
 
   models::GPTConfig c;
@@ -175,12 +200,13 @@ ImportedModel import_hf(const std::string& dir) {
       continue;
     MT_CHECK(by_name.emplace(n, &t).second, "import: '{}' holds '{}' twice", st_path, n);
   }
-  // The model (on the CPU, unused beyond its parameter list) gives names and shapes.
-  const models::GPT shapes(c, PrecisionPolicy::parse("fp32"));
+  // The model's parameter list gives names and shapes; nothing the size of the model that
+  // config.json describes is allocated before the file's tensors are checked against it.
+  const std::vector<models::ParamInfo> params = models::GPT::param_layout(c);
   ImportedModel out;
   out.config = c;
   std::set<std::string> used;
-  for (const models::ParamInfo& p : shapes.params()) {
+  for (const models::ParamInfo& p : params) {
     auto it = by_name.find(p.name);
     MT_CHECK(it != by_name.end(), "import: '{}' has no tensor '{}'", st_path, p.name);
     used.insert(p.name);

@@ -133,47 +133,66 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   return m;
 }
 
-int GPT::add_param(const std::string& name, const Shape& full, int layer, bool decay,
-                   int shard_dim, int shard_parts) {
-  const Shape shape =
-      shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp_.size());
-  params_.push_back(ParamInfo{name, shape, num_params_, layer, decay, full, shard_dim, shard_parts});
-  num_params_ += shape.numel();
-  return static_cast<int>(params_.size()) - 1;
+std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, Indices* idx) {
+  cfg.validate();
+  cfg.validate_tp(tp);
+  std::vector<ParamInfo> params;
+  std::int64_t n = 0;
+  // full: the unsharded shape; shard_dim -1 = replicated.
+  auto add = [&](const std::string& name, const Shape& full, int layer, bool decay,
+                 int shard_dim = -1, int shard_parts = 1) {
+    const Shape shape =
+        shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp);
+    params.push_back(ParamInfo{name, shape, n, layer, decay, full, shard_dim, shard_parts});
+    n += shape.numel();
+    return static_cast<int>(params.size()) - 1;
+  };
+  Indices ix;
+  const std::int64_t c = cfg.n_embd;
+  ix.wte = add("wte.weight", Shape{cfg.padded_vocab, c}, -1, true, 0);
+  ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, -1, true);
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    Layer L;
+    L.ln1_w = add(p + "ln_1.weight", Shape{c}, l, false);
+    L.ln1_b = add(p + "ln_1.bias", Shape{c}, l, false);
+    // Column-parallel, Q, K and V each split by heads.
+    L.qkv_w = add(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true, 0, 3);
+    L.qkv_b = add(p + "attn.c_attn.bias", Shape{3 * c}, l, false, 0, 3);
+    // Row-parallel: split along its input (the heads); the bias is replicated.
+    L.proj_w = add(p + "attn.c_proj.weight", Shape{c, c}, l, true, 1);
+    L.proj_b = add(p + "attn.c_proj.bias", Shape{c}, l, false);
+    L.ln2_w = add(p + "ln_2.weight", Shape{c}, l, false);
+    L.ln2_b = add(p + "ln_2.bias", Shape{c}, l, false);
+    L.fc_w = add(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true, 0);
+    L.fc_b = add(p + "mlp.c_fc.bias", Shape{4 * c}, l, false, 0);
+    L.fcproj_w = add(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true, 1);
+    L.fcproj_b = add(p + "mlp.c_proj.bias", Shape{c}, l, false);
+    ix.layers.push_back(L);
+  }
+  ix.lnf_w = add("ln_f.weight", Shape{c}, -1, false);
+  ix.lnf_b = add("ln_f.bias", Shape{c}, -1, false);
+  MT_ASSERT(n == cfg.num_parameters_per_rank(tp), "{} vs {}", n, cfg.num_parameters_per_rank(tp));
+  if (idx != nullptr) *idx = std::move(ix);
+  return params;
+}
+
+std::vector<ParamInfo> GPT::param_layout(const GPTConfig& cfg, int tp) {
+  return build_layout(cfg, tp, nullptr);
 }
 
 GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, parallel::TPGroup tp)
     : cfg_(cfg), policy_(policy), device_(&device), tp_(tp) {
-  cfg_.validate();
-  cfg_.validate_tp(tp_.size());
+  Indices ix;
+  params_ = build_layout(cfg_, tp_.size(), &ix);
   heads_ = cfg_.n_head / tp_.size();
   vocab_start_ = static_cast<std::int64_t>(cfg_.padded_vocab / tp_.size()) * tp_.rank();
-  const std::int64_t c = cfg_.n_embd;
-  wte_ = add_param("wte.weight", Shape{cfg_.padded_vocab, c}, -1, true, 0);
-  wpe_ = add_param("wpe.weight", Shape{cfg_.block_size, c}, -1, true);
-  for (int l = 0; l < cfg_.n_layer; ++l) {
-    const std::string p = "h." + std::to_string(l) + ".";
-    Layer L;
-    L.ln1_w = add_param(p + "ln_1.weight", Shape{c}, l, false);
-    L.ln1_b = add_param(p + "ln_1.bias", Shape{c}, l, false);
-    // Column-parallel, Q, K and V each split by heads.
-    L.qkv_w = add_param(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true, 0, 3);
-    L.qkv_b = add_param(p + "attn.c_attn.bias", Shape{3 * c}, l, false, 0, 3);
-    // Row-parallel: split along its input (the heads); the bias is replicated.
-    L.proj_w = add_param(p + "attn.c_proj.weight", Shape{c, c}, l, true, 1);
-    L.proj_b = add_param(p + "attn.c_proj.bias", Shape{c}, l, false);
-    L.ln2_w = add_param(p + "ln_2.weight", Shape{c}, l, false);
-    L.ln2_b = add_param(p + "ln_2.bias", Shape{c}, l, false);
-    L.fc_w = add_param(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true, 0);
-    L.fc_b = add_param(p + "mlp.c_fc.bias", Shape{4 * c}, l, false, 0);
-    L.fcproj_w = add_param(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true, 1);
-    L.fcproj_b = add_param(p + "mlp.c_proj.bias", Shape{c}, l, false);
-    layers_.push_back(L);
-  }
-  lnf_w_ = add_param("ln_f.weight", Shape{c}, -1, false);
-  lnf_b_ = add_param("ln_f.bias", Shape{c}, -1, false);
-  MT_ASSERT(num_params_ == cfg_.num_parameters_per_rank(tp_.size()), "{} vs {}", num_params_,
-            cfg_.num_parameters_per_rank(tp_.size()));
+  wte_ = ix.wte;
+  wpe_ = ix.wpe;
+  lnf_w_ = ix.lnf_w;
+  lnf_b_ = ix.lnf_b;
+  layers_ = std::move(ix.layers);
+  num_params_ = cfg_.num_parameters_per_rank(tp_.size());
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
   if (policy_.has_master_copy()) master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
   grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);

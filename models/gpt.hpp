@@ -103,6 +103,11 @@ class GPT {
   const PrecisionPolicy& policy() const { return policy_; }
   Device& device() const { return *device_; }
   const std::vector<ParamInfo>& params() const { return params_; }
+  // What params() of a model of cfg split over `tp` tensor-parallel ranks holds (names, shapes,
+  // offsets, shards), computed without allocating the model: readers check files against it
+  // before anything the size of the model is allocated. Throws InvalidArgument as the
+  // constructor does for a config it cannot build.
+  static std::vector<ParamInfo> param_layout(const GPTConfig& cfg, int tp = 1);
   // Parameters this rank holds (all of them at TP = 1).
   std::int64_t num_parameters() const { return num_params_; }
   const parallel::TPGroup& tp() const { return tp_; }
@@ -175,9 +180,12 @@ class GPT {
         fch_gelu;
   };
   void ensure_activations(int batch, int seq);
-  // full: the unsharded shape; shard_dim -1 = replicated.
-  int add_param(const std::string& name, const Shape& full, int layer, bool decay,
-                int shard_dim = -1, int shard_parts = 1);
+  // Where the parameters the forward and backward passes use sit in params().
+  struct Indices {
+    int wte = 0, wpe = 0, lnf_w = 0, lnf_b = 0;
+    std::vector<Layer> layers;
+  };
+  static std::vector<ParamInfo> build_layout(const GPTConfig& cfg, int tp, Indices* idx);
 
   GPTConfig cfg_;
   PrecisionPolicy policy_;
