@@ -30,8 +30,12 @@ T state_value(const std::string& dir, const Json& j, const char* section, const 
                j[section].contains(key),
            "{} is missing", where);
   const Json& v = j[section][key];
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    MT_CHECK(v.is_number(), "{} must be a number, got {}", where, v.dump());
+  if constexpr (std::is_same_v<T, float>) {
+    // Checked as a double first: a double outside float's range has no float value.
+    MT_CHECK(v.is_number() && std::isfinite(v.template get<double>()) &&
+                 std::fabs(v.template get<double>()) <= std::numeric_limits<float>::max(),
+             "{} must be a finite single-precision number, got {}", where, v.dump());
+    return static_cast<float>(v.template get<double>());
   } else {
     MT_CHECK(v.is_number_integer() && v.template get<std::int64_t>() >= 0 &&
                  v.template get<std::int64_t>() <= std::numeric_limits<int>::max(),
@@ -41,6 +45,63 @@ T state_value(const std::string& dir, const Json& j, const char* section, const 
 }
 
 }  // namespace
+
+std::string checkpoint_state_json(const CheckpointState& s) {
+  const Json state{
+      {"model", model_json(s.model)},
+      {"precision", s.precision},
+      {"seed", s.seed},
+      {"optimizer", {{"skipped_steps", s.skipped_steps}, {"bad_in_a_row", s.bad_in_a_row}}},
+      {"loss_scaler",
+       {{"scale", s.loss_scale}, {"clean_steps", s.clean_steps}, {"skipped", s.scaler_skipped}}},
+      {"data",
+       {{"skip_steps", s.data_skip},
+        {"batch_size", s.batch_size},
+        {"grad_accum", s.grad_accum},
+        {"seq_len", s.seq_len},
+        {"dp", s.dp}}},
+  };
+  return state.dump();
+}
+
+CheckpointState parse_checkpoint_state(const std::string& dir, const std::string& state_json,
+                                       const models::GPTConfig& model) {
+  Json state;
+  try {
+    state = Json::parse(state_json);
+  } catch (const Json::exception& e) {
+    MT_FAIL("checkpoint '{}': state is not JSON: {}", dir, e.what());
+  }
+  MT_CHECK(state.is_object() && state.contains("model"), "checkpoint '{}': state.model is missing", dir);
+  const Json want = model_json(model);
+  for (const auto& [k, v] : want.items()) {
+    if (k == "padded_vocab") continue;  // depends on the TP layout; checked per tensor
+    MT_CHECK(state["model"].contains(k) && state["model"][k] == v,
+             "checkpoint '{}' holds another model: model.{} is {} there and {} here (model "
+             "config: {})",
+             dir, k, state["model"].contains(k) ? state["model"][k].dump() : "missing", v.dump(),
+             model.str());
+  }
+  CheckpointState s;
+  s.model = model;
+  if (state.contains("precision") && state["precision"].is_string())
+    s.precision = state["precision"].get<std::string>();
+  if (state.contains("seed") && state["seed"].is_number_unsigned())
+    s.seed = state["seed"].get<std::uint64_t>();
+  s.skipped_steps = state_value<int>(dir, state, "optimizer", "skipped_steps");
+  s.bad_in_a_row = state_value<int>(dir, state, "optimizer", "bad_in_a_row");
+  s.loss_scale = state_value<float>(dir, state, "loss_scaler", "scale");
+  s.clean_steps = state_value<int>(dir, state, "loss_scaler", "clean_steps");
+  s.scaler_skipped = state_value<int>(dir, state, "loss_scaler", "skipped");
+  s.data_skip = state_value<int>(dir, state, "data", "skip_steps");
+  MT_CHECK(std::isfinite(s.loss_scale) && s.loss_scale > 0,
+           "checkpoint '{}': loss scale {} is not positive", dir, s.loss_scale);
+  s.batch_size = state_value<int>(dir, state, "data", "batch_size");
+  s.grad_accum = state_value<int>(dir, state, "data", "grad_accum");
+  s.seq_len = state_value<int>(dir, state, "data", "seq_len");
+  s.dp = state_value<int>(dir, state, "data", "dp");
+  return s;
+}
 
 std::string resolve_resume(const TrainConfig& cfg) {
   if (cfg.resume.empty()) return {};
@@ -91,22 +152,20 @@ void load_checkpoint_weights(models::GPT& model, const std::string& dir) {
 
 std::string Trainer::save_checkpoint(int steps_done) {
   const auto t0 = std::chrono::steady_clock::now();
-  Json state{
-      {"model", model_json(model_cfg_)},
-      {"precision", std::string(policy_.name())},
-      {"seed", cfg_.seed},
-      {"optimizer", {{"skipped_steps", skipped_}, {"bad_in_a_row", bad_in_a_row_}}},
-      {"loss_scaler",
-       {{"scale", scaler_.scale()},
-        {"clean_steps", scaler_.clean_steps_in_a_row()},
-        {"skipped", scaler_.skipped_steps()}}},
-      {"data",
-       {{"skip_steps", data_skip_},
-        {"batch_size", cfg_.batch_size},
-        {"grad_accum", cfg_.grad_accum},
-        {"seq_len", cfg_.seq_len},
-        {"dp", mesh_.dp_size()}}},
-  };
+  CheckpointState state;
+  state.model = model_cfg_;
+  state.precision = std::string(policy_.name());
+  state.seed = cfg_.seed;
+  state.skipped_steps = skipped_;
+  state.bad_in_a_row = bad_in_a_row_;
+  state.loss_scale = scaler_.scale();
+  state.clean_steps = scaler_.clean_steps_in_a_row();
+  state.scaler_skipped = scaler_.skipped_steps();
+  state.data_skip = data_skip_;
+  state.batch_size = cfg_.batch_size;
+  state.grad_accum = cfg_.grad_accum;
+  state.seq_len = cfg_.seq_len;
+  state.dp = mesh_.dp_size();
   const std::int64_t n = model_->num_parameters();
   // Under ZeRO-1 this rank holds m, v (and, 16-bit policies, the master weights) for the flat
   // pieces it owns, and writes exactly those: every element is written by its owner.
@@ -127,7 +186,7 @@ std::string Trainer::save_checkpoint(int steps_done) {
   };
   const std::string dir = parallel::save_checkpoint(
       mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states, write,
-      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0}, state.dump(),
+      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0}, checkpoint_state_json(state),
       to_toml(cfg_), cfg_.ckpt_keep);
   last_checkpoint_ = dir;
   const double ms =
@@ -142,35 +201,13 @@ std::string Trainer::save_checkpoint(int steps_done) {
 
 void Trainer::restore(const std::string& dir) {
   const parallel::CheckpointInfo info = parallel::read_checkpoint_info(dir);
-  Json state;
-  try {
-    state = Json::parse(info.state_json);
-  } catch (const Json::parse_error& e) {
-    MT_FAIL("checkpoint '{}': state is not JSON: {}", dir, e.what());
-  }
-  MT_CHECK(state.is_object() && state.contains("model"), "checkpoint '{}': state.model is missing", dir);
-  const Json want = model_json(model_cfg_);
-  for (const auto& [k, v] : want.items()) {
-    if (k == "padded_vocab") continue;  // depends on the TP layout; checked per tensor
-    MT_CHECK(state["model"].contains(k) && state["model"][k] == v,
-             "checkpoint '{}' holds another model: model.{} is {} there and {} here (model "
-             "config: {})",
-             dir, k, state["model"].contains(k) ? state["model"][k].dump() : "missing", v.dump(),
-             model_cfg_.str());
-  }
   // Everything is read and checked before anything of this trainer changes.
-  const int skipped = state_value<int>(dir, state, "optimizer", "skipped_steps");
-  const int bad = state_value<int>(dir, state, "optimizer", "bad_in_a_row");
-  const float scale = state_value<float>(dir, state, "loss_scaler", "scale");
-  const int clean = state_value<int>(dir, state, "loss_scaler", "clean_steps");
-  const int scaler_skipped = state_value<int>(dir, state, "loss_scaler", "skipped");
-  const int data_skip = state_value<int>(dir, state, "data", "skip_steps");
-  MT_CHECK(std::isfinite(scale) && scale > 0, "checkpoint '{}': loss scale {} is not positive",
-           dir, scale);
+  const CheckpointState state = parse_checkpoint_state(dir, info.state_json, model_cfg_);
   MT_CHECK(info.step <= cfg_.steps,
            "checkpoint '{}' is at step {}, past train.steps = {}: raise train.steps to continue",
            dir, info.step, cfg_.steps);
-  MT_CHECK(skipped <= info.step, "checkpoint '{}': {} skipped steps of {}", dir, skipped, info.step);
+  MT_CHECK(state.skipped_steps <= info.step, "checkpoint '{}': {} skipped steps of {}", dir,
+           state.skipped_steps, info.step);
 
   const std::int64_t n = model_->num_parameters();
   // Load into scratch buffers (CPU) first: a checkpoint that fails half way leaves the model as
@@ -197,21 +234,19 @@ void Trainer::restore(const std::string& dir) {
   }
   m_.copy_from(m);
   v_.copy_from(v);
-  skipped_ = skipped;
-  bad_in_a_row_ = bad;
-  scaler_.restore(scale, clean, scaler_skipped);
-  data_skip_ = data_skip;
+  skipped_ = state.skipped_steps;
+  bad_in_a_row_ = state.bad_in_a_row;
+  scaler_.restore(state.loss_scale, state.clean_steps, state.scaler_skipped);
+  data_skip_ = state.data_skip;
   start_step_ = info.step;
   last_checkpoint_ = dir;
 
-  const int rows = cfg_.batch_size * cfg_.grad_accum * mesh_.dp_size();
-  const int saved_rows = state_value<int>(dir, state, "data", "batch_size") *
-                         state_value<int>(dir, state, "data", "grad_accum") *
-                         state_value<int>(dir, state, "data", "dp");
-  if (rows != saved_rows || state_value<int>(dir, state, "data", "seq_len") != cfg_.seq_len)
+  const std::int64_t rows = std::int64_t{cfg_.batch_size} * cfg_.grad_accum * mesh_.dp_size();
+  const std::int64_t saved_rows = std::int64_t{state.batch_size} * state.grad_accum * state.dp;
+  if (rows != saved_rows || state.seq_len != cfg_.seq_len)
     log::warn("resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
               "the data order from here differs from the saved run's",
-              dir, rows, cfg_.seq_len, saved_rows, state_value<int>(dir, state, "data", "seq_len"));
+              dir, rows, cfg_.seq_len, saved_rows, state.seq_len);
 }
 
 }  // namespace meshtrain::launch

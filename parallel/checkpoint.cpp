@@ -17,6 +17,7 @@
 
 #include "runtime/checksum.hpp"
 #include "runtime/error.hpp"
+#include "runtime/json.hpp"
 #include "runtime/log.hpp"
 #include "runtime/safetensors.hpp"
 
@@ -30,6 +31,9 @@ constexpr const char* kFormat = "meshtrain-checkpoint";
 constexpr int kVersion = 1;
 // A manifest larger than this is not one of ours (a real one is a few hundred bytes per piece).
 constexpr std::uint64_t kMaxManifestBytes = 256ull << 20;
+constexpr int kMaxManifestDepth = 64;
+// The most elements a tensor or a piece may have (flat offsets are checked against it too).
+constexpr std::int64_t kMaxElements = std::int64_t{1} << 50;
 
 [[noreturn]] void fail_errno(const std::string& what, const std::string& path) {
   const int err = errno;
@@ -385,15 +389,11 @@ Manifest parse_manifest(const std::string& dir) {
   MT_CHECK(fs::exists(path, ec),
            "checkpoint '{}' has no manifest.json (not a checkpoint, or an incomplete one)", dir);
   const std::string text = read_file(path, kMaxManifestBytes);
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const Json::parse_error& e) {
-    MT_FAIL("checkpoint manifest '{}' is not valid JSON (byte {}): {}", path, e.byte, e.what());
-  }
+  const std::string w = "checkpoint manifest '" + path + "'";
+  // A manifest nests 4 levels (pieces[i].offsets); the caller's state a few more.
+  const Json j = parse_json_file_text<Json>(text, w, kMaxManifestDepth);
   Manifest m;
   m.info.dir = dir;
-  const std::string w = "checkpoint manifest '" + path + "'";
   MT_CHECK(j.is_object(), "{}: expected a JSON object", w);
   MT_CHECK(as_string(w + " format", member(w, j, "format")) == kFormat,
            "{}: format is not '{}'", w, kFormat);
@@ -427,8 +427,17 @@ Manifest parse_manifest(const std::string& dir) {
 
   const Json& tensors = member(w, j, "tensors");
   MT_CHECK(tensors.is_object(), "{}: 'tensors' must be an object", w);
-  for (const auto& [name, e] : tensors.items())
-    m.tensors[name] = as_dims(w + " tensors." + name + ".shape", member(w, e, "shape"));
+  for (const auto& [name, e] : tensors.items()) {
+    const std::string tw = w + " tensors." + name + ".shape";
+    std::vector<std::int64_t> dims = as_dims(tw, member(w, e, "shape"));
+    // Every box lies inside its tensor, so this bounds their element counts too (and keeps
+    // Box::numel() from overflowing).
+    std::int64_t numel = 1;
+    for (std::int64_t d : dims)
+      MT_CHECK(!__builtin_mul_overflow(numel, d, &numel) && numel <= kMaxElements,
+               "{}: {} has more than 2^50 elements", tw, member(w, e, "shape").dump());
+    m.tensors[name] = std::move(dims);
+  }
 
   const Json& pieces = member(w, j, "pieces");
   MT_CHECK(pieces.is_array(), "{}: 'pieces' must be an array", w);
@@ -444,8 +453,8 @@ Manifest parse_manifest(const std::string& dir) {
     p.box.shape = as_dims(pw + ".shape", member(pw, e, "shape"));
     const Json& flat = member(pw, e, "flat");
     MT_CHECK(flat.is_array() && flat.size() == 2, "{}.flat: expected [begin, end]", pw);
-    p.flat_lo = as_int(pw + ".flat", flat[0], 0, std::int64_t{1} << 50);
-    p.flat_hi = as_int(pw + ".flat", flat[1], 0, std::int64_t{1} << 50);
+    p.flat_lo = as_int(pw + ".flat", flat[0], 0, kMaxElements);
+    p.flat_hi = as_int(pw + ".flat", flat[1], 0, kMaxElements);
     auto t = m.tensors.find(p.tensor);
     MT_CHECK(t != m.tensors.end(), "{}: tensor '{}' is not in 'tensors'", pw, p.tensor);
     MT_CHECK(m.files.count(p.file) == 1, "{}: file '{}' is not in 'files'", pw, p.file);

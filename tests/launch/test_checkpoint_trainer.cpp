@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 
 #include <gtest/gtest.h>
@@ -125,6 +126,74 @@ TEST_F(CheckpointTrainerTest, WithoutRollbackStopsAtMaxBadSteps) {
 TEST_F(CheckpointTrainerTest, RollbackMustComeBeforeMaxBadSteps) {
   EXPECT_THROW(load_config("", {"checkpoint.rollback_after=5", "train.max_bad_steps=5"}),
                InvalidArgument);
+}
+
+// The trainer's state in a manifest, parsed before anything is loaded (found by fuzzing, target
+// checkpoint): a loss scale beyond float's range was converted unchecked, and the data fields
+// were read only after the weights had been replaced.
+TEST_F(CheckpointTrainerTest, CheckpointStateIsCheckedBeforeLoading) {
+  models::GPTConfig m = models::GPTConfig::preset("gpt-tiny");
+  CheckpointState st;
+  st.model = m;
+  st.loss_scale = 1024.0f;
+  st.batch_size = 2;
+  st.grad_accum = 1;
+  st.seq_len = 32;
+  st.dp = 1;
+  const std::string good = checkpoint_state_json(st);
+  const CheckpointState back = parse_checkpoint_state("ck", good, m);
+  EXPECT_EQ(back.loss_scale, 1024.0f);
+  EXPECT_EQ(back.batch_size, 2);
+  auto error = [&](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json j = nlohmann::json::parse(good);
+    edit(j);
+    try {
+      parse_checkpoint_state("ck", j.dump(), m);
+    } catch (const InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    ADD_FAILURE() << "accepted " << j.dump();
+    return std::string();
+  };
+  std::string e = error([](nlohmann::json& j) { j["loss_scaler"]["scale"] = 1e300; });
+  EXPECT_NE(e.find("checkpoint 'ck': state.loss_scaler.scale must be a finite single-precision "
+                   "number, got 1e+300"),
+            std::string::npos)
+      << e;
+  e = error([](nlohmann::json& j) { j["data"].erase("dp"); });
+  EXPECT_NE(e.find("checkpoint 'ck': state.data.dp is missing"), std::string::npos) << e;
+  e = error([](nlohmann::json& j) { j["data"]["seq_len"] = -1; });
+  EXPECT_NE(e.find("state.data.seq_len must be a non-negative integer"), std::string::npos) << e;
+  e = error([](nlohmann::json& j) { j["model"]["n_embd"] = 65; });
+  EXPECT_NE(e.find("holds another model: model.n_embd is 65 there and 64 here"), std::string::npos)
+      << e;
+}
+
+// A resumed run whose saved global batch is batch_size x grad_accum x dp of the largest ints: the
+// comparison with this run's batch is done in 64 bits (it overflowed int, undefined behaviour).
+TEST_F(CheckpointTrainerTest, ResumesWhateverTheSavedBatchSize) {
+  TrainConfig c = tiny();
+  c.steps = 4;
+  c.rollback_after = 0;
+  {
+    Trainer t(c);
+    t.set_verbose(false);
+    t.run();
+  }
+  const fs::path mf = dir_ / "run" / "checkpoints" / "step_00000004" / "manifest.json";
+  nlohmann::json j;
+  {
+    std::ifstream in(mf);
+    j = nlohmann::json::parse(in);
+  }
+  for (const char* k : {"batch_size", "grad_accum", "dp"}) j["state"]["data"][k] = 2147483647;
+  std::ofstream(mf, std::ios::trunc) << j.dump(1);
+  c.steps = 5;
+  c.resume = "latest";
+  Trainer t(c);
+  t.set_verbose(false);
+  EXPECT_EQ(t.start_step(), 4);
+  EXPECT_EQ(t.run().steps, 5);
 }
 
 }  // namespace

@@ -262,6 +262,58 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
                "CRC-32C");
   expect_error([](nlohmann::json& j) { j["files"]["shard-00000.safetensors"]["bytes"] = 5; },
                "the manifest says 5");
+  // Dimensions each in range whose product overflows int64 (it did, in Box::numel()).
+  expect_error(
+      [](nlohmann::json& j) {
+        j["tensors"]["ln"]["shape"] = {1ll << 40, 1ll << 40, 1ll << 40};
+      },
+      "tensors.ln.shape: [1099511627776,1099511627776,1099511627776] has more than 2^50 elements");
+}
+
+// Manifests as text: what a JSON parser would take silently or pay for later. Found or suggested
+// by fuzzing (tests/fuzz, target checkpoint).
+TEST_F(CheckpointTest, RefusesHostileManifestText) {
+  save_layout(dir_.string(), 3, 2, 1);
+  const fs::path ck = dir_ / checkpoint_name(3);
+  const fs::path mf = ck / "manifest.json";
+  const std::string good = [&] {
+    std::ifstream in(mf);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }();
+  auto expect_error = [&](const std::string& text, const std::string& msg) {
+    std::ofstream(mf, std::ios::trunc) << text;
+    try {
+      const Local L = make_local(0, 1);
+      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), 0, {}}};
+      load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
+      ADD_FAILURE() << "expected an error containing '" << msg << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(mf.string()), std::string::npos) << e.what();
+    }
+  };
+  auto with = [&](const std::string& key, const std::string& insert) {
+    std::string text = good;
+    const auto at = text.find("\"" + key + "\":");
+    EXPECT_NE(at, std::string::npos) << key;
+    text.insert(at, insert);
+    return text;
+  };
+  // A million levels of arrays in the caller's state: refused while parsing, not when the state
+  // is dumped (recursively) later.
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  expect_error(with("state", "\"deep\": " + deep + ",\n"), "more than 64 levels deep");
+  // A file or tensor named twice: the JSON parser keeps one silently.
+  expect_error(with("files", "\"files\": {},\n"), "the key 'files' appears twice");
+  {
+    nlohmann::json j = nlohmann::json::parse(good);
+    std::string text = j.dump();
+    const std::string key = "\"shard-00000.safetensors\":";
+    const auto at = text.find(key);
+    text.insert(at, key + j["files"]["shard-00000.safetensors"].dump() + ",");
+    expect_error(text, "the key 'shard-00000.safetensors' appears twice");
+  }
+  expect_error(good.substr(0, good.size() / 2), "is not valid JSON (byte");
 }
 
 }  // namespace
