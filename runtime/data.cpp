@@ -122,6 +122,19 @@ void write_token_shard(const std::string& path, const std::vector<std::uint16_t>
 }
 
 namespace {
+// The files of some spans, for messages: "'a.bin', 'b.bin'" (at most three, then a count).
+std::string file_list(const std::vector<Span>& spans) {
+  std::vector<std::string> names;
+  for (const Span& s : spans)
+    if (std::find(names.begin(), names.end(), s.file->path()) == names.end())
+      names.push_back(s.file->path());
+  std::string out;
+  for (std::size_t i = 0; i < names.size() && i < 3; ++i)
+    out += (i ? ", '" : "'") + names[i] + "'";
+  if (names.size() > 3) out += fmt::format(" and {} more", names.size() - 3);
+  return out;
+}
+
 // A pseudo-random bijection of [0, n): a 4-round Feistel network on the smallest even-bit
 // power-of-two domain holding n, with cycle walking back into [0, n).
 std::uint64_t permute(std::uint64_t x, std::uint64_t n, const Philox& rng) {
@@ -154,8 +167,9 @@ Sampler::Sampler(std::vector<Span> spans, int seq, std::uint64_t seed)
     if (len > seq) windows_ += (len - 1) / seq;
   }
   MT_CHECK(windows_ > 0,
-           "the data has {} tokens in {} file part(s), too few for one sequence of {} + 1 tokens",
-           tokens_, spans_.size(), seq);
+           "the data has {} tokens in {} file part(s) ({}), too few for one sequence of {} + 1 "
+           "tokens",
+           tokens_, spans_.size(), file_list(spans_), seq);
 }
 
 std::int64_t Sampler::window_of(std::int64_t g) const {
@@ -235,8 +249,9 @@ Dataset::Dataset(const std::vector<std::string>& train_paths,
     std::int64_t val_tokens = 0;
     for (const Span& s : val) val_tokens += s.end - s.begin;
     MT_CHECK(val_tokens > seq,
-             "validation data has {} tokens, too few for one sequence of {} + 1 tokens; lower "
-             "the sequence length or raise the validation fraction", val_tokens, seq);
+             "validation data has {} tokens ({}), too few for one sequence of {} + 1 tokens; "
+             "lower the sequence length or raise the validation fraction",
+             val_tokens, file_list(val), seq);
     val_ = std::make_unique<Sampler>(std::move(val), seq, seed ^ 0x7a11da7aull);
   }
 }

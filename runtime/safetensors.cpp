@@ -159,10 +159,10 @@ struct Entry {
 };
 
 // Parses the header, refusing nesting deeper than the format has (a deep "[[[[..." would
-// otherwise cost memory without bound) and tensor names that appear twice (JSON parsers keep
-// one of them silently).
+// otherwise cost memory without bound) and tensor names or entry keys that appear twice (JSON
+// parsers keep one of them silently).
 Json parse_header(const std::string& path, const std::string& text) {
-  std::set<std::string> names;
+  std::set<std::string> names, entry_keys;
   auto guard = [&](int depth, Json::parse_event_t event, Json& parsed) {
     // Depth 0 is the root object, 1 a tensor entry or the metadata, 2 a shape or offsets array.
     if ((event == Json::parse_event_t::object_start || event == Json::parse_event_t::array_start) &&
@@ -174,6 +174,12 @@ Json parse_header(const std::string& path, const std::string& text) {
     if (event == Json::parse_event_t::key && depth == 1)
       MT_CHECK(names.insert(parsed.get<std::string>()).second,
                "safetensors file '{}': the header names '{}' twice", path,
+               parsed.get<std::string>());
+    // Within a tensor entry or the metadata, too: {"dtype": "F32", "dtype": "I32"}.
+    if (event == Json::parse_event_t::object_start && depth == 1) entry_keys.clear();
+    if (event == Json::parse_event_t::key && depth == 2)
+      MT_CHECK(entry_keys.insert(parsed.get<std::string>()).second,
+               "safetensors file '{}': an entry of the header has the key '{}' twice", path,
                parsed.get<std::string>());
     return true;
   };
@@ -189,6 +195,11 @@ Json parse_header(const std::string& path, const std::string& text) {
     }
     MT_FAIL("safetensors file '{}': the JSON header is invalid at byte offset {} of the file: {}",
             path, at, reason);
+  } catch (const Json::exception& e) {
+    // out_of_range 406: a number beyond double's range ("1e999"), which JSON's grammar allows.
+    std::string reason = e.what();
+    if (auto pos = reason.find("] "); pos != std::string::npos) reason = reason.substr(pos + 2);
+    MT_FAIL("safetensors file '{}': the JSON header is invalid: {}", path, reason);
   }
 }
 

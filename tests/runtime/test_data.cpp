@@ -140,6 +140,13 @@ TEST_F(DataTest, DatasetSplitsAndChecksSize) {
   EXPECT_TRUE(d.is_text());
   const std::string e = error_of([&] { Dataset({path("t.txt")}, {}, Format::kAuto, 0.01, 64, 1); });
   EXPECT_NE(e.find("validation data has 20 tokens"), std::string::npos) << e;
+  EXPECT_NE(e.find(path("t.txt")), std::string::npos) << e;  // names the file (fuzzing found it did not)
+  // Too short for one window: the error names the file too.
+  write_bytes("short.bin", "");
+  write_token_shard(path("short.bin"), {1, 2, 3});
+  const std::string s = error_of([&] { Dataset({path("short.bin")}, {}, Format::kAuto, 0.0, 8, 1); });
+  EXPECT_NE(s.find("too few for one sequence"), std::string::npos) << s;
+  EXPECT_NE(s.find(path("short.bin")), std::string::npos) << s;
   EXPECT_NE(error_of([&] { Dataset({path("nothing_*.bin")}, {}, Format::kAuto, 0.1, 8, 1); }).find("matches no file"), std::string::npos);
 }
 

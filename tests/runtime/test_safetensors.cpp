@@ -215,6 +215,13 @@ TEST_F(Safetensors, CorruptFilesAreRefusedWithClearErrors) {
        {"JSON header is invalid at byte offset 30"}},
       {"not JSON at all", raw_file("hello, world", 0), {"JSON header is invalid at byte offset 8"}},
       {"invalid UTF-8", raw_file("{\"t\xff\": {}}", 0), {"JSON header is invalid"}},
+      {"a key twice in an entry",
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "dtype": "I32", "data_offsets": [0, 16]})"), 16),
+       {"an entry of the header has the key 'dtype' twice"}},
+      // A number beyond double's range escaped as nlohmann's out_of_range (found by fuzzing).
+      {"number overflow",
+       raw_file(entry(R"({"dtype": "F32", "shape": [1e999], "data_offsets": [0, 16]})"), 16),
+       {"JSON header is invalid", "number overflow"}},
       {"header is an array", raw_file("[1, 2]", 0), {"the header is a JSON array"}},
       {"entry not an object", raw_file(R"({"t": [1, 2]})", 0), {"entry 't' is a JSON array"}},
       {"unknown dtype",
