@@ -4,6 +4,7 @@
 #include <functional>
 #include <limits>
 #include <sstream>
+#include <string_view>
 
 #include <toml++/toml.h>
 
@@ -264,6 +265,39 @@ std::string known_sections() {
   return s;
 }
 
+// The offset of the first byte of s that is not part of a well-formed UTF-8 sequence (no
+// overlong forms, surrogates or code points above U+10FFFF), or npos.
+std::size_t invalid_utf8_at(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    int n = 0;
+    std::uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xe0) == 0xc0) {
+      n = 1, cp = c & 0x1f;
+    } else if ((c & 0xf0) == 0xe0) {
+      n = 2, cp = c & 0x0f;
+    } else if ((c & 0xf8) == 0xf0) {
+      n = 3, cp = c & 0x07;
+    } else {
+      return i;
+    }
+    if (i + static_cast<std::size_t>(n) >= s.size()) return i;  // truncated sequence
+    for (int k = 1; k <= n; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xc0) != 0x80) return i;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    static constexpr std::uint32_t kMin[4] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
+    i += static_cast<std::size_t>(n) + 1;
+  }
+  return std::string::npos;
+}
+
 void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
@@ -334,6 +368,10 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
       // A bare word for a string key: "--set data.train=corpus.txt" needs no quotes.
       MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings,
                "{}: '{}' is not a valid {}", where, text, kind_name(k->kind));
+      // TOML strings are UTF-8: anything else could not be written to config.toml and read back.
+      const std::size_t bad = invalid_utf8_at(text);
+      MT_CHECK(bad == std::string::npos, "{}: the value is not valid UTF-8 (byte {} of it)", where,
+               bad);
       k->set(cfg, toml::value<std::string>(text), where);
     }
   }

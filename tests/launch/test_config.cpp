@@ -198,6 +198,15 @@ TEST_F(ConfigTest, SetOverrides) {
   EXPECT_EQ(d.val_files, (std::vector<std::string>{"true"}));
 }
 
+// A table header that starts with a character no key can: toml++'s debug build asserts there
+// (found by fuzzing); the release build, which meshtrain links, reports the line and column.
+TEST_F(ConfigTest, BadTableHeaderIsAParseError) {
+  const std::string p = (dir_ / "bang.toml").string();
+  std::ofstream(p) << "[!";
+  EXPECT_HAS(error_of([&] { load_config(p, {}); }),
+             "config file " + p + ":1:2: Error while parsing key");
+}
+
 TEST_F(ConfigTest, SetErrorsNameTheOverride) {
   EXPECT_HAS(set_error("train.steps"), "--set 'train.steps': expected section.key=value");
   EXPECT_HAS(set_error("=3"), "--set '=3': expected section.key=value");
@@ -214,6 +223,16 @@ TEST_F(ConfigTest, SetErrorsNameTheOverride) {
              "'train.precision' = \"16\" is not one of: fp32, bf16, fp16");
   EXPECT_HAS(set_error("train.schedule=linear"),
              "'train.schedule' = \"linear\" is not one of: cosine, constant, wsd");
+  // A bare word that is not UTF-8 could not be written to config.toml and read back (found by
+  // fuzzing: the run directory's config.toml then loaded as another config).
+  EXPECT_HAS(set_error("run.dir=runs/\xff"), "--set run.dir: the value is not valid UTF-8 (byte 5");
+  EXPECT_HAS(set_error("data.val=[\"v1.bin\", \"v\xd3\xd1\x9d\x96n\"]"),
+             "--set data.val: the value is not valid UTF-8 (byte 13");
+  EXPECT_HAS(set_error("sample.prompt=\xed\xa0\x80"), "not valid UTF-8 (byte 0");  // a surrogate
+  EXPECT_HAS(set_error("sample.prompt=\xc0\xaf"), "not valid UTF-8 (byte 0");      // overlong '/'
+  EXPECT_HAS(set_error("sample.prompt=ab\xe2\x82"), "not valid UTF-8 (byte 2");    // truncated
+  EXPECT_EQ(load_config("", {"sample.prompt=caf\xc3\xa9 \xf0\x9f\x98\x80"}).prompt,
+            "caf\xc3\xa9 \xf0\x9f\x98\x80");
 }
 
 // A config with a value other than the default in every key, and strings that need escaping.
