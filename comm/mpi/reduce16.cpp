@@ -22,8 +22,10 @@ inline std::uint16_t float_to_bf16_bits(float f) {
   return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
-#if defined(__F16C__) || defined(__AVX512FP16__)
+#if (defined(__F16C__) || defined(__AVX512FP16__)) && defined(__FLT16_MAX__)
 // The hardware conversions (vcvtph2ps / vcvtps2ph) round to nearest even, like float_to_f16.
+// (__FLT16_MAX__: the compiler has _Float16 on this target; clang 14 has it only with
+// AVX512-FP16.)
 using Half = _Float16;
 inline float f16_bits_to_float(std::uint16_t b) {
   return static_cast<float>(std::bit_cast<Half>(b));
