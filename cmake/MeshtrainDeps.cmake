@@ -9,7 +9,7 @@ endmacro()
 find_package(Threads REQUIRED)
 
 find_package(OpenMP QUIET)
-meshtrain_require(OpenMP_CXX_FOUND "OpenMP for C++" "libgomp1 (comes with g++)")
+meshtrain_require(OpenMP_CXX_FOUND "OpenMP for C++" "libgomp1 (comes with g++); with clang: libomp-dev")
 
 find_package(dnnl CONFIG QUIET)
 meshtrain_require(dnnl_FOUND "oneDNN (CPU matmul)" "libdnnl-dev")

@@ -2,14 +2,14 @@
 # Installs what meshtrain needs on a Debian machine (when run as root), then configures and
 # builds one CMake preset. Every README command and .ci/run go through this script.
 #
-#   scripts/setup.sh [PRESET]     PRESET: cpu (default), cpu-asan or cuda
+#   scripts/setup.sh [PRESET]     PRESET: cpu (default), cpu-asan, cuda or fuzz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 preset="${1:-cpu}"
 case "$preset" in
-  cpu|cpu-asan|cuda) ;;
-  *) echo "setup.sh: unknown preset '$preset': expected cpu, cpu-asan or cuda" >&2; exit 2 ;;
+  cpu|cpu-asan|cuda|fuzz) ;;
+  *) echo "setup.sh: unknown preset '$preset': expected cpu, cpu-asan, cuda or fuzz" >&2; exit 2 ;;
 esac
 
 # Debian packages: build tools, the libraries we link, the PyTorch reference for the tests,
@@ -21,6 +21,9 @@ packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-
           python3-matplotlib fortunes fortunes-min iproute2 iputils-ping python3-pip)
 # python3-pip: the cuda preset fetches cudnn-frontend's headers from PyPI
 # (scripts/fetch_cudnn_frontend.sh), and the interchange test needs transformers (below).
+# The fuzz preset (tests/fuzz) builds with clang, libFuzzer and the sanitizers' runtimes, and
+# clang's OpenMP runtime.
+if [[ "$preset" == fuzz ]]; then packages+=(clang libclang-rt-14-dev libomp-dev); fi
 
 missing=()
 for p in "${packages[@]}"; do

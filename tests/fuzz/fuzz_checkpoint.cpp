@@ -1,0 +1,144 @@
+// Fuzz target: distributed checkpoint manifests (parallel/checkpoint.hpp) and the trainer's state
+// in them (launch/trainer.hpp). At start-up a small model's checkpoint is written with the real
+// writer (several pieces per tensor); each input replaces its manifest.json, which is then read
+// as resuming reads it: read_checkpoint_info, parse_checkpoint_state, verify_checkpoint, and
+// load_checkpoint of the master weights and Adam state at TP 1 and for both ranks of TP 2, with
+// ZeRO-1-like segmented targets. The shard files stay as written, so mutations reach the piece
+// arithmetic behind the checksums.
+#include <filesystem>
+
+#include "launch/config.hpp"
+#include "launch/trainer.hpp"
+#include "parallel/checkpoint.hpp"
+#include "tests/fuzz/fuzz.hpp"
+
+namespace meshtrain::fuzz {
+namespace {
+
+struct Setup {
+  models::GPTConfig model;
+  std::vector<parallel::TensorSlot> tp1, tp2;
+  std::int64_t n1 = 0, n2 = 0;
+  std::string root, dir;
+};
+
+models::GPTConfig small_model() {
+  models::GPTConfig c;
+  c.n_layer = 1;
+  c.n_head = 2;
+  c.n_embd = 8;
+  c.block_size = 4;
+  c.vocab_size = 200;  // padded to 256: wte has padding rows
+  c.padded_vocab = 256;
+  return c;
+}
+
+// The slots of a TP rank of `tp` (the same on every rank), as launch::checkpoint_slots() gives
+// them for a model built that way.
+std::vector<parallel::TensorSlot> slots_for(const models::GPTConfig& c, int tp,
+                                            std::int64_t* numel) {
+  std::vector<parallel::TensorSlot> out;
+  for (const models::ParamInfo& p : models::GPT::param_layout(c, tp)) {
+    parallel::TensorSlot s;
+    s.name = p.name;
+    s.shape = p.shape;
+    s.offset = p.offset;
+    s.full_shape = p.full_shape;
+    s.shard_dim = p.shard_dim;
+    s.shard_parts = p.shard_parts;
+    if (p.name == "wte.weight") s.real_rows = c.vocab_size;
+    *numel = p.offset + p.shape.numel();
+    out.push_back(s);
+  }
+  return out;
+}
+
+Tensor values(std::int64_t n, float scale) {
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = scale * static_cast<float>(i % 1000);
+  return Tensor::from_floats(v, Shape{n}, DType::kF32);
+}
+
+Setup& setup() {
+  static Setup* s = [] {
+    auto* s = new Setup;
+    s->model = small_model();
+    s->tp1 = slots_for(s->model, 1, &s->n1);
+    s->tp2 = slots_for(s->model, 2, &s->n2);
+    s->root = scratch_dir() + "/checkpoints";
+    std::filesystem::create_directories(s->root);
+    launch::CheckpointState st;
+    st.model = s->model;
+    st.precision = "bf16";
+    st.seed = 1337;
+    st.skipped_steps = 1;
+    st.loss_scale = 65536.0f;
+    st.clean_steps = 3;
+    st.batch_size = 4;
+    st.grad_accum = 2;
+    st.seq_len = 4;
+    st.dp = 1;
+    launch::TrainConfig cfg;
+    cfg.model_preset = "gpt-tiny";
+    parallel::Mesh mesh;
+    const std::int64_t n = s->n1;
+    // Uneven write ranges: pieces start and end inside rows and tensors.
+    const parallel::FlatRanges write = {{0, n / 3}, {n / 3, n / 3 + 77}, {n / 3 + 77, n}};
+    s->dir = parallel::save_checkpoint(
+        mesh, s->root, 7, s->tp1, n,
+        {{"master", values(n, 0.5f), 0, {}}, {"adam_m", values(n, 0.25f), 0, {}},
+         {"adam_v", values(n, 0.125f), 0, {}}},
+        write, parallel::CheckpointLayout{1, 1, 0}, launch::checkpoint_state_json(st),
+        launch::to_toml(cfg), 0);
+    return s;
+  }();
+  return *s;
+}
+
+}  // namespace
+
+void write_seeds(const std::string& dir) {
+  const std::string text = read_file(setup().dir + "/manifest.json");
+  write_file(dir + "/seed-manifest.json", text.data(), text.size());
+}
+
+}  // namespace meshtrain::fuzz
+
+using namespace meshtrain;
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  fuzz::init();
+  fuzz::setup();
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  fuzz::Setup& s = fuzz::setup();
+  fuzz::write_file(s.dir + "/manifest.json", data, size);
+  bool ok = fuzz::accepts(s.dir, [&] {
+    const parallel::CheckpointInfo info = parallel::read_checkpoint_info(s.dir);
+    const launch::CheckpointState st = launch::parse_checkpoint_state(s.dir, info.state_json, s.model);
+    FUZZ_EXPECT(std::isfinite(st.loss_scale) && st.loss_scale > 0, "scale {}", st.loss_scale);
+  });
+  ok = fuzz::accepts(s.dir, [&] { parallel::verify_checkpoint(s.dir); }) && ok;
+  // This rank's buffers, a little longer than the model (elements beyond it are left alone).
+  auto load = [&](const std::vector<parallel::TensorSlot>& slots, std::int64_t n, int rank, int tp) {
+    return fuzz::accepts(s.dir, [&] {
+      Tensor master = Tensor::zeros(Shape{n + 3}, DType::kF32);
+      Tensor m = Tensor::zeros(Shape{n}, DType::kF32), v = Tensor::zeros(Shape{n}, DType::kF32);
+      // adam_m as two segments in reverse order (ZeRO-1 owned pieces), adam_v from flat 1 on.
+      const std::int64_t half = n / 2;
+      const std::vector<parallel::FlatSegment> segs = {{half, 0, n - half}, {0, n - half, half}};
+      parallel::load_checkpoint(s.dir, slots, n,
+                                {{"master", master, 0, {}}, {"adam_m", m, 0, segs},
+                                 {"adam_v", v.slice(1, n - 1), 1, {}}},
+                                rank, tp);
+      const std::vector<float> tail = master.slice(n, 3).to_floats();
+      FUZZ_EXPECT(tail[0] == 0 && tail[1] == 0 && tail[2] == 0, "wrote past the model");
+    });
+  };
+  ok = load(s.tp1, s.n1, 0, 1) && ok;
+  for (int r = 0; r < 2; ++r) ok = load(s.tp2, s.n2, r, 2) && ok;
+  fuzz::g_accepted = ok;
+  return 0;
+}
