@@ -116,6 +116,52 @@ const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicat
 }
 }  // namespace
 
+CommChoice choose_comm_backend(const std::string& want, const std::vector<std::string>& gpus,
+                               int tp) {
+  MT_CHECK(want == "auto" || want == "nccl" || want == "mpi",
+           "comm.backend = \"{}\": expected auto, nccl or mpi", want);
+  const int n = static_cast<int>(gpus.size());
+  MT_CHECK(tp >= 1 && n >= 1 && n % tp == 0, "comm.backend: {} ranks do not split into TP = {}", n,
+           tp);
+  const int dp = n / tp;
+  CommChoice c;
+  // The first two world ranks of one group that drive the same GPU: "" when there are none.
+  // Group g of the DP kind holds world ranks {d * tp + g}, of the TP kind {g * tp + t}.
+  auto shared = [&](bool dp_kind) -> std::string {
+    const int groups = dp_kind ? tp : dp, members = dp_kind ? dp : tp;
+    for (int g = 0; g < groups; ++g)
+      for (int i = 0; i < members; ++i)
+        for (int j = i + 1; j < members; ++j) {
+          const int a = dp_kind ? i * tp + g : g * tp + i, b = dp_kind ? j * tp + g : g * tp + j;
+          if (gpus[static_cast<std::size_t>(a)] == gpus[static_cast<std::size_t>(b)])
+            return fmt::format("world ranks {} and {} both drive {}", a, b,
+                               gpus[static_cast<std::size_t>(a)]);
+        }
+    return "";
+  };
+  c.dp_shared = shared(true);
+  c.tp_shared = shared(false);
+  if (want == "nccl") {
+    const std::string& why = !c.dp_shared.empty() ? c.dp_shared : c.tp_shared;
+    MT_CHECK(why.empty(),
+             "comm.backend = \"nccl\": {} ({} group); NCCL allows one rank per GPU in a "
+             "communicator. Start one rank per GPU, or use comm.backend = \"auto\" (MPI where "
+             "ranks share a GPU) or \"mpi\"",
+             why, !c.dp_shared.empty() ? "a DP" : "a TP");
+  }
+  c.dp_nccl = want == "nccl" || (want == "auto" && dp > 1 && c.dp_shared.empty());
+  c.tp_nccl = tp > 1 && (want == "nccl" || (want == "auto" && c.tp_shared.empty()));
+  auto words = [](const char* kind, bool nccl, int size, const std::string& why) {
+    if (size == 1 && !nccl) return std::string();
+    return fmt::format("{} over {}{}", kind, nccl ? "NCCL" : "MPI",
+                       !nccl && !why.empty() ? fmt::format(" ({})", why) : std::string());
+  };
+  const std::string a = words("DP", c.dp_nccl, dp, c.dp_shared),
+                    b = words("TP", c.tp_nccl, tp, c.tp_shared);
+  c.summary = a.empty() ? b : b.empty() ? a : a + ", " + b;
+  return c;
+}
+
 std::string Trainer::dp_backend() const {
   if (nccl_dp_.valid()) return "nccl";
   return mesh_.dp_size() > 1 ? "mpi" : "none";
@@ -145,7 +191,7 @@ void Trainer::setup_device_comm(comm::Communicator* world) {
       "comm.backend = \"nccl\": this meshtrain was built without NCCL (build the cuda preset)");
   comm_summary_ = "MPI (built without NCCL)";
 #else
-  const int n = world->size(), tp = cfg_.tp, dp = n / tp;
+  const int n = world->size(), tp = cfg_.tp;
   // Every rank's UUID, 40 characters ("GPU-" and 36), as 10 int32 words per rank.
   constexpr int kWords = 10;
   const std::string uuid = cuda::device_uuid(*gpu_);
@@ -158,46 +204,15 @@ void Trainer::setup_device_comm(comm::Communicator* world) {
   for (int r = 0; r < n; ++r)
     uuids[static_cast<std::size_t>(r)].assign(
         reinterpret_cast<const char*>(all.data_as<std::int32_t>() + r * kWords), kWords * 4);
-  // The first two world ranks of one group that drive the same GPU: "" when there are none.
-  // Group g of the DP kind holds world ranks {d * tp + g}, of the TP kind {g * tp + t}.
-  auto shared = [&](bool dp_kind) -> std::string {
-    const int groups = dp_kind ? tp : dp, members = dp_kind ? dp : tp;
-    for (int g = 0; g < groups; ++g)
-      for (int i = 0; i < members; ++i)
-        for (int j = i + 1; j < members; ++j) {
-          const int a = dp_kind ? i * tp + g : g * tp + i, b = dp_kind ? j * tp + g : g * tp + j;
-          if (uuids[static_cast<std::size_t>(a)] == uuids[static_cast<std::size_t>(b)])
-            return fmt::format("world ranks {} and {} both drive {}", a, b,
-                               uuids[static_cast<std::size_t>(a)]);
-        }
-    return "";
-  };
-  const std::string dp_shared = shared(true), tp_shared = shared(false);
-  if (want == "nccl") {
-    const std::string& why = !dp_shared.empty() ? dp_shared : tp_shared;
-    MT_CHECK(why.empty(),
-             "comm.backend = \"nccl\": {} ({} group); NCCL allows one rank per GPU in a "
-             "communicator. Start one rank per GPU, or use comm.backend = \"auto\" (MPI where "
-             "ranks share a GPU) or \"mpi\"",
-             why, !dp_shared.empty() ? "a DP" : "a TP");
-  }
-  // auto: NCCL for a kind of group with more than one rank whose ranks all have their own
-  // GPU. nccl: every group, even of one rank (mpirun -np 1 then runs the NCCL gradient path).
-  const bool use_dp = want == "nccl" || (dp > 1 && dp_shared.empty());
-  const bool use_tp = tp > 1 && (want == "nccl" || tp_shared.empty());
+  const CommChoice choice = choose_comm_backend(want, uuids, tp);
   comm::NcclOptions o;
   o.compute_stream = cuda::compute_stream(*gpu_);
   o.device = gpu_->index();
   // Both on every rank, in the same order: each is collective over its MPI group.
-  if (use_dp) nccl_dp_ = comm::nccl_communicator(mesh_.distributed() ? mesh_.dp() : *world, o);
-  if (use_tp) nccl_tp_ = comm::nccl_communicator(mesh_.tp(), o);
-  auto words = [](const char* kind, bool nccl, int size, const std::string& why) {
-    if (size == 1 && !nccl) return std::string();
-    return fmt::format("{} over {}{}", kind, nccl ? "NCCL" : "MPI",
-                       !nccl && !why.empty() ? fmt::format(" ({})", why) : std::string());
-  };
-  const std::string a = words("DP", use_dp, dp, dp_shared), b = words("TP", use_tp, tp, tp_shared);
-  comm_summary_ = a.empty() ? b : b.empty() ? a : a + ", " + b;
+  if (choice.dp_nccl)
+    nccl_dp_ = comm::nccl_communicator(mesh_.distributed() ? mesh_.dp() : *world, o);
+  if (choice.tp_nccl) nccl_tp_ = comm::nccl_communicator(mesh_.tp(), o);
+  comm_summary_ = choice.summary;
 #endif
 }
 

@@ -176,6 +176,22 @@ class Trainer {
   std::string corpus_path_;  // the built-in corpus, written into the run directory
 };
 
+// comm.backend's decision for a job on GPUs, from every rank's GPU identity (its UUID, by
+// world rank) and the layout (world rank = dp_rank * tp + tp_rank). NCCL refuses two ranks of
+// one communicator on the same GPU, so a kind of group (every DP group, every TP group) goes
+// over NCCL only when none of its groups has two ranks on one GPU; the decision covers the
+// whole job so that every rank opens the same communicators. want = "auto": NCCL for a kind
+// with more than one rank per group and no sharing, else MPI; "nccl": NCCL for both (DP even
+// at DP = 1, so that one GPU runs the NCCL gradient path; TP when TP > 1), and InvalidArgument
+// naming two ranks that share a GPU if any do; "mpi": neither.
+struct CommChoice {
+  bool dp_nccl = false, tp_nccl = false;
+  std::string dp_shared, tp_shared;  // "world ranks 0 and 1 both drive GPU-..." or ""
+  std::string summary;               // "DP over NCCL, TP over MPI (world ranks ...)"
+};
+CommChoice choose_comm_backend(const std::string& want, const std::vector<std::string>& gpus,
+                               int tp);
+
 // The model a config describes (preset plus overrides, vocabulary); checks it against
 // train.seq_len.
 models::GPTConfig model_config(const TrainConfig& cfg);

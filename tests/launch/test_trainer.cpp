@@ -229,6 +229,61 @@ TEST_F(TrainerTest, NcclBackendNeedsTheCudaDevice) {
   EXPECT_EQ(losses(c).size(), static_cast<std::size_t>(c.steps));
 }
 
+// comm.backend's decision from the ranks' GPUs (by world rank) and the layout: the logic that
+// one lent GPU cannot exercise (it needs several GPUs, or ranks on distinct ones).
+TEST(CommChoice, NcclWhereNoGroupSharesAGpu) {
+  auto choose = [](const char* want, std::vector<std::string> gpus, int tp) {
+    return choose_comm_backend(want, gpus, tp);
+  };
+  CommChoice c = choose("auto", {"a", "a"}, 1);  // two ranks on one GPU
+  EXPECT_FALSE(c.dp_nccl);
+  EXPECT_FALSE(c.tp_nccl);
+  EXPECT_EQ(c.summary, "DP over MPI (world ranks 0 and 1 both drive a)");
+  c = choose("auto", {"a", "b"}, 1);
+  EXPECT_TRUE(c.dp_nccl);
+  EXPECT_EQ(c.summary, "DP over NCCL");
+  // Two GPUs, TP 2 inside each: the TP groups {0, 1} and {2, 3} share, the DP groups do not.
+  c = choose("auto", {"a", "a", "b", "b"}, 2);
+  EXPECT_TRUE(c.dp_nccl);
+  EXPECT_FALSE(c.tp_nccl);
+  EXPECT_EQ(c.summary, "DP over NCCL, TP over MPI (world ranks 0 and 1 both drive a)");
+  // Two GPUs, TP 2 across them: the DP groups {0, 2} and {1, 3} share.
+  c = choose("auto", {"a", "b", "a", "b"}, 2);
+  EXPECT_FALSE(c.dp_nccl);
+  EXPECT_TRUE(c.tp_nccl);
+  EXPECT_EQ(c.summary, "DP over MPI (world ranks 0 and 2 both drive a), TP over NCCL");
+  c = choose("auto", {"a", "b", "c", "d", "e", "f"}, 3);
+  EXPECT_TRUE(c.dp_nccl && c.tp_nccl);
+  EXPECT_EQ(c.summary, "DP over NCCL, TP over NCCL");
+  // Groups of one rank do not communicate under auto; nccl reduces through NCCL anyway.
+  c = choose("auto", {"a"}, 1);
+  EXPECT_FALSE(c.dp_nccl || c.tp_nccl);
+  EXPECT_EQ(c.summary, "");
+  c = choose("nccl", {"a"}, 1);
+  EXPECT_TRUE(c.dp_nccl);
+  EXPECT_EQ(c.summary, "DP over NCCL");
+  c = choose("nccl", {"a", "b"}, 2);
+  EXPECT_TRUE(c.dp_nccl && c.tp_nccl);
+  c = choose("mpi", {"a", "b"}, 1);
+  EXPECT_FALSE(c.dp_nccl || c.tp_nccl);
+  EXPECT_EQ(c.summary, "DP over MPI");
+  auto error_of = [&](const char* want, std::vector<std::string> gpus, int tp) {
+    try {
+      choose(want, gpus, tp);
+    } catch (const InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_HAS(error_of("nccl", {"a", "b", "a", "b"}, 2),
+             "comm.backend = \"nccl\": world ranks 0 and 2 both drive a (a DP group); NCCL "
+             "allows one rank per GPU in a communicator");
+  EXPECT_HAS(error_of("nccl", {"a", "a"}, 2), "world ranks 0 and 1 both drive a (a TP group)");
+  EXPECT_HAS(error_of("nccl", {"a", "b", "c", "a"}, 1), "world ranks 0 and 3 both drive a");
+  EXPECT_HAS(error_of("gloo", {"a"}, 1), "comm.backend = \"gloo\": expected auto, nccl or mpi");
+  EXPECT_HAS(error_of("auto", {"a", "b", "c"}, 2), "3 ranks do not split into TP = 2");
+}
+
 TEST_F(TrainerTest, BadDataWritesNothing) {
   auto error_of = [&](const TrainConfig& c) -> std::string {
     try {
