@@ -49,6 +49,49 @@ std::string format_duration(double s) {
   return fmt::format("{}s", total);
 }
 
+// A resumed run redoes the steps after its checkpoint: the records of the run it continues past
+// that step (and a line torn by a kill) are dropped, so metrics.jsonl holds one history. The file
+// is rewritten beside itself and renamed over the old one, so a kill leaves one or the other.
+// Returns the number of records dropped.
+int drop_metrics_after(const std::string& path, int step) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return 0;  // no metrics yet (resumed into another run directory)
+  std::string kept, line;
+  int dropped = 0;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    const nlohmann::json r = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    const bool torn = r.is_discarded() || !r.is_object();
+    if (torn || (r.contains("step") && r["step"].is_number() && r["step"].get<double>() > step)) {
+      ++dropped;
+      continue;
+    }
+    kept += line;
+    kept += '\n';
+  }
+  if (in.bad()) throw IoError(fmt::format("cannot read '{}'", path));
+  in.close();
+  if (dropped == 0) return 0;
+  const std::string tmp = path + ".tmp";
+  {
+    std::FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (f == nullptr) throw IoError(fmt::format("cannot write '{}'", tmp));
+    const bool ok = std::fwrite(kept.data(), 1, kept.size(), f) == kept.size() &&
+                    std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
+    if (std::fclose(f) != 0 || !ok) {
+      std::remove(tmp.c_str());
+      throw IoError(fmt::format("cannot write '{}'", tmp));
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    std::remove(tmp.c_str());
+    throw IoError(fmt::format("cannot rename '{}' to '{}': {}", tmp, path, ec.message()));
+  }
+  return dropped;
+}
+
 }  // namespace
 
 models::GPTConfig model_config(const TrainConfig& c) {
@@ -337,7 +380,12 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     if (!out) throw IoError(fmt::format("cannot write {}/config.toml", cfg_.run_dir));
   }
   const std::string metrics_path = (fs::path(cfg_.run_dir) / "metrics.jsonl").string();
-  // A resumed run appends to the metrics of the run it continues.
+  // A resumed run continues the metrics of the run it resumes, from its checkpoint's step.
+  if (!resumed_from_.empty()) {
+    if (const int dropped = drop_metrics_after(metrics_path, start_step_); dropped > 0)
+      log::info("{}: dropped {} record(s) after step {} (the steps this run redoes from {})",
+                metrics_path, dropped, start_step_, resumed_from_);
+  }
   metrics_ = std::fopen(metrics_path.c_str(), resumed_from_.empty() ? "w" : "a");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   if (verbose_) {

@@ -23,7 +23,7 @@ def run(args, expect_ok=True, timeout=240, env=None):
 
 
 def losses(run_dir):
-    """Step -> loss of the last record of each step (a resumed run appends)."""
+    """Step -> loss of the last record of each step (a rollback redoes steps)."""
     out = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
         r = json.loads(line)

@@ -5,9 +5,12 @@
   one stays complete, `latest` picks it, and the job resumed after every kill ends with the
   uninterrupted run's losses;
 - a corrupt, truncated or mismatched checkpoint stops the job before any step with an error
-  naming the problem, and nothing in the run directory changes."""
+  naming the problem, and nothing in the run directory changes;
+- resuming in a run directory from an earlier checkpoint leaves metrics.jsonl with one history:
+  the records after the checkpoint's step are dropped before the run continues."""
 import argparse
 import glob
+import json
 import os
 import shutil
 import signal
@@ -47,6 +50,36 @@ def bit_exact(mt, tmp, precision):
     if not same_weights(os.path.join(ref, "model.safetensors"), os.path.join(res, "model.safetensors")):
         fail(f"{precision}: final weights after resuming differ from the uninterrupted run's")
     return ref
+
+
+def metrics_after_resume(mt, tmp, ref):
+    """Resuming in the run directory from an earlier checkpoint rewrites metrics.jsonl to the
+    records up to the checkpoint's step (a torn last line dropped too): each step once."""
+    d = os.path.join(tmp, "metrics-resume")
+    shutil.copytree(ref, d)
+    path = os.path.join(d, "metrics.jsonl")
+    old = [json.loads(line) for line in open(path)]
+    with open(path, "a") as f:
+        f.write('{"step": 10, "loss": 1.2')  # a line torn by a kill
+    later = sum(1 for r in old if r.get("step", 0) > 6) + 1
+    p = train(mt, d, resume=os.path.join(d, "checkpoints", "step_00000006"))
+    if f"dropped {later} record(s) after step 6" not in p.stderr:
+        fail(f"resume in place: expected the log to say {later} records were dropped, got:\n{p.stderr}")
+    if os.path.exists(path + ".tmp"):
+        fail("resume in place left metrics.jsonl.tmp behind")
+    recs = [json.loads(line) for line in open(path)]
+    if recs[: len(old) - later + 1] != [r for r in old if r.get("step", 0) <= 6]:
+        fail("resume in place changed the records up to the checkpoint's step")
+    steps = [r["step"] for r in recs if "loss" in r]
+    if steps != list(range(1, 11)):
+        fail(f"after resuming at step 6 in place, metrics.jsonl has loss records for steps {steps}, "
+             f"expected 1 to 10 once each")
+    compare_losses(losses(ref), losses(d), range(1, 11), what="resume in place from step 6")
+    # Resuming from the newest checkpoint drops nothing and leaves the file alone.
+    before = open(path).read()
+    p = train(mt, d, ("--set", "train.steps=11"), resume="latest")
+    if "dropped" in p.stderr or not open(path).read().startswith(before):
+        fail(f"resuming from the newest checkpoint rewrote metrics.jsonl:\n{p.stderr}")
 
 
 def keep_and_latest(mt, tmp):
@@ -179,6 +212,10 @@ def kill_during_write(mt, tmp):
     # file is checksummed on load), and the losses are the uninterrupted run's.
     p = run([mt, "train", "--quiet", *cfg, "--set", f"run.dir={d}", "--resume", "latest"])
     compare_losses(losses(ref), losses(d), range(1, 13), what="resumed after repeated kills")
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "loss" in r]
+    if steps != list(range(1, 13)):
+        fail(f"after {kills} kills and resumes, metrics.jsonl has loss records for steps {steps}, "
+             f"expected 1 to 12 once each")
     if not same_weights(os.path.join(ref, "model.safetensors"), os.path.join(d, "model.safetensors")):
         fail("final weights after repeated kills differ from the uninterrupted run's")
     if mid_write == 0:
@@ -192,6 +229,7 @@ def main():
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         refs = {p: bit_exact(a.meshtrain, tmp, p) for p in ("fp32", "bf16", "fp16")}
+        metrics_after_resume(a.meshtrain, tmp, refs["fp32"])
         keep_and_latest(a.meshtrain, tmp)
         corrupt(a.meshtrain, tmp, refs["bf16"])
         kills = kill_during_write(a.meshtrain, tmp)
