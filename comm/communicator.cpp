@@ -119,34 +119,73 @@ std::string first_mismatch(const std::vector<Collective>& calls, std::string_vie
 std::string timeout_message(const Collective& c, std::string_view kind, std::string_view group,
                             int rank, const std::vector<int>& world_ranks, double timeout_s,
                             const std::vector<int>& missing,
-                            const std::vector<std::string>& last_seen) {
+                            const std::vector<std::string>& last_seen,
+                            const std::optional<LivenessReport>& liveness) {
   std::string head = fmt::format(
       "{} on group '{}' ({}, {} ranks, this is rank {}) did not complete "
       "within {} s",
       c.str(), group, kind, world_ranks.size(), rank, timeout_s);
+  auto rank_name = [&](int r) {
+    std::string out = fmt::format("rank {}", r);
+    if (r >= 0 && r < static_cast<int>(world_ranks.size()) && world_ranks[r] != r)
+      out += fmt::format(" (world rank {})", world_ranks[r]);
+    return out;
+  };
+  auto is_lost = [&](int r) {
+    return liveness &&
+           std::find(liveness->lost.begin(), liveness->lost.end(), r) != liveness->lost.end();
+  };
+  const std::string no_answer =
+      liveness ? fmt::format("did not answer a liveness check within {} s", liveness->window_s)
+               : std::string();
+  // Ranks that posted the collective but are gone.
+  std::vector<int> lost_arrived;
+  if (liveness) {
+    for (int r : liveness->lost) {
+      if (std::find(missing.begin(), missing.end(), r) == missing.end()) lost_arrived.push_back(r);
+    }
+  }
+  std::string lost_text;
+  for (int r : lost_arrived) lost_text += (lost_text.empty() ? "" : ", ") + rank_name(r);
   if (missing.empty()) {
-    return head +
-           ", although every rank arrived: a rank posted it but stopped progressing it, "
-           "or the transport is stuck. End the job with abort().";
+    if (!liveness) {
+      return head +
+             ", although every rank arrived: a rank posted it but stopped progressing it, "
+             "or the transport is stuck. End the job with abort().";
+    }
+    if (lost_arrived.empty()) {
+      return head +
+             ", although every rank arrived and every rank answered a liveness check: a rank's "
+             "collective is not being progressed (a rank stuck inside an MPI call, or "
+             "MESHTRAIN_COMM_PROGRESS=caller and a rank that stopped waiting), or the transport "
+             "is stuck. End the job with abort().";
+    }
+    return fmt::format(
+        "{}: lost {}: {} posted it, then {} (the process exited, was killed or is stopped). End "
+        "the job with abort().",
+        head, lost_text, lost_arrived.size() == 1 ? "it" : "they", no_answer);
   }
   std::string who;
   for (std::size_t i = 0; i < missing.size(); ++i) {
     const int r = missing[i];
     if (!who.empty()) who += "; ";
-    who += fmt::format("rank {}", r);
-    const auto& wr = world_ranks;
-    if (r >= 0 && r < static_cast<int>(wr.size()) && wr[r] != r) {
-      who += fmt::format(" (world rank {})", wr[r]);
-    }
+    who += rank_name(r);
     who += i < last_seen.size() && !last_seen[i].empty()
                ? fmt::format(", last seen at {}", last_seen[i])
                : std::string(", never seen on this group");
+    if (liveness) {
+      who += is_lost(r) ? fmt::format(", {}: lost (exited, killed or stopped)", no_answer)
+                        : std::string(", alive (it answered a liveness check)");
+    }
   }
-  return fmt::format(
+  std::string msg = fmt::format(
       "{}: {} never arrived [{}]. Every rank must issue the same collectives in "
       "the same order; a rank that is stuck, crashed or skipped a collective holds "
-      "up the others. End the job with abort().",
+      "up the others.",
       head, missing.size() == 1 ? "1 rank" : fmt::format("{} ranks", missing.size()), who);
+  if (!lost_arrived.empty())
+    msg += fmt::format(" Also lost: {}, which posted it, then {}.", lost_text, no_answer);
+  return msg + " End the job with abort().";
 }
 
 CommOptions CommOptions::from_settings() {

@@ -12,7 +12,8 @@
 //
 // No silent hangs: a collective that has not completed `timeout_s` seconds after it was posted
 // fails with CommTimeout on every rank that waits for it, naming the operation, its sequence
-// number, the group and the ranks that never arrived. The communicator is unusable afterwards;
+// number, the group and the ranks that never arrived; backends that can (MPI) also name the
+// ranks whose process is gone (comm/mpi/liveness.hpp). The communicator is unusable afterwards;
 // the caller ends the job with abort().
 //
 // Thread-safety: a Communicator and the Work handles it returned are used by one thread at a
@@ -178,13 +179,23 @@ class Work {
 // Waits for every handle in order (each with its own deadline).
 void wait_all(std::vector<Work>& works);
 
+// The outcome of a liveness check run at a timeout (comm/mpi/liveness.hpp): the group ranks
+// whose process did not answer within `window_s` seconds (exited, killed or stopped).
+struct LivenessReport {
+  std::vector<int> lost;
+  double window_s = 0;
+};
+
 // For backends: the CommTimeout message for `c` on a group. `missing` are the group ranks that
 // never arrived; `last_seen[i]` says what missing[i] last posted on this group ("" if unknown).
-// `world_ranks` are the group's members (their world ranks, by group rank).
+// `world_ranks` are the group's members (their world ranks, by group rank). `liveness`, when a
+// check was run, names the lost ranks among those that did arrive, and says of each missing
+// rank whether it is alive.
 std::string timeout_message(const Collective& c, std::string_view kind, std::string_view group,
                             int rank, const std::vector<int>& world_ranks, double timeout_s,
                             const std::vector<int>& missing,
-                            const std::vector<std::string>& last_seen);
+                            const std::vector<std::string>& last_seen,
+                            const std::optional<LivenessReport>& liveness = std::nullopt);
 
 // A vendor implementation. Called by Communicator with validated arguments: tensors defined,
 // dtypes and element counts consistent with the collective, sequence number assigned.

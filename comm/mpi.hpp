@@ -27,10 +27,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "comm/communicator.hpp"
 
 namespace meshtrain::comm {
+
+namespace detail {
+class Liveness;
+}
 
 enum class Reduce16 : std::uint8_t { kWireOp, kConvert };
 
@@ -83,6 +88,9 @@ class MpiSession {
 
  private:
   bool owns_ = false;
+  // The channel on which this process answers, and sends, liveness checks after a timeout
+  // (comm/mpi/liveness.hpp); only when the session started MPI.
+  std::unique_ptr<detail::Liveness> liveness_;
   int rank_ = 0;
   int size_ = 1;
   int local_rank_ = 0;

@@ -8,6 +8,7 @@
 #include <thread>
 #include <type_traits>
 
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/mpi_check.hpp"
 #include "comm/mpi/ring.hpp"
 #include "runtime/log.hpp"
@@ -202,6 +203,7 @@ std::vector<int> ArrivalBoard::missing(std::uint64_t seq, std::chrono::milliseco
     ring_progress_all();
     out = absent();
     if (out.empty() || Clock::now() >= until) break;
+    liveness_serve();
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   if (last_seen) {

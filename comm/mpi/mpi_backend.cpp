@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "comm/mpi/arrivals.hpp"
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/mpi_check.hpp"
 #include "comm/mpi/progress.hpp"
 #include "comm/mpi/reduce16.hpp"
@@ -116,11 +117,33 @@ struct MpiGroup {
     return std::chrono::milliseconds(static_cast<int>(ms));
   }
 
+  // How long a liveness check at a timeout waits for answers: a live process answers within
+  // milliseconds (its progress thread wakes every 100 ms), so this only has to cover a loaded
+  // machine's scheduling delays; it bounds how long after the timeout the job ends.
+  std::chrono::milliseconds liveness_window() const {
+    const double ms = std::clamp(options.timeout_s * 250.0, 3000.0, 5000.0);
+    return std::chrono::milliseconds(static_cast<int>(ms));
+  }
+
   std::string describe_timeout(const Collective& c) {
     std::vector<std::string> last;
     std::vector<int> missing;
     if (board) missing = board->missing(c.seq, grace(), &last);
-    return timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, missing, last);
+    // Who is still there: names a rank that posted the collective and then died or stopped,
+    // which the arrivals cannot tell from a slow one.
+    std::optional<LivenessReport> live;
+    const auto window = liveness_window();
+    if (auto lost = liveness_check(world_ranks, window)) {
+      live.emplace();
+      live->window_s = std::chrono::duration<double>(window).count();
+      for (int w : *lost) {
+        const auto it = std::find(world_ranks.begin(), world_ranks.end(), w);
+        if (it != world_ranks.end())
+          live->lost.push_back(static_cast<int>(it - world_ranks.begin()));
+      }
+    }
+    return timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, missing, last,
+                           live);
   }
 };
 
@@ -201,6 +224,7 @@ class MpiWork final : public WorkImpl, public Pollable {
       if (now >= until) return false;
       if (now - start < kSpin) continue;
       if (!group_->engine) {
+        liveness_serve();  // and only this thread answers liveness checks (at most every 2 ms)
         std::this_thread::yield();  // only this thread moves it
         continue;
       }

@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "comm/mpi.hpp"
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/mpi_backend.hpp"
 #include "comm/mpi/mpi_check.hpp"
 #include "comm/mpi/progress.hpp"
@@ -42,12 +43,16 @@ MpiSession::MpiSession(int* argc, char*** argv, MpiThreads threads) {
   MT_MPI_CHECK(MPI_Comm_free(&node));
   // Initialised here: every MPI call of the process is comm/'s, made under its lock, so the
   // progress thread may call MPI at MPI_THREAD_SERIALIZED.
-  if (owns_) detail::mark_mpi_owned(true);
+  if (owns_) {
+    detail::mark_mpi_owned(true);
+    liveness_ = std::make_unique<detail::Liveness>();
+  }
   log::set_rank(rank_, size_);
 }
 
 MpiSession::MpiSession(MpiSession&& o) noexcept
     : owns_(o.owns_),
+      liveness_(std::move(o.liveness_)),
       rank_(o.rank_),
       size_(o.size_),
       local_rank_(o.local_rank_),
@@ -75,6 +80,7 @@ void MpiSession::finalize() {
   if (!owns_) return;
   owns_ = false;
   detail::progress_shutdown();
+  if (liveness_) liveness_->release();
   detail::mark_mpi_owned(false);
   int finalized = 0;
   MT_MPI_CHECK(MPI_Finalized(&finalized));

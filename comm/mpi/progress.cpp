@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/mpi_check.hpp"
 #include "comm/mpi/ring.hpp"
 #include "runtime/log.hpp"
@@ -24,6 +25,9 @@ namespace {
 // transports move bytes on their own (shared memory: the receiver's copy; TCP: its progress
 // thread), so a longer nap delays only the posting of a ring's next step, and the caller's
 // wait() polls on its own once backward is done.
+// While nothing is in flight the thread still wakes this often to answer liveness checks
+// (comm/mpi/liveness.hpp): one MPI_Test, a few microseconds, ten times a second.
+constexpr auto kIdleWake = std::chrono::milliseconds(100);
 
 // Process-wide bookkeeping; it owns no engine (a weak reference) and no MPI resource.
 struct Registry {
@@ -61,9 +65,15 @@ struct ProgressEngine::Impl {
     while (!stop) {
       std::erase_if(items, [](const std::weak_ptr<Pollable>& w) { return w.expired(); });
       if (items.empty()) {
-        // Nothing in flight: sleep until a collective is posted.
-        cv.wait(lock, [&] { return stop || !items.empty(); });
+        // Nothing in flight: sleep until a collective is posted, waking every kIdleWake to
+        // answer liveness checks (a peer whose collective timed out asks who is still there).
+        cv.wait_for(lock, kIdleWake, [&] { return stop || !items.empty(); });
         interval = min_interval;
+        if (!stop && items.empty()) {
+          lock.unlock();
+          liveness_serve();
+          lock.lock();
+        }
         continue;
       }
       for (const auto& w : items) {
@@ -73,6 +83,7 @@ struct ProgressEngine::Impl {
       const std::uint64_t before = progress_events().load(std::memory_order_relaxed);
       ring_progress_all();
       for (const auto& p : live) p->poll();
+      liveness_serve();
       const bool moved = progress_events().load(std::memory_order_relaxed) != before;
       // Dropping these may destroy the last reference to a group, and with it to the engine:
       // ~ProgressEngine then detaches instead of joining this thread (see there).

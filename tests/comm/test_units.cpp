@@ -74,6 +74,30 @@ TEST(Collective, TimeoutMessageNamesMissingRanks) {
   EXPECT_NE(none.find("every rank arrived"), std::string::npos) << none;
 }
 
+// With a liveness check: a rank that arrived and then did not answer is named as lost; a rank
+// that never arrived is said to be alive or lost; when every rank answers, the message says so.
+TEST(Collective, TimeoutMessageNamesLostRanks) {
+  const auto c = allreduce_call(DType::kF32, 7, 12);
+  const LivenessReport lost2{{2}, 3.0};
+  const std::string arrived =
+      timeout_message(c, "mpi", "world/1", 0, {1, 3, 5}, 4.0, {}, {}, lost2);
+  EXPECT_NE(arrived.find("lost rank 2 (world rank 5): it posted it, then did not answer a "
+                         "liveness check within 3 s"),
+            std::string::npos)
+      << arrived;
+  const std::string all_alive =
+      timeout_message(c, "mpi", "world", 0, {0, 1}, 4.0, {}, {}, LivenessReport{{}, 2.0});
+  EXPECT_NE(all_alive.find("every rank answered a liveness check"), std::string::npos) << all_alive;
+  const std::string missing = timeout_message(c, "mpi", "world", 0, {0, 1, 2, 3}, 4.0, {1, 3},
+                                              {"barrier #11", ""}, LivenessReport{{2, 3}, 3.0});
+  EXPECT_NE(missing.find("2 ranks never arrived [rank 1, last seen at barrier #11, alive (it "
+                         "answered a liveness check); rank 3, never seen on this group, did not "
+                         "answer a liveness check within 3 s: lost"),
+            std::string::npos)
+      << missing;
+  EXPECT_NE(missing.find("Also lost: rank 2, which posted it"), std::string::npos) << missing;
+}
+
 TEST(CommOptions, FromSettings) {
   const CommOptions o = CommOptions::from_settings();
   EXPECT_EQ(o.timeout_s, settings().comm_timeout_s);

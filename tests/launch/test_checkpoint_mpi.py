@@ -161,11 +161,11 @@ def main():
             if proc.returncode == 0:
                 fail(f"{what}: the job exited 0 after rank 1 was killed:\n{out[-3000:]}")
             # mpirun names the rank that died. Left to the ranks, the survivors' collective times
-            # out; it names the lost rank when that rank had not yet posted the collective (a
-            # rank that dies inside one is reported as not progressing it).
+            # out and names rank 1 as lost (it never arrived, or it posted the collective and
+            # then did not answer the liveness check).
             if flags:
-                if "did not complete within" not in out:
-                    fail(f"{what}: no rank reported the collective timeout:\n{out[-3000:]}")
+                if "did not complete within" not in out or "did not answer a liveness check" not in out:
+                    fail(f"{what}: no rank reported the collective timeout naming the lost rank:\n{out[-3000:]}")
             elif "rank 1" not in out:
                 fail(f"{what}: the output does not name the lost rank 1:\n{out[-3000:]}")
             done = sorted(losses(d))

@@ -1,0 +1,59 @@
+// Who is still there: a liveness check that a rank runs when one of its collectives times out, so
+// that the CommTimeout names the rank that was lost (exited, killed, stopped) even when that rank
+// had posted the collective before it went (the arrival side channel, comm/mpi/arrivals.hpp,
+// only knows who posted).
+//
+// One channel per process: a duplicate of MPI_COMM_WORLD made by MpiSession, on which every
+// process keeps one receive posted for pings. A ping is answered by whichever thread gets to it
+// first: the progress thread (comm/mpi/progress.hpp, which wakes for this every 100 ms while it
+// has nothing else to do), a caller waiting on a collective without a progress thread, or a
+// rank that is itself running a check. A check sends a ping to each peer and waits a bounded
+// window for the answers; a process that is alive answers within milliseconds, one that is gone
+// or stopped never does. Nothing is exchanged while no collective times out: a healthy run pays
+// one MPI_Test on the posted receive per progress-thread wake-up (at most every 2 ms), no
+// messages.
+//
+// What an answer proves: the process runs and its MPI progresses, not that its main thread is
+// not stuck. That is the distinction that matters here: with the progress thread running, a
+// collective that every rank posted stalls only when a process has stopped or died.
+//
+// Internal to comm/; no mpi.h here. Thread-safe.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace meshtrain::comm::detail {
+
+class Liveness {
+ public:
+  // Collective over MPI_COMM_WORLD (MPI_Comm_dup): every process creates it once, after MPI_Init.
+  Liveness();
+  // release() if not done; never throws.
+  ~Liveness();
+  Liveness(const Liveness&) = delete;
+  Liveness& operator=(const Liveness&) = delete;
+  // Cancels the posted receive and frees the channel (before MPI_Finalize). Idempotent.
+  void release() noexcept;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Answers the pings that have arrived, without blocking. `force`: even if another call answered
+// less than 2 ms ago. A no-op without a channel or while another thread is answering. Never
+// throws.
+void liveness_serve(bool force = false) noexcept;
+
+// Pings each of `world_ranks` (this process is skipped) and waits until each has answered or
+// `window` has passed, answering pings meanwhile. Returns the world ranks that did not answer,
+// or nullopt when this process has no channel (MPI not started by MpiSession) or the check
+// itself failed.
+std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ranks,
+                                               std::chrono::milliseconds window) noexcept;
+
+}  // namespace meshtrain::comm::detail
