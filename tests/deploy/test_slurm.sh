@@ -25,6 +25,10 @@ done
 [[ -e /usr/lib/x86_64-linux-gnu/slurm-wlm/mpi_pmix.so || -n "$(find /usr/lib -name mpi_pmix.so 2>/dev/null)" ]] \
   || skip "Slurm's PMIx plugin (mpi_pmix.so) not found"
 
+# Namespace names are global to the machine: one run of this test at a time, machine-wide.
+if [[ -z "${MT_NETNS_LOCKED:-}" ]]; then
+  exec env MT_NETNS_LOCKED=1 flock -w 240 -o /run/lock/meshtrain-netns-mtsl.lock "$0" "$@"
+fi
 export MT_NETNS_PREFIX=mtsl OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 N="$root/tests/netns/netns.sh"
 # The cluster's shared file system (outside /tmp: every node gets a /tmp of its own below).

@@ -13,6 +13,7 @@ Needs root (exit 77, skipped, otherwise); as root, a cluster that cannot be set 
   /usr/bin/python3 tests/netns/test_multinode.py --meshtrain build/cpu/launch/meshtrain [CASE...]
 """
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -222,6 +223,18 @@ def main():
     for c in a.cases:
         if c not in ("match", "shaped", "cut", "kill"):
             fail(f"unknown case '{c}': expected match, shaped, cut, kill")
+    # Namespace names are global to the machine: another run of this test at once (another
+    # build tree's ctest) would tear down this cluster. One run at a time, machine-wide.
+    lock = open(f"/run/lock/meshtrain-netns-{PREFIX}.lock", "w")
+    until = time.time() + 240
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() > until:
+                fail(f"another run of this test held /run/lock/meshtrain-netns-{PREFIX}.lock for 240 s")
+            time.sleep(0.5)
     try:
         netns("up", "3")
         with tempfile.TemporaryDirectory() as tmp:
