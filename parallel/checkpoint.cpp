@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -28,7 +29,12 @@ namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
 
 constexpr const char* kFormat = "meshtrain-checkpoint";
-constexpr int kVersion = 1;
+// Version 2 adds a CRC-32C per block of each shard file, so that a rank reads and checks only
+// the parts of the files it needs; version 1 checkpoints (a CRC per whole file) still load.
+constexpr int kVersion = 2;
+// Shard files are checksummed in blocks of this many bytes: what a reader reads past the bytes
+// it needs is at most one block at each end of a run.
+constexpr std::uint64_t kBlockBytes = 1ull << 20;
 // A manifest larger than this is not one of ours (a real one is a few hundred bytes per piece).
 constexpr std::uint64_t kMaxManifestBytes = 256ull << 20;
 constexpr int kMaxManifestDepth = 64;
@@ -73,7 +79,7 @@ SavedFile write_text_file(const std::string& path, const std::string& text) {
     fail_errno("fsync of", path);
   }
   if (::close(fd) != 0) fail_errno("close of", path);
-  return SavedFile{text.size(), crc32c(0, text.data(), text.size())};
+  return SavedFile{text.size(), crc32c(0, text.data(), text.size()), {}};
 }
 
 // Reads a whole regular file of at most max_bytes.
@@ -285,30 +291,41 @@ std::vector<std::int32_t> mesh_gather(Mesh& mesh, const std::vector<std::int32_t
   return out;
 }
 
-// Every rank's flat ranges, by world rank (a count, then the ranges padded to the longest list).
-std::vector<FlatRanges> mesh_gather_ranges(Mesh& mesh, const FlatRanges& mine) {
-  const int count = static_cast<int>(mine.size());
+// Every rank's list of int32 values (of any length), by world rank: the counts first, then the
+// lists padded to the longest.
+std::vector<std::vector<std::int32_t>> mesh_gather_lists(Mesh& mesh,
+                                                         const std::vector<std::int32_t>& mine) {
+  const auto count = static_cast<std::int32_t>(mine.size());
   std::int32_t most = count;
   for (std::int32_t c : mesh_gather(mesh, {count})) most = std::max(most, c);
+  std::vector<std::int32_t> padded(static_cast<std::size_t>(most) + 1, 0);
+  padded[0] = count;
+  std::copy(mine.begin(), mine.end(), padded.begin() + 1);
+  const std::vector<std::int32_t> all = mesh_gather(mesh, padded);
+  const std::size_t per = padded.size();
+  std::vector<std::vector<std::int32_t>> out(static_cast<std::size_t>(mesh.world_size()));
+  for (std::size_t r = 0; r < out.size(); ++r) {
+    const std::int32_t* p = all.data() + r * per;
+    out[r].assign(p + 1, p + 1 + p[0]);
+  }
+  return out;
+}
+
+// Every rank's flat ranges, by world rank.
+std::vector<FlatRanges> mesh_gather_ranges(Mesh& mesh, const FlatRanges& mine) {
   std::vector<std::int32_t> flat;
-  flat.push_back(count);
-  for (int i = 0; i < most; ++i) {
-    const auto [lo, hi] = i < count ? mine[i] : std::pair<std::int64_t, std::int64_t>{0, 0};
+  for (const auto& [lo, hi] : mine) {
     for (std::int64_t v : {lo, hi}) {
       flat.push_back(static_cast<std::int32_t>(v & 0x7fffffff));
       flat.push_back(static_cast<std::int32_t>(v >> 31));
     }
   }
-  const std::vector<std::int32_t> all = mesh_gather(mesh, flat);
-  const std::size_t per = flat.size();
-  std::vector<FlatRanges> out(static_cast<std::size_t>(mesh.world_size()));
-  for (std::size_t r = 0; r < out.size(); ++r) {
-    const std::int32_t* p = all.data() + r * per;
-    for (int i = 0; i < p[0]; ++i) {
-      const std::int32_t* q = p + 1 + 4 * i;
-      out[r].emplace_back(static_cast<std::int64_t>(q[0]) | (static_cast<std::int64_t>(q[1]) << 31),
-                          static_cast<std::int64_t>(q[2]) | (static_cast<std::int64_t>(q[3]) << 31));
-    }
+  std::vector<FlatRanges> out;
+  for (const std::vector<std::int32_t>& l : mesh_gather_lists(mesh, flat)) {
+    FlatRanges& r = out.emplace_back();
+    for (std::size_t i = 0; i + 3 < l.size(); i += 4)
+      r.emplace_back(static_cast<std::int64_t>(l[i]) | (static_cast<std::int64_t>(l[i + 1]) << 31),
+                     static_cast<std::int64_t>(l[i + 2]) | (static_cast<std::int64_t>(l[i + 3]) << 31));
   }
   return out;
 }
@@ -337,6 +354,9 @@ void retire(const fs::path& root, const fs::path& dir) {
 struct FileEntry {
   std::uint64_t bytes = 0;
   std::uint32_t crc = 0;
+  // Version 2 shard files: the CRC-32C of each block of block_bytes (the last one shorter).
+  std::uint64_t block_bytes = 0;
+  std::vector<std::uint32_t> blocks;
 };
 
 struct Manifest {
@@ -398,8 +418,9 @@ Manifest parse_manifest(const std::string& dir) {
   MT_CHECK(as_string(w + " format", member(w, j, "format")) == kFormat,
            "{}: format is not '{}'", w, kFormat);
   const std::int64_t version = as_int(w + " version", member(w, j, "version"), 0, 1 << 20);
-  MT_CHECK(version == kVersion, "{}: version {} is not supported (this build reads version {})",
-           w, version, kVersion);
+  MT_CHECK(version == 1 || version == kVersion,
+           "{}: version {} is not supported (this build reads versions 1 to {})", w, version,
+           kVersion);
   m.info.step = static_cast<int>(as_int(w + " step", member(w, j, "step"), 0, 2147483647));
   const Json& layout = member(w, j, "layout");
   m.info.layout.dp = static_cast<int>(as_int(w + " layout.dp", member(w, layout, "dp"), 1, 1 << 20));
@@ -421,6 +442,18 @@ Manifest parse_manifest(const std::string& dir) {
     MT_CHECK(crc.size() == 8 && crc.find_first_not_of("0123456789abcdef") == std::string::npos,
              "{}.crc32c: '{}' is not 8 hex digits", fw, crc);
     fe.crc = static_cast<std::uint32_t>(std::stoul(crc, nullptr, 16));
+    if (e.is_object() && e.contains("blocks")) {
+      fe.block_bytes = static_cast<std::uint64_t>(
+          as_int(fw + ".block_bytes", member(fw, e, "block_bytes"), 1, std::int64_t{1} << 40));
+      const std::string hex = as_string(fw + ".blocks", e["blocks"]);
+      const std::uint64_t n = (fe.bytes + fe.block_bytes - 1) / fe.block_bytes;
+      MT_CHECK(hex.size() == 8 * n && hex.find_first_not_of("0123456789abcdef") == std::string::npos,
+               "{}.blocks: expected {} CRC-32C values of 8 hex digits for {} bytes in blocks of "
+               "{}, got {} characters",
+               fw, n, fe.bytes, fe.block_bytes, hex.size());
+      for (std::uint64_t b = 0; b < n; ++b)
+        fe.blocks.push_back(static_cast<std::uint32_t>(std::stoul(hex.substr(8 * b, 8), nullptr, 16)));
+    }
     m.files[name] = fe;
   }
   MT_CHECK(m.files.count("config.toml") == 1, "{}: 'files' lacks config.toml", w);
@@ -496,6 +529,106 @@ std::string read_checked(const Manifest& m, const std::string& name) {
   return bytes;
 }
 
+// One shard file as load_checkpoint reads it. Version 2 files: only the blocks holding bytes
+// asked for are read (pread, consecutive missing blocks in one call), each checked against its
+// CRC-32C before any of its bytes is used; the header too. Version 1 files: the whole file,
+// checked against its CRC-32C, on first use.
+class ShardReader {
+ public:
+  ShardReader(const Manifest& m, const std::string& name, std::uint64_t* bytes_read)
+      : dir_(m.info.dir),
+        name_(name),
+        path_((fs::path(m.info.dir) / name).string()),
+        fe_(m.files.at(name)),
+        bytes_read_(bytes_read) {
+    auto read = [this](void* dst, std::size_t n, std::uint64_t off) {
+      if (n > 0) std::memcpy(dst, bytes(off, n), n);
+    };
+    if (fe_.blocks.empty()) {
+      whole_ = read_checked(m, name);
+      *bytes_read_ += whole_.size();
+      layout_ = read_safetensors_layout(path_, whole_.size(), read);
+    } else {
+      std::error_code ec;
+      MT_CHECK(fs::exists(path_, ec),
+               "checkpoint '{}': file '{}' listed in the manifest is missing", dir_, name_);
+      fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd_ < 0) fail_errno("open of", path_);
+      struct stat st;
+      if (::fstat(fd_, &st) != 0) fail_errno("fstat of", path_);
+      MT_CHECK(S_ISREG(st.st_mode), "checkpoint: '{}' is not a regular file", path_);
+      MT_CHECK(static_cast<std::uint64_t>(st.st_size) == fe_.bytes,
+               "checkpoint '{}': '{}' is {} bytes, the manifest says {} (truncated or replaced)",
+               dir_, name_, st.st_size, fe_.bytes);
+      // Only the pages of the blocks read are ever touched.
+      buf_.reset(new std::uint8_t[std::max<std::uint64_t>(fe_.bytes, 1)]);
+      loaded_.assign(fe_.blocks.size(), 0);
+      layout_ = read_safetensors_layout(path_, fe_.bytes, read);
+    }
+    for (std::size_t i = 0; i < layout_.entries.size(); ++i) index_[layout_.entries[i].name] = i;
+  }
+  ~ShardReader() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ShardReader(const ShardReader&) = delete;
+  ShardReader& operator=(const ShardReader&) = delete;
+
+  const SafetensorsEntry* find(const std::string& key) const {
+    const auto it = index_.find(key);
+    return it == index_.end() ? nullptr : &layout_.entries[it->second];
+  }
+
+  // Bytes [off, off + n) of the file, read and checked.
+  const std::uint8_t* bytes(std::uint64_t off, std::uint64_t n) {
+    MT_ASSERT(off <= fe_.bytes && n <= fe_.bytes - off, "read of [{}, +{}) past the {} bytes of '{}'",
+              off, n, fe_.bytes, path_);
+    if (buf_ == nullptr) return reinterpret_cast<const std::uint8_t*>(whole_.data()) + off;
+    if (n == 0) return buf_.get() + off;
+    const std::uint64_t B = fe_.block_bytes;
+    const std::uint64_t last = (off + n - 1) / B;
+    for (std::uint64_t b = off / B; b <= last; ++b) {
+      if (loaded_[b]) continue;
+      std::uint64_t e = b;
+      while (e + 1 <= last && !loaded_[e + 1]) ++e;
+      load(b * B, std::min(fe_.bytes, (e + 1) * B));
+      for (std::uint64_t k = b; k <= e; ++k) {
+        const std::uint64_t lo = k * B, hi = std::min(fe_.bytes, lo + B);
+        const std::uint32_t crc = crc32c(0, buf_.get() + lo, hi - lo);
+        MT_CHECK(crc == fe_.blocks[k],
+                 "checkpoint '{}': '{}' bytes [{}, {}) have CRC-32C {}, the manifest says {} (the "
+                 "file is corrupt)",
+                 dir_, name_, lo, hi, crc32c_hex(crc), crc32c_hex(fe_.blocks[k]));
+        loaded_[k] = 1;
+      }
+      b = e;
+    }
+    return buf_.get() + off;
+  }
+
+ private:
+  void load(std::uint64_t lo, std::uint64_t hi) {
+    for (std::uint64_t at = lo; at < hi;) {
+      const ssize_t r = ::pread(fd_, buf_.get() + at, hi - at, static_cast<off_t>(at));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) fail_errno("read of", path_);
+      MT_CHECK(r > 0, "checkpoint '{}': '{}' shrank while being read (at byte {} of {})", dir_,
+               name_, at, fe_.bytes);
+      at += static_cast<std::uint64_t>(r);
+      *bytes_read_ += static_cast<std::uint64_t>(r);
+    }
+  }
+
+  std::string dir_, name_, path_;
+  const FileEntry& fe_;
+  std::uint64_t* bytes_read_;
+  int fd_ = -1;
+  std::string whole_;                  // version 1: the whole file
+  std::unique_ptr<std::uint8_t[]> buf_;  // version 2: the file's bytes at their offsets
+  std::vector<std::uint8_t> loaded_;   // per block: read and checked
+  SafetensorsLayout layout_;
+  std::map<std::string, std::size_t> index_;
+};
+
 }  // namespace
 
 std::string checkpoint_name(int step) { return fmt::format("step_{:08}", step); }
@@ -550,7 +683,7 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
       tensors.emplace_back(p.key, t);
     }
     saved = save_safetensors((tmp_dir / shard_file_name(mesh.world_rank())).string(), tensors,
-                             {{"format", kFormat}, {"step", std::to_string(step)}});
+                             {{"format", kFormat}, {"step", std::to_string(step)}}, kBlockBytes);
   } catch (const std::exception& e) {
     error = e.what();
     log::error("checkpoint of step {}: rank {} could not write its shard: {}", step,
@@ -560,6 +693,8 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
       mesh, {error.empty() ? 1 : 0, static_cast<std::int32_t>(saved.crc32c),
              static_cast<std::int32_t>(saved.bytes & 0x7fffffff),
              static_cast<std::int32_t>(saved.bytes >> 31)});
+  const std::vector<std::vector<std::int32_t>> all_blocks = mesh_gather_lists(
+      mesh, std::vector<std::int32_t>(saved.block_crc32c.begin(), saved.block_crc32c.end()));
   std::string failed;
   for (int r = 0; r < mesh.world_size(); ++r)
     if (all[static_cast<std::size_t>(r) * 4] == 0) failed += (failed.empty() ? "" : ", ") + std::to_string(r);
@@ -578,8 +713,14 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
         const std::size_t at = static_cast<std::size_t>(r) * 4;
         const std::uint64_t bytes = static_cast<std::uint64_t>(all[at + 2]) |
                                     (static_cast<std::uint64_t>(all[at + 3]) << 31);
-        files[shard_file_name(r)] = Json{
-            {"bytes", bytes}, {"crc32c", crc32c_hex(static_cast<std::uint32_t>(all[at + 1]))}};
+        std::string blocks;
+        for (std::int32_t c : all_blocks[static_cast<std::size_t>(r)])
+          blocks += crc32c_hex(static_cast<std::uint32_t>(c));
+        files[shard_file_name(r)] =
+            Json{{"bytes", bytes},
+                 {"crc32c", crc32c_hex(static_cast<std::uint32_t>(all[at + 1]))},
+                 {"block_bytes", kBlockBytes},
+                 {"blocks", blocks}};
         const int t = r % mesh.tp_size();
         for (const Piece& p : writer_pieces(slots, all_ranges[static_cast<std::size_t>(r)], kinds,
                                             t, mesh.tp_size(), r))
@@ -705,14 +846,12 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
   MT_CHECK(m.tensors.size() == slots.size(), "{} holds {} tensors, the model has {}", w,
            m.tensors.size(), slots.size());
 
-  std::map<std::string, std::unique_ptr<SafetensorsFile>> loaded;
-  auto file = [&](const std::string& name) -> const SafetensorsFile& {
-    auto& f = loaded[name];
-    if (!f) {
-      const std::string bytes = read_checked(m, name);
-      f = std::make_unique<SafetensorsFile>(
-          parse_safetensors((fs::path(dir) / name).string(), bytes.data(), bytes.size()));
-    }
+  const auto t0 = std::chrono::steady_clock::now();
+  std::uint64_t bytes_read = 0;
+  std::map<std::string, std::unique_ptr<ShardReader>> opened;
+  auto file = [&](const std::string& name) -> ShardReader& {
+    auto& f = opened[name];
+    if (!f) f = std::make_unique<ShardReader>(m, name, &bytes_read);
     return *f;
   };
 
@@ -766,15 +905,14 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
             overlap = p.box.offsets[d] < tb.offsets[d] + tb.shape[d] &&
                       tb.offsets[d] < p.box.offsets[d] + p.box.shape[d];
           if (!overlap || p.flat_hi == p.flat_lo) continue;
-          const SafetensorsFile& f = file(p.file);
-          const Tensor* data = f.find(p.key);
+          ShardReader& f = file(p.file);
+          const SafetensorsEntry* data = f.find(p.key);
           MT_CHECK(data != nullptr, "{}: '{}' has no tensor '{}' that the manifest lists", w,
                    p.file, p.key);
-          MT_CHECK(data->dtype() == DType::kF32 && data->numel() == p.flat_hi - p.flat_lo,
+          MT_CHECK(data->dtype == DType::kF32 && data->shape.numel() == p.flat_hi - p.flat_lo,
                    "{}: '{}' tensor '{}' is {} {}, the manifest says F32 with {} elements", w,
-                   p.file, p.key, dtype_name(data->dtype()), data->shape().str(),
+                   p.file, p.key, dtype_name(data->dtype), data->shape.str(),
                    p.flat_hi - p.flat_lo);
-          const float* src = data->data_as<float>();
           const std::int64_t pw = p.box.shape.back();
           if (pw == 0) continue;
           // Row by row through the piece's elements.
@@ -822,7 +960,10 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
                          flat + k - base, s.name, target.kind);
                 c = 1;
               }
-              std::memcpy(dst + (flat - lo), src + from, static_cast<std::size_t>(run) * sizeof(float));
+              const std::uint64_t nbytes = static_cast<std::uint64_t>(run) * sizeof(float);
+              std::memcpy(dst + (flat - lo),
+                          f.bytes(data->begin + static_cast<std::uint64_t>(from) * sizeof(float), nbytes),
+                          nbytes);
               g += run;
             }
           }
@@ -840,6 +981,12 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
               w, at, target.kind, name);
     }
   }
+  std::uint64_t file_bytes = 0;
+  for (const auto& [name, f] : opened) file_bytes += m.files.at(name).bytes;
+  log::info("checkpoint '{}': read {:.2f} MiB of {} shard file(s) of {:.2f} MiB in {:.0f} ms", dir,
+            static_cast<double>(bytes_read) / 1048576.0, opened.size(),
+            static_cast<double>(file_bytes) / 1048576.0,
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
 }
 
 }  // namespace meshtrain::parallel

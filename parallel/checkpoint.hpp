@@ -4,7 +4,8 @@
 //   ROOT/step_00000100/
 //     manifest.json            step, layout, the caller's state (config, RNG, data, loss scaler),
 //                              every logical tensor's full shape, every piece's place in it, and
-//                              the size and CRC-32C of every file
+//                              the size and CRC-32C of every file, and of every 1 MiB block of
+//                              each shard file
 //     config.toml              the effective config of the job that wrote it
 //     shard-00000.safetensors  the pieces world rank 0 wrote (fp32), one file per rank
 //     ...
@@ -29,8 +30,16 @@
 // are renamed away (.del-step_N) before they are removed, so a crash while deleting never leaves
 // a partial step_N behind.
 //
-// Nothing read is trusted: the manifest's structure, every file's size and checksum (before its
-// content is used), every piece's box against the tensor's shape and the stored data's size.
+// Reading: a rank reads only the blocks of the shard files that hold bytes it needs (the
+// safetensors header, then the runs of its pieces), with pread, and checks each block's CRC-32C
+// before using any byte of it; a resume under ZeRO-1 or TP reads its share of the checkpoint,
+// not all of it. Why blocks rather than a checksum per piece: a rank often needs part of a
+// piece (its TP slice of a tensor another layout wrote whole, its ZeRO-1 range of one), which
+// a per-piece checksum could only check by reading the whole piece. Version 1 checkpoints (a
+// CRC-32C per whole file only) still load, each file read and checked whole.
+//
+// Nothing read is trusted: the manifest's structure, every file's size, every byte's checksum
+// (before it is used), every piece's box against the tensor's shape and the stored data's size.
 // Errors are InvalidArgument (content) or IoError (system calls), naming the file and what.
 #pragma once
 
@@ -113,8 +122,9 @@ std::vector<std::string> list_checkpoints(const std::string& root);
 CheckpointInfo read_checkpoint_info(const std::string& dir);
 
 // Fills `targets` (this rank's buffers, CPU; elements at and beyond flat_numel are left alone) from
-// the checkpoint, for TP rank tp_rank of tp_size. Every file read is checked against the
-// manifest's size and checksum first. Throws when a tensor is missing, has another shape, or an
+// the checkpoint, for TP rank tp_rank of tp_size, reading only the blocks of the files that hold
+// them (logged: bytes read, time). Every block read is checked against the manifest's checksum
+// before it is used. Throws when a tensor is missing, has another shape, or an
 // element is not covered exactly once; the targets may then be partly written.
 void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slots,
                      std::int64_t flat_numel, const std::vector<FlatState>& targets, int tp_rank,

@@ -348,11 +348,22 @@ const Tensor& SafetensorsFile::at(std::string_view name) const {
 
 SavedFile save_safetensors(const std::string& path,
                            const std::vector<std::pair<std::string, Tensor>>& tensors,
-                           const std::map<std::string, std::string>& metadata) {
+                           const std::map<std::string, std::string>& metadata,
+                           std::uint64_t crc_block_bytes) {
   SavedFile saved;
   auto write_counted = [&](int fd, const std::string& p, const void* data, std::size_t n) {
     write_all(fd, p, data, n);
     saved.crc32c = crc32c(saved.crc32c, data, n);
+    // Block checksums: each byte extends the CRC of the block its file offset falls in.
+    const auto* bytes = static_cast<const std::uint8_t*>(data);
+    for (std::size_t done = 0; crc_block_bytes > 0 && done < n;) {
+      const std::uint64_t at = saved.bytes + done;
+      if (at % crc_block_bytes == 0) saved.block_crc32c.push_back(0);
+      const std::size_t take = static_cast<std::size_t>(
+          std::min<std::uint64_t>(n - done, crc_block_bytes - at % crc_block_bytes));
+      saved.block_crc32c.back() = crc32c(saved.block_crc32c.back(), bytes + done, take);
+      done += take;
+    }
     saved.bytes += n;
   };
   const std::string header = build_header(path, tensors, metadata);
@@ -388,7 +399,7 @@ namespace {
 // The reading core shared by files and byte buffers: `read(dst, n, offset, what)` fills dst
 // with n bytes at offset and throws if they are not there.
 template <typename Read>
-SafetensorsFile parse_layout(const std::string& path, std::uint64_t file_size, Read&& read) {
+SafetensorsLayout parse_layout(const std::string& path, std::uint64_t file_size, Read&& read) {
   MT_CHECK(file_size >= 8,
            "safetensors file '{}': {} bytes long, too short for the 8-byte header length", path,
            file_size);
@@ -416,7 +427,7 @@ SafetensorsFile parse_layout(const std::string& path, std::uint64_t file_size, R
 
   const std::uint64_t data_start = 8 + header_len;
   const std::uint64_t data_size = file_size - data_start;
-  SafetensorsFile out;
+  SafetensorsLayout out;
   out.path = path;
   std::vector<Entry> entries;
   for (const auto& [key, value] : header.items()) {
@@ -426,12 +437,24 @@ SafetensorsFile parse_layout(const std::string& path, std::uint64_t file_size, R
       entries.push_back(parse_entry(path, key, value, data_size));
   }
   check_tiling(path, entries, data_size);
+  out.entries.reserve(entries.size());
+  for (Entry& e : entries)
+    out.entries.push_back(SafetensorsEntry{std::move(e.name), e.dtype, Shape(e.dims),
+                                           data_start + e.begin, data_start + e.end});
+  return out;
+}
 
-  out.tensors.reserve(entries.size());
-  for (const Entry& e : entries) {
-    Tensor t = Tensor::empty(Shape(e.dims), e.dtype);
-    read(t.data(), t.nbytes(), data_start + e.begin, fmt::format("tensor '{}'", e.name));
-    out.tensors.emplace_back(e.name, std::move(t));
+template <typename Read>
+SafetensorsFile parse_file(const std::string& path, std::uint64_t file_size, Read&& read) {
+  SafetensorsLayout layout = parse_layout(path, file_size, read);
+  SafetensorsFile out;
+  out.path = path;
+  out.metadata = std::move(layout.metadata);
+  out.tensors.reserve(layout.entries.size());
+  for (SafetensorsEntry& e : layout.entries) {
+    Tensor t = Tensor::empty(e.shape, e.dtype);
+    read(t.data(), t.nbytes(), e.begin, fmt::format("tensor '{}'", e.name));
+    out.tensors.emplace_back(std::move(e.name), std::move(t));
   }
   return out;
 }
@@ -444,21 +467,36 @@ SafetensorsFile load_safetensors(const std::string& path) {
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) fail_io(path, "fstat");
   MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
-  return parse_layout(path, static_cast<std::uint64_t>(st.st_size),
-                      [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view what) {
-                        read_exact(fd.get(), path, dst, n, offset, what);
-                      });
+  return parse_file(path, static_cast<std::uint64_t>(st.st_size),
+                    [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view what) {
+                      read_exact(fd.get(), path, dst, n, offset, what);
+                    });
 }
 
 SafetensorsFile parse_safetensors(const std::string& name, const void* data, std::size_t size) {
   const auto* bytes = static_cast<const std::uint8_t*>(data);
-  return parse_layout(name, size,
+  return parse_file(name, size,
+                    [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view) {
+                      // parse_layout checked every range against size before reading it.
+                      MT_ASSERT(offset <= size && n <= size - offset,
+                                "read of [{}, +{}) past {} bytes", offset, n, size);
+                      if (n > 0) std::memcpy(dst, bytes + offset, n);
+                    });
+}
+
+SafetensorsLayout read_safetensors_layout(
+    const std::string& path, std::uint64_t file_size,
+    const std::function<void(void* dst, std::size_t n, std::uint64_t offset)>& read) {
+  return parse_layout(path, file_size,
                       [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view) {
-                        // parse_layout checked every range against size before reading it.
-                        MT_ASSERT(offset <= size && n <= size - offset,
-                                  "read of [{}, +{}) past {} bytes", offset, n, size);
-                        if (n > 0) std::memcpy(dst, bytes + offset, n);
+                        read(dst, n, offset);
                       });
+}
+
+const SafetensorsEntry* SafetensorsLayout::find(std::string_view name) const {
+  for (const SafetensorsEntry& e : entries)
+    if (e.name == name) return &e;
+  return nullptr;
 }
 
 }  // namespace meshtrain

@@ -12,6 +12,8 @@
 // naming the file, the call and the operating system's reason.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -43,14 +45,38 @@ struct SafetensorsFile {
 // (fsync), renamed over `path`, and the directory entry is flushed too. On failure `path.tmp`
 // is removed and an existing `path` is left as it was. Two writers to one path at once are
 // not supported (they share `path.tmp`).
-// Returns the size and CRC-32C (runtime/checksum.hpp) of the bytes written.
+// Returns the size and CRC-32C (runtime/checksum.hpp) of the bytes written, and with
+// crc_block_bytes > 0 the CRC-32C of every block of that many bytes of the file (the last one
+// shorter), so that a reader can check any part of the file without reading the rest.
 struct SavedFile {
   std::uint64_t bytes = 0;
   std::uint32_t crc32c = 0;
+  std::vector<std::uint32_t> block_crc32c;
 };
 SavedFile save_safetensors(const std::string& path,
                            const std::vector<std::pair<std::string, Tensor>>& tensors,
-                           const std::map<std::string, std::string>& metadata = {});
+                           const std::map<std::string, std::string>& metadata = {},
+                           std::uint64_t crc_block_bytes = 0);
+
+// A file's header without its data: where each tensor's bytes lie, from the start of the file.
+struct SafetensorsEntry {
+  std::string name;
+  DType dtype = DType::kF32;
+  Shape shape;
+  std::uint64_t begin = 0, end = 0;  // bytes from the start of the file
+};
+struct SafetensorsLayout {
+  std::string path;
+  std::vector<SafetensorsEntry> entries;  // in data-offset order
+  std::map<std::string, std::string> metadata;
+  // The entry called name, or nullptr.
+  const SafetensorsEntry* find(std::string_view name) const;
+};
+// Parses the header of a file of `file_size` bytes with the checks of load_safetensors, reading
+// only the header through `read(dst, n, offset)`.
+SafetensorsLayout read_safetensors_layout(
+    const std::string& path, std::uint64_t file_size,
+    const std::function<void(void* dst, std::size_t n, std::uint64_t offset)>& read);
 
 // Reads a whole file into CPU tensors. Nothing in the file is trusted: the header length is
 // checked against the file size and kSafetensorsMaxHeaderBytes before anything is allocated,

@@ -256,10 +256,29 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
   expect_error([](nlohmann::json& j) { j["pieces"][0]["flat"][1] = 1 << 30; }, "not within the box");
   expect_error([](nlohmann::json& j) { j["pieces"][0]["file"] = "../../etc/passwd"; }, "not in 'files'");
   expect_error([](nlohmann::json& j) { j["files"]["../x"] = j["files"]["config.toml"]; }, "plain file name");
-  expect_error([](nlohmann::json& j) { j["version"] = 2; }, "version 2 is not supported");
+  expect_error([](nlohmann::json& j) { j["version"] = 3; }, "version 3 is not supported");
   expect_error([](nlohmann::json& j) { j["tensors"].erase("ln"); }, "tensor 'ln' is not in 'tensors'");
-  expect_error([](nlohmann::json& j) { j["files"]["shard-00001.safetensors"]["crc32c"] = "00000000"; },
-               "CRC-32C");
+  // Each block is checked as it is read: a wrong block checksum is named with its bytes.
+  expect_error(
+      [](nlohmann::json& j) {
+        std::string b = j["files"]["shard-00001.safetensors"]["blocks"];
+        b.replace(0, 8, b.substr(0, 8) == "00000000" ? "00000001" : "00000000");
+        j["files"]["shard-00001.safetensors"]["blocks"] = b;
+      },
+      "'shard-00001.safetensors' bytes [0, ");
+  expect_error([](nlohmann::json& j) { j["files"]["shard-00001.safetensors"]["blocks"] = "abc"; },
+               "expected 1 CRC-32C values");
+  // A version 1 manifest (a CRC-32C per whole file, no blocks) still loads, checked whole.
+  expect_error(
+      [](nlohmann::json& j) {
+        j["version"] = 1;
+        for (auto& [name, f] : j["files"].items()) {
+          f.erase("blocks");
+          f.erase("block_bytes");
+        }
+        j["files"]["shard-00001.safetensors"]["crc32c"] = "00000000";
+      },
+      "'shard-00001.safetensors' has CRC-32C");
   expect_error([](nlohmann::json& j) { j["files"]["shard-00000.safetensors"]["bytes"] = 5; },
                "the manifest says 5");
   // Dimensions each in range whose product overflows int64 (it did, in Box::numel()).

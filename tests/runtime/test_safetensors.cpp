@@ -1,8 +1,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -10,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/checksum.hpp"
 #include "runtime/safetensors.hpp"
 
 namespace meshtrain {
@@ -132,6 +135,39 @@ TEST_F(Safetensors, EmptyFileHasNoTensorsAndNoMetadata) {
   const SafetensorsFile loaded = load_safetensors(path);
   EXPECT_TRUE(loaded.tensors.empty());
   EXPECT_TRUE(loaded.metadata.empty());
+}
+
+// Block checksums cover the file's bytes exactly, and the layout alone (read through a callback
+// that sees only the header's bytes) says where each tensor's bytes are.
+TEST_F(Safetensors, BlockChecksumsAndLayoutWithoutTheData) {
+  Tensor a = Tensor::from_floats(random_floats(300, 5), Shape{30, 10}, DType::kF32);
+  Tensor b = Tensor::from_floats(random_floats(77, 6), Shape{77}, DType::kBF16);
+  const std::string path = file("blocks.safetensors");
+  const SavedFile saved = save_safetensors(path, {{"a", a}, {"b", b}}, {{"k", "v"}}, 100);
+  const std::string bytes = read_bytes(path);
+  ASSERT_EQ(saved.bytes, bytes.size());
+  ASSERT_EQ(saved.block_crc32c.size(), (bytes.size() + 99) / 100);
+  for (std::size_t k = 0; k < saved.block_crc32c.size(); ++k)
+    EXPECT_EQ(saved.block_crc32c[k],
+              crc32c(0, bytes.data() + 100 * k, std::min<std::size_t>(100, bytes.size() - 100 * k)))
+        << "block " << k;
+  EXPECT_EQ(saved.crc32c, crc32c(0, bytes.data(), bytes.size()));
+  std::uint64_t furthest = 0;
+  const SafetensorsLayout layout = read_safetensors_layout(
+      path, bytes.size(), [&](void* dst, std::size_t n, std::uint64_t off) {
+        furthest = std::max<std::uint64_t>(furthest, off + n);
+        std::memcpy(dst, bytes.data() + off, n);
+      });
+  ASSERT_EQ(layout.entries.size(), 2u);
+  EXPECT_EQ(layout.metadata.at("k"), "v");
+  const SafetensorsEntry* ea = layout.find("a");
+  ASSERT_NE(ea, nullptr);
+  EXPECT_EQ(ea->shape, a.shape());
+  EXPECT_EQ(ea->end - ea->begin, a.nbytes());
+  EXPECT_EQ(std::memcmp(bytes.data() + ea->begin, a.data(), a.nbytes()), 0);
+  EXPECT_EQ(layout.find("b")->dtype, DType::kBF16);
+  EXPECT_EQ(layout.find("missing"), nullptr);
+  EXPECT_LE(furthest, ea->begin);  // only the header was read
 }
 
 TEST_F(Safetensors, ViewsAreSavedAsTheirOwnRange) {
