@@ -671,8 +671,15 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
   const std::vector<FlatRanges> all_ranges = mesh_gather_ranges(mesh, my_ranges);
   SavedFile saved;
   try {
-    const std::vector<Piece> mine = writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(),
-                                                  mesh.tp_size(), mesh.world_rank());
+    std::vector<Piece> mine = writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(),
+                                            mesh.tp_size(), mesh.world_rank());
+    // Tensors replicated over TP first: every TP rank of a resuming job reads them, and the
+    // others' slices of the sharded ones are not in its way (blocks are read whole).
+    std::set<std::string> replicated;
+    for (const TensorSlot& s : slots)
+      if (s.shard_dim < 0) replicated.insert(s.name);
+    std::stable_partition(mine.begin(), mine.end(),
+                          [&](const Piece& p) { return replicated.count(p.tensor) > 0; });
     std::vector<std::pair<std::string, Tensor>> tensors;
     for (const Piece& p : mine) {
       const FlatState& s =
@@ -913,6 +920,15 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
                    "{}: '{}' tensor '{}' is {} {}, the manifest says F32 with {} elements", w,
                    p.file, p.key, dtype_name(data->dtype), data->shape.str(),
                    p.flat_hi - p.flat_lo);
+          if (p.box.offsets == tb.offsets && p.box.shape == tb.shape) {
+            // The same box (the same TP layout): piece element i is target element base + i,
+            // so the bytes needed are one run; read it in one go rather than block by block.
+            const std::int64_t i0 = std::max(p.flat_lo, a - base);
+            const std::int64_t i1 = std::min(p.flat_hi, e - base);
+            if (i0 < i1)
+              f.bytes(data->begin + static_cast<std::uint64_t>(i0 - p.flat_lo) * sizeof(float),
+                      static_cast<std::uint64_t>(i1 - i0) * sizeof(float));
+          }
           const std::int64_t pw = p.box.shape.back();
           if (pw == 0) continue;
           // Row by row through the piece's elements.
