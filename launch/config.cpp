@@ -1,6 +1,9 @@
 #include "launch/config.hpp"
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <sstream>
@@ -298,6 +301,104 @@ std::size_t invalid_utf8_at(std::string_view s) {
   return std::string::npos;
 }
 
+// toml++ 3.3.0 (Debian 12's) reaches __builtin_unreachable(), undefined behaviour, when it asks
+// whether some non-ASCII characters are whitespace (upstream marzer/tomlplusplus#295, fixed after
+// 3.3.0; found by fuzzing): a non-ASCII character outside strings and comments, in a quoted key,
+// or in a multi-line basic string right after a backslash or where a line-ending backslash
+// skips whitespace. TOML allows such characters only in strings and comments, and meshtrain's
+// keys are ASCII, so these are refused before toml++ sees the text. Returns "" or the reason,
+// with `line` and `column` (1-based, in characters) of the character.
+std::string toml_hazard(std::string_view s, int& line, int& column) {
+  std::size_t i = 0;
+  line = 1;
+  column = 1;
+  auto advance = [&](std::size_t to) {
+    for (; i < to && i < s.size(); ++i) {
+      if (s[i] == '\n') {
+        ++line;
+        column = 1;
+      } else if ((static_cast<unsigned char>(s[i]) & 0xc0) != 0x80) {
+        ++column;
+      }
+    }
+  };
+  auto high = [&](std::size_t k) { return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80; };
+  bool value = false, header = false, line_start = true;
+  int depth = 0;  // brackets and braces open in a value
+  while (i < s.size()) {
+    const char c = s[i];
+    if (c == '\n') {
+      if (depth == 0) value = header = false;
+      line_start = true;
+      advance(i + 1);
+      continue;
+    }
+    if (c == ' ' || c == '\t' || c == '\r') {
+      advance(i + 1);
+      continue;
+    }
+    if (c == '#') {
+      std::size_t e = s.find('\n', i);
+      advance(e == std::string_view::npos ? s.size() : e);
+      continue;
+    }
+    if (line_start && !value && c == '[') header = true;
+    line_start = false;
+    if (c == '=' && !header) value = true;
+    if (value && (c == '[' || c == '{')) ++depth;
+    if (value && (c == ']' || c == '}') && depth > 0) --depth;
+    if (c == '"' || c == '\'') {
+      const bool multi = s.compare(i, 3, std::string(3, c)) == 0;
+      const std::size_t begin = i;
+      std::size_t k = i + (multi ? 3 : 1);
+      std::size_t hazard = std::string_view::npos;
+      while (k < s.size()) {
+        if (s[k] == c && (!multi || s.compare(k, 3, std::string(3, c)) == 0)) break;
+        if (!multi && s[k] == '\n') break;
+        if (c == '"' && s[k] == '\\') {
+          std::size_t j = k + 1;
+          if (multi && high(j) && hazard == std::string_view::npos) hazard = j;
+          if (multi && j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) {
+            while (j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) ++j;
+            if (high(j) && hazard == std::string_view::npos) hazard = j;
+            k = j;
+            continue;
+          }
+          k = j + 1;
+          continue;
+        }
+        ++k;
+      }
+      std::size_t end = k < s.size() ? k + (multi ? 3 : 1) : s.size();
+      // Up to two more quotes close a multi-line string ("""a"""" holds a\").
+      for (int extra = 0; multi && extra < 2 && end < s.size() && s[end] == c; ++extra) ++end;
+      std::size_t after = end;
+      while (after < s.size() && (s[after] == ' ' || s[after] == '\t')) ++after;
+      const bool key = header || !value || (after < s.size() && (s[after] == '=' || s[after] == '.'));
+      if (key)
+        for (std::size_t q = begin; q < end; ++q)
+          if (high(q)) {
+            advance(q);
+            return "a quoted key holds a character that is not ASCII (meshtrain's keys are "
+                   "ASCII)";
+          }
+      if (hazard != std::string_view::npos) {
+        advance(hazard);
+        return "a character that is not ASCII right after a backslash or a line-ending backslash "
+               "in a multi-line string is not supported (the TOML library cannot parse it "
+               "safely); escape it as \\uXXXX";
+      }
+      advance(end);
+      continue;
+    }
+    if (high(i))
+      return "a character that is not ASCII outside a string or comment (TOML allows them only "
+             "there)";
+    advance(i + 1);
+  }
+  return "";
+}
+
 void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
@@ -310,13 +411,22 @@ void check_combinations(const TrainConfig& c) {
 TrainConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
   TrainConfig cfg;
   if (!path.empty()) {
+    std::string text;
+    {
+      std::ifstream f(path, std::ios::binary);
+      if (!f) throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
+      std::ostringstream os;
+      os << f.rdbuf();
+      text = os.str();
+    }
+    int line = 0, column = 0;
+    const std::string hazard = toml_hazard(text, line, column);
+    MT_CHECK(hazard.empty(), "config file {}:{}:{}: {}", path, line, column, hazard);
     toml::table root;
     try {
-      root = toml::parse_file(path);
+      root = toml::parse(text, path);
     } catch (const toml::parse_error& e) {
       const auto& src = e.source();
-      if (src.begin.line == 0)
-        throw IoError(fmt::format("cannot read config file '{}': {}", path, e.description()));
       MT_FAIL("config file {}:{}:{}: {}", path, src.begin.line, src.begin.column, e.description());
     }
     for (const auto& [section, node] : root) {
@@ -351,8 +461,13 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
     const std::string where = "--set " + full;
     toml::table parsed;
     bool as_toml = true;
+    int line = 0, column = 0;
     try {
-      parsed = toml::parse("v = " + text);
+      const std::string doc = "v = " + text;
+      if (toml_hazard(doc, line, column).empty())
+        parsed = toml::parse(doc);
+      else
+        as_toml = false;
     } catch (const toml::parse_error&) {
       as_toml = false;
     }

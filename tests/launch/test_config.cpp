@@ -207,6 +207,33 @@ TEST_F(ConfigTest, BadTableHeaderIsAParseError) {
              "config file " + p + ":1:2: Error while parsing key");
 }
 
+// toml++ 3.3.0 reaches __builtin_unreachable() on some non-ASCII characters where it looks for
+// whitespace (upstream marzer/tomlplusplus#295; found by fuzzing, input "\xcf\x91"): those
+// places are refused first, with file:line:column; non-ASCII text in string values and comments
+// still loads.
+TEST_F(ConfigTest, NonAsciiOutsideStringValuesIsRefusedBeforeParsing) {
+  const std::string p = (dir_ / "u.toml").string();
+  auto error = [&](const std::string& text) {
+    std::ofstream(p, std::ios::trunc | std::ios::binary) << text;
+    return error_of([&] { load_config(p, {}); });
+  };
+  EXPECT_HAS(error("\xcf\x91"), "config file " + p + ":1:1: a character that is not ASCII outside a string");
+  EXPECT_HAS(error("[sample]\ntop_k = 4\xc2\xa7\n"), p + ":2:10: a character that is not ASCII outside");
+  EXPECT_HAS(error("[model]\n\"pr\xc3\xa9set\" = 'gpt2'\n"), p + ":2:4: a quoted key holds a character");
+  EXPECT_HAS(error("[\"m\xc3\xa9\"]\n"), p + ":1:4: a quoted key holds");
+  EXPECT_HAS(error("[sample]\nprompt = \"\"\"a\\\n  \xc2\xa7\"\"\"\n"),
+             p + ":3:3: a character that is not ASCII right after a backslash or a line-ending");
+  std::ofstream(p, std::ios::trunc | std::ios::binary)
+      << "# caf\xc3\xa9\n[sample]\nprompt = \"\xc2\xa7 caf\xc3\xa9\" # \xc3\xbc\n[data]\n"
+         "train = [\n  'd\xc3\xa9j\xc3\xa0.txt', \"\"\"\xcf\x91\"\"\",\n]\n";
+  const TrainConfig c = load_config(p, {});
+  EXPECT_EQ(c.prompt, "\xc2\xa7 caf\xc3\xa9");
+  EXPECT_EQ(c.train_files, (std::vector<std::string>{"d\xc3\xa9j\xc3\xa0.txt", "\xcf\x91"}));
+  // An override that hits it is a bare word (string keys) or an invalid value.
+  EXPECT_EQ(load_config("", {"sample.prompt=\xcf\x91"}).prompt, "\xcf\x91");
+  EXPECT_HAS(set_error("train.steps=\xcf\x91"), "is not a valid integer");
+}
+
 TEST_F(ConfigTest, SetErrorsNameTheOverride) {
   EXPECT_HAS(set_error("train.steps"), "--set 'train.steps': expected section.key=value");
   EXPECT_HAS(set_error("=3"), "--set '=3': expected section.key=value");
