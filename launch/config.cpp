@@ -51,10 +51,29 @@ std::string node_kind(const toml::node& n) {
   }
 }
 
+// A TOML basic string that reads back as s (valid UTF-8: TOML text and --set values are checked).
+// Written here rather than by toml++'s printer, which chose multi-line literal strings that did
+// not read back for some values with quotes and newlines (found by fuzzing).
 std::string quote(const std::string& s) {
-  std::ostringstream os;
-  os << toml::value<std::string>(s);
-  return os.str();
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\t': out += "\\t"; break;
+      case '\n': out += "\\n"; break;
+      case '\f': out += "\\f"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20 || c == 0x7f)
+          out += fmt::format("\\u{:04X}", c);
+        else
+          out += ch;
+    }
+  }
+  return out + "\"";
 }
 
 template <typename T>

@@ -311,6 +311,21 @@ TEST_F(ConfigTest, ToTomlRoundTrips) {
     EXPECT_TRUE(same(back, c)) << to_toml(c) << "\nread back as\n" << to_toml(back);
     EXPECT_EQ(to_toml(back), to_toml(c));
   }
+  // Strings that toml++'s printer wrote as multi-line literals that did not read back (found by
+  // fuzzing): quotes of both kinds, runs of them, newlines, control characters.
+  for (const std::string& v :
+       {std::string("it's"), std::string("'''"), std::string("a'''b\n'"), std::string("x\ny'"),
+        std::string("\"\"\""), std::string("''''"), std::string("tab\tand\x01" "ctrl\x7f"),
+        std::string("caf\xc3\xa9'\n"), std::string("\\'\\\"")}) {
+    TrainConfig c;
+    c.run_dir = v;
+    c.prompt = v + v;
+    c.train_files = {v, "plain"};
+    const TrainConfig back = load_config(file(to_toml(c), "strings.toml"), {});
+    EXPECT_EQ(back.run_dir, v) << to_toml(c);
+    EXPECT_EQ(back.prompt, v + v);
+    EXPECT_EQ(back.train_files, c.train_files);
+  }
   // Every key of the table appears in the output exactly once.
   const std::string text = to_toml(TrainConfig{});
   for (const ConfigKeyInfo& k : config_keys()) {
