@@ -13,7 +13,9 @@ import tempfile
 from ckpt_util import TINY, compare_losses, fail, losses, run, same_weights
 
 # Runs the training in the background; on the first attempt (no flag file yet) SIGKILLs it as
-# soon as its first checkpoint is complete, so that the supervisor sees a job killed mid-run.
+# soon as it sees a complete checkpoint, so that the supervisor sees a job killed mid-run, and
+# writes the checkpoints that existed once the job was dead into the flag file: under load the
+# job may complete another one before the 10 ms poll sees the first.
 KILLER = r'''
 set -u
 "$@" &
@@ -21,7 +23,9 @@ pid=$!
 if [ ! -e "$FLAG" ]; then
   touch "$FLAG"
   for i in $(seq 1 3000); do
-    if ls -d "$CKPTS"/step_* >/dev/null 2>&1; then kill -KILL $pid; break; fi
+    if ls -d "$CKPTS"/step_* >/dev/null 2>&1; then
+      kill -KILL $pid; wait $pid; (cd "$CKPTS" && ls -d step_*) > "$FLAG"; exit 137
+    fi
     sleep 0.01
   done
 fi
@@ -35,7 +39,7 @@ def main():
     ap.add_argument("--supervise", required=True)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = [*TINY, "--set", "train.batch_size=2", "--set", "train.steps=40", "--set", "checkpoint.every=10",
+        cfg = [*TINY, "--set", "train.batch_size=2", "--set", "train.steps=60", "--set", "checkpoint.every=10",
                "--set", "train.precision=fp32"]
         ref = os.path.join(tmp, "ref")
         run([a.meshtrain, "train", "--quiet", *cfg, "--set", f"run.dir={ref}"])
@@ -52,10 +56,14 @@ def main():
         if "attempt 1 failed: exit status 137 (signal 9, SIGKILL)" not in text or "restart 1 of 2" not in text \
                 or "attempt 2 succeeded" not in text:
             fail(f"the log does not show one SIGKILL, one restart and a success:\n{text}")
+        at_kill = sorted(open(env["FLAG"]).read().split())
+        if not at_kill or at_kill[-1] == "step_00000060":
+            fail(f"the job was not killed mid-run (checkpoints when killed: {at_kill})")
         resumed = [l for l in open(os.path.join(d, "metrics.jsonl")) if "resumed_from" in l]
-        if len(resumed) != 1 or "step_00000010" not in resumed[0]:
-            fail(f"the relaunch did not resume from the step-10 checkpoint: {resumed}")
-        compare_losses(losses(ref), losses(d), range(1, 41), what="supervised job")
+        if len(resumed) != 1 or at_kill[-1] not in resumed[0]:
+            fail(f"the relaunch did not resume from the latest checkpoint at the kill, {at_kill[-1]}: "
+                 f"{resumed}")
+        compare_losses(losses(ref), losses(d), range(1, 61), what="supervised job")
         if not same_weights(os.path.join(ref, "model.safetensors"), os.path.join(d, "model.safetensors")):
             fail("supervised job: final weights differ from the uninterrupted run's")
 
