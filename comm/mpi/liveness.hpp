@@ -8,10 +8,9 @@
 // first: the progress thread (comm/mpi/progress.hpp, which wakes for this every 100 ms while it
 // has nothing else to do), a caller waiting on a collective without a progress thread, or a
 // rank that is itself running a check. A check sends a ping to each peer and waits a bounded
-// window for the answers; a process that is alive answers within milliseconds, one that is gone
+// window for the answers; a process that is alive answers within about 100 ms, one that is gone
 // or stopped never does. Nothing is exchanged while no collective times out: a healthy run pays
-// one MPI_Test on the posted receive per progress-thread wake-up (at most every 2 ms), no
-// messages.
+// one MPI_Test on the posted receive at most ten times a second, and no messages.
 //
 // What an answer proves: the process runs and its MPI progresses, not that its main thread is
 // not stuck. That is the distinction that matters here: with the progress thread running, a
@@ -45,7 +44,7 @@ class Liveness {
 };
 
 // Answers the pings that have arrived, without blocking. `force`: even if another call answered
-// less than 2 ms ago. A no-op without a channel or while another thread is answering. Never
+// less than 100 ms ago. A no-op without a channel or while another thread is answering. Never
 // throws.
 void liveness_serve(bool force = false) noexcept;
 

@@ -224,7 +224,7 @@ class MpiWork final : public WorkImpl, public Pollable {
       if (now >= until) return false;
       if (now - start < kSpin) continue;
       if (!group_->engine) {
-        liveness_serve();  // and only this thread answers liveness checks (at most every 2 ms)
+        liveness_serve();  // and only this thread answers liveness checks (at most every 100 ms)
         std::this_thread::yield();  // only this thread moves it
         continue;
       }

@@ -83,7 +83,7 @@ struct ProgressEngine::Impl {
       const std::uint64_t before = progress_events().load(std::memory_order_relaxed);
       ring_progress_all();
       for (const auto& p : live) p->poll();
-      liveness_serve();
+      liveness_serve();  // at most every 100 ms (comm/mpi/liveness.cpp)
       const bool moved = progress_events().load(std::memory_order_relaxed) != before;
       // Dropping these may destroy the last reference to a group, and with it to the engine:
       // ~ProgressEngine then detaches instead of joining this thread (see there).
