@@ -343,12 +343,14 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
   };
   auto high = [&](std::size_t k) { return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80; };
   bool value = false, header = false, line_start = true;
-  int depth = 0;  // brackets and braces open in a value
+  int depth = 0;   // brackets and braces open in a value
+  char prev = '\n';  // the last character outside strings and comments that is not a blank
   while (i < s.size()) {
     const char c = s[i];
     if (c == '\n') {
       if (depth == 0) value = header = false;
       line_start = true;
+      prev = '\n';
       advance(i + 1);
       continue;
     }
@@ -366,7 +368,12 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
     if (c == '=' && !header) value = true;
     if (value && (c == '[' || c == '{')) ++depth;
     if (value && (c == ']' || c == '}') && depth > 0) --depth;
-    if (c == '"' || c == '\'') {
+    // A quote starts a string only where a key or value starts; elsewhere ("0\"x") toml++ reads
+    // it as part of a bare value, and the characters after it as such.
+    const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' ||
+                        prev == '{' || prev == '.';
+    prev = c;
+    if ((c == '"' || c == '\'') && starts) {
       const bool multi = s.compare(i, 3, std::string(3, c)) == 0;
       const std::size_t begin = i;
       std::size_t k = i + (multi ? 3 : 1);
