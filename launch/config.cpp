@@ -370,8 +370,9 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
     if (value && (c == ']' || c == '}') && depth > 0) --depth;
     // A quote starts a string only where a key or value starts; elsewhere ("0\"x") toml++ reads
     // it as part of a bare value, and the characters after it as such.
+    // ('.' only in a key: in a value it is a float's, "2.'x").
     const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' ||
-                        prev == '{' || prev == '.';
+                        prev == '{' || (prev == '.' && !value);
     prev = c;
     if ((c == '"' || c == '\'') && starts) {
       const bool multi = s.compare(i, 3, std::string(3, c)) == 0;

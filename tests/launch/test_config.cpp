@@ -222,6 +222,7 @@ TEST_F(ConfigTest, NonAsciiOutsideStringValuesIsRefusedBeforeParsing) {
   EXPECT_HAS(error("[model]\n\"pr\xc3\xa9set\" = 'gpt2'\n"), p + ":2:4: a quoted key holds a character");
   EXPECT_HAS(error("[\"m\xc3\xa9\"]\n"), p + ":1:4: a quoted key holds");
   EXPECT_HAS(error("t=0\"\xc3\xa0"), p + ":1:5: a character that is not ASCII outside");  // in a bare value
+  EXPECT_HAS(error("t=2.'\xcd\x8c"), p + ":1:6: a character that is not ASCII outside");  // after a float's '.'
   EXPECT_HAS(error("[sample]\nprompt = \"\"\"a\\\n  \xc2\xa7\"\"\"\n"),
              p + ":3:3: a character that is not ASCII right after a backslash or a line-ending");
   std::ofstream(p, std::ios::trunc | std::ios::binary)
