@@ -35,8 +35,9 @@ EXTRA=(${BENCH_DP_SET:-})
 COMMON=(--quiet --set "train.steps=$STEPS" --set train.threads=1 --set sample.tokens=0
         --set eval.every=0 --set eval.batches=1 "${EXTRA[@]}")
 load() { cut -d' ' -f1 /proc/loadavg; }
-# The progress thread's longest nap between polls (comm/mpi/progress.hpp), passed to every rank.
-export MESHTRAIN_COMM_POLL_US=${MESHTRAIN_COMM_POLL_US:-2000}
+# The progress thread's longest nap between polls (comm/mpi/progress.hpp; auto: 2 ms on one node,
+# 0.4 ms across nodes), passed to every rank.
+export MESHTRAIN_COMM_POLL_US=${MESHTRAIN_COMM_POLL_US:-auto}
 
 # summary NAME...: one row per configuration, medians over rounds of per-run medians.
 summary() {

@@ -22,9 +22,10 @@ const std::vector<SettingInfo>& setting_table() {
       {"MESHTRAIN_COMM_PROGRESS", "thread|caller", "thread",
        "MPI collectives advance in a background thread while the rank computes (thread), or only "
        "when the caller tests or waits (caller)"},
-      {"MESHTRAIN_COMM_POLL_US", "int 10..100000", "2000",
-       "while a collective is in flight, the longest the progress thread sleeps between polls "
-       "(it polls ten times as often right after one that moved data)"},
+      {"MESHTRAIN_COMM_POLL_US", "auto|int 10..100000", "auto",
+       "while a collective is in flight, the longest the progress thread sleeps between polls, "
+       "in us (ten times as often right after one that moved data); auto: 2000 when every rank "
+       "is on one node, 400 when the job spans nodes"},
       {"MESHTRAIN_ALLOCATOR_CACHE", "0|1", "1",
        "0 returns every freed block to the system (for memory debuggers)"},
   };
@@ -78,7 +79,7 @@ Settings Settings::parse(const std::map<std::string, std::string>& env) {
                "environment variable {}='{}': expected thread or caller", name, value);
       s.comm_progress = value;
     } else if (name == "MESHTRAIN_COMM_POLL_US") {
-      s.comm_poll_us = parse_int(name, value, 10);
+      s.comm_poll_us = value == "auto" ? 0 : parse_int(name, value, 10);
       MT_CHECK(s.comm_poll_us <= 100000,
                "environment variable {}='{}' is above 100000 (0.1 s between polls would stall "
                "every collective)", name, value);

@@ -20,8 +20,9 @@ struct Settings {
   // caller computes) or "caller" (only test() and wait() advance them).
   std::string comm_progress = "thread";
   // MESHTRAIN_COMM_POLL_US: the progress thread's longest sleep between polls while a collective
-  // is in flight; it starts at a tenth of it after a poll that moved data.
-  int comm_poll_us = 2000;
+  // is in flight; it starts at a tenth of it after a poll that moved data. 0 (auto): chosen by
+  // comm/ from where the ranks are (comm/mpi/progress.hpp).
+  int comm_poll_us = 0;
   bool allocator_cache = true;    // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
   std::vector<std::string> unknown;  // MESHTRAIN_* names that are not in the table
 

@@ -41,6 +41,9 @@ MpiSession::MpiSession(int* argc, char*** argv, MpiThreads threads) {
   MT_MPI_CHECK(MPI_Comm_rank(node, &local_rank_));
   MT_MPI_CHECK(MPI_Comm_size(node, &local_size_));
   MT_MPI_CHECK(MPI_Comm_free(&node));
+  // Every node holds fewer than all ranks exactly when the job spans nodes: the same answer on
+  // every rank.
+  detail::set_auto_poll_us(local_size_ == size_ ? detail::kPollUsOneNode : detail::kPollUsNodes);
   // Initialised here: every MPI call of the process is comm/'s, made under its lock, so the
   // progress thread may call MPI at MPI_THREAD_SERIALIZED.
   if (owns_) {

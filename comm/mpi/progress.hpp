@@ -16,7 +16,8 @@
 // Why it does not steal the compute core: the thread sleeps on a condition variable while no
 // collective is in flight, and while one is, it polls at an adaptive interval (a tenth of
 // MESHTRAIN_COMM_POLL_US after a poll that moved something, doubling to at most
-// MESHTRAIN_COMM_POLL_US, 2 ms by default, while nothing moves) and sleeps in
+// MESHTRAIN_COMM_POLL_US while nothing moves; auto: 2 ms on one node, 0.4 ms across nodes) and
+// sleeps in
 // between. A poll costs a few microseconds, so the thread takes a few percent of one core while
 // communication is in flight and nothing otherwise. It never blocks inside MPI.
 //
@@ -69,6 +70,12 @@ class ProgressEngine {
   ProgressEngine();
   std::shared_ptr<Impl> impl_;
 };
+
+// The poll interval's ceiling when MESHTRAIN_COMM_POLL_US is auto: MpiSession sets it from where
+// the ranks are (kPollUsOneNode when all share a node, else kPollUsNodes, the default).
+inline constexpr int kPollUsOneNode = 2000;
+inline constexpr int kPollUsNodes = 400;
+void set_auto_poll_us(int us);
 
 // MpiSession initialised MPI (at least MPI_THREAD_SERIALIZED): comm/ makes every MPI call.
 void mark_mpi_owned(bool owned);

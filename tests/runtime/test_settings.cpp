@@ -14,7 +14,8 @@ TEST(Settings, Defaults) {
   EXPECT_DOUBLE_EQ(s.comm_timeout_s, 600.0);
   EXPECT_FALSE(s.comm_debug);
   EXPECT_TRUE(s.allocator_cache);
-  EXPECT_EQ(s.comm_poll_us, 2000);
+  EXPECT_EQ(s.comm_poll_us, 0);
+  EXPECT_EQ(Settings::parse({{"MESHTRAIN_COMM_POLL_US", "auto"}}).comm_poll_us, 0);
 }
 
 TEST(Settings, ParsesValues) {
