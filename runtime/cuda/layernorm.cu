@@ -8,6 +8,25 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
+// The rest of a row's LayerNorm once its mean m is known, for one warp: the centred variance,
+// y = (x - m) * rstd * w + b, and the row's statistics (lane 0).
+template <typename T>
+__device__ void normalize_row(T* out, float* mean, float* rstd, const T* row, float m, const T* w,
+                              const T* b, int cols, float eps, int lane) {
+  float var = 0.0f;
+  for (int j = lane; j < cols; j += 32) {
+    const float d = to_f32(row[j]) - m;
+    var += d * d;
+  }
+  const float s = rsqrtf(warp_sum(var) / static_cast<float>(cols) + eps);
+  for (int j = lane; j < cols; j += 32)
+    out[j] = from_f32<T>((to_f32(row[j]) - m) * s * to_f32(w[j]) + to_f32(b[j]));
+  if (lane == 0) {
+    *mean = m;
+    *rstd = s;
+  }
+}
+
 template <typename T>
 __global__ void layernorm_forward_kernel(T* y, float* mean, float* rstd, const T* x, const T* w,
                                          const T* b, std::int64_t rows, int cols, float eps) {
@@ -18,19 +37,7 @@ __global__ void layernorm_forward_kernel(T* y, float* mean, float* rstd, const T
   float sum = 0.0f;
   for (int j = lane; j < cols; j += 32) sum += to_f32(row[j]);
   const float m = warp_sum(sum) / static_cast<float>(cols);
-  float var = 0.0f;
-  for (int j = lane; j < cols; j += 32) {
-    const float d = to_f32(row[j]) - m;
-    var += d * d;
-  }
-  const float s = rsqrtf(warp_sum(var) / static_cast<float>(cols) + eps);
-  T* out = y + r * cols;
-  for (int j = lane; j < cols; j += 32)
-    out[j] = from_f32<T>((to_f32(row[j]) - m) * s * to_f32(w[j]) + to_f32(b[j]));
-  if (lane == 0) {
-    mean[r] = m;
-    rstd[r] = s;
-  }
+  normalize_row(y + r * cols, mean + r, rstd + r, row, m, w, b, cols, eps, lane);
 }
 
 template <typename T>
@@ -83,19 +90,7 @@ __global__ void residual_layernorm_forward_kernel(T* sum_out, T* y, float* mean,
     sum += to_f32(v);
   }
   const float m = warp_sum(sum) / static_cast<float>(cols);
-  float var = 0.0f;
-  for (int j = lane; j < cols; j += 32) {
-    const float d = to_f32(row[j]) - m;
-    var += d * d;
-  }
-  const float s = rsqrtf(warp_sum(var) / static_cast<float>(cols) + eps);
-  T* out = y + r * cols;
-  for (int j = lane; j < cols; j += 32)
-    out[j] = from_f32<T>((to_f32(row[j]) - m) * s * to_f32(w[j]) + to_f32(bias[j]));
-  if (lane == 0) {
-    mean[r] = m;
-    rstd[r] = s;
-  }
+  normalize_row(y + r * cols, mean + r, rstd + r, row, m, w, bias, cols, eps, lane);
 }
 
 // (dy * normalised x, dy) at (r, c): the terms of dweight and dbias.
