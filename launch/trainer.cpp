@@ -49,6 +49,16 @@ std::string format_duration(double s) {
   return fmt::format("{}s", total);
 }
 
+// The progress line's communication part: this rank's wait and, with DP > 1, the reduction's
+// least and most wait over the ranks (a wide spread is a straggler, not the network).
+std::string comm_summary(const StepMetrics& m) {
+  if (std::isnan(m.reduce_wait_min_ms))
+    return fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden", m.comm_wait_ms,
+                       100.0 * m.comm_hidden);
+  return fmt::format(" | comm wait {:.1f} ms (ranks {:.1f}-{:.1f}), {:.0f}% hidden", m.comm_wait_ms,
+                     m.reduce_wait_min_ms, m.reduce_wait_max_ms, 100.0 * m.comm_hidden);
+}
+
 // A resumed run redoes the steps after its checkpoint: the records of the run it continues past
 // that step (and a line torn by a kill) are dropped, so metrics.jsonl holds one history. The file
 // is rewritten beside itself and renamed over the old one, so a kill leaves one or the other.
@@ -458,6 +468,14 @@ StepMetrics Trainer::step(int step) {
     m.comm_hidden = rs.hidden;
     m.comm_ms = rs.comm_ms;
     m.comm_device_timed = rs.device_timed;
+    if (mesh_.dp().valid()) {
+      // Every rank's wait, as its max and -min: posted now, read at the end of the step, so
+      // the optimizer update hides it.
+      wait_spread_ = Tensor::from_floats({static_cast<float>(rs.wait_ms),
+                                          -static_cast<float>(rs.wait_ms)},
+                                         Shape{2}, DType::kF32);
+      wait_spread_work_ = mesh_.dp().allreduce(wait_spread_, comm::ReduceOp::kMax);
+    }
   }
   if (zero_) {
     const auto tc = Clock::now();
@@ -533,6 +551,12 @@ StepMetrics Trainer::step(int step) {
       // Every rank wrote the parameters it owns in place: gather the others'.
       m.comm_wait_ms += reducer_->all_gather_shards(Tensor(), model_->flat_params());
     }
+  }
+  if (wait_spread_work_.defined()) {
+    wait_spread_work_.wait();
+    wait_spread_work_ = comm::Work();
+    m.reduce_wait_max_ms = wait_spread_.data_as<float>()[0];
+    m.reduce_wait_min_ms = -wait_spread_.data_as<float>()[1];
   }
   device().synchronize();  // a GPU step ends when its queued work does
   m.step_ms = seconds_since(t0) * 1e3;
@@ -716,23 +740,25 @@ TrainResult Trainer::run() {
                                  {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
                                  {"skipped", m.skipped}}
                       .dump());
-    if (mesh_.distributed() || reducer_)
-      write_metrics(nlohmann::json{{"step", m.step},
-                                   {"comm_wait_ms", m.comm_wait_ms},
-                                   {"comm_hidden", m.comm_hidden},
-                                   {"comm_ms", m.comm_ms},
-                                   {"comm_clock", m.comm_device_timed ? "device" : "host"}}
-                        .dump());
+    if (mesh_.distributed() || reducer_) {
+      nlohmann::json c{{"step", m.step},
+                       {"comm_wait_ms", m.comm_wait_ms},
+                       {"comm_hidden", m.comm_hidden},
+                       {"comm_ms", m.comm_ms},
+                       {"comm_clock", m.comm_device_timed ? "device" : "host"}};
+      if (!std::isnan(m.reduce_wait_min_ms)) {
+        c["reduce_wait_min_ms"] = m.reduce_wait_min_ms;
+        c["reduce_wait_max_ms"] = m.reduce_wait_max_ms;
+      }
+      write_metrics(c.dump());
+    }
     if (verbose_ && (m.step % cfg_.log_every == 0 || m.step == cfg_.steps || m.step == 1)) {
       std::printf(
           "step %*d/%d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | ETA "
           "%s%s%s\n",
           static_cast<int>(std::to_string(cfg_.steps).size()), m.step, cfg_.steps, m.loss, m.lr,
           m.grad_norm, m.step_ms, m.tokens_per_s, 100.0 * m.mfu, format_duration(m.eta_s).c_str(),
-          mesh_.distributed() || reducer_ ? fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden",
-                                                        m.comm_wait_ms, 100.0 * m.comm_hidden)
-                                                .c_str()
-                                          : "",
+          mesh_.distributed() || reducer_ ? comm_summary(m).c_str() : "",
           m.skipped ? " | SKIPPED" : "");
       std::fflush(stdout);
     }

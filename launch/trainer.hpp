@@ -10,6 +10,7 @@
 #pragma once
 
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,12 +36,20 @@ struct StepMetrics {
   double mfu = 0;        // model FLOPs utilisation against the measured bf16 matmul peak
   double eta_s = 0;
   bool skipped = false;  // non-finite loss or gradient: no update
-  // Data parallelism (0 on one rank): time this step blocked waiting for the gradient
-  // reduction after backward, and the share of the reduction's span (first bucket posted to
-  // last completed) that overlapped backward instead.
+  // Data parallelism (0 on one rank): time this rank blocked on communication after backward
+  // (the gradient reduction, and under ZeRO-1 also the norm and the parameter all-gather), the
+  // share of the reduction's busy time that overlapped backward instead, and that busy time
+  // (parallel/grad_reducer.hpp defines both).
   double comm_wait_ms = 0;
   double comm_hidden = 0;
-  double comm_ms = 0;  // the reduction's span: first bucket posted to last completed
+  double comm_ms = 0;
+  // The gradient reduction's wait after backward on the DP rank that waited least and the one
+  // that waited most (DP > 1; NaN otherwise). A rank that ends backward early waits for the
+  // last one as well as for the reduction, so the least wait is the reduction's exposed cost
+  // (the last rank to finish backward waits only for that) and the spread is compute skew
+  // between ranks: a straggler, not the network.
+  double reduce_wait_min_ms = std::numeric_limits<double>::quiet_NaN();
+  double reduce_wait_max_ms = std::numeric_limits<double>::quiet_NaN();
   // Measured on the GPU's timeline with CUDA events (NCCL) rather than the host clock
   // (parallel/grad_reducer.hpp says how).
   bool comm_device_timed = false;
@@ -159,6 +168,10 @@ class Trainer {
   LrSchedule schedule_;
   DynamicLossScaler scaler_;
   Tensor inputs_, targets_;
+  // The reduction wait's max and -min over the DP ranks, in flight from the reducer's finish()
+  // to the end of the step (StepMetrics::reduce_wait_min_ms).
+  Tensor wait_spread_;
+  comm::Work wait_spread_work_;
   std::function<void(const StepMetrics&)> step_cb_;
   std::function<void(const EvalMetrics&)> eval_cb_;
   bool verbose_ = true;

@@ -70,6 +70,12 @@ def main():
         comm = [r for r in dp if "comm_wait_ms" in r]
         if len(comm) != 8 or not all(0 <= r["comm_hidden"] <= 1 and r["comm_ms"] >= 0 for r in comm):
             sys.exit(f"FAIL: communication metrics missing or out of range: {comm}")
+        # The reduction's wait over the ranks: rank 0's own lies between the least and the most
+        # (rank 0's comm_wait_ms is the reduction's wait alone in plain DP).
+        for r in comm:
+            lo, hi = r.get("reduce_wait_min_ms"), r.get("reduce_wait_max_ms")
+            if lo is None or hi is None or not 0 <= lo <= hi or not lo - 0.01 <= r["comm_wait_ms"] <= hi + 0.01:
+                sys.exit(f"FAIL: reduce_wait_min_ms/max_ms missing or inconsistent: {r}")
         if not os.path.exists(os.path.join(tmp, "dp", "model.safetensors")):
             sys.exit("FAIL: rank 0 wrote no model.safetensors")
     # An error on rank 0 alone (its run directory cannot be created) ends every rank, not a hang.
