@@ -3,7 +3,8 @@
 # CUDA, cmake, ninja and PyTorch but no network and none of our Debian libraries. Puts into
 # .deps/gpu/ (git-ignored; ~20 MB):
 #   debs/             the Debian packages the cuda preset builds and tests with (spdlog, fmt,
-#                     oneDNN, nlohmann-json, toml++, GoogleTest, Open MPI and its libraries,
+#                     oneDNN and the OpenCL headers and loader that oneDNN's CMake package
+#                     requires, nlohmann-json, toml++, GoogleTest, Open MPI and its libraries,
 #                     and the fortune cookies that the built-in training corpus is made of),
 #                     fetched with `apt-get download` (no dependency resolution: the list below
 #                     is the closure minus what every Linux image has: libc, libstdc++, zlib...)
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 libdnnl-dev libdnnl2 ocl-icd-libopencl1
+  ocl-icd-opencl-dev opencl-c-headers
   nlohmann-json3-dev libtomlplusplus-dev libtomlplusplus3 libgtest-dev libgmock-dev
   libopenmpi-dev libopenmpi3 openmpi-bin openmpi-common libhwloc15 libevent-2.1-7
   libevent-core-2.1-7 libevent-pthreads-2.1-7 libpmix2 libfabric1 libucx0 libibverbs1
