@@ -36,8 +36,16 @@ if(MESHTRAIN_TESTS)
                     RESULT_VARIABLE _torch_rc OUTPUT_QUIET ERROR_QUIET)
   endif()
   if(NOT MESHTRAIN_TORCH_PYTHON OR NOT _torch_rc EQUAL 0)
-    message(FATAL_ERROR "meshtrain: PyTorch reference checks need /usr/bin/python3 with torch. "
-                        "Install it with: apt-get install python3-torch")
+    # Name the interpreter that was tried: -DMESHTRAIN_TORCH_PYTHON=... replaces /usr/bin/python3
+    # (scripts/gpu_check.sh passes the GPU machine's python3).
+    if(MESHTRAIN_TORCH_PYTHON)
+      set(_torch_py "${MESHTRAIN_TORCH_PYTHON}")
+    else()
+      set(_torch_py "/usr/bin/python3")
+    endif()
+    message(FATAL_ERROR "meshtrain: PyTorch reference checks need ${_torch_py} with torch "
+                        "(import torch failed). Install it with: apt-get install python3-torch, "
+                        "or pass -DMESHTRAIN_TORCH_PYTHON=<a python3 that has torch>")
   endif()
 endif()
 
