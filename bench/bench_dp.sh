@@ -15,9 +15,9 @@
 #     backward waits only for the reduction, while an earlier one also waits for it to arrive
 #     (compute skew, which rank 0's own comm_wait_ms includes). Skipped (with a note) when not run as root. Open MPI's TCP transport moves bytes only
 #     inside MPI calls unless its own progress thread is on (btl_tcp_progress_thread=1, which
-#     blocks in epoll rather than spinning): it is turned on here, and buckets are 4 MiB
-#     (BENCH_DP_NET_BUCKET_MB) so that the last bucket, which holds the embeddings and is final
-#     only when backward ends, is small.
+#     blocks in epoll rather than spinning): it is turned on here. Buckets are the trainer's
+#     default (an eighth of the gradients: the last bucket, which holds the embeddings and is
+#     final only when backward ends, stays small); BENCH_DP_NET_BUCKET_MB sets a size instead.
 #
 #   bench/bench_dp.sh [path/to/meshtrain] [steps] [rounds]      (defaults: build/cpu, 15, 3)
 #   BENCH_DP_PARTS="scaling overlap" selects the parts; extra `--set` flags for every run can be
@@ -137,7 +137,8 @@ if [[ " $PARTS " == *" overlap "* ]]; then
         OMPI_MCA_btl_tcp_progress_thread=1 "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
           "${BIND[@]}" -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
           -x OMPI_MCA_btl_tcp_progress_thread -x MESHTRAIN_COMM_POLL_US "$MT" train "${COMMON[@]}" \
-          --set "dp.bucket_mb=${BENCH_DP_NET_BUCKET_MB:-4}" --set "dp.overlap=${cfg#net_}" \
+          ${BENCH_DP_NET_BUCKET_MB:+--set "dp.bucket_mb=$BENCH_DP_NET_BUCKET_MB"} \
+          --set "dp.overlap=${cfg#net_}" \
           --set "run.dir=$d" > /dev/null
       done
     done

@@ -224,8 +224,9 @@ const std::vector<Key>& keys() {
               "1: ZeRO-1, AdamW on this rank's 1/DP shard (sharded Adam state)"),
       int_key("train", "tp", &TrainConfig::tp, 1, 1 << 16,
               "tensor-parallel size K: mpirun -np N runs DP = N/K x TP = K, TP innermost"),
-      double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0.001, 1 << 16,
-                 "data parallelism: gradient bucket size in MiB"),
+      double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0, 1 << 16,
+                 "data parallelism: gradient bucket size in MiB (0 = automatic: an eighth of the "
+                 "gradients, 1 to 25 MiB)"),
       string_key("dp", "overlap", &TrainConfig::dp_overlap, {"on", "off"},
                  "data parallelism: reduce gradient buckets during backward (on) or after it"),
       string_key("dp", "reduce_dtype", &TrainConfig::dp_reduce_dtype, {"fp32", "bf16"},

@@ -45,7 +45,8 @@ struct TrainConfig {
   int threads = 0;                  // CPU threads per rank; 0 = MESHTRAIN_THREADS or automatic
 
   // [dp] data parallelism (mpirun -np N: DP = N)
-  double dp_bucket_mb = 25;          // gradient bucket size in MiB (the first bucket is 1 MiB)
+  // Gradient bucket size in MiB (the first bucket is 1 MiB); 0: parallel::auto_bucket_bytes.
+  double dp_bucket_mb = 0;
   std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
   std::string dp_reduce_dtype = "fp32";  // fp32, or bf16: half the bytes, bf16-rounded gradients
   // Collectives on the model's tensors (DP gradients, TP activations): auto, nccl or mpi.

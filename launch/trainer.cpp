@@ -343,7 +343,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
-    ro.bucket_bytes = static_cast<std::int64_t>(cfg_.dp_bucket_mb * (1 << 20));
+    ro.bucket_bytes = cfg_.dp_bucket_mb > 0
+                          ? std::max<std::int64_t>(
+                                1, static_cast<std::int64_t>(cfg_.dp_bucket_mb * (1 << 20)))
+                          : parallel::auto_bucket_bytes(n_params * 4);
     ro.overlap = cfg_.dp_overlap == "on";
     ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
     // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.

@@ -14,6 +14,10 @@ double ms_between(std::chrono::steady_clock::time_point a,
 }
 }  // namespace
 
+std::int64_t auto_bucket_bytes(std::int64_t grad_bytes) {
+  return std::clamp<std::int64_t>(grad_bytes / 8, 1LL << 20, 25LL << 20);
+}
+
 GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
                          const std::vector<std::pair<std::int64_t, std::int64_t>>& params,
                          ReducerOptions options)

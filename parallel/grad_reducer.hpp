@@ -61,6 +61,15 @@
 
 namespace meshtrain::parallel {
 
+// The bucket size for `grad_bytes` of fp32 gradients when none is given (dp.bucket_mb = 0): an
+// eighth of them, at least 1 MiB and at most 25 MiB (PyTorch DDP's fixed size). What stays
+// exposed after backward is the bucket holding the first layer and the embeddings, final only
+// when backward ends: with a fixed 25 MiB it is most of a small model (gpt-small's 43 MB of
+// gradients made three buckets, the last 17 MB), so only a large model overlapped well. Over a
+// 10 Gbit/s link gpt-small exposed 6-8 ms of a 58-70 ms reduction with 4-8 MiB buckets against
+// 32 ms with 25 MiB (bench/results/dp.md); large models keep 25 MiB.
+std::int64_t auto_bucket_bytes(std::int64_t grad_bytes);
+
 struct ReducerOptions {
   std::int64_t bucket_bytes = 25LL << 20;       // about 25 MB per bucket (as PyTorch DDP)
   std::int64_t first_bucket_bytes = 1LL << 20;  // the first (last-layer) bucket is small

@@ -132,6 +132,14 @@ TEST(GradReducer, BucketsTileTheBufferInReverseOrder) {
   });
 }
 
+TEST(GradReducer, AutomaticBucketSizeIsAnEighthOfTheGradientsWithinOneTo25MiB) {
+  EXPECT_EQ(auto_bucket_bytes(0), 1LL << 20);
+  EXPECT_EQ(auto_bucket_bytes(4LL << 20), 1LL << 20);       // tiny models: 1 MiB
+  EXPECT_EQ(auto_bucket_bytes(43'000'000), 5'375'000);       // gpt-small: eight buckets
+  EXPECT_EQ(auto_bucket_bytes(200LL << 20), 25LL << 20);
+  EXPECT_EQ(auto_bucket_bytes(500'000'000), 25LL << 20);     // GPT-2 124M: DDP's 25 MiB
+}
+
 TEST(GradReducer, BackwardReportsRangesThatTileTheBufferInDecreasingOrder) {
   cpu::set_num_threads(1);
   models::GPT model(models::GPTConfig::preset("gpt-tiny"), PrecisionPolicy::parse("fp32"));
