@@ -3,15 +3,14 @@
 // workspace, and the heuristic's first algorithm cached per shape, dtypes, epilogue and
 // pointer alignment (the heuristic runs once per key, not per call).
 //
-// Row-major to column-major: our out[M, N] = op(a) op(b) is, read column-major, the [N, M]
-// matrix out^T = op(b)^T op(a)^T, so cuBLASLt's A is our b and its B is our a, with m = N,
-// n = M. A row-major [R, C] matrix is a column-major [C, R] one with leading dimension C.
-// The bias epilogue adds a vector of cuBLASLt's m = N elements to every column, i.e. our bias
-// to every row.
+// Row-major to column-major: lt_layout.hpp (cuBLASLt's A is our b, its B is our a, m = N,
+// n = M; the bias runs along m, i.e. our bias is added to every row), checked on the CPU by
+// tests/runtime/test_lt_layout.cpp.
 #include <bit>
 #include <cstdint>
 
 #include "runtime/cuda/cuda_backend.hpp"
+#include "runtime/cuda/lt_layout.hpp"
 #include "runtime/cuda/vendor_check.hpp"
 #include "runtime/log.hpp"
 
@@ -79,10 +78,9 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
                             bool trans_b, bool accumulate, const void* bias, DType bias_type,
                             void* aux, cublasLtEpilogue_t epilogue) {
   // cuBLASLt's view: D[N, M] = opA(ours b) opB(ours a).
-  const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const std::uint64_t lt_m = static_cast<std::uint64_t>(n), lt_n = static_cast<std::uint64_t>(m),
-                      lt_k = static_cast<std::uint64_t>(std::max<std::int64_t>(k, 1));
+  const LtLayout lay = lt_layout(m, n, k, trans_a, trans_b);
+  const cublasOperation_t op_a = lay.a.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = lay.b.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
   LtDescs d;
   MT_CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   set_desc(d.op, CUBLASLT_MATMUL_DESC_TRANSA, op_a);
@@ -95,18 +93,12 @@ bool CudaBackend::lt_matmul(void* out, DType out_type, const void* a, const void
   }
   if (aux != nullptr) {
     set_desc(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
-    set_desc(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<std::int64_t>(lt_m));
+    set_desc(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, lay.aux_ld);
   }
   const cudaDataType_t t_ab = cuda_type(ab_type), t_c = cuda_type(out_type);
-  // Stored shapes (column-major rows x cols): ours b is [K, N] row-major = [N, K] col-major.
-  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(
-      &d.a, t_ab, op_a == CUBLAS_OP_N ? lt_m : lt_k, op_a == CUBLAS_OP_N ? lt_k : lt_m,
-      static_cast<std::int64_t>(op_a == CUBLAS_OP_N ? lt_m : lt_k)));
-  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(
-      &d.b, t_ab, op_b == CUBLAS_OP_N ? lt_k : lt_n, op_b == CUBLAS_OP_N ? lt_n : lt_k,
-      static_cast<std::int64_t>(op_b == CUBLAS_OP_N ? lt_k : lt_n)));
-  MT_CUBLAS_CHECK(
-      cublasLtMatrixLayoutCreate(&d.c, t_c, lt_m, lt_n, static_cast<std::int64_t>(lt_m)));
+  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, t_ab, lay.a.rows, lay.a.cols, lay.a.ld));
+  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, t_ab, lay.b.rows, lay.b.cols, lay.b.ld));
+  MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, t_c, lay.c.rows, lay.c.cols, lay.c.ld));
 
   GemmKey key{trans_a,
               trans_b,
