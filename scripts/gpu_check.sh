@@ -47,6 +47,10 @@ cap() {
   l=$(left "${2:-15}")
   ((l < $1)) && { ((l > 1)) && echo "$l" || echo 1; } || echo "$1"
 }
+# why_failed RC SECONDS DETAIL: words for a failed step run under `timeout SECONDS`.
+why_failed() {
+  if (($1 == 124)); then echo "cut off after $2 s (time budget)"; else echo "exit status $1, $3"; fi
+}
 # enough N WHAT: true when at least N seconds are left; otherwise a FAIL line for WHAT.
 enough() {
   (($(left 15) >= $1)) && return 0
@@ -205,18 +209,25 @@ stage_build() {
   # The GPU targets first, so that a failure elsewhere still leaves them to run. About 2 minutes
   # on 16 cores (attention.cpp, with cudnn-frontend's headers, is the longest file: ~1 minute).
   enough 60 "build" || return 1
-  if timeout "$(cap 420)" cmake --build build/cuda -j "$jobs" --target test_runtime_cuda_ops \
-       test_runtime_cuda test_comm_nccl meshtrain bench_gpu; then
+  local t rc
+  t=$(cap 420)
+  timeout "$t" cmake --build build/cuda -j "$jobs" --target test_runtime_cuda_ops \
+    test_runtime_cuda test_comm_nccl meshtrain bench_gpu
+  rc=$?
+  if ((rc == 0)); then
     pass "build: the GPU targets"
   else
-    fail "build: the GPU targets (test_runtime_cuda_ops test_runtime_cuda test_comm_nccl meshtrain bench_gpu; compiler messages above)"
+    fail "build: the GPU targets (test_runtime_cuda_ops test_runtime_cuda test_comm_nccl meshtrain bench_gpu): $(why_failed "$rc" "$t" "compiler messages above")"
     return 1
   fi
   enough 30 "build: the rest of the cuda preset" || return 1
-  if timeout "$(cap 300)" cmake --build build/cuda -j "$jobs"; then
+  t=$(cap 300)
+  timeout "$t" cmake --build build/cuda -j "$jobs"
+  rc=$?
+  if ((rc == 0)); then
     pass "build: the whole cuda preset"
   else
-    fail "build: the rest of the cuda preset (messages above)"
+    fail "build: the rest of the cuda preset: $(why_failed "$rc" "$t" "messages above")"
   fi
 }
 
