@@ -12,8 +12,9 @@
 #
 # Environment: DRYRUN_DIR (the copy, default /tmp/meshtrain-gpu-dryrun), DRYRUN_CMAKE_DIR (a
 # directory with another cmake and ninja first on PATH, e.g. a venv with PyPI's cmake, as the
-# GPU image has), MESHTRAIN_GPU_CHECK_BUDGET_S (passed through; the build at -j2 here takes far
-# longer than on 16 cores). The outputs land in $DRYRUN_DIR/out. A pass here is no proof for
+# GPU image has), MESHTRAIN_GPU_CHECK_BUDGET_S and MESHTRAIN_GPU_CHECK_BUILD_S (default 7200 and
+# 5400 s here: the build at -j2 takes far longer than on 16 cores). The outputs land in
+# $DRYRUN_DIR/out. A pass here is no proof for
 # the GPU image, whose OS and libraries differ: env.txt names them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,9 @@ cd "$dir/src"
 export DRYRUN_HIDE=$hide_list DRYRUN_EMPTY=$dir/empty DRYRUN_NOEXEC=$dir/noexec
 export PATH=$shim:${DRYRUN_CMAKE_DIR:+$DRYRUN_CMAKE_DIR:}$PATH
 export MESHTRAIN_DEPS_DIR=$dir/deps OUT=$dir/out
+# Two cores here, not 16: the GPU machine's time limits would cut the build short.
+export MESHTRAIN_GPU_CHECK_BUDGET_S=${MESHTRAIN_GPU_CHECK_BUDGET_S:-7200}
+export MESHTRAIN_GPU_CHECK_BUILD_S=${MESHTRAIN_GPU_CHECK_BUILD_S:-5400}
 rm -rf "${OUT:?}"/* "$MESHTRAIN_DEPS_DIR"
 # stdin from /dev/null: mpirun forwards its stdin to rank 0.
 unshare -m --propagation private bash "$inner" "$@" < /dev/null
