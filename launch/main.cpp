@@ -14,6 +14,7 @@
 #include "launch/config.hpp"
 #include "launch/hf.hpp"
 #include "launch/trainer.hpp"
+#include "parallel/grad_reducer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
@@ -440,6 +441,16 @@ int cmd_plan(Args a) {
                 100.0 * static_cast<double>(mem.total() - total) / static_cast<double>(mem.total()));
     std::printf("  (dp.reduce_dtype = \"bf16\" adds a bf16 staging copy of the gradients: %s)\n",
                 human_bytes(static_cast<double>(2 * n)).c_str());
+    // The reducer's buckets (parallel/grad_reducer.hpp): cut at parameter boundaries, so the
+    // count is about the gradients over the size.
+    const bool auto_bucket = cfg.dp_bucket_mb <= 0;
+    const double bucket = auto_bucket ? static_cast<double>(parallel::auto_bucket_bytes(4 * n))
+                                      : cfg.dp_bucket_mb * (1 << 20);
+    std::printf("gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
+                human_bytes(bucket).c_str(),
+                auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB"
+                            : "dp.bucket_mb",
+                std::ceil(static_cast<double>(4 * n) / bucket));
   }
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) {

@@ -298,6 +298,13 @@ class Cli(unittest.TestCase):
         r = run(MESHTRAIN, "plan", "--model", "gpt2", "--budget-flops", "1e21", check=True)
         self.assertIn("parameters: 124475904", r.out)
         self.assertIn("compute-optimal model", r.out)
+        # DP > 1 shows the gradient buckets: automatic (gpt2 is large: DDP's 25 MiB) or set.
+        r = run(MESHTRAIN, "plan", "--model", "gpt2", "--dp", "2", check=True)
+        self.assertIn("then about 25.00 MiB each (dp.bucket_mb = 0: an eighth", r.out)
+        r = run(MESHTRAIN, "plan", "--dp", "2", check=True)
+        self.assertIn("then about 5.17 MiB each (dp.bucket_mb = 0: an eighth", r.out)
+        r = run(MESHTRAIN, "plan", "--dp", "2", "--set", "dp.bucket_mb=4", check=True)
+        self.assertIn("then about 4.00 MiB each (dp.bucket_mb), about 11 buckets", r.out)
         self.expect_error(["plan", "--bogus"], "plan: unknown argument '--bogus'")
         self.expect_error(["plan", "--budget-flops", "abc"],
                           "--budget-flops 'abc': expected a number")
