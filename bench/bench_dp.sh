@@ -14,8 +14,9 @@
 #     on the rank that waited least (the metrics' reduce_wait_min_ms): the last rank to finish
 #     backward waits only for the reduction, while an earlier one also waits for it to arrive
 #     (compute skew, which rank 0's own comm_wait_ms includes). Skipped (with a note) when not run as root. Open MPI's TCP transport moves bytes only
-#     inside MPI calls unless its own progress thread is on (btl_tcp_progress_thread=1, which
-#     blocks in epoll rather than spinning): it is turned on here. Buckets are the trainer's
+#     inside MPI calls; meshtrain's progress thread makes those calls while backward computes, so
+#     Open MPI's own TCP progress thread is not needed and is left off, as a user would run
+#     (BENCH_DP_TCP_PROGRESS_THREAD=1 turns it on). Buckets are the trainer's
 #     default (an eighth of the gradients: the last bucket, which holds the embeddings and is
 #     final only when backward ends, stays small); BENCH_DP_NET_BUCKET_MB sets a size instead.
 #
@@ -134,7 +135,7 @@ if [[ " $PARTS " == *" overlap "* ]]; then
         d="$OUT/${cfg}_r$r"
         mkdir -p "$d"
         load > "$d/load"
-        OMPI_MCA_btl_tcp_progress_thread=1 "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
+        OMPI_MCA_btl_tcp_progress_thread=${BENCH_DP_TCP_PROGRESS_THREAD:-0} "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
           "${BIND[@]}" -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
           -x OMPI_MCA_btl_tcp_progress_thread -x MESHTRAIN_COMM_POLL_US "$MT" train "${COMMON[@]}" \
           ${BENCH_DP_NET_BUCKET_MB:+--set "dp.bucket_mb=$BENCH_DP_NET_BUCKET_MB"} \
