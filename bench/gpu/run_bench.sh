@@ -6,6 +6,7 @@
 # RESULTS_DIR/step_check.txt.
 #
 #   bench/gpu/run_bench.sh RESULTS_DIR [BATCH...]        (default batches: 16 32)
+# Exit status 1 when a run failed or the step check did not pass.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 out="${1:?usage: run_bench.sh RESULTS_DIR [BATCH...]}"
@@ -26,7 +27,7 @@ run() {  # run NAME JSON_FILE COMMAND...: appends the JSON, or a failure record
   shift 2
   echo "== $name: $*"
   if "$@" --json "$json"; then
-    cat "$json" >> "$jsonl"
+    { cat "$json"; echo; } >> "$jsonl"  # one object per line, whatever the writer ended with
   else
     echo "{\"impl\": \"$name\", \"failed\": true}" >> "$jsonl"
   fi
@@ -79,3 +80,9 @@ for r in rows:
 print(f"\ntraining step vs PyTorch from the same weights: {sys.argv[2]}")
 PY
 cat "$out/bench.md"
+# Non-zero when a run failed or the step check did not pass (bench.md says which).
+failed=$(grep -c '"failed": true' "$jsonl")
+if ((failed > 0)) || [[ $step_check != passed ]]; then
+  echo "run_bench.sh: $failed run(s) failed; step check: $step_check" >&2
+  exit 1
+fi
