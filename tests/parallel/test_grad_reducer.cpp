@@ -312,7 +312,7 @@ TEST_P(DataParallel, ShardedReductionAndGatherMatchTheWholeBuffer) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, DataParallel, ::testing::Values(2, 3, 4),
+INSTANTIATE_TEST_SUITE_P(Ranks, DataParallel, ::testing::Values(1, 2, 3, 4),
                          [](const auto& info) { return "np" + std::to_string(info.param); });
 
 }  // namespace
