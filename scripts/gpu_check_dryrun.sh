@@ -27,8 +27,16 @@ dir=${DRYRUN_DIR:-/tmp/meshtrain-gpu-dryrun}
 # not .deps/cudnn_frontend (gpu_check.sh must use the carried copy). Its build/cuda is kept
 # between rehearsals, as the GPU machine keeps it between calls.
 mkdir -p "$dir/src" "$dir/out"
-git ls-files -z --cached --others --exclude-standard |
-  tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$dir/src"
+# Only files whose content differs are written, with the current time as their mtime: a copy
+# that kept the checkout's mtimes let ninja skip recompiling a source that had changed since
+# the last rehearsal but was older than its object (seen: a stale trainer.cpp.o, and a crash).
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  [[ -f $f ]] || continue
+  if ! cmp -s "$f" "$dir/src/$f"; then
+    mkdir -p "$dir/src/$(dirname "$f")"
+    cp "$f" "$dir/src/$f"
+  fi
+done
 rm -rf "$dir/src/.deps"
 mkdir -p "$dir/src/.deps"
 cp -r .deps/gpu "$dir/src/.deps/gpu"
