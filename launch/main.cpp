@@ -223,6 +223,34 @@ bool launched_by_mpirun() {
   return false;
 }
 
+// One rank's error ends the whole job (MPI_Abort) instead of leaving the others waiting in a
+// collective, and exits non-zero however the launcher treats a failed rank. Every failure of a
+// multi-rank job must end here: under Open MPI 4.1 with orte_abort_on_non_zero_status=0 (Slurm
+// without --kill-on-bad-exit and Kubernetes are alike), a rank killed by a signal is never counted
+// as terminated, so if the others then exit by themselves, even non-zero, mpirun waits forever;
+// MPI_Abort is the one thing that ends such a job.
+[[noreturn]] void abort_job(comm::MpiSession& session, const std::exception& e) {
+  std::fprintf(stderr, "meshtrain: error on rank %d of %d: %s\n", session.rank(), session.size(),
+               e.what());
+  std::fflush(stderr);
+  session.abort(1);
+}
+
+// The end of a multi-rank job, after the last write (rank 0's final model): two barriers, each
+// bounded by MESHTRAIN_COMM_TIMEOUT and naming a lost rank as any collective does, then
+// MPI_Finalize. Without them, a rank lost after its last collective (while rank 0 wrote the final
+// model, or inside MPI_Finalize) let the others exit 0 and, as above, mpirun never ended. One
+// barrier is not enough: a rank killed while it waited in the barrier for rank 0 had already sent
+// its part, so rank 0 would pass. Every rank leaves the first barrier only once all arrived, so a
+// rank lost after the first fails the second on the others. What is left is a rank lost inside
+// the second barrier or MPI_Finalize, a window of milliseconds with every rank at the same point.
+void end_job(comm::MpiSession& session, comm::Communicator& world) {
+  world.barrier().wait();
+  world.barrier().wait();
+  world.finalize();
+  session.finalize();
+}
+
 int cmd_train(Args a) {
   std::string config;
   std::vector<std::string> sets;
@@ -266,28 +294,21 @@ int cmd_train(Args a) {
   // MPI at all.
   std::optional<comm::MpiSession> session;
   comm::Communicator world;
-  if (launched_by_mpirun()) {
-    session.emplace();
-    world = session->world();
-  }
+  if (launched_by_mpirun()) session.emplace();
   launch::TrainResult r;
   try {
-    launch::Trainer trainer(cfg, world.valid() ? &world : nullptr);
-    trainer.set_verbose(!quiet);
-    r = trainer.run();
+    if (session) world = session->world();
+    {
+      launch::Trainer trainer(cfg, world.valid() ? &world : nullptr);
+      trainer.set_verbose(!quiet);
+      r = trainer.run();
+    }
+    if (session) end_job(*session, world);
   } catch (const std::exception& e) {
     if (!session || session->size() == 1) throw;
-    // One rank's error must not leave the others waiting in a collective: end the whole job.
-    std::fprintf(stderr, "meshtrain: error on rank %d of %d: %s\n", session->rank(),
-                 session->size(), e.what());
-    std::fflush(stderr);
-    session->abort(1);
+    abort_job(*session, e);
   }
   const bool root = !session || session->rank() == 0;
-  if (session) {
-    world.finalize();
-    session->finalize();
-  }
   if (!root) return 0;
   std::string rss;
   for (double mib : r.peak_rss_mib) rss += fmt::format("{}{:.0f}", rss.empty() ? "" : ", ", mib);
@@ -331,7 +352,12 @@ int cmd_generate(Args a) {
   comm::Communicator world;
   if (launched_by_mpirun()) {
     session.emplace();
-    world = session->world();
+    try {
+      world = session->world();
+    } catch (const std::exception& e) {
+      if (session->size() == 1) throw;
+      abort_job(*session, e);
+    }
   }
   cfg.tp = 1;
   const models::GPTConfig unsplit = launch::model_config(cfg);
@@ -349,18 +375,12 @@ int cmd_generate(Args a) {
     launch::load_weights(model, weights);
     text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
                                  temperature, top_k, seed);
+    if (session) end_job(*session, world);
   } catch (const std::exception& e) {
     if (!session || session->size() == 1) throw;
-    std::fprintf(stderr, "meshtrain: error on rank %d of %d: %s\n", session->rank(),
-                 session->size(), e.what());
-    std::fflush(stderr);
-    session->abort(1);
+    abort_job(*session, e);
   }
   const bool root = !session || session->rank() == 0;
-  if (session) {
-    world.finalize();
-    session->finalize();
-  }
   if (root) std::printf("%s\n", text.c_str());
   return 0;
 }

@@ -94,7 +94,10 @@ void MpiSession::abort(int code) {
   log::error("aborting the job (MPI_Abort, code {})", code);
   owns_ = false;
   detail::progress_shutdown();
-  MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
+  int finalized = 0;
+  MT_MPI_LOG(MPI_Finalized(&finalized));
+  // After MPI_Finalize (a failure inside it) MPI_Abort is erroneous; exiting is all that is left.
+  if (!finalized) MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
   std::_Exit(code == 0 ? 1 : code);  // MPI_Abort does not return; the job must end regardless
 }
 
