@@ -66,8 +66,9 @@ namespace meshtrain::parallel {
 // exposed after backward is the bucket holding the first layer and the embeddings, final only
 // when backward ends: with a fixed 25 MiB it is most of a small model (gpt-small's 43 MB of
 // gradients made three buckets, the last 17 MB), so only a large model overlapped well. Over a
-// 10 Gbit/s link gpt-small exposed 6-8 ms of a 58-70 ms reduction with 4-8 MiB buckets against
-// 32 ms with 25 MiB (bench/results/dp.md); large models keep 25 MiB.
+// 10 Gbit/s link, on a quiet machine, gpt-small left 2.4 ms of a 41.5 ms reduction exposed with
+// the automatic 5.2 MiB (0.9 ms at 4 MiB) against 13.4 ms with 25 MiB; on shared memory both
+// scaled 1 -> 2 ranks at 94% (bench/results/dp.md). Large models keep 25 MiB.
 std::int64_t auto_bucket_bytes(std::int64_t grad_bytes);
 
 struct ReducerOptions {
