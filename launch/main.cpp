@@ -14,7 +14,6 @@
 #include "launch/config.hpp"
 #include "launch/hf.hpp"
 #include "launch/trainer.hpp"
-#include "parallel/grad_reducer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
@@ -464,8 +463,7 @@ int cmd_plan(Args a) {
     // The reducer's buckets (parallel/grad_reducer.hpp): cut at parameter boundaries, so the
     // count is about the gradients over the size.
     const bool auto_bucket = cfg.dp_bucket_mb <= 0;
-    const double bucket = auto_bucket ? static_cast<double>(parallel::auto_bucket_bytes(4 * n))
-                                      : cfg.dp_bucket_mb * (1 << 20);
+    const auto bucket = static_cast<double>(launch::dp_bucket_bytes(cfg, 4 * n));
     std::printf("gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
                 human_bytes(bucket).c_str(),
                 auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB"

@@ -104,6 +104,11 @@ int drop_metrics_after(const std::string& path, int step) {
 
 }  // namespace
 
+std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes) {
+  if (cfg.dp_bucket_mb <= 0) return parallel::auto_bucket_bytes(grad_bytes);
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(cfg.dp_bucket_mb * (1 << 20)));
+}
+
 models::GPTConfig model_config(const TrainConfig& c) {
   models::GPTConfig m = models::GPTConfig::preset(c.model_preset);
   if (c.n_layer) m.n_layer = c.n_layer;
@@ -343,10 +348,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
     for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
-    ro.bucket_bytes = cfg_.dp_bucket_mb > 0
-                          ? std::max<std::int64_t>(
-                                1, static_cast<std::int64_t>(cfg_.dp_bucket_mb * (1 << 20)))
-                          : parallel::auto_bucket_bytes(n_params * 4);
+    ro.bucket_bytes = dp_bucket_bytes(cfg_, n_params * 4);
     ro.overlap = cfg_.dp_overlap == "on";
     ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
     // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.

@@ -209,6 +209,10 @@ CommChoice choose_comm_backend(const std::string& want, const std::vector<std::s
 // train.seq_len.
 models::GPTConfig model_config(const TrainConfig& cfg);
 
+// The DP gradient bucket size in bytes for `grad_bytes` of fp32 gradients on a rank:
+// dp.bucket_mb, or parallel::auto_bucket_bytes when it is 0 (automatic).
+std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes);
+
 // Continues `prompt` by `tokens` tokens, running the model on a fixed window of window_len
 // positions. Byte vocabulary: the prompt's bytes in, text out. GPT-2 vocabulary: starts from
 // end-of-text and returns token ids as numbers (no tokenizer ships here). temperature 0 is
