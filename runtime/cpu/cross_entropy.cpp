@@ -8,6 +8,36 @@
 #include "runtime/cpu/parallel.hpp"
 
 namespace meshtrain::cpu {
+namespace {
+
+// dlogits = (softmax(logits) - onehot(target)) * dloss over the first `valid` of `cols` columns,
+// zero beyond. A row whose target is at or below `ignored` is all zero; a target in [ignored + 1,
+// 0) has no one-hot term (vocab-parallel: it lies on another rank). dlogits may alias logits:
+// each element is read before it is written.
+void backward_rows(Tensor& dlogits, const Tensor& logits, const Tensor& lse, const Tensor& targets,
+                   std::int64_t rows, std::int64_t cols, int valid, float dloss, int ignored) {
+  const std::int32_t* tgt = static_cast<const std::int32_t*>(targets.data());
+  const float* l = static_cast<const float*>(lse.data());
+  dispatch_float(logits.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(logits.data());
+    T* dz = static_cast<T*>(dlogits.data());
+#pragma omp parallel for schedule(static) if (rows * valid > kParallelGrain)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* row = z + r * cols;
+      T* drow = dz + r * cols;
+      const int t = tgt[r];
+      const int n = t <= ignored ? 0 : valid;
+      for (int j = 0; j < n; ++j) {
+        const float p = std::exp(to_float(row[j]) - l[r]);
+        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
+      }
+      for (std::int64_t j = n; j < cols; ++j) drow[j] = from_float<T>(0.0f);
+    }
+  });
+}
+
+}  // namespace
 
 void CpuBackend::cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
                                        const Tensor& targets, std::int64_t rows,
@@ -35,28 +65,8 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor
 void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
                                         const Tensor& targets, std::int64_t rows,
                                         std::int64_t padded_vocab, int vocab, float dloss) {
-  const std::int32_t* tgt = static_cast<const std::int32_t*>(targets.data());
-  const float* l = static_cast<const float*>(lse.data());
-  dispatch_float(logits.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* z = static_cast<const T*>(logits.data());
-    T* dz = static_cast<T*>(dlogits.data());
-#pragma omp parallel for schedule(static) if (rows * vocab > kParallelGrain)
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const T* row = z + r * padded_vocab;
-      T* drow = dz + r * padded_vocab;  // may alias row: each element is read before written
-      const int t = tgt[r];
-      if (t < 0) {
-        for (std::int64_t j = 0; j < padded_vocab; ++j) drow[j] = from_float<T>(0.0f);
-        continue;
-      }
-      for (int j = 0; j < vocab; ++j) {
-        const float p = std::exp(to_float(row[j]) - l[r]);
-        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
-      }
-      for (std::int64_t j = vocab; j < padded_vocab; ++j) drow[j] = from_float<T>(0.0f);
-    }
-  });
+  backward_rows(dlogits, logits, lse, targets, rows, padded_vocab, vocab, dloss,
+                /*ignored=*/-1);  // any negative target ignores its row
 }
 
 void CpuBackend::cross_entropy_combine(Tensor& losses, Tensor& lse, const Tensor& parts,
@@ -82,25 +92,8 @@ void CpuBackend::cross_entropy_backward_split(Tensor& dlogits, const Tensor& log
                                               const Tensor& lse, const Tensor& targets,
                                               std::int64_t rows, std::int64_t cols, int valid,
                                               float dloss) {
-  const std::int32_t* tgt = static_cast<const std::int32_t*>(targets.data());
-  const float* l = static_cast<const float*>(lse.data());
-  dispatch_float(logits.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* z = static_cast<const T*>(logits.data());
-    T* dz = static_cast<T*>(dlogits.data());
-#pragma omp parallel for schedule(static) if (rows * valid > kParallelGrain)
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const T* row = z + r * cols;
-      T* drow = dz + r * cols;  // may alias row: each element is read before written
-      const int t = tgt[r];
-      const int n = t <= -2 ? 0 : valid;  // an ignored row is all zero
-      for (int j = 0; j < n; ++j) {
-        const float p = std::exp(to_float(row[j]) - l[r]);
-        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
-      }
-      for (std::int64_t j = n; j < cols; ++j) drow[j] = from_float<T>(0.0f);
-    }
-  });
+  backward_rows(dlogits, logits, lse, targets, rows, cols, valid, dloss,
+                /*ignored=*/-2);  // -1: the target is on another rank
 }
 
 }  // namespace meshtrain::cpu

@@ -40,23 +40,6 @@ __global__ void cross_entropy_forward_kernel(float* losses, float* lse, const T*
   }
 }
 
-// dlogits may alias logits: each element is read and written by the same thread.
-template <typename T>
-__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
-                                              const std::int32_t* targets,
-                                              std::int64_t padded_vocab, int vocab, float dloss) {
-  const std::int64_t r = blockIdx.x;
-  const T* row = logits + r * padded_vocab;
-  T* drow = dlogits + r * padded_vocab;
-  const int t = targets[r];
-  const float l = lse[r];
-  for (std::int64_t j = threadIdx.x; j < padded_vocab; j += blockDim.x) {
-    float g = 0.0f;
-    if (t >= 0 && j < vocab) g = (expf(to_f32(row[j]) - l) - (j == t ? 1.0f : 0.0f)) * dloss;
-    drow[j] = from_f32<T>(g);
-  }
-}
-
 // One thread per row; the ranks' partials are combined in rank order (deterministic).
 __global__ void cross_entropy_combine_kernel(float* losses, float* lse, const float* parts,
                                              const std::int32_t* owner, int ranks,
@@ -74,23 +57,35 @@ __global__ void cross_entropy_combine_kernel(float* losses, float* lse, const fl
   }
 }
 
-// As cross_entropy_backward_kernel, with t == -1 meaning "the target is on another rank" (no
-// one-hot term) and t <= -2 an ignored row.
+// dlogits = (softmax(logits) - onehot(target)) * dloss over the first `valid` of `cols` columns,
+// zero beyond, one block per row. A row whose target is at or below `ignored` is all zero; a
+// target in [ignored + 1, 0) has no one-hot term (vocab-parallel: it lies on another rank).
+// dlogits may alias logits: each element is read and written by the same thread.
 template <typename T>
-__global__ void cross_entropy_backward_split_kernel(T* dlogits, const T* logits, const float* lse,
-                                                    const std::int32_t* targets, std::int64_t cols,
-                                                    int valid, float dloss) {
+__global__ void cross_entropy_backward_kernel(T* dlogits, const T* logits, const float* lse,
+                                              const std::int32_t* targets, std::int64_t cols,
+                                              int valid, float dloss, int ignored) {
   const std::int64_t r = blockIdx.x;
   const T* row = logits + r * cols;
   T* drow = dlogits + r * cols;
   const int t = targets[r];
-  const int n = t <= -2 ? 0 : valid;
+  const int n = t <= ignored ? 0 : valid;
   const float l = lse[r];
   for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     float g = 0.0f;
     if (j < n) g = (expf(to_f32(row[j]) - l) - (j == t ? 1.0f : 0.0f)) * dloss;
     drow[j] = from_f32<T>(g);
   }
+}
+
+template <typename T>
+void launch_backward(void* dlogits, const void* logits, const float* lse,
+                     const std::int32_t* targets, std::int64_t rows, std::int64_t cols, int valid,
+                     float dloss, int ignored, cudaStream_t s) {
+  cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+      static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, cols, valid, dloss,
+      ignored);
+  MT_CU_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -108,10 +103,9 @@ void cross_entropy_backward_split(DType t, void* dlogits, const void* logits, co
                                   int valid, float dloss, cudaStream_t s) {
   if (rows == 0) return;
   dispatch_float(t, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    cross_entropy_backward_split_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
-        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, cols, valid, dloss);
-    MT_CU_LAUNCH_CHECK();
+    // -1: the target is on another rank; -2 and below: an ignored row.
+    launch_backward<typename decltype(tag)::type>(dlogits, logits, lse, targets, rows, cols, valid,
+                                                  dloss, /*ignored=*/-2, s);
   });
 }
 
@@ -130,11 +124,9 @@ void cross_entropy_backward(DType t, void* dlogits, const void* logits, const fl
                             const std::int32_t* targets, std::int64_t rows,
                             std::int64_t padded_vocab, int vocab, float dloss, cudaStream_t s) {
   dispatch_float(t, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
-        static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, padded_vocab, vocab,
-        dloss);
-    MT_CU_LAUNCH_CHECK();
+    // Any negative target ignores its row.
+    launch_backward<typename decltype(tag)::type>(dlogits, logits, lse, targets, rows,
+                                                  padded_vocab, vocab, dloss, /*ignored=*/-1, s);
   });
 }
 
