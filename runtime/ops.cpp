@@ -53,6 +53,21 @@ std::string bias_dtypes(DType t) {
 
 Backend& backend_of(const Tensor& t) { return t.device().backend(); }
 
+// A LayerNorm forward's affine parameters (`cols` each, of the input's dtype) and its fp32 row
+// statistics (`rows` each).
+void check_layernorm_params(const Tensor& weight, const Tensor& bias, const Tensor& mean,
+                            const Tensor& rstd, DType dtype, std::int64_t rows, std::int64_t cols,
+                            const char* op) {
+  check_shape(weight, Shape{cols}, op, "weight");
+  check_shape(bias, Shape{cols}, op, "bias");
+  check_dtype(weight, dtype, op, "weight");
+  check_dtype(bias, dtype, op, "bias");
+  check_dtype(mean, DType::kF32, op, "mean");
+  check_dtype(rstd, DType::kF32, op, "rstd");
+  check_numel(mean, rows, op, "mean");
+  check_numel(rstd, rows, op, "rstd");
+}
+
 }  // namespace
 
 void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& opt) {
@@ -261,14 +276,7 @@ void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
   const std::int64_t rows = x.numel() / cols;
   check_shape(y, x.shape(), op, "y");
   check_dtype(y, x.dtype(), op, "y");
-  check_shape(weight, Shape{cols}, op, "weight");
-  check_shape(bias, Shape{cols}, op, "bias");
-  check_dtype(weight, x.dtype(), op, "weight");
-  check_dtype(bias, x.dtype(), op, "bias");
-  check_dtype(mean, DType::kF32, op, "mean");
-  check_dtype(rstd, DType::kF32, op, "rstd");
-  check_numel(mean, rows, op, "mean");
-  check_numel(rstd, rows, op, "rstd");
+  check_layernorm_params(weight, bias, mean, rstd, x.dtype(), rows, cols, op);
   backend_of(x).layernorm_forward(y, mean, rstd, x, weight, bias, rows, cols, eps);
 }
 
@@ -299,14 +307,7 @@ void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rs
   }
   MT_CHECK(y.data() != sum.data() && y.data() != a.data() && y.data() != b.data(),
            "residual_layernorm_forward: y must not alias sum, a or b");
-  check_shape(weight, Shape{cols}, op, "weight");
-  check_shape(bias, Shape{cols}, op, "bias");
-  check_dtype(weight, a.dtype(), op, "weight");
-  check_dtype(bias, a.dtype(), op, "bias");
-  check_dtype(mean, DType::kF32, op, "mean");
-  check_dtype(rstd, DType::kF32, op, "rstd");
-  check_numel(mean, rows, op, "mean");
-  check_numel(rstd, rows, op, "rstd");
+  check_layernorm_params(weight, bias, mean, rstd, a.dtype(), rows, cols, op);
   backend_of(a).residual_layernorm_forward(sum, y, mean, rstd, a, b, weight, bias, rows, cols, eps);
 }
 
