@@ -31,6 +31,12 @@ STEPS=${2:-15}
 ROUNDS=${3:-3}
 PARTS=${BENCH_DP_PARTS:-scaling overlap}
 [[ -x "$MT" ]] || { echo "bench_dp: no meshtrain at $MT (build the cpu preset first)" >&2; exit 1; }
+NET_BIND=${BENCH_DP_NET_BIND:-core}
+[[ $NET_BIND == core || $NET_BIND == none ]] ||
+  { echo "bench_dp: BENCH_DP_NET_BIND='$NET_BIND': expected core or none" >&2; exit 1; }
+TCP_THREAD=${BENCH_DP_TCP_PROGRESS_THREAD:-0}
+[[ $TCP_THREAD == 0 || $TCP_THREAD == 1 ]] ||
+  { echo "bench_dp: BENCH_DP_TCP_PROGRESS_THREAD='$TCP_THREAD': expected 0 or 1" >&2; exit 1; }
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -125,7 +131,7 @@ if [[ " $PARTS " == *" overlap "* ]]; then
     # the other rank and the kernel's network work, and one rank often ended backward 30-70 ms
     # after the other.
     BIND=(--bind-to none)
-    if [[ ${BENCH_DP_NET_BIND:-core} == core ]]; then
+    if [[ $NET_BIND == core ]]; then
       awk -v n="$(nproc)" '{ printf "rank %d=%s slot=%d\n", NR - 1, $1, (NR - 1) % n }' \
         "$OUT/hosts" > "$OUT/rankfile"
       BIND=(--rankfile "$OUT/rankfile")
@@ -135,7 +141,7 @@ if [[ " $PARTS " == *" overlap "* ]]; then
         d="$OUT/${cfg}_r$r"
         mkdir -p "$d"
         load > "$d/load"
-        OMPI_MCA_btl_tcp_progress_thread=${BENCH_DP_TCP_PROGRESS_THREAD:-0} "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
+        OMPI_MCA_btl_tcp_progress_thread=$TCP_THREAD "$NETNS" mpirun -np 2 --hostfile "$OUT/hosts" \
           "${BIND[@]}" -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
           -x OMPI_MCA_btl_tcp_progress_thread -x MESHTRAIN_COMM_POLL_US "$MT" train "${COMMON[@]}" \
           ${BENCH_DP_NET_BUCKET_MB:+--set "dp.bucket_mb=$BENCH_DP_NET_BUCKET_MB"} \
