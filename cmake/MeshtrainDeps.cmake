@@ -11,6 +11,22 @@ find_package(Threads REQUIRED)
 find_package(OpenMP QUIET)
 meshtrain_require(OpenMP_CXX_FOUND "OpenMP for C++" "libgomp1 (comes with g++); with clang: libomp-dev")
 
+# oneDNN's own CMake package can fail inside itself, where QUIET does not reach: Debian's (built
+# with the OpenCL GPU runtime) runs find_package(OpenCL REQUIRED), and libdnnl-dev only recommends
+# the OpenCL headers and loader. Look for what that config will ask for first, and name the
+# package, instead of letting CMake stop inside dnnl-config.cmake with "Could NOT find OpenCL".
+find_file(MESHTRAIN_DNNL_CONFIG NAMES dnnl-config.cmake dnnlConfig.cmake
+  PATH_SUFFIXES lib/cmake/dnnl lib/x86_64-linux-gnu/cmake/dnnl lib64/cmake/dnnl
+  HINTS ${dnnl_DIR})
+if(MESHTRAIN_DNNL_CONFIG)
+  file(READ "${MESHTRAIN_DNNL_CONFIG}" _dnnl_config)
+  if(_dnnl_config MATCHES "find_package\\(OpenCL")
+    find_package(OpenCL QUIET)
+    meshtrain_require(OpenCL_FOUND
+      "OpenCL (headers and loader), which oneDNN's CMake package (${MESHTRAIN_DNNL_CONFIG}) requires"
+      "ocl-icd-opencl-dev")
+  endif()
+endif()
 find_package(dnnl CONFIG QUIET)
 meshtrain_require(dnnl_FOUND "oneDNN (CPU matmul)" "libdnnl-dev")
 

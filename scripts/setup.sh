@@ -12,19 +12,15 @@ case "$preset" in
   *) echo "setup.sh: unknown preset '$preset': expected cpu, cpu-asan, cuda or fuzz" >&2; exit 2 ;;
 esac
 
-# Debian packages: build tools, the libraries we link, the PyTorch reference for the tests,
-# matplotlib for scripts/plot_metrics.py, the default training corpus (fortunes) and what the
-# multi-rank tests run with (openmpi-bin), and what the multi-node tests build their network
-# namespaces with (iproute2, iputils-ping).
-packages=(cmake ninja-build g++ pkg-config libopenmpi-dev openmpi-bin libspdlog-dev libfmt-dev
-          libgtest-dev libdnnl-dev nlohmann-json3-dev libtomlplusplus-dev python3 python3-numpy python3-torch
-          python3-matplotlib fortunes fortunes-min iproute2 iputils-ping python3-pip)
-# python3-pip: the cuda preset fetches cudnn-frontend's headers from PyPI
-# (scripts/fetch_cudnn_frontend.sh), and the interchange test needs transformers (below).
-# The fuzz preset (tests/fuzz) builds with clang, libFuzzer and the sanitizers' runtimes, and
-# clang's OpenMP runtime.
-if [[ "$preset" == fuzz ]]; then packages+=(clang libclang-rt-14-dev libomp-dev); fi
+# Debian packages, from the one list (scripts/debian-packages.txt): what builds the preset, runs a
+# job (mpirun, the built-in corpus) and runs the tests; the fuzz preset adds clang, libFuzzer and
+# the sanitizers' runtimes.
+sets=(build run test)
+if [[ "$preset" == fuzz ]]; then sets+=(fuzz); fi
+mapfile -t packages < <(scripts/packages.sh "${sets[@]}")
+((${#packages[@]})) || { echo "setup.sh: scripts/packages.sh listed no packages" >&2; exit 1; }
 
+start=$SECONDS
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -37,6 +33,7 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    echo "setup.sh: installed ${#missing[@]} Debian packages (and what they depend on) in $((SECONDS - start)) s"
   else
     echo "setup.sh: missing Debian packages: ${missing[*]}" >&2
     echo "install them with: sudo apt-get install ${missing[*]}" >&2
@@ -50,8 +47,10 @@ fi
 if ! /usr/bin/python3 -c "import transformers" 2>/dev/null; then
   if [[ $(id -u) -eq 0 ]]; then
     echo "setup.sh: installing transformers 4.40.2 from PyPI"
+    pip_start=$SECONDS
     /usr/bin/python3 -m pip install --quiet --break-system-packages --root-user-action=ignore \
       "transformers==4.40.2" "huggingface-hub<1.0" >/dev/null
+    echo "setup.sh: installed transformers in $((SECONDS - pip_start)) s"
   else
     echo "setup.sh: transformers is missing (tests/launch/test_hf.py will be skipped); install it" \
          "with: python3 -m pip install --break-system-packages 'transformers==4.40.2'" >&2
@@ -65,5 +64,7 @@ fi
 
 if [[ "$preset" == cuda ]]; then scripts/fetch_cudnn_frontend.sh; fi
 
+built=$SECONDS
 cmake --preset "$preset" >/dev/null
 cmake --build --preset "$preset" -j "$(nproc)"
+echo "setup.sh: preset $preset configured and built in $((SECONDS - built)) s"
