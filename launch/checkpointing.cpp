@@ -26,9 +26,9 @@ Json model_json(const models::GPTConfig& m) {
 template <typename T>
 T state_value(const std::string& dir, const Json& j, const char* section, const char* key) {
   const std::string where = fmt::format("checkpoint '{}': state.{}.{}", dir, section, key);
-  MT_CHECK(j.is_object() && j.contains(section) && j[section].is_object() &&
-               j[section].contains(key),
-           "{} is missing", where);
+  MT_CHECK(
+      j.is_object() && j.contains(section) && j[section].is_object() && j[section].contains(key),
+      "{} is missing", where);
   const Json& v = j[section][key];
   if constexpr (std::is_same_v<T, float>) {
     // Checked as a double first: a double outside float's range has no float value.
@@ -72,7 +72,8 @@ CheckpointState parse_checkpoint_state(const std::string& dir, const std::string
   } catch (const Json::exception& e) {
     MT_FAIL("checkpoint '{}': state is not JSON: {}", dir, e.what());
   }
-  MT_CHECK(state.is_object() && state.contains("model"), "checkpoint '{}': state.model is missing", dir);
+  MT_CHECK(state.is_object() && state.contains("model"), "checkpoint '{}': state.model is missing",
+           dir);
   const Json want = model_json(model);
   for (const auto& [k, v] : want.items()) {
     if (k == "padded_vocab") continue;  // depends on the TP layout; checked per tensor
@@ -110,7 +111,8 @@ std::string resolve_resume(const TrainConfig& cfg) {
     const std::string dir = parallel::latest_checkpoint(root);
     MT_CHECK(!dir.empty() || cfg.resume == "auto",
              "--resume latest: no complete checkpoint under '{}' (checkpoint.dir, or "
-             "run.dir/checkpoints)", root);
+             "run.dir/checkpoints)",
+             root);
     return dir;
   }
   std::error_code ec;
@@ -186,8 +188,8 @@ std::string Trainer::save_checkpoint(int steps_done) {
   };
   const std::string dir = parallel::save_checkpoint(
       mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states, write,
-      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0}, checkpoint_state_json(state),
-      to_toml(cfg_), cfg_.ckpt_keep);
+      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0},
+      checkpoint_state_json(state), to_toml(cfg_), cfg_.ckpt_keep);
   last_checkpoint_ = dir;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -219,9 +221,10 @@ void Trainer::restore(const std::string& dir) {
       owned.push_back({p.flat_offset, p.shard_offset, p.length});
   Tensor master = Tensor::empty(Shape{n}, DType::kF32);
   Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
-  parallel::load_checkpoint(dir, checkpoint_slots(), n,
-                            {{"master", master, 0, {}}, {"adam_m", m, 0, owned}, {"adam_v", v, 0, owned}},
-                            mesh_.tp_rank(), mesh_.tp_size());
+  parallel::load_checkpoint(
+      dir, checkpoint_slots(), n,
+      {{"master", master, 0, {}}, {"adam_m", m, 0, owned}, {"adam_v", v, 0, owned}},
+      mesh_.tp_rank(), mesh_.tp_size());
   if (zero_ && policy_.has_master_copy()) {
     // The model holds no master copy: this rank's pieces go to its shard, and the 16-bit
     // parameters are the master's rounding, as the optimizer writes them.
@@ -244,9 +247,10 @@ void Trainer::restore(const std::string& dir) {
   const std::int64_t rows = std::int64_t{cfg_.batch_size} * cfg_.grad_accum * mesh_.dp_size();
   const std::int64_t saved_rows = std::int64_t{state.batch_size} * state.grad_accum * state.dp;
   if (rows != saved_rows || state.seq_len != cfg_.seq_len)
-    log::warn("resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
-              "the data order from here differs from the saved run's",
-              dir, rows, cfg_.seq_len, saved_rows, state.seq_len);
+    log::warn(
+        "resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
+        "the data order from here differs from the saved run's",
+        dir, rows, cfg_.seq_len, saved_rows, state.seq_len);
 }
 
 }  // namespace meshtrain::launch

@@ -21,8 +21,8 @@ enum class Kind { kInt, kUInt64, kDouble, kString, kStrings };
 struct Key {
   std::string section, name;
   Kind kind;
-  double lo, hi;                      // numeric range, inclusive
-  std::vector<std::string> choices;   // allowed strings (empty = any)
+  double lo, hi;                     // numeric range, inclusive
+  std::vector<std::string> choices;  // allowed strings (empty = any)
   std::string help;
   std::function<void(TrainConfig&, const toml::node&, const std::string& where)> set;
   std::function<std::string(const TrainConfig&)> get;
@@ -31,23 +31,35 @@ struct Key {
 
 std::string kind_name(Kind k) {
   switch (k) {
-    case Kind::kInt: case Kind::kUInt64: return "integer";
-    case Kind::kDouble: return "number";
-    case Kind::kString: return "string";
-    case Kind::kStrings: return "list of strings";
+    case Kind::kInt:
+    case Kind::kUInt64:
+      return "integer";
+    case Kind::kDouble:
+      return "number";
+    case Kind::kString:
+      return "string";
+    case Kind::kStrings:
+      return "list of strings";
   }
   return "?";
 }
 
 std::string node_kind(const toml::node& n) {
   switch (n.type()) {
-    case toml::node_type::string: return "a string";
-    case toml::node_type::integer: return "an integer";
-    case toml::node_type::floating_point: return "a floating-point number";
-    case toml::node_type::boolean: return "a boolean";
-    case toml::node_type::array: return "an array";
-    case toml::node_type::table: return "a table";
-    default: return "a date or time";
+    case toml::node_type::string:
+      return "a string";
+    case toml::node_type::integer:
+      return "an integer";
+    case toml::node_type::floating_point:
+      return "a floating-point number";
+    case toml::node_type::boolean:
+      return "a boolean";
+    case toml::node_type::array:
+      return "an array";
+    case toml::node_type::table:
+      return "a table";
+    default:
+      return "a date or time";
   }
 }
 
@@ -59,13 +71,27 @@ std::string quote(const std::string& s) {
   for (const char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\t': out += "\\t"; break;
-      case '\n': out += "\\n"; break;
-      case '\f': out += "\\f"; break;
-      case '\r': out += "\\r"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
         if (c < 0x20 || c == 0x7f)
           out += fmt::format("\\u{:04X}", c);
@@ -79,13 +105,19 @@ std::string quote(const std::string& s) {
 template <typename T>
 Key int_key(std::string section, std::string name, T TrainConfig::*member, double lo, double hi,
             std::string help) {
-  Key k{std::move(section), std::move(name), std::is_same_v<T, std::uint64_t> ? Kind::kUInt64 : Kind::kInt,
-        lo, hi, {}, std::move(help), nullptr, nullptr};
+  Key k{std::move(section),
+        std::move(name),
+        std::is_same_v<T, std::uint64_t> ? Kind::kUInt64 : Kind::kInt,
+        lo,
+        hi,
+        {},
+        std::move(help),
+        nullptr,
+        nullptr};
   const std::string full = k.full();
   k.set = [member, lo, hi, full](TrainConfig& c, const toml::node& n, const std::string& where) {
     const auto v = n.value<std::int64_t>();
-    MT_CHECK(n.is_integer() && v, "{}: '{}' must be an integer, got {}", where, full,
-             node_kind(n));
+    MT_CHECK(n.is_integer() && v, "{}: '{}' must be an integer, got {}", where, full, node_kind(n));
     MT_CHECK(static_cast<double>(*v) >= lo && static_cast<double>(*v) <= hi,
              "{}: '{}' = {} is out of range: expected {} to {}", where, full, *v,
              static_cast<std::int64_t>(lo), static_cast<std::int64_t>(hi));
@@ -97,7 +129,8 @@ Key int_key(std::string section, std::string name, T TrainConfig::*member, doubl
 
 Key double_key(std::string section, std::string name, double TrainConfig::*member, double lo,
                double hi, std::string help) {
-  Key k{std::move(section), std::move(name), Kind::kDouble, lo, hi, {}, std::move(help), nullptr, nullptr};
+  Key k{std::move(section), std::move(name), Kind::kDouble, lo, hi, {},
+        std::move(help),    nullptr,         nullptr};
   const std::string full = k.full();
   k.set = [member, lo, hi, full](TrainConfig& c, const toml::node& n, const std::string& where) {
     const auto v = n.value<double>();
@@ -110,7 +143,8 @@ Key double_key(std::string section, std::string name, double TrainConfig::*membe
   k.get = [member](const TrainConfig& c) {
     // Shortest text that reads back as the same double, with a '.' or exponent as TOML wants.
     std::string s = fmt::format("{}", c.*member);
-    if (s.find_first_of(".eE") == std::string::npos && s.find_first_of("in") == std::string::npos) s += ".0";
+    if (s.find_first_of(".eE") == std::string::npos && s.find_first_of("in") == std::string::npos)
+      s += ".0";
     return s;
   };
   return k;
@@ -118,11 +152,11 @@ Key double_key(std::string section, std::string name, double TrainConfig::*membe
 
 Key string_key(std::string section, std::string name, std::string TrainConfig::*member,
                std::vector<std::string> choices, std::string help) {
-  Key k{std::move(section), std::move(name), Kind::kString, 0, 0, choices, std::move(help), nullptr, nullptr};
+  Key k{std::move(section), std::move(name), Kind::kString, 0, 0, choices,
+        std::move(help),    nullptr,         nullptr};
   const std::string full = k.full();
   k.set = [member, choices, full](TrainConfig& c, const toml::node& n, const std::string& where) {
-    MT_CHECK(n.is_string(), "{}: '{}' must be a string, got {}", where, full,
-             node_kind(n));
+    MT_CHECK(n.is_string(), "{}: '{}' must be a string, got {}", where, full, node_kind(n));
     const std::string v = *n.value<std::string>();
     if (!choices.empty()) {
       bool ok = false;
@@ -139,9 +173,10 @@ Key string_key(std::string section, std::string name, std::string TrainConfig::*
   return k;
 }
 
-Key strings_key(std::string section, std::string name, std::vector<std::string> TrainConfig::*member,
-                std::string help) {
-  Key k{std::move(section), std::move(name), Kind::kStrings, 0, 0, {}, std::move(help), nullptr, nullptr};
+Key strings_key(std::string section, std::string name,
+                std::vector<std::string> TrainConfig::*member, std::string help) {
+  Key k{std::move(section), std::move(name), Kind::kStrings, 0, 0, {},
+        std::move(help),    nullptr,         nullptr};
   const std::string full = k.full();
   k.set = [member, full](TrainConfig& c, const toml::node& n, const std::string& where) {
     std::vector<std::string> out;
@@ -159,7 +194,8 @@ Key strings_key(std::string section, std::string name, std::vector<std::string> 
   };
   k.get = [member](const TrainConfig& c) {
     std::string s = "[";
-    for (std::size_t i = 0; i < (c.*member).size(); ++i) s += (i ? ", " : "") + quote((c.*member)[i]);
+    for (std::size_t i = 0; i < (c.*member).size(); ++i)
+      s += (i ? ", " : "") + quote((c.*member)[i]);
     return s + "]";
   };
   return k;
@@ -342,9 +378,11 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
       }
     }
   };
-  auto high = [&](std::size_t k) { return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80; };
+  auto high = [&](std::size_t k) {
+    return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80;
+  };
   bool value = false, header = false, line_start = true;
-  int depth = 0;   // brackets and braces open in a value
+  int depth = 0;     // brackets and braces open in a value
   char prev = '\n';  // the last character outside strings and comments that is not a blank
   while (i < s.size()) {
     const char c = s[i];
@@ -372,8 +410,8 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
     // A quote starts a string only where a key or value starts; elsewhere ("0\"x") toml++ reads
     // it as part of a bare value, and the characters after it as such.
     // ('.' only in a key: in a value it is a float's, "2.'x").
-    const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' ||
-                        prev == '{' || (prev == '.' && !value);
+    const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' || prev == '{' ||
+                        (prev == '.' && !value);
     prev = c;
     if ((c == '"' || c == '\'') && starts) {
       const bool multi = s.compare(i, 3, std::string(3, c)) == 0;
@@ -386,8 +424,10 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
         if (c == '"' && s[k] == '\\') {
           std::size_t j = k + 1;
           if (multi && high(j) && hazard == std::string_view::npos) hazard = j;
-          if (multi && j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) {
-            while (j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) ++j;
+          if (multi && j < s.size() &&
+              (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) {
+            while (j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n'))
+              ++j;
             if (high(j) && hazard == std::string_view::npos) hazard = j;
             k = j;
             continue;
@@ -402,7 +442,8 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
       for (int extra = 0; multi && extra < 2 && end < s.size() && s[end] == c; ++extra) ++end;
       std::size_t after = end;
       while (after < s.size() && (s[after] == ' ' || s[after] == '\t')) ++after;
-      const bool key = header || !value || (after < s.size() && (s[after] == '=' || s[after] == '.'));
+      const bool key =
+          header || !value || (after < s.size() && (s[after] == '=' || s[after] == '.'));
       if (key)
         for (std::size_t q = begin; q < end; ++q)
           if (high(q)) {
@@ -431,7 +472,8 @@ void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
            "checkpoint.rollback_after ({}) must be below train.max_bad_steps ({}), which stops the "
-           "job first", c.rollback_after, c.max_bad_steps);
+           "job first",
+           c.rollback_after, c.max_bad_steps);
 }
 
 }  // namespace
@@ -442,7 +484,8 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
     std::string text;
     {
       std::ifstream f(path, std::ios::binary);
-      if (!f) throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
+      if (!f)
+        throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
       std::ostringstream os;
       os << f.rdbuf();
       text = os.str();
@@ -460,10 +503,10 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
     for (const auto& [section, node] : root) {
       const std::string sec(section.str());
       const std::string at = fmt::format("{}:{}", path, node.source().begin.line);
-      MT_CHECK(node.is_table(),
-               "{}: '{}' must be a section ([{}]); top-level keys are not allowed", at, sec, sec);
-      MT_CHECK(!known_keys_of(sec).empty(), "{}: unknown section [{}]: expected one of {}", at,
-               sec, known_sections());
+      MT_CHECK(node.is_table(), "{}: '{}' must be a section ([{}]); top-level keys are not allowed",
+               at, sec, sec);
+      MT_CHECK(!known_keys_of(sec).empty(), "{}: unknown section [{}]: expected one of {}", at, sec,
+               known_sections());
       for (const auto& [name, value] : *node.as_table()) {
         const std::string key(name.str());
         const std::string where = fmt::format("{}:{}", path, value.source().begin.line);
@@ -482,10 +525,11 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
     const auto dot = full.find('.');
     MT_CHECK(dot != std::string::npos, "--set '{}': the key must be section.key", o);
     const Key* k = find_key(full.substr(0, dot), full.substr(dot + 1));
-    MT_CHECK(k != nullptr, "--set '{}': unknown key '{}'{}", o, full,
-             known_keys_of(full.substr(0, dot)).empty()
-                 ? std::string(": unknown section")
-                 : "; keys of [" + full.substr(0, dot) + "] are: " + known_keys_of(full.substr(0, dot)));
+    MT_CHECK(
+        k != nullptr, "--set '{}': unknown key '{}'{}", o, full,
+        known_keys_of(full.substr(0, dot)).empty()
+            ? std::string(": unknown section")
+            : "; keys of [" + full.substr(0, dot) + "] are: " + known_keys_of(full.substr(0, dot)));
     const std::string where = "--set " + full;
     toml::table parsed;
     bool as_toml = true;
@@ -509,8 +553,8 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
       k->set(cfg, *parsed.get("v"), where);
     } else {
       // A bare word for a string key: "--set data.train=corpus.txt" needs no quotes.
-      MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings,
-               "{}: '{}' is not a valid {}", where, text, kind_name(k->kind));
+      MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings, "{}: '{}' is not a valid {}",
+               where, text, kind_name(k->kind));
       // TOML strings are UTF-8: anything else could not be written to config.toml and read back.
       const std::size_t bad = invalid_utf8_at(text);
       MT_CHECK(bad == std::string::npos, "{}: the value is not valid UTF-8 (byte {} of it)", where,

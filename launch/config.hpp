@@ -12,7 +12,7 @@ namespace meshtrain::launch {
 
 struct TrainConfig {
   // [model]
-  std::string model_preset = "gpt-small";  // see models::GPTConfig::preset_names()
+  std::string model_preset = "gpt-small";   // see models::GPTConfig::preset_names()
   int n_layer = 0, n_head = 0, n_embd = 0;  // 0 = the preset's value
   int block_size = 0;
   // "bytes" (256 symbols), "gpt2" (50257, padded to 50304), or "auto": gpt2 for the gpt2*
@@ -27,33 +27,33 @@ struct TrainConfig {
 
   // [train]
   int steps = 300;
-  int batch_size = 8;   // sequences per rank per micro-step
+  int batch_size = 8;  // sequences per rank per micro-step
   int seq_len = 128;
-  int grad_accum = 1;   // micro-steps per optimizer step
+  int grad_accum = 1;  // micro-steps per optimizer step
   std::string precision = "bf16";
-  std::string device = "cpu";       // cpu, or cuda: one GPU per rank (builds with MESHTRAIN_CUDA)
+  std::string device = "cpu";  // cpu, or cuda: one GPU per rank (builds with MESHTRAIN_CUDA)
   std::uint64_t seed = 1337;
   double lr = 1e-3;
-  double min_lr_ratio = 0.1;   // final lr as a fraction of lr (cosine, wsd)
+  double min_lr_ratio = 0.1;  // final lr as a fraction of lr (cosine, wsd)
   int warmup_steps = 20;
   std::string schedule = "cosine";  // cosine, constant, wsd
   double decay_fraction = 0.2;      // wsd: the last fraction of steps decays linearly
   double weight_decay = 0.1;
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
-  double grad_clip = 1.0;           // 0 = no clipping
-  int max_bad_steps = 5;            // stop after this many non-finite steps in a row
-  int threads = 0;                  // CPU threads per rank; 0 = MESHTRAIN_THREADS or automatic
+  double grad_clip = 1.0;  // 0 = no clipping
+  int max_bad_steps = 5;   // stop after this many non-finite steps in a row
+  int threads = 0;         // CPU threads per rank; 0 = MESHTRAIN_THREADS or automatic
 
   // [dp] data parallelism (mpirun -np N: DP = N)
   // Gradient bucket size in MiB (the first bucket is 1 MiB); 0: parallel::auto_bucket_bytes.
   double dp_bucket_mb = 0;
-  std::string dp_overlap = "on";     // on: reduce buckets during backward; off: after it
+  std::string dp_overlap = "on";         // on: reduce buckets during backward; off: after it
   std::string dp_reduce_dtype = "fp32";  // fp32, or bf16: half the bytes, bf16-rounded gradients
   // Collectives on the model's tensors (DP gradients, TP activations): auto, nccl or mpi.
   // auto: NCCL for each group whose ranks all drive different GPUs (train.device = "cuda"),
   // else MPI (device tensors staged through host memory).
   std::string comm_backend = "auto";
-  int zero = 0;                      // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
+  int zero = 0;  // 1: ZeRO-1, AdamW on a 1/DP shard of the flat buffers
   // Tensor parallelism: mpirun -np N runs DP = N / tp x TP = tp, consecutive ranks forming a TP
   // group (TP innermost). The model's heads and padded vocabulary must divide by tp.
   int tp = 1;
@@ -74,12 +74,12 @@ struct TrainConfig {
   int log_every = 1;
 
   // [checkpoint] distributed checkpoints (parallel/checkpoint.hpp)
-  int ckpt_every = 0;            // save every N steps and at the end; 0 = never
-  int ckpt_keep = 3;             // newest checkpoints kept; 0 = all
-  std::string ckpt_dir = "";     // "" = RUN_DIR/checkpoints
-  int rollback_after = 0;        // non-finite steps in a row before reloading the last
-                                 // checkpoint (and skipping the data since); 0 = never
-  int max_rollbacks = 3;         // give up after this many rollbacks in one run
+  int ckpt_every = 0;         // save every N steps and at the end; 0 = never
+  int ckpt_keep = 3;          // newest checkpoints kept; 0 = all
+  std::string ckpt_dir = "";  // "" = RUN_DIR/checkpoints
+  int rollback_after = 0;     // non-finite steps in a row before reloading the last
+                              // checkpoint (and skipping the data since); 0 = never
+  int max_rollbacks = 3;      // give up after this many rollbacks in one run
 
   // [model] init: a model.safetensors in meshtrain's names and layout (what train and
   // `meshtrain import --hf` write) to start from instead of the random initialisation.

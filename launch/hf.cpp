@@ -130,21 +130,24 @@ void export_hf(models::GPT& model, const std::string& dir) {
     if (!f) throw IoError(fmt::format("export: cannot write '{}'", tmp));
   }
   fs::rename(tmp, path, ec);
-  if (ec) throw IoError(fmt::format("export: cannot rename '{}' to '{}': {}", tmp, path, ec.message()));
+  if (ec)
+    throw IoError(fmt::format("export: cannot rename '{}' to '{}': {}", tmp, path, ec.message()));
 }
 
 ImportedModel import_hf(const std::string& dir) {
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
   const std::string st_path = (fs::path(dir) / "model.safetensors").string();
   std::error_code ec;
-  MT_CHECK(fs::exists(cfg_path, ec), "import: '{}' has no config.json (a Hugging Face model "
-           "directory, as save_pretrained writes it)", dir);
+  MT_CHECK(fs::exists(cfg_path, ec),
+           "import: '{}' has no config.json (a Hugging Face model "
+           "directory, as save_pretrained writes it)",
+           dir);
   MT_CHECK(fs::exists(st_path, ec), "import: '{}' has no model.safetensors{}", dir,
            fs::exists(fs::path(dir) / "model.safetensors.index.json", ec)
                ? " (sharded checkpoints are not supported: save with a larger max_shard_size)"
-               : fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
-                     ? " (only pytorch_model.bin: save it again with safe_serialization=True)"
-                     : "");
+           : fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
+               ? " (only pytorch_model.bin: save it again with safe_serialization=True)"
+               : "");
   std::string text;
   {
     std::ifstream f(cfg_path, std::ios::binary);
@@ -162,14 +165,16 @@ ImportedModel import_hf(const std::string& dir) {
   const std::string act = config_opt(cfg_path, j, "activation_function", std::string("gelu_new"));
   MT_CHECK(act == "gelu_new" || act == "gelu_pytorch_tanh",
            "import: '{}': activation_function '{}' is not the tanh GELU meshtrain computes "
-           "(gelu_new)", cfg_path, act);
+           "(gelu_new)",
+           cfg_path, act);
   const double eps = config_opt(cfg_path, j, "layer_norm_epsilon", 1e-5);
   MT_CHECK(std::fabs(eps - 1e-5) < 1e-12, "import: '{}': layer_norm_epsilon {} is not 1e-5",
            cfg_path, eps);
   MT_CHECK(!config_opt(cfg_path, j, "scale_attn_by_inverse_layer_idx", false) &&
                !config_opt(cfg_path, j, "reorder_and_upcast_attn", false) &&
                config_opt(cfg_path, j, "scale_attn_weights", true),
-           "import: '{}': attention scaling options other than GPT-2's are not supported", cfg_path);
+           "import: '{}': attention scaling options other than GPT-2's are not supported",
+           cfg_path);
   MT_CHECK(config_opt(cfg_path, j, "tie_word_embeddings", true),
            "import: '{}': untied input and output embeddings are not supported", cfg_path);
 
@@ -216,8 +221,10 @@ ImportedModel import_hf(const std::string& dir) {
     Shape want = p.shape;
     if (is_conv1d(p.name)) want = Shape{p.shape[1], p.shape[0]};
     if (p.name == "wte.weight") want = Shape{c.vocab_size, c.n_embd};
-    MT_CHECK(t.shape() == want, "import: '{}': tensor '{}' has shape {}, expected {} for this "
-             "config.json", st_path, p.name, t.shape().str(), want.str());
+    MT_CHECK(t.shape() == want,
+             "import: '{}': tensor '{}' has shape {}, expected {} for this "
+             "config.json",
+             st_path, p.name, t.shape().str(), want.str());
     Tensor ours;
     if (is_conv1d(p.name)) {
       ours = transpose(t);

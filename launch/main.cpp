@@ -37,7 +37,8 @@ commands:
   --version  print the version
 )";
 
-constexpr const char* kTrainUsage = R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K]
+constexpr const char* kTrainUsage =
+    R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K]
                        [--resume DIR|latest|auto] [--quiet]
 
 Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
@@ -58,7 +59,8 @@ DP = N / K x TP = K (consecutive ranks form a tensor-parallel group).
 config keys (default):
 )";
 
-constexpr const char* kGenerateUsage = R"(usage: meshtrain generate --run DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+constexpr const char* kGenerateUsage =
+    R"(usage: meshtrain generate --run DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
 
 Continues a prompt with the model a training run saved (DIR/config.toml, DIR/model.safetensors).
 Under mpirun -np K the model is split across the K ranks (tensor parallelism; its heads must
@@ -72,7 +74,8 @@ divide by K) and rank 0 prints the text.
   --seed S           random seed (default 1)
 )";
 
-constexpr const char* kPlanUsage = R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
+constexpr const char* kPlanUsage =
+    R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
                       [--batch B] [--seq T] [--precision P] [--dp N] [--tp K]
                       [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
 
@@ -90,7 +93,8 @@ training compute C = 6 N D).
                          and --mfu (default 0.4)
 )";
 
-constexpr const char* kExportUsage = R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT]
+constexpr const char* kExportUsage =
+    R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT]
 
 Writes OUT/model.safetensors and OUT/config.json in the Hugging Face GPT-2 layout (Conv1D
 weights [in, out], the vocabulary trimmed to its real size, fp32), loadable with transformers'
@@ -120,8 +124,9 @@ struct Args {
 double parse_number(const std::string& flag, const std::string& text, double lo, double hi) {
   char* end = nullptr;
   const double d = std::strtod(text.c_str(), &end);
-  MT_CHECK(!text.empty() && end == text.c_str() + text.size() && std::isfinite(d) && d >= lo && d <= hi,
-           "{} '{}': expected a number from {} to {}", flag, text, lo, hi);
+  MT_CHECK(
+      !text.empty() && end == text.c_str() + text.size() && std::isfinite(d) && d >= lo && d <= hi,
+      "{} '{}': expected a number from {} to {}", flag, text, lo, hi);
   return d;
 }
 
@@ -260,20 +265,19 @@ int cmd_train(Args a) {
           .text("--config", &config)
           .texts("--set", &sets)
           .on("--quiet", &quiet)
-          .value("--device", [&](const std::string&, const std::string& v) {
-            sets.push_back("train.device=" + v);
-          })
-          .value("--tp", [&](const std::string&, const std::string& v) {
-            sets.push_back("train.tp=" + v);
-          })
-          .value("--resume", [&](const std::string&, const std::string& v) {
-            MT_CHECK(!v.empty(), "--resume needs a checkpoint directory, latest or auto");
-            resume = v;
-          })
+          .value("--device", [&](const std::string&,
+                                 const std::string& v) { sets.push_back("train.device=" + v); })
+          .value("--tp",
+                 [&](const std::string&, const std::string& v) { sets.push_back("train.tp=" + v); })
+          .value("--resume",
+                 [&](const std::string&, const std::string& v) {
+                   MT_CHECK(!v.empty(), "--resume needs a checkpoint directory, latest or auto");
+                   resume = v;
+                 })
           .more_help([] {
             for (const auto& k : launch::config_keys())
-              std::printf("  %-22s %-28s %s (%s)\n", k.key.c_str(), k.type.c_str(),
-                          k.help.c_str(), k.default_value.c_str());
+              std::printf("  %-22s %-28s %s (%s)\n", k.key.c_str(), k.type.c_str(), k.help.c_str(),
+                          k.default_value.c_str());
           })
           .parse(a);
   if (!go) return 0;
@@ -311,12 +315,15 @@ int cmd_train(Args a) {
   if (!root) return 0;
   std::string rss;
   for (double mib : r.peak_rss_mib) rss += fmt::format("{}{:.0f}", rss.empty() ? "" : ", ", mib);
-  std::printf("done: %d steps, loss %.4f -> %.4f%s (unigram entropy %.4f), %.0f tokens/s, %d "
-              "skipped; peak RSS %s MiB%s; run directory %s\n",
-              r.steps, r.first_loss, r.final_loss,
-              std::isfinite(r.final_val_loss) ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str() : "",
-              r.unigram_entropy, r.tokens_per_s, r.skipped_steps, rss.c_str(),
-              r.peak_rss_mib.size() > 1 ? " (by rank)" : "", cfg.run_dir.c_str());
+  std::printf(
+      "done: %d steps, loss %.4f -> %.4f%s (unigram entropy %.4f), %.0f tokens/s, %d "
+      "skipped; peak RSS %s MiB%s; run directory %s\n",
+      r.steps, r.first_loss, r.final_loss,
+      std::isfinite(r.final_val_loss)
+          ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str()
+          : "",
+      r.unigram_entropy, r.tokens_per_s, r.skipped_steps, rss.c_str(),
+      r.peak_rss_mib.size() > 1 ? " (by rank)" : "", cfg.run_dir.c_str());
   return 0;
 }
 
@@ -343,7 +350,8 @@ int cmd_generate(Args a) {
   const std::string weights = (fs::path(run) / "model.safetensors").string();
   MT_CHECK(fs::exists(config) && fs::exists(weights),
            "generate: '{}' is not a finished run directory (needs config.toml and "
-           "model.safetensors, written at the end of meshtrain train)", run);
+           "model.safetensors, written at the end of meshtrain train)",
+           run);
   launch::TrainConfig cfg = launch::load_config(config, {});
   // Under mpirun every rank holds a 1/N shard of the model (TP = N), whatever layout trained it:
   // the saved weights are full tensors.
@@ -369,8 +377,8 @@ int cmd_generate(Args a) {
   std::string text;
   try {
     cpu::set_num_threads(cfg.threads > 0 ? cfg.threads : cpu::default_num_threads(1));
-    models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision), cpu_device(),
-                      world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
+    models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
+                      cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
     launch::load_weights(model, weights);
     text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
                                  temperature, top_k, seed);
@@ -409,13 +417,15 @@ int cmd_plan(Args a) {
   if (!precision.empty()) sets.push_back("train.precision=" + precision);
   if (seq > 0) {
     sets.push_back("train.seq_len=" + std::to_string(seq));
-    if (model.empty() && config.empty()) {}
+    if (model.empty() && config.empty()) {
+    }
   }
   if (batch > 0) sets.push_back("train.batch_size=" + std::to_string(batch));
   if (tp > 0) sets.push_back("train.tp=" + std::to_string(tp));
   // A sequence longer than the preset's default window is a plan question, not an error.
   launch::TrainConfig cfg = launch::load_config(config, sets);
-  if (seq == 0 && !model.empty()) cfg.seq_len = models::GPTConfig::preset(cfg.model_preset).block_size;
+  if (seq == 0 && !model.empty())
+    cfg.seq_len = models::GPTConfig::preset(cfg.model_preset).block_size;
   const models::GPTConfig m = launch::model_config(cfg);
   const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
   const models::MemoryEstimate mem =
@@ -423,16 +433,19 @@ int cmd_plan(Args a) {
   std::printf("model: %s\n", m.str().c_str());
   std::printf("parameters: %lld", static_cast<long long>(m.num_parameters()));
   if (cfg.tp > 1)
-    std::printf(" (%lld per rank under TP = %d)", static_cast<long long>(m.num_parameters_per_rank(cfg.tp)),
-                cfg.tp);
+    std::printf(" (%lld per rank under TP = %d)",
+                static_cast<long long>(m.num_parameters_per_rank(cfg.tp)), cfg.tp);
   std::printf("\n");
-  std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len, m.training_flops_per_token(cfg.seq_len));
+  std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len,
+              m.training_flops_per_token(cfg.seq_len));
   std::printf("memory per rank (DP %d x TP %d = %d ranks, %s, micro-batch %d x %d):\n", dp, cfg.tp,
               dp * cfg.tp, std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
   std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
   std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
-  std::printf("  master weights   %s\n", human_bytes(static_cast<double>(mem.master_weights)).c_str());
-  std::printf("  AdamW state      %s\n", human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
+  std::printf("  master weights   %s\n",
+              human_bytes(static_cast<double>(mem.master_weights)).c_str());
+  std::printf("  AdamW state      %s\n",
+              human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
   std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
   std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
   if (dp > 1) {
@@ -446,29 +459,30 @@ int cmd_plan(Args a) {
     const std::int64_t master = policy.has_master_copy() ? 4 * shard : 0;
     const std::int64_t adam = 2 * 4 * shard;
     const std::int64_t grad_shard = 4 * shard;
-    const std::int64_t total = mem.parameters + mem.gradients + mem.activations + master + adam +
-                               grad_shard;
+    const std::int64_t total =
+        mem.parameters + mem.gradients + mem.activations + master + adam + grad_shard;
     std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
     std::printf("  master weights   %s (shard of %lld parameters)\n",
                 human_bytes(static_cast<double>(master)).c_str(), static_cast<long long>(shard));
     std::printf("  AdamW state      %s (shard)\n", human_bytes(static_cast<double>(adam)).c_str());
     std::printf("  gradient shard   %s (the averaged gradients this rank updates with)\n",
                 human_bytes(static_cast<double>(grad_shard)).c_str());
-    std::printf("  total            %s (saves %s per rank, %.0f%%)\n",
-                human_bytes(static_cast<double>(total)).c_str(),
-                human_bytes(static_cast<double>(mem.total() - total)).c_str(),
-                100.0 * static_cast<double>(mem.total() - total) / static_cast<double>(mem.total()));
+    std::printf(
+        "  total            %s (saves %s per rank, %.0f%%)\n",
+        human_bytes(static_cast<double>(total)).c_str(),
+        human_bytes(static_cast<double>(mem.total() - total)).c_str(),
+        100.0 * static_cast<double>(mem.total() - total) / static_cast<double>(mem.total()));
     std::printf("  (dp.reduce_dtype = \"bf16\" adds a bf16 staging copy of the gradients: %s)\n",
                 human_bytes(static_cast<double>(2 * n)).c_str());
     // The reducer's buckets (parallel/grad_reducer.hpp): cut at parameter boundaries, so the
     // count is about the gradients over the size.
     const bool auto_bucket = cfg.dp_bucket_mb <= 0;
     const auto bucket = static_cast<double>(launch::dp_bucket_bytes(cfg, 4 * n));
-    std::printf("gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
-                human_bytes(bucket).c_str(),
-                auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB"
-                            : "dp.bucket_mb",
-                std::ceil(static_cast<double>(4 * n) / bucket));
+    std::printf(
+        "gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
+        human_bytes(bucket).c_str(),
+        auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB" : "dp.bucket_mb",
+        std::ceil(static_cast<double>(4 * n) / bucket));
   }
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) {
@@ -477,7 +491,9 @@ int cmd_plan(Args a) {
     const double d = 20.0 * n;
     std::printf("compute budget %.3e FLOPs%s:\n", budget_flops,
                 gpu_hours > 0 ? fmt::format(" ({} GPU-hours at {} TFLOP/s x MFU {})", gpu_hours,
-                                            gpu_tflops, mfu).c_str() : "");
+                                            gpu_tflops, mfu)
+                                    .c_str()
+                              : "");
     std::printf("  compute-optimal model: %.3e parameters, trained on %.3e tokens\n", n, d);
     std::string best;
     double best_gap = 1e300;
@@ -490,7 +506,8 @@ int cmd_plan(Args a) {
       }
     }
     const double p = static_cast<double>(models::GPTConfig::preset(best).num_parameters());
-    std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n", best.c_str(), p, 20.0 * p);
+    std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n",
+                best.c_str(), p, 20.0 * p);
   }
   return 0;
 }
@@ -507,7 +524,8 @@ int cmd_export(Args a) {
   std::string config = (fs::path(run) / "config.toml").string();
   if (checkpoint == "latest") {
     MT_CHECK(fs::exists(config), "export: '{}' has no config.toml", run);
-    checkpoint = parallel::latest_checkpoint(launch::checkpoint_root(launch::load_config(config, {})));
+    checkpoint =
+        parallel::latest_checkpoint(launch::checkpoint_root(launch::load_config(config, {})));
     MT_CHECK(!checkpoint.empty(), "export: no complete checkpoint for the run '{}'", run);
   }
   if (!checkpoint.empty()) config = (fs::path(checkpoint) / "config.toml").string();
@@ -516,8 +534,10 @@ int cmd_export(Args a) {
   models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
   if (checkpoint.empty()) {
     const std::string weights = (fs::path(run) / "model.safetensors").string();
-    MT_CHECK(fs::exists(weights), "export: '{}' has no model.safetensors (a finished run; or "
-             "export a checkpoint with --checkpoint)", run);
+    MT_CHECK(fs::exists(weights),
+             "export: '{}' has no model.safetensors (a finished run; or "
+             "export a checkpoint with --checkpoint)",
+             run);
     launch::load_weights(model, weights);
   } else {
     launch::load_checkpoint_weights(model, checkpoint);
@@ -537,7 +557,8 @@ int cmd_import(Args a) {
   fs::create_directories(out, ec);
   MT_CHECK(!ec, "import: cannot create '{}': {}", out, ec.message());
   const std::string weights = fs::absolute(fs::path(out) / "model.safetensors").string();
-  save_safetensors(weights, m.weights, {{"format", "meshtrain"}, {"source", fs::absolute(hf).string()}});
+  save_safetensors(weights, m.weights,
+                   {{"format", "meshtrain"}, {"source", fs::absolute(hf).string()}});
   const bool gpt2 = m.config.vocab_size == 50257;
   std::vector<std::string> sets = {
       std::string("model.preset=") + (gpt2 ? "gpt2" : "gpt-small"),
@@ -547,13 +568,15 @@ int cmd_import(Args a) {
       "model.n_embd=" + std::to_string(m.config.n_embd),
       "model.block_size=" + std::to_string(m.config.block_size),
       "model.init=" + weights,
-      "train.seq_len=" + std::to_string(std::min(m.config.block_size, launch::TrainConfig{}.seq_len)),
+      "train.seq_len=" +
+          std::to_string(std::min(m.config.block_size, launch::TrainConfig{}.seq_len)),
       "run.dir=" + out};
   const launch::TrainConfig cfg = launch::load_config("", sets);
   launch::model_config(cfg);  // checks the combination
   {
     std::ofstream f(fs::path(out) / "config.toml");
-    f << "# imported from " << fs::absolute(hf).string() << " (meshtrain import --hf)\n" << launch::to_toml(cfg);
+    f << "# imported from " << fs::absolute(hf).string() << " (meshtrain import --hf)\n"
+      << launch::to_toml(cfg);
     MT_CHECK(f.good(), "import: cannot write '{}/config.toml'", out);
   }
   std::printf("imported %s: %s\nwrote %s and %s/config.toml\n", hf.c_str(), m.config.str().c_str(),

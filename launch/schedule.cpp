@@ -22,8 +22,8 @@ double LrSchedule::at(int step) const {
     const int decay_steps = static_cast<int>(std::ceil(decay_fraction * total_steps));
     const int decay_start = std::max(warmup_steps, total_steps - decay_steps);
     if (step < decay_start || decay_steps == 0) return lr;
-    const double progress =
-        std::clamp(static_cast<double>(step - decay_start) / std::max(last - decay_start, 1), 0.0, 1.0);
+    const double progress = std::clamp(
+        static_cast<double>(step - decay_start) / std::max(last - decay_start, 1), 0.0, 1.0);
     return lr + (min_lr - lr) * progress;
   }
   MT_FAIL("unknown learning-rate schedule '{}': expected cosine, constant or wsd", kind);

@@ -127,15 +127,17 @@ models::GPTConfig model_config(const TrainConfig& c) {
            c.tp, m.n_head, c.tp);
   MT_CHECK(c.seq_len <= m.block_size,
            "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
-           "model.block_size", c.seq_len, m.block_size);
+           "model.block_size",
+           c.seq_len, m.block_size);
   m.validate();
   m.validate_tp(c.tp);
   return m;
 }
 
 std::string_view default_corpus() {
-  return std::string_view(mt_default_corpus_begin,
-                          static_cast<std::size_t>(mt_default_corpus_end - mt_default_corpus_begin));
+  return std::string_view(
+      mt_default_corpus_begin,
+      static_cast<std::size_t>(mt_default_corpus_end - mt_default_corpus_begin));
 }
 
 double measure_bf16_matmul_peak(Device& device) {
@@ -275,7 +277,8 @@ void Trainer::setup_device_comm(comm::Communicator* world) {
 }
 
 Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
-    : cfg_(checked_layout(cfg, world)), policy_(PrecisionPolicy::parse(cfg.precision)),
+    : cfg_(checked_layout(cfg, world)),
+      policy_(PrecisionPolicy::parse(cfg.precision)),
       model_cfg_(model_config(cfg)) {
   cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
@@ -287,8 +290,9 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
 #if MESHTRAIN_HAS_CUDA
     gpu_ = cuda::open_local_device();
 #else
-    MT_FAIL("train.device = \"cuda\": this meshtrain was built without CUDA (build the cuda "
-            "preset: scripts/setup.sh cuda)");
+    MT_FAIL(
+        "train.device = \"cuda\": this meshtrain was built without CUDA (build the cuda "
+        "preset: scripts/setup.sh cuda)");
 #endif
   }
   setup_device_comm(world);
@@ -298,7 +302,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
     std::error_code ec;
     fs::create_directories(cfg_.run_dir, ec);
     if (ec)
-      throw IoError(fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
+      throw IoError(
+          fmt::format("cannot create run directory '{}': {}", cfg_.run_dir, ec.message()));
   };
   std::vector<std::string> train = cfg_.train_files;
   std::string private_corpus;  // ranks other than 0 read the built-in corpus from a temporary
@@ -318,16 +323,18 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
       std::ofstream(path, std::ios::binary) << default_corpus();
     train.push_back(path);
   }
-  data_ = std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
-                                          cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  data_ =
+      std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
+                                      cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
   if (!private_corpus.empty()) {
     std::error_code ec;
     fs::remove(private_corpus, ec);  // the dataset has it mapped
   }
-  MT_CHECK(data_->max_token() < model_cfg_.vocab_size,
-           "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
-           data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
-           data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
+  MT_CHECK(
+      data_->max_token() < model_cfg_.vocab_size,
+      "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
+      data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
+      data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
   if (is_root()) create_run_dir();
 
   model_ =
@@ -336,7 +343,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   for (const models::ParamInfo& p : model_->params())
     norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
   // Starting weights from a file (fine-tuning); a resumed run takes the checkpoint's instead.
-  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) load_weights(*model_, cfg_.model_init);
+  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty())
+    load_weights(*model_, cfg_.model_init);
   const std::int64_t n_params = model_->num_parameters();
   world_ = world;
   // comm.backend = "nccl" reduces through NCCL even for DP = 1 (mpirun -np 1 on one GPU runs
@@ -346,7 +354,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
   if (reduce) {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
-    for (const models::ParamInfo& p : model_->params()) ranges.emplace_back(p.offset, p.shape.numel());
+    for (const models::ParamInfo& p : model_->params())
+      ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
     ro.bucket_bytes = dp_bucket_bytes(cfg_, n_params * 4);
     ro.overlap = cfg_.dp_overlap == "on";
@@ -375,8 +384,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   v_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
-  schedule_ = LrSchedule{cfg_.schedule,      cfg_.lr,    cfg_.min_lr_ratio, cfg_.warmup_steps,
-                         cfg_.steps,         cfg_.decay_fraction};
+  schedule_ = LrSchedule{cfg_.schedule,     cfg_.lr,    cfg_.min_lr_ratio,
+                         cfg_.warmup_steps, cfg_.steps, cfg_.decay_fraction};
 
   // Resuming: the checkpoint is read and checked in full before any step runs or any file of
   // the run directory is written.
@@ -391,7 +400,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   if (!is_root()) return;
   {
     std::ofstream out(fs::path(cfg_.run_dir) / "config.toml");
-    out << "# effective configuration of this run (meshtrain " << MESHTRAIN_VERSION << ")\n" << effective;
+    out << "# effective configuration of this run (meshtrain " << MESHTRAIN_VERSION << ")\n"
+        << effective;
     if (!out) throw IoError(fmt::format("cannot write {}/config.toml", cfg_.run_dir));
   }
   const std::string metrics_path = (fs::path(cfg_.run_dir) / "metrics.jsonl").string();
@@ -404,13 +414,14 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
   metrics_ = std::fopen(metrics_path.c_str(), resumed_from_.empty() ? "w" : "a");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   if (verbose_) {
-    std::printf("meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION,
-                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(),
-                gpu_ ? gpu_->name().c_str()
-                     : fmt::format("{} thread(s)", cpu::num_threads()).c_str(),
-                mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}",
-                                                  mesh_.world_size(), mesh_.dp_size(),
-                                                  mesh_.tp_size()).c_str() : "");
+    std::printf(
+        "meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION, model_cfg_.str().c_str(),
+        std::string(policy_.name()).c_str(),
+        gpu_ ? gpu_->name().c_str() : fmt::format("{} thread(s)", cpu::num_threads()).c_str(),
+        mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
+                                          mesh_.dp_size(), mesh_.tp_size())
+                                  .c_str()
+                            : "");
     if (!comm_summary_.empty()) std::printf("communication: %s\n", comm_summary_.c_str());
     std::printf("data: %lld training tokens, %lld validation tokens%s\n",
                 static_cast<long long>(data_->train().tokens()),
@@ -418,8 +429,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
                 corpus_path_.empty() ? "" : " (built-in corpus: Debian's fortune cookies)");
     std::printf("unigram entropy of the training data: %.4f nats per token (the loss to beat)\n",
                 unigram_entropy_);
-    std::printf("measured bf16 matmul peak: %.1f GFLOP/s (the MFU denominator)\n", peak_flops_ / 1e9);
-    std::printf("effective config (saved in %s/config.toml):\n%s\n", cfg_.run_dir.c_str(), effective.c_str());
+    std::printf("measured bf16 matmul peak: %.1f GFLOP/s (the MFU denominator)\n",
+                peak_flops_ / 1e9);
+    std::printf("effective config (saved in %s/config.toml):\n%s\n", cfg_.run_dir.c_str(),
+                effective.c_str());
     if (!resumed_from_.empty())
       std::printf("resuming from %s at step %d\n", resumed_from_.c_str(), start_step_);
     std::fflush(stdout);
@@ -450,8 +463,7 @@ StepMetrics Trainer::step(int step) {
   double loss_sum = 0.0;
   for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
     data_->train().batch(static_cast<std::int64_t>(step + data_skip_) * cfg_.grad_accum + micro,
-                         mesh_.dp_rank(),
-                         mesh_.dp_size(), inputs_, targets_);
+                         mesh_.dp_rank(), mesh_.dp_size(), inputs_, targets_);
     // Only the last micro-step's backward reduces: earlier ones accumulate locally.
     if (reducer_) reducer_->begin_step(micro + 1 == cfg_.grad_accum);
     loss_sum += model_->forward(inputs_, targets_);
@@ -476,9 +488,8 @@ StepMetrics Trainer::step(int step) {
     if (mesh_.dp().valid()) {
       // Every rank's wait, as its max and -min: posted now, read at the end of the step, so
       // the optimizer update hides it.
-      wait_spread_ = Tensor::from_floats({static_cast<float>(rs.wait_ms),
-                                          -static_cast<float>(rs.wait_ms)},
-                                         Shape{2}, DType::kF32);
+      wait_spread_ = Tensor::from_floats(
+          {static_cast<float>(rs.wait_ms), -static_cast<float>(rs.wait_ms)}, Shape{2}, DType::kF32);
       wait_spread_work_ = mesh_.dp().allreduce(wait_spread_, comm::ReduceOp::kMax);
     }
   }
@@ -487,8 +498,8 @@ StepMetrics Trainer::step(int step) {
     // The squared norm summed over the DP shards (the padding is zero) and the TP ranks.
     double share = 0;
     for (const parallel::ShardPiece& p : reducer_->shard_pieces())
-      share += grad_norm_share(reducer_->shard_grads().slice(p.shard_offset, p.length),
-                               p.flat_offset);
+      share +=
+          grad_norm_share(reducer_->shard_grads().slice(p.shard_offset, p.length), p.flat_offset);
     Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
     if (mesh_.dp().valid()) mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     parallel::TPGroup(mesh_.tp()).allreduce(sq);
@@ -508,11 +519,13 @@ StepMetrics Trainer::step(int step) {
     m.skipped = true;
     ++skipped_;
     ++bad_in_a_row_;
-    log::warn("step {}: non-finite {} (loss {}, grad norm {}); update skipped ({} in a row)", m.step,
-              std::isfinite(m.loss) ? "gradient" : "loss", m.loss, m.grad_norm, bad_in_a_row_);
+    log::warn("step {}: non-finite {} (loss {}, grad norm {}); update skipped ({} in a row)",
+              m.step, std::isfinite(m.loss) ? "gradient" : "loss", m.loss, m.grad_norm,
+              bad_in_a_row_);
     MT_CHECK(policy_.loss_scaling || bad_in_a_row_ < cfg_.max_bad_steps,
              "stopping: {} steps in a row had a non-finite loss or gradient (train.max_bad_steps = "
-             "{}); lower train.lr or check the data", bad_in_a_row_, cfg_.max_bad_steps);
+             "{}); lower train.lr or check the data",
+             bad_in_a_row_, cfg_.max_bad_steps);
     MT_CHECK(!policy_.loss_scaling || bad_in_a_row_ < std::max(cfg_.max_bad_steps, 30),
              "stopping: {} fp16 steps in a row overflowed even as the loss scale fell to {}",
              bad_in_a_row_, scaler_.scale());
@@ -531,8 +544,8 @@ StepMetrics Trainer::step(int step) {
     for (const parallel::ShardPiece& piece : owned) {
       for (std::size_t i = 0; i < params.size(); ++i) {
         const std::int64_t lo = std::max(params[i].offset, piece.flat_offset);
-        const std::int64_t hi = std::min(params[i].offset + params[i].shape.numel(),
-                                         piece.flat_offset + piece.length);
+        const std::int64_t hi =
+            std::min(params[i].offset + params[i].shape.numel(), piece.flat_offset + piece.length);
         if (hi <= lo) continue;
         const std::int64_t at = piece.shard_offset + (lo - piece.flat_offset);
         ops::AdamWParams p;
@@ -627,7 +640,8 @@ std::string generate_text(models::GPT& model, int window_len, const std::string&
   for (int n = 0; n < tokens; ++n) {
     std::int32_t next;
     if (temperature <= 0) {
-      next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) -
+                                       logits.begin());
     } else {
       std::vector<std::int32_t> order(logits.size());
       std::iota(order.begin(), order.end(), 0);
@@ -684,14 +698,15 @@ void load_weights(models::GPT& model, const std::string& path) {
   for (std::size_t i = 0; i < model.params().size(); ++i) {
     const models::ParamInfo& p = model.params()[i];
     Tensor t = f.at(p.name);
-    MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path, p.name,
-             dtype_name(t.dtype()));
+    MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path,
+             p.name, dtype_name(t.dtype()));
     // The vocabulary padding depends on the layout (128 x TP rows): the real rows are what count.
     const bool wte = p.name == "wte.weight";
-    const bool same = t.shape() == p.full_shape ||
-                      (wte && t.ndim() == 2 && t.dim(0) >= mc.vocab_size &&
-                       t.dim(1) == p.full_shape[1]);
-    MT_CHECK(same, "'{}': tensor '{}' has shape {}, the model expects {} (another model's weights?)",
+    const bool same =
+        t.shape() == p.full_shape ||
+        (wte && t.ndim() == 2 && t.dim(0) >= mc.vocab_size && t.dim(1) == p.full_shape[1]);
+    MT_CHECK(same,
+             "'{}': tensor '{}' has shape {}, the model expects {} (another model's weights?)",
              path, p.name, t.shape().str(), p.full_shape.str());
     if (wte && t.shape() != p.full_shape) {
       Tensor full = Tensor::zeros(p.full_shape, t.dtype());
@@ -722,8 +737,8 @@ TrainResult Trainer::run() {
     if (mesh_.dp_rank() != 0) return {};
     const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
                                    cfg_.seed + static_cast<std::uint64_t>(at_step));
-    write_metrics(nlohmann::json{{"step", at_step}, {"sample", s}}.dump(-1, ' ', false,
-                                 nlohmann::json::error_handler_t::replace));
+    write_metrics(nlohmann::json{{"step", at_step}, {"sample", s}}.dump(
+        -1, ' ', false, nlohmann::json::error_handler_t::replace));
     if (verbose_) std::printf("---- sample at step %d ----\n%s\n----\n", at_step, s.c_str());
     return s;
   };
@@ -740,11 +755,16 @@ TrainResult Trainer::run() {
       recent.push_back(m.loss);
       if (recent.size() > 10) recent.erase(recent.begin());
     }
-    write_metrics(nlohmann::json{{"step", m.step}, {"loss", m.loss}, {"lr", m.lr},
-                                 {"grad_norm", m.grad_norm}, {"ms", m.step_ms},
-                                 {"tokens_per_s", m.tokens_per_s}, {"mfu", m.mfu},
-                                 {"skipped", m.skipped}}
-                      .dump());
+    write_metrics(nlohmann::json{
+        {"step", m.step},
+        {"loss", m.loss},
+        {"lr", m.lr},
+        {"grad_norm", m.grad_norm},
+        {"ms", m.step_ms},
+        {"tokens_per_s", m.tokens_per_s},
+        {"mfu", m.mfu},
+        {"skipped",
+         m.skipped}}.dump());
     if (mesh_.distributed() || reducer_) {
       nlohmann::json c{{"step", m.step},
                        {"comm_wait_ms", m.comm_wait_ms},
@@ -775,20 +795,25 @@ TrainResult Trainer::run() {
       // loss spikes).
       MT_CHECK(rollbacks_ < cfg_.max_rollbacks,
                "stopping: {} non-finite steps in a row again after {} rollbacks "
-               "(checkpoint.max_rollbacks = {})", bad_in_a_row_, rollbacks_, cfg_.max_rollbacks);
+               "(checkpoint.max_rollbacks = {})",
+               bad_in_a_row_, rollbacks_, cfg_.max_rollbacks);
       const int failed_at = m.step;
       const int rollbacks = rollbacks_ + 1;
       restore(last_checkpoint_);
       rollbacks_ = rollbacks;
       data_skip_ += failed_at - start_step_;
       bad_in_a_row_ = 0;
-      log::warn("step {}: {} non-finite steps in a row; rolled back to {} (step {}), skipping {} "
-                "steps of data (rollback {} of at most {})", failed_at, cfg_.rollback_after,
-                last_checkpoint_, start_step_, failed_at - start_step_, rollbacks_,
-                cfg_.max_rollbacks);
-      write_metrics(nlohmann::json{{"step", failed_at}, {"rollback_to", start_step_},
-                                   {"checkpoint", last_checkpoint_}, {"data_skip_steps", data_skip_}}
-                        .dump());
+      log::warn(
+          "step {}: {} non-finite steps in a row; rolled back to {} (step {}), skipping {} "
+          "steps of data (rollback {} of at most {})",
+          failed_at, cfg_.rollback_after, last_checkpoint_, start_step_, failed_at - start_step_,
+          rollbacks_, cfg_.max_rollbacks);
+      write_metrics(nlohmann::json{
+          {"step", failed_at},
+          {"rollback_to", start_step_},
+          {"checkpoint", last_checkpoint_},
+          {"data_skip_steps",
+           data_skip_}}.dump());
       s = start_step_ - 1;
       continue;
     }
@@ -826,8 +851,8 @@ TrainResult Trainer::run() {
     };
     const std::int64_t params = bytes(model_->flat_params()), grads = bytes(model_->flat_grads());
     const std::int64_t master = !policy_.has_master_copy() ? 0
-                                : model_->holds_master() ? bytes(model_->flat_master())
-                                                         : bytes(master_shard_);
+                                : model_->holds_master()   ? bytes(model_->flat_master())
+                                                           : bytes(master_shard_);
     const std::int64_t adam = bytes(m_) + bytes(v_);
     const std::int64_t zero_buffers = zero_ ? bytes(reducer_->shard_grads()) : 0;
     rusage ru{};
@@ -844,19 +869,23 @@ TrainResult Trainer::run() {
     for (int i = 0; i < n; ++i) r.peak_rss_mib.push_back(all.data_as<float>()[i]);
     const float rss_max = *std::max_element(r.peak_rss_mib.begin(), r.peak_rss_mib.end());
     write_metrics(nlohmann::json{{"step", cfg_.steps},
-                                 {"memory", {{"param_bytes", params}, {"grad_bytes", grads},
-                                             {"master_bytes", master}, {"adam_bytes", adam},
-                                             {"zero_buffer_bytes", zero_buffers},
-                                             {"activation_bytes", model_->activation_bytes()},
-                                             {"peak_rss_mib_rank0", rss_mib},
-                                             {"peak_rss_mib_max", rss_max}}},
+                                 {"memory",
+                                  {{"param_bytes", params},
+                                   {"grad_bytes", grads},
+                                   {"master_bytes", master},
+                                   {"adam_bytes", adam},
+                                   {"zero_buffer_bytes", zero_buffers},
+                                   {"activation_bytes", model_->activation_bytes()},
+                                   {"peak_rss_mib_rank0", rss_mib},
+                                   {"peak_rss_mib_max", rss_max}}},
                                  {"peak_rss_mib", r.peak_rss_mib}}
                       .dump());
     if (verbose_)
-      std::printf("memory per rank: parameters %.2f MiB, gradients %.2f MiB, master %.2f MiB, "
-                  "AdamW %.2f MiB, activations %.2f MiB; peak RSS %.1f MiB (largest rank)\n",
-                  params / 1048576.0, grads / 1048576.0, master / 1048576.0, adam / 1048576.0,
-                  model_->activation_bytes() / 1048576.0, rss_max);
+      std::printf(
+          "memory per rank: parameters %.2f MiB, gradients %.2f MiB, master %.2f MiB, "
+          "AdamW %.2f MiB, activations %.2f MiB; peak RSS %.1f MiB (largest rank)\n",
+          params / 1048576.0, grads / 1048576.0, master / 1048576.0, adam / 1048576.0,
+          model_->activation_bytes() / 1048576.0, rss_max);
   }
   // Final weights in the Hugging Face GPT-2 names (our [out, in] layout; see models/gpt.hpp).
   if (!model_->holds_master()) {

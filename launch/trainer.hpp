@@ -26,14 +26,14 @@
 namespace meshtrain::launch {
 
 struct StepMetrics {
-  int step = 0;        // 1-based optimizer step just finished
+  int step = 0;  // 1-based optimizer step just finished
   int total_steps = 0;
-  float loss = 0;      // mean training loss of this step's global batch
+  float loss = 0;  // mean training loss of this step's global batch
   double lr = 0;
   double grad_norm = 0;  // before clipping
   double step_ms = 0;
   double tokens_per_s = 0;
-  double mfu = 0;        // model FLOPs utilisation against the measured bf16 matmul peak
+  double mfu = 0;  // model FLOPs utilisation against the measured bf16 matmul peak
   double eta_s = 0;
   bool skipped = false;  // non-finite loss or gradient: no update
   // Data parallelism (0 on one rank): time this rank blocked on communication after backward
@@ -63,12 +63,12 @@ struct EvalMetrics {
 struct TrainResult {
   int steps = 0;
   float first_loss = 0;
-  float final_loss = 0;     // mean over the last 10 steps
-  float final_val_loss = 0; // NaN without validation data
+  float final_loss = 0;      // mean over the last 10 steps
+  float final_val_loss = 0;  // NaN without validation data
   int skipped_steps = 0;
-  double tokens_per_s = 0;  // mean over the run, excluding the first step
+  double tokens_per_s = 0;     // mean over the run, excluding the first step
   double unigram_entropy = 0;  // of the training data, in nats: the loss to beat
-  std::string sample;       // text generated at the end
+  std::string sample;          // text generated at the end
   // Peak resident memory of every rank (getrusage), in MiB, by world rank.
   std::vector<double> peak_rss_mib;
 };
@@ -217,8 +217,8 @@ std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes);
 // positions. Byte vocabulary: the prompt's bytes in, text out. GPT-2 vocabulary: starts from
 // end-of-text and returns token ids as numbers (no tokenizer ships here). temperature 0 is
 // greedy; top_k 0 samples the whole vocabulary. The draws are a function of seed.
-std::string generate_text(models::GPT& model, int window_len, const std::string& prompt,
-                          int tokens, double temperature, int top_k, std::uint64_t seed);
+std::string generate_text(models::GPT& model, int window_len, const std::string& prompt, int tokens,
+                          double temperature, int top_k, std::uint64_t seed);
 
 // Loads weights saved by Trainer::run (model.safetensors) into the model's master weights and
 // parameters; every name and full shape must match, except wte's padded rows (the padding

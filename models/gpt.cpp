@@ -34,9 +34,10 @@ GPTConfig GPTConfig::preset(const std::string& name) {
     c.n_embd = 64;
     c.block_size = 64;
   } else {
-    MT_FAIL("unknown model preset '{}': expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-            "gpt-small, gpt-tiny",
-            name);
+    MT_FAIL(
+        "unknown model preset '{}': expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+        "gpt-small, gpt-tiny",
+        name);
   }
   return c;
 }
@@ -84,29 +85,31 @@ std::int64_t GPTConfig::num_parameters_per_rank(int tp) const {
   const std::int64_t c = n_embd;
   // Split: wte, c_attn (weight and bias), attn.c_proj weight, c_fc (weight and bias),
   // mlp.c_proj weight. Replicated: wpe, LayerNorms, both c_proj biases.
-  const std::int64_t split = static_cast<std::int64_t>(padded_vocab) * c +
-                             n_layer * ((3 * c * c + 3 * c) + c * c + (4 * c * c + 4 * c) + 4 * c * c);
+  const std::int64_t split =
+      static_cast<std::int64_t>(padded_vocab) * c +
+      n_layer * ((3 * c * c + 3 * c) + c * c + (4 * c * c + 4 * c) + 4 * c * c);
   return split / tp + (num_parameters() - split);
 }
 
 std::int64_t GPTConfig::num_parameters() const {
   const std::int64_t c = n_embd;
-  const std::int64_t per_layer = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c +
-                                 (4 * c * c + 4 * c) + (4 * c * c + c);
+  const std::int64_t per_layer =
+      2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c);
   return static_cast<std::int64_t>(padded_vocab) * c + static_cast<std::int64_t>(block_size) * c +
          n_layer * per_layer + 2 * c;
 }
 
 double GPTConfig::training_flops_per_token(int seq) const {
   // The position embedding is a lookup, not a matmul; the tied embedding is a matmul (LM head).
-  const double n = static_cast<double>(num_parameters() - static_cast<std::int64_t>(block_size) * n_embd);
+  const double n =
+      static_cast<double>(num_parameters() - static_cast<std::int64_t>(block_size) * n_embd);
   return 6.0 * n + 12.0 * n_layer * n_embd * static_cast<double>(seq);
 }
 
 std::string GPTConfig::str() const {
-  return fmt::format("{} layers, {} heads, width {}, block {}, vocab {} (padded {}), {:.2f}M params",
-                     n_layer, n_head, n_embd, block_size, vocab_size, padded_vocab,
-                     num_parameters() / 1e6);
+  return fmt::format(
+      "{} layers, {} heads, width {}, block {}, vocab {} (padded {}), {:.2f}M params", n_layer,
+      n_head, n_embd, block_size, vocab_size, padded_vocab, num_parameters() / 1e6);
 }
 
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
@@ -122,8 +125,7 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   // Per layer, as GPT::ensure_activations allocates: residual, ln1, residual2, ln2 (C each,
   // replicated under TP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C, split over TP); fp32
   // statistics and lse (per local head).
-  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp +
-                                 bt * 4 * 4 +
+  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
   // Final: residual out, lnf, this rank's logits columns, fp32 losses/lse/stats; backward
   // scratch (dresidual, dln: C; datty: C / TP; dqkv: 3C / TP; dfch: 4C / TP).
@@ -194,7 +196,8 @@ GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, pa
   layers_ = std::move(ix.layers);
   num_params_ = cfg_.num_parameters_per_rank(tp_.size());
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
-  if (policy_.has_master_copy()) master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
+  if (policy_.has_master_copy())
+    master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
   grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
 }
 
@@ -337,7 +340,8 @@ float GPT::forward(const Tensor& tokens, const Tensor& targets) {
   for (std::size_t i = 0; i < ids.size(); ++i)
     MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
              "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
-             "of {}", ids[i], i / t, i % t, cfg_.vocab_size);
+             "of {}",
+             ids[i], i / t, i % t, cfg_.vocab_size);
   // Under TP: the embedding is vocab-parallel; in each block the QKV projection and c_fc are
   // column-parallel (f: no communication), attention runs this rank's heads, and both c_proj
   // are row-parallel (g: one allreduce each); the LM head is column-parallel over the
@@ -409,8 +413,8 @@ void GPT::backward(float loss_multiplier) {
   if (tp_.active()) {
     cross_entropy_.backward(logits2d, logits2d, loss_multiplier / valid_targets_);
   } else {
-    ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}),
-                                cfg_.vocab_size, loss_multiplier / valid_targets_);
+    ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}), cfg_.vocab_size,
+                                loss_multiplier / valid_targets_);
   }
   have_targets_ = false;  // the logits are gone
   Tensor dwte = grad(wte_);
@@ -468,11 +472,12 @@ void GPT::backward(float loss_multiplier) {
 namespace meshtrain::models {
 
 std::vector<float> GPT::decode(std::int32_t token) {
-  MT_CHECK(token >= 0 && token < cfg_.vocab_size, "decode: token id {} is outside the vocabulary of {}",
-           token, cfg_.vocab_size);
-  MT_CHECK(cache_len_ < cfg_.block_size,
-           "decode: the KV cache holds the model's {} positions; reset_cache() and re-feed a window",
-           cfg_.block_size);
+  MT_CHECK(token >= 0 && token < cfg_.vocab_size,
+           "decode: token id {} is outside the vocabulary of {}", token, cfg_.vocab_size);
+  MT_CHECK(
+      cache_len_ < cfg_.block_size,
+      "decode: the KV cache holds the model's {} positions; reset_cache() and re-feed a window",
+      cfg_.block_size);
   Device& d = *device_;
   const DType a = policy_.activation;
   const std::int64_t c = cfg_.n_embd, cl = c / tp_.size();

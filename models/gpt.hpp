@@ -22,9 +22,9 @@ struct GPTConfig {
   int n_layer = 6;
   int n_head = 6;
   int n_embd = 384;
-  int block_size = 256;     // maximum sequence length (rows of wpe)
-  int vocab_size = 256;     // real vocabulary
-  int padded_vocab = 256;   // rows of wte: vocab_size rounded up to a multiple of 128
+  int block_size = 256;    // maximum sequence length (rows of wpe)
+  int vocab_size = 256;    // real vocabulary
+  int padded_vocab = 256;  // rows of wte: vocab_size rounded up to a multiple of 128
 
   // gpt2 (124M), gpt2-medium (350M), gpt2-large (774M), gpt2-xl (1.5B) with GPT-2's 50257
   // tokens; gpt-small (6 x 384, 6 heads) and gpt-tiny (2 x 64, 4 heads) with the 256-symbol
@@ -154,8 +154,9 @@ class GPT {
   // backward: the final LayerNorm, then each layer's weight-and-bias pairs from the last layer's
   // MLP projection to the first layer's ln_1, then the embeddings (wte is also written by the LM
   // head, so it is final only at the end). The ranges tile the flat buffer, in decreasing
-  // offsets. Several calls per layer give a reducer as many chances to progress communication. The data-parallel reducer starts a bucket's
-  // reduction from here while backward goes on. Not called when no target was counted.
+  // offsets. Several calls per layer give a reducer as many chances to progress communication. The
+  // data-parallel reducer starts a bucket's reduction from here while backward goes on. Not called
+  // when no target was counted.
   using GradsReadyHook = std::function<void(std::int64_t begin, std::int64_t end)>;
   void set_grads_ready_hook(GradsReadyHook hook) { grads_ready_ = std::move(hook); }
 
@@ -214,8 +215,8 @@ class GPT {
   Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
   // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
   std::vector<Tensor> k_cache_, v_cache_;
-  Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_,
-      dec_fch_, dec_fch_gelu_, dec_logits_, dec_logits_full_;
+  Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_, dec_fch_,
+      dec_fch_gelu_, dec_logits_, dec_logits_full_;
   int cache_len_ = 0;
 };
 

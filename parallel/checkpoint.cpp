@@ -121,7 +121,9 @@ std::string read_file(const std::string& path, std::uint64_t max_bytes) {
   return out;
 }
 
-std::string shard_file_name(int world_rank) { return fmt::format("shard-{:05}.safetensors", world_rank); }
+std::string shard_file_name(int world_rank) {
+  return fmt::format("shard-{:05}.safetensors", world_rank);
+}
 
 // Parses "step_00000100"; -1 for any other name.
 int parse_step_name(const std::string& name) {
@@ -151,8 +153,9 @@ struct Box {
 std::vector<Box> shard_boxes(const TensorSlot& s, int tp_rank, int tp_size) {
   const auto full = s.full_shape.to_vector();
   const auto local = s.shape.to_vector();
-  MT_ASSERT(full.size() == local.size(), "tensor '{}': local shape {} and full shape {} differ in rank",
-            s.name, s.shape.str(), s.full_shape.str());
+  MT_ASSERT(full.size() == local.size(),
+            "tensor '{}': local shape {} and full shape {} differ in rank", s.name, s.shape.str(),
+            s.full_shape.str());
   if (s.shard_dim < 0) {
     MT_ASSERT(full == local, "tensor '{}' is replicated but its shape {} is not the full {}",
               s.name, s.shape.str(), s.full_shape.str());
@@ -242,13 +245,18 @@ Tensor state_view(const FlatState& s, std::int64_t src, std::int64_t n) {
   }
   for (const FlatSegment& g : s.segments)
     if (src >= g.flat && src + n <= g.flat + g.length) return s.data.slice(g.at + src - g.flat, n);
-  MT_ASSERT(false, "checkpoint: state '{}' holds no segment with flat [{}, {})", s.kind, src, src + n);
+  MT_ASSERT(false, "checkpoint: state '{}' holds no segment with flat [{}, {})", s.kind, src,
+            src + n);
   return {};
 }
 
 Json piece_json(const Piece& p) {
-  return Json{{"tensor", p.tensor}, {"kind", p.kind},         {"file", p.file},
-              {"key", p.key},       {"offsets", p.box.offsets}, {"shape", p.box.shape},
+  return Json{{"tensor", p.tensor},
+              {"kind", p.kind},
+              {"file", p.file},
+              {"key", p.key},
+              {"offsets", p.box.offsets},
+              {"shape", p.box.shape},
               {"flat", {p.flat_lo, p.flat_hi}}};
 }
 
@@ -324,8 +332,9 @@ std::vector<FlatRanges> mesh_gather_ranges(Mesh& mesh, const FlatRanges& mine) {
   for (const std::vector<std::int32_t>& l : mesh_gather_lists(mesh, flat)) {
     FlatRanges& r = out.emplace_back();
     for (std::size_t i = 0; i + 3 < l.size(); i += 4)
-      r.emplace_back(static_cast<std::int64_t>(l[i]) | (static_cast<std::int64_t>(l[i + 1]) << 31),
-                     static_cast<std::int64_t>(l[i + 2]) | (static_cast<std::int64_t>(l[i + 3]) << 31));
+      r.emplace_back(
+          static_cast<std::int64_t>(l[i]) | (static_cast<std::int64_t>(l[i + 1]) << 31),
+          static_cast<std::int64_t>(l[i + 2]) | (static_cast<std::int64_t>(l[i + 3]) << 31));
   }
   return out;
 }
@@ -373,9 +382,10 @@ const Json& member(const std::string& where, const Json& obj, const char* key) {
 
 std::int64_t as_int(const std::string& where, const Json& v, std::int64_t lo, std::int64_t hi) {
   MT_CHECK(v.is_number_integer(), "{}: expected an integer, got {}", where, v.dump());
-  const std::int64_t x = v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(hi)
-                             ? hi + 1
-                             : v.get<std::int64_t>();
+  const std::int64_t x =
+      v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(hi)
+          ? hi + 1
+          : v.get<std::int64_t>();
   MT_CHECK(x >= lo && x <= hi, "{}: {} is out of range [{}, {}]", where, v.dump(), lo, hi);
   return x;
 }
@@ -415,17 +425,20 @@ Manifest parse_manifest(const std::string& dir) {
   Manifest m;
   m.info.dir = dir;
   MT_CHECK(j.is_object(), "{}: expected a JSON object", w);
-  MT_CHECK(as_string(w + " format", member(w, j, "format")) == kFormat,
-           "{}: format is not '{}'", w, kFormat);
+  MT_CHECK(as_string(w + " format", member(w, j, "format")) == kFormat, "{}: format is not '{}'", w,
+           kFormat);
   const std::int64_t version = as_int(w + " version", member(w, j, "version"), 0, 1 << 20);
   MT_CHECK(version == 1 || version == kVersion,
            "{}: version {} is not supported (this build reads versions 1 to {})", w, version,
            kVersion);
   m.info.step = static_cast<int>(as_int(w + " step", member(w, j, "step"), 0, 2147483647));
   const Json& layout = member(w, j, "layout");
-  m.info.layout.dp = static_cast<int>(as_int(w + " layout.dp", member(w, layout, "dp"), 1, 1 << 20));
-  m.info.layout.tp = static_cast<int>(as_int(w + " layout.tp", member(w, layout, "tp"), 1, 1 << 20));
-  m.info.layout.zero = static_cast<int>(as_int(w + " layout.zero", member(w, layout, "zero"), 0, 1));
+  m.info.layout.dp =
+      static_cast<int>(as_int(w + " layout.dp", member(w, layout, "dp"), 1, 1 << 20));
+  m.info.layout.tp =
+      static_cast<int>(as_int(w + " layout.tp", member(w, layout, "tp"), 1, 1 << 20));
+  m.info.layout.zero =
+      static_cast<int>(as_int(w + " layout.zero", member(w, layout, "zero"), 0, 1));
   const Json& state = member(w, j, "state");
   MT_CHECK(state.is_object(), "{}: 'state' must be an object", w);
   m.info.state_json = state.dump();
@@ -447,12 +460,14 @@ Manifest parse_manifest(const std::string& dir) {
           as_int(fw + ".block_bytes", member(fw, e, "block_bytes"), 1, std::int64_t{1} << 40));
       const std::string hex = as_string(fw + ".blocks", e["blocks"]);
       const std::uint64_t n = (fe.bytes + fe.block_bytes - 1) / fe.block_bytes;
-      MT_CHECK(hex.size() == 8 * n && hex.find_first_not_of("0123456789abcdef") == std::string::npos,
-               "{}.blocks: expected {} CRC-32C values of 8 hex digits for {} bytes in blocks of "
-               "{}, got {} characters",
-               fw, n, fe.bytes, fe.block_bytes, hex.size());
+      MT_CHECK(
+          hex.size() == 8 * n && hex.find_first_not_of("0123456789abcdef") == std::string::npos,
+          "{}.blocks: expected {} CRC-32C values of 8 hex digits for {} bytes in blocks of "
+          "{}, got {} characters",
+          fw, n, fe.bytes, fe.block_bytes, hex.size());
       for (std::uint64_t b = 0; b < n; ++b)
-        fe.blocks.push_back(static_cast<std::uint32_t>(std::stoul(hex.substr(8 * b, 8), nullptr, 16)));
+        fe.blocks.push_back(
+            static_cast<std::uint32_t>(std::stoul(hex.substr(8 * b, 8), nullptr, 16)));
     }
     m.files[name] = fe;
   }
@@ -580,8 +595,8 @@ class ShardReader {
 
   // Bytes [off, off + n) of the file, read and checked.
   const std::uint8_t* bytes(std::uint64_t off, std::uint64_t n) {
-    MT_ASSERT(off <= fe_.bytes && n <= fe_.bytes - off, "read of [{}, +{}) past the {} bytes of '{}'",
-              off, n, fe_.bytes, path_);
+    MT_ASSERT(off <= fe_.bytes && n <= fe_.bytes - off,
+              "read of [{}, +{}) past the {} bytes of '{}'", off, n, fe_.bytes, path_);
     if (buf_ == nullptr) return reinterpret_cast<const std::uint8_t*>(whole_.data()) + off;
     if (n == 0) return buf_.get() + off;
     const std::uint64_t B = fe_.block_bytes;
@@ -622,16 +637,18 @@ class ShardReader {
   const FileEntry& fe_;
   std::uint64_t* bytes_read_;
   int fd_ = -1;
-  std::string whole_;                  // version 1: the whole file
+  std::string whole_;                    // version 1: the whole file
   std::unique_ptr<std::uint8_t[]> buf_;  // version 2: the file's bytes at their offsets
-  std::vector<std::uint8_t> loaded_;   // per block: read and checked
+  std::vector<std::uint8_t> loaded_;     // per block: read and checked
   SafetensorsLayout layout_;
   std::map<std::string, std::size_t> index_;
 };
 
 }  // namespace
 
-std::string checkpoint_name(int step) { return fmt::format("step_{:08}", step); }
+std::string checkpoint_name(int step) {
+  return fmt::format("step_{:08}", step);
+}
 
 std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                             const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
@@ -655,7 +672,8 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
       remove_tree(tmp_dir);
       fs::create_directory(tmp_dir, ec);
       if (ec)
-        throw IoError(fmt::format("checkpoint: cannot create '{}': {}", tmp_dir.string(), ec.message()));
+        throw IoError(
+            fmt::format("checkpoint: cannot create '{}': {}", tmp_dir.string(), ec.message()));
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -671,8 +689,8 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
   const std::vector<FlatRanges> all_ranges = mesh_gather_ranges(mesh, my_ranges);
   SavedFile saved;
   try {
-    std::vector<Piece> mine = writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(),
-                                            mesh.tp_size(), mesh.world_rank());
+    std::vector<Piece> mine =
+        writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(), mesh.tp_size(), mesh.world_rank());
     // Tensors replicated over TP first: every TP rank of a resuming job reads them, and the
     // others' slices of the sharded ones are not in its way (blocks are read whole).
     std::set<std::string> replicated;
@@ -682,8 +700,8 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                           [&](const Piece& p) { return replicated.count(p.tensor) > 0; });
     std::vector<std::pair<std::string, Tensor>> tensors;
     for (const Piece& p : mine) {
-      const FlatState& s =
-          *std::find_if(states.begin(), states.end(), [&](const FlatState& f) { return f.kind == p.kind; });
+      const FlatState& s = *std::find_if(states.begin(), states.end(),
+                                         [&](const FlatState& f) { return f.kind == p.kind; });
       MT_ASSERT(s.data.dtype() == DType::kF32, "checkpoint: state '{}' is not fp32", s.kind);
       Tensor t = state_view(s, p.src, p.flat_hi - p.flat_lo);
       if (p.flat_lo == 0 && p.flat_hi == p.box.numel()) t = t.view(Shape(p.box.shape));
@@ -696,19 +714,22 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
     log::error("checkpoint of step {}: rank {} could not write its shard: {}", step,
                mesh.world_rank(), error);
   }
-  const std::vector<std::int32_t> all = mesh_gather(
-      mesh, {error.empty() ? 1 : 0, static_cast<std::int32_t>(saved.crc32c),
-             static_cast<std::int32_t>(saved.bytes & 0x7fffffff),
-             static_cast<std::int32_t>(saved.bytes >> 31)});
+  const std::vector<std::int32_t> all =
+      mesh_gather(mesh, {error.empty() ? 1 : 0, static_cast<std::int32_t>(saved.crc32c),
+                         static_cast<std::int32_t>(saved.bytes & 0x7fffffff),
+                         static_cast<std::int32_t>(saved.bytes >> 31)});
   const std::vector<std::vector<std::int32_t>> all_blocks = mesh_gather_lists(
       mesh, std::vector<std::int32_t>(saved.block_crc32c.begin(), saved.block_crc32c.end()));
   std::string failed;
   for (int r = 0; r < mesh.world_size(); ++r)
-    if (all[static_cast<std::size_t>(r) * 4] == 0) failed += (failed.empty() ? "" : ", ") + std::to_string(r);
+    if (all[static_cast<std::size_t>(r) * 4] == 0)
+      failed += (failed.empty() ? "" : ", ") + std::to_string(r);
   if (!failed.empty()) {
     if (root_rank) remove_tree(tmp_dir);
-    throw IoError(fmt::format("checkpoint of step {} abandoned: rank(s) {} could not write their "
-                              "shard{}", step, failed, error.empty() ? "" : ": " + error));
+    throw IoError(
+        fmt::format("checkpoint of step {} abandoned: rank(s) {} could not write their "
+                    "shard{}",
+                    step, failed, error.empty() ? "" : ": " + error));
   }
 
   // 3. World rank 0 writes the manifest and publishes the directory.
@@ -748,8 +769,11 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
           {"format", kFormat},
           {"version", kVersion},
           {"step", step},
-          {"layout", {{"world", mesh.world_size()}, {"dp", mesh.dp_size()}, {"tp", mesh.tp_size()},
-                      {"zero", layout.zero}}},
+          {"layout",
+           {{"world", mesh.world_size()},
+            {"dp", mesh.dp_size()},
+            {"tp", mesh.tp_size()},
+            {"zero", layout.zero}}},
           {"state", state},
           {"tensors", tensors},
           {"pieces", pieces},
@@ -781,9 +805,10 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
     }
   }
   if (mesh_max(mesh, error.empty() ? 0 : 1) != 0)
-    throw IoError(root_rank ? error
-                            : fmt::format("checkpoint of step {}: rank 0 could not write the manifest",
-                                          step));
+    throw IoError(
+        root_rank
+            ? error
+            : fmt::format("checkpoint of step {}: rank 0 could not write the manifest", step));
   return final_dir.string();
 }
 
@@ -822,10 +847,10 @@ void verify_checkpoint(const std::string& dir) {
     MT_CHECK(fs::exists(path, ec), "checkpoint '{}': file '{}' listed in the manifest is missing",
              dir, name);
     const std::uint32_t crc = crc32c_file(path, &size);
-    MT_CHECK(size == fe.bytes, "checkpoint '{}': '{}' is {} bytes, the manifest says {}", dir,
-             name, size, fe.bytes);
-    MT_CHECK(crc == fe.crc, "checkpoint '{}': '{}' has CRC-32C {}, the manifest says {}", dir,
-             name, crc32c_hex(crc), crc32c_hex(fe.crc));
+    MT_CHECK(size == fe.bytes, "checkpoint '{}': '{}' is {} bytes, the manifest says {}", dir, name,
+             size, fe.bytes);
+    MT_CHECK(crc == fe.crc, "checkpoint '{}': '{}' has CRC-32C {}, the manifest says {}", dir, name,
+             crc32c_hex(crc), crc32c_hex(fe.crc));
   }
 }
 
@@ -838,7 +863,8 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
   // layout-dependent padding excepted), and no other.
   for (const TensorSlot& s : slots) {
     auto t = m.tensors.find(s.name);
-    MT_CHECK(t != m.tensors.end(), "{} has no tensor '{}' (another model's checkpoint?)", w, s.name);
+    MT_CHECK(t != m.tensors.end(), "{} has no tensor '{}' (another model's checkpoint?)", w,
+             s.name);
     const auto want = s.full_shape.to_vector();
     bool same = t->second.size() == want.size();
     for (std::size_t d = 0; same && d < want.size(); ++d) {
@@ -847,8 +873,9 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
       else
         same = t->second[d] == want[d];
     }
-    MT_CHECK(same, "{}: tensor '{}' has shape {}, the model expects {} (another model's checkpoint?)",
-             w, s.name, Shape(t->second).str(), s.full_shape.str());
+    MT_CHECK(same,
+             "{}: tensor '{}' has shape {}, the model expects {} (another model's checkpoint?)", w,
+             s.name, Shape(t->second).str(), s.full_shape.str());
   }
   MT_CHECK(m.tensors.size() == slots.size(), "{} holds {} tensors, the model has {}", w,
            m.tensors.size(), slots.size());
@@ -972,14 +999,15 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
               const std::int64_t from = r * pw + (g - p.box.offsets[nd - 1]) - p.flat_lo;
               for (std::int64_t k = 0; k < run; ++k) {
                 std::uint8_t& c = covered[static_cast<std::size_t>(flat + k - lo)];
-                MT_CHECK(c == 0, "{}: element {} of '{}' ({}) is stored twice", w,
-                         flat + k - base, s.name, target.kind);
+                MT_CHECK(c == 0, "{}: element {} of '{}' ({}) is stored twice", w, flat + k - base,
+                         s.name, target.kind);
                 c = 1;
               }
               const std::uint64_t nbytes = static_cast<std::uint64_t>(run) * sizeof(float);
-              std::memcpy(dst + (flat - lo),
-                          f.bytes(data->begin + static_cast<std::uint64_t>(from) * sizeof(float), nbytes),
-                          nbytes);
+              std::memcpy(
+                  dst + (flat - lo),
+                  f.bytes(data->begin + static_cast<std::uint64_t>(from) * sizeof(float), nbytes),
+                  nbytes);
               g += run;
             }
           }
@@ -992,17 +1020,19 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
       std::string name = "?";
       for (const TensorSlot& s : slots)
         if (at >= s.offset && at < s.offset + s.shape.numel()) name = s.name;
-      MT_FAIL("{}: no piece holds element {} of this rank's '{}' state (tensor '{}'): the "
-              "checkpoint is incomplete",
-              w, at, target.kind, name);
+      MT_FAIL(
+          "{}: no piece holds element {} of this rank's '{}' state (tensor '{}'): the "
+          "checkpoint is incomplete",
+          w, at, target.kind, name);
     }
   }
   std::uint64_t file_bytes = 0;
   for (const auto& [name, f] : opened) file_bytes += m.files.at(name).bytes;
-  log::info("checkpoint '{}': read {:.2f} MiB of {} shard file(s) of {:.2f} MiB in {:.0f} ms", dir,
-            static_cast<double>(bytes_read) / 1048576.0, opened.size(),
-            static_cast<double>(file_bytes) / 1048576.0,
-            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  log::info(
+      "checkpoint '{}': read {:.2f} MiB of {} shard file(s) of {:.2f} MiB in {:.0f} ms", dir,
+      static_cast<double>(bytes_read) / 1048576.0, opened.size(),
+      static_cast<double>(file_bytes) / 1048576.0,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
 }
 
 }  // namespace meshtrain::parallel

@@ -55,11 +55,11 @@ namespace meshtrain::parallel {
 // One logical tensor's place in this rank's flat buffers (see models::ParamInfo).
 struct TensorSlot {
   std::string name;
-  Shape shape;               // this rank's shard
-  std::int64_t offset = 0;   // elements into the flat buffers
-  Shape full_shape;          // the logical tensor
-  int shard_dim = -1;        // -1: replicated on every TP rank
-  int shard_parts = 1;       // equal blocks along shard_dim, each split over TP (fused QKV: 3)
+  Shape shape;              // this rank's shard
+  std::int64_t offset = 0;  // elements into the flat buffers
+  Shape full_shape;         // the logical tensor
+  int shard_dim = -1;       // -1: replicated on every TP rank
+  int shard_parts = 1;      // equal blocks along shard_dim, each split over TP (fused QKV: 3)
   // Rows (dim 0) at and after this index are layout-dependent zero padding (the vocabulary
   // padded to a multiple of 128 x TP): a checkpoint need not have them, and they load as zeros.
   // -1: every row is real.

@@ -148,14 +148,14 @@ void GradReducer::post(std::size_t b) {
       Tensor head = in.slice(0, n);
       head.copy_from(src);
     }
-    works_[b] = dp_->reduce_scatter(in, grad_shard_.slice(shard_offset_[b], c),
-                                    comm::ReduceOp::kAvg);
+    works_[b] =
+        dp_->reduce_scatter(in, grad_shard_.slice(shard_offset_[b], c), comm::ReduceOp::kAvg);
   } else {
     in = wire_.slice(shard_offset_[b] * dp_->size(), padded);
     Tensor head = in.slice(0, n);
     ops::convert(head, src);
-    works_[b] = dp_->reduce_scatter(in, wire_shard_.slice(shard_offset_[b], c),
-                                    comm::ReduceOp::kAvg);
+    works_[b] =
+        dp_->reduce_scatter(in, wire_shard_.slice(shard_offset_[b], c), comm::ReduceOp::kAvg);
   }
 }
 
@@ -256,8 +256,7 @@ double GradReducer::all_gather_shards(const Tensor& shard, Tensor& flat) {
   MT_CHECK(flat.numel() == grads_.numel(),
            "all_gather_shards: the flat buffer has {} elements, the layout {}", flat.numel(),
            grads_.numel());
-  MT_CHECK(!shard.defined() ||
-               (shard.numel() == shard_numel_ && shard.dtype() == flat.dtype()),
+  MT_CHECK(!shard.defined() || (shard.numel() == shard_numel_ && shard.dtype() == flat.dtype()),
            "all_gather_shards: the shard {} must have {} elements of {}",
            shard.defined() ? shard.str() : std::string("(none)"), shard_numel_,
            dtype_name(flat.dtype()));

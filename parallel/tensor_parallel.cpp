@@ -58,8 +58,8 @@ Shape shard_shape(const Shape& full, int dim, int parts, int size) {
 
 void copy_shard(Tensor& shard, const Tensor& full, int dim, int parts, int rank, int size) {
   MT_CHECK(shard.shape() == shard_shape(full.shape(), dim, parts, size),
-           "copy_shard: shard {} does not fit a {}-way split of {} along dimension {}",
-           shard.str(), size, full.str(), dim);
+           "copy_shard: shard {} does not fit a {}-way split of {} along dimension {}", shard.str(),
+           size, full.str(), dim);
   const Tensor f = full.flat(), s = shard.flat();
   for_each_piece(full.shape(), dim, parts, rank, size,
                  [&](std::int64_t at_full, std::int64_t at_shard, std::int64_t n) {
@@ -154,8 +154,8 @@ void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tenso
   tp.allreduce(y);
 }
 
-void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
-                         const Tensor& x, const Tensor& w) {
+void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
+                         const Tensor& w) {
   ops::linear_backward(dx, dw, dbias, dy, x, w);
 }
 
@@ -165,8 +165,7 @@ void VocabParallelEmbedding::forward(Tensor& out, const std::vector<std::int32_t
                                      int seq, const Tensor& wte, const Tensor& wpe,
                                      std::int64_t vocab_start, const TPGroup& tp) {
   MT_CHECK(wte.defined() && wte.ndim() == 2, "vocab-parallel embedding: wte must be [V/K, C]");
-  const std::int64_t n = static_cast<std::int64_t>(batch) * seq, rows = wte.dim(0),
-                     c = wte.dim(1);
+  const std::int64_t n = static_cast<std::int64_t>(batch) * seq, rows = wte.dim(0), c = wte.dim(1);
   MT_CHECK(static_cast<std::int64_t>(ids.size()) == n,
            "vocab-parallel embedding: {} token ids for a [{}, {}] batch", ids.size(), batch, seq);
   std::vector<std::int32_t> local(ids.size());
@@ -236,10 +235,17 @@ namespace {
 template <typename Fn>
 void dispatch_float(DType t, Fn fn) {
   switch (t) {
-    case DType::kF32: fn(float{}); return;
-    case DType::kBF16: fn(bf16{}); return;
-    case DType::kF16: fn(f16{}); return;
-    default: MT_FAIL("vocab-parallel cross-entropy: logits must be a float dtype, got {}", dtype_name(t));
+    case DType::kF32:
+      fn(float{});
+      return;
+    case DType::kBF16:
+      fn(bf16{});
+      return;
+    case DType::kF16:
+      fn(f16{});
+      return;
+    default:
+      MT_FAIL("vocab-parallel cross-entropy: logits must be a float dtype, got {}", dtype_name(t));
   }
 }
 
@@ -271,8 +277,9 @@ void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
   ignored_.assign(static_cast<std::size_t>(n), false);
   for (std::int64_t r = 0; r < n; ++r) {
     const std::int32_t t = targets[static_cast<std::size_t>(r)];
-    MT_CHECK(t < vocab, "vocab-parallel cross-entropy: target {} at row {} is outside the vocabulary of {}",
-             t, r, vocab);
+    MT_CHECK(t < vocab,
+             "vocab-parallel cross-entropy: target {} at row {} is outside the vocabulary of {}", t,
+             r, vocab);
     if (t < 0) {
       ignored_[static_cast<std::size_t>(r)] = true;
     } else if (t >= vocab_start && t < vocab_start + valid) {
@@ -387,10 +394,13 @@ void VocabParallelCrossEntropy::backward(Tensor& dlogits, const Tensor& logits, 
     return;
   }
   MT_CHECK(static_cast<std::int64_t>(lse_.size()) == n,
-           "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n, lse_.size());
-  MT_CHECK(dlogits.shape() == logits.shape() && dlogits.dtype() == logits.dtype() && dlogits.is_cpu(),
-           "vocab-parallel cross-entropy: dlogits {} must match logits {}", dlogits.str(), logits.str());
-  MT_CHECK(std::isfinite(dloss), "vocab-parallel cross-entropy: dloss must be finite, got {}", dloss);
+           "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n,
+           lse_.size());
+  MT_CHECK(
+      dlogits.shape() == logits.shape() && dlogits.dtype() == logits.dtype() && dlogits.is_cpu(),
+      "vocab-parallel cross-entropy: dlogits {} must match logits {}", dlogits.str(), logits.str());
+  MT_CHECK(std::isfinite(dloss), "vocab-parallel cross-entropy: dloss must be finite, got {}",
+           dloss);
   const std::int64_t valid = std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols);
   dispatch_float(logits.dtype(), [&](auto tag) {
     using T = decltype(tag);

@@ -103,8 +103,8 @@ void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tenso
                         const TPGroup& tp);
 // g's backward is the identity: dy is the same on every rank. dx = dy w (this rank's in/K
 // features); dw += this rank's gradient; dbias (replicated) += column sums of dy on every rank.
-void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
-                         const Tensor& x, const Tensor& w);
+void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
+                         const Tensor& w);
 
 // ---- vocab-parallel embedding ----------------------------------------------------------------
 

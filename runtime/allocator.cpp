@@ -42,7 +42,8 @@ void* CachingAllocator::allocate(std::size_t nbytes) {
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.system_allocations;
   stats_.in_use_bytes += size;
-  if (stats_.in_use_bytes > stats_.peak_in_use_bytes) stats_.peak_in_use_bytes = stats_.in_use_bytes;
+  if (stats_.in_use_bytes > stats_.peak_in_use_bytes)
+    stats_.peak_in_use_bytes = stats_.in_use_bytes;
   return p;
 }
 

@@ -13,8 +13,8 @@ class Backend {
   virtual ~Backend() = default;
 
   // out[M, N] (+)= op(a) @ op(b) (+ bias), with the flattened sizes given.
-  virtual void matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int64_t m,
-                      std::int64_t n, std::int64_t k, const ops::MatmulOptions& opt) = 0;
+  virtual void matmul(Tensor& out, const Tensor& a, const Tensor& b, std::int64_t m, std::int64_t n,
+                      std::int64_t k, const ops::MatmulOptions& opt) = 0;
   virtual void bias_backward(Tensor& dbias, const Tensor& dy, std::int64_t rows,
                              std::int64_t cols) = 0;
   virtual void add(Tensor& out, const Tensor& a, const Tensor& b) = 0;
@@ -62,8 +62,8 @@ class Backend {
                                             const Tensor& lse, const Tensor& targets,
                                             std::int64_t rows, std::int64_t cols, int valid,
                                             float dloss) = 0;
-  virtual void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m,
-                            Tensor& v, const ops::AdamWParams& p) = 0;
+  virtual void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
+                            const ops::AdamWParams& p) = 0;
   virtual double sum_of_squares(const Tensor& x) = 0;
   // Largest token id in tokens and its flat index, for range checks (-1 when empty); and the
   // smallest. Used by ops.cpp to validate embedding inputs before any work.

@@ -37,9 +37,8 @@ std::uint32_t crc32c_table(std::uint32_t crc, const std::uint8_t* p, std::size_t
     std::uint64_t w;
     std::memcpy(&w, p, 8);  // little-endian host (safetensors already requires it)
     w ^= crc;
-    crc = t[7][w & 0xFF] ^ t[6][(w >> 8) & 0xFF] ^ t[5][(w >> 16) & 0xFF] ^
-          t[4][(w >> 24) & 0xFF] ^ t[3][(w >> 32) & 0xFF] ^ t[2][(w >> 40) & 0xFF] ^
-          t[1][(w >> 48) & 0xFF] ^ t[0][w >> 56];
+    crc = t[7][w & 0xFF] ^ t[6][(w >> 8) & 0xFF] ^ t[5][(w >> 16) & 0xFF] ^ t[4][(w >> 24) & 0xFF] ^
+          t[3][(w >> 32) & 0xFF] ^ t[2][(w >> 40) & 0xFF] ^ t[1][(w >> 48) & 0xFF] ^ t[0][w >> 56];
     p += 8;
     n -= 8;
   }
@@ -49,8 +48,7 @@ std::uint32_t crc32c_table(std::uint32_t crc, const std::uint8_t* p, std::size_t
 
 #if defined(__x86_64__)
 __attribute__((target("sse4.2"))) std::uint32_t crc32c_sse42(std::uint32_t crc,
-                                                             const std::uint8_t* p,
-                                                             std::size_t n) {
+                                                             const std::uint8_t* p, std::size_t n) {
   std::uint64_t c = crc;
   while (n >= 8) {
     std::uint64_t w;
@@ -103,6 +101,8 @@ std::uint32_t crc32c_file(const std::string& path, std::uint64_t* size) {
   return crc;
 }
 
-std::string crc32c_hex(std::uint32_t crc) { return fmt::format("{:08x}", crc); }
+std::string crc32c_hex(std::uint32_t crc) {
+  return fmt::format("{:08x}", crc);
+}
 
 }  // namespace meshtrain

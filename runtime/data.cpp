@@ -26,14 +26,16 @@ Format parse_format(const std::string& name) {
 
 namespace {
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 }  // namespace
 
 TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
   text_ = format == Format::kText || (format == Format::kAuto && !ends_with(path, ".bin"));
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw IoError(fmt::format("cannot open data file '{}': {}", path, std::strerror(errno)));
+  if (fd < 0)
+    throw IoError(fmt::format("cannot open data file '{}': {}", path, std::strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -55,7 +57,8 @@ TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
     if (text_) {
       count_ = static_cast<std::int64_t>(map_bytes_);
       MT_CHECK(count_ > 0, "text data file '{}' is empty", path);
-      for (std::int64_t i = 0; i < count_; ++i) max_token_ = std::max<std::int32_t>(max_token_, bytes_[i]);
+      for (std::int64_t i = 0; i < count_; ++i)
+        max_token_ = std::max<std::int32_t>(max_token_, bytes_[i]);
       return;
     }
     MT_CHECK(map_bytes_ >= kShardHeaderBytes,
@@ -65,7 +68,8 @@ TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
     std::memcpy(header, bytes_, sizeof(header));
     MT_CHECK(header[0] == kShardMagic,
              "'{}' is not an llm.c token shard: magic {} at byte 0, expected {} (use data.format = "
-             "\"text\" for a text file)", path, header[0], kShardMagic);
+             "\"text\" for a text file)",
+             path, header[0], kShardMagic);
     MT_CHECK(header[1] == kShardVersion,
              "token shard '{}' has version {} at byte 4, expected {} (uint16 tokens)", path,
              header[1], kShardVersion);
@@ -74,10 +78,12 @@ TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
     const std::uint64_t want = kShardHeaderBytes + 2ull * static_cast<std::uint32_t>(header[2]);
     MT_CHECK(map_bytes_ == want,
              "token shard '{}' is {} bytes but its header (byte 8) declares {} tokens, which need "
-             "exactly {} bytes: the file is truncated or corrupt", path, map_bytes_, header[2], want);
+             "exactly {} bytes: the file is truncated or corrupt",
+             path, map_bytes_, header[2], want);
     count_ = header[2];
     tokens16_ = reinterpret_cast<const std::uint16_t*>(bytes_ + kShardHeaderBytes);
-    for (std::int64_t i = 0; i < count_; ++i) max_token_ = std::max<std::int32_t>(max_token_, tokens16_[i]);
+    for (std::int64_t i = 0; i < count_; ++i)
+      max_token_ = std::max<std::int32_t>(max_token_, tokens16_[i]);
   } catch (...) {
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
@@ -90,8 +96,14 @@ TokenFile::~TokenFile() {
 }
 
 TokenFile::TokenFile(TokenFile&& o) noexcept
-    : path_(std::move(o.path_)), map_(o.map_), map_bytes_(o.map_bytes_), bytes_(o.bytes_),
-      tokens16_(o.tokens16_), count_(o.count_), text_(o.text_), max_token_(o.max_token_) {
+    : path_(std::move(o.path_)),
+      map_(o.map_),
+      map_bytes_(o.map_bytes_),
+      bytes_(o.bytes_),
+      tokens16_(o.tokens16_),
+      count_(o.count_),
+      text_(o.text_),
+      max_token_(o.max_token_) {
   o.map_ = nullptr;
 }
 
@@ -129,8 +141,7 @@ std::string file_list(const std::vector<Span>& spans) {
     if (std::find(names.begin(), names.end(), s.file->path()) == names.end())
       names.push_back(s.file->path());
   std::string out;
-  for (std::size_t i = 0; i < names.size() && i < 3; ++i)
-    out += (i ? ", '" : "'") + names[i] + "'";
+  for (std::size_t i = 0; i < names.size() && i < 3; ++i) out += (i ? ", '" : "'") + names[i] + "'";
   if (names.size() > 3) out += fmt::format(" and {} more", names.size() - 3);
   return out;
 }
@@ -174,9 +185,9 @@ Sampler::Sampler(std::vector<Span> spans, int seq, std::uint64_t seed)
 
 std::int64_t Sampler::window_of(std::int64_t g) const {
   const std::int64_t epoch = g / windows_;
-  return static_cast<std::int64_t>(permute(static_cast<std::uint64_t>(g % windows_),
-                                           static_cast<std::uint64_t>(windows_),
-                                           Philox(seed_, 0x5eed0000ull + static_cast<std::uint64_t>(epoch))));
+  return static_cast<std::int64_t>(
+      permute(static_cast<std::uint64_t>(g % windows_), static_cast<std::uint64_t>(windows_),
+              Philox(seed_, 0x5eed0000ull + static_cast<std::uint64_t>(epoch))));
 }
 
 void Sampler::batch(std::int64_t step, int dp_rank, int dp_size, Tensor& inputs,
@@ -236,7 +247,8 @@ Dataset::Dataset(const std::vector<std::string>& train_paths,
     const TokenFile* f = files_.back().get();
     const std::int64_t n = f->size();
     const std::int64_t cut =
-        val_paths.empty() ? n - static_cast<std::int64_t>(static_cast<double>(n) * val_fraction) : n;
+        val_paths.empty() ? n - static_cast<std::int64_t>(static_cast<double>(n) * val_fraction)
+                          : n;
     train.push_back(Span{f, 0, cut});
     if (cut < n) val.push_back(Span{f, cut, n});
   }
@@ -266,7 +278,8 @@ double Dataset::unigram_entropy() const {
   std::vector<std::int64_t> counts(static_cast<std::size_t>(max_token()) + 1, 0);
   std::int64_t total = 0;
   for (const Span& s : train_->spans()) {
-    for (std::int64_t i = s.begin; i < s.end; ++i) ++counts[static_cast<std::size_t>(s.file->token(i))];
+    for (std::int64_t i = s.begin; i < s.end; ++i)
+      ++counts[static_cast<std::size_t>(s.file->token(i))];
     total += s.end - s.begin;
   }
   double h = 0.0;
@@ -278,6 +291,8 @@ double Dataset::unigram_entropy() const {
   return h;
 }
 
-bool Dataset::is_text() const { return !files_.empty() && files_.front()->is_text(); }
+bool Dataset::is_text() const {
+  return !files_.empty() && files_.front()->is_text();
+}
 
 }  // namespace meshtrain::data

@@ -39,8 +39,7 @@ class TokenFile {
   std::int64_t size() const { return count_; }
   bool is_text() const { return text_; }
   std::int32_t token(std::int64_t i) const {
-    return text_ ? static_cast<std::int32_t>(bytes_[i])
-                 : static_cast<std::int32_t>(tokens16_[i]);
+    return text_ ? static_cast<std::int32_t>(bytes_[i]) : static_cast<std::int32_t>(tokens16_[i]);
   }
   // The largest token id in the file (scanned once at open).
   std::int32_t max_token() const { return max_token_; }

@@ -18,10 +18,10 @@ class Backend;
 enum class DeviceType : std::uint8_t { kCPU, kCUDA };
 
 struct MemoryStats {
-  std::size_t in_use_bytes = 0;       // held by live tensors (rounded to the allocator's blocks)
-  std::size_t peak_in_use_bytes = 0;  // maximum of in_use_bytes since the last reset
-  std::size_t cached_bytes = 0;       // held by the allocator's free lists, ready for reuse
-  std::size_t system_allocations = 0; // calls to the system allocator since start
+  std::size_t in_use_bytes = 0;        // held by live tensors (rounded to the allocator's blocks)
+  std::size_t peak_in_use_bytes = 0;   // maximum of in_use_bytes since the last reset
+  std::size_t cached_bytes = 0;        // held by the allocator's free lists, ready for reuse
+  std::size_t system_allocations = 0;  // calls to the system allocator since start
 };
 
 class Device {

@@ -6,20 +6,28 @@ namespace meshtrain {
 
 std::string_view dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "fp32";
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "fp16";
-    case DType::kI32: return "int32";
+    case DType::kF32:
+      return "fp32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "fp16";
+    case DType::kI32:
+      return "int32";
   }
   return "?";
 }
 
 std::string_view dtype_safetensors_name(DType t) {
   switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
-    case DType::kI32: return "I32";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
+    case DType::kI32:
+      return "I32";
   }
   return "?";
 }
@@ -97,10 +105,17 @@ void convert_loop(D* dst, const S* src, std::size_t n) {
 template <typename D>
 void convert_to(D* dst, const void* src, DType src_type, std::size_t n) {
   switch (src_type) {
-    case DType::kF32: convert_loop(dst, static_cast<const float*>(src), n); return;
-    case DType::kBF16: convert_loop(dst, static_cast<const bf16*>(src), n); return;
-    case DType::kF16: convert_loop(dst, static_cast<const f16*>(src), n); return;
-    case DType::kI32: break;
+    case DType::kF32:
+      convert_loop(dst, static_cast<const float*>(src), n);
+      return;
+    case DType::kBF16:
+      convert_loop(dst, static_cast<const bf16*>(src), n);
+      return;
+    case DType::kF16:
+      convert_loop(dst, static_cast<const f16*>(src), n);
+      return;
+    case DType::kI32:
+      break;
   }
   MT_FAIL("cannot convert from {}: only float dtypes convert", dtype_name(src_type));
 }
@@ -112,10 +127,17 @@ void convert_host(void* dst, DType dst_type, const void* src, DType src_type, st
     return;
   }
   switch (dst_type) {
-    case DType::kF32: convert_to(static_cast<float*>(dst), src, src_type, n); return;
-    case DType::kBF16: convert_to(static_cast<bf16*>(dst), src, src_type, n); return;
-    case DType::kF16: convert_to(static_cast<f16*>(dst), src, src_type, n); return;
-    case DType::kI32: break;
+    case DType::kF32:
+      convert_to(static_cast<float*>(dst), src, src_type, n);
+      return;
+    case DType::kBF16:
+      convert_to(static_cast<bf16*>(dst), src, src_type, n);
+      return;
+    case DType::kF16:
+      convert_to(static_cast<f16*>(dst), src, src_type, n);
+      return;
+    case DType::kI32:
+      break;
   }
   MT_FAIL("cannot convert to {}: only float dtypes convert", dtype_name(dst_type));
 }

@@ -16,15 +16,21 @@ enum class DType : std::uint8_t { kF32, kBF16, kF16, kI32 };
 
 inline constexpr std::size_t dtype_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
-    case DType::kI32: return 4;
-    case DType::kBF16: return 2;
-    case DType::kF16: return 2;
+    case DType::kF32:
+      return 4;
+    case DType::kI32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    case DType::kF16:
+      return 2;
   }
   return 0;
 }
 
-inline constexpr bool is_floating(DType t) { return t != DType::kI32; }
+inline constexpr bool is_floating(DType t) {
+  return t != DType::kI32;
+}
 
 // "fp32", "bf16", "fp16", "int32".
 std::string_view dtype_name(DType t);
@@ -86,9 +92,15 @@ struct DTypeOf<std::int32_t> {
 };
 
 // Load and store any float storage type as fp32.
-inline float to_float(float x) { return x; }
-inline float to_float(bf16 x) { return bf16_to_float(x); }
-inline float to_float(f16 x) { return f16_to_float(x); }
+inline float to_float(float x) {
+  return x;
+}
+inline float to_float(bf16 x) {
+  return bf16_to_float(x);
+}
+inline float to_float(f16 x) {
+  return f16_to_float(x);
+}
 template <typename T>
 inline T from_float(float x);
 template <>

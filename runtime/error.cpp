@@ -9,8 +9,8 @@ namespace meshtrain::detail {
 std::string source_location(const char* file, int line) {
   // __FILE__ is absolute with some generators; keep the part from the layer folder on.
   std::string f = file;
-  for (const char* layer : {"/runtime/", "/comm/", "/parallel/", "/models/", "/launch/", "/tests/",
-                            "/bench/"}) {
+  for (const char* layer :
+       {"/runtime/", "/comm/", "/parallel/", "/models/", "/launch/", "/tests/", "/bench/"}) {
     auto pos = f.rfind(layer);
     if (pos != std::string::npos) {
       f = f.substr(pos + 1);
@@ -30,8 +30,9 @@ void fail_check(const char* file, int line, const char* cond, const std::string&
 }
 
 void fail_assert(const char* file, int line, const char* cond, const std::string& msg) {
-  throw InternalError(fmt::format("internal error (a bug in meshtrain): assertion '{}' failed at {}{}{}",
-                                  cond, source_location(file, line), msg.empty() ? "" : ": ", msg));
+  throw InternalError(
+      fmt::format("internal error (a bug in meshtrain): assertion '{}' failed at {}{}{}", cond,
+                  source_location(file, line), msg.empty() ? "" : ": ", msg));
 }
 
 }  // namespace meshtrain::detail

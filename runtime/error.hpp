@@ -65,18 +65,18 @@ std::string source_location(const char* file, int line);
 
 }  // namespace meshtrain
 
-#define MT_CHECK(cond, ...)                                                           \
-  do {                                                                                \
-    if (!(cond)) [[unlikely]]                                                         \
+#define MT_CHECK(cond, ...)                                                                   \
+  do {                                                                                        \
+    if (!(cond)) [[unlikely]]                                                                 \
       ::meshtrain::detail::fail_check(__FILE__, __LINE__, #cond, ::fmt::format(__VA_ARGS__)); \
   } while (0)
 
-#define MT_ASSERT(cond, ...)                                                          \
-  do {                                                                                \
-    if (!(cond)) [[unlikely]]                                                         \
-      ::meshtrain::detail::fail_assert(__FILE__, __LINE__, #cond,                     \
-                                       ::fmt::format("" __VA_ARGS__));                \
+#define MT_ASSERT(cond, ...)                                                                      \
+  do {                                                                                            \
+    if (!(cond)) [[unlikely]]                                                                     \
+      ::meshtrain::detail::fail_assert(__FILE__, __LINE__, #cond, ::fmt::format("" __VA_ARGS__)); \
   } while (0)
 
 // Throws InvalidArgument unconditionally; for the places where the condition is a switch.
-#define MT_FAIL(...) ::meshtrain::detail::fail_check(__FILE__, __LINE__, nullptr, ::fmt::format(__VA_ARGS__))
+#define MT_FAIL(...) \
+  ::meshtrain::detail::fail_check(__FILE__, __LINE__, nullptr, ::fmt::format(__VA_ARGS__))

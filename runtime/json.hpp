@@ -20,8 +20,8 @@
 namespace meshtrain {
 
 // Parses `text`; throws InvalidArgument starting with `where` (the file) for invalid JSON ("WHERE
-// is not valid JSON (byte N): reason"), nesting deeper than max_depth (the root is depth 1), or an object that has
-// a key twice. Json: nlohmann::json or nlohmann::ordered_json.
+// is not valid JSON (byte N): reason"), nesting deeper than max_depth (the root is depth 1), or an
+// object that has a key twice. Json: nlohmann::json or nlohmann::ordered_json.
 template <typename Json>
 Json parse_json_file_text(std::string_view text, const std::string& where, int max_depth) {
   std::vector<std::set<std::string>> keys;  // one set per open object

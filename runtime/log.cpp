@@ -34,7 +34,9 @@ void set_rank(int rank, int world_size) {
   logger().set_pattern(pattern_for(rank_label()));
 }
 
-int rank() { return g_rank.load(); }
+int rank() {
+  return g_rank.load();
+}
 
 std::string rank_label() {
   const int r = g_rank.load();

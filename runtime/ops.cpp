@@ -51,7 +51,9 @@ std::string bias_dtypes(DType t) {
   return t == DType::kF32 ? "fp32" : fmt::format("{} or fp32", dtype_name(t));
 }
 
-Backend& backend_of(const Tensor& t) { return t.device().backend(); }
+Backend& backend_of(const Tensor& t) {
+  return t.device().backend();
+}
 
 // A LayerNorm forward's affine parameters (`cols` each, of the input's dtype) and its fp32 row
 // statistics (`rows` each).
@@ -111,12 +113,14 @@ void check_linear(const Tensor& x, const Tensor& w, const char* op) {
   check_defined(x, op, "x");
   check_same_device(x, w, op, "w");
   check_float(x, op, "x");
-  MT_CHECK(x.ndim() >= 2, "{}: argument 'x' is {}, expected [.., in_features] with at least 2 "
-           "dimensions", op, x.str());
+  MT_CHECK(x.ndim() >= 2,
+           "{}: argument 'x' is {}, expected [.., in_features] with at least 2 "
+           "dimensions",
+           op, x.str());
   check_dtype(w, x.dtype(), op, "w");
   MT_CHECK(w.ndim() == 2 && w.dim(1) == x.dim(-1),
-           "{}: argument 'w' is {}, expected [out_features, {}] (x is {})", op, w.str(),
-           x.dim(-1), x.str());
+           "{}: argument 'w' is {}, expected [out_features, {}] (x is {})", op, w.str(), x.dim(-1),
+           x.str());
 }
 }  // namespace
 
@@ -261,16 +265,19 @@ void scale_(Tensor& x, float alpha) {
   backend_of(x).scale(x, alpha);
 }
 
-void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
-                       const Tensor& weight, const Tensor& bias, float eps) {
+void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                       const Tensor& bias, float eps) {
   const char* op = "layernorm_forward";
   check_defined(x, op, "x");
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&y, "y"}, {&mean, "mean"},
-                         {&rstd, "rstd"}, {&weight, "weight"}, {&bias, "bias"}})
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&y, "y"},
+                         {&mean, "mean"},
+                         {&rstd, "rstd"},
+                         {&weight, "weight"},
+                         {&bias, "bias"}})
     check_same_device(x, *t, op, name);
   check_float(x, op, "x");
-  MT_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "layernorm_forward: x must have a last dimension, got {}",
-           x.str());
+  MT_CHECK(x.ndim() >= 1 && x.dim(-1) > 0,
+           "layernorm_forward: x must have a last dimension, got {}", x.str());
   MT_CHECK(eps > 0 && std::isfinite(eps), "layernorm_forward: eps must be positive, got {}", eps);
   const std::int64_t cols = x.dim(-1);
   const std::int64_t rows = x.numel() / cols;
@@ -316,8 +323,12 @@ void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor
                         const Tensor& rstd, bool accumulate_dx) {
   const char* op = "layernorm_backward";
   check_defined(x, op, "x");
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dx, "dx"}, {&dweight, "dweight"},
-                         {&dbias, "dbias"}, {&dy, "dy"}, {&weight, "weight"}, {&mean, "mean"},
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dx, "dx"},
+                         {&dweight, "dweight"},
+                         {&dbias, "dbias"},
+                         {&dy, "dy"},
+                         {&weight, "weight"},
+                         {&mean, "mean"},
                          {&rstd, "rstd"}})
     check_same_device(x, *t, op, name);
   check_float(x, op, "x");
@@ -356,8 +367,8 @@ AttnDims check_attention(const Tensor& qkv, const Tensor& out, const Tensor& lse
   MT_CHECK(qkv.ndim() == 3, "{}: qkv must be [B, T, 3C], got {}", op, qkv.str());
   MT_CHECK(n_head >= 1, "{}: n_head must be at least 1, got {}", op, n_head);
   const std::int64_t c3 = qkv.dim(2);
-  MT_CHECK(c3 % (3 * n_head) == 0,
-           "{}: qkv's last dimension {} is not 3 x n_head ({}) x head size", op, c3, n_head);
+  MT_CHECK(c3 % (3 * n_head) == 0, "{}: qkv's last dimension {} is not 3 x n_head ({}) x head size",
+           op, c3, n_head);
   AttnDims d{static_cast<int>(qkv.dim(0)), static_cast<int>(qkv.dim(1)), n_head,
              static_cast<int>(c3 / (3 * n_head))};
   check_shape(out, Shape{d.batch, d.seq, c3 / 3}, op, "out");
@@ -399,7 +410,8 @@ void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tenso
   check_float(qkv, op, "qkv");
   MT_CHECK(qkv.ndim() == 2, "attention_decode: qkv must be [B, 3C], got {}", qkv.str());
   MT_CHECK(n_head >= 1 && qkv.dim(1) % (3 * n_head) == 0,
-           "attention_decode: qkv's width {} is not 3 x n_head ({}) x head size", qkv.dim(1), n_head);
+           "attention_decode: qkv's width {} is not 3 x n_head ({}) x head size", qkv.dim(1),
+           n_head);
   const std::int64_t b = qkv.dim(0), c = qkv.dim(1) / 3;
   check_shape(out, Shape{b, c}, op, "out");
   check_dtype(out, qkv.dtype(), op, "out");
@@ -408,8 +420,8 @@ void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tenso
   check_shape(v_cache, k_cache.shape(), op, "v_cache");
   check_dtype(k_cache, qkv.dtype(), op, "k_cache");
   check_dtype(v_cache, qkv.dtype(), op, "v_cache");
-  MT_CHECK(pos >= 0 && pos < k_cache.dim(1), "attention_decode: position {} outside the cache of {}",
-           pos, k_cache.dim(1));
+  MT_CHECK(pos >= 0 && pos < k_cache.dim(1),
+           "attention_decode: position {} outside the cache of {}", pos, k_cache.dim(1));
   backend_of(qkv).attention_decode(out, k_cache, v_cache, qkv, static_cast<int>(b),
                                    static_cast<int>(k_cache.dim(1)), pos, n_head,
                                    static_cast<int>(c / n_head));
@@ -426,8 +438,9 @@ void check_tokens(const Tensor& tokens, std::int64_t vocab, const char* op) {
   const std::int64_t t = tokens.dim(1);
   MT_CHECK(lo >= 0, "{}: token id {} at position (batch {}, time {}) is negative", op, lo,
            lo_at / t, lo_at % t);
-  MT_CHECK(hi < vocab, "{}: token id {} at position (batch {}, time {}) is outside the vocabulary of {}",
-           op, hi, hi_at / t, hi_at % t, vocab);
+  MT_CHECK(hi < vocab,
+           "{}: token id {} at position (batch {}, time {}) is outside the vocabulary of {}", op,
+           hi, hi_at / t, hi_at % t, vocab);
 }
 }  // namespace
 
@@ -452,8 +465,8 @@ void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, con
              wpe.dim(0));
   }
   if (out.numel() == 0) return;
-  backend_of(wte).embedding_forward(out, tokens, wte, wpe, static_cast<int>(b),
-                                    static_cast<int>(t), static_cast<int>(c));
+  backend_of(wte).embedding_forward(out, tokens, wte, wpe, static_cast<int>(b), static_cast<int>(t),
+                                    static_cast<int>(c));
 }
 
 void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
@@ -479,8 +492,8 @@ void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Te
 }
 
 namespace {
-void check_cross_entropy(const Tensor& logits, const Tensor& lse, const Tensor& targets,
-                         int vocab, const char* op) {
+void check_cross_entropy(const Tensor& logits, const Tensor& lse, const Tensor& targets, int vocab,
+                         const char* op) {
   check_defined(logits, op, "logits");
   check_same_device(logits, lse, op, "lse");
   check_same_device(logits, targets, op, "targets");
@@ -503,8 +516,8 @@ void check_cross_entropy(const Tensor& logits, const Tensor& lse, const Tensor& 
 }
 }  // namespace
 
-void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
-                           const Tensor& targets, int vocab) {
+void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits, const Tensor& targets,
+                           int vocab) {
   const char* op = "cross_entropy_forward";
   check_cross_entropy(logits, lse, targets, vocab, op);
   check_same_device(logits, losses, op, "losses");
@@ -588,8 +601,8 @@ void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, 
                   const AdamWParams& p) {
   const char* op = "adamw_update";
   check_defined(master, op, "master");
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&m, "m"},
-                         {&v, "v"}}) {
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&m, "m"}, {&v, "v"}}) {
     check_same_device(master, *t, op, name);
     check_dtype(*t, DType::kF32, op, name);
     check_numel(*t, master.numel(), op, name);
@@ -606,7 +619,8 @@ void adamw_update(Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, 
   MT_CHECK(p.eps > 0 && p.lr >= 0 && p.weight_decay >= 0 && std::isfinite(p.eps) &&
                std::isfinite(p.lr) && std::isfinite(p.weight_decay),
            "adamw_update: need finite eps > 0, lr >= 0, weight_decay >= 0; got eps {}, lr {}, "
-           "wd {}", p.eps, p.lr, p.weight_decay);
+           "wd {}",
+           p.eps, p.lr, p.weight_decay);
   MT_CHECK(std::isfinite(p.grad_scale), "adamw_update: grad_scale must be finite, got {}",
            p.grad_scale);
   backend_of(master).adamw_update(param, master, grad, m, v, p);
@@ -632,7 +646,9 @@ double norm_of(std::span<const Tensor> tensors, const char* op) {
 }
 }  // namespace
 
-double global_norm(std::span<const Tensor> tensors) { return norm_of(tensors, "global_norm"); }
+double global_norm(std::span<const Tensor> tensors) {
+  return norm_of(tensors, "global_norm");
+}
 
 double clip_grad_norm(std::span<Tensor> tensors, double max_norm) {
   MT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be positive, got {}", max_norm);

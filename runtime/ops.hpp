@@ -21,9 +21,9 @@ namespace meshtrain::ops {
 // ---- matmul -------------------------------------------------------------------------------
 
 struct MatmulOptions {
-  bool trans_a = false;   // a is stored [K, M]
-  bool trans_b = false;   // b is stored [N, K]
-  bool accumulate = false;  // out += result instead of out = result
+  bool trans_a = false;          // a is stored [K, M]
+  bool trans_b = false;          // b is stored [N, K]
+  bool accumulate = false;       // out += result instead of out = result
   const Tensor* bias = nullptr;  // [N], added to every row (not with accumulate)
 };
 
@@ -65,8 +65,8 @@ void scale_(Tensor& x, float alpha);
 
 // y = (x - mean) * rstd * weight + bias over the last dimension C; statistics in fp32.
 // x, y: [.., C]; weight, bias: [C] in x's dtype; mean, rstd: fp32 with x.numel()/C elements.
-void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x,
-                       const Tensor& weight, const Tensor& bias, float eps = 1e-5f);
+void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                       const Tensor& bias, float eps = 1e-5f);
 // Fused residual add and LayerNorm (pre-LN blocks): sum = a + b (rounded to the dtype), then
 // y = layernorm(sum), statistics from the rounded sum: the same as add then layernorm_forward
 // (bit for bit on the CPU, which calls those). sum may alias a or b. CUDA: one pass per row.
@@ -114,8 +114,8 @@ void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Te
 // Fused softmax cross-entropy over the first `vocab` columns of logits [N, V_padded]; padded
 // columns are ignored (they never win and get zero gradient). targets: int32 [N]; a negative
 // target marks a position to ignore (loss 0, gradient 0). losses, lse: fp32 [N].
-void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits,
-                           const Tensor& targets, int vocab);
+void cross_entropy_forward(Tensor& losses, Tensor& lse, const Tensor& logits, const Tensor& targets,
+                           int vocab);
 // dlogits = dloss * (softmax(logits) - onehot(target)), written, padded columns 0. dloss
 // scales every row (1 / number of counted targets for a mean, times the loss scale).
 // dlogits may alias logits.

@@ -34,9 +34,12 @@ PrecisionPolicy PrecisionPolicy::parse(std::string_view name) {
 
 std::string_view PrecisionPolicy::name() const {
   switch (precision) {
-    case Precision::kFP32: return "fp32";
-    case Precision::kBF16: return "bf16";
-    case Precision::kFP16: return "fp16";
+    case Precision::kFP32:
+      return "fp32";
+    case Precision::kBF16:
+      return "bf16";
+    case Precision::kFP16:
+      return "fp16";
   }
   return "?";
 }

@@ -82,7 +82,8 @@ Settings Settings::parse(const std::map<std::string, std::string>& env) {
       s.comm_poll_us = value == "auto" ? 0 : parse_int(name, value, 10);
       MT_CHECK(s.comm_poll_us <= 100000,
                "environment variable {}='{}' is above 100000 (0.1 s between polls would stall "
-               "every collective)", name, value);
+               "every collective)",
+               name, value);
     } else if (name == "MESHTRAIN_ALLOCATOR_CACHE") {
       s.allocator_cache = parse_bool(name, value);
     } else if (name.rfind("MESHTRAIN_", 0) == 0) {

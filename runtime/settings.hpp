@@ -12,10 +12,10 @@
 namespace meshtrain {
 
 struct Settings {
-  int threads = 0;                // MESHTRAIN_THREADS: CPU threads per rank; 0 = cores / local ranks
-  std::string log_level = "info"; // MESHTRAIN_LOG_LEVEL
-  double comm_timeout_s = 600.0;  // MESHTRAIN_COMM_TIMEOUT: seconds before a collective fails
-  bool comm_debug = false;        // MESHTRAIN_COMM_DEBUG: check every collective's signature
+  int threads = 0;  // MESHTRAIN_THREADS: CPU threads per rank; 0 = cores / local ranks
+  std::string log_level = "info";  // MESHTRAIN_LOG_LEVEL
+  double comm_timeout_s = 600.0;   // MESHTRAIN_COMM_TIMEOUT: seconds before a collective fails
+  bool comm_debug = false;         // MESHTRAIN_COMM_DEBUG: check every collective's signature
   // MESHTRAIN_COMM_PROGRESS: "thread" (a background thread advances MPI collectives while the
   // caller computes) or "caller" (only test() and wait() advance them).
   std::string comm_progress = "thread";
@@ -23,7 +23,7 @@ struct Settings {
   // is in flight; it starts at a tenth of it after a poll that moved data. 0 (auto): chosen by
   // comm/ from where the ranks are (comm/mpi/progress.hpp).
   int comm_poll_us = 0;
-  bool allocator_cache = true;    // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
+  bool allocator_cache = true;       // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
   std::vector<std::string> unknown;  // MESHTRAIN_* names that are not in the table
 
   // Parses from a name -> value map (the environment, or a test's).

@@ -33,7 +33,8 @@ Tensor Tensor::from_floats(const std::vector<float>& values, const Shape& shape,
   MT_CHECK(static_cast<std::int64_t>(values.size()) == shape.numel(),
            "from_floats: {} values for shape {} ({} elements)", values.size(), shape.str(),
            shape.numel());
-  MT_CHECK(is_floating(dtype), "from_floats: dtype must be a float type, got {}", dtype_name(dtype));
+  MT_CHECK(is_floating(dtype), "from_floats: dtype must be a float type, got {}",
+           dtype_name(dtype));
   Tensor t = empty(shape, dtype, device);
   std::vector<std::uint8_t> host(t.nbytes());
   convert_host(host.data(), dtype, values.data(), DType::kF32, values.size());
@@ -79,7 +80,8 @@ Tensor Tensor::view(const Shape& shape) const {
 }
 
 Tensor Tensor::slice(std::int64_t start, std::int64_t length) const {
-  MT_CHECK(defined() && ndim() >= 1, "slice needs a defined tensor with a dimension, got {}", str());
+  MT_CHECK(defined() && ndim() >= 1, "slice needs a defined tensor with a dimension, got {}",
+           str());
   MT_CHECK(start >= 0 && length >= 0 && start + length <= shape_[0],
            "slice [{}, {}) out of range for {}", start, start + length, str());
   const std::int64_t row = numel() / std::max<std::int64_t>(shape_[0], 1);
@@ -91,7 +93,9 @@ Tensor Tensor::slice(std::int64_t start, std::int64_t length) const {
   return t;
 }
 
-Tensor Tensor::clone() const { return to(device()); }
+Tensor Tensor::clone() const {
+  return to(device());
+}
 
 Tensor Tensor::to(Device& dev) const {
   Tensor t = empty(shape_, dtype_, dev);
@@ -112,8 +116,8 @@ void Tensor::copy_from(const Tensor& src) {
   Device& dst_dev = device();
   Device& src_dev = src.device();
   if (dtype_ != src.dtype_) {
-    MT_CHECK(is_floating(dtype_) && is_floating(src.dtype_),
-             "copy_from: cannot convert {} to {}", dtype_name(src.dtype_), dtype_name(dtype_));
+    MT_CHECK(is_floating(dtype_) && is_floating(src.dtype_), "copy_from: cannot convert {} to {}",
+             dtype_name(src.dtype_), dtype_name(dtype_));
     if (&dst_dev == &src_dev) {
       Tensor self = *this;
       dst_dev.backend().convert(self, src);
@@ -137,7 +141,9 @@ void Tensor::copy_from(const Tensor& src) {
   }
 }
 
-void Tensor::zero_() { device().fill_zero(data(), nbytes()); }
+void Tensor::zero_() {
+  device().fill_zero(data(), nbytes());
+}
 
 std::vector<float> Tensor::to_floats() const {
   MT_CHECK(is_floating(dtype_), "to_floats on a {} tensor", dtype_name(dtype_));

@@ -21,8 +21,8 @@ namespace meshtrain {
 // non-owning storage wraps memory that someone else keeps alive (a mapped file, a user buffer).
 class Storage {
  public:
-  Storage(Device& device, std::size_t nbytes);                    // owning, from the allocator
-  Storage(Device& device, void* external, std::size_t nbytes);    // non-owning
+  Storage(Device& device, std::size_t nbytes);                  // owning, from the allocator
+  Storage(Device& device, void* external, std::size_t nbytes);  // non-owning
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;

@@ -59,7 +59,8 @@ struct ProgressEngine::Impl {
   std::thread thread;
 
   void run() {
-    const int poll_us = settings().comm_poll_us > 0 ? settings().comm_poll_us : g_auto_poll_us.load();
+    const int poll_us =
+        settings().comm_poll_us > 0 ? settings().comm_poll_us : g_auto_poll_us.load();
     const std::chrono::microseconds max_interval(poll_us);
     const std::chrono::microseconds min_interval(std::max(1, poll_us / 10));
     std::vector<std::shared_ptr<Pollable>> live;
@@ -131,8 +132,8 @@ std::shared_ptr<ProgressEngine> ProgressEngine::acquire() {
   if (auto e = r.engine.lock()) return e;
   int provided = MPI_THREAD_SINGLE;
   MT_MPI_CHECK(MPI_Query_thread(&provided));
-  const bool allowed = provided == MPI_THREAD_MULTIPLE ||
-                       (g_mpi_owned.load() && provided >= MPI_THREAD_SERIALIZED);
+  const bool allowed =
+      provided == MPI_THREAD_MULTIPLE || (g_mpi_owned.load() && provided >= MPI_THREAD_SERIALIZED);
   if (!allowed) {
     log::debug(
         "comm: no progress thread (MPI thread level {} and MPI not initialised by meshtrain); "

@@ -24,7 +24,8 @@
 // registered in one process-wide list of weak references (it owns nothing), and every progress
 // call of any MPI work advances all of them, so that waiting on one operation never starves
 // another one that a peer is waiting on. The progress thread (comm/mpi/progress.hpp) calls
-// ring_progress_all() too, so rings move while the caller computes. Internal to comm/; no mpi.h here.
+// ring_progress_all() too, so rings move while the caller computes. Internal to comm/; no mpi.h
+// here.
 #pragma once
 
 #include <cstdint>

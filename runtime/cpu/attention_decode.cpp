@@ -8,9 +8,8 @@
 
 namespace meshtrain::cpu {
 
-void CpuBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache,
-                                  const Tensor& qkv, int batch, int max_seq, int pos, int n_head,
-                                  int head_size) {
+void CpuBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
+                                  int batch, int max_seq, int pos, int n_head, int head_size) {
   const std::int64_t c = static_cast<std::int64_t>(n_head) * head_size;
   dispatch_float(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -19,7 +18,8 @@ void CpuBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache,
     T* vc = static_cast<T*>(v_cache.data());
     T* o = static_cast<T*>(out.data());
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_size));
-#pragma omp parallel for collapse(2) schedule(static) if (batch * n_head * (pos + 1) * head_size > 1 << 16)
+#pragma omp parallel for collapse(2) \
+    schedule(static) if (batch * n_head * (pos + 1) * head_size > 1 << 16)
     for (int b = 0; b < batch; ++b) {
       for (int h = 0; h < n_head; ++h) {
         const T* row = in + b * 3 * c;
@@ -29,7 +29,8 @@ void CpuBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache,
           krow[h * head_size + d] = row[c + h * head_size + d];
           vrow[h * head_size + d] = row[2 * c + h * head_size + d];
         }
-        std::vector<float> q(static_cast<std::size_t>(head_size)), acc(static_cast<std::size_t>(head_size), 0.0f);
+        std::vector<float> q(static_cast<std::size_t>(head_size)),
+            acc(static_cast<std::size_t>(head_size), 0.0f);
         for (int d = 0; d < head_size; ++d) q[d] = to_float(row[h * head_size + d]) * scale;
         // Online softmax over positions 0..pos: one pass, fp32.
         float mx = -INFINITY, denom = 0.0f;

@@ -30,8 +30,8 @@ class CpuBackend final : public Backend {
   void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int batch, int seq, int n_head,
                           int head_size) override;
-  void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        int batch, int max_seq, int pos, int n_head, int head_size) override;
+  void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int batch,
+                        int max_seq, int pos, int n_head, int head_size) override;
   void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe,
                          int batch, int seq, int channels) override;
   void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
@@ -40,8 +40,8 @@ class CpuBackend final : public Backend {
                              const Tensor& targets, std::int64_t rows, std::int64_t padded_vocab,
                              int vocab) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& lse,
-                              const Tensor& targets, std::int64_t rows,
-                              std::int64_t padded_vocab, int vocab, float dloss) override;
+                              const Tensor& targets, std::int64_t rows, std::int64_t padded_vocab,
+                              int vocab, float dloss) override;
   void linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const Tensor& w,
                            const Tensor* bias, std::int64_t m, std::int64_t n,
                            std::int64_t k) override;
@@ -65,10 +65,17 @@ class CpuBackend final : public Backend {
 template <typename F>
 void dispatch_float(DType t, F&& f) {
   switch (t) {
-    case DType::kF32: f(float{}); return;
-    case DType::kBF16: f(bf16{}); return;
-    case DType::kF16: f(f16{}); return;
-    case DType::kI32: break;
+    case DType::kF32:
+      f(float{});
+      return;
+    case DType::kBF16:
+      f(bf16{});
+      return;
+    case DType::kF16:
+      f(f16{});
+      return;
+    case DType::kI32:
+      break;
   }
   MT_FAIL("expected a float dtype, got {}", dtype_name(t));
 }

@@ -20,8 +20,8 @@ void* aligned_host_alloc(std::size_t nbytes) {
 class CpuDevice final : public Device {
  public:
   CpuDevice()
-      : allocator_(aligned_host_alloc, [](void* p) { std::free(p); },
-                   settings().allocator_cache) {}
+      : allocator_(
+            aligned_host_alloc, [](void* p) { std::free(p); }, settings().allocator_cache) {}
 
   DeviceType type() const override { return DeviceType::kCPU; }
   int index() const override { return 0; }

@@ -76,9 +76,9 @@ void gelu_backward_range(T* g_in, const T* g_out, const T* in, std::int64_t n) {
     const __m512 th = tanh512(gelu_inner(v));
     const __m512 sech2 = _mm512_fnmadd_ps(th, th, one);
     const __m512 dudx = _mm512_fmadd_ps(_mm512_mul_ps(cube3, v), v, one);
-    const __m512 slope = _mm512_maskz_mov_ps(
-        _mm512_cmp_ps_mask(sech2, _mm512_setzero_ps(), _CMP_GT_OQ),
-        _mm512_mul_ps(_mm512_mul_ps(slope_c, v), _mm512_mul_ps(sech2, dudx)));
+    const __m512 slope =
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sech2, _mm512_setzero_ps(), _CMP_GT_OQ),
+                            _mm512_mul_ps(_mm512_mul_ps(slope_c, v), _mm512_mul_ps(sech2, dudx)));
     const __m512 local = _mm512_fmadd_ps(half, _mm512_add_ps(one, th), slope);
     store16(g_in + i, _mm512_mul_ps(local, load16(g_out + i, m)), m);
   }
@@ -129,7 +129,8 @@ void CpuBackend::convert(Tensor& dst, const Tensor& src) {
 #pragma omp parallel for schedule(static) if (chunks > 1)
   for (std::int64_t c = 0; c < chunks; ++c) {
     const std::int64_t b = chunk_begin(c, n, chunks), e = chunk_begin(c + 1, n, chunks);
-    convert_host(d + b * dsz, dst.dtype(), s + b * ssz, src.dtype(), static_cast<std::size_t>(e - b));
+    convert_host(d + b * dsz, dst.dtype(), s + b * ssz, src.dtype(),
+                 static_cast<std::size_t>(e - b));
   }
 }
 
@@ -221,7 +222,8 @@ void CpuBackend::bias_backward(Tensor& dbias, const Tensor& dy, std::int64_t row
     }
   });
   for (std::int64_t c = 0; c < chunks; ++c)
-    for (std::int64_t j = 0; j < cols; ++j) db[j] += partial[static_cast<std::size_t>(c * cols + j)];
+    for (std::int64_t j = 0; j < cols; ++j)
+      db[j] += partial[static_cast<std::size_t>(c * cols + j)];
 }
 
 }  // namespace meshtrain::cpu

@@ -87,7 +87,8 @@ void CpuBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, 
     for (std::int64_t c = 0; c < chunks; ++c) {
       float* pdw = partial.data() + c * cols * 2;
       float* pdb = pdw + cols;
-      std::vector<float> norm(static_cast<std::size_t>(cols)), dnorm(static_cast<std::size_t>(cols));
+      std::vector<float> norm(static_cast<std::size_t>(cols)),
+          dnorm(static_cast<std::size_t>(cols));
       const std::int64_t e = chunk_begin(c + 1, rows, chunks);
       for (std::int64_t r = chunk_begin(c, rows, chunks); r < e; ++r) {
         const T* xr = in + r * cols;
@@ -109,7 +110,8 @@ void CpuBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, 
           store16(pdw + j, _mm512_fmadd_ps(gv, nv, load16(pdw + j, k)), k);
           store16(pdb + j, _mm512_add_ps(gv, load16(pdb + j, k)), k);
         }
-        const __m512 dnorm_mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc_dn) / static_cast<float>(cols));
+        const __m512 dnorm_mean =
+            _mm512_set1_ps(_mm512_reduce_add_ps(acc_dn) / static_cast<float>(cols));
         const __m512 dnorm_norm_mean =
             _mm512_set1_ps(_mm512_reduce_add_ps(acc_dnn) / static_cast<float>(cols));
         for (int j = 0; j < n; j += 16) {

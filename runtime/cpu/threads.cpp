@@ -16,7 +16,9 @@ void set_num_threads(int n) {
   omp_set_num_threads(n);
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  return omp_get_max_threads();
+}
 
 int default_num_threads(int local_ranks) {
   if (settings().threads > 0) return settings().threads;

@@ -125,8 +125,8 @@ void cross_entropy_backward(DType t, void* dlogits, const void* logits, const fl
                             std::int64_t padded_vocab, int vocab, float dloss, cudaStream_t s) {
   dispatch_float(t, [&](auto tag) {
     // Any negative target ignores its row.
-    launch_backward<typename decltype(tag)::type>(dlogits, logits, lse, targets, rows,
-                                                  padded_vocab, vocab, dloss, /*ignored=*/-1, s);
+    launch_backward<typename decltype(tag)::type>(dlogits, logits, lse, targets, rows, padded_vocab,
+                                                  vocab, dloss, /*ignored=*/-1, s);
   });
 }
 

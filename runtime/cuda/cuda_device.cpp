@@ -225,7 +225,9 @@ cudaStream_t stream_of(Device& device) {
   return d->stream();
 }
 
-void* compute_stream(Device& device) { return stream_of(device); }
+void* compute_stream(Device& device) {
+  return stream_of(device);
+}
 
 namespace {
 int cuda_index(Device& device) {

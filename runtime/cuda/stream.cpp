@@ -22,10 +22,13 @@ Stream& Stream::operator=(Stream&& o) noexcept {
   return *this;
 }
 
-void Stream::synchronize() const { MT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void Stream::synchronize() const {
+  MT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
 Event::Event(bool timing) {
-  MT_CUDA_CHECK(cudaEventCreateWithFlags(&event_, timing ? cudaEventDefault : cudaEventDisableTiming));
+  MT_CUDA_CHECK(
+      cudaEventCreateWithFlags(&event_, timing ? cudaEventDefault : cudaEventDisableTiming));
 }
 
 Event::~Event() {
@@ -39,7 +42,9 @@ Event& Event::operator=(Event&& o) noexcept {
   return *this;
 }
 
-void Event::record(cudaStream_t stream) { MT_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+void Event::record(cudaStream_t stream) {
+  MT_CUDA_CHECK(cudaEventRecord(event_, stream));
+}
 
 void Event::block(cudaStream_t stream) const {
   MT_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0));
@@ -52,7 +57,9 @@ bool Event::query() const {
   return true;
 }
 
-void Event::synchronize() const { MT_CUDA_CHECK(cudaEventSynchronize(event_)); }
+void Event::synchronize() const {
+  MT_CUDA_CHECK(cudaEventSynchronize(event_));
+}
 
 float Event::elapsed_ms(const Event& later) const {
   float ms = 0.0f;
@@ -71,7 +78,8 @@ int device_count() {
 
 int device_for_local_rank(int local_rank) {
   const int n = device_count();
-  if (n == 0) throw CudaError("no CUDA device is visible to this process (" + log::rank_label() + ")");
+  if (n == 0)
+    throw CudaError("no CUDA device is visible to this process (" + log::rank_label() + ")");
   MT_CHECK(local_rank >= 0, "local rank must be non-negative, got {}", local_rank);
   return local_rank % n;
 }

@@ -26,10 +26,10 @@ void init();
 
 [[noreturn]] void finding(const std::string& what);
 
-#define FUZZ_EXPECT(cond, ...)                                                            \
-  do {                                                                                    \
-    if (!(cond))                                                                          \
-      ::meshtrain::fuzz::finding(fmt::format("invariant '{}' broken at {}:{}: {}", #cond, \
+#define FUZZ_EXPECT(cond, ...)                                                               \
+  do {                                                                                       \
+    if (!(cond))                                                                             \
+      ::meshtrain::fuzz::finding(fmt::format("invariant '{}' broken at {}:{}: {}", #cond,    \
                                              __FILE__, __LINE__, fmt::format(__VA_ARGS__))); \
   } while (0)
 

@@ -84,12 +84,12 @@ Setup& setup() {
     const std::int64_t n = s->n1;
     // Uneven write ranges: pieces start and end inside rows and tensors.
     const parallel::FlatRanges write = {{0, n / 3}, {n / 3, n / 3 + 77}, {n / 3 + 77, n}};
-    s->dir = parallel::save_checkpoint(
-        mesh, s->root, 7, s->tp1, n,
-        {{"master", values(n, 0.5f), 0, {}}, {"adam_m", values(n, 0.25f), 0, {}},
-         {"adam_v", values(n, 0.125f), 0, {}}},
-        write, parallel::CheckpointLayout{1, 1, 0}, launch::checkpoint_state_json(st),
-        config_toml, 0);
+    s->dir = parallel::save_checkpoint(mesh, s->root, 7, s->tp1, n,
+                                       {{"master", values(n, 0.5f), 0, {}},
+                                        {"adam_m", values(n, 0.25f), 0, {}},
+                                        {"adam_v", values(n, 0.125f), 0, {}}},
+                                       write, parallel::CheckpointLayout{1, 1, 0},
+                                       launch::checkpoint_state_json(st), config_toml, 0);
     return s;
   }();
   return *s;
@@ -117,22 +117,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::write_file(s.dir + "/manifest.json", data, size);
   bool ok = fuzz::accepts(s.dir, [&] {
     const parallel::CheckpointInfo info = parallel::read_checkpoint_info(s.dir);
-    const launch::CheckpointState st = launch::parse_checkpoint_state(s.dir, info.state_json, s.model);
+    const launch::CheckpointState st =
+        launch::parse_checkpoint_state(s.dir, info.state_json, s.model);
     FUZZ_EXPECT(std::isfinite(st.loss_scale) && st.loss_scale > 0, "scale {}", st.loss_scale);
   });
   ok = fuzz::accepts(s.dir, [&] { parallel::verify_checkpoint(s.dir); }) && ok;
   // This rank's buffers, a little longer than the model (elements beyond it are left alone).
-  auto load = [&](const std::vector<parallel::TensorSlot>& slots, std::int64_t n, int rank, int tp) {
+  auto load = [&](const std::vector<parallel::TensorSlot>& slots, std::int64_t n, int rank,
+                  int tp) {
     return fuzz::accepts(s.dir, [&] {
       Tensor master = Tensor::zeros(Shape{n + 3}, DType::kF32);
       Tensor m = Tensor::zeros(Shape{n}, DType::kF32), v = Tensor::zeros(Shape{n}, DType::kF32);
       // adam_m as two segments in reverse order (ZeRO-1 owned pieces), adam_v from flat 1 on.
       const std::int64_t half = n / 2;
       const std::vector<parallel::FlatSegment> segs = {{half, 0, n - half}, {0, n - half, half}};
-      parallel::load_checkpoint(s.dir, slots, n,
-                                {{"master", master, 0, {}}, {"adam_m", m, 0, segs},
-                                 {"adam_v", v.slice(1, n - 1), 1, {}}},
-                                rank, tp);
+      parallel::load_checkpoint(
+          s.dir, slots, n,
+          {{"master", master, 0, {}}, {"adam_m", m, 0, segs}, {"adam_v", v.slice(1, n - 1), 1, {}}},
+          rank, tp);
       const std::vector<float> tail = master.slice(n, 3).to_floats();
       FUZZ_EXPECT(tail[0] == 0 && tail[1] == 0 && tail[2] == 0, "wrote past the model");
     });

@@ -23,10 +23,10 @@ void write_seeds(const std::string& dir) {
        "lr = 3e-4\nsteps = 2000\nbatch_size = 4\nseq_len = 1024\nprecision = \"fp16\"\n"
        "schedule = \"wsd\"\nseed = 9007199254740992\n\n[dp]\nbucket_mb = 12.5\n\n"
        "[checkpoint]\nevery = 100\nrollback_after = 2\n",
-       {"train.lr=1e-3", "data.train=corpus.txt", "sample.prompt=\"Once\\tupon\"",
-        "train.tp=2"});
-  seed("seed-sets.toml", "", {"model.preset=gpt-tiny", "train.seq_len=64", "run.dir=2024",
-                              "data.val=[\"v1.bin\", \"v2.bin\"]", "sample.temperature=0"});
+       {"train.lr=1e-3", "data.train=corpus.txt", "sample.prompt=\"Once\\tupon\"", "train.tp=2"});
+  seed("seed-sets.toml", "",
+       {"model.preset=gpt-tiny", "train.seq_len=64", "run.dir=2024",
+        "data.val=[\"v1.bin\", \"v2.bin\"]", "sample.temperature=0"});
 }
 
 }  // namespace meshtrain::fuzz
@@ -41,7 +41,8 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const char* text = reinterpret_cast<const char*>(data);
   const void* nul = std::memchr(data, 0, size);
-  const std::size_t toml_len = nul ? static_cast<std::size_t>(static_cast<const std::uint8_t*>(nul) - data) : size;
+  const std::size_t toml_len =
+      nul ? static_cast<std::size_t>(static_cast<const std::uint8_t*>(nul) - data) : size;
   std::vector<std::string> sets;
   for (std::size_t i = toml_len; i < size;) {
     const std::size_t begin = i + 1;
@@ -67,11 +68,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     again = launch::load_config(again_path, {});
   } catch (const std::exception& e) {
-    fuzz::finding(fmt::format("to_toml wrote a config that does not load back: {}\n{}", e.what(),
-                              printed));
+    fuzz::finding(
+        fmt::format("to_toml wrote a config that does not load back: {}\n{}", e.what(), printed));
   }
-  FUZZ_EXPECT(launch::to_toml(again) == printed, "the config changed when loaded back:\n{}\n---\n{}",
-              printed, launch::to_toml(again));
+  FUZZ_EXPECT(launch::to_toml(again) == printed,
+              "the config changed when loaded back:\n{}\n---\n{}", printed, launch::to_toml(again));
   // The model it describes (preset, overrides, vocabulary, sequence length).
   fuzz::accepts("", [&] { launch::model_config(cfg); });
   return 0;

@@ -63,8 +63,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::g_accepted = fuzz::accepts(dir, [&] {
     const launch::ImportedModel m = launch::import_hf(dir);
     const auto params = models::GPT::param_layout(m.config);
-    FUZZ_EXPECT(m.weights.size() == params.size(), "{} weights for {} parameters",
-                m.weights.size(), params.size());
+    FUZZ_EXPECT(m.weights.size() == params.size(), "{} weights for {} parameters", m.weights.size(),
+                params.size());
     for (std::size_t i = 0; i < params.size(); ++i)
       FUZZ_EXPECT(m.weights[i].first == params[i].name &&
                       m.weights[i].second.shape() == params[i].shape &&

@@ -94,8 +94,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         const Tensor& a = file.tensors[i].second;
         const Tensor& b = mem.tensors[i].second;
         FUZZ_EXPECT(file.tensors[i].first == mem.tensors[i].first && a.shape() == b.shape() &&
-                        a.dtype() == b.dtype() &&
-                        std::memcmp(a.data(), b.data(), a.nbytes()) == 0,
+                        a.dtype() == b.dtype() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0,
                     "tensor {} differs", i);
       }
     } catch (const InternalError&) {

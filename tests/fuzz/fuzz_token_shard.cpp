@@ -30,8 +30,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::write_file(path, data, size);
   fuzz::g_accepted = fuzz::accepts(path, [&] {
     const data::TokenFile f(path, data::Format::kTokens);
-    FUZZ_EXPECT(f.size() >= 1 && data::kShardHeaderBytes + 2 * static_cast<std::uint64_t>(f.size()) == size,
-                "{} tokens in {} bytes", f.size(), size);
+    FUZZ_EXPECT(
+        f.size() >= 1 && data::kShardHeaderBytes + 2 * static_cast<std::uint64_t>(f.size()) == size,
+        "{} tokens in {} bytes", f.size(), size);
     std::int32_t most = 0;
     for (std::int64_t i = 0; i < f.size(); ++i) {
       FUZZ_EXPECT(f.token(i) >= 0 && f.token(i) <= 65535, "token {} = {}", i, f.token(i));

@@ -21,11 +21,16 @@ int main(int argc, char** argv) {
     int batch = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
       const std::string f = argv[i], v = argv[i + 1];
-      if (f == "--run") run = v;
-      else if (f == "--tokens") tokens = v;
-      else if (f == "--batch") batch = std::stoi(v);
-      else if (f == "--out") out = v;
-      else MT_FAIL("hf_runner: unknown flag {}", f);
+      if (f == "--run")
+        run = v;
+      else if (f == "--tokens")
+        tokens = v;
+      else if (f == "--batch")
+        batch = std::stoi(v);
+      else if (f == "--out")
+        out = v;
+      else
+        MT_FAIL("hf_runner: unknown flag {}", f);
     }
     cpu::set_num_threads(1);
     launch::TrainConfig cfg =
@@ -36,7 +41,8 @@ int main(int argc, char** argv) {
     std::stringstream ss(tokens);
     for (std::string t; std::getline(ss, t, ',');) ids.push_back(std::stoi(t));
     const std::int64_t b = batch, t = static_cast<std::int64_t>(ids.size()) / batch;
-    MT_CHECK(b * t == static_cast<std::int64_t>(ids.size()), "hf_runner: tokens not divisible by batch");
+    MT_CHECK(b * t == static_cast<std::int64_t>(ids.size()),
+             "hf_runner: tokens not divisible by batch");
     model.forward(Tensor::from_ints(ids, Shape{b, t}));
     const Tensor& logits = model.logits();  // [B, T, padded_vocab]
     const std::int64_t pv = logits.shape()[2], v = model.config().vocab_size;

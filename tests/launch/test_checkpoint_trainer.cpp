@@ -49,8 +49,8 @@ class CheckpointTrainerTest : public ::testing::Test {
   // the weights are replaced.
   static void poison(Trainer& t) {
     Tensor& w = t.model().flat_master();
-    w.slice(0, 1).copy_from(Tensor::from_floats({std::numeric_limits<float>::quiet_NaN()}, Shape{1},
-                                                DType::kF32));
+    w.slice(0, 1).copy_from(
+        Tensor::from_floats({std::numeric_limits<float>::quiet_NaN()}, Shape{1}, DType::kF32));
   }
   fs::path dir_;
 };

@@ -217,12 +217,17 @@ TEST_F(ConfigTest, NonAsciiOutsideStringValuesIsRefusedBeforeParsing) {
     std::ofstream(p, std::ios::trunc | std::ios::binary) << text;
     return error_of([&] { load_config(p, {}); });
   };
-  EXPECT_HAS(error("\xcf\x91"), "config file " + p + ":1:1: a character that is not ASCII outside a string");
-  EXPECT_HAS(error("[sample]\ntop_k = 4\xc2\xa7\n"), p + ":2:10: a character that is not ASCII outside");
-  EXPECT_HAS(error("[model]\n\"pr\xc3\xa9set\" = 'gpt2'\n"), p + ":2:4: a quoted key holds a character");
+  EXPECT_HAS(error("\xcf\x91"),
+             "config file " + p + ":1:1: a character that is not ASCII outside a string");
+  EXPECT_HAS(error("[sample]\ntop_k = 4\xc2\xa7\n"),
+             p + ":2:10: a character that is not ASCII outside");
+  EXPECT_HAS(error("[model]\n\"pr\xc3\xa9set\" = 'gpt2'\n"),
+             p + ":2:4: a quoted key holds a character");
   EXPECT_HAS(error("[\"m\xc3\xa9\"]\n"), p + ":1:4: a quoted key holds");
-  EXPECT_HAS(error("t=0\"\xc3\xa0"), p + ":1:5: a character that is not ASCII outside");  // in a bare value
-  EXPECT_HAS(error("t=2.'\xcd\x8c"), p + ":1:6: a character that is not ASCII outside");  // after a float's '.'
+  EXPECT_HAS(error("t=0\"\xc3\xa0"),
+             p + ":1:5: a character that is not ASCII outside");  // in a bare value
+  EXPECT_HAS(error("t=2.'\xcd\x8c"),
+             p + ":1:6: a character that is not ASCII outside");  // after a float's '.'
   EXPECT_HAS(error("[sample]\nprompt = \"\"\"a\\\n  \xc2\xa7\"\"\"\n"),
              p + ":3:3: a character that is not ASCII right after a backslash or a line-ending");
   std::ofstream(p, std::ios::trunc | std::ios::binary)
@@ -315,10 +320,11 @@ TEST_F(ConfigTest, ToTomlRoundTrips) {
   }
   // Strings that toml++'s printer wrote as multi-line literals that did not read back (found by
   // fuzzing): quotes of both kinds, runs of them, newlines, control characters.
-  for (const std::string& v :
-       {std::string("it's"), std::string("'''"), std::string("a'''b\n'"), std::string("x\ny'"),
-        std::string("\"\"\""), std::string("''''"), std::string("tab\tand\x01" "ctrl\x7f"),
-        std::string("caf\xc3\xa9'\n"), std::string("\\'\\\"")}) {
+  for (const std::string& v : {std::string("it's"), std::string("'''"), std::string("a'''b\n'"),
+                               std::string("x\ny'"), std::string("\"\"\""), std::string("''''"),
+                               std::string("tab\tand\x01"
+                                           "ctrl\x7f"),
+                               std::string("caf\xc3\xa9'\n"), std::string("\\'\\\"")}) {
     TrainConfig c;
     c.run_dir = v;
     c.prompt = v + v;

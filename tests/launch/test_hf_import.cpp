@@ -72,8 +72,7 @@ TEST_F(HfImportTest, TheExportImports) {
 // Found by fuzzing: optional fields of another JSON type escaped as nlohmann::type_error.
 TEST_F(HfImportTest, OptionalFieldsOfTheWrongTypeAreNamed) {
   const std::string cfg = (dir_ / "config.json").string();
-  for (const auto& [key, value] :
-       std::vector<std::pair<std::string, nlohmann::ordered_json>>{
+  for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::ordered_json>>{
            {"activation_function", 5},
            {"layer_norm_epsilon", "1e-5"},
            {"scale_attn_weights", 1},

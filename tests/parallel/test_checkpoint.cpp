@@ -23,7 +23,9 @@ namespace fs = std::filesystem;
 constexpr int kC = 8;        // width: divisible by every TP size used (1, 2, 4)
 constexpr int kVocab = 200;  // real rows of the embedding
 
-int padded_vocab(int tp) { return (kVocab + 8 * tp - 1) / (8 * tp) * (8 * tp); }
+int padded_vocab(int tp) {
+  return (kVocab + 8 * tp - 1) / (8 * tp) * (8 * tp);
+}
 
 struct Spec {
   std::string name;
@@ -33,9 +35,12 @@ struct Spec {
 };
 
 std::vector<Spec> specs(int tp) {
-  return {{"wte", {padded_vocab(tp), kC}, 0, 1, true},  {"qkv.w", {3 * kC, kC}, 0, 3, false},
-          {"qkv.b", {3 * kC}, 0, 3, false},              {"proj.w", {kC, kC}, 1, 1, false},
-          {"proj.b", {kC}, -1, 1, false},                {"ln", {kC}, -1, 1, false}};
+  return {{"wte", {padded_vocab(tp), kC}, 0, 1, true},
+          {"qkv.w", {3 * kC, kC}, 0, 3, false},
+          {"qkv.b", {3 * kC}, 0, 3, false},
+          {"proj.w", {kC, kC}, 1, 1, false},
+          {"proj.b", {kC}, -1, 1, false},
+          {"ln", {kC}, -1, 1, false}};
 }
 
 // The value of element `idx` (full coordinates, row-major) of tensor t, state kind k.
@@ -119,7 +124,12 @@ void check_load(const std::string& dir, int r, int tp, std::int64_t lo, std::int
   len = std::min(len, L.n - lo);
   std::vector<FlatState> targets;
   for (const char* k : kKinds)
-    targets.push_back(FlatState{k, Tensor::from_floats(std::vector<float>(static_cast<std::size_t>(len), -1.0f), Shape{len}, DType::kF32), lo, {}});
+    targets.push_back(
+        FlatState{k,
+                  Tensor::from_floats(std::vector<float>(static_cast<std::size_t>(len), -1.0f),
+                                      Shape{len}, DType::kF32),
+                  lo,
+                  {}});
   load_checkpoint(dir, L.slots, L.n, targets, r, tp);
   for (int k = 0; k < 3; ++k) {
     const float* got = targets[k].data.data_as<float>();
@@ -163,8 +173,8 @@ TEST_F(CheckpointTest, EveryLayoutLoadsEveryOther) {
     for (int tp : {1, 2, 4})
       for (int r = 0; r < tp; ++r) {
         const std::int64_t n = make_local(r, tp).n;
-        check_load(ck, r, tp, 0, n);               // everything (no ZeRO)
-        check_load(ck, r, tp, n / 3, n / 3 + 1);   // a ZeRO-style range
+        check_load(ck, r, tp, 0, n);              // everything (no ZeRO)
+        check_load(ck, r, tp, n / 3, n / 3 + 1);  // a ZeRO-style range
       }
     verify_checkpoint(ck);
     ++step;
@@ -221,7 +231,8 @@ TEST_F(CheckpointTest, LatestSkipsIncompleteAndKeepPrunes) {
   EXPECT_EQ(latest_checkpoint(dir_.string()), (dir_ / "step_00000002").string());
   for (int s : {4, 6, 8}) save_layout(dir_.string(), s, 2, 1, /*keep=*/2);
   std::vector<std::string> names;
-  for (const std::string& p : list_checkpoints(dir_.string())) names.push_back(fs::path(p).filename());
+  for (const std::string& p : list_checkpoints(dir_.string()))
+    names.push_back(fs::path(p).filename());
   EXPECT_EQ(names, (std::vector<std::string>{"step_00000006", "step_00000008"}));
   EXPECT_FALSE(fs::exists(dir_ / ".tmp-step_00000009"));  // cleaned by the next save
   EXPECT_FALSE(fs::exists(dir_ / ".del-step_00000001"));
@@ -238,7 +249,8 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
     std::ifstream in(mf);
     return std::string(std::istreambuf_iterator<char>(in), {});
   }();
-  auto expect_error = [&](const std::function<void(nlohmann::json&)>& edit, const std::string& msg) {
+  auto expect_error = [&](const std::function<void(nlohmann::json&)>& edit,
+                          const std::string& msg) {
     nlohmann::json j = nlohmann::json::parse(good);
     edit(j);
     std::ofstream(mf) << j.dump();
@@ -253,11 +265,15 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
   };
   expect_error([](nlohmann::json& j) { j["pieces"].push_back(j["pieces"][0]); }, "stored twice");
   expect_error([](nlohmann::json& j) { j["pieces"][0]["offsets"][0] = 1 << 30; }, "leaves tensor");
-  expect_error([](nlohmann::json& j) { j["pieces"][0]["flat"][1] = 1 << 30; }, "not within the box");
-  expect_error([](nlohmann::json& j) { j["pieces"][0]["file"] = "../../etc/passwd"; }, "not in 'files'");
-  expect_error([](nlohmann::json& j) { j["files"]["../x"] = j["files"]["config.toml"]; }, "plain file name");
+  expect_error([](nlohmann::json& j) { j["pieces"][0]["flat"][1] = 1 << 30; },
+               "not within the box");
+  expect_error([](nlohmann::json& j) { j["pieces"][0]["file"] = "../../etc/passwd"; },
+               "not in 'files'");
+  expect_error([](nlohmann::json& j) { j["files"]["../x"] = j["files"]["config.toml"]; },
+               "plain file name");
   expect_error([](nlohmann::json& j) { j["version"] = 3; }, "version 3 is not supported");
-  expect_error([](nlohmann::json& j) { j["tensors"].erase("ln"); }, "tensor 'ln' is not in 'tensors'");
+  expect_error([](nlohmann::json& j) { j["tensors"].erase("ln"); },
+               "tensor 'ln' is not in 'tensors'");
   // Each block is checked as it is read: a wrong block checksum is named with its bytes.
   expect_error(
       [](nlohmann::json& j) {

@@ -55,8 +55,8 @@ struct TpRun {
 };
 
 // dp x tp ranks, `b` rows per DP rank and step; AdamW with clipping at max_norm.
-TpRun train(const std::string& model, int dp, int tp, int b, int steps, const std::string& precision,
-          double max_norm = 1.0) {
+TpRun train(const std::string& model, int dp, int tp, int b, int steps,
+            const std::string& precision, double max_norm = 1.0) {
   cpu::set_num_threads(1);
   TpRun result;
   std::mutex mu;
@@ -81,7 +81,8 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps, const st
       o.first_bucket_bytes = 4096;
       o.bucket_bytes = 32 * 1024;
       reducer = std::make_unique<GradReducer>(mesh.dp(), gpt.flat_grads(), ranges, o);
-      gpt.set_grads_ready_hook([&](std::int64_t lo, std::int64_t hi) { reducer->grads_ready(lo, hi); });
+      gpt.set_grads_ready_hook(
+          [&](std::int64_t lo, std::int64_t hi) { reducer->grads_ready(lo, hi); });
     }
     const std::int64_t np = gpt.num_parameters();
     Tensor m = Tensor::zeros(Shape{np}, DType::kF32), v = Tensor::zeros(Shape{np}, DType::kF32);
@@ -94,9 +95,9 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps, const st
         std::copy(t.begin() + 1, t.end(), tg.begin() + i * kSeq);
       }
       if (reducer) reducer->begin_step(true);
-      Tensor loss = Tensor::from_floats(
-          {gpt.forward(Tensor::from_ints(in, Shape{b, kSeq}), Tensor::from_ints(tg, Shape{b, kSeq}))},
-          Shape{1}, DType::kF32);
+      Tensor loss = Tensor::from_floats({gpt.forward(Tensor::from_ints(in, Shape{b, kSeq}),
+                                                     Tensor::from_ints(tg, Shape{b, kSeq}))},
+                                        Shape{1}, DType::kF32);
       gpt.backward();
       if (reducer) {
         reducer->finish();
@@ -124,11 +125,13 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps, const st
     std::vector<float> rep, own;
     for (std::size_t i = 0; i < gpt.params().size(); ++i) {
       const models::ParamInfo& p = gpt.params()[i];
-      Tensor t = gather_full(gpt.master(i), p.full_shape, p.shard_dim, p.shard_parts, TPGroup(mesh.tp()));
+      Tensor t =
+          gather_full(gpt.master(i), p.full_shape, p.shard_dim, p.shard_parts, TPGroup(mesh.tp()));
       if (p.name == "wte.weight") t = t.slice(0, cfg.vocab_size);
       full.push_back(t.to_floats());
       const std::vector<float> mine = gpt.master(i).to_floats();
-      (p.shard_dim < 0 ? rep : own).insert((p.shard_dim < 0 ? rep : own).end(), mine.begin(), mine.end());
+      (p.shard_dim < 0 ? rep : own)
+          .insert((p.shard_dim < 0 ? rep : own).end(), mine.begin(), mine.end());
     }
     std::lock_guard<std::mutex> lock(mu);
     if (c.rank() == 0) result.params = full;
@@ -137,7 +140,8 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps, const st
   });
   for (int r = 0; r < dp * tp; ++r) {
     result.replicated_equal &= replicated[static_cast<std::size_t>(r)] == replicated[0];
-    result.dp_equal &= shards[static_cast<std::size_t>(r)] == shards[static_cast<std::size_t>(r % tp)];
+    result.dp_equal &=
+        shards[static_cast<std::size_t>(r)] == shards[static_cast<std::size_t>(r % tp)];
   }
   return result;
 }
@@ -148,7 +152,8 @@ void expect_close(const TpRun& got, const TpRun& want, float loss_tol, float par
   ASSERT_EQ(got.losses.size(), want.losses.size());
   for (std::size_t s = 0; s < got.losses.size(); ++s) {
     EXPECT_NEAR(got.losses[s], want.losses[s], loss_tol * std::abs(want.losses[s])) << "step " << s;
-    EXPECT_NEAR(got.norms[s], want.norms[s], 10 * loss_tol * std::abs(want.norms[s])) << "step " << s;
+    EXPECT_NEAR(got.norms[s], want.norms[s], 10 * loss_tol * std::abs(want.norms[s]))
+        << "step " << s;
   }
   ASSERT_EQ(got.params.size(), want.params.size());
   float worst = 0;
@@ -222,7 +227,8 @@ TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
       EXPECT_EQ(p.shard_dim, q.shard_dim) << p.name;
       EXPECT_EQ(p.shard_parts, q.shard_parts) << p.name;
       Tensor want = p.shard_dim < 0 ? ref.master(i) : Tensor::empty(p.shape, DType::kF32);
-      if (p.shard_dim >= 0) copy_shard(want, ref.master(i), p.shard_dim, p.shard_parts, c.rank(), 2);
+      if (p.shard_dim >= 0)
+        copy_shard(want, ref.master(i), p.shard_dim, p.shard_parts, c.rank(), 2);
       EXPECT_EQ(gpt.master(i).to_floats(), want.to_floats()) << p.name;
     }
     EXPECT_EQ(gpt.params()[2 + 2].shard_parts, 3);  // h.0.attn.c_attn.weight
@@ -263,7 +269,8 @@ TEST(GPTTensorParallel, DecodeMatchesOneRank) {
         const std::vector<float> got = gpt.decode(prompt[i]);
         ASSERT_EQ(got.size(), want[i].size());
         for (std::size_t j = 0; j < got.size(); ++j)
-          ASSERT_NEAR(got[j], want[i][j], 1e-5f) << "k " << k << " position " << i << " token " << j;
+          ASSERT_NEAR(got[j], want[i][j], 1e-5f)
+              << "k " << k << " position " << i << " token " << j;
       }
     });
   }
@@ -280,7 +287,8 @@ TEST(GPTTensorParallel, RefusesAModelWhoseHeadsDoNotSplit) {
   comm::LoopbackWorld world(4);
   EXPECT_THROW(world.run([&](comm::Communicator& c) {
     models::GPT gpt(six, PrecisionPolicy::parse("fp32"), cpu_device(), TPGroup(c));
-  }), InvalidArgument);
+  }),
+               InvalidArgument);
   models::GPTConfig unpadded = models::GPTConfig::preset("gpt-tiny");
   unpadded.padded_vocab = 258;  // not a multiple of 4
   try {

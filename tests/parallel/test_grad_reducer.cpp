@@ -134,10 +134,10 @@ TEST(GradReducer, BucketsTileTheBufferInReverseOrder) {
 
 TEST(GradReducer, AutomaticBucketSizeIsAnEighthOfTheGradientsWithinOneTo25MiB) {
   EXPECT_EQ(auto_bucket_bytes(0), 1LL << 20);
-  EXPECT_EQ(auto_bucket_bytes(4LL << 20), 1LL << 20);       // tiny models: 1 MiB
-  EXPECT_EQ(auto_bucket_bytes(43'000'000), 5'375'000);       // gpt-small: eight buckets
+  EXPECT_EQ(auto_bucket_bytes(4LL << 20), 1LL << 20);   // tiny models: 1 MiB
+  EXPECT_EQ(auto_bucket_bytes(43'000'000), 5'375'000);  // gpt-small: eight buckets
   EXPECT_EQ(auto_bucket_bytes(200LL << 20), 25LL << 20);
-  EXPECT_EQ(auto_bucket_bytes(500'000'000), 25LL << 20);     // GPT-2 124M: DDP's 25 MiB
+  EXPECT_EQ(auto_bucket_bytes(500'000'000), 25LL << 20);  // GPT-2 124M: DDP's 25 MiB
 }
 
 TEST(GradReducer, BackwardReportsRangesThatTileTheBufferInDecreasingOrder) {
@@ -300,12 +300,16 @@ TEST_P(DataParallel, ShardedReductionAndGatherMatchTheWholeBuffer) {
         Tensor flat = Tensor::zeros(Shape{np}, d);
         r.all_gather_shards(shard.to(d), flat);
         const std::vector<float> got = flat.to_floats();
-        const std::vector<float> want =
-            Tensor::from_floats([&] {
-              std::vector<float> w(static_cast<std::size_t>(np));
-              for (std::int64_t i = 0; i < np; ++i) w[i] = static_cast<float>(i);
-              return w;
-            }(), Shape{np}, DType::kF32).to(d).to_floats();
+        const std::vector<float> want = Tensor::from_floats(
+                                            [&] {
+                                              std::vector<float> w(static_cast<std::size_t>(np));
+                                              for (std::int64_t i = 0; i < np; ++i)
+                                                w[i] = static_cast<float>(i);
+                                              return w;
+                                            }(),
+                                            Shape{np}, DType::kF32)
+                                            .to(d)
+                                            .to_floats();
         EXPECT_EQ(got, want) << dtype_name(d);
       }
     });

@@ -85,7 +85,8 @@ TEST_P(TensorParallel, ColumnParallelLinearMatchesTheFullLayer) {
   const std::int64_t rows = 6, in = 8, out = 3 * 2 * k;  // QKV-like: 3 parts
   const Tensor x = random(Shape{2, rows / 2, in}, 1), w = random(Shape{out, in}, 2),
                b = random(Shape{out}, 3), dy = random(Shape{2, rows / 2, out}, 4);
-  Tensor y = Tensor::empty(Shape{2, rows / 2, out}, DType::kF32), dx = Tensor::empty(x.shape(), DType::kF32);
+  Tensor y = Tensor::empty(Shape{2, rows / 2, out}, DType::kF32),
+         dx = Tensor::empty(x.shape(), DType::kF32);
   Tensor dw = Tensor::zeros(w.shape(), DType::kF32), db = Tensor::zeros(b.shape(), DType::kF32);
   ops::linear_forward(y, x, w, &b);
   ops::linear_backward(&dx, dw, &db, dy, x, w);
@@ -95,12 +96,15 @@ TEST_P(TensorParallel, ColumnParallelLinearMatchesTheFullLayer) {
     const int r = c.rank();
     const Tensor ws = shard_of(w, 0, 3, r, k), bs = shard_of(b, 0, 3, r, k);
     // dy's columns are this rank's outputs: the same split as the weight's rows.
-    const Tensor dys = shard_of(dy.view(Shape{rows, out}), 1, 3, r, k).view(Shape{2, rows / 2, out / k});
+    const Tensor dys =
+        shard_of(dy.view(Shape{rows, out}), 1, 3, r, k).view(Shape{2, rows / 2, out / k});
     Tensor ys = Tensor::empty(Shape{2, rows / 2, out / k}, DType::kF32);
     column_linear_forward(ys, x, ws, &bs);
-    expect_near(ys.view(Shape{rows, out / k}), shard_of(y.view(Shape{rows, out}), 1, 3, r, k), 1e-6f, "y");
+    expect_near(ys.view(Shape{rows, out / k}), shard_of(y.view(Shape{rows, out}), 1, 3, r, k),
+                1e-6f, "y");
     Tensor dxs = Tensor::empty(x.shape(), DType::kF32);
-    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32), dbs = Tensor::zeros(bs.shape(), DType::kF32);
+    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32),
+           dbs = Tensor::zeros(bs.shape(), DType::kF32);
     column_linear_backward(&dxs, dws, &dbs, dys, x, ws, tp);
     expect_near(dxs, dx, 1e-5f, "dx (allreduced)");
     expect_near(dws, shard_of(dw, 0, 3, r, k), 1e-6f, "dw");
@@ -113,7 +117,8 @@ TEST_P(TensorParallel, RowParallelLinearMatchesTheFullLayer) {
   const std::int64_t rows = 5, in = 4 * k, out = 7;
   const Tensor x = random(Shape{rows, in}, 1), w = random(Shape{out, in}, 2),
                b = random(Shape{out}, 3), dy = random(Shape{rows, out}, 4);
-  Tensor y = Tensor::empty(Shape{rows, out}, DType::kF32), dx = Tensor::empty(x.shape(), DType::kF32);
+  Tensor y = Tensor::empty(Shape{rows, out}, DType::kF32),
+         dx = Tensor::empty(x.shape(), DType::kF32);
   Tensor dw = Tensor::zeros(w.shape(), DType::kF32), db = Tensor::zeros(b.shape(), DType::kF32);
   ops::linear_forward(y, x, w, &b);
   ops::linear_backward(&dx, dw, &db, dy, x, w);
@@ -126,7 +131,8 @@ TEST_P(TensorParallel, RowParallelLinearMatchesTheFullLayer) {
     row_linear_forward(ys, xs, ws, &b, tp);
     expect_near(ys, y, 1e-5f, "y (bias added once)");
     Tensor dxs = Tensor::empty(xs.shape(), DType::kF32);
-    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32), dbs = Tensor::zeros(b.shape(), DType::kF32);
+    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32),
+           dbs = Tensor::zeros(b.shape(), DType::kF32);
     row_linear_backward(&dxs, dws, &dbs, dy, xs, ws);
     expect_near(dxs, shard_of(dx, 1, 1, r, k), 1e-6f, "dx");
     expect_near(dws, shard_of(dw, 1, 1, r, k), 1e-6f, "dw");
@@ -148,7 +154,8 @@ TEST_P(TensorParallel, VocabParallelEmbeddingMatchesTheFullLookup) {
   const Tensor tokens = Tensor::from_ints(ids, Shape{b, t});
   Tensor out = Tensor::empty(Shape{b, t, c}, DType::kF32);
   ops::embedding_forward(out, tokens, wte, wpe);
-  Tensor dwte = Tensor::zeros(wte.shape(), DType::kF32), dwpe = Tensor::zeros(wpe.shape(), DType::kF32);
+  Tensor dwte = Tensor::zeros(wte.shape(), DType::kF32),
+         dwpe = Tensor::zeros(wpe.shape(), DType::kF32);
   ops::embedding_backward(dwte, dwpe, dout, tokens);
   comm::LoopbackWorld world(k);
   world.run([&](comm::Communicator& c2) {
@@ -159,7 +166,8 @@ TEST_P(TensorParallel, VocabParallelEmbeddingMatchesTheFullLookup) {
     Tensor outs = Tensor::empty(Shape{b, t, c}, DType::kF32);
     emb.forward(outs, ids, b, t, ws, wpe, (vocab / k) * r, tp);
     expect_near(outs, out, 0.0f, "embedding output");
-    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32), dps = Tensor::zeros(wpe.shape(), DType::kF32);
+    Tensor dws = Tensor::zeros(ws.shape(), DType::kF32),
+           dps = Tensor::zeros(wpe.shape(), DType::kF32);
     emb.backward(dws, dps, dout);
     expect_near(dws, shard_of(dwte, 0, 1, r, k), 1e-6f, "dwte shard");
     expect_near(dps, dwpe, 1e-6f, "dwpe (replicated)");
@@ -178,7 +186,8 @@ TEST_P(TensorParallel, VocabParallelCrossEntropyMatchesTheFullLoss) {
     tg[2] = -1;  // ignored
     tg[5] = vocab - 1;
     const Tensor targets = Tensor::from_ints(tg, Shape{n});
-    Tensor losses = Tensor::empty(Shape{n}, DType::kF32), lse = Tensor::empty(Shape{n}, DType::kF32);
+    Tensor losses = Tensor::empty(Shape{n}, DType::kF32),
+           lse = Tensor::empty(Shape{n}, DType::kF32);
     ops::cross_entropy_forward(losses, lse, logits, targets, vocab);
     Tensor dlogits = Tensor::empty(logits.shape(), dt);
     ops::cross_entropy_backward(dlogits, logits, lse, targets, vocab, 0.25f);
@@ -237,7 +246,8 @@ TEST_P(TensorParallel, VocabParallelCrossEntropyRejectsTargetsOutsideTheVocabula
     Tensor losses = Tensor::empty(Shape{2}, DType::kF32);
     VocabParallelCrossEntropy ce;
     ce.forward(losses, logits, {3, 64 * k - 1}, 64 * c.rank(), 64 * k - 10, tp);
-  }), InvalidArgument);
+  }),
+               InvalidArgument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, TensorParallel, ::testing::Values(2, 3, 4),

@@ -57,7 +57,10 @@ TEST_F(DataTest, BadShardsGiveClearErrors) {
     good.assign(std::istreambuf_iterator<char>(in), {});
   }
   write_bytes("short.bin", good.substr(0, 500));
-  EXPECT_NE(error_of([&] { TokenFile(path("short.bin"), Format::kAuto); }).find("shorter than the 1024-byte header"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              TokenFile(path("short.bin"), Format::kAuto);
+            }).find("shorter than the 1024-byte header"),
+            std::string::npos);
   write_bytes("trunc.bin", good.substr(0, good.size() - 2));
   const std::string trunc = error_of([&] { TokenFile(path("trunc.bin"), Format::kAuto); });
   EXPECT_NE(trunc.find("truncated"), std::string::npos) << trunc;
@@ -65,14 +68,18 @@ TEST_F(DataTest, BadShardsGiveClearErrors) {
   std::string bad_magic = good;
   bad_magic[0] = 1;
   write_bytes("magic.bin", bad_magic);
-  EXPECT_NE(error_of([&] { TokenFile(path("magic.bin"), Format::kAuto); }).find("magic"), std::string::npos);
+  EXPECT_NE(error_of([&] { TokenFile(path("magic.bin"), Format::kAuto); }).find("magic"),
+            std::string::npos);
   std::string bad_version = good;
   bad_version[4] = 7;
   write_bytes("version.bin", bad_version);
-  EXPECT_NE(error_of([&] { TokenFile(path("version.bin"), Format::kAuto); }).find("version 7"), std::string::npos);
-  EXPECT_NE(error_of([&] { TokenFile(path("missing.bin"), Format::kAuto); }).find("cannot open"), std::string::npos);
+  EXPECT_NE(error_of([&] { TokenFile(path("version.bin"), Format::kAuto); }).find("version 7"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { TokenFile(path("missing.bin"), Format::kAuto); }).find("cannot open"),
+            std::string::npos);
   write_bytes("empty.txt", "");
-  EXPECT_NE(error_of([&] { TokenFile(path("empty.txt"), Format::kAuto); }).find("empty"), std::string::npos);
+  EXPECT_NE(error_of([&] { TokenFile(path("empty.txt"), Format::kAuto); }).find("empty"),
+            std::string::npos);
   EXPECT_THROW(parse_format("csv"), InvalidArgument);
 }
 
@@ -114,12 +121,14 @@ TEST_F(DataTest, RanksSplitTheGlobalBatchAndTargetsShiftByOne) {
   write_bytes("t.txt", text);
   TokenFile f(path("t.txt"), Format::kText);
   Sampler s({Span{&f, 0, 3000}, Span{&f, 3000, 5000}}, 32, 7);
-  Tensor in = Tensor::empty(Shape{4, 32}, DType::kI32), tg = Tensor::empty(Shape{4, 32}, DType::kI32);
+  Tensor in = Tensor::empty(Shape{4, 32}, DType::kI32),
+         tg = Tensor::empty(Shape{4, 32}, DType::kI32);
   s.batch(3, 0, 1, in, tg);
   auto all_in = in.to_ints(), all_tg = tg.to_ints();
   for (int i = 0; i < 4; ++i)
     for (int t = 0; t + 1 < 32; ++t) EXPECT_EQ(all_tg[i * 32 + t], all_in[i * 32 + t + 1]);
-  Tensor in2 = Tensor::empty(Shape{2, 32}, DType::kI32), tg2 = Tensor::empty(Shape{2, 32}, DType::kI32);
+  Tensor in2 = Tensor::empty(Shape{2, 32}, DType::kI32),
+         tg2 = Tensor::empty(Shape{2, 32}, DType::kI32);
   for (int r = 0; r < 2; ++r) {
     s.batch(3, r, 2, in2, tg2);
     auto part = in2.to_ints();
@@ -140,14 +149,19 @@ TEST_F(DataTest, DatasetSplitsAndChecksSize) {
   EXPECT_TRUE(d.is_text());
   const std::string e = error_of([&] { Dataset({path("t.txt")}, {}, Format::kAuto, 0.01, 64, 1); });
   EXPECT_NE(e.find("validation data has 20 tokens"), std::string::npos) << e;
-  EXPECT_NE(e.find(path("t.txt")), std::string::npos) << e;  // names the file (fuzzing found it did not)
+  EXPECT_NE(e.find(path("t.txt")), std::string::npos)
+      << e;  // names the file (fuzzing found it did not)
   // Too short for one window: the error names the file too.
   write_bytes("short.bin", "");
   write_token_shard(path("short.bin"), {1, 2, 3});
-  const std::string s = error_of([&] { Dataset({path("short.bin")}, {}, Format::kAuto, 0.0, 8, 1); });
+  const std::string s =
+      error_of([&] { Dataset({path("short.bin")}, {}, Format::kAuto, 0.0, 8, 1); });
   EXPECT_NE(s.find("too few for one sequence"), std::string::npos) << s;
   EXPECT_NE(s.find(path("short.bin")), std::string::npos) << s;
-  EXPECT_NE(error_of([&] { Dataset({path("nothing_*.bin")}, {}, Format::kAuto, 0.1, 8, 1); }).find("matches no file"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              Dataset({path("nothing_*.bin")}, {}, Format::kAuto, 0.1, 8, 1);
+            }).find("matches no file"),
+            std::string::npos);
 }
 
 }  // namespace

@@ -97,8 +97,9 @@ TEST(DType, F16DecodesEveryValue) {
       EXPECT_TRUE(mant ? std::isnan(f) : std::isinf(f)) << h;
       continue;
     }
-    const double want = exp == 0 ? sign * std::ldexp(static_cast<double>(mant), -24)
-                                 : sign * std::ldexp(1.0 + mant / 1024.0, static_cast<int>(exp) - 15);
+    const double want = exp == 0
+                            ? sign * std::ldexp(static_cast<double>(mant), -24)
+                            : sign * std::ldexp(1.0 + mant / 1024.0, static_cast<int>(exp) - 15);
     ASSERT_EQ(static_cast<double>(f), want) << "half bits " << h;
     // Encoding the decoded value gives the same bits back.
     ASSERT_EQ(float_to_f16(f).bits, h) << "half bits " << h;

@@ -153,8 +153,8 @@ TEST_F(Safetensors, BlockChecksumsAndLayoutWithoutTheData) {
         << "block " << k;
   EXPECT_EQ(saved.crc32c, crc32c(0, bytes.data(), bytes.size()));
   std::uint64_t furthest = 0;
-  const SafetensorsLayout layout = read_safetensors_layout(
-      path, bytes.size(), [&](void* dst, std::size_t n, std::uint64_t off) {
+  const SafetensorsLayout layout =
+      read_safetensors_layout(path, bytes.size(), [&](void* dst, std::size_t n, std::uint64_t off) {
         furthest = std::max<std::uint64_t>(furthest, off + n);
         std::memcpy(dst, bytes.data() + off, n);
       });
@@ -252,7 +252,8 @@ TEST_F(Safetensors, CorruptFilesAreRefusedWithClearErrors) {
       {"not JSON at all", raw_file("hello, world", 0), {"JSON header is invalid at byte offset 8"}},
       {"invalid UTF-8", raw_file("{\"t\xff\": {}}", 0), {"JSON header is invalid"}},
       {"a key twice in an entry",
-       raw_file(entry(R"({"dtype": "F32", "shape": [4], "dtype": "I32", "data_offsets": [0, 16]})"), 16),
+       raw_file(entry(R"({"dtype": "F32", "shape": [4], "dtype": "I32", "data_offsets": [0, 16]})"),
+                16),
        {"an entry of the header has the key 'dtype' twice"}},
       // A number beyond double's range escaped as nlohmann's out_of_range (found by fuzzing).
       {"number overflow",

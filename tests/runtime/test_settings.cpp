@@ -35,12 +35,16 @@ TEST(Settings, ParsesValues) {
 }
 
 TEST(Settings, BadValuesNameTheVariable) {
-  for (auto [k, v] : std::vector<std::pair<std::string, std::string>>{
-           {"MESHTRAIN_THREADS", "-1"}, {"MESHTRAIN_THREADS", "two"},
-           {"MESHTRAIN_COMM_TIMEOUT", "0"}, {"MESHTRAIN_COMM_TIMEOUT", "inf"},
-           {"MESHTRAIN_COMM_DEBUG", "maybe"}, {"MESHTRAIN_LOG_LEVEL", "loud"},
-           {"MESHTRAIN_COMM_POLL_US", "5"}, {"MESHTRAIN_COMM_POLL_US", "200000"},
-           {"MESHTRAIN_COMM_POLL_US", "1ms"}}) {
+  for (auto [k, v] :
+       std::vector<std::pair<std::string, std::string>>{{"MESHTRAIN_THREADS", "-1"},
+                                                        {"MESHTRAIN_THREADS", "two"},
+                                                        {"MESHTRAIN_COMM_TIMEOUT", "0"},
+                                                        {"MESHTRAIN_COMM_TIMEOUT", "inf"},
+                                                        {"MESHTRAIN_COMM_DEBUG", "maybe"},
+                                                        {"MESHTRAIN_LOG_LEVEL", "loud"},
+                                                        {"MESHTRAIN_COMM_POLL_US", "5"},
+                                                        {"MESHTRAIN_COMM_POLL_US", "200000"},
+                                                        {"MESHTRAIN_COMM_POLL_US", "1ms"}}) {
     try {
       Settings::parse({{k, v}});
       FAIL() << k << "=" << v << " was accepted";
