@@ -29,13 +29,16 @@ class Backend {
                                   const Tensor& x, const Tensor& weight, const Tensor& mean,
                                   const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                                   bool accumulate_dx) = 0;
+  // n_kv_head divides n_head (equal for multi-head attention); qkv rows hold
+  // (n_head + 2 n_kv_head) * head_size elements.
   virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
-                                 int n_head, int head_size) = 0;
+                                 int n_head, int n_kv_head, int head_size) = 0;
   virtual void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                                   const Tensor& out, const Tensor& lse, int batch, int seq,
-                                  int n_head, int head_size) = 0;
+                                  int n_head, int n_kv_head, int head_size) = 0;
   virtual void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                                int batch, int max_seq, int pos, int n_head, int head_size) = 0;
+                                int batch, int max_seq, int pos, int n_head, int n_kv_head,
+                                int head_size) = 0;
   // Token ids are already checked to lie in [0, V).
   virtual void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte,
                                  const Tensor& wpe, int batch, int seq, int channels) = 0;

@@ -355,23 +355,42 @@ void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor
 
 namespace {
 struct AttnDims {
-  int batch, seq, n_head, head_size;
+  int batch, seq, n_head, n_kv_head, head_size;
 };
 
+// n_head >= 1 and n_kv_head dividing it; `what` names the layout for messages.
+void check_heads(int n_head, int n_kv_head, const char* op) {
+  MT_CHECK(n_head >= 1, "{}: n_head must be at least 1, got {}", op, n_head);
+  MT_CHECK(n_kv_head >= 1 && n_head % n_kv_head == 0,
+           "{}: n_kv_head ({}) must be at least 1 and divide n_head ({})", op, n_kv_head, n_head);
+}
+
+// The width of a fused q/k/v row, (n_head + 2 n_kv_head) * head size; returns the head size.
+std::int64_t qkv_head_size(std::int64_t width, int n_head, int n_kv_head, const char* op) {
+  const std::int64_t heads = n_head + 2 * static_cast<std::int64_t>(n_kv_head);
+  if (n_kv_head == n_head)
+    MT_CHECK(width % heads == 0, "{}: qkv's last dimension {} is not 3 x n_head ({}) x head size",
+             op, width, n_head);
+  else
+    MT_CHECK(width % heads == 0,
+             "{}: qkv's last dimension {} is not (n_head ({}) + 2 x n_kv_head ({})) x head size",
+             op, width, n_head, n_kv_head);
+  return width / heads;
+}
+
 AttnDims check_attention(const Tensor& qkv, const Tensor& out, const Tensor& lse, int n_head,
-                         const char* op) {
+                         int n_kv_head, const char* op) {
   check_defined(qkv, op, "qkv");
   check_same_device(qkv, out, op, "out");
   check_same_device(qkv, lse, op, "lse");
   check_float(qkv, op, "qkv");
-  MT_CHECK(qkv.ndim() == 3, "{}: qkv must be [B, T, 3C], got {}", op, qkv.str());
-  MT_CHECK(n_head >= 1, "{}: n_head must be at least 1, got {}", op, n_head);
-  const std::int64_t c3 = qkv.dim(2);
-  MT_CHECK(c3 % (3 * n_head) == 0, "{}: qkv's last dimension {} is not 3 x n_head ({}) x head size",
-           op, c3, n_head);
-  AttnDims d{static_cast<int>(qkv.dim(0)), static_cast<int>(qkv.dim(1)), n_head,
-             static_cast<int>(c3 / (3 * n_head))};
-  check_shape(out, Shape{d.batch, d.seq, c3 / 3}, op, "out");
+  MT_CHECK(qkv.ndim() == 3, "{}: qkv must be {}, got {}", op,
+           n_kv_head == n_head ? "[B, T, 3C]" : "[B, T, (n_head + 2 n_kv_head) D]", qkv.str());
+  check_heads(n_head, n_kv_head, op);
+  const std::int64_t hs = qkv_head_size(qkv.dim(2), n_head, n_kv_head, op);
+  AttnDims d{static_cast<int>(qkv.dim(0)), static_cast<int>(qkv.dim(1)), n_head, n_kv_head,
+             static_cast<int>(hs)};
+  check_shape(out, Shape{d.batch, d.seq, n_head * hs}, op, "out");
   check_dtype(out, qkv.dtype(), op, "out");
   check_shape(lse, Shape{d.batch, n_head, d.seq}, op, "lse");
   check_dtype(lse, DType::kF32, op, "lse");
@@ -380,15 +399,25 @@ AttnDims check_attention(const Tensor& qkv, const Tensor& out, const Tensor& lse
 }  // namespace
 
 void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head) {
-  const AttnDims d = check_attention(qkv, out, lse, n_head, "attention_forward");
+  attention_forward(out, lse, qkv, n_head, n_head);
+}
+
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, int n_kv_head) {
+  const AttnDims d = check_attention(qkv, out, lse, n_head, n_kv_head, "attention_forward");
   if (qkv.numel() == 0) return;
-  backend_of(qkv).attention_forward(out, lse, qkv, d.batch, d.seq, d.n_head, d.head_size);
+  backend_of(qkv).attention_forward(out, lse, qkv, d.batch, d.seq, d.n_head, d.n_kv_head,
+                                    d.head_size);
 }
 
 void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                         const Tensor& lse, int n_head) {
+  attention_backward(dqkv, dout, qkv, out, lse, n_head, n_head);
+}
+
+void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head, int n_kv_head) {
   const char* op = "attention_backward";
-  const AttnDims d = check_attention(qkv, out, lse, n_head, op);
+  const AttnDims d = check_attention(qkv, out, lse, n_head, n_kv_head, op);
   check_same_device(qkv, dqkv, op, "dqkv");
   check_same_device(qkv, dout, op, "dout");
   check_shape(dqkv, qkv.shape(), op, "dqkv");
@@ -397,34 +426,39 @@ void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, con
   check_dtype(dout, qkv.dtype(), op, "dout");
   if (qkv.numel() == 0) return;
   backend_of(qkv).attention_backward(dqkv, dout, qkv, out, lse, d.batch, d.seq, d.n_head,
-                                     d.head_size);
+                                     d.n_kv_head, d.head_size);
 }
 
 void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
                       int n_head) {
+  attention_decode(out, k_cache, v_cache, qkv, pos, n_head, n_head);
+}
+
+void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
+                      int n_head, int n_kv_head) {
   const char* op = "attention_decode";
   check_defined(qkv, op, "qkv");
   check_same_device(qkv, out, op, "out");
   check_same_device(qkv, k_cache, op, "k_cache");
   check_same_device(qkv, v_cache, op, "v_cache");
   check_float(qkv, op, "qkv");
-  MT_CHECK(qkv.ndim() == 2, "attention_decode: qkv must be [B, 3C], got {}", qkv.str());
-  MT_CHECK(n_head >= 1 && qkv.dim(1) % (3 * n_head) == 0,
-           "attention_decode: qkv's width {} is not 3 x n_head ({}) x head size", qkv.dim(1),
-           n_head);
-  const std::int64_t b = qkv.dim(0), c = qkv.dim(1) / 3;
+  MT_CHECK(qkv.ndim() == 2, "attention_decode: qkv must be {}, got {}",
+           n_kv_head == n_head ? "[B, 3C]" : "[B, (n_head + 2 n_kv_head) D]", qkv.str());
+  check_heads(n_head, n_kv_head, op);
+  const std::int64_t hs = qkv_head_size(qkv.dim(1), n_head, n_kv_head, op);
+  const std::int64_t b = qkv.dim(0), c = n_head * hs, kv = n_kv_head * hs;
   check_shape(out, Shape{b, c}, op, "out");
   check_dtype(out, qkv.dtype(), op, "out");
-  MT_CHECK(k_cache.ndim() == 3 && k_cache.dim(0) == b && k_cache.dim(2) == c,
-           "attention_decode: k_cache must be [{}, T_max, {}], got {}", b, c, k_cache.str());
+  MT_CHECK(k_cache.ndim() == 3 && k_cache.dim(0) == b && k_cache.dim(2) == kv,
+           "attention_decode: k_cache must be [{}, T_max, {}], got {}", b, kv, k_cache.str());
   check_shape(v_cache, k_cache.shape(), op, "v_cache");
   check_dtype(k_cache, qkv.dtype(), op, "k_cache");
   check_dtype(v_cache, qkv.dtype(), op, "v_cache");
   MT_CHECK(pos >= 0 && pos < k_cache.dim(1),
            "attention_decode: position {} outside the cache of {}", pos, k_cache.dim(1));
   backend_of(qkv).attention_decode(out, k_cache, v_cache, qkv, static_cast<int>(b),
-                                   static_cast<int>(k_cache.dim(1)), pos, n_head,
-                                   static_cast<int>(c / n_head));
+                                   static_cast<int>(k_cache.dim(1)), pos, n_head, n_kv_head,
+                                   static_cast<int>(hs));
 }
 
 namespace {

@@ -34,6 +34,8 @@ struct MatmulOptions {
 void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& opt = {});
 
 // y[.., out] = x[.., in] @ w[out, in]^T + bias[out]   (PyTorch's nn.Linear layout)
+// bias may be null: Llama's projections have none, and Qwen2 has one on its fused q/k/v
+// projection only ([(n_head + 2 n_kv_head) D]: q_proj's, k_proj's and v_proj's biases).
 void linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias);
 // Fused: pre = x @ w^T + bias and y = gelu(pre) (the MLP up-projection; backward takes pre:
 // gelu_backward, then linear_backward). CUDA runs one cuBLASLt matmul with the GELU_AUX_BIAS
@@ -93,11 +95,28 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head);
 void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                         const Tensor& lse, int n_head);
 
+// Grouped-query causal attention (Llama, Qwen2): qkv: [B, T, (n_head + 2 n_kv_head) D] holds
+// the q of n_head heads, then the k and the v of n_kv_head heads (Hugging Face's q_proj,
+// k_proj, v_proj outputs side by side); n_kv_head divides n_head and query head h attends with
+// key/value head h / (n_head / n_kv_head) (transformers' repeat_kv). out: [B, T, n_head D];
+// lse: fp32 [B, n_head, T]. With n_kv_head == n_head this is the multi-head attention above.
+// Under tensor parallelism a rank passes its local heads: n_head / tp query heads and the key
+// and value heads they use (n_kv_head / tp, or the one shared head when n_kv_head < tp).
+void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, int n_kv_head);
+// dqkv (written): the shape of qkv; the gradient of a key/value head sums over its query heads
+// in a fixed order (deterministic).
+void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head, int n_kv_head);
+
 // One decoding step with a KV cache. qkv: [B, 3C], the fused projection of the token at
 // position pos; its k and v are stored in row pos of k_cache and v_cache ([B, T_max, C]), and
 // out [B, C] is the causal attention of its q over positions 0..pos (fp32 softmax).
 void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
                       int n_head);
+// The same for grouped-query attention: qkv: [B, (n_head + 2 n_kv_head) D]; the caches store
+// only the key/value heads: [B, T_max, n_kv_head D]; out: [B, n_head D].
+void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int pos,
+                      int n_head, int n_kv_head);
 
 // ---- embedding ------------------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 // as a bounded per-thread block, the softmax is computed online in fp32, and backward
 // recomputes the probabilities from the saved log-sum-exp instead of keeping [B, H, T, T].
 //
-// Layout: qkv rows hold 3C elements; head h of batch b reads q, k, v at columns h*D, C + h*D,
-// 2C + h*D with leading dimension 3C, so every GEMM addresses the head in place, without
-// copies. out, dout (and the q/k/v parts of dqkv) use leading dimensions C (and 3C).
+// Layout: qkv rows hold (H + 2 KV) D elements (3C for multi-head attention, where KV = H):
+// query head h of batch b reads q at column h*D and k, v of its key/value head g = h / (H / KV)
+// at columns (H + g) D and (H + KV + g) D, with the row width as leading dimension, so every
+// GEMM addresses the head in place, without copies. out and dout rows hold C = H D.
 //
 // Forward, per (b, h, block of kQueryRows queries), over key chunks of at most kKeyChunk keys
 // that stop at the block's last query (chunks wholly above the causal diagonal are never formed):
@@ -14,15 +15,16 @@
 // and finally out = O / l, lse = m + log l.
 //
 // Backward works on transposed scores, so that lse and delta index columns and vectorise:
-// per (b, h) and key block of kKeyRows keys, over query chunks (aligned to kQueryChunk) that
-// start at the block's first key,
+// per (b, g) and key block of kKeyRows keys of key/value head g, for each query head h of g's
+// group in order, over query chunks (aligned to kQueryChunk) that start at the block's first key,
 //   S^T = K Q^T / sqrt(D);  P^T = exp(S^T - lse);  dP^T = V dO^T
 //   dS^T = P^T o (dP^T - delta),  delta_i = rowsum(dO o O)_i
 //   dV += P^T dO;  dK += dS^T Q / sqrt(D);  dQ += dS K / sqrt(D)
 // P^T and dS^T are rounded to the operand dtype for their GEMMs, as on GPUs. dK and dV of a key
-// block are final when its query chunks are done; dQ gathers over key blocks in increasing order
-// in an fp32 [T, D] buffer per thread (fp32 tensors accumulate in dqkv itself). Every sum runs
-// in a fixed order inside one task, so results do not depend on the thread count.
+// block are final when the query chunks of every head of the group are done; dQ gathers over
+// key blocks in increasing order in an fp32 [T, D] buffer per query head (fp32 tensors
+// accumulate in dqkv itself). Every sum runs in a fixed order inside one task, so results do
+// not depend on the thread count.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -53,9 +55,17 @@ constexpr int kQueryChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Dims {
-  int batch, seq, n_head, head_size;
+  int batch, seq, n_head, n_kv_head, head_size;
+  int group() const { return n_head / n_kv_head; }
   std::int64_t channels() const { return static_cast<std::int64_t>(n_head) * head_size; }
-  std::int64_t qkv_ld() const { return 3 * channels(); }
+  std::int64_t qkv_ld() const {
+    return (n_head + 2 * static_cast<std::int64_t>(n_kv_head)) * head_size;
+  }
+  // Column of part 0 (q, of query head `head`), 1 (k) or 2 (v, of key/value head `head`).
+  std::int64_t col(int part, int head) const {
+    const std::int64_t first = part == 0 ? 0 : part == 1 ? n_head : n_head + n_kv_head;
+    return (first + head) * head_size;
+  }
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(head_size)); }
 };
 
@@ -191,11 +201,10 @@ void forward_block(const Dims& d, const T* qkv, T* out, float* lse, int b, int h
   const std::int64_t ld = d.qkv_ld(), c = d.channels();
   const int rows = std::min(kQueryRows, d.seq - q0);
   const int q_end = q0 + rows;
-  const T* head =
-      qkv + static_cast<std::int64_t>(b) * d.seq * ld + static_cast<std::int64_t>(h) * hd;
-  const T* q = head + q0 * ld;
-  const T* k = head + c;
-  const T* v = head + 2 * c;
+  const T* base = qkv + static_cast<std::int64_t>(b) * d.seq * ld;
+  const T* q = base + d.col(0, h) + q0 * ld;
+  const T* k = base + d.col(1, h / d.group());
+  const T* v = base + d.col(2, h / d.group());
   float* m = s.row_max.data();
   float* l = s.row_sum.data();
   float* acc = s.acc.data();
@@ -245,16 +254,18 @@ struct BackwardTask {
   T* dqkv;
   // Scratch: transposed scores and their gradients (kKeyRows x kQueryChunk), the 16-bit
   // operands made from them (fp32 uses the fp32 blocks in place), dK and dV of one key block,
-  // and the dQ rows this task gathers (fp32 dtype writes all three straight into dqkv).
+  // and the dQ rows this task gathers, dq_rows per query head for dq_heads heads (fp32 dtype
+  // writes all three straight into dqkv).
   std::vector<float> st, dpt;
   std::vector<T> pt, dst;
   std::vector<float> dk, dv, dq;
+  std::int64_t dq_rows;
 
   static constexpr bool kDirect = std::is_same_v<T, float>;
   static constexpr std::size_t kBlock = static_cast<std::size_t>(kKeyRows) * kQueryChunk;
 
   BackwardTask(const Dims& dims, const T* qkv_, const T* dout_, const float* lse_,
-               const float* delta_, T* dqkv_, int dq_rows)
+               const float* delta_, T* dqkv_, int dq_rows_, int dq_heads)
       : d(dims),
         qkv(qkv_),
         dout(dout_),
@@ -267,13 +278,14 @@ struct BackwardTask {
         dst(kDirect ? 0 : kBlock),
         dk(kDirect ? 0 : static_cast<std::size_t>(kKeyRows) * dims.head_size),
         dv(kDirect ? 0 : static_cast<std::size_t>(kKeyRows) * dims.head_size),
-        dq(kDirect ? 0 : static_cast<std::size_t>(dq_rows) * dims.head_size) {}
+        dq(kDirect ? 0 : static_cast<std::size_t>(dq_rows_) * dq_heads * dims.head_size),
+        dq_rows(dq_rows_) {}
 
   std::int64_t row(int b, int t) const { return static_cast<std::int64_t>(b) * d.seq + t; }
-  // Element (b, t) of part (0 q, 1 k, 2 v) of head h in a [B, T, 3C] tensor.
-  std::int64_t qkv_at(int b, int h, int t, int part) const {
-    return row(b, t) * d.qkv_ld() + part * d.channels() +
-           static_cast<std::int64_t>(h) * d.head_size;
+  // Element (b, t) of part (0 q, 1 k, 2 v) of a head in a [B, T, (H + 2 KV) D] tensor: a query
+  // head for part 0, a key/value head for parts 1 and 2.
+  std::int64_t qkv_at(int b, int head, int t, int part) const {
+    return row(b, t) * d.qkv_ld() + d.col(part, head);
   }
   T* p_op() {
     if constexpr (kDirect)
@@ -288,15 +300,15 @@ struct BackwardTask {
       return dst.data();
   }
 
-  // P^T and dS^T of keys [k0, k0 + kc) against queries [qs, qs + nq), qs >= k0, into p_op()
-  // and ds_op() (leading dimension kQueryChunk).
+  // P^T and dS^T of keys [k0, k0 + kc) against the queries [qs, qs + nq) of query head h,
+  // qs >= k0, into p_op() and ds_op() (leading dimension kQueryChunk).
   void grads(int b, int h, int k0, int kc, int qs, int nq) {
     const std::int64_t ld = d.qkv_ld(), c = d.channels();
-    const int hd = d.head_size;
+    const int hd = d.head_size, g = h / d.group();
     const DType type = DTypeOf<T>::value;
-    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, h, k0, 1), ld, qkv + qkv_at(b, h, qs, 0), ld,
+    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, g, k0, 1), ld, qkv + qkv_at(b, h, qs, 0), ld,
              type, st.data(), kQueryChunk, d.scale(), 0.0f);
-    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, h, k0, 2), ld,
+    gemm_f32(false, true, kc, nq, hd, qkv + qkv_at(b, g, k0, 2), ld,
              dout + row(b, qs) * c + static_cast<std::int64_t>(h) * hd, c, type, dpt.data(),
              kQueryChunk, 1.0f, 0.0f);
     const std::int64_t stats = (static_cast<std::int64_t>(b) * d.n_head + h) * d.seq + qs;
@@ -308,9 +320,10 @@ struct BackwardTask {
     }
   }
 
-  // dQ[qs, qs + nq) (+)= dS K / sqrt(D) for key block [k0, k0 + kc), into dq, whose first
-  // row is query dq_row0. Key block 0 writes, the later ones accumulate.
-  void add_dq(int b, int h, int k0, int kc, int qs, int nq, int dq_row0) {
+  // dQ[qs, qs + nq) of query head h (+)= dS K / sqrt(D) for key block [k0, k0 + kc), into
+  // dq slot `slot`, whose first row is query dq_row0. Key block 0 writes, the later ones
+  // accumulate.
+  void add_dq(int b, int h, int k0, int kc, int qs, int nq, int dq_row0, int slot) {
     const int hd = d.head_size;
     float* out;
     std::int64_t ldc;
@@ -318,25 +331,27 @@ struct BackwardTask {
       out = dqkv + qkv_at(b, h, qs, 0);
       ldc = d.qkv_ld();
     } else {
-      out = dq.data() + static_cast<std::int64_t>(qs - dq_row0) * hd;
+      out = dq.data() + (slot * dq_rows + qs - dq_row0) * hd;
       ldc = hd;
     }
-    gemm_f32(true, false, nq, hd, kc, ds_op(), kQueryChunk, qkv + qkv_at(b, h, k0, 1), d.qkv_ld(),
-             DTypeOf<T>::value, out, ldc, d.scale(), k0 == 0 ? 0.0f : 1.0f);
+    gemm_f32(true, false, nq, hd, kc, ds_op(), kQueryChunk, qkv + qkv_at(b, h / d.group(), k0, 1),
+             d.qkv_ld(), DTypeOf<T>::value, out, ldc, d.scale(), k0 == 0 ? 0.0f : 1.0f);
   }
 
-  // Writes the fp32 dQ rows [q0, q0 + n) gathered in dq (row dq_row0 first) to dqkv.
-  void store_dq(int b, int h, int q0, int n, int dq_row0) {
+  // Writes the fp32 dQ rows [q0, q0 + n) of query head h gathered in dq slot `slot` (row
+  // dq_row0 first) to dqkv.
+  void store_dq(int b, int h, int q0, int n, int dq_row0, int slot) {
     if constexpr (!kDirect) {
       const int hd = d.head_size;
       for (int t = q0; t < q0 + n; ++t)
-        store_row(dqkv + qkv_at(b, h, t, 0),
-                  dq.data() + static_cast<std::int64_t>(t - dq_row0) * hd, hd, 1.0f);
+        store_row(dqkv + qkv_at(b, h, t, 0), dq.data() + (slot * dq_rows + t - dq_row0) * hd, hd,
+                  1.0f);
     }
   }
 
-  // dK and dV of key block [k0, k0 + kc), and with_dq: its dQ contributions.
-  void key_block(int b, int h, int k0, bool with_dq) {
+  // dK and dV of key block [k0, k0 + kc) of key/value head g: the sum over the query heads of
+  // its group, in order; with_dq: also their dQ contributions (query head h into slot h - first).
+  void key_block(int b, int g, int k0, bool with_dq) {
     const int kc = std::min(kKeyRows, d.seq - k0);
     const int hd = d.head_size;
     const std::int64_t ld = d.qkv_ld(), c = d.channels();
@@ -345,44 +360,47 @@ struct BackwardTask {
     float* dv_out = dv.data();
     std::int64_t ldo = hd;
     if constexpr (kDirect) {
-      dk_out = dqkv + qkv_at(b, h, k0, 1);
-      dv_out = dqkv + qkv_at(b, h, k0, 2);
+      dk_out = dqkv + qkv_at(b, g, k0, 1);
+      dv_out = dqkv + qkv_at(b, g, k0, 2);
       ldo = ld;
     }
-    for (int qs = k0; qs < d.seq;) {
-      const int qe = std::min(d.seq, (qs / kQueryChunk + 1) * kQueryChunk);
-      const int nq = qe - qs;
-      grads(b, h, k0, kc, qs, nq);
-      const float beta = qs == k0 ? 0.0f : 1.0f;
-      gemm_f32(false, false, kc, hd, nq, p_op(), kQueryChunk,
-               dout + row(b, qs) * c + static_cast<std::int64_t>(h) * hd, c, type, dv_out, ldo,
-               1.0f, beta);
-      gemm_f32(false, false, kc, hd, nq, ds_op(), kQueryChunk, qkv + qkv_at(b, h, qs, 0), ld, type,
-               dk_out, ldo, d.scale(), beta);
-      if (with_dq) add_dq(b, h, k0, kc, qs, nq, 0);
-      qs = qe;
+    const int first = g * d.group();
+    for (int h = first; h < first + d.group(); ++h) {
+      for (int qs = k0; qs < d.seq;) {
+        const int qe = std::min(d.seq, (qs / kQueryChunk + 1) * kQueryChunk);
+        const int nq = qe - qs;
+        grads(b, h, k0, kc, qs, nq);
+        const float beta = h == first && qs == k0 ? 0.0f : 1.0f;
+        gemm_f32(false, false, kc, hd, nq, p_op(), kQueryChunk,
+                 dout + row(b, qs) * c + static_cast<std::int64_t>(h) * hd, c, type, dv_out, ldo,
+                 1.0f, beta);
+        gemm_f32(false, false, kc, hd, nq, ds_op(), kQueryChunk, qkv + qkv_at(b, h, qs, 0), ld,
+                 type, dk_out, ldo, d.scale(), beta);
+        if (with_dq) add_dq(b, h, k0, kc, qs, nq, 0, h - first);
+        qs = qe;
+      }
     }
     if constexpr (!kDirect) {
       for (int r = 0; r < kc; ++r) {
-        store_row(dqkv + qkv_at(b, h, k0 + r, 1), dk.data() + static_cast<std::int64_t>(r) * hd, hd,
+        store_row(dqkv + qkv_at(b, g, k0 + r, 1), dk.data() + static_cast<std::int64_t>(r) * hd, hd,
                   1.0f);
-        store_row(dqkv + qkv_at(b, h, k0 + r, 2), dv.data() + static_cast<std::int64_t>(r) * hd, hd,
+        store_row(dqkv + qkv_at(b, g, k0 + r, 2), dv.data() + static_cast<std::int64_t>(r) * hd, hd,
                   1.0f);
       }
     }
   }
 
-  // dQ of the aligned query chunk [q0, q0 + kQueryChunk): the same GEMMs on the same blocks,
-  // in the same key order, as key_block(with_dq) performs for these rows.
+  // dQ of query head h on the aligned query chunk [q0, q0 + kQueryChunk): the same GEMMs on
+  // the same blocks, in the same key order, as key_block(with_dq) performs for these rows.
   void query_chunk(int b, int h, int q0) {
     const int qe = std::min(d.seq, q0 + kQueryChunk);
     for (int k0 = 0; k0 < qe; k0 += kKeyRows) {
       const int kc = std::min(kKeyRows, d.seq - k0);
       const int qs = std::max(q0, k0);
       grads(b, h, k0, kc, qs, qe - qs);
-      add_dq(b, h, k0, kc, qs, qe - qs, q0);
+      add_dq(b, h, k0, kc, qs, qe - qs, q0, 0);
     }
-    store_dq(b, h, q0, qe - q0, q0);
+    store_dq(b, h, q0, qe - q0, q0, 0);
   }
 };
 
@@ -393,8 +411,8 @@ int blocks(int n, int size) {
 }  // namespace
 
 void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
-                                   int n_head, int head_size) {
-  const Dims d{batch, seq, n_head, head_size};
+                                   int n_head, int n_kv_head, int head_size) {
+  const Dims d{batch, seq, n_head, n_kv_head, head_size};
   float* lse_data = static_cast<float*>(lse.data());
   dispatch_float(qkv.dtype(), [&](auto tag) {
     using T = decltype(tag);
@@ -420,9 +438,9 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, 
 
 void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
                                     const Tensor& out, const Tensor& lse, int batch, int seq,
-                                    int n_head, int head_size) {
-  const Dims d{batch, seq, n_head, head_size};
-  const int heads = batch * n_head;
+                                    int n_head, int n_kv_head, int head_size) {
+  const Dims d{batch, seq, n_head, n_kv_head, head_size};
+  const int heads = batch * n_head, kv_heads = batch * n_kv_head, group = d.group();
   const std::int64_t c = d.channels();
   std::vector<float> delta(static_cast<std::size_t>(heads) * seq);
   const float* lse_data = static_cast<const float*>(lse.data());
@@ -432,8 +450,8 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
     const T* o = static_cast<const T*>(out.data());
     const T* g = static_cast<const T*>(dout.data());
     T* gin = static_cast<T*>(dqkv.data());
-    // delta_t = rowsum(dO o O) of head bh, read where a task needs it rather than in a pass of
-    // its own: one parallel region (and one barrier) fewer.
+    // delta_t = rowsum(dO o O) of query head bh, read where a task needs it rather than in a
+    // pass of its own: one parallel region (and one barrier) fewer.
     float* dl = delta.data();
     auto head_delta = [&](int bh) {
       const std::int64_t b = bh / n_head, h = bh % n_head;
@@ -442,41 +460,47 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
         dl[static_cast<std::int64_t>(bh) * seq + t] = dot_row(g + at, o + at, head_size);
       }
     };
-    if (heads >= num_threads()) {
-      // One task per head: dK, dV and dQ in one sweep, each GEMM and exp done once.
-#pragma omp parallel if (heads > 1)
+    if (kv_heads >= num_threads()) {
+      // One task per key/value head: dK, dV and the dQ of its query heads in one sweep, each
+      // GEMM and exp done once.
+#pragma omp parallel if (kv_heads > 1)
       {
-        BackwardTask<T> task(d, in, g, lse_data, dl, gin, seq);
+        BackwardTask<T> task(d, in, g, lse_data, dl, gin, seq, group);
 #pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < heads; ++bh) {
-          const int b = bh / n_head, h = bh % n_head;
-          head_delta(bh);
-          for (int k0 = 0; k0 < seq; k0 += kKeyRows) task.key_block(b, h, k0, true);
-          task.store_dq(b, h, 0, seq, 0);
+        for (int bg = 0; bg < kv_heads; ++bg) {
+          const int b = bg / n_kv_head, first = (bg % n_kv_head) * group;
+          for (int h = first; h < first + group; ++h) head_delta(b * n_head + h);
+          for (int k0 = 0; k0 < seq; k0 += kKeyRows) task.key_block(b, bg % n_kv_head, k0, true);
+          for (int h = first; h < first + group; ++h) task.store_dq(b, h, 0, seq, 0, h - first);
         }
       }
       return;
     }
-    // Fewer heads than threads: split into independent tasks per key block (dK, dV) and per
-    // query chunk (dQ). The two score GEMMs and the exp are done twice, but every thread has
-    // work, and the results are bit-identical to the single sweep.
+    // Fewer key/value heads than threads: split into independent tasks per key block (dK, dV)
+    // and per query head and chunk (dQ). The two score GEMMs and the exp are done twice, but
+    // every thread has work, and the results are bit-identical to the single sweep.
     const int k_blocks = blocks(seq, kKeyRows), q_chunks = blocks(seq, kQueryChunk);
-    const std::int64_t tasks = static_cast<std::int64_t>(heads) * (k_blocks + q_chunks);
+    const std::int64_t dq_tasks = static_cast<std::int64_t>(heads) * q_chunks;
+    const std::int64_t tasks = dq_tasks + static_cast<std::int64_t>(kv_heads) * k_blocks;
 #pragma omp parallel
     {
-      BackwardTask<T> task(d, in, g, lse_data, dl, gin, kQueryChunk);
+      BackwardTask<T> task(d, in, g, lse_data, dl, gin, kQueryChunk, 1);
       // Every task of a head reads its delta: the implicit barrier after this loop orders them.
 #pragma omp for schedule(static)
       for (int bh = 0; bh < heads; ++bh) head_delta(bh);
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t i = 0; i < tasks; ++i) {
         // The dQ chunks, which sweep the most key blocks, are handed out first.
-        const int bh = static_cast<int>(i % heads);
-        const int j = static_cast<int>(i / heads);
-        if (j < q_chunks)
+        if (i < dq_tasks) {
+          const int bh = static_cast<int>(i % heads);
+          const int j = static_cast<int>(i / heads);
           task.query_chunk(bh / n_head, bh % n_head, (q_chunks - 1 - j) * kQueryChunk);
-        else
-          task.key_block(bh / n_head, bh % n_head, (j - q_chunks) * kKeyRows, false);
+        } else {
+          const std::int64_t k = i - dq_tasks;
+          const int bg = static_cast<int>(k % kv_heads);
+          const int j = static_cast<int>(k / kv_heads);
+          task.key_block(bg / n_kv_head, bg % n_kv_head, j * kKeyRows, false);
+        }
       }
     }
   });

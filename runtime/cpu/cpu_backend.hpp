@@ -26,12 +26,12 @@ class CpuBackend final : public Backend {
                           const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                           bool accumulate_dx) override;
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
-                         int n_head, int head_size) override;
+                         int n_head, int n_kv_head, int head_size) override;
   void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                          const Tensor& lse, int batch, int seq, int n_head,
+                          const Tensor& lse, int batch, int seq, int n_head, int n_kv_head,
                           int head_size) override;
   void attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int batch,
-                        int max_seq, int pos, int n_head, int head_size) override;
+                        int max_seq, int pos, int n_head, int n_kv_head, int head_size) override;
   void embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe,
                          int batch, int seq, int channels) override;
   void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& tokens,

@@ -5,8 +5,10 @@
 // fp32 and every sum runs in a fixed order, so results are deterministic. O(T^2 D) work with
 // no tiling: slow, but short and easy to check.
 //
-// Layout as the CPU backend: qkv rows hold 3C = [q | k | v], head h at columns h*D, C + h*D,
-// 2C + h*D; out and dout rows hold C; lse is [B, H, T].
+// Layout as the CPU backend: qkv rows hold (H + 2 KV) D = [q of H heads | k of KV | v of KV]
+// (3C with KV = H for multi-head attention); query head h reads key/value head g = h / (H / KV)
+// at columns (H + g) D and (H + KV + g) D. out and dout rows hold C = H D; lse is [B, H, T].
+// The key/value gradients sum over the query heads of their group inside one warp, in order.
 #include "runtime/cuda/kernel_utils.cuh"
 
 namespace meshtrain::cuda::kernels {
@@ -16,12 +18,17 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kPerLane = kMaxHeadSize / 32;
 
 struct Geometry {
-  int batch, seq, n_head, head_size;
+  int batch, seq, n_head, n_kv_head, head_size;
+  __device__ int group() const { return n_head / n_kv_head; }
   __device__ std::int64_t c() const { return static_cast<std::int64_t>(n_head) * head_size; }
-  // Element offset of (b, t, part, h) in qkv, part 0/1/2 = q/k/v.
-  __device__ std::int64_t qkv_at(int b, int t, int part, int h) const {
-    return (static_cast<std::int64_t>(b) * seq + t) * 3 * c() + part * c() +
-           static_cast<std::int64_t>(h) * head_size;
+  __device__ std::int64_t width() const {
+    return (n_head + 2 * static_cast<std::int64_t>(n_kv_head)) * head_size;
+  }
+  // Element offset of (b, t, part, head) in qkv, part 0/1/2 = q/k/v: head is a query head for
+  // part 0 and a key/value head for parts 1 and 2.
+  __device__ std::int64_t qkv_at(int b, int t, int part, int head) const {
+    const std::int64_t first = part == 0 ? 0 : part == 1 ? n_head : n_head + n_kv_head;
+    return (static_cast<std::int64_t>(b) * seq + t) * width() + (first + head) * head_size;
   }
   __device__ std::int64_t out_at(int b, int t, int h) const {
     return (static_cast<std::int64_t>(b) * seq + t) * c() +
@@ -65,32 +72,33 @@ __device__ void store_lane(T* dst, const float (&src)[kPerLane], int head_size, 
   }
 }
 
-// Warp index over (b, h, row); false when past the end.
-__device__ bool warp_task(const Geometry& g, int& b, int& h, int& row) {
+// Warp index over (b, h, row) for h among `heads` heads; false when past the end.
+__device__ bool warp_task(const Geometry& g, int heads, int& b, int& h, int& row) {
   const std::int64_t w = static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (w >= static_cast<std::int64_t>(g.batch) * g.n_head * g.seq) return false;
+  if (w >= static_cast<std::int64_t>(g.batch) * heads * g.seq) return false;
   row = static_cast<int>(w % g.seq);
-  h = static_cast<int>((w / g.seq) % g.n_head);
-  b = static_cast<int>(w / (static_cast<std::int64_t>(g.seq) * g.n_head));
+  h = static_cast<int>((w / g.seq) % heads);
+  b = static_cast<int>(w / (static_cast<std::int64_t>(g.seq) * heads));
   return true;
 }
 
 template <typename T>
 __global__ void forward_kernel(T* out, float* lse, const T* qkv, Geometry g, float scale) {
   int b, h, i;
-  if (!warp_task(g, b, h, i)) return;
+  if (!warp_task(g, g.n_head, b, h, i)) return;
+  const int kv = h / g.group();
   float q[kPerLane], acc[kPerLane];
   load_lane(q, qkv + g.qkv_at(b, i, 0, h), g.head_size, scale);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
   float m = -INFINITY, l = 0.0f;
   for (int j = 0; j <= i; ++j) {
-    const float s = dot_lane(q, qkv + g.qkv_at(b, j, 1, h), g.head_size);
+    const float s = dot_lane(q, qkv + g.qkv_at(b, j, 1, kv), g.head_size);
     const float m_new = fmaxf(m, s);
     const float shrink = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * shrink + p;
-    const T* v = qkv + g.qkv_at(b, j, 2, h);
+    const T* v = qkv + g.qkv_at(b, j, 2, kv);
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
@@ -107,7 +115,7 @@ __global__ void forward_kernel(T* out, float* lse, const T* qkv, Geometry g, flo
 template <typename T>
 __global__ void delta_kernel(float* delta, const T* dout, const T* out, Geometry g) {
   int b, h, i;
-  if (!warp_task(g, b, h, i)) return;
+  if (!warp_task(g, g.n_head, b, h, i)) return;
   float o[kPerLane];
   load_lane(o, out + g.out_at(b, i, h), g.head_size);
   const float d = dot_lane(o, dout + g.out_at(b, i, h), g.head_size);
@@ -120,7 +128,8 @@ template <typename T>
 __global__ void dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse,
                           const float* delta, Geometry g, float scale) {
   int b, h, i;
-  if (!warp_task(g, b, h, i)) return;
+  if (!warp_task(g, g.n_head, b, h, i)) return;
+  const int kv = h / g.group();
   float q[kPerLane], go[kPerLane], acc[kPerLane];
   load_lane(q, qkv + g.qkv_at(b, i, 0, h), g.head_size, scale);
   load_lane(go, dout + g.out_at(b, i, h), g.head_size);
@@ -129,9 +138,9 @@ __global__ void dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse
   const float li = lse[g.lse_at(b, h, i)], di = delta[g.lse_at(b, h, i)];
   const int lane = threadIdx.x % 32;
   for (int j = 0; j <= i; ++j) {
-    const T* kj = qkv + g.qkv_at(b, j, 1, h);
+    const T* kj = qkv + g.qkv_at(b, j, 1, kv);
     const float p = expf(dot_lane(q, kj, g.head_size) - li);
-    const float ds = p * (dot_lane(go, qkv + g.qkv_at(b, j, 2, h), g.head_size) - di);
+    const float ds = p * (dot_lane(go, qkv + g.qkv_at(b, j, 2, kv), g.head_size) - di);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int d = lane + 32 * k;
@@ -141,60 +150,72 @@ __global__ void dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse
   store_lane(dqkv + g.qkv_at(b, i, 0, h), acc, g.head_size, scale);
 }
 
-// dV_j = sum_{i >= j} P_ij dO_i;  dK_j = scale * sum_{i >= j} dS_ij q_i.
+// Per key/value head kv: dV_j = sum_h sum_{i >= j} P_ij dO_i; dK_j = scale * sum_h
+// sum_{i >= j} dS_ij q_i, over the query heads h of kv's group in order.
 template <typename T>
 __global__ void dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse,
                            const float* delta, Geometry g, float scale) {
-  int b, h, j;
-  if (!warp_task(g, b, h, j)) return;
+  int b, kv, j;
+  if (!warp_task(g, g.n_kv_head, b, kv, j)) return;
   float kr[kPerLane], vr[kPerLane], dk[kPerLane], dv[kPerLane];
-  load_lane(kr, qkv + g.qkv_at(b, j, 1, h), g.head_size, scale);
-  load_lane(vr, qkv + g.qkv_at(b, j, 2, h), g.head_size);
+  load_lane(kr, qkv + g.qkv_at(b, j, 1, kv), g.head_size, scale);
+  load_lane(vr, qkv + g.qkv_at(b, j, 2, kv), g.head_size);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) dk[k] = dv[k] = 0.0f;
   const int lane = threadIdx.x % 32;
-  for (int i = j; i < g.seq; ++i) {
-    const T* qi = qkv + g.qkv_at(b, i, 0, h);
-    const T* goi = dout + g.out_at(b, i, h);
-    const float p = expf(dot_lane(kr, qi, g.head_size) - lse[g.lse_at(b, h, i)]);
-    const float ds = p * (dot_lane(vr, goi, g.head_size) - delta[g.lse_at(b, h, i)]);
+  for (int h = kv * g.group(); h < (kv + 1) * g.group(); ++h) {
+    for (int i = j; i < g.seq; ++i) {
+      const T* qi = qkv + g.qkv_at(b, i, 0, h);
+      const T* goi = dout + g.out_at(b, i, h);
+      const float p = expf(dot_lane(kr, qi, g.head_size) - lse[g.lse_at(b, h, i)]);
+      const float ds = p * (dot_lane(vr, goi, g.head_size) - delta[g.lse_at(b, h, i)]);
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int d = lane + 32 * k;
-      if (d < g.head_size) {
-        dv[k] += p * to_f32(goi[d]);
-        dk[k] += ds * to_f32(qi[d]);
+      for (int k = 0; k < kPerLane; ++k) {
+        const int d = lane + 32 * k;
+        if (d < g.head_size) {
+          dv[k] += p * to_f32(goi[d]);
+          dk[k] += ds * to_f32(qi[d]);
+        }
       }
     }
   }
-  store_lane(dqkv + g.qkv_at(b, j, 1, h), dk, g.head_size, scale);
-  store_lane(dqkv + g.qkv_at(b, j, 2, h), dv, g.head_size, 1.0f);
+  store_lane(dqkv + g.qkv_at(b, j, 1, kv), dk, g.head_size, scale);
+  store_lane(dqkv + g.qkv_at(b, j, 2, kv), dv, g.head_size, 1.0f);
 }
 
-// One warp per (b, h): stores this token's k and v in row pos of the caches, then attends
-// over rows 0..pos. A lane reads back only the dimensions it wrote itself, so no barrier is
-// needed between the store and the loads.
+// One warp per (b, h): attends over rows 0..pos of the caches ([B, T_max, KV D]) with the
+// token's own k and v read from qkv at pos, and the group's first query head stores them in row
+// pos of the caches. No warp reads row pos of a cache, so no ordering between warps is needed.
 template <typename T>
 __global__ void decode_kernel(T* out, T* kc, T* vc, const T* qkv, int batch, int max_seq, int pos,
-                              int n_head, int head_size, float scale) {
+                              int n_head, int n_kv_head, int head_size, float scale) {
   const int w = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (w >= batch * n_head) return;
   const int b = w / n_head, h = w % n_head, lane = threadIdx.x % 32;
+  const int group = n_head / n_kv_head;
   const std::int64_t c = static_cast<std::int64_t>(n_head) * head_size;
-  const T* row = qkv + b * 3 * c;
-  const std::int64_t head = static_cast<std::int64_t>(h) * head_size;
-  for (int d = lane; d < head_size; d += 32) {
-    kc[(static_cast<std::int64_t>(b) * max_seq + pos) * c + head + d] = row[c + head + d];
-    vc[(static_cast<std::int64_t>(b) * max_seq + pos) * c + head + d] = row[2 * c + head + d];
+  const std::int64_t kvw = static_cast<std::int64_t>(n_kv_head) * head_size;
+  const T* row = qkv + b * (c + 2 * kvw);
+  const std::int64_t head = static_cast<std::int64_t>(h / group) * head_size;
+  const T* k_new = row + c + head;
+  const T* v_new = row + c + kvw + head;
+  if (h % group == 0) {
+    const std::int64_t at = (static_cast<std::int64_t>(b) * max_seq + pos) * kvw + head;
+    for (int d = lane; d < head_size; d += 32) {
+      kc[at + d] = k_new[d];
+      vc[at + d] = v_new[d];
+    }
   }
   float q[kPerLane], acc[kPerLane];
-  load_lane(q, row + head, head_size, scale);
+  load_lane(q, row + static_cast<std::int64_t>(h) * head_size, head_size, scale);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
   float m = -INFINITY, l = 0.0f;
   for (int t = 0; t <= pos; ++t) {
-    const std::int64_t at = (static_cast<std::int64_t>(b) * max_seq + t) * c + head;
-    const float s = dot_lane(q, kc + at, head_size);
+    const std::int64_t at = (static_cast<std::int64_t>(b) * max_seq + t) * kvw + head;
+    const T* kt = t == pos ? k_new : kc + at;
+    const T* vt = t == pos ? v_new : vc + at;
+    const float s = dot_lane(q, kt, head_size);
     const float m_new = fmaxf(m, s);
     const float shrink = expf(m - m_new);
     const float p = expf(s - m_new);
@@ -202,11 +223,11 @@ __global__ void decode_kernel(T* out, T* kc, T* vc, const T* qkv, int batch, int
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const int d = lane + 32 * k;
-      acc[k] = acc[k] * shrink + (d < head_size ? p * to_f32(vc[at + d]) : 0.0f);
+      acc[k] = acc[k] * shrink + (d < head_size ? p * to_f32(vt[d]) : 0.0f);
     }
     m = m_new;
   }
-  store_lane(out + b * c + head, acc, head_size, 1.0f / l);
+  store_lane(out + b * c + static_cast<std::int64_t>(h) * head_size, acc, head_size, 1.0f / l);
 }
 
 unsigned warp_blocks(std::int64_t warps) {
@@ -216,8 +237,8 @@ unsigned warp_blocks(std::int64_t warps) {
 }  // namespace
 
 void attention_forward(DType t, void* out, float* lse, const void* qkv, int batch, int seq,
-                       int n_head, int head_size, cudaStream_t s) {
-  const Geometry g{batch, seq, n_head, head_size};
+                       int n_head, int n_kv_head, int head_size, cudaStream_t s) {
+  const Geometry g{batch, seq, n_head, n_kv_head, head_size};
   const float scale = 1.0f / sqrtf(static_cast<float>(head_size));
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -228,11 +249,12 @@ void attention_forward(DType t, void* out, float* lse, const void* qkv, int batc
 }
 
 void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, const void* out,
-                        const float* lse, int batch, int seq, int n_head, int head_size,
-                        Scratch& scratch, cudaStream_t s) {
-  const Geometry g{batch, seq, n_head, head_size};
+                        const float* lse, int batch, int seq, int n_head, int n_kv_head,
+                        int head_size, Scratch& scratch, cudaStream_t s) {
+  const Geometry g{batch, seq, n_head, n_kv_head, head_size};
   const float scale = 1.0f / sqrtf(static_cast<float>(head_size));
   const std::int64_t rows = std::int64_t{batch} * n_head * seq;
+  const std::int64_t kv_rows = std::int64_t{batch} * n_kv_head * seq;
   auto* delta = static_cast<float*>(scratch.get(sizeof(float) * rows));
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -244,20 +266,21 @@ void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, 
     dq_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in, lse,
                                                                 delta, g, scale);
     MT_CU_LAUNCH_CHECK();
-    dkv_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in, lse,
-                                                                 delta, g, scale);
+    dkv_kernel<<<warp_blocks(kv_rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in,
+                                                                    lse, delta, g, scale);
     MT_CU_LAUNCH_CHECK();
   });
 }
 
 void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv, int batch,
-                      int max_seq, int pos, int n_head, int head_size, cudaStream_t s) {
+                      int max_seq, int pos, int n_head, int n_kv_head, int head_size,
+                      cudaStream_t s) {
   const float scale = 1.0f / sqrtf(static_cast<float>(head_size));
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     decode_kernel<<<warp_blocks(std::int64_t{batch} * n_head), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(out), static_cast<T*>(k_cache), static_cast<T*>(v_cache),
-        static_cast<const T*>(qkv), batch, max_seq, pos, n_head, head_size, scale);
+        static_cast<const T*>(qkv), batch, max_seq, pos, n_head, n_kv_head, head_size, scale);
     MT_CU_LAUNCH_CHECK();
   });
 }

@@ -65,13 +65,14 @@ void CudaBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias,
 }
 
 void CudaBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                                   int batch, int max_seq, int pos, int n_head, int head_size) {
+                                   int batch, int max_seq, int pos, int n_head, int n_kv_head,
+                                   int head_size) {
   MT_CHECK(head_size <= kernels::kMaxHeadSize,
            "attention_decode on CUDA supports head sizes up to {}, got {}", kernels::kMaxHeadSize,
            head_size);
   DeviceGuard g(device_.index());
   kernels::attention_decode(qkv.dtype(), out.data(), k_cache.data(), v_cache.data(), qkv.data(),
-                            batch, max_seq, pos, n_head, head_size, stream());
+                            batch, max_seq, pos, n_head, n_kv_head, head_size, stream());
 }
 
 void CudaBackend::embedding_forward(Tensor& out, const Tensor& tokens, const Tensor& wte,

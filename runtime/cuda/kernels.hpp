@@ -104,15 +104,17 @@ void cross_entropy_backward_split(DType t, void* dlogits, const void* logits, co
                                   int valid, float dloss, cudaStream_t s);
 
 // ---- attention (attention.cu): the simple kernels, for shapes and dtypes cuDNN refuses ----
-// Head sizes up to kMaxHeadSize.
+// Head sizes up to kMaxHeadSize. qkv rows hold (n_head + 2 n_kv_head) * head_size elements
+// (n_kv_head == n_head: multi-head attention); the decode caches n_kv_head * head_size per row.
 inline constexpr int kMaxHeadSize = 256;
 void attention_forward(DType t, void* out, float* lse, const void* qkv, int batch, int seq,
-                       int n_head, int head_size, cudaStream_t s);
+                       int n_head, int n_kv_head, int head_size, cudaStream_t s);
 void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, const void* out,
-                        const float* lse, int batch, int seq, int n_head, int head_size,
-                        Scratch& scratch, cudaStream_t s);
+                        const float* lse, int batch, int seq, int n_head, int n_kv_head,
+                        int head_size, Scratch& scratch, cudaStream_t s);
 void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const void* qkv, int batch,
-                      int max_seq, int pos, int n_head, int head_size, cudaStream_t s);
+                      int max_seq, int pos, int n_head, int n_kv_head, int head_size,
+                      cudaStream_t s);
 
 }  // namespace kernels
 }  // namespace meshtrain::cuda

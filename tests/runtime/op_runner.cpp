@@ -72,6 +72,7 @@ class Case {
   Device& device() const { return device_; }
 
   bool has(const std::string& name) const { return on_device_.count(name) != 0; }
+  bool has_text(const std::string& key) const { return file_.metadata.count(key) != 0; }
   // The input called name (on the device). Mutable: some ops work in place.
   Tensor& tensor(const std::string& name) {
     auto it = on_device_.find(name);
@@ -239,21 +240,33 @@ const std::map<std::string, OpFn>& op_table() {
                                  c.tensor("mean"), c.tensor("rstd"), accumulate_dx);
          return Result{{{"dx", dx}, {"dweight", dweight}, {"dbias", dbias}}, {}};
        }},
+      // Attention: n_kv_head defaults to n_head (multi-head attention), which runs the
+      // four-argument overloads.
       {"attention_forward",
        [](Case& c) {
          const Tensor& qkv = c.tensor("qkv");
          const int n_head = c.integer("n_head");
-         Tensor out = c.output("out", Shape{qkv.dim(0), qkv.dim(1), qkv.dim(2) / 3}, qkv.dtype());
+         const int n_kv = c.has_text("n_kv_head") ? c.integer("n_kv_head") : n_head;
+         const std::int64_t hs = qkv.dim(2) / (n_head + 2 * n_kv);
+         Tensor out = c.output("out", Shape{qkv.dim(0), qkv.dim(1), n_head * hs}, qkv.dtype());
          Tensor lse = c.output("lse", Shape{qkv.dim(0), n_head, qkv.dim(1)}, DType::kF32);
-         ops::attention_forward(out, lse, qkv, n_head);
+         if (c.has_text("n_kv_head"))
+           ops::attention_forward(out, lse, qkv, n_head, n_kv);
+         else
+           ops::attention_forward(out, lse, qkv, n_head);
          return Result{{{"out", out}, {"lse", lse}}, {}};
        }},
       {"attention_backward",
        [](Case& c) {
          const Tensor& qkv = c.tensor("qkv");
          Tensor dqkv = c.output("dqkv", qkv.shape(), qkv.dtype());
-         ops::attention_backward(dqkv, c.tensor("dout"), qkv, c.tensor("out"), c.tensor("lse"),
-                                 c.integer("n_head"));
+         const int n_head = c.integer("n_head");
+         if (c.has_text("n_kv_head"))
+           ops::attention_backward(dqkv, c.tensor("dout"), qkv, c.tensor("out"), c.tensor("lse"),
+                                   n_head, c.integer("n_kv_head"));
+         else
+           ops::attention_backward(dqkv, c.tensor("dout"), qkv, c.tensor("out"), c.tensor("lse"),
+                                   n_head);
          return Result{{{"dqkv", dqkv}}, {}};
        }},
       {"attention_decode",
@@ -261,8 +274,14 @@ const std::map<std::string, OpFn>& op_table() {
          const Tensor& qkv = c.tensor("qkv");
          Tensor& k_cache = c.tensor("k_cache");
          Tensor& v_cache = c.tensor("v_cache");
-         Tensor out = c.output("out", Shape{qkv.dim(0), qkv.dim(1) / 3}, qkv.dtype());
-         ops::attention_decode(out, k_cache, v_cache, qkv, c.integer("pos"), c.integer("n_head"));
+         const int n_head = c.integer("n_head");
+         const int n_kv = c.has_text("n_kv_head") ? c.integer("n_kv_head") : n_head;
+         const std::int64_t hs = qkv.dim(1) / (n_head + 2 * n_kv);
+         Tensor out = c.output("out", Shape{qkv.dim(0), n_head * hs}, qkv.dtype());
+         if (c.has_text("n_kv_head"))
+           ops::attention_decode(out, k_cache, v_cache, qkv, c.integer("pos"), n_head, n_kv);
+         else
+           ops::attention_decode(out, k_cache, v_cache, qkv, c.integer("pos"), n_head);
          return Result{{{"out", out}, {"k_cache", k_cache}, {"v_cache", v_cache}}, {}};
        }},
       {"embedding_forward",

@@ -199,6 +199,105 @@ TEST(Attention, IdenticalWithOneAndTwoThreads) {
   omp_set_num_threads(saved);
 }
 
+// Grouped-query attention against multi-head attention on the same query heads with each
+// key/value head repeated for its group (transformers' repeat_kv): the forward and dQ run the
+// same GEMMs on the same values, so they agree bit for bit; dK and dV of a key/value head are
+// the sums of its group's (summed in fp32 before one rounding, where the multi-head results are
+// rounded per head first).
+struct GqaCase {
+  int batch, seq, n_head, n_kv_head, head_size;
+};
+
+TEST(Attention, GroupedQueryMatchesRepeatedHeads) {
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (const GqaCase& c : {GqaCase{2, 37, 4, 2, 12}, GqaCase{1, 300, 4, 1, 16},
+                             GqaCase{3, 17, 6, 3, 8}, GqaCase{1, 130, 8, 2, 32}}) {
+      SCOPED_TRACE(fmt::format("B={} T={} H={} KV={} D={} {}", c.batch, c.seq, c.n_head,
+                               c.n_kv_head, c.head_size, dtype_name(dtype)));
+      const int d = c.head_size, group = c.n_head / c.n_kv_head;
+      const std::int64_t rows = std::int64_t{c.batch} * c.seq, qw = std::int64_t{c.n_head} * d,
+                         kvw = std::int64_t{c.n_kv_head} * d;
+      Tensor gqa = Tensor::empty(Shape{c.batch, c.seq, qw + 2 * kvw}, dtype);
+      fill_normal(gqa, Philox(31, 0), 0.0f, 1.5f);
+      Tensor dout = Tensor::empty(Shape{c.batch, c.seq, qw}, dtype);
+      fill_normal(dout, Philox(31, 1), 0.0f, 1.0f);
+      // The multi-head projection: q as it is, key/value head h / group at head h.
+      const std::vector<float> g = gqa.to_floats();
+      std::vector<float> m(static_cast<std::size_t>(rows * 3 * qw));
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const float* src = g.data() + r * (qw + 2 * kvw);
+        float* dst = m.data() + r * 3 * qw;
+        std::copy(src, src + qw, dst);
+        for (int h = 0; h < c.n_head; ++h)
+          for (int part = 1; part <= 2; ++part)
+            std::copy(src + qw + (part - 1) * kvw + (h / group) * d,
+                      src + qw + (part - 1) * kvw + (h / group + 1) * d, dst + part * qw + h * d);
+      }
+      Tensor mha = Tensor::from_floats(m, Shape{c.batch, c.seq, 3 * qw}, dtype);
+      Tensor out_g = Tensor::empty(dout.shape(), dtype), out_m = out_g.clone();
+      Tensor lse_g = Tensor::empty(Shape{c.batch, c.n_head, c.seq}, DType::kF32),
+             lse_m = lse_g.clone();
+      Tensor dgqa = Tensor::empty(gqa.shape(), dtype), dmha = Tensor::empty(mha.shape(), dtype);
+      ops::attention_forward(out_g, lse_g, gqa, c.n_head, c.n_kv_head);
+      ops::attention_forward(out_m, lse_m, mha, c.n_head);
+      EXPECT_EQ(out_g.to_floats(), out_m.to_floats()) << "out";
+      EXPECT_EQ(lse_g.to_floats(), lse_m.to_floats()) << "lse";
+      ops::attention_backward(dgqa, dout, gqa, out_g, lse_g, c.n_head, c.n_kv_head);
+      ops::attention_backward(dmha, dout, mha, out_m, lse_m, c.n_head);
+      const std::vector<float> dg = dgqa.to_floats(), dm = dmha.to_floats();
+      std::vector<float> dq_g, dq_m, dkv_g;
+      std::vector<double> dkv_sum;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const float* a = dg.data() + r * (qw + 2 * kvw);
+        const float* b = dm.data() + r * 3 * qw;
+        dq_g.insert(dq_g.end(), a, a + qw);
+        dq_m.insert(dq_m.end(), b, b + qw);
+        dkv_g.insert(dkv_g.end(), a + qw, a + qw + 2 * kvw);
+        for (int part = 1; part <= 2; ++part)
+          for (int kv = 0; kv < c.n_kv_head; ++kv)
+            for (int e = 0; e < d; ++e) {
+              double sum = 0.0;
+              for (int h = kv * group; h < (kv + 1) * group; ++h) sum += b[part * qw + h * d + e];
+              dkv_sum.push_back(sum);
+            }
+      }
+      EXPECT_EQ(dq_g, dq_m) << "dq";
+      EXPECT_LT(scaled_error(dkv_g, dkv_sum), dtype == DType::kF32 ? 1e-5 : 1e-2) << "dk, dv";
+    }
+  }
+}
+
+// As IdenticalWithOneAndTwoThreads for grouped-query attention: with one key/value head per
+// sequence and two threads, backward takes the split path; with one thread, the single sweep.
+TEST(Attention, GroupedQueryIdenticalWithOneAndTwoThreads) {
+  const int saved = omp_get_max_threads();
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (const GqaCase& c : {GqaCase{1, 300, 4, 1, 16}, GqaCase{2, 130, 6, 3, 12}}) {
+      SCOPED_TRACE(fmt::format("B={} T={} H={} KV={} {}", c.batch, c.seq, c.n_head, c.n_kv_head,
+                               dtype_name(dtype)));
+      const std::int64_t w = std::int64_t{c.n_head + 2 * c.n_kv_head} * c.head_size;
+      Tensor qkv = Tensor::empty(Shape{c.batch, c.seq, w}, dtype);
+      fill_normal(qkv, Philox(5, 0), 0.0f, 1.0f);
+      Tensor dout = Tensor::empty(Shape{c.batch, c.seq, c.n_head * c.head_size}, dtype);
+      fill_normal(dout, Philox(5, 1), 0.0f, 1.0f);
+      std::vector<float> results[2];
+      for (int threads : {1, 2}) {
+        omp_set_num_threads(threads);
+        Tensor out = Tensor::empty(dout.shape(), dtype);
+        Tensor lse = Tensor::empty(Shape{c.batch, c.n_head, c.seq}, DType::kF32);
+        Tensor dqkv = Tensor::empty(qkv.shape(), dtype);
+        ops::attention_forward(out, lse, qkv, c.n_head, c.n_kv_head);
+        ops::attention_backward(dqkv, dout, qkv, out, lse, c.n_head, c.n_kv_head);
+        results[threads - 1] = out.to_floats();
+        const std::vector<float> d = dqkv.to_floats();
+        results[threads - 1].insert(results[threads - 1].end(), d.begin(), d.end());
+      }
+      EXPECT_EQ(results[0], results[1]);
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
 // Runs f and returns the InvalidArgument message it throws ("" if it does not).
 template <typename F>
 std::string invalid_argument_of(F&& f) {

@@ -356,6 +356,78 @@ TEST_F(CudaOps, AttentionDecode) {
   }
 }
 
+TEST_F(CudaOps, GroupedQueryAttention) {
+  struct Case {
+    int batch, seq, n_head, n_kv_head, head_size;
+  };
+  auto& backend = dynamic_cast<cuda::CudaBackend&>(gpu().backend());
+  for (DType t : kDTypes) {
+    for (Case c : {Case{2, 64, 8, 2, 64}, Case{1, 200, 12, 4, 64}, Case{2, 129, 4, 1, 128},
+                   Case{1, 17, 6, 3, 32}}) {
+      const std::string what = name("grouped-query attention", t) + " B" + std::to_string(c.batch) +
+                               " T" + std::to_string(c.seq) + " H" + std::to_string(c.n_head) +
+                               " KV" + std::to_string(c.n_kv_head) + " D" +
+                               std::to_string(c.head_size);
+      const std::int64_t width = (c.n_head + 2 * c.n_kv_head) * c.head_size;
+      Pair qkv = randn_pair(Shape{c.batch, c.seq, width}, t);
+      Pair out = nan_pair(Shape{c.batch, c.seq, c.n_head * c.head_size}, t);
+      Pair lse = nan_pair(Shape{c.batch, c.n_head, c.seq}, DType::kF32);
+      ops::attention_forward(out.gpu, lse.gpu, qkv.gpu, c.n_head, c.n_kv_head);
+      const bool fwd_cudnn = backend.last_attention_used_cudnn();
+      ops::attention_forward(out.cpu, lse.cpu, qkv.cpu, c.n_head, c.n_kv_head);
+      expect_close(out.gpu, out.cpu, tolerance(t), what + " out");
+      expect_close(lse.gpu, lse.cpu, t == DType::kF32 ? 2e-5 : 2e-3, what + " lse");
+      Pair dout = randn_pair(out.cpu.shape(), t);
+      Pair dqkv = nan_pair(qkv.cpu.shape(), t);
+      ops::attention_backward(dqkv.gpu, dout.gpu, qkv.gpu, out.gpu, lse.gpu, c.n_head, c.n_kv_head);
+      const bool bwd_cudnn = backend.last_attention_used_cudnn();
+      ops::attention_backward(dqkv.cpu, dout.cpu, qkv.cpu, out.cpu, lse.cpu, c.n_head, c.n_kv_head);
+      expect_close(dqkv.gpu, dqkv.cpu, t == DType::kF32 ? 1e-4 : 2 * tolerance(t), what + " dqkv");
+      Tensor again = nan_pair(qkv.cpu.shape(), t).gpu;
+      ops::attention_backward(again, dout.gpu, qkv.gpu, out.gpu, lse.gpu, c.n_head, c.n_kv_head);
+      EXPECT_EQ(again.to_floats(), dqkv.gpu.to_floats())
+          << what << " backward is not deterministic";
+      std::printf("%s: forward %s, backward %s\n", what.c_str(), fwd_cudnn ? "cuDNN" : "fallback",
+                  bwd_cudnn ? "cuDNN" : "fallback");
+      if (t != DType::kF32 && c.head_size == 64) {
+        EXPECT_TRUE(fwd_cudnn && bwd_cudnn) << what << ": cuDNN should run Llama's head size";
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, GroupedQueryAttentionFallbackKernelMatchesCpu) {
+  // fp32 always runs the fallback kernels: forward and the group-summed dK, dV.
+  const int h = 6, kv = 2, d = 64;
+  Pair qkv = randn_pair(Shape{2, 80, (h + 2 * kv) * d}, DType::kF32);
+  Pair out = nan_pair(Shape{2, 80, h * d}, DType::kF32),
+       lse = nan_pair(Shape{2, h, 80}, DType::kF32);
+  ops::attention_forward(out.gpu, lse.gpu, qkv.gpu, h, kv);
+  ops::attention_forward(out.cpu, lse.cpu, qkv.cpu, h, kv);
+  expect_close(out.gpu, out.cpu, 2e-5, "fallback grouped-query attention out");
+  Pair dout = randn_pair(out.cpu.shape(), DType::kF32),
+       dqkv = nan_pair(qkv.cpu.shape(), DType::kF32);
+  ops::attention_backward(dqkv.gpu, dout.gpu, qkv.gpu, out.gpu, lse.gpu, h, kv);
+  ops::attention_backward(dqkv.cpu, dout.cpu, qkv.cpu, out.cpu, lse.cpu, h, kv);
+  expect_close(dqkv.gpu, dqkv.cpu, 1e-4, "fallback grouped-query attention dqkv");
+}
+
+TEST_F(CudaOps, GroupedQueryAttentionDecode) {
+  for (DType t : kDTypes) {
+    const int b = 2, h = 8, kv = 2, d = 64, tmax = 40;
+    Pair kc = randn_pair(Shape{b, tmax, kv * d}, t), vc = randn_pair(Shape{b, tmax, kv * d}, t);
+    for (int pos : {0, 17, 39}) {
+      Pair qkv = randn_pair(Shape{b, (h + 2 * kv) * d}, t);
+      Pair out = nan_pair(Shape{b, h * d}, t);
+      ops::attention_decode(out.gpu, kc.gpu, vc.gpu, qkv.gpu, pos, h, kv);
+      ops::attention_decode(out.cpu, kc.cpu, vc.cpu, qkv.cpu, pos, h, kv);
+      expect_close(out.gpu, out.cpu, tolerance(t), name("grouped-query attention_decode", t));
+      expect_close(kc.gpu, kc.cpu, 0.0, name("grouped-query attention_decode k cache", t));
+      expect_close(vc.gpu, vc.cpu, 0.0, name("grouped-query attention_decode v cache", t));
+    }
+  }
+}
+
 TEST_F(CudaOps, Embedding) {
   for (DType t : kDTypes) {
     const int b = 4, s = 64, c = 96, v = 50;  // few ids: many repeats in backward

@@ -639,6 +639,80 @@ TEST(OpsErrors, Attention) {
   });
 }
 
+TEST(OpsErrors, GroupedQueryAttention) {
+  // B=2, T=3, n_head 4, n_kv_head 2, D 3: qkv rows of (4 + 2 * 2) * 3 = 24, out rows of 12.
+  Tensor qkv = rnd({2, 3, 24}), out = rnd({2, 3, 12}), lse = rnd({2, 4, 3}), undefined;
+  Tensor dqkv = rnd({2, 3, 24}), dout = rnd({2, 3, 12});
+  expect_valid([&] { ops::attention_forward(out, lse, qkv, 4, 2); }, "attention_forward (GQA)");
+  expect_valid([&] { ops::attention_backward(dqkv, dout, qkv, out, lse, 4, 2); },
+               "attention_backward (GQA)");
+  Tensor step_qkv = rnd({2, 24}), step_out = rnd({2, 12}), k_cache = rnd({2, 4, 6}),
+         v_cache = rnd({2, 4, 6});
+  expect_valid([&] { ops::attention_decode(step_out, k_cache, v_cache, step_qkv, 3, 4, 2); },
+               "attention_decode (GQA)");
+  expect_errors({
+      {"n_kv_head 0",
+       [&] { ops::attention_forward(out, lse, qkv, 4, 0); },
+       {"attention_forward", "n_kv_head (0)"}},
+      {"n_kv_head does not divide",
+       [&] { ops::attention_forward(out, lse, qkv, 4, 3); },
+       {"attention_forward", "n_kv_head (3)", "divide n_head (4)"}},
+      {"n_kv_head above n_head",
+       [&] { ops::attention_forward(out, lse, qkv, 2, 4); },
+       {"attention_forward", "n_kv_head (4)"}},
+      {"width",
+       [&] {
+         Tensor q = rnd({2, 3, 26});
+         ops::attention_forward(out, lse, q, 4, 2);
+       },
+       {"attention_forward", "qkv's last dimension 26", "n_kv_head (2)"}},
+      {"qkv 2-D",
+       [&] {
+         ops::attention_forward(out, lse, rnd({6, 24}), 4, 2);
+       },
+       {"attention_forward", "[B, T, (n_head + 2 n_kv_head) D]"}},
+      {"out shape (n_kv_head heads)",
+       [&] {
+         Tensor o = rnd({2, 3, 6});
+         ops::attention_forward(o, lse, qkv, 4, 2);
+       },
+       {"attention_forward", "'out'", "[2, 3, 12]"}},
+      {"lse shape",
+       [&] {
+         Tensor l = rnd({2, 2, 3});
+         ops::attention_forward(out, l, qkv, 4, 2);
+       },
+       {"attention_forward", "'lse'", "[2, 4, 3]"}},
+      {"bwd dqkv shape",
+       [&] {
+         Tensor d = rnd({2, 3, 36});
+         ops::attention_backward(d, dout, qkv, out, lse, 4, 2);
+       },
+       {"attention_backward", "'dqkv'", "[2, 3, 24]"}},
+      {"bwd n_kv_head",
+       [&] { ops::attention_backward(dqkv, dout, qkv, out, lse, 4, 3); },
+       {"attention_backward", "n_kv_head (3)"}},
+      {"decode cache of every head",
+       [&] {
+         Tensor k = rnd({2, 4, 12}), v = rnd({2, 4, 12});
+         ops::attention_decode(step_out, k, v, step_qkv, 1, 4, 2);
+       },
+       {"attention_decode", "k_cache must be [2, T_max, 6]"}},
+      {"decode qkv 3-D",
+       [&] { ops::attention_decode(step_out, k_cache, v_cache, qkv, 1, 4, 2); },
+       {"attention_decode", "[B, (n_head + 2 n_kv_head) D]"}},
+      {"decode n_kv_head",
+       [&] { ops::attention_decode(step_out, k_cache, v_cache, step_qkv, 1, 4, 3); },
+       {"attention_decode", "n_kv_head (3)"}},
+      {"decode out shape",
+       [&] {
+         Tensor o = rnd({2, 6});
+         ops::attention_decode(o, k_cache, v_cache, step_qkv, 1, 4, 2);
+       },
+       {"attention_decode", "'out'", "[2, 12]"}},
+  });
+}
+
 TEST(OpsErrors, Embedding) {
   // V=7, C=4, B=2, T=3, T_max=5.
   Tensor tokens = ints({0, 6, 3, 3, 1, 2}, {2, 3}), wte = rnd({7, 4}), wpe = rnd({5, 4});

@@ -563,41 +563,53 @@ class LayerNorm(OpTest):
 
 # ---- attention -------------------------------------------------------------------------------
 
-def attention_ref(qkv, n_head):
-    """Causal softmax attention, naively in float64: (out, lse) on GPT-2's fused qkv."""
-    b, t, c3 = qkv.shape
-    c = c3 // 3
-    hs = c // n_head
-    q, k, v = qkv.split(c, dim=-1)
-    q, k, v = (z.reshape(b, t, n_head, hs).transpose(1, 2) for z in (q, k, v))
+def split_qkv(qkv, n_head, n_kv_head):
+    """q, k, v as [B, H, T, D] from a fused [B, T, (H + 2 KV) D] projection, with each key/value
+    head repeated for the query heads of its group (transformers' repeat_kv)."""
+    b, t, w = qkv.shape
+    hs = w // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=-1)
+    heads = lambda z, n: z.reshape(b, t, n, hs).transpose(1, 2)
+    group = n_head // n_kv_head
+    q = heads(q, n_head)
+    k, v = (heads(z, n_kv_head).repeat_interleave(group, dim=1) for z in (k, v))
+    return q, k, v, hs
+
+
+def attention_ref(qkv, n_head, n_kv_head=None):
+    """Causal softmax attention, naively in float64: (out, lse) on a fused qkv projection
+    (GPT-2's [B, T, 3C], or grouped-query [B, T, (H + 2 KV) D])."""
+    n_kv_head = n_kv_head or n_head
+    b, t, _ = qkv.shape
+    q, k, v, hs = split_qkv(qkv, n_head, n_kv_head)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     scores = scores.masked_fill(~mask, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1) @ v
-    return out.transpose(1, 2).reshape(b, t, c), lse
+    return out.transpose(1, 2).reshape(b, t, n_head * hs), lse
 
 
-def attention_grad_scale(qkv, dout, n_head):
-    """The magnitudes of the terms that make up dq, dk and dv, elementwise, as [B, T, 3C]:
-    the scale of their floating-point error, which the largest result does not give where the
-    terms cancel (dq and dk are zero when T = 1)."""
-    b, t, c3 = qkv.shape
-    c = c3 // 3
-    hs = c // n_head
-    heads = lambda z: z.reshape(b, t, n_head, hs).transpose(1, 2)
-    merge = lambda z: z.transpose(1, 2).reshape(b, t, c)
-    q, k, v = (heads(z) for z in qkv.double().split(c, dim=-1))
-    do = heads(dout.double())
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+def attention_grad_scale(qkv, dout, n_head, n_kv_head=None):
+    """The magnitudes of the terms that make up dq, dk and dv, elementwise, in qkv's layout: the
+    scale of their floating-point error, which the largest result does not give where the
+    terms cancel (dq and dk are zero when T = 1). A key/value head's terms sum over its group."""
+    n_kv_head = n_kv_head or n_head
+    b, t, _ = qkv.shape
+    q, k, v, hs = split_qkv(qkv.double().abs(), n_head, n_kv_head)
+    qs, ks, vs = split_qkv(qkv.double(), n_head, n_kv_head)[:3]
+    do = dout.double().abs().reshape(b, t, n_head, hs).transpose(1, 2)
+    scores = (qs @ ks.transpose(-1, -2)) / math.sqrt(hs)
     scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf)
     p = torch.softmax(scores, dim=-1)
-    ds = p * (do.abs() @ v.abs().transpose(-1, -2) +
-              (do.abs() * (p @ v).abs()).sum(-1, keepdim=True))
-    dq = ds @ k.abs() / math.sqrt(hs)
-    dk = ds.transpose(-1, -2) @ q.abs() / math.sqrt(hs)
-    dv = p.transpose(-1, -2) @ do.abs()
-    return torch.cat([merge(dq), merge(dk), merge(dv)], dim=-1)
+    ds = p * (do @ v.transpose(-1, -2) + (do * (p @ vs).abs()).sum(-1, keepdim=True))
+    dq = ds @ k / math.sqrt(hs)
+    dk = ds.transpose(-1, -2) @ q / math.sqrt(hs)
+    dv = p.transpose(-1, -2) @ do
+    group = n_head // n_kv_head
+    fold = lambda z: z.reshape(b, n_kv_head, group, t, hs).sum(2)
+    merge = lambda z: z.transpose(1, 2).reshape(b, t, -1)
+    return torch.cat([merge(dq), merge(fold(dk)), merge(fold(dv))], dim=-1)
 
 
 class Attention(OpTest):
@@ -680,6 +692,80 @@ class Attention(OpTest):
                 cases.append(Case("attention_decode", name,
                                   {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache},
                                   {"pos": pos, "n_head": nh})
+                             .check("out", out[:, pos], self.OUT_TOL[dt])
+                             .exact("k_cache", want_k)
+                             .exact("v_cache", want_v))
+        self.run_and_check(cases)
+
+    # Grouped-query attention: (B, T, n_head, n_kv_head, head size): groups of 2, 3 and 4, MQA
+    # (one key/value head), MHA through the five-argument overloads, T = 1, and T = 300 (more
+    # than one key block and query chunk). B * n_kv_head of 1 and 2 takes the CPU's split
+    # backward, the others its one sweep per key/value head.
+    GQA_SHAPES = [(3, 5, 4, 2, 12), (2, 17, 6, 2, 8), (1, 64, 8, 1, 16), (2, 33, 3, 3, 16),
+                  (3, 1, 4, 2, 12), (1, 300, 4, 1, 16), (2, 70, 8, 2, 32)]
+
+    def make_gqa(self, dt, shape):
+        b, t, nh, nkv, hs = shape
+        name = f"{SHORT[dt]}/b{b}t{t}h{nh}kv{nkv}d{hs}"
+        g = generator(name)
+        qkv = torch.cat([randn(g, (b, t, (nh + nkv) * hs), dt, 2.0),
+                         randn(g, (b, t, nkv * hs), dt)], dim=-1)
+        return name, g, qkv
+
+    def test_gqa_attention_forward(self):
+        cases = []
+        for dt in FLOATS:
+            for shape in self.GQA_SHAPES:
+                name, _, qkv = self.make_gqa(dt, shape)
+                out, lse = attention_ref(qkv.double(), shape[2], shape[3])
+                cases.append(Case("attention_forward", f"gqa/{name}", {"qkv": qkv},
+                                  {"n_head": shape[2], "n_kv_head": shape[3]})
+                             .check("out", out, self.OUT_TOL[dt])
+                             .check("lse", lse, self.LSE_TOL[dt]))
+        self.run_and_check(cases)
+
+    def test_gqa_attention_backward(self):
+        cases = []
+        for dt in FLOATS:
+            for shape in self.GQA_SHAPES:
+                name, g, qkv = self.make_gqa(dt, shape)
+                _, _, nh, nkv, hs = shape
+                qkv64 = qkv.double().requires_grad_()
+                out, lse = attention_ref(qkv64, nh, nkv)
+                dout = randn(g, out.shape, dt)
+                (dqkv,) = torch.autograd.grad(out, qkv64, dout.double())
+                case = Case("attention_backward", f"gqa/{name}",
+                            {"qkv": qkv, "dout": dout, "out": out.detach().to(dt),
+                             "lse": lse.detach().float()}, {"n_head": nh, "n_kv_head": nkv})
+                scale = attention_grad_scale(qkv, dout, nh, nkv)
+                bounds = [0, nh * hs, (nh + nkv) * hs, (nh + 2 * nkv) * hs]
+                for i, part in enumerate("qkv"):
+                    sl = (lambda lo, hi: lambda t: t[..., lo:hi])(bounds[i], bounds[i + 1])
+                    case.check("dqkv", dqkv, self.GRAD_TOL[dt], sl(scale).max(), select=sl,
+                               label=f"d{part}")
+                cases.append(case)
+        self.run_and_check(cases)
+
+    def test_gqa_attention_decode(self):
+        # The caches hold only the key/value heads; as test_attention_decode otherwise.
+        cases = []
+        for dt in FLOATS:
+            for (b, nh, nkv, hs, t_max, pos) in [(3, 4, 2, 12, 8, 4), (1, 6, 1, 16, 4, 0),
+                                                 (2, 8, 2, 32, 17, 16), (2, 3, 3, 16, 9, 5)]:
+                name = f"gqa/{SHORT[dt]}/b{b}h{nh}kv{nkv}d{hs}/pos{pos}of{t_max}"
+                g = generator(name)
+                qw, kvw = nh * hs, nkv * hs
+                qkv = torch.cat([randn(g, (b, qw + kvw), dt, 2.0), randn(g, (b, kvw), dt)], dim=-1)
+                k_cache, v_cache = randn(g, (b, t_max, kvw), dt, 2.0), randn(g, (b, t_max, kvw), dt)
+                want_k, want_v = k_cache.clone(), v_cache.clone()
+                want_k[:, pos], want_v[:, pos] = qkv[:, qw:qw + kvw], qkv[:, qw + kvw:]
+                seq = torch.cat([torch.zeros(b, pos + 1, qw, dtype=dt), want_k[:, :pos + 1],
+                                 want_v[:, :pos + 1]], dim=-1)
+                seq[:, pos, :qw] = qkv[:, :qw]
+                out, _ = attention_ref(seq.double(), nh, nkv)
+                cases.append(Case("attention_decode", name,
+                                  {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache},
+                                  {"pos": pos, "n_head": nh, "n_kv_head": nkv})
                              .check("out", out[:, pos], self.OUT_TOL[dt])
                              .exact("k_cache", want_k)
                              .exact("v_cache", want_v))
