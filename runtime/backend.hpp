@@ -29,6 +29,24 @@ class Backend {
                                   const Tensor& x, const Tensor& weight, const Tensor& mean,
                                   const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                                   bool accumulate_dx) = 0;
+  virtual void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                               std::int64_t rows, std::int64_t cols, float eps) = 0;
+  virtual void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                                        const Tensor& b, const Tensor& weight, std::int64_t rows,
+                                        std::int64_t cols, float eps) = 0;
+  virtual void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                                const Tensor& weight, const Tensor& rstd, std::int64_t rows,
+                                std::int64_t cols, bool accumulate_dx) = 0;
+  // x: [rows, 2 * hidden] (gate | up), y: [rows, hidden]; dx like x.
+  virtual void swiglu_forward(Tensor& y, const Tensor& x, std::int64_t rows,
+                              std::int64_t hidden) = 0;
+  virtual void swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, std::int64_t rows,
+                               std::int64_t hidden) = 0;
+  // Rotary embedding on rows of `heads` heads of head_dim (rows = batch * seq, row b * seq + t at
+  // position pos0 + t): the first rot_heads heads are rotated by the table's angles (by minus
+  // them when inverse), the others copied when y is not x.
+  virtual void rope(Tensor& y, const Tensor& x, const Tensor& table, int batch, int seq,
+                    int rot_heads, int heads, int head_dim, int pos0, bool inverse) = 0;
   // n_kv_head divides n_head (equal for multi-head attention); qkv rows hold
   // (n_head + 2 n_kv_head) * head_size elements.
   virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,

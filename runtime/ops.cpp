@@ -70,6 +70,22 @@ void check_layernorm_params(const Tensor& weight, const Tensor& bias, const Tens
   check_numel(rstd, rows, op, "rstd");
 }
 
+// An RMSNorm's weight (`cols`, of the input's dtype) and its fp32 row statistics (`rows`).
+void check_rmsnorm_params(const Tensor& weight, const Tensor& rstd, DType dtype, std::int64_t rows,
+                          std::int64_t cols, const char* op) {
+  check_shape(weight, Shape{cols}, op, "weight");
+  check_dtype(weight, dtype, op, "weight");
+  check_dtype(rstd, DType::kF32, op, "rstd");
+  check_numel(rstd, rows, op, "rstd");
+}
+
+// shape with its last dimension replaced by last.
+Shape with_last_dim(const Shape& shape, std::int64_t last) {
+  std::vector<std::int64_t> dims = shape.to_vector();
+  dims.back() = last;
+  return Shape(dims);
+}
+
 }  // namespace
 
 void matmul(Tensor& out, const Tensor& a, const Tensor& b, const MatmulOptions& opt) {
@@ -351,6 +367,236 @@ void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor
   check_numel(rstd, rows, op, "rstd");
   backend_of(x).layernorm_backward(dx, dweight, dbias, dy, x, weight, mean, rstd, rows, cols,
                                    accumulate_dx);
+}
+
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight, float eps) {
+  const char* op = "rmsnorm_forward";
+  check_defined(x, op, "x");
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&y, "y"}, {&rstd, "rstd"}, {&weight, "weight"}})
+    check_same_device(x, *t, op, name);
+  check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "rmsnorm_forward: x must have a last dimension, got {}",
+           x.str());
+  MT_CHECK(eps > 0 && std::isfinite(eps), "rmsnorm_forward: eps must be positive, got {}", eps);
+  const std::int64_t cols = x.dim(-1);
+  const std::int64_t rows = x.numel() / cols;
+  check_shape(y, x.shape(), op, "y");
+  check_dtype(y, x.dtype(), op, "y");
+  check_rmsnorm_params(weight, rstd, x.dtype(), rows, cols, op);
+  backend_of(x).rmsnorm_forward(y, rstd, x, weight, rows, cols, eps);
+}
+
+void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                              const Tensor& b, const Tensor& weight, float eps) {
+  const char* op = "residual_rmsnorm_forward";
+  check_defined(a, op, "a");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&b, "b"},
+                         {&sum, "sum"},
+                         {&y, "y"},
+                         {&rstd, "rstd"},
+                         {&weight, "weight"}})
+    check_same_device(a, *t, op, name);
+  check_float(a, op, "a");
+  MT_CHECK(a.ndim() >= 1 && a.dim(-1) > 0,
+           "residual_rmsnorm_forward: a must have a last dimension, got {}", a.str());
+  MT_CHECK(eps > 0 && std::isfinite(eps), "residual_rmsnorm_forward: eps must be positive, got {}",
+           eps);
+  const std::int64_t cols = a.dim(-1);
+  const std::int64_t rows = a.numel() / cols;
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&b, "b"}, {&sum, "sum"}, {&y, "y"}}) {
+    check_shape(*t, a.shape(), op, name);
+    check_dtype(*t, a.dtype(), op, name);
+  }
+  MT_CHECK(y.data() != sum.data() && y.data() != a.data() && y.data() != b.data(),
+           "residual_rmsnorm_forward: y must not alias sum, a or b");
+  check_rmsnorm_params(weight, rstd, a.dtype(), rows, cols, op);
+  backend_of(a).residual_rmsnorm_forward(sum, y, rstd, a, b, weight, rows, cols, eps);
+}
+
+void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                      const Tensor& weight, const Tensor& rstd, bool accumulate_dx) {
+  const char* op = "rmsnorm_backward";
+  check_defined(x, op, "x");
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&dx, "dx"},
+                         {&dweight, "dweight"},
+                         {&dy, "dy"},
+                         {&weight, "weight"},
+                         {&rstd, "rstd"}})
+    check_same_device(x, *t, op, name);
+  check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 1, "rmsnorm_backward: x must have a last dimension, got {}", x.str());
+  const std::int64_t cols = x.dim(-1);
+  const std::int64_t rows = x.numel() / std::max<std::int64_t>(cols, 1);
+  check_shape(dx, x.shape(), op, "dx");
+  check_shape(dy, x.shape(), op, "dy");
+  check_dtype(dx, x.dtype(), op, "dx");
+  check_dtype(dy, x.dtype(), op, "dy");
+  check_rmsnorm_params(weight, rstd, x.dtype(), rows, cols, op);
+  check_shape(dweight, Shape{cols}, op, "dweight");
+  check_dtype(dweight, DType::kF32, op, "dweight");
+  if (rows == 0 || cols == 0) return;
+  backend_of(x).rmsnorm_backward(dx, dweight, dy, x, weight, rstd, rows, cols, accumulate_dx);
+}
+
+namespace {
+// x [.., 2F] (gate | up) and the [.., F] tensor beside it; returns F.
+std::int64_t check_swiglu(const Tensor& x, const Tensor& half, const char* op,
+                          const char* half_name) {
+  check_defined(x, op, "x");
+  check_same_device(x, half, op, half_name);
+  check_float(x, op, "x");
+  MT_CHECK(x.ndim() >= 1 && x.dim(-1) % 2 == 0,
+           "{}: argument 'x' is {}, expected [.., 2F] (gate | up) with an even last dimension", op,
+           x.str());
+  const std::int64_t hidden = x.dim(-1) / 2;
+  check_shape(half, with_last_dim(x.shape(), hidden), op, half_name);
+  check_dtype(half, x.dtype(), op, half_name);
+  return hidden;
+}
+}  // namespace
+
+void swiglu_forward(Tensor& y, const Tensor& x) {
+  const char* op = "swiglu_forward";
+  const std::int64_t hidden = check_swiglu(x, y, op, "y");
+  if (x.numel() == 0) return;
+  backend_of(x).swiglu_forward(y, x, x.numel() / (2 * hidden), hidden);
+}
+
+void swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) {
+  const char* op = "swiglu_backward";
+  const std::int64_t hidden = check_swiglu(x, dy, op, "dy");
+  check_same_device(x, dx, op, "dx");
+  check_shape(dx, x.shape(), op, "dx");
+  check_dtype(dx, x.dtype(), op, "dx");
+  if (x.numel() == 0) return;
+  backend_of(x).swiglu_backward(dx, dy, x, x.numel() / (2 * hidden), hidden);
+}
+
+std::vector<float> rope_inv_freq(int head_dim, const RopeConfig& cfg) {
+  const char* op = "rope_inv_freq";
+  MT_CHECK(head_dim >= 2 && head_dim % 2 == 0, "{}: head_dim must be even and positive, got {}", op,
+           head_dim);
+  MT_CHECK(std::isfinite(cfg.theta) && cfg.theta > 1.0,
+           "{}: theta (rope_theta) must be > 1, got {}", op, cfg.theta);
+  if (cfg.scaling != RopeConfig::Scaling::kNone)
+    MT_CHECK(std::isfinite(cfg.factor) && cfg.factor >= 1.0,
+             "{}: rope_scaling factor must be at least 1, got {}", op, cfg.factor);
+  if (cfg.scaling == RopeConfig::Scaling::kLlama3) {
+    MT_CHECK(std::isfinite(cfg.low_freq_factor) && std::isfinite(cfg.high_freq_factor) &&
+                 cfg.low_freq_factor > 0 && cfg.high_freq_factor > cfg.low_freq_factor,
+             "{}: llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got {} and {}",
+             op, cfg.low_freq_factor, cfg.high_freq_factor);
+    MT_CHECK(cfg.original_max_position >= 1,
+             "{}: llama3 rope_scaling original_max_position_embeddings must be positive, got {}",
+             op, cfg.original_max_position);
+  }
+  const int half = head_dim / 2;
+  std::vector<float> out(static_cast<std::size_t>(half));
+  for (int i = 0; i < half; ++i) {
+    // Hugging Face forms the exponent 2i / D in fp32 and the power in fp32; the power is taken
+    // here in double from the same fp32 exponent and rounded once.
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    double f = 1.0 / std::pow(cfg.theta, static_cast<double>(exponent));
+    if (cfg.scaling == RopeConfig::Scaling::kLinear) {
+      f /= cfg.factor;
+    } else if (cfg.scaling == RopeConfig::Scaling::kLlama3) {
+      const double old_len = static_cast<double>(cfg.original_max_position);
+      const double low_wavelen = old_len / cfg.low_freq_factor;
+      const double high_wavelen = old_len / cfg.high_freq_factor;
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f /= cfg.factor;  // low frequencies: interpolated by factor
+      } else if (wavelen >= high_wavelen) {
+        // In between: (1 - s) f / factor + s f, s = (old_len / wavelen - low) / (high - low),
+        // which is continuous with both neighbours at the band's edges.
+        const double smooth = (old_len / wavelen - cfg.low_freq_factor) /
+                              (cfg.high_freq_factor - cfg.low_freq_factor);
+        f = (1.0 - smooth) * f / cfg.factor + smooth * f;
+      }
+    }
+    out[static_cast<std::size_t>(i)] = static_cast<float>(f);
+  }
+  return out;
+}
+
+void rope_table(Tensor& table, const RopeConfig& cfg) {
+  const char* op = "rope_table";
+  check_defined(table, op, "table");
+  check_dtype(table, DType::kF32, op, "table");
+  MT_CHECK(table.ndim() == 2 && table.dim(1) >= 2 && table.dim(1) % 2 == 0,
+           "{}: table must be [max_position, head_dim] with an even head_dim, got {}", op,
+           table.str());
+  const std::int64_t positions = table.dim(0);
+  const int head_dim = static_cast<int>(table.dim(1)), half = head_dim / 2;
+  const std::vector<float> inv_freq = rope_inv_freq(head_dim, cfg);
+  MT_CHECK(positions <= (std::int64_t{1} << 24),
+           "{}: {} positions: beyond 2^24 an fp32 position is no longer exact", op, positions);
+  std::vector<float> host(static_cast<std::size_t>(positions * head_dim));
+  for (std::int64_t t = 0; t < positions; ++t) {
+    float* row = host.data() + t * head_dim;
+    for (int i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(t) * inv_freq[static_cast<std::size_t>(i)];
+      row[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      row[half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+  }
+  table.copy_from(Tensor::wrap(host.data(), table.shape(), DType::kF32));
+}
+
+namespace {
+// The rotary layout of x: rows of `heads` heads of head_dim, the first rot_heads rotated.
+struct RopeDims {
+  int batch, seq, rot_heads, heads, head_dim;
+};
+
+RopeDims check_rope(const Tensor& y, const Tensor& x, const Tensor& table, int n_head,
+                    int n_kv_head, int pos0, const char* op, const char* x_name,
+                    const char* y_name) {
+  check_defined(x, op, x_name);
+  check_same_device(x, y, op, y_name);
+  check_same_device(x, table, op, "table");
+  check_float(x, op, x_name);
+  check_shape(y, x.shape(), op, y_name);
+  check_dtype(y, x.dtype(), op, y_name);
+  check_dtype(table, DType::kF32, op, "table");
+  MT_CHECK(table.ndim() == 2 && table.dim(1) >= 2 && table.dim(1) % 2 == 0,
+           "{}: table must be [max_position, head_dim] with an even head_dim, got {}", op,
+           table.str());
+  MT_CHECK(n_head >= 1 && n_kv_head >= 1 && n_head % n_kv_head == 0,
+           "{}: n_kv_head ({}) must be at least 1 and divide n_head ({})", op, n_kv_head, n_head);
+  MT_CHECK(x.ndim() == 3 || x.ndim() == 2,
+           "{}: argument '{}' is {}, expected [B, T, (n_head + 2 n_kv_head) D] or [B, W]", op,
+           x_name, x.str());
+  const std::int64_t head_dim = table.dim(1);
+  const std::int64_t heads = n_head + 2 * static_cast<std::int64_t>(n_kv_head);
+  MT_CHECK(x.dim(-1) == heads * head_dim,
+           "{}: argument '{}' is {}: its last dimension should be (n_head ({}) + 2 x n_kv_head "
+           "({})) x head_dim ({}) = {}",
+           op, x_name, x.str(), n_head, n_kv_head, head_dim, heads * head_dim);
+  const std::int64_t seq = x.ndim() == 3 ? x.dim(1) : 1;
+  MT_CHECK(pos0 >= 0 && pos0 + seq <= table.dim(0),
+           "{}: positions {} to {} are outside the table's {} positions", op, pos0, pos0 + seq - 1,
+           table.dim(0));
+  return RopeDims{static_cast<int>(x.dim(0)), static_cast<int>(seq), n_head + n_kv_head,
+                  static_cast<int>(heads), static_cast<int>(head_dim)};
+}
+}  // namespace
+
+void rope_forward(Tensor& y, const Tensor& x, const Tensor& table, int n_head, int n_kv_head,
+                  int pos0) {
+  const RopeDims d = check_rope(y, x, table, n_head, n_kv_head, pos0, "rope_forward", "x", "y");
+  if (x.numel() == 0) return;
+  backend_of(x).rope(y, x, table, d.batch, d.seq, d.rot_heads, d.heads, d.head_dim, pos0, false);
+}
+
+void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& table, int n_head, int n_kv_head,
+                   int pos0) {
+  const RopeDims d =
+      check_rope(dx, dy, table, n_head, n_kv_head, pos0, "rope_backward", "dy", "dx");
+  if (dy.numel() == 0) return;
+  backend_of(dy).rope(dx, dy, table, d.batch, d.seq, d.rot_heads, d.heads, d.head_dim, pos0, true);
 }
 
 namespace {

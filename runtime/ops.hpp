@@ -1,4 +1,5 @@
-// The op set: forward and backward of every layer the GPT family needs, on any device.
+// The op set: forward and backward of every layer the GPT and Llama families need (Llama 3,
+// Qwen2: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention), on any device.
 //
 // Conventions, for every op below:
 // - Tensors are contiguous, row-major, and all on one device. Shapes, dtypes and devices are
@@ -13,6 +14,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "runtime/tensor.hpp"
 
@@ -82,6 +84,79 @@ void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rs
 void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dy,
                         const Tensor& x, const Tensor& weight, const Tensor& mean,
                         const Tensor& rstd, bool accumulate_dx);
+
+// ---- RMSNorm (Llama, Qwen2) -----------------------------------------------------------------
+
+// y = weight * round(x * rstd) with rstd = 1 / sqrt(mean(x^2) + eps) over the last dimension C,
+// in fp32: Hugging Face's LlamaRMSNorm (and Qwen2RMSNorm), including its rounding of the
+// normalised x to x's dtype before the product with weight (for 16-bit dtypes y is rounded
+// twice, as there; for fp32 the rounding is the identity). x, y: [.., C]; weight: [C] in x's
+// dtype; rstd: fp32 with x.numel()/C elements, kept for backward. y may alias x (for inference:
+// backward needs x).
+void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                     float eps = 1e-6f);
+// Fused residual add and RMSNorm (pre-norm blocks): sum = a + b (rounded to the dtype), then
+// y = rmsnorm(sum), statistics from the rounded sum: the same as add then rmsnorm_forward (bit
+// for bit on the CPU, which calls those). sum may alias a or b. CUDA: one pass per row.
+// Backward needs no fused op: rmsnorm_backward(accumulate_dx = true) adds into the residual
+// stream's gradient, as for LayerNorm.
+void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                              const Tensor& b, const Tensor& weight, float eps = 1e-6f);
+// dx = (or += when accumulate_dx) the input gradient, dweight (fp32) +=. The gradient of
+// weight * (x * rstd) in fp32, treating the forward's rounding of x * rstd as the identity.
+void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                      const Tensor& weight, const Tensor& rstd, bool accumulate_dx);
+
+// ---- SwiGLU (Llama, Qwen2 MLP) ---------------------------------------------------------------
+
+// y[.., F] = silu(gate) * up, silu(g) = g / (1 + exp(-g)), from one fused gate|up projection
+// x[.., 2F]: gate = x[.., :F], up = x[.., F:] (the rows of the fused weight are gate_proj's then
+// up_proj's; under TP each rank holds its own slice of each, stacked the same way). fp32
+// math, one rounding to the dtype (Hugging Face's LlamaMLP rounds silu(gate) to the dtype first
+// in 16-bit: results may differ from it by one unit in the last place).
+void swiglu_forward(Tensor& y, const Tensor& x);
+// dx[.., 2F] (written): dgate = dy * up * silu'(gate), dup = dy * silu(gate). dx may alias x.
+void swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x);
+
+// ---- rotary position embeddings (Llama, Qwen2) ----------------------------------------------
+
+// Hugging Face config.json's rope_theta and rope_scaling. kLinear divides every frequency by
+// factor ("rope_type": "linear"); kLlama3 is Llama 3.1's frequency scaling ("rope_type":
+// "llama3"): wavelengths 2 pi / f above original_max_position / low_freq_factor are divided by
+// factor, those below original_max_position / high_freq_factor are kept, and those between
+// are interpolated smoothly (transformers' _compute_llama3_parameters).
+struct RopeConfig {
+  enum class Scaling { kNone, kLinear, kLlama3 };
+  double theta = 10000.0;
+  Scaling scaling = Scaling::kNone;
+  double factor = 1.0;                        // kLinear, kLlama3: >= 1
+  double low_freq_factor = 1.0;               // kLlama3
+  double high_freq_factor = 4.0;              // kLlama3: > low_freq_factor
+  std::int64_t original_max_position = 8192;  // kLlama3
+};
+
+// The head_dim / 2 inverse frequencies f_i = theta^(-2i / head_dim), scaled as cfg says:
+// computed in double and rounded to fp32, which is where Hugging Face keeps them.
+std::vector<float> rope_inv_freq(int head_dim, const RopeConfig& cfg);
+// table: fp32 [max_position, head_dim], row t = [cos(t f_0) .. cos(t f_{D/2-1}) | sin(t f_0) ..
+// sin(t f_{D/2-1})], on table's device. The angle t * f_i is the fp32 product, as Hugging
+// Face's rotary embedding forms it (its phase error at long positions is reproduced, not
+// improved on); cos and sin of it are rounded once. Built once per model on the host.
+void rope_table(Tensor& table, const RopeConfig& cfg);
+
+// Rotates the q and k heads of a fused projection by their positions, "rotate_half" style
+// (Hugging Face Llama / Qwen2, GPT-NeoX): within each head of D = table.dim(1), element j < D/2
+// pairs with j + D/2: y_j = x_j cos - x_{j+D/2} sin, y_{j+D/2} = x_{j+D/2} cos + x_j sin, with
+// the cos and sin of table row pos0 + t. x, y: [B, T, (n_head + 2 n_kv_head) D] as attention
+// takes it (q heads, k heads, then v heads, which are copied unchanged), or [B, W] for one
+// token per sequence (T = 1, as attention_decode takes it). pos0 + T <= table.dim(0). fp32
+// math with the fp32 table, one rounding (Hugging Face rounds cos and sin to the dtype first
+// in 16-bit). y may alias x (in place: v is then not touched).
+void rope_forward(Tensor& y, const Tensor& x, const Tensor& table, int n_head, int n_kv_head,
+                  int pos0 = 0);
+// The transpose (rotation by -angle): dx from dy, same layouts; dx may alias dy.
+void rope_backward(Tensor& dx, const Tensor& dy, const Tensor& table, int n_head, int n_kv_head,
+                   int pos0 = 0);
 
 // ---- attention ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 // The CPU backend: oneDNN for matmul, OpenMP loops for the rest. Each group of ops lives in
-// its own file (matmul.cpp, attention.cpp, elementwise.cpp, layernorm.cpp, embedding.cpp,
-// cross_entropy.cpp, optimizer.cpp). Threads: see runtime/cpu/threads.hpp.
+// its own file (matmul.cpp, attention.cpp, elementwise.cpp, layernorm.cpp, rmsnorm.cpp,
+// rope.cpp, swiglu.cpp, embedding.cpp, cross_entropy.cpp, optimizer.cpp). Threads: see
+// runtime/cpu/threads.hpp.
 #pragma once
 
 #include "runtime/backend.hpp"
@@ -25,6 +26,19 @@ class CpuBackend final : public Backend {
                           const Tensor& x, const Tensor& weight, const Tensor& mean,
                           const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                           bool accumulate_dx) override;
+  void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                       std::int64_t rows, std::int64_t cols, float eps) override;
+  void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& weight, std::int64_t rows,
+                                std::int64_t cols, float eps) override;
+  void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                        const Tensor& weight, const Tensor& rstd, std::int64_t rows,
+                        std::int64_t cols, bool accumulate_dx) override;
+  void swiglu_forward(Tensor& y, const Tensor& x, std::int64_t rows, std::int64_t hidden) override;
+  void swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, std::int64_t rows,
+                       std::int64_t hidden) override;
+  void rope(Tensor& y, const Tensor& x, const Tensor& table, int batch, int seq, int rot_heads,
+            int heads, int head_dim, int pos0, bool inverse) override;
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
                          int n_head, int n_kv_head, int head_size) override;
   void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,

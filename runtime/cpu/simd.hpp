@@ -74,21 +74,40 @@ inline __m512 load16(const f16* p, __mmask16 m) {
 inline void store16(float* p, __m512 v, __mmask16 m) {
   _mm512_mask_storeu_ps(p, m, v);
 }
-inline void store16(bf16* p, __m512 v, __mmask16 m) {
+// The bf16 bits of 16 floats, rounded to nearest even as float_to_bf16 does.
+inline __m256i bf16_bits(__m512 v) {
 #if defined(__AVX512BF16__)
-  const __m256i h = std::bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return std::bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
 #else
   // Round to nearest even as float_to_bf16 does, for finite values and infinities (a NaN whose
   // payload sits in the low 16 bits only may become an infinity: no caller stores such NaNs).
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 #endif
-  _mm256_mask_storeu_epi16(p, m, h);
+}
+inline __m256i f16_bits(__m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+inline void store16(bf16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, bf16_bits(v));
 }
 inline void store16(f16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_mask_storeu_epi16(p, m, f16_bits(v));
+}
+
+// v rounded to the precision of the storage type T (the tag's type) and widened back: what
+// store16 then load16 would give, without the memory round trip.
+inline __m512 round_as(float, __m512 v) {
+  return v;
+}
+inline __m512 round_as(bf16, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+}
+inline __m512 round_as(f16, __m512 v) {
+  return _mm512_cvtph_ps(f16_bits(v));
 }
 #endif
 

@@ -64,6 +64,50 @@ void CudaBackend::layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias,
       static_cast<const float*>(rstd.data()), rows, cols, accumulate_dx, scratch_, stream());
 }
 
+void CudaBackend::rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                                  std::int64_t rows, std::int64_t cols, float eps) {
+  DeviceGuard g(device_.index());
+  kernels::rmsnorm_forward(x.dtype(), y.data(), static_cast<float*>(rstd.data()), x.data(),
+                           weight.data(), rows, cols, eps, stream());
+}
+
+void CudaBackend::residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                                           const Tensor& b, const Tensor& weight, std::int64_t rows,
+                                           std::int64_t cols, float eps) {
+  DeviceGuard g(device_.index());
+  kernels::residual_rmsnorm_forward(a.dtype(), sum.data(), y.data(),
+                                    static_cast<float*>(rstd.data()), a.data(), b.data(),
+                                    weight.data(), rows, cols, eps, stream());
+}
+
+void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                                   const Tensor& weight, const Tensor& rstd, std::int64_t rows,
+                                   std::int64_t cols, bool accumulate_dx) {
+  DeviceGuard g(device_.index());
+  kernels::rmsnorm_backward(x.dtype(), dx.data(), static_cast<float*>(dweight.data()), dy.data(),
+                            x.data(), weight.data(), static_cast<const float*>(rstd.data()), rows,
+                            cols, accumulate_dx, scratch_, stream());
+}
+
+void CudaBackend::swiglu_forward(Tensor& y, const Tensor& x, std::int64_t rows,
+                                 std::int64_t hidden) {
+  DeviceGuard g(device_.index());
+  kernels::swiglu_forward(x.dtype(), y.data(), x.data(), rows, hidden, stream());
+}
+
+void CudaBackend::swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, std::int64_t rows,
+                                  std::int64_t hidden) {
+  DeviceGuard g(device_.index());
+  kernels::swiglu_backward(x.dtype(), dx.data(), dy.data(), x.data(), rows, hidden, stream());
+}
+
+void CudaBackend::rope(Tensor& y, const Tensor& x, const Tensor& table, int batch, int seq,
+                       int rot_heads, int heads, int head_dim, int pos0, bool inverse) {
+  DeviceGuard g(device_.index());
+  kernels::rope(x.dtype(), y.data(), x.data(), static_cast<const float*>(table.data()), batch, seq,
+                rot_heads, heads, head_dim, pos0, inverse, stream());
+}
+
 void CudaBackend::attention_decode(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
                                    int batch, int max_seq, int pos, int n_head, int n_kv_head,
                                    int head_size) {

@@ -80,6 +80,19 @@ class CudaBackend final : public Backend {
                           const Tensor& x, const Tensor& weight, const Tensor& mean,
                           const Tensor& rstd, std::int64_t rows, std::int64_t cols,
                           bool accumulate_dx) override;
+  void rmsnorm_forward(Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& weight,
+                       std::int64_t rows, std::int64_t cols, float eps) override;
+  void residual_rmsnorm_forward(Tensor& sum, Tensor& y, Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& weight, std::int64_t rows,
+                                std::int64_t cols, float eps) override;
+  void rmsnorm_backward(Tensor& dx, Tensor& dweight, const Tensor& dy, const Tensor& x,
+                        const Tensor& weight, const Tensor& rstd, std::int64_t rows,
+                        std::int64_t cols, bool accumulate_dx) override;
+  void swiglu_forward(Tensor& y, const Tensor& x, std::int64_t rows, std::int64_t hidden) override;
+  void swiglu_backward(Tensor& dx, const Tensor& dy, const Tensor& x, std::int64_t rows,
+                       std::int64_t hidden) override;
+  void rope(Tensor& y, const Tensor& x, const Tensor& table, int batch, int seq, int rot_heads,
+            int heads, int head_dim, int pos0, bool inverse) override;
   // cuDNN's SDPA (grouped-query too) where it accepts the shape, the simple kernels otherwise.
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
                          int n_head, int n_kv_head, int head_size) override;

@@ -80,6 +80,30 @@ void layernorm_backward(DType t, void* dx, float* dweight, float* dbias, const v
                         std::int64_t rows, std::int64_t cols, bool accumulate_dx, Scratch& scratch,
                         cudaStream_t s);
 
+// ---- RMSNorm (rmsnorm.cu): one warp per row, as layernorm ----
+void rmsnorm_forward(DType t, void* y, float* rstd, const void* x, const void* weight,
+                     std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s);
+// sum = a + b (may alias a or b), y = rmsnorm(sum).
+void residual_rmsnorm_forward(DType t, void* sum, void* y, float* rstd, const void* a,
+                              const void* b, const void* weight, std::int64_t rows,
+                              std::int64_t cols, float eps, cudaStream_t s);
+void rmsnorm_backward(DType t, void* dx, float* dweight, const void* dy, const void* x,
+                      const void* weight, const float* rstd, std::int64_t rows, std::int64_t cols,
+                      bool accumulate_dx, Scratch& scratch, cudaStream_t s);
+
+// ---- SwiGLU (swiglu.cu): x [rows, 2 * hidden] = gate | up; y, dy [rows, hidden] ----
+void swiglu_forward(DType t, void* y, const void* x, std::int64_t rows, std::int64_t hidden,
+                    cudaStream_t s);
+// dx may alias x.
+void swiglu_backward(DType t, void* dx, const void* dy, const void* x, std::int64_t rows,
+                     std::int64_t hidden, cudaStream_t s);
+
+// ---- rotary embeddings (rope.cu) ----
+// Rows of `heads` heads of head_dim, row b * seq + t at position pos0 + t; the first rot_heads
+// heads rotated by table's angles (minus them when inverse), the rest copied when y != x.
+void rope(DType t, void* y, const void* x, const float* table, int batch, int seq, int rot_heads,
+          int heads, int head_dim, int pos0, bool inverse, cudaStream_t s);
+
 // ---- embedding (embedding.cu) ----
 // wpe may be null.
 void embedding_forward(DType t, void* out, const std::int32_t* tokens, const void* wte,

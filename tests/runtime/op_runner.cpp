@@ -240,6 +240,85 @@ const std::map<std::string, OpFn>& op_table() {
                                  c.tensor("mean"), c.tensor("rstd"), accumulate_dx);
          return Result{{{"dx", dx}, {"dweight", dweight}, {"dbias", dbias}}, {}};
        }},
+      {"rmsnorm_forward",
+       [](Case& c) {
+         const Tensor& x = c.tensor("x");
+         Tensor y = c.output("y", x.shape(), x.dtype());
+         Tensor rstd = c.output("rstd", without_last(x), DType::kF32);
+         ops::rmsnorm_forward(y, rstd, x, c.tensor("weight"), c.real("eps"));
+         return Result{{{"y", y}, {"rstd", rstd}}, {}};
+       }},
+      {"residual_rmsnorm_forward",
+       [](Case& c) {
+         Tensor& a = c.tensor("a");
+         Tensor& b = c.tensor("b");
+         const std::string alias = c.text("alias", "none");
+         Tensor sum = alias == "a" ? a : alias == "b" ? b : c.output("sum", a.shape(), a.dtype());
+         Tensor y = c.output("y", a.shape(), a.dtype());
+         Tensor rstd = c.output("rstd", without_last(a), DType::kF32);
+         ops::residual_rmsnorm_forward(sum, y, rstd, a, b, c.tensor("weight"), c.real("eps"));
+         return Result{{{"sum", sum}, {"y", y}, {"rstd", rstd}}, {}};
+       }},
+      {"rmsnorm_backward",
+       [](Case& c) {
+         const Tensor& x = c.tensor("x");
+         Tensor dx = c.output("dx", x.shape(), x.dtype());
+         Tensor& dweight = c.tensor("dweight");
+         ops::rmsnorm_backward(dx, dweight, c.tensor("dy"), x, c.tensor("weight"), c.tensor("rstd"),
+                               c.flag("accumulate_dx"));
+         return Result{{{"dx", dx}, {"dweight", dweight}}, {}};
+       }},
+      {"swiglu_forward",
+       [](Case& c) {
+         const Tensor& x = c.tensor("x");
+         Tensor y = c.output("y", with_last(x, x.dim(-1) / 2), x.dtype());
+         ops::swiglu_forward(y, x);
+         return Result{{{"y", y}}, {}};
+       }},
+      {"swiglu_backward",
+       [](Case& c) {
+         Tensor& x = c.tensor("x");
+         Tensor dx = c.text("alias", "none") == "x" ? x : c.output("dx", x.shape(), x.dtype());
+         ops::swiglu_backward(dx, c.tensor("dy"), x);
+         return Result{{{"dx", dx}}, {}};
+       }},
+      {"rope_table",
+       // The table and, for checking the frequencies alone, rope_inv_freq's result.
+       [](Case& c) {
+         ops::RopeConfig cfg;
+         cfg.theta = c.real64("theta");
+         const std::string scaling = c.text("scaling", "none");
+         cfg.scaling = scaling == "llama3"   ? ops::RopeConfig::Scaling::kLlama3
+                       : scaling == "linear" ? ops::RopeConfig::Scaling::kLinear
+                                             : ops::RopeConfig::Scaling::kNone;
+         if (c.has_text("factor")) cfg.factor = c.real64("factor");
+         if (c.has_text("low_freq_factor")) cfg.low_freq_factor = c.real64("low_freq_factor");
+         if (c.has_text("high_freq_factor")) cfg.high_freq_factor = c.real64("high_freq_factor");
+         if (c.has_text("original_max_position"))
+           cfg.original_max_position = c.integer("original_max_position");
+         const int head_dim = c.integer("head_dim");
+         Tensor table = c.output("table", Shape{c.integer("positions"), head_dim}, DType::kF32);
+         ops::rope_table(table, cfg);
+         const std::vector<float> f = ops::rope_inv_freq(head_dim, cfg);
+         Tensor inv_freq = Tensor::from_floats(f, Shape{head_dim / 2}, DType::kF32);
+         return Result{{{"table", table}, {"inv_freq", inv_freq}}, {}};
+       }},
+      {"rope_forward",
+       [](Case& c) {
+         Tensor& x = c.tensor("x");
+         Tensor y = c.text("alias", "none") == "x" ? x : c.output("y", x.shape(), x.dtype());
+         ops::rope_forward(y, x, c.tensor("table"), c.integer("n_head"), c.integer("n_kv_head"),
+                           c.integer("pos0"));
+         return Result{{{"y", y}}, {}};
+       }},
+      {"rope_backward",
+       [](Case& c) {
+         Tensor& dy = c.tensor("dy");
+         Tensor dx = c.text("alias", "none") == "dy" ? dy : c.output("dx", dy.shape(), dy.dtype());
+         ops::rope_backward(dx, dy, c.tensor("table"), c.integer("n_head"), c.integer("n_kv_head"),
+                            c.integer("pos0"));
+         return Result{{{"dx", dx}}, {}};
+       }},
       // Attention: n_kv_head defaults to n_head (multi-head attention), which runs the
       // four-argument overloads.
       {"attention_forward",

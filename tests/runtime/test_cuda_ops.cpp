@@ -356,6 +356,98 @@ TEST_F(CudaOps, AttentionDecode) {
   }
 }
 
+// ---- the Llama-family ops -------------------------------------------------------------------
+
+TEST_F(CudaOps, RMSNorm) {
+  for (DType t : kDTypes) {
+    for (std::int64_t cols : {4096, 100, 33}) {
+      const Shape s{4, 65, cols};
+      const std::int64_t rows = 4 * 65;
+      const std::string what = " cols " + std::to_string(cols);
+      Pair x = randn_pair(s, t, 2.0f), w = randn_pair(Shape{cols}, t);
+      Pair y = nan_pair(s, t), rstd = nan_pair(Shape{rows}, DType::kF32);
+      ops::rmsnorm_forward(y.gpu, rstd.gpu, x.gpu, w.gpu, 1e-6f);
+      // The CPU reference rounds x * rstd to the dtype as the GPU does: run it in the dtype and
+      // compare in fp32 (an fp32 CPU run would skip that rounding).
+      Tensor x_t = x.cpu.to(t), w_t = w.cpu.to(t), y_t = Tensor::empty(s, t);
+      ops::rmsnorm_forward(y_t, rstd.cpu, x_t, w_t, 1e-6f);
+      expect_close(y.gpu, y_t.to(DType::kF32), tolerance(t), name("rmsnorm_forward y", t) + what);
+      expect_close(rstd.gpu, rstd.cpu, 1e-5, name("rmsnorm_forward rstd", t) + what);
+      for (bool accumulate : {false, true}) {
+        Pair dy = randn_pair(s, t);
+        Pair dx = accumulate ? randn_pair(s, t) : nan_pair(s, t);
+        Pair dw = randn_pair(Shape{cols}, DType::kF32);
+        ops::rmsnorm_backward(dx.gpu, dw.gpu, dy.gpu, x.gpu, w.gpu, rstd.gpu, accumulate);
+        ops::rmsnorm_backward(dx.cpu, dw.cpu, dy.cpu, x.cpu, w.cpu, rstd.cpu, accumulate);
+        expect_close(dx.gpu, dx.cpu, tolerance(t), name("rmsnorm_backward dx", t) + what);
+        expect_close(dw.gpu, dw.cpu, 2e-5, name("rmsnorm_backward dweight", t) + what);
+      }
+      // Fused residual add, in place into a as a pre-norm block runs it.
+      Pair a = randn_pair(s, t, 2.0f), b = randn_pair(s, t);
+      Tensor sum_t = Tensor::empty(s, t), ry_t = Tensor::empty(s, t);
+      Tensor rr_cpu = Tensor::empty(Shape{rows}, DType::kF32);
+      ops::add(sum_t, a.cpu.to(t), b.cpu.to(t));
+      ops::rmsnorm_forward(ry_t, rr_cpu, sum_t, w_t, 1e-6f);
+      Pair ry = nan_pair(s, t), rr = nan_pair(Shape{rows}, DType::kF32);
+      ops::residual_rmsnorm_forward(a.gpu, ry.gpu, rr.gpu, a.gpu, b.gpu, w.gpu, 1e-6f);
+      expect_close(a.gpu, sum_t.to(DType::kF32), tolerance(t),
+                   name("residual_rmsnorm_forward sum", t) + what);
+      expect_close(ry.gpu, ry_t.to(DType::kF32), tolerance(t),
+                   name("residual_rmsnorm_forward y", t) + what);
+      expect_close(rr.gpu, rr_cpu, 1e-5, name("residual_rmsnorm_forward rstd", t) + what);
+    }
+  }
+}
+
+TEST_F(CudaOps, SwiGLU) {
+  for (DType t : kDTypes) {
+    const Shape xs{3, 70, 2 * 1000}, ys{3, 70, 1000};
+    Pair x = randn_pair(xs, t, 3.0f), dy = randn_pair(ys, t);
+    Pair y = nan_pair(ys, t), dx = nan_pair(xs, t);
+    ops::swiglu_forward(y.gpu, x.gpu);
+    ops::swiglu_forward(y.cpu, x.cpu);
+    expect_close(y.gpu, y.cpu, tolerance(t), name("swiglu_forward", t));
+    ops::swiglu_backward(dx.gpu, dy.gpu, x.gpu);
+    ops::swiglu_backward(dx.cpu, dy.cpu, x.cpu);
+    expect_close(dx.gpu, dx.cpu, tolerance(t), name("swiglu_backward", t));
+    ops::swiglu_backward(x.gpu, dy.gpu, x.gpu);  // in place
+    expect_close(x.gpu, dx.cpu, tolerance(t), name("swiglu_backward in place", t));
+  }
+}
+
+TEST_F(CudaOps, Rope) {
+  ops::RopeConfig cfg;
+  cfg.theta = 500000.0;
+  cfg.scaling = ops::RopeConfig::Scaling::kLlama3;
+  cfg.factor = 8.0;
+  const int positions = 300, d = 128, nh = 8, nkv = 2;
+  Tensor table_gpu = Tensor::empty(Shape{positions, d}, DType::kF32, gpu());
+  Tensor table_cpu = Tensor::empty(Shape{positions, d}, DType::kF32);
+  ops::rope_table(table_gpu, cfg);
+  ops::rope_table(table_cpu, cfg);
+  EXPECT_EQ(table_gpu.to_floats(), table_cpu.to_floats()) << "rope_table is built on the host";
+  for (DType t : kDTypes) {
+    const Shape s{2, 65, (nh + 2 * nkv) * d};
+    for (int pos0 : {0, 200}) {
+      const std::string what = " pos0 " + std::to_string(pos0);
+      Pair x = randn_pair(s, t, 2.0f), y = nan_pair(s, t), dx = nan_pair(s, t);
+      ops::rope_forward(y.gpu, x.gpu, table_gpu, nh, nkv, pos0);
+      ops::rope_forward(y.cpu, x.cpu, table_cpu, nh, nkv, pos0);
+      expect_close(y.gpu, y.cpu, tolerance(t), name("rope_forward", t) + what);
+      ops::rope_backward(dx.gpu, y.gpu, table_gpu, nh, nkv, pos0);
+      ops::rope_backward(dx.cpu, y.cpu, table_cpu, nh, nkv, pos0);
+      expect_close(dx.gpu, dx.cpu, tolerance(t), name("rope_backward", t) + what);
+      ops::rope_forward(x.gpu, x.gpu, table_gpu, nh, nkv, pos0);  // in place
+      expect_close(x.gpu, y.cpu, tolerance(t), name("rope_forward in place", t) + what);
+    }
+    // One token per sequence at a decoding position.
+    Pair step = randn_pair(Shape{3, (nh + 2 * nkv) * d}, t), out = nan_pair(step.cpu.shape(), t);
+    ops::rope_forward(out.gpu, step.gpu, table_gpu, nh, nkv, 299);
+    ops::rope_forward(out.cpu, step.cpu, table_cpu, nh, nkv, 299);
+    expect_close(out.gpu, out.cpu, tolerance(t), name("rope_forward one token", t));
+  }
+}
+
 TEST_F(CudaOps, GroupedQueryAttention) {
   struct Case {
     int batch, seq, n_head, n_kv_head, head_size;

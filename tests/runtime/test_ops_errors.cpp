@@ -639,6 +639,290 @@ TEST(OpsErrors, Attention) {
   });
 }
 
+TEST(OpsErrors, RMSNorm) {
+  const Shape xs{2, 3, 5};
+  Tensor x = rnd(xs), y = rnd(xs), w = rnd({5}), rstd = rnd({2, 3}), undefined;
+  Tensor dx = rnd(xs), dy = rnd(xs), dw = rnd({5});
+  Tensor a = rnd(xs), b = rnd(xs), s = rnd(xs);
+  expect_valid([&] { ops::rmsnorm_forward(y, rstd, x, w); }, "rmsnorm_forward");
+  expect_valid([&] { ops::residual_rmsnorm_forward(s, y, rstd, a, b, w); },
+               "residual_rmsnorm_forward");
+  expect_valid([&] { ops::residual_rmsnorm_forward(a, y, rstd, a, b, w); },
+               "residual_rmsnorm_forward in place");
+  expect_valid([&] { ops::rmsnorm_backward(dx, dw, dy, x, w, rstd, true); }, "rmsnorm_backward");
+  expect_errors({
+      {"x undefined",
+       [&] { ops::rmsnorm_forward(y, rstd, undefined, w); },
+       {"rmsnorm_forward", "'x'", "undefined"}},
+      {"x int",
+       [&] { ops::rmsnorm_forward(y, rstd, rnd(xs, kI32), w); },
+       {"rmsnorm_forward", "'x'", "float"}},
+      {"x 0-d", [&] { ops::rmsnorm_forward(y, rstd, rnd({}), w); }, {"rmsnorm_forward", "x"}},
+      {"y shape",
+       [&] {
+         Tensor o = rnd({2, 15});
+         ops::rmsnorm_forward(o, rstd, x, w);
+       },
+       {"rmsnorm_forward", "'y'", "[2, 3, 5]"}},
+      {"y dtype",
+       [&] {
+         Tensor o = rnd(xs, kBF16);
+         ops::rmsnorm_forward(o, rstd, x, w);
+       },
+       {"rmsnorm_forward", "'y'", "fp32"}},
+      {"weight shape",
+       [&] { ops::rmsnorm_forward(y, rstd, x, rnd({6})); },
+       {"rmsnorm_forward", "'weight'", "[5]"}},
+      {"weight dtype",
+       [&] { ops::rmsnorm_forward(y, rstd, x, rnd({5}, kBF16)); },
+       {"rmsnorm_forward", "'weight'", "fp32"}},
+      {"rstd numel",
+       [&] {
+         Tensor r = rnd({5});
+         ops::rmsnorm_forward(y, r, x, w);
+       },
+       {"rmsnorm_forward", "'rstd'", "6 elements"}},
+      {"rstd bf16",
+       [&] {
+         Tensor r = rnd({2, 3}, kBF16);
+         ops::rmsnorm_forward(y, r, x, w);
+       },
+       {"rmsnorm_forward", "'rstd'", "fp32"}},
+      {"rstd undefined",
+       [&] { ops::rmsnorm_forward(y, undefined, x, w); },
+       {"rmsnorm_forward", "'rstd'", "undefined"}},
+      {"eps 0", [&] { ops::rmsnorm_forward(y, rstd, x, w, 0.0f); }, {"rmsnorm_forward", "eps"}},
+      {"eps NaN", [&] { ops::rmsnorm_forward(y, rstd, x, w, kNaN); }, {"rmsnorm_forward", "eps"}},
+      {"residual b shape",
+       [&] {
+         ops::residual_rmsnorm_forward(s, y, rstd, a, rnd({2, 3, 4}), w);
+       },
+       {"residual_rmsnorm_forward", "'b'"}},
+      {"residual sum dtype",
+       [&] {
+         Tensor sb = rnd(xs, kBF16);
+         ops::residual_rmsnorm_forward(sb, y, rstd, a, b, w);
+       },
+       {"residual_rmsnorm_forward", "'sum'", "fp32"}},
+      {"residual y aliases sum",
+       [&] { ops::residual_rmsnorm_forward(s, s, rstd, a, b, w); },
+       {"residual_rmsnorm_forward", "y must not alias"}},
+      {"residual y aliases a",
+       [&] { ops::residual_rmsnorm_forward(s, a, rstd, a, b, w); },
+       {"residual_rmsnorm_forward", "y must not alias"}},
+      {"residual eps Inf",
+       [&] { ops::residual_rmsnorm_forward(s, y, rstd, a, b, w, kInf); },
+       {"residual_rmsnorm_forward", "eps"}},
+      {"residual weight dtype",
+       [&] { ops::residual_rmsnorm_forward(s, y, rstd, a, b, rnd({5}, kF16)); },
+       {"residual_rmsnorm_forward", "'weight'"}},
+      {"bwd dx shape",
+       [&] {
+         Tensor d = rnd({2, 15});
+         ops::rmsnorm_backward(d, dw, dy, x, w, rstd, false);
+       },
+       {"rmsnorm_backward", "'dx'", "[2, 3, 5]"}},
+      {"bwd dy dtype",
+       [&] { ops::rmsnorm_backward(dx, dw, rnd(xs, kBF16), x, w, rstd, false); },
+       {"rmsnorm_backward", "'dy'", "fp32"}},
+      {"bwd dweight bf16",
+       [&] {
+         Tensor d = rnd({5}, kBF16);
+         ops::rmsnorm_backward(dx, d, dy, x, w, rstd, false);
+       },
+       {"rmsnorm_backward", "'dweight'", "fp32"}},
+      {"bwd dweight shape",
+       [&] {
+         Tensor d = rnd({6});
+         ops::rmsnorm_backward(dx, d, dy, x, w, rstd, false);
+       },
+       {"rmsnorm_backward", "'dweight'", "[5]"}},
+      {"bwd rstd numel",
+       [&] { ops::rmsnorm_backward(dx, dw, dy, x, w, rnd({7}), false); },
+       {"rmsnorm_backward", "'rstd'", "6 elements"}},
+      {"bwd weight undefined",
+       [&] { ops::rmsnorm_backward(dx, dw, dy, x, undefined, rstd, false); },
+       {"rmsnorm_backward", "'weight'", "undefined"}},
+  });
+}
+
+TEST(OpsErrors, SwiGLU) {
+  Tensor x = rnd({2, 3, 8}), y = rnd({2, 3, 4}), dy = rnd({2, 3, 4}), dx = rnd({2, 3, 8}),
+         undefined;
+  expect_valid([&] { ops::swiglu_forward(y, x); }, "swiglu_forward");
+  expect_valid([&] { ops::swiglu_backward(dx, dy, x); }, "swiglu_backward");
+  expect_valid([&] { ops::swiglu_backward(x, dy, x); }, "swiglu_backward in place");
+  expect_errors({
+      {"x undefined",
+       [&] { ops::swiglu_forward(y, undefined); },
+       {"swiglu_forward", "'x'", "undefined"}},
+      {"x int",
+       [&] {
+         ops::swiglu_forward(y, rnd({2, 3, 8}, kI32));
+       },
+       {"swiglu_forward", "float"}},
+      {"x odd width",
+       [&] {
+         ops::swiglu_forward(y, rnd({2, 3, 7}));
+       },
+       {"swiglu_forward", "'x'", "[2, 3, 7]", "even"}},
+      {"x 0-d", [&] { ops::swiglu_forward(y, rnd({})); }, {"swiglu_forward", "'x'"}},
+      {"y shape",
+       [&] {
+         Tensor o = rnd({2, 3, 8});
+         ops::swiglu_forward(o, x);
+       },
+       {"swiglu_forward", "'y'", "[2, 3, 4]"}},
+      {"y dtype",
+       [&] {
+         Tensor o = rnd({2, 3, 4}, kBF16);
+         ops::swiglu_forward(o, x);
+       },
+       {"swiglu_forward", "'y'", "fp32"}},
+      {"y undefined",
+       [&] { ops::swiglu_forward(undefined, x); },
+       {"swiglu_forward", "'y'", "undefined"}},
+      {"bwd dy shape",
+       [&] {
+         ops::swiglu_backward(dx, rnd({2, 3, 8}), x);
+       },
+       {"swiglu_backward", "'dy'", "[2, 3, 4]"}},
+      {"bwd dx shape",
+       [&] {
+         Tensor d = rnd({2, 3, 4});
+         ops::swiglu_backward(d, dy, x);
+       },
+       {"swiglu_backward", "'dx'", "[2, 3, 8]"}},
+      {"bwd dx dtype",
+       [&] {
+         Tensor d = rnd({2, 3, 8}, kF16);
+         ops::swiglu_backward(d, dy, x);
+       },
+       {"swiglu_backward", "'dx'", "fp32"}},
+  });
+}
+
+TEST(OpsErrors, Rope) {
+  // B=2, T=3, n_head 4, n_kv_head 2, D 4: rows of (4 + 2 * 2) * 4 = 32.
+  Tensor x = rnd({2, 3, 32}), y = rnd({2, 3, 32}), table = rnd({6, 4}), undefined;
+  Tensor step = rnd({2, 32}), step_y = rnd({2, 32});
+  expect_valid([&] { ops::rope_forward(y, x, table, 4, 2, 3); }, "rope_forward");
+  expect_valid([&] { ops::rope_forward(x, x, table, 4, 2); }, "rope_forward in place");
+  expect_valid([&] { ops::rope_forward(step_y, step, table, 4, 2, 5); }, "rope_forward one token");
+  expect_valid([&] { ops::rope_backward(y, x, table, 4, 2, 1); }, "rope_backward");
+  ops::RopeConfig llama3;
+  llama3.theta = 500000.0;
+  llama3.scaling = ops::RopeConfig::Scaling::kLlama3;
+  llama3.factor = 8.0;
+  expect_valid([&] { ops::rope_table(table, llama3); }, "rope_table");
+  auto with = [&](auto change) {
+    ops::RopeConfig c = llama3;
+    change(c);
+    return c;
+  };
+  expect_errors({
+      {"x undefined",
+       [&] { ops::rope_forward(y, undefined, table, 4, 2); },
+       {"rope_forward", "'x'", "undefined"}},
+      {"x int",
+       [&] {
+         ops::rope_forward(y, rnd({2, 3, 32}, kI32), table, 4, 2);
+       },
+       {"rope_forward", "'x'", "float"}},
+      {"x 4-D",
+       [&] {
+         Tensor x4 = rnd({2, 3, 1, 32}), y4 = rnd({2, 3, 1, 32});
+         ops::rope_forward(y4, x4, table, 4, 2);
+       },
+       {"rope_forward", "'x'", "[B, T, (n_head + 2 n_kv_head) D]"}},
+      {"x width",
+       [&] {
+         Tensor x2 = rnd({2, 3, 24}), y2 = rnd({2, 3, 24});
+         ops::rope_forward(y2, x2, table, 4, 2);
+       },
+       {"rope_forward", "(n_head (4) + 2 x n_kv_head (2)) x head_dim (4) = 32"}},
+      {"n_kv_head does not divide",
+       [&] { ops::rope_forward(y, x, table, 4, 3); },
+       {"rope_forward", "n_kv_head (3)", "n_head (4)"}},
+      {"n_kv_head 0", [&] { ops::rope_forward(y, x, table, 4, 0); }, {"rope_forward", "n_kv_head"}},
+      {"y shape",
+       [&] {
+         Tensor o = rnd({2, 3, 16});
+         ops::rope_forward(o, x, table, 4, 2);
+       },
+       {"rope_forward", "'y'", "[2, 3, 32]"}},
+      {"y dtype",
+       [&] {
+         Tensor o = rnd({2, 3, 32}, kBF16);
+         ops::rope_forward(o, x, table, 4, 2);
+       },
+       {"rope_forward", "'y'", "fp32"}},
+      {"table bf16",
+       [&] {
+         ops::rope_forward(y, x, rnd({6, 4}, kBF16), 4, 2);
+       },
+       {"rope_forward", "'table'", "fp32"}},
+      {"table odd head_dim",
+       [&] {
+         ops::rope_forward(y, x, rnd({6, 3}), 4, 2);
+       },
+       {"rope_forward", "table must be [max_position, head_dim]"}},
+      {"table undefined",
+       [&] { ops::rope_forward(y, x, undefined, 4, 2); },
+       {"rope_forward", "'table'", "undefined"}},
+      {"positions past the table",
+       [&] { ops::rope_forward(y, x, table, 4, 2, 4); },
+       {"rope_forward", "positions 4 to 6", "table's 6 positions"}},
+      {"negative pos0",
+       [&] { ops::rope_forward(y, x, table, 4, 2, -1); },
+       {"rope_forward", "positions -1"}},
+      {"bwd dy width",
+       [&] {
+         Tensor d = rnd({2, 3, 28}), o = rnd({2, 3, 28});
+         ops::rope_backward(o, d, table, 4, 2);
+       },
+       {"rope_backward", "'dy'", "= 32"}},
+      {"bwd dx shape",
+       [&] {
+         Tensor o = rnd({2, 32});
+         ops::rope_backward(o, x, table, 4, 2);
+       },
+       {"rope_backward", "'dx'", "[2, 3, 32]"}},
+      {"table_for bf16 table",
+       [&] {
+         Tensor t = rnd({6, 4}, kBF16);
+         ops::rope_table(t, llama3);
+       },
+       {"rope_table", "'table'", "fp32"}},
+      {"table_for odd head_dim",
+       [&] {
+         Tensor t = rnd({6, 5});
+         ops::rope_table(t, llama3);
+       },
+       {"rope_table", "even head_dim"}},
+      {"inv_freq odd head_dim",
+       [&] { ops::rope_inv_freq(7, llama3); },
+       {"rope_inv_freq", "head_dim", "7"}},
+      {"theta 1",
+       [&] { ops::rope_inv_freq(8, with([](ops::RopeConfig& c) { c.theta = 1.0; })); },
+       {"rope_inv_freq", "rope_theta"}},
+      {"theta NaN",
+       [&] { ops::rope_inv_freq(8, with([](ops::RopeConfig& c) { c.theta = kNaN; })); },
+       {"rope_inv_freq", "rope_theta"}},
+      {"factor below 1",
+       [&] { ops::rope_inv_freq(8, with([](ops::RopeConfig& c) { c.factor = 0.5; })); },
+       {"rope_inv_freq", "factor", "0.5"}},
+      {"low >= high",
+       [&] { ops::rope_inv_freq(8, with([](ops::RopeConfig& c) { c.high_freq_factor = 1.0; })); },
+       {"rope_inv_freq", "low_freq_factor < high_freq_factor"}},
+      {"original_max_position 0",
+       [&] {
+         ops::rope_inv_freq(8, with([](ops::RopeConfig& c) { c.original_max_position = 0; }));
+       },
+       {"rope_inv_freq", "original_max_position_embeddings"}},
+  });
+}
+
 TEST(OpsErrors, GroupedQueryAttention) {
   // B=2, T=3, n_head 4, n_kv_head 2, D 3: qkv rows of (4 + 2 * 2) * 3 = 24, out rows of 12.
   Tensor qkv = rnd({2, 3, 24}), out = rnd({2, 3, 12}), lse = rnd({2, 4, 3}), undefined;

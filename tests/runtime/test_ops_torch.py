@@ -366,6 +366,15 @@ class Matmul(OpTest):
                                    MATMUL_TOL[F32],
                                    inputs["dbias"].double().abs() + dy2.double().abs().sum(0))
                     cases.append(case)
+            # Qwen2's attention: a bias on the fused q/k/v projection only (n_head 4, n_kv_head 2,
+            # D 8: 64 outputs), none on the output projection (bias0 cases above).
+            name = f"{SHORT[dt]}/qwen2_qkv_bias"
+            g = generator(name)
+            x, w, bias = randn(g, (2, 5, 32), dt), randn(g, (64, 32), dt), randn(g, (64,), dt)
+            want, scale = matmul_ref(x.reshape(-1, 32), w, trans_b=True)
+            cases.append(Case("linear_forward", name, {"x": x, "w": w, "bias": bias})
+                         .check("y", (want + bias.double()).reshape(2, 5, 64), MATMUL_TOL[dt],
+                                (scale + bias.double().abs()).reshape(2, 5, 64)))
         self.run_and_check(cases)
 
 
@@ -559,6 +568,320 @@ class LayerNorm(OpTest):
                                  .check("dbias", dbias.double() + db, sum_tol,
                                         dbias.double().abs() + rows(dy.double().abs()).sum(0)))
         self.run_and_check(cases)
+
+
+# ---- RMSNorm (Llama, Qwen2) ------------------------------------------------------------------
+
+def rmsnorm_ref(x, w, eps):
+    """Hugging Face's LlamaRMSNorm in float64: x * rsqrt(mean(x^2) + eps) from the fp32 input,
+    rounded to the input's dtype (HF's hidden_states.to(input_dtype); nothing for fp32), times
+    the weight. Returns (y before the product's rounding, rstd)."""
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1) + eps)
+    normed = x64 * rstd[..., None]
+    if x.dtype != F32:
+        normed = normed.to(x.dtype).double()
+    return w.double() * normed, rstd
+
+
+class RMSNorm(OpTest):
+    # (shape, std of x): a tiny std makes mean(x^2) comparable to eps, so that eps must enter
+    # exactly where HF puts it; 4096 is Llama 3 8B's width.
+    SHAPES = [((3, 5, 36), 2.0), ((3, 1, 13), 2.0), ((2, 3, 768), 1.0), ((4, 64, 130), 3.0),
+              ((2, 2, 4096), 1.0), ((3, 5, 36), 0.001)]
+    EPS = (1e-6, 1e-5)  # Qwen2 (and transformers' default); Llama 3
+    # y: fp32 from an fp32 mean square (C <= 4096 terms) and rsqrt: within 1e-5 relative.
+    # 16-bit: the reference rounds x * rstd to the dtype as HF does; our fp32 x * rstd may fall
+    # on the other side of a rounding boundary (1 ulp of it), then y is rounded (half an ulp):
+    # 1.5 ulp. rstd: fp32, within 1e-5 relative.
+    Y_TOL = {F32: Tol(1e-5, 1e-6), BF16: Tol(1.5 * ULP[BF16], 0), F16: Tol(1.5 * ULP[F16], 0)}
+    RSTD_TOL = Tol(1e-5, 0)
+
+    def make(self, dt, shape, std, eps, extra=""):
+        name = f"{SHORT[dt]}/{'x'.join(map(str, shape))}/std{std}/eps{eps}{extra}"
+        g = generator(name)
+        x = randn(g, shape, dt, std)
+        w = randn(g, (shape[-1],), dt, 0.3, 1.0)
+        return name, g, x, w
+
+    def test_rmsnorm_forward(self):
+        cases = []
+        for dt in FLOATS:
+            for shape, std in self.SHAPES:
+                for eps in self.EPS:
+                    eps = f32(eps)
+                    name, _, x, w = self.make(dt, shape, std, eps)
+                    y, rstd = rmsnorm_ref(x, w, eps)
+                    cases.append(Case("rmsnorm_forward", name, {"x": x, "weight": w},
+                                      {"eps": repr(eps)})
+                                 .check("y", y, self.Y_TOL[dt])
+                                 .check("rstd", rstd, self.RSTD_TOL))
+        self.run_and_check(cases)
+
+    def test_residual_rmsnorm_forward(self):
+        # sum: one fp32 addition, one rounding (as add). y and rstd from the rounded sum.
+        cases = []
+        for dt in FLOATS:
+            for shape, std in self.SHAPES[:4]:
+                for alias in ("none", "a", "b"):
+                    eps = f32(1e-6)
+                    name, g, a, w = self.make(dt, shape, std, eps, f"/alias_{alias}")
+                    b = randn(g, shape, dt, 0.5)
+                    total = (a.double() + b.double()).to(dt)
+                    y, rstd = rmsnorm_ref(total, w, eps)
+                    cases.append(Case("residual_rmsnorm_forward", name,
+                                      {"a": a, "b": b, "weight": w},
+                                      {"eps": repr(eps), "alias": alias})
+                                 .check("sum", a.double() + b.double(), ROUNDED[dt])
+                                 .check("y", y, self.Y_TOL[dt])
+                                 .check("rstd", rstd, self.RSTD_TOL))
+        self.run_and_check(cases)
+
+    def test_rmsnorm_backward(self):
+        # Against autograd of weight * x * rstd in float64 (the forward's rounding of x * rstd
+        # has no gradient). dx: fp32 within 1e-5 of the largest element (the row's dot product
+        # cancels); 16-bit adds one rounding (two with accumulate_dx). dweight: fp32 sums over
+        # rows, within 1e-5 of the sum of magnitudes.
+        dx_tol = {F32: Tol(1e-5, 1e-5), BF16: Tol(ULP[BF16], 1e-5), F16: Tol(ULP[F16], 1e-5)}
+        sum_tol = Tol(ULP[F32], 1e-5)
+        cases = []
+        for dt in FLOATS:
+            for shape, std in self.SHAPES:
+                for accumulate_dx in (False, True):
+                    eps = f32(1e-6)
+                    name, g, x, w = self.make(dt, shape, std, eps, f"/acc{int(accumulate_dx)}")
+                    c = shape[-1]
+                    dy = randn(g, shape, dt)
+                    x64, w64 = (t.double().requires_grad_() for t in (x, w))
+                    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+                    y = w64 * (x64 * rstd)
+                    dx, dw = torch.autograd.grad(y, (x64, w64), dy.double())
+                    dweight = randn(g, (c,), F32)
+                    inputs = {"x": x, "weight": w, "dy": dy, "rstd": rstd.detach()[..., 0].float(),
+                              "dweight": dweight}
+                    if accumulate_dx:
+                        inputs["dx"] = randn(g, shape, dt)
+                        dx = dx + inputs["dx"].double()
+                    normed = (x.double() * rstd.detach()).reshape(-1, c)
+                    cases.append(Case("rmsnorm_backward", name, inputs,
+                                      {"accumulate_dx": int(accumulate_dx)})
+                                 .check("dx", dx, dx_tol[dt])
+                                 .check("dweight", dweight.double() + dw, sum_tol,
+                                        dweight.double().abs() +
+                                        (dy.double().reshape(-1, c) * normed).abs().sum(0)))
+        self.run_and_check(cases)
+
+
+# ---- SwiGLU (Llama, Qwen2 MLP) ---------------------------------------------------------------
+
+def swiglu_ref(x):
+    """silu(gate) * up in float64 from the fused [.., 2F] gate | up, as LlamaMLP's
+    act_fn(gate_proj(x)) * up_proj(x)."""
+    gate, up = x.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+class SwiGLU(OpTest):
+    # (shape of the fused input [.., 2F], std): F = 18, 7, 65, 96 (not multiples of 16).
+    SHAPES = [((3, 5, 36), 2.0), ((3, 1, 14), 1.0), ((4, 64, 130), 3.0), ((2, 192), 8.0)]
+    # fp32: exp within 2 ulp, then a division and two products: within 1e-6 relative.
+    # 16-bit: one rounding of that. Backward: silu' = s (1 + g (1 - s)) is 0 near g = -1.28,
+    # where its terms cancel: an of_scale of the largest gradient covers that.
+    FWD_TOL = {F32: Tol(1e-6, 0), BF16: ROUNDED[BF16], F16: ROUNDED[F16]}
+    BWD_TOL = {F32: Tol(1e-6, 1e-6), BF16: Tol(ULP[BF16], 1e-6), F16: Tol(ULP[F16], 1e-6)}
+
+    def cases_for(self, dt, name, x, dy):
+        x64 = x.double().requires_grad_()
+        y = swiglu_ref(x64)
+        (dx,) = torch.autograd.grad(y, x64, dy.double())
+        out = [Case("swiglu_forward", name, {"x": x}).check("y", y.detach(), self.FWD_TOL[dt])]
+        for alias in ("none", "x"):
+            out.append(Case("swiglu_backward", f"{name}/alias_{alias}", {"x": x.clone(), "dy": dy},
+                            {"alias": alias}).check("dx", dx, self.BWD_TOL[dt]))
+        return out
+
+    def test_swiglu(self):
+        cases = []
+        for dt in FLOATS:
+            for shape, std in self.SHAPES:
+                name = f"{SHORT[dt]}/{'x'.join(map(str, shape))}/std{std}"
+                g = generator(name)
+                x = randn(g, shape, dt, std)
+                dy = randn(g, shape[:-1] + (shape[-1] // 2,), dt)
+                cases += self.cases_for(dt, name, x, dy)
+            # Far tails: silu is 0 or the gate itself, its derivative 0 or 1 (no 0 * inf); up and
+            # dy in [0.5, 1] keep the products finite. Checked against each element's own size.
+            big = {F32: [3e38, 1e20, 1e4, 60.0], BF16: [3e38, 1e20, 1e4, 60.0],
+                   F16: [6e4, 1e4, 300.0, 60.0]}[dt]
+            gate = torch.tensor(big + [-v for v in big], dtype=torch.float64)
+            up = torch.linspace(0.5, 1.0, gate.numel(), dtype=torch.float64)
+            x = torch.cat([gate, up]).to(dt)[None]
+            dy = torch.linspace(1.0, 0.5, gate.numel(), dtype=torch.float64).to(dt)[None]
+            for c in self.cases_for(dt, f"{SHORT[dt]}/tails", x, dy):
+                c.checks = [(o, w, Tol(t.rel, 0), s, sel, l) for o, w, t, s, sel, l in c.checks]
+                cases.append(c)
+        self.run_and_check(cases)
+
+
+# ---- rotary position embeddings (Llama, Qwen2) -----------------------------------------------
+
+def rope_inv_freq_ref(head_dim, theta, scaling=None):
+    """The inverse frequencies in float64, as transformers computes them: the exponent 2i / D
+    formed in fp32 (torch.arange(0, D, 2).float() / D), theta ** -exponent; then, for "llama3",
+    Llama 3.1's scaling as written in transformers' _compute_llama3_parameters (its wavelength
+    bands and smooth interpolation), and for "linear", division by the factor."""
+    exponent = (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim).double()
+    inv_freq = 1.0 / (theta ** exponent)
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    assert scaling["rope_type"] == "llama3"
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    """transformers' rotate_half (Llama, Qwen2)."""
+    x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_ref(x, table, n_head, n_kv_head, pos0):
+    """transformers' apply_rotary_pos_emb on the q and k heads of a fused [B, T, W] (or [B, W])
+    projection, in float64 with the given fp32 table's cos and sin; v passes through. Returns the
+    result and the elementwise error scale |x cos| + |rotate_half(x) sin| of the rotated part."""
+    two_d = x.dim() == 2
+    if two_d:
+        x = x[:, None]
+    b, t, w = x.shape
+    d = table.shape[1]
+    heads = x.double().reshape(b, t, w // d, d)
+    cos = table.double()[pos0:pos0 + t, :d // 2].repeat(1, 2)[None, :, None]
+    sin = table.double()[pos0:pos0 + t, d // 2:].repeat(1, 2)[None, :, None]
+    rot = n_head + n_kv_head
+    q = heads[:, :, :rot]
+    out = torch.cat([q * cos + rotate_half(q) * sin, heads[:, :, rot:]], dim=2)
+    scale = torch.cat([q.abs() * cos.abs() + rotate_half(q).abs() * sin.abs(),
+                       heads[:, :, rot:].abs()], dim=2)
+    out, scale = out.reshape(b, t, w), scale.reshape(b, t, w)
+    return (out[:, 0], scale[:, 0]) if two_d else (out, scale)
+
+
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA32_SCALING = dict(LLAMA31_SCALING, factor=32.0)
+
+
+def rope_table_meta(theta, scaling):
+    meta = {"theta": repr(theta)}
+    if scaling is not None:
+        meta["scaling"] = scaling["rope_type"]
+        meta["factor"] = repr(scaling["factor"])
+        if scaling["rope_type"] == "llama3":
+            meta["low_freq_factor"] = repr(scaling["low_freq_factor"])
+            meta["high_freq_factor"] = repr(scaling["high_freq_factor"])
+            meta["original_max_position"] = scaling["original_max_position_embeddings"]
+    return meta
+
+
+def rope_table_ref(positions, head_dim, theta, scaling=None):
+    """(cos | sin) rows in float64 for positions 0 .. positions - 1, and the angles."""
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] * \
+        rope_inv_freq_ref(head_dim, theta, scaling)[None]
+    return torch.cat([angle.cos(), angle.sin()], dim=-1), angle
+
+
+class Rope(OpTest):
+    # (name, head_dim, theta, scaling, positions): GPT-NeoX / Llama 2 defaults, Qwen2.5's
+    # theta, Llama 3.1 (8B: D = 128, theta 5e5, factor 8) and Llama 3.2 (factor 32), a linear
+    # scaling, and a head size that is not a multiple of 32.
+    TABLES = [("default", 64, 10000.0, None, 300), ("qwen2", 64, 1e6, None, 100),
+              ("llama3.1", 128, 500000.0, LLAMA31_SCALING, 4096),
+              ("llama3.2", 64, 500000.0, LLAMA32_SCALING, 200),
+              ("linear", 32, 10000.0, {"rope_type": "linear", "factor": 4.0}, 50),
+              ("d12", 12, 10000.0, None, 40)]
+
+    def test_rope_table(self):
+        # inv_freq: computed in double and rounded once (half an ulp; one allowed). The table:
+        # the angle t * f is the fp32 product of the fp32 frequency (each half an ulp), so it errs
+        # by up to 2^-23 of itself, which cos and sin pass on; then their own rounding.
+        cases = []
+        for name, d, theta, scaling, positions in self.TABLES:
+            inv_freq = rope_inv_freq_ref(d, theta, scaling)
+            want, angle = rope_table_ref(positions, d, theta, scaling)
+            meta = dict(rope_table_meta(theta, scaling), head_dim=d, positions=positions)
+            cases.append(Case("rope_table", name, {}, meta)
+                         .check("inv_freq", inv_freq, Tol(ULP[F32], 0))
+                         .check("table", want, Tol(ULP[F32], 2.0**-22), angle.repeat(1, 2)))
+        self.run_and_check(cases)
+
+    # (B, T, n_head, n_kv_head, D, table, pos0): GQA 2:1, MQA, MHA, T = 1 at a decoding
+    # offset, Llama 3.1's table at positions past its original 8192 / factor band edges, and
+    # [B, W] single tokens (T = None).
+    SHAPES = [(3, 5, 4, 2, 12, "d12", 0), (2, 7, 6, 1, 64, "default", 3),
+              (2, 9, 3, 3, 64, "qwen2", 0), (3, 1, 4, 2, 64, "default", 250),
+              (2, 33, 8, 2, 128, "llama3.1", 4000), (3, None, 4, 1, 32, "linear", 49),
+              (2, None, 2, 2, 12, "d12", 0)]
+    # fp32: x c - x' s with fp32 products and one fma: within 2^-23 of the magnitudes of its
+    # terms (scale), plus the rounding. 16-bit: one rounding to the dtype.
+    TOL = {F32: Tol(ULP[F32], 2.0**-23), BF16: Tol(ULP[BF16], 2.0**-23),
+           F16: Tol(ULP[F16], 2.0**-23)}
+
+    def tables(self):
+        return {name: rope_table_ref(positions, d, theta, scaling)[0].float()
+                for name, d, theta, scaling, positions in self.TABLES}
+
+    def test_rope(self):
+        tables = self.tables()
+        cases = []
+        for dt in FLOATS:
+            for b, t, nh, nkv, d, table_name, pos0 in self.SHAPES:
+                name = f"{SHORT[dt]}/b{b}t{t}h{nh}kv{nkv}d{d}/{table_name}/pos{pos0}"
+                g = generator(name)
+                w = (nh + 2 * nkv) * d
+                shape = (b, w) if t is None else (b, t, w)
+                x = randn(g, shape, dt, 2.0)
+                dy = randn(g, shape, dt)
+                table = tables[table_name]
+                x64 = x.double().requires_grad_()
+                y, scale = rope_ref(x64, table, nh, nkv, pos0)
+                (dx,) = torch.autograd.grad(y, x64, dy.double())
+                _, dscale = rope_ref(dy, table, nh, nkv, pos0)
+                v_cols = (lambda c: lambda z: z[..., c:])((nh + nkv) * d)
+                meta = {"n_head": nh, "n_kv_head": nkv, "pos0": pos0}
+                for alias in ("none", "x"):
+                    cases.append(Case("rope_forward", f"{name}/alias_{alias}",
+                                      {"x": x.clone(), "table": table}, dict(meta, alias=alias))
+                                 .check("y", y.detach(), self.TOL[dt], scale.detach())
+                                 .exact("y", x, select=v_cols, label="y's v columns"))
+                    cases.append(Case("rope_backward", f"{name}/alias_{alias}",
+                                      {"dy": dy.clone(), "table": table},
+                                      dict(meta, alias="dy" if alias == "x" else "none"))
+                                 .check("dx", dx, self.TOL[dt], dscale)
+                                 .exact("dx", dy, select=v_cols, label="dx's v columns"))
+        self.run_and_check(cases)
+
+    def test_rope_round_trip(self):
+        # backward is the transpose of forward, and a rotation's transpose is its inverse: the
+        # backward of the forward gives x back to fp32 rounding (fp32 cases only).
+        tables = self.tables()
+        name = "f32/round_trip"
+        g = generator(name)
+        x = randn(g, (2, 9, (4 + 2 * 2) * 128), F32)
+        y, _ = rope_ref(x, tables["llama3.1"], 4, 2, 4000)
+        self.run_and_check([Case("rope_backward", name,
+                                 {"dy": y.float(), "table": tables["llama3.1"]},
+                                 {"n_head": 4, "n_kv_head": 2, "pos0": 4000})
+                            .check("dx", x.double(), Tol(4 * ULP[F32], 4 * ULP[F32]))])
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -1075,6 +1398,16 @@ class ThreadCount(unittest.TestCase):
                  {"lr": "1e-3", "beta1": "0.9", "beta2": "0.95", "eps": "1e-8",
                   "weight_decay": "0.1", "grad_scale": "1", "first_step": 3}),
             Case("sum_of_squares", "", {"x": randn(g, (100003,), BF16)}),
+            Case("rmsnorm_forward", "", {"x": x, "weight": randn(g, (130,), BF16)},
+                 {"eps": "1e-6"}),
+            Case("rmsnorm_backward", "", {
+                "x": x, "dy": randn(g, x.shape, BF16), "weight": randn(g, (130,), BF16),
+                "rstd": randn(g, (4, 64), F32, 0.1, 1.0), "dweight": randn(g, (130,), F32)}),
+            Case("swiglu_forward", "", {"x": x}),
+            Case("swiglu_backward", "", {"x": x, "dy": randn(g, (4, 64, 65), BF16)}),
+            Case("rope_forward", "", {"x": randn(g, (4, 64, 8 * 32), BF16),
+                                      "table": randn(g, (70, 32), F32)},
+                 {"n_head": 4, "n_kv_head": 2, "pos0": 3}),
         ]
         one, three = run_cases(cases, threads=1), run_cases(cases, threads=3)
         for case, (t1, m1), (t3, m3) in zip(cases, one, three):
