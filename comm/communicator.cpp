@@ -135,35 +135,60 @@ std::string timeout_message(const Collective& c, std::string_view kind, std::str
     return liveness &&
            std::find(liveness->lost.begin(), liveness->lost.end(), r) != liveness->lost.end();
   };
+  // Seconds rank r had not run before it answered (0: it ran, or no check).
+  auto stalled_for = [&](int r) {
+    if (!liveness) return 0.0;
+    for (const auto& [g, seconds] : liveness->stalled)
+      if (g == r) return seconds;
+    return 0.0;
+  };
   const std::string no_answer =
       liveness ? fmt::format("did not answer a liveness check within {} s", liveness->window_s)
                : std::string();
-  // Ranks that posted the collective but are gone.
+  auto stall_words = [](double seconds) {
+    return fmt::format(
+        "did not run for {:.1f} s (stopped, e.g. by SIGSTOP, or starved of CPU) and answered a "
+        "liveness check only after it resumed",
+        seconds);
+  };
+  // Ranks that posted the collective but are gone, or did not run.
   std::vector<int> lost_arrived;
+  std::vector<std::string> stalled_arrived;
   if (liveness) {
     for (int r : liveness->lost) {
       if (std::find(missing.begin(), missing.end(), r) == missing.end()) lost_arrived.push_back(r);
     }
+    for (const auto& [r, seconds] : liveness->stalled) {
+      if (std::find(missing.begin(), missing.end(), r) == missing.end())
+        stalled_arrived.push_back(
+            fmt::format("{} posted it, then {}", rank_name(r), stall_words(seconds)));
+    }
   }
   std::string lost_text;
   for (int r : lost_arrived) lost_text += (lost_text.empty() ? "" : ", ") + rank_name(r);
+  std::string stalled_text;
+  for (const std::string& s : stalled_arrived)
+    stalled_text += (stalled_text.empty() ? "" : "; ") + s;
   if (missing.empty()) {
     if (!liveness) {
       return head +
              ", although every rank arrived: a rank posted it but stopped progressing it, "
              "or the transport is stuck. End the job with abort().";
     }
-    if (lost_arrived.empty()) {
+    if (lost_arrived.empty() && stalled_arrived.empty()) {
       return head +
              ", although every rank arrived and every rank answered a liveness check: a rank's "
              "collective is not being progressed (a rank stuck inside an MPI call, or "
              "MESHTRAIN_COMM_PROGRESS=caller and a rank that stopped waiting), or the transport "
              "is stuck. End the job with abort().";
     }
+    if (lost_arrived.empty())
+      return fmt::format("{}: stalled: {}. End the job with abort().", head, stalled_text);
     return fmt::format(
-        "{}: lost {}: {} posted it, then {} (the process exited, was killed or is stopped). End "
+        "{}: lost {}: {} posted it, then {} (the process exited, was killed or is stopped){}. End "
         "the job with abort().",
-        head, lost_text, lost_arrived.size() == 1 ? "it" : "they", no_answer);
+        head, lost_text, lost_arrived.size() == 1 ? "it" : "they", no_answer,
+        stalled_text.empty() ? "" : "; stalled: " + stalled_text);
   }
   std::string who;
   for (std::size_t i = 0; i < missing.size(); ++i) {
@@ -174,8 +199,13 @@ std::string timeout_message(const Collective& c, std::string_view kind, std::str
                ? fmt::format(", last seen at {}", last_seen[i])
                : std::string(", never seen on this group");
     if (liveness) {
-      who += is_lost(r) ? fmt::format(", {}: lost (exited, killed or stopped)", no_answer)
-                        : std::string(", alive (it answered a liveness check)");
+      if (is_lost(r)) {
+        who += fmt::format(", {}: lost (exited, killed or stopped)", no_answer);
+      } else if (const double s = stalled_for(r); s > 0) {
+        who += ", " + stall_words(s);
+      } else {
+        who += ", alive (it answered a liveness check)";
+      }
     }
   }
   std::string msg = fmt::format(
@@ -185,6 +215,7 @@ std::string timeout_message(const Collective& c, std::string_view kind, std::str
       head, missing.size() == 1 ? "1 rank" : fmt::format("{} ranks", missing.size()), who);
   if (!lost_arrived.empty())
     msg += fmt::format(" Also lost: {}, which posted it, then {}.", lost_text, no_answer);
+  if (!stalled_arrived.empty()) msg += fmt::format(" Also stalled: {}.", stalled_text);
   return msg + " End the job with abort().";
 }
 

@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "runtime/dtype.hpp"
@@ -182,8 +183,11 @@ void wait_all(std::vector<Work>& works);
 // The outcome of a liveness check run at a timeout (comm/mpi/liveness.hpp): the group ranks
 // whose process did not answer within `window_s` seconds (exited, killed or stopped).
 struct LivenessReport {
-  std::vector<int> lost;
+  std::vector<int> lost;  // group ranks that did not answer within window_s
   double window_s = 0;
+  // Group ranks that answered, but only after not running for the given seconds (stopped, e.g.
+  // by SIGSTOP and continued by the job's teardown, or starved of CPU).
+  std::vector<std::pair<int, double>> stalled;
 };
 
 // For backends: the CommTimeout message for `c` on a group. `missing` are the group ranks that

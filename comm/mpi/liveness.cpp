@@ -24,13 +24,51 @@ constexpr int kPong = 0x4c41;  // "LA"
 // ranks on two cores lost a third of their step time (an MPI_Test that runs Open MPI's whole
 // progress loop, under the process's MPI lock). A live process answers within this.
 constexpr auto kServeEvery = std::chrono::milliseconds(100);
+// A gap in the progress thread's beat (every 100 ms at most) longer than this means the process
+// did not run: stopped (SIGSTOP) or starved of CPU. A stall is reported for this long after it.
+constexpr auto kStall = std::chrono::seconds(1);
+constexpr auto kStallMemory = std::chrono::seconds(60);
+
+// A pong: the ping's nonce, and the milliseconds the answering process had not run just before.
+struct Pong {
+  std::uint64_t nonce = 0;
+  std::uint64_t stalled_ms = 0;
+};
 
 // One message being sent; its buffer lives until the send completed (or is leaked with the
 // channel: a peer that is gone may never take it).
 struct Outgoing {
-  std::uint64_t value = 0;
+  std::uint64_t value[2] = {0, 0};
   MPI_Request request = MPI_REQUEST_NULL;
 };
+
+// The beat of this process's progress thread and its last stall (steady_clock ticks; 0: none).
+struct Beat {
+  std::atomic<Clock::rep> last{0};
+  std::atomic<Clock::rep> stall{0};
+  std::atomic<Clock::rep> stall_end{0};
+};
+Beat& beat() {
+  static Beat b;
+  return b;
+}
+
+// How long this process had not run just before now, in milliseconds: the beat's current gap if
+// it is overdue, or the last stall if it ended within kStallMemory; 0 without a progress thread.
+std::uint64_t recent_stall_ms() noexcept {
+  const Clock::rep now = Clock::now().time_since_epoch().count();
+  const Clock::rep stall = std::chrono::duration_cast<Clock::duration>(kStall).count();
+  const Beat& b = beat();
+  Clock::rep gap = 0;
+  if (const Clock::rep last = b.last.load(std::memory_order_relaxed);
+      last != 0 && now - last > stall)
+    gap = now - last;
+  if (now - b.stall_end.load(std::memory_order_relaxed) <
+      std::chrono::duration_cast<Clock::duration>(kStallMemory).count())
+    gap = std::max(gap, b.stall.load(std::memory_order_relaxed));
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::duration(gap)).count());
+}
 
 }  // namespace
 
@@ -46,10 +84,12 @@ struct Liveness::Impl {
     MT_MPI_CHECK(MPI_Irecv(&ping_in, 1, MPI_UINT64_T, MPI_ANY_SOURCE, kPing, comm, &ping_request));
   }
 
-  void send(std::uint64_t value, int to, int tag) {
+  // Sends `count` (1 or 2) words: a ping's nonce, or a pong.
+  void send(std::uint64_t v0, std::uint64_t v1, int count, int to, int tag) {
     Outgoing& o = sends.emplace_back();
-    o.value = value;
-    MT_MPI_CHECK(MPI_Isend(&o.value, 1, MPI_UINT64_T, to, tag, comm, &o.request));
+    o.value[0] = v0;
+    o.value[1] = v1;
+    MT_MPI_CHECK(MPI_Isend(o.value, count, MPI_UINT64_T, to, tag, comm, &o.request));
   }
 
   // Answers every ping that has arrived; retires completed sends.
@@ -61,7 +101,7 @@ struct Liveness::Impl {
       if (!flag) break;
       const std::uint64_t nonce = ping_in;
       post_ping_receive();
-      send(nonce, st.MPI_SOURCE, kPong);
+      send(nonce, recent_stall_ms(), 2, st.MPI_SOURCE, kPong);
     }
     for (auto it = sends.begin(); it != sends.end();) {
       int done = 0;
@@ -126,6 +166,20 @@ void Liveness::release() noexcept {
   s.comm = MPI_COMM_NULL;
 }
 
+void liveness_heartbeat() noexcept {
+  Beat& b = beat();
+  const Clock::rep now = Clock::now().time_since_epoch().count();
+  const Clock::rep last = b.last.exchange(now, std::memory_order_relaxed);
+  if (last != 0 && now - last > std::chrono::duration_cast<Clock::duration>(kStall).count()) {
+    b.stall.store(now - last, std::memory_order_relaxed);
+    b.stall_end.store(now, std::memory_order_relaxed);
+  }
+}
+
+void liveness_heartbeat_end() noexcept {
+  beat().last.store(0, std::memory_order_relaxed);
+}
+
 void liveness_serve(bool force) noexcept {
   Registry& r = registry();
   const Clock::rep now = Clock::now().time_since_epoch().count();
@@ -142,13 +196,13 @@ void liveness_serve(bool force) noexcept {
   }
 }
 
-std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ranks,
-                                               std::chrono::milliseconds window) noexcept {
+std::optional<LivenessResult> liveness_check(const std::vector<int>& world_ranks,
+                                             std::chrono::milliseconds window) noexcept {
   Registry& r = registry();
   std::vector<int> peers;
   // The receives' buffers; leaked if the check ends with receives still posted (an MPI error).
-  auto answers_owner = std::make_unique<std::vector<std::uint64_t>>();
-  std::vector<std::uint64_t>& answers = *answers_owner;
+  auto answers_owner = std::make_unique<std::vector<Pong>>();
+  std::vector<Pong>& answers = *answers_owner;
   std::vector<MPI_Request> receives;
   std::vector<bool> answered;
   try {
@@ -161,12 +215,12 @@ std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ran
     }
     const std::size_t n = peers.size();
     const std::uint64_t nonce = s.next_nonce++;
-    answers.assign(n, 0);
+    answers.assign(n, Pong{});
     receives.assign(n, MPI_REQUEST_NULL);
     answered.assign(n, false);
     for (std::size_t i = 0; i < n; ++i) {
-      MT_MPI_CHECK(MPI_Irecv(&answers[i], 1, MPI_UINT64_T, peers[i], kPong, s.comm, &receives[i]));
-      s.send(nonce, peers[i], kPing);
+      MT_MPI_CHECK(MPI_Irecv(&answers[i], 2, MPI_UINT64_T, peers[i], kPong, s.comm, &receives[i]));
+      s.send(nonce, 0, 1, peers[i], kPing);
     }
     lock.unlock();
     const auto until = Clock::now() + window;
@@ -179,13 +233,13 @@ std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ran
         if (answered[i]) continue;
         int flag = 0;
         MT_MPI_CHECK(MPI_Test(&receives[i], &flag, MPI_STATUS_IGNORE));
-        if (flag && answers[i] == nonce) {
+        if (flag && answers[i].nonce == nonce) {
           answered[i] = true;
           continue;
         }
         if (flag)  // a late answer to an earlier check: listen again
           MT_MPI_CHECK(
-              MPI_Irecv(&answers[i], 1, MPI_UINT64_T, peers[i], kPong, s.comm, &receives[i]));
+              MPI_Irecv(&answers[i], 2, MPI_UINT64_T, peers[i], kPong, s.comm, &receives[i]));
         ++left;
       }
       if (left == 0 || Clock::now() >= until) {
@@ -204,11 +258,16 @@ std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ran
     (void)answers_owner.release();
     return std::nullopt;
   }
-  std::vector<int> lost;
+  LivenessResult result;
   for (std::size_t i = 0; i < peers.size(); ++i) {
-    if (!answered[i]) lost.push_back(peers[i]);
+    if (!answered[i]) {
+      result.lost.push_back(peers[i]);
+    } else if (answers[i].stalled_ms >=
+               static_cast<std::uint64_t>(std::chrono::milliseconds(kStall).count())) {
+      result.stalled.emplace_back(peers[i], static_cast<double>(answers[i].stalled_ms) / 1e3);
+    }
   }
-  return lost;
+  return result;
 }
 
 }  // namespace meshtrain::comm::detail

@@ -16,12 +16,21 @@
 // not stuck. That is the distinction that matters here: with the progress thread running, a
 // collective that every rank posted stalls only when a process has stopped or died.
 //
+// A stopped process can still answer late: when the job is torn down (one rank's MPI_Abort),
+// Open MPI sends SIGCONT before SIGTERM, so a rank frozen by SIGSTOP resumes and answers the
+// pings of a check still running on another rank. So every answer also says how long the
+// answering process had not run just before: its progress thread beats at least every 100 ms
+// (liveness_heartbeat), and a gap of over a second in those beats, seen when answering or in the
+// last minute, means the process was stopped or starved of CPU. The checker names such a rank as
+// stalled rather than alive.
+//
 // Internal to comm/; no mpi.h here. Thread-safe.
 #pragma once
 
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace meshtrain::comm::detail {
@@ -43,16 +52,29 @@ class Liveness {
   std::unique_ptr<Impl> impl_;
 };
 
+// Called by the progress thread each time it wakes (at least every 100 ms): the beat whose gaps
+// tell that this process did not run. Never throws.
+void liveness_heartbeat() noexcept;
+// Called by the progress thread when it ends: no beat is expected until one starts again.
+void liveness_heartbeat_end() noexcept;
+
 // Answers the pings that have arrived, without blocking. `force`: even if another call answered
 // less than 100 ms ago. A no-op without a channel or while another thread is answering. Never
 // throws.
 void liveness_serve(bool force = false) noexcept;
 
+struct LivenessResult {
+  std::vector<int> lost;  // world ranks that did not answer within the window
+  // World ranks that answered, with the seconds they had not run just before (stopped or
+  // starved of CPU; over a second), by their own progress thread's beat.
+  std::vector<std::pair<int, double>> stalled;
+};
+
 // Pings each of `world_ranks` (this process is skipped) and waits until each has answered or
-// `window` has passed, answering pings meanwhile. Returns the world ranks that did not answer,
-// or nullopt when this process has no channel (MPI not started by MpiSession) or the check
-// itself failed.
-std::optional<std::vector<int>> liveness_check(const std::vector<int>& world_ranks,
-                                               std::chrono::milliseconds window) noexcept;
+// `window` has passed, answering pings meanwhile. Returns who did not answer and who answered
+// after a stall, or nullopt when this process has no channel (MPI not started by MpiSession) or
+// the check itself failed.
+std::optional<LivenessResult> liveness_check(const std::vector<int>& world_ranks,
+                                             std::chrono::milliseconds window) noexcept;
 
 }  // namespace meshtrain::comm::detail

@@ -133,13 +133,18 @@ struct MpiGroup {
     // which the arrivals cannot tell from a slow one.
     std::optional<LivenessReport> live;
     const auto window = liveness_window();
-    if (auto lost = liveness_check(world_ranks, window)) {
+    if (auto result = liveness_check(world_ranks, window)) {
       live.emplace();
       live->window_s = std::chrono::duration<double>(window).count();
-      for (int w : *lost) {
+      auto group_rank = [&](int w) {
         const auto it = std::find(world_ranks.begin(), world_ranks.end(), w);
-        if (it != world_ranks.end())
-          live->lost.push_back(static_cast<int>(it - world_ranks.begin()));
+        return it == world_ranks.end() ? -1 : static_cast<int>(it - world_ranks.begin());
+      };
+      for (int w : result->lost) {
+        if (const int g = group_rank(w); g >= 0) live->lost.push_back(g);
+      }
+      for (const auto& [w, seconds] : result->stalled) {
+        if (const int g = group_rank(w); g >= 0) live->stalled.emplace_back(g, seconds);
       }
     }
     return timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, missing, last,

@@ -98,6 +98,35 @@ TEST(Collective, TimeoutMessageNamesLostRanks) {
   EXPECT_NE(missing.find("Also lost: rank 2, which posted it"), std::string::npos) << missing;
 }
 
+// A rank that answered only after it had not run for seconds (a SIGSTOP'd rank continued by the
+// job's teardown answers late) is named as stalled, never as alive.
+TEST(Collective, TimeoutMessageNamesStalledRanks) {
+  const auto c = allreduce_call(DType::kF32, 7, 12);
+  LivenessReport r{{}, 3.0};
+  r.stalled = {{1, 12.94}};
+  const std::string arrived = timeout_message(c, "mpi", "world", 0, {0, 1, 2}, 10.0, {}, {}, r);
+  EXPECT_EQ(arrived.find("every rank answered"), std::string::npos) << arrived;
+  EXPECT_NE(arrived.find("stalled: rank 1 posted it, then did not run for 12.9 s (stopped, e.g. "
+                         "by SIGSTOP, or starved of CPU) and answered a liveness check only after "
+                         "it resumed"),
+            std::string::npos)
+      << arrived;
+  const std::string missing =
+      timeout_message(c, "mpi", "world", 0, {0, 1, 2}, 10.0, {1}, {"barrier #11"}, r);
+  EXPECT_NE(missing.find("rank 1, last seen at barrier #11, did not run for 12.9 s"),
+            std::string::npos)
+      << missing;
+  EXPECT_EQ(missing.find("alive"), std::string::npos) << missing;
+  LivenessReport both{{2}, 3.0};
+  both.stalled = {{1, 5.0}};
+  const std::string lost_and_stalled =
+      timeout_message(c, "mpi", "world", 0, {0, 1, 2}, 10.0, {}, {}, both);
+  EXPECT_NE(lost_and_stalled.find("lost rank 2"), std::string::npos) << lost_and_stalled;
+  EXPECT_NE(lost_and_stalled.find("; stalled: rank 1 posted it, then did not run for 5.0 s"),
+            std::string::npos)
+      << lost_and_stalled;
+}
+
 TEST(CommOptions, FromSettings) {
   const CommOptions o = CommOptions::from_settings();
   EXPECT_EQ(o.timeout_s, settings().comm_timeout_s);
