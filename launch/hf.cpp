@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/json.hpp"
 #include "runtime/safetensors.hpp"
 
@@ -121,17 +122,7 @@ void export_hf(models::GPT& model, const std::string& dir) {
     cfg["bos_token_id"] = 50256;
     cfg["eos_token_id"] = 50256;
   }
-  const std::string path = (fs::path(dir) / "config.json").string();
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    f << cfg.dump(2) << "\n";
-    f.close();
-    if (!f) throw IoError(fmt::format("export: cannot write '{}'", tmp));
-  }
-  fs::rename(tmp, path, ec);
-  if (ec)
-    throw IoError(fmt::format("export: cannot rename '{}' to '{}': {}", tmp, path, ec.message()));
+  write_file_atomic((fs::path(dir) / "config.json").string(), cfg.dump(2) + "\n");
 }
 
 ImportedModel import_hf(const std::string& dir) {

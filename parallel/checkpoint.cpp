@@ -2,14 +2,12 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <set>
@@ -18,6 +16,7 @@
 
 #include "runtime/checksum.hpp"
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/json.hpp"
 #include "runtime/log.hpp"
 #include "runtime/safetensors.hpp"
@@ -41,84 +40,10 @@ constexpr int kMaxManifestDepth = 64;
 // The most elements a tensor or a piece may have (flat offsets are checked against it too).
 constexpr std::int64_t kMaxElements = std::int64_t{1} << 50;
 
-[[noreturn]] void fail_errno(const std::string& what, const std::string& path) {
-  const int err = errno;
-  throw IoError(fmt::format("checkpoint: {} '{}' failed: {}", what, path, std::strerror(err)));
-}
-
-void fsync_path(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) fail_errno("open for fsync of", path);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  errno = err;
-  if (rc != 0) fail_errno("fsync of", path);
-}
-
 // Writes a small text file completely, fsyncs it, and returns its size and checksum.
 SavedFile write_text_file(const std::string& path, const std::string& text) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail_errno("open for writing of", path);
-  std::size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t w = ::write(fd, text.data() + done, text.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0) {
-      const int err = errno;
-      ::close(fd);
-      errno = err;
-      fail_errno("write of", path);
-    }
-    done += static_cast<std::size_t>(w);
-  }
-  if (::fsync(fd) != 0) {
-    const int err = errno;
-    ::close(fd);
-    errno = err;
-    fail_errno("fsync of", path);
-  }
-  if (::close(fd) != 0) fail_errno("close of", path);
+  write_file_durable(path, text);
   return SavedFile{text.size(), crc32c(0, text.data(), text.size()), {}};
-}
-
-// Reads a whole regular file of at most max_bytes.
-std::string read_file(const std::string& path, std::uint64_t max_bytes) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail_errno("open of", path);
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    fail_errno("fstat of", path);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    MT_FAIL("checkpoint: '{}' is not a regular file", path);
-  }
-  const auto size = static_cast<std::uint64_t>(st.st_size);
-  if (size > max_bytes) {
-    ::close(fd);
-    MT_FAIL("checkpoint: '{}' is {} bytes, more than the {} a file of its kind may have", path,
-            size, max_bytes);
-  }
-  std::string out(size, '\0');
-  std::size_t done = 0;
-  while (done < size) {
-    const ssize_t r = ::read(fd, out.data() + done, size - done);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int err = errno;
-      ::close(fd);
-      errno = err;
-      fail_errno("read of", path);
-    }
-    if (r == 0) break;
-    done += static_cast<std::size_t>(r);
-  }
-  ::close(fd);
-  MT_CHECK(done == size, "checkpoint: '{}' shrank while being read ({} of {} bytes)", path, done,
-           size);
-  return out;
 }
 
 std::string shard_file_name(int world_rank) {
@@ -567,10 +492,11 @@ class ShardReader {
       std::error_code ec;
       MT_CHECK(fs::exists(path_, ec),
                "checkpoint '{}': file '{}' listed in the manifest is missing", dir_, name_);
-      fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd_ < 0) fail_errno("open of", path_);
+      fd_ = open_file(path_, O_RDONLY);
       struct stat st;
-      if (::fstat(fd_, &st) != 0) fail_errno("fstat of", path_);
+      if (::fstat(fd_.get(), &st) != 0)
+        throw IoError(
+            fmt::format("checkpoint: fstat of '{}' failed: {}", path_, std::strerror(errno)));
       MT_CHECK(S_ISREG(st.st_mode), "checkpoint: '{}' is not a regular file", path_);
       MT_CHECK(static_cast<std::uint64_t>(st.st_size) == fe_.bytes,
                "checkpoint '{}': '{}' is {} bytes, the manifest says {} (truncated or replaced)",
@@ -581,9 +507,6 @@ class ShardReader {
       layout_ = read_safetensors_layout(path_, fe_.bytes, read);
     }
     for (std::size_t i = 0; i < layout_.entries.size(); ++i) index_[layout_.entries[i].name] = i;
-  }
-  ~ShardReader() {
-    if (fd_ >= 0) ::close(fd_);
   }
   ShardReader(const ShardReader&) = delete;
   ShardReader& operator=(const ShardReader&) = delete;
@@ -622,21 +545,16 @@ class ShardReader {
 
  private:
   void load(std::uint64_t lo, std::uint64_t hi) {
-    for (std::uint64_t at = lo; at < hi;) {
-      const ssize_t r = ::pread(fd_, buf_.get() + at, hi - at, static_cast<off_t>(at));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) fail_errno("read of", path_);
-      MT_CHECK(r > 0, "checkpoint '{}': '{}' shrank while being read (at byte {} of {})", dir_,
-               name_, at, fe_.bytes);
-      at += static_cast<std::uint64_t>(r);
-      *bytes_read_ += static_cast<std::uint64_t>(r);
-    }
+    const std::size_t got = read_at(fd_.get(), path_, buf_.get() + lo, hi - lo, lo);
+    *bytes_read_ += got;
+    MT_CHECK(got == hi - lo, "checkpoint '{}': '{}' shrank while being read (at byte {} of {})",
+             dir_, name_, lo + got, fe_.bytes);
   }
 
   std::string dir_, name_, path_;
   const FileEntry& fe_;
   std::uint64_t* bytes_read_;
-  int fd_ = -1;
+  Fd fd_;
   std::string whole_;                    // version 1: the whole file
   std::unique_ptr<std::uint8_t[]> buf_;  // version 2: the file's bytes at their offsets
   std::vector<std::uint8_t> loaded_;     // per block: read and checked
@@ -780,14 +698,14 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
           {"files", files},
       };
       write_text_file((tmp_dir / "manifest.json").string(), manifest.dump(1));
-      fsync_path(tmp_dir.string(), true);
+      fsync_dir(tmp_dir.string());
       std::error_code ec;
       if (fs::exists(final_dir, ec)) retire(root_path, final_dir);  // the same step saved again
       fs::rename(tmp_dir, final_dir, ec);
       if (ec)
         throw IoError(fmt::format("checkpoint: cannot rename '{}' to '{}': {}", tmp_dir.string(),
                                   final_dir.string(), ec.message()));
-      fsync_path(root_path.string(), true);
+      fsync_dir(root_path.string());
       if (keep > 0) {
         std::vector<std::string> all_ckpts = list_checkpoints(root);
         for (std::size_t i = 0; i + static_cast<std::size_t>(keep) < all_ckpts.size(); ++i)

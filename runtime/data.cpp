@@ -11,8 +11,8 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 
+#include "runtime/file_io.hpp"
 #include "runtime/rng.hpp"
 
 namespace meshtrain::data {
@@ -114,23 +114,10 @@ void write_token_shard(const std::string& path, const std::vector<std::uint16_t>
   header[0] = kShardMagic;
   header[1] = kShardVersion;
   header[2] = static_cast<std::int32_t>(tokens.size());
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw IoError(fmt::format("cannot write '{}': {}", tmp, std::strerror(errno)));
-    out.write(reinterpret_cast<const char*>(header), sizeof(header));
-    out.write(reinterpret_cast<const char*>(tokens.data()),
-              static_cast<std::streamsize>(tokens.size() * 2));
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      throw IoError(fmt::format("writing '{}' failed", tmp));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw IoError(fmt::format("cannot rename '{}' to '{}': {}", tmp, path, std::strerror(errno)));
-  }
+  AtomicFileWriter out(path);
+  out.write(header, sizeof(header));
+  out.write(tokens.data(), tokens.size() * 2);
+  out.commit();
 }
 
 namespace {

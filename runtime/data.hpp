@@ -55,7 +55,7 @@ class TokenFile {
   std::int32_t max_token_ = 0;
 };
 
-// Writes an llm.c shard (for tests and tools); write-to-temporary then rename.
+// Writes an llm.c shard (for tests and tools), atomically and durably (runtime/file_io.hpp).
 void write_token_shard(const std::string& path, const std::vector<std::uint16_t>& tokens);
 
 // A range of tokens of one file: the unit a split draws windows from.

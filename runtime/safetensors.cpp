@@ -2,20 +2,18 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <limits>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "runtime/checksum.hpp"
-#include "runtime/log.hpp"
+#include "runtime/file_io.hpp"
 
 namespace meshtrain {
 namespace {
@@ -25,86 +23,16 @@ static_assert(std::endian::native == std::endian::little,
 
 using Json = nlohmann::ordered_json;
 
-[[noreturn]] void fail_io(const std::string& path, const char* call) {
-  const int err = errno;
-  throw IoError(
-      fmt::format("safetensors file '{}': {} failed: {}", path, call, std::strerror(err)));
-}
-
-// An owned file descriptor; the destructor closes it and logs (never throws) on failure.
-class UniqueFd {
- public:
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() {
-    if (fd_ >= 0 && ::close(fd_) != 0)
-      log::warn("close of file descriptor {} failed: {}", fd_, std::strerror(errno));
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  // Closes now and reports the result (a delayed write error can surface only here).
-  int close() {
-    const int rc = ::close(fd_);
-    fd_ = -1;
-    return rc;
-  }
-
- private:
-  int fd_;
-};
-
-void write_all(int fd, const std::string& path, const void* data, std::size_t n) {
-  const auto* p = static_cast<const std::uint8_t*>(data);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail_io(path, "write");
-    }
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-}
-
 // Reads exactly n bytes at offset; a file that shrinks under us is an IoError.
 void read_exact(int fd, const std::string& path, void* data, std::size_t n, std::uint64_t offset,
                 std::string_view what) {
-  auto* p = static_cast<std::uint8_t*>(data);
-  while (n > 0) {
-    const ssize_t r = ::pread(fd, p, n, static_cast<off_t>(offset));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      fail_io(path, "pread");
-    }
-    if (r == 0)
-      throw IoError(fmt::format(
-          "safetensors file '{}': ended at byte {} while reading {} (did it shrink while being "
-          "read?)",
-          path, offset, what));
-    p += r;
-    n -= static_cast<std::size_t>(r);
-    offset += static_cast<std::uint64_t>(r);
-  }
+  const std::size_t got = read_at(fd, path, data, n, offset);
+  if (got < n)
+    throw IoError(fmt::format(
+        "safetensors file '{}': ended at byte {} while reading {} (did it shrink while being "
+        "read?)",
+        path, offset + got, what));
 }
-
-// Removes the temporary file unless the write completed.
-class TempFileGuard {
- public:
-  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
-  ~TempFileGuard() {
-    if (!committed_ && ::unlink(path_.c_str()) != 0 && errno != ENOENT)
-      log::warn("could not remove the partial file '{}': {}", path_, std::strerror(errno));
-  }
-  TempFileGuard(const TempFileGuard&) = delete;
-  TempFileGuard& operator=(const TempFileGuard&) = delete;
-  void commit() { committed_ = true; }
-
- private:
-  std::string path_;
-  bool committed_ = false;
-};
 
 std::string build_header(const std::string& path,
                          const std::vector<std::pair<std::string, Tensor>>& tensors,
@@ -139,14 +67,6 @@ std::string build_header(const std::string& path,
   // Pad with spaces so that the data section starts 8-byte aligned, as Hugging Face does.
   text.resize((text.size() + 7) / 8 * 8, ' ');
   return text;
-}
-
-void sync_directory_of(const std::string& path) {
-  std::filesystem::path dir = std::filesystem::path(path).parent_path();
-  if (dir.empty()) dir = ".";
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) fail_io(path, "open of its directory");
-  if (::fsync(fd.get()) != 0) fail_io(path, "fsync of its directory");
 }
 
 // ---- reading ------------------------------------------------------------------------------
@@ -351,8 +271,8 @@ SavedFile save_safetensors(const std::string& path,
                            const std::map<std::string, std::string>& metadata,
                            std::uint64_t crc_block_bytes) {
   SavedFile saved;
-  auto write_counted = [&](int fd, const std::string& p, const void* data, std::size_t n) {
-    write_all(fd, p, data, n);
+  auto write_counted = [&](AtomicFileWriter& out, const void* data, std::size_t n) {
+    out.write(data, n);
     saved.crc32c = crc32c(saved.crc32c, data, n);
     // Block checksums: each byte extends the CRC of the block its file offset falls in.
     const auto* bytes = static_cast<const std::uint8_t*>(data);
@@ -367,30 +287,22 @@ SavedFile save_safetensors(const std::string& path,
     saved.bytes += n;
   };
   const std::string header = build_header(path, tensors, metadata);
-  const std::string tmp = path + ".tmp";
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd.valid()) fail_io(tmp, "open for writing");
-  TempFileGuard guard(tmp);
-
+  AtomicFileWriter out(path);
   std::uint8_t len[8];
   std::uint64_t n = header.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<std::uint8_t>(n >> (8 * i));
-  write_counted(fd.get(), tmp, len, 8);
-  write_counted(fd.get(), tmp, header.data(), header.size());
+  write_counted(out, len, 8);
+  write_counted(out, header.data(), header.size());
   for (const auto& [name, t] : tensors) {
     if (t.numel() == 0) continue;
     if (t.is_cpu()) {
-      write_counted(fd.get(), tmp, t.data(), t.nbytes());
+      write_counted(out, t.data(), t.nbytes());
     } else {
       const Tensor host = t.to(cpu_device());
-      write_counted(fd.get(), tmp, host.data(), host.nbytes());
+      write_counted(out, host.data(), host.nbytes());
     }
   }
-  if (::fsync(fd.get()) != 0) fail_io(tmp, "fsync");
-  if (fd.close() != 0) fail_io(tmp, "close");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_io(path, "rename from the .tmp file");
-  guard.commit();
-  sync_directory_of(path);
+  out.commit();
   return saved;
 }
 
@@ -462,10 +374,11 @@ SafetensorsFile parse_file(const std::string& path, std::uint64_t file_size, Rea
 }  // namespace
 
 SafetensorsFile load_safetensors(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) fail_io(path, "open");
+  const Fd fd = open_file(path, O_RDONLY);
   struct stat st;
-  if (::fstat(fd.get(), &st) != 0) fail_io(path, "fstat");
+  if (::fstat(fd.get(), &st) != 0)
+    throw IoError(
+        fmt::format("safetensors file '{}': fstat failed: {}", path, std::strerror(errno)));
   MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
   return parse_file(path, static_cast<std::uint64_t>(st.st_size),
                     [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view what) {
