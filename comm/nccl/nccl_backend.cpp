@@ -13,14 +13,17 @@
 namespace meshtrain::comm {
 
 namespace nccl_compat {
-void fail_nccl(ncclResult_t result, ncclComm_t comm, const char* call, const char* file, int line) {
-  int device = -1;
-  if (cudaGetDevice(&device) != cudaSuccess) device = -1;
-  const std::string detail = last_error(comm);
-  throw NcclError(fmt::format("{} failed: {}{}{} at {} [{}, cuda:{}]", call,
-                              ncclGetErrorString(result), detail.empty() ? "" : ": ", detail,
-                              ::meshtrain::detail::source_location(file, line), log::rank_label(),
-                              device));
+void fail_nccl(const char* call, int status, std::string_view text, const char* file, int line) {
+  throw NcclError(cuda::detail::describe_failure(call, status, text, file, line));
+}
+
+void log_nccl(const char* call, int status, std::string_view text, const char* file,
+              int line) noexcept {
+  try {
+    log::error("{}", cuda::detail::describe_failure(call, status, text, file, line));
+  } catch (...) {
+    // Logging itself failed (out of memory): nothing left to report with.
+  }
 }
 }  // namespace nccl_compat
 
@@ -76,21 +79,15 @@ struct NcclGroup {
   bool released = false;
 
   ~NcclGroup() {
-    if (scratch != nullptr) {
-      const cudaError_t err = cudaFree(scratch);
-      if (err != cudaSuccess)
-        log::error("cudaFree of the NCCL scratch failed: {}", cudaGetErrorString(err));
-    }
+    if (scratch != nullptr) MT_CUDA_LOG(cudaFree(scratch));
   }
 
   // Ends every kernel of the communicator; afterwards its buffers may be freed.
   void abort_comm() noexcept {
     if (comm == nullptr || aborted) return;
     aborted = true;
-    const ncclResult_t r = ncclCommAbort(comm);
-    if (r != ncclSuccess) {
-      log::error("ncclCommAbort on group '{}' failed: {}", name, ncclGetErrorString(r));
-    }
+    // After the abort the communicator cannot describe its own error: none passed.
+    MT_NCCL_LOG(ncclCommAbort(comm), nullptr);
   }
 
   void check_usable() const {
@@ -144,21 +141,19 @@ class NcclWork final : public WorkImpl {
   bool progress() override {
     if (complete_) return true;
     g_->check_usable();
-    const cudaError_t e = cudaEventQuery(done_->event().get());
-    if (e == cudaSuccess) {
+    if (MT_CUDA_ALLOW(cudaEventQuery(done_->event().get()), cudaErrorNotReady) == cudaSuccess) {
       // Later work on the compute stream sees the result.
       MT_CUDA_CHECK(cudaStreamWaitEvent(g_->compute, done_->event().get(), 0));
       keep_.clear();
       complete_ = true;
       return true;
     }
-    if (e != cudaErrorNotReady) MT_CUDA_CHECK(e);
     ncclResult_t async = ncclSuccess;
     MT_NCCL_CHECK(ncclCommGetAsyncError(g_->comm, &async), g_->comm);
     if (async != ncclSuccess && async != ncclInProgress) {
       g_->abort_comm();
-      nccl_compat::fail_nccl(async, nullptr, "an NCCL collective (ncclCommGetAsyncError)", __FILE__,
-                             __LINE__);
+      nccl_compat::fail_nccl("an NCCL collective (ncclCommGetAsyncError)", static_cast<int>(async),
+                             ncclGetErrorString(async), __FILE__, __LINE__);
     }
     return false;
   }

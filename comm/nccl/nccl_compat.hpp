@@ -1,4 +1,4 @@
-// Every NCCL version difference meshtrain cares about, in one place, and the NCCL check macro.
+// Every NCCL version difference meshtrain cares about, in one place, and the NCCL check macros.
 // Internal to comm/nccl/: the only header besides the .cpp that sees nccl.h.
 //
 //   2.10  ncclBfloat16, ncclAvg                       (required)
@@ -9,7 +9,10 @@
 
 #include <nccl.h>
 
-#include "runtime/error.hpp"
+#include <string>
+#include <string_view>
+
+#include "runtime/cuda/cuda_check.hpp"
 
 #define MT_NCCL_AT_LEAST(major, minor) (NCCL_VERSION_CODE >= NCCL_VERSION(major, minor, 0))
 
@@ -52,17 +55,30 @@ inline ncclResult_t split(ncclComm_t parent, int color, int key, ncclComm_t* chi
 #endif
 }
 
-// Throws NcclError naming the call, file:line, rank, device and NCCL's description.
-[[noreturn]] void fail_nccl(ncclResult_t result, ncclComm_t comm, const char* call,
-                            const char* file, int line);
+// NCCL's description of a result, with the communicator's last error when there is one:
+// "unhandled system error: socket connect failed". `comm` may be nullptr.
+struct ErrorText {
+  ncclComm_t comm;
+  std::string operator()(ncclResult_t result) const {
+    const std::string detail = last_error(comm);
+    return std::string(ncclGetErrorString(result)) + (detail.empty() ? "" : ": " + detail);
+  }
+};
+
+// The sinks of MT_NCCL_CHECK and MT_NCCL_LOG: the message of the CUDA checks
+// (runtime/cuda/cuda_check.hpp), thrown as NcclError or logged.
+[[noreturn]] void fail_nccl(const char* call, int status, std::string_view text, const char* file,
+                            int line);
+void log_nccl(const char* call, int status, std::string_view text, const char* file,
+              int line) noexcept;
 
 }  // namespace meshtrain::comm::nccl_compat
 
-// `nccl_comm` may be nullptr (calls that have none yet).
-#define MT_NCCL_CHECK(call, nccl_comm)                                                      \
-  do {                                                                                      \
-    const ncclResult_t mt_nccl_res_ = (call);                                               \
-    if (mt_nccl_res_ != ncclSuccess) [[unlikely]]                                           \
-      ::meshtrain::comm::nccl_compat::fail_nccl(mt_nccl_res_, (nccl_comm), #call, __FILE__, \
-                                                __LINE__);                                  \
-  } while (0)
+// The CUDA check generator with NCCL's sinks. `nccl_comm` (whose last error joins the message)
+// may be nullptr: calls that have none yet, or after it was aborted.
+#define MT_NCCL_CHECK(call, nccl_comm)                                     \
+  MT_GPU_CHECK_GEN(::meshtrain::comm::nccl_compat::fail_nccl, ncclSuccess, \
+                   (::meshtrain::comm::nccl_compat::ErrorText{(nccl_comm)}), call)
+#define MT_NCCL_LOG(call, nccl_comm)                                      \
+  MT_GPU_CHECK_GEN(::meshtrain::comm::nccl_compat::log_nccl, ncclSuccess, \
+                   (::meshtrain::comm::nccl_compat::ErrorText{(nccl_comm)}), call)

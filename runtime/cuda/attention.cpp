@@ -33,24 +33,17 @@ namespace {
 
 enum Uid : std::int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
 
-void check_cudnn(cudnnStatus_t st, const char* call) {
-  if (st != CUDNN_STATUS_SUCCESS)
-    throw CudaError(fmt::format("{} failed: {} ({}) [{}]", call, cudnnGetErrorString(st),
-                                static_cast<int>(st), log::rank_label()));
-}
-
 }  // namespace
 
 class CudnnAttention {
  public:
   explicit CudnnAttention(cudaStream_t stream) {
-    check_cudnn(cudnnCreate(&handle_), "cudnnCreate");
-    check_cudnn(cudnnSetStream(handle_, stream), "cudnnSetStream");
+    MT_CUDNN_CHECK(cudnnCreate(&handle_));
+    MT_CUDNN_CHECK(cudnnSetStream(handle_, stream));
   }
   ~CudnnAttention() {
     cache_.clear();
-    const cudnnStatus_t st = cudnnDestroy(handle_);
-    if (st != CUDNN_STATUS_SUCCESS) log::error("cudnnDestroy failed: {}", cudnnGetErrorString(st));
+    MT_CUDNN_LOG(cudnnDestroy(handle_));
   }
   CudnnAttention(const CudnnAttention&) = delete;
   CudnnAttention& operator=(const CudnnAttention&) = delete;
@@ -106,8 +99,8 @@ class CudnnAttention {
     void* ws = e.workspace > 0 ? scratch.get(static_cast<std::size_t>(e.workspace)) : nullptr;
     fe::error_t st = e.graph->execute(handle_, pack, ws);
     if (!st.is_good())
-      throw CudaError(
-          fmt::format("cuDNN SDPA execute failed: {} [{}]", st.get_message(), log::rank_label()));
+      detail::fail_call("cudnn_frontend Graph::execute (SDPA)", static_cast<int>(st.get_code()),
+                        st.get_message(), __FILE__, __LINE__);
     return true;
   }
 
@@ -225,19 +218,12 @@ CudaBackend::CudaBackend(CudaDevice& device)
       host_result_(device, 64),
       host_readback_(64) {
   DeviceGuard g(device.index());
-  const cublasStatus_t st = cublasLtCreate(&lt_);
-  if (st != CUBLAS_STATUS_SUCCESS)
-    throw CudaError(fmt::format("cublasLtCreate failed: {} [{}]", cublasLtGetStatusString(st),
-                                log::rank_label()));
+  MT_CUBLAS_CHECK(cublasLtCreate(&lt_));
 }
 
 CudaBackend::~CudaBackend() {
   cudnn_.reset();
-  if (lt_ != nullptr) {
-    const cublasStatus_t st = cublasLtDestroy(lt_);
-    if (st != CUBLAS_STATUS_SUCCESS)
-      log::error("cublasLtDestroy failed: {}", cublasLtGetStatusString(st));
-  }
+  if (lt_ != nullptr) MT_CUBLAS_LOG(cublasLtDestroy(lt_));
 }
 
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,

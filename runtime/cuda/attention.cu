@@ -244,7 +244,7 @@ void attention_forward(DType t, void* out, float* lse, const void* qkv, int batc
     using T = typename decltype(tag)::type;
     forward_kernel<<<warp_blocks(std::int64_t{batch} * n_head * seq), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(out), lse, static_cast<const T*>(qkv), g, scale);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -262,13 +262,13 @@ void attention_backward(DType t, void* dqkv, const void* dout, const void* qkv, 
     const T* in = static_cast<const T*>(qkv);
     delta_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(delta, go,
                                                                    static_cast<const T*>(out), g);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
     dq_kernel<<<warp_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in, lse,
                                                                 delta, g, scale);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
     dkv_kernel<<<warp_blocks(kv_rows), kWarpsPerBlock * 32, 0, s>>>(static_cast<T*>(dqkv), go, in,
                                                                     lse, delta, g, scale);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -281,7 +281,7 @@ void attention_decode(DType t, void* out, void* k_cache, void* v_cache, const vo
     decode_kernel<<<warp_blocks(std::int64_t{batch} * n_head), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(out), static_cast<T*>(k_cache), static_cast<T*>(v_cache),
         static_cast<const T*>(qkv), batch, max_seq, pos, n_head, n_kv_head, head_size, scale);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 

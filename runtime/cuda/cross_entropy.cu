@@ -85,7 +85,7 @@ void launch_backward(void* dlogits, const void* logits, const float* lse,
   cross_entropy_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
       static_cast<T*>(dlogits), static_cast<const T*>(logits), lse, targets, cols, valid, dloss,
       ignored);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -95,7 +95,7 @@ void cross_entropy_combine(float* losses, float* lse, const float* parts, const 
   if (rows == 0) return;
   cross_entropy_combine_kernel<<<grid_for(rows, 256), 256, 0, s>>>(losses, lse, parts, owner, ranks,
                                                                    rows);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
 }
 
 void cross_entropy_backward_split(DType t, void* dlogits, const void* logits, const float* lse,
@@ -116,7 +116,7 @@ void cross_entropy_forward(DType t, float* losses, float* lse, const void* logit
     using T = typename decltype(tag)::type;
     cross_entropy_forward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
         losses, lse, static_cast<const T*>(logits), targets, padded_vocab, vocab);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 

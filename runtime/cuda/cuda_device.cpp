@@ -32,10 +32,6 @@ std::string mib(std::size_t bytes) {
 
 }  // namespace
 
-void launch_failed(cudaError_t err, const char* what, const char* file, int line) {
-  detail::fail_cuda(err, what, file, line);
-}
-
 // ---- PinnedBuffer, DeviceGuard --------------------------------------------------------------
 
 PinnedBuffer::PinnedBuffer(std::size_t nbytes) : nbytes_(nbytes) {
@@ -43,9 +39,7 @@ PinnedBuffer::PinnedBuffer(std::size_t nbytes) : nbytes_(nbytes) {
 }
 
 PinnedBuffer::~PinnedBuffer() {
-  if (ptr_ == nullptr) return;
-  const cudaError_t err = cudaFreeHost(ptr_);
-  if (err != cudaSuccess) log::error("cudaFreeHost failed: {}", cudaGetErrorString(err));
+  if (ptr_ != nullptr) MT_CUDA_LOG(cudaFreeHost(ptr_));
 }
 
 PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
@@ -63,10 +57,7 @@ DeviceGuard::DeviceGuard(int index) {
 }
 
 DeviceGuard::~DeviceGuard() {
-  if (!changed_) return;
-  const cudaError_t err = cudaSetDevice(previous_);
-  if (err != cudaSuccess)
-    log::error("cudaSetDevice({}) failed: {}", previous_, cudaGetErrorString(err));
+  if (changed_) MT_CUDA_LOG(cudaSetDevice(previous_));
 }
 
 // ---- DeviceBuffer, GrowingScratch -----------------------------------------------------------
@@ -115,20 +106,18 @@ CudaDevice::CudaDevice(int index)
           [index](std::size_t n) {
             DeviceGuard guard(index);
             void* p = nullptr;
-            const cudaError_t err = cudaMalloc(&p, n);
-            if (err == cudaErrorMemoryAllocation) {
-              cudaGetLastError();  // clear it: the caller retries after emptying the cache
+            if (MT_CUDA_ALLOW(cudaMalloc(&p, n), cudaErrorMemoryAllocation) != cudaSuccess) {
+              // Clears the error (not sticky, but it would surface at the next launch check):
+              // the caller retries after emptying the cache.
+              (void)cudaGetLastError();
               throw std::bad_alloc();
             }
-            MT_CUDA_CHECK(err);
             return p;
           },
-          [index](void* p) {
+          [](void* p) {
             // Blocks are freed only once the stream has finished with them (empty_cache and
             // the destructor synchronize first); cudaFree also synchronizes the device.
-            const cudaError_t err = cudaFree(p);
-            if (err != cudaSuccess)
-              log::error("cudaFree on cuda:{} failed: {}", index, cudaGetErrorString(err));
+            MT_CUDA_LOG(cudaFree(p));
           },
           settings().allocator_cache),
       staging_(kStagingBytes) {
@@ -136,10 +125,8 @@ CudaDevice::CudaDevice(int index)
 }
 
 CudaDevice::~CudaDevice() {
-  const cudaError_t err = cudaStreamSynchronize(stream_.get());
-  if (err != cudaSuccess)
-    log::error("cuda:{}: work failed before the device closed: {}", index_,
-               cudaGetErrorString(err));
+  // Work that failed before the device closed is logged.
+  MT_CUDA_LOG(cudaStreamSynchronize(stream_.get()));
   backend_.reset();
   allocator_.empty_cache();
 }
@@ -156,7 +143,7 @@ void* CudaDevice::allocate(std::size_t nbytes) {
     return allocator_.allocate(nbytes);
   } catch (const std::bad_alloc&) {
     std::size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
+    MT_CUDA_LOG(cudaMemGetInfo(&free_b, &total_b));  // the out-of-memory error matters more
     const MemoryStats s = allocator_.stats();
     throw CudaError(fmt::format(
         "out of GPU memory on {} ({}): asked for {}; {} in use by tensors, {} free of {} on the "

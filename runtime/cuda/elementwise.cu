@@ -161,7 +161,7 @@ void add(DType t, void* out, const void* a, const void* b, std::int64_t n, cudaS
     using T = typename decltype(tag)::type;
     add_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(out), static_cast<const T*>(a), static_cast<const T*>(b), n);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -170,7 +170,7 @@ void gelu_forward(DType t, void* y, const void* x, std::int64_t n, cudaStream_t 
     using T = typename decltype(tag)::type;
     gelu_forward_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<T*>(y),
                                                                    static_cast<const T*>(x), n);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -180,7 +180,7 @@ void gelu_backward(DType t, void* dx, const void* dy, const void* x, std::int64_
     using T = typename decltype(tag)::type;
     gelu_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), n);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -188,7 +188,8 @@ void convert(DType dst_type, void* dst, DType src_type, const void* src, std::in
              cudaStream_t s) {
   if (dst_type == src_type) {
     if (dst != src)
-      MT_CU_CHECK(cudaMemcpyAsync(dst, src, n * dtype_size(dst_type), cudaMemcpyDeviceToDevice, s));
+      MT_CUDA_CHECK(
+          cudaMemcpyAsync(dst, src, n * dtype_size(dst_type), cudaMemcpyDeviceToDevice, s));
     return;
   }
   dispatch_float(dst_type, [&](auto dtag) {
@@ -197,7 +198,7 @@ void convert(DType dst_type, void* dst, DType src_type, const void* src, std::in
       using S = typename decltype(stag)::type;
       convert_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<D*>(dst),
                                                                 static_cast<const S*>(src), n);
-      MT_CU_LAUNCH_CHECK();
+      MT_CUDA_LAUNCH_CHECK();
     });
   });
 }
@@ -206,7 +207,7 @@ void scale(DType t, void* x, float alpha, std::int64_t n, cudaStream_t s) {
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     scale_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<T*>(x), alpha, n);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -222,7 +223,7 @@ void adamw(DType param_type, void* param, float* master, const float* grad, floa
   auto launch = [&](auto* out) {
     adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(out, master, grad, m, v, n, a,
                                                             step_size, bc2_sqrt, decay);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   };
   if (param == nullptr) {
     launch(static_cast<float*>(nullptr));
@@ -241,10 +242,10 @@ void sum_of_squares(DType t, const void* x, std::int64_t n, double* result, Scra
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     sum_squares_partial<<<blocks, kThreads, 0, s>>>(static_cast<const T*>(x), n, partial);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
   sum_finish<<<1, 1024, 0, s>>>(partial, static_cast<int>(blocks), result);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
 }
 
 void bias_backward(DType t, float* dbias, const void* dy, std::int64_t rows, std::int64_t cols,
@@ -262,9 +263,9 @@ void token_range(const std::int32_t* tokens, std::int64_t n, std::int64_t* out, 
   const unsigned blocks = grid_for(n, kThreads, kReduceBlocks);
   auto* partial = static_cast<MinMax*>(scratch.get(sizeof(MinMax) * blocks));
   token_range_partial<<<blocks, kThreads, 0, s>>>(tokens, n, partial);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
   token_range_finish<<<1, kThreads, 0, s>>>(partial, static_cast<int>(blocks), out);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace meshtrain::cuda::kernels

@@ -81,7 +81,7 @@ void embedding_forward(DType t, void* out, const std::int32_t* tokens, const voi
     embedding_forward_kernel<<<grid_for(rows * channels, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(out), tokens, static_cast<const T*>(wte), static_cast<const T*>(wpe), rows,
         seq, channels);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -89,10 +89,10 @@ void embedding_backward(DType t, float* dwte, float* dwpe, const void* dout,
                         const std::int32_t* tokens, int batch, int seq, int channels,
                         std::int64_t vocab, Scratch& scratch, cudaStream_t s) {
   const std::int64_t n = static_cast<std::int64_t>(batch) * seq;
-  MT_CU_CHECK(n <= INT32_MAX ? cudaSuccess : cudaErrorInvalidValue);
+  MT_CUDA_CHECK(n <= INT32_MAX ? cudaSuccess : cudaErrorInvalidValue);
   const int bits = key_bits(vocab);
   std::size_t sort_bytes = 0;
-  MT_CU_CHECK(cub::DeviceRadixSort::SortPairs(
+  MT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
       nullptr, sort_bytes, static_cast<const std::int32_t*>(nullptr),
       static_cast<std::int32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
       static_cast<std::int32_t*>(nullptr), static_cast<int>(n), 0, bits, s));
@@ -103,20 +103,20 @@ void embedding_backward(DType t, float* dwte, float* dwpe, const void* dout,
   auto* sorted_rows = reinterpret_cast<std::int32_t*>(base + 2 * ids_bytes);
   void* sort_tmp = base + 3 * ids_bytes;
   iota_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(order_in, n);
-  MT_CU_LAUNCH_CHECK();
-  MT_CU_CHECK(cub::DeviceRadixSort::SortPairs(sort_tmp, sort_bytes, tokens, sorted_ids, order_in,
-                                              sorted_rows, static_cast<int>(n), 0, bits, s));
+  MT_CUDA_LAUNCH_CHECK();
+  MT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_tmp, sort_bytes, tokens, sorted_ids, order_in,
+                                                sorted_rows, static_cast<int>(n), 0, bits, s));
   dispatch_float(t, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* g = static_cast<const T*>(dout);
     const int threads = channels >= 256 ? 256 : ((channels + 31) / 32) * 32;
     embedding_wte_grad_kernel<<<static_cast<unsigned>(n), threads, 0, s>>>(
         dwte, g, sorted_ids, sorted_rows, n, channels);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
     if (dwpe != nullptr) {
       embedding_wpe_grad_kernel<<<grid_for(static_cast<std::int64_t>(seq) * channels, kThreads),
                                   kThreads, 0, s>>>(dwpe, g, batch, seq, channels);
-      MT_CU_LAUNCH_CHECK();
+      MT_CUDA_LAUNCH_CHECK();
     }
   });
 }

@@ -33,8 +33,9 @@ void dispatch_float(DType t, F&& f) {
     case DType::kI32:
       break;
   }
-  launch_failed(cudaErrorInvalidValue, "dispatch_float: int32 where a float dtype is needed",
-                __FILE__, __LINE__);
+  detail::fail_call("dispatch_float: int32 where a float dtype is needed",
+                    static_cast<int>(cudaErrorInvalidValue),
+                    cudaGetErrorString(cudaErrorInvalidValue), __FILE__, __LINE__);
 }
 
 __device__ __forceinline__ float to_f32(float x) {
@@ -166,9 +167,9 @@ void column_sums(Value value, std::int64_t rows, std::int64_t cols, float* out0,
   auto* partial = static_cast<float2*>(scratch.get(sizeof(float2) * chunks * cols));
   const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(chunks));
   colsum_partials<<<grid, dim3(32, kColRowLanes), 0, s>>>(value, rows, cols, chunks, partial);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
   colsum_finish<<<grid_for(cols, 256), 256, 0, s>>>(partial, chunks, cols, out0, out1);
-  MT_CU_LAUNCH_CHECK();
+  MT_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace meshtrain::cuda

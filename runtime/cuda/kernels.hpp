@@ -1,6 +1,6 @@
 // Host entry points of our CUDA kernels (the .cu files). Plain types only, so that the .cu
 // files need neither fmt nor the Tensor class: pointers are device memory, sizes are element
-// counts, and every launch is queued on `stream` and checked (MT_CU_LAUNCH_CHECK) before the
+// counts, and every launch is queued on `stream` and checked (MT_CUDA_LAUNCH_CHECK) before the
 // function returns. Arguments were validated by ops.cpp; nothing here re-checks shapes.
 //
 // Determinism: no kernel reduces with atomics. Reductions over rows (bias and layernorm
@@ -13,20 +13,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "runtime/cuda/cuda_check.hpp"
 #include "runtime/dtype.hpp"
 
 namespace meshtrain::cuda {
-
-// Fails with CudaError naming the launch site; used by MT_CU_LAUNCH_CHECK (defined in .cpp so
-// that .cu files stay free of fmt).
-[[noreturn]] void launch_failed(cudaError_t err, const char* what, const char* file, int line);
-
-#define MT_CU_CHECK(call)                                                                         \
-  do {                                                                                            \
-    const cudaError_t mt_e_ = (call);                                                             \
-    if (mt_e_ != cudaSuccess) ::meshtrain::cuda::launch_failed(mt_e_, #call, __FILE__, __LINE__); \
-  } while (0)
-#define MT_CU_LAUNCH_CHECK() MT_CU_CHECK(cudaGetLastError())
 
 // Device scratch memory for one op: get(n) returns at least n bytes, valid on the op's stream
 // until the next get() (stream order makes reuse by the next op safe).

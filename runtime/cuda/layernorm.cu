@@ -123,7 +123,7 @@ void layernorm_forward(DType t, void* y, float* mean, float* rstd, const void* x
     layernorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(y), mean, rstd, static_cast<const T*>(x), static_cast<const T*>(weight),
         static_cast<const T*>(bias), rows, static_cast<int>(cols), eps);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -137,7 +137,7 @@ void residual_layernorm_forward(DType t, void* sum, void* y, float* mean, float*
         static_cast<T*>(sum), static_cast<T*>(y), mean, rstd, static_cast<const T*>(a),
         static_cast<const T*>(b), static_cast<const T*>(weight), static_cast<const T*>(bias), rows,
         static_cast<int>(cols), eps);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -151,7 +151,7 @@ void layernorm_backward(DType t, void* dx, float* dweight, float* dbias, const v
     layernorm_backward_dx_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x),
         static_cast<const T*>(weight), mean, rstd, rows, static_cast<int>(cols), accumulate_dx);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
     column_sums(LayernormGradValue<T>{static_cast<const T*>(dy), static_cast<const T*>(x), mean,
                                       rstd, cols},
                 rows, cols, dweight, dbias, scratch, s);

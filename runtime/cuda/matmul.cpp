@@ -10,24 +10,11 @@
 #include <cstdint>
 
 #include "runtime/cuda/cuda_backend.hpp"
+#include "runtime/cuda/cuda_check.hpp"
 #include "runtime/cuda/lt_layout.hpp"
-#include "runtime/cuda/vendor_check.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain::cuda {
-namespace detail {
-
-void fail_cublas(cublasStatus_t status, const char* call, const char* file, int line) {
-  int device = -1;
-  cudaGetDevice(&device);
-  throw CudaError(fmt::format("{} failed: {} ({}) at {} [{}, cuda:{}]", call,
-                              cublasLtGetStatusString(status), static_cast<int>(status),
-                              ::meshtrain::detail::source_location(file, line), log::rank_label(),
-                              device));
-}
-
-}  // namespace detail
-
 namespace {
 
 cudaDataType_t cuda_type(DType t) {
@@ -58,11 +45,11 @@ struct LtDescs {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulPreference_t pref = nullptr;
   ~LtDescs() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
+    if (pref) MT_CUBLAS_LOG(cublasLtMatmulPreferenceDestroy(pref));
+    if (c) MT_CUBLAS_LOG(cublasLtMatrixLayoutDestroy(c));
+    if (b) MT_CUBLAS_LOG(cublasLtMatrixLayoutDestroy(b));
+    if (a) MT_CUBLAS_LOG(cublasLtMatrixLayoutDestroy(a));
+    if (op) MT_CUBLAS_LOG(cublasLtMatmulDescDestroy(op));
   }
 };
 

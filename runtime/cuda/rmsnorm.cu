@@ -100,7 +100,7 @@ void rmsnorm_forward(DType t, void* y, float* rstd, const void* x, const void* w
     rmsnorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(y), rstd, static_cast<const T*>(x), static_cast<const T*>(weight), rows,
         static_cast<int>(cols), eps);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -113,7 +113,7 @@ void residual_rmsnorm_forward(DType t, void* sum, void* y, float* rstd, const vo
     residual_rmsnorm_forward_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(sum), static_cast<T*>(y), rstd, static_cast<const T*>(a),
         static_cast<const T*>(b), static_cast<const T*>(weight), rows, static_cast<int>(cols), eps);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -130,7 +130,7 @@ void rmsnorm_backward(DType t, void* dx, float* dweight, const void* dy, const v
     rmsnorm_backward_dx_kernel<<<row_blocks(rows), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x),
         static_cast<const T*>(weight), rstd, rows, static_cast<int>(cols), accumulate_dx);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 

@@ -57,12 +57,12 @@ void rope(DType t, void* y, const void* x, const float* table, int batch, int se
     const std::int64_t pairs = p.rows * rot_heads * (head_dim / 2);
     rope_kernel<<<grid_for(pairs, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(y), static_cast<const T*>(x), table, p, inverse ? -1.0f : 1.0f);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
     if (y != x && heads > rot_heads) {
       const std::int64_t rest = p.rows * (heads - rot_heads) * head_dim;
       copy_rest_kernel<<<grid_for(rest, kThreads), kThreads, 0, s>>>(static_cast<T*>(y),
                                                                      static_cast<const T*>(x), p);
-      MT_CU_LAUNCH_CHECK();
+      MT_CUDA_LAUNCH_CHECK();
     }
   });
 }

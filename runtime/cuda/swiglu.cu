@@ -50,7 +50,7 @@ void swiglu_forward(DType t, void* y, const void* x, std::int64_t rows, std::int
     using T = typename decltype(tag)::type;
     swiglu_forward_kernel<<<grid_for(rows * hidden, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(y), static_cast<const T*>(x), rows, hidden);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -61,7 +61,7 @@ void swiglu_backward(DType t, void* dx, const void* dy, const void* x, std::int6
     using T = typename decltype(tag)::type;
     swiglu_backward_kernel<<<grid_for(rows * hidden, kThreads), kThreads, 0, s>>>(
         static_cast<T*>(dx), static_cast<const T*>(dy), static_cast<const T*>(x), rows, hidden);
-    MT_CU_LAUNCH_CHECK();
+    MT_CUDA_LAUNCH_CHECK();
   });
 }
 

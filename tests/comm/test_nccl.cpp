@@ -35,7 +35,7 @@ class TestCudaDevice final : public Device {
     MT_CUDA_CHECK(cudaMalloc(&p, n == 0 ? 1 : n));
     return p;
   }
-  void deallocate(void* p, std::size_t) noexcept override { cudaFree(p); }
+  void deallocate(void* p, std::size_t) noexcept override { MT_CUDA_LOG(cudaFree(p)); }
   MemoryStats memory_stats() const override { return {}; }
   void reset_peak_memory() override {}
   void empty_cache() override {}

@@ -2,6 +2,7 @@
 
 #include "runtime/cuda/cuda_check.hpp"
 #include "runtime/cuda/stream.hpp"
+#include "runtime/error.hpp"
 
 namespace meshtrain::cuda {
 namespace {
