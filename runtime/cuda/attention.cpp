@@ -210,26 +210,14 @@ class CudnnAttention {
   std::map<Key, Entry> cache_;
 };
 
-// Here, where CudnnAttention is complete (the member's deleter needs it).
-CudaBackend::CudaBackend(CudaDevice& device)
-    : device_(device),
-      lt_workspace_(device, kLtWorkspaceBytes),
-      scratch_(device),
-      host_result_(device, 64),
-      host_readback_(64) {
-  DeviceGuard g(device.index());
-  MT_CUBLAS_CHECK(cublasLtCreate(&lt_));
-}
-
-CudaBackend::~CudaBackend() {
-  cudnn_.reset();
-  if (lt_ != nullptr) MT_CUBLAS_LOG(cublasLtDestroy(lt_));
+void CudnnAttentionDeleter::operator()(CudnnAttention* p) const noexcept {
+  delete p;
 }
 
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int batch, int seq,
                                     int n_head, int n_kv_head, int head_size) {
   DeviceGuard g(device_.index());
-  if (cudnn_ == nullptr) cudnn_ = std::make_unique<CudnnAttention>(stream());
+  if (cudnn_ == nullptr) cudnn_.reset(new CudnnAttention(stream()));
   last_attention_cudnn_ =
       cudnn_->forward(qkv.dtype(), out.data(), static_cast<float*>(lse.data()), qkv.data(), batch,
                       seq, n_head, n_kv_head, head_size, scratch_);
@@ -246,7 +234,7 @@ void CudaBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Ten
                                      const Tensor& out, const Tensor& lse, int batch, int seq,
                                      int n_head, int n_kv_head, int head_size) {
   DeviceGuard g(device_.index());
-  if (cudnn_ == nullptr) cudnn_ = std::make_unique<CudnnAttention>(stream());
+  if (cudnn_ == nullptr) cudnn_.reset(new CudnnAttention(stream()));
   last_attention_cudnn_ = cudnn_->backward(qkv.dtype(), dqkv.data(), dout.data(), qkv.data(),
                                            out.data(), static_cast<const float*>(lse.data()), batch,
                                            seq, n_head, n_kv_head, head_size, scratch_);

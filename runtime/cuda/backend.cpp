@@ -1,5 +1,5 @@
-// CudaBackend: the ops that are one or two kernel launches (kernels.hpp). matmul.cpp holds
-// the cuBLASLt ops, attention.cpp the attention ops.
+// CudaBackend: its construction (the cuBLASLt handle) and the ops that are one or two kernel
+// launches (kernels.hpp). matmul.cpp holds the cuBLASLt ops, attention.cpp the attention ops.
 #include <cstring>
 
 #include "runtime/cuda/cuda_backend.hpp"
@@ -7,6 +7,21 @@
 #include "runtime/log.hpp"
 
 namespace meshtrain::cuda {
+
+CudaBackend::CudaBackend(CudaDevice& device)
+    : device_(device),
+      lt_workspace_(device, kLtWorkspaceBytes),
+      scratch_(device),
+      host_result_(device, 64),
+      host_readback_(64) {
+  DeviceGuard g(device.index());
+  MT_CUBLAS_CHECK(cublasLtCreate(&lt_));
+}
+
+CudaBackend::~CudaBackend() {
+  cudnn_.reset();
+  if (lt_ != nullptr) MT_CUBLAS_LOG(cublasLtDestroy(lt_));
+}
 
 cudaStream_t CudaBackend::stream() const {
   return device_.stream();

@@ -58,6 +58,11 @@ class GrowingScratch final : public Scratch {
 };
 
 class CudnnAttention;  // attention.cpp: cuDNN handle and SDPA graphs per shape
+// Deletes a CudnnAttention where that type is complete (attention.cpp), so that CudaBackend's
+// constructor and destructor need not be.
+struct CudnnAttentionDeleter {
+  void operator()(CudnnAttention* p) const noexcept;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -175,7 +180,7 @@ class CudaBackend final : public Backend {
   GrowingScratch scratch_;
   DeviceBuffer host_result_;  // small device buffer for values read back by the host
   PinnedBuffer host_readback_;
-  std::unique_ptr<CudnnAttention> cudnn_;
+  std::unique_ptr<CudnnAttention, CudnnAttentionDeleter> cudnn_;
   bool last_attention_cudnn_ = false;
 };
 
