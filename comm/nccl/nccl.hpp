@@ -25,9 +25,8 @@ namespace meshtrain::comm {
 struct NcclOptions {
   // The cudaStream_t that produces and consumes the tensors (the runtime's compute stream).
   // Collectives wait for the work queued on it before they start, and Work::wait() makes it
-  // wait for them. nullptr is the legacy default stream.
-  // TODO(runtime/cuda): take the CUDA Device and use its compute stream once runtime/cuda
-  // exposes one; until then the caller passes the stream it computes on.
+  // wait for them. nullptr is the legacy default stream. runtime/cuda/cuda_device.hpp's
+  // compute_stream(device) gives a CUDA device's.
   void* compute_stream = nullptr;
   // The CUDA device of this rank; -1 keeps the current device.
   int device = -1;
