@@ -47,6 +47,13 @@ struct MpiOptions {
   std::size_t ring_min_bytes = 64u << 10;
 };
 
+// This process among the processes of its node: its rank there, which picks its GPU (modulo
+// the GPUs it sees), and their number, among which the node's cores are divided.
+struct NodeLocal {
+  int rank = 0;
+  int size = 1;
+};
+
 enum class MpiThreads : std::uint8_t {
   // One thread makes MPI calls at a time (one thread per rank: meshtrain's default).
   kSerialized,
@@ -75,6 +82,7 @@ class MpiSession {
   // their number: what picks a GPU.
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
+  NodeLocal node_local() const { return NodeLocal{local_rank_, local_size_}; }
 
   // A new communicator over every process (a duplicate of MPI_COMM_WORLD, named "world").
   // Collective: every rank calls it.

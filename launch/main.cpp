@@ -255,6 +255,12 @@ void end_job(comm::MpiSession& session, comm::Communicator& world) {
   session.finalize();
 }
 
+// This process among the processes of its node, from the MPI session (none: a process alone):
+// what picks its GPU and divides the node's cores among its ranks.
+comm::NodeLocal node_local(const std::optional<comm::MpiSession>& session) {
+  return session ? session->node_local() : comm::NodeLocal{};
+}
+
 int cmd_train(Args a) {
   std::string config;
   std::vector<std::string> sets;
@@ -302,7 +308,7 @@ int cmd_train(Args a) {
   try {
     if (session) world = session->world();
     {
-      launch::Trainer trainer(cfg, world.valid() ? &world : nullptr);
+      launch::Trainer trainer(cfg, world.valid() ? &world : nullptr, node_local(session));
       trainer.set_verbose(!quiet);
       r = trainer.run();
     }
@@ -376,7 +382,8 @@ int cmd_generate(Args a) {
   cfg.tp = ranks;
   std::string text;
   try {
-    cpu::set_num_threads(cfg.threads > 0 ? cfg.threads : cpu::default_num_threads(1));
+    cpu::set_num_threads(cfg.threads > 0 ? cfg.threads
+                                         : cpu::default_num_threads(node_local(session).size));
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
                       cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
     launch::load_weights(model, weights);

@@ -276,11 +276,11 @@ void Trainer::setup_device_comm(comm::Communicator* world) {
 #endif
 }
 
-Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
+Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLocal local)
     : cfg_(checked_layout(cfg, world)),
       policy_(PrecisionPolicy::parse(cfg.precision)),
       model_cfg_(model_config(cfg)) {
-  cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(1));
+  cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(local.size));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
   verbose_ = is_root();
   MT_CHECK(cfg_.comm_backend != "nccl" || cfg_.device == "cuda",
@@ -288,7 +288,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world)
            "CPU device the ranks communicate through MPI (comm.backend = \"auto\" or \"mpi\")");
   if (cfg_.device == "cuda") {
 #if MESHTRAIN_HAS_CUDA
-    gpu_ = cuda::open_local_device();
+    gpu_ = cuda::open_local_device(local.rank);
 #else
     MT_FAIL(
         "train.device = \"cuda\": this meshtrain was built without CUDA (build the cuda "

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/mpi.hpp"
 #include "launch/config.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
@@ -82,7 +83,10 @@ class Trainer {
   // writes the run directory. Collective: every rank of `world` constructs a Trainer and calls
   // run(). The communicator must outlive the trainer. A model whose heads cannot be split
   // train.tp ways, or a world size that train.tp does not divide, throws InvalidArgument.
-  explicit Trainer(const TrainConfig& cfg, comm::Communicator* world = nullptr);
+  // local: this process among the processes of its node (comm::MpiSession::node_local()), which
+  // picks its GPU and divides the node's cores among its ranks (train.threads = 0).
+  explicit Trainer(const TrainConfig& cfg, comm::Communicator* world = nullptr,
+                   comm::NodeLocal local = {});
   ~Trainer();
 
   void on_step(std::function<void(const StepMetrics&)> f) { step_cb_ = std::move(f); }

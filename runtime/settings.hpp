@@ -1,8 +1,8 @@
 // The one typed table of MESHTRAIN_* environment settings. Nothing else in meshtrain reads
-// the environment (launchers' own variables such as OMPI_COMM_WORLD_LOCAL_RANK are read by
-// the bootstrap that knows them). A malformed value throws InvalidArgument naming the
-// variable, its value and what is expected; an unknown MESHTRAIN_* variable is reported as a
-// likely typo.
+// the environment (where a process sits on its node, which launchers put in variables such as
+// OMPI_COMM_WORLD_LOCAL_RANK, comes from the MPI session). A malformed value throws InvalidArgument
+// naming the variable, its value and what is expected; an unknown MESHTRAIN_* variable is reported
+// as a likely typo.
 #pragma once
 
 #include <map>

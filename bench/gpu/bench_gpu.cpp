@@ -105,7 +105,7 @@ double gemm_tflops(Device& dev, std::int64_t m, std::int64_t n, std::int64_t k, 
 
 int run(int argc, char** argv) {
   const Args args = parse(argc, argv);
-  std::unique_ptr<Device> dev = cuda::open_local_device();
+  std::unique_ptr<Device> dev = cuda::open_device(0);  // one process: the first visible GPU
   std::printf("bench_gpu on %s\n", dev->name().c_str());
 
   // 1. GEMM rates.

@@ -1,6 +1,5 @@
 // The CUDA device: stream, caching allocator over cudaMalloc, host copies through a pinned
-// staging buffer, and the choice of GPU from the launcher's local rank.
-#include <cstdlib>
+// staging buffer, and the choice of GPU from the local rank its caller passes.
 #include <cstring>
 #include <new>
 #include <utility>
@@ -242,41 +241,12 @@ std::string device_pci_bus_id(Device& device) {
 
 // ---- opening devices ------------------------------------------------------------------------
 
-int local_rank_from_launcher(const std::map<std::string, std::string>& env) {
-  for (const char* name :
-       {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK"}) {
-    auto it = env.find(name);
-    if (it == env.end()) continue;
-    const std::string& text = it->second;
-    std::size_t used = 0;
-    int value = -1;
-    try {
-      value = std::stoi(text, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    MT_CHECK(used == text.size() && !text.empty() && value >= 0,
-             "environment variable {}='{}' is not a local rank (expected an integer >= 0)", name,
-             text);
-    return value;
-  }
-  return 0;
-}
-
-int local_rank_from_launcher() {
-  std::map<std::string, std::string> env;
-  for (const char* name :
-       {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK"})
-    if (const char* v = std::getenv(name)) env.emplace(name, v);
-  return local_rank_from_launcher(env);
-}
-
 std::unique_ptr<Device> open_device(int index) {
   return std::make_unique<CudaDevice>(index);
 }
 
-std::unique_ptr<Device> open_local_device() {
-  return open_device(device_for_local_rank(local_rank_from_launcher()));
+std::unique_ptr<Device> open_local_device(int local_rank) {
+  return open_device(device_for_local_rank(local_rank));
 }
 
 }  // namespace meshtrain::cuda

@@ -11,7 +11,6 @@
 #pragma once
 
 #include <cstddef>
-#include <map>
 #include <memory>
 #include <string>
 
@@ -22,19 +21,13 @@ namespace meshtrain::cuda {
 // Number of visible GPUs; 0 when there is no driver or no device (never throws for that).
 int device_count();
 
-// This process's rank on its node, from the launcher's variables in `env`:
-// OMPI_COMM_WORLD_LOCAL_RANK (Open MPI), SLURM_LOCALID (srun), MPI_LOCALRANKID (MPICH, Intel
-// MPI), LOCAL_RANK (torchrun and Kubernetes launchers), first found wins; 0 when none is set.
-// A value that is not a non-negative integer throws InvalidArgument naming the variable.
-int local_rank_from_launcher(const std::map<std::string, std::string>& env);
-// The same, from this process's environment.
-int local_rank_from_launcher();
-
 // Opens GPU `index` (makes it this thread's current device). Throws CudaError when there is
 // no such device.
 std::unique_ptr<Device> open_device(int index);
-// Opens the GPU of this rank: local rank modulo the number of visible GPUs.
-std::unique_ptr<Device> open_local_device();
+// Opens the GPU of the rank that is `local_rank`-th among the processes of its node: local_rank
+// modulo the number of visible GPUs. The caller knows its local rank from the MPI session
+// (comm::MpiSession::local_rank()); runtime/ reads no launcher's variables.
+std::unique_ptr<Device> open_local_device(int local_rank);
 
 // The compute stream of a CUDA device, as a cudaStream_t behind void* (for code that orders
 // its own CUDA work with the ops without seeing CUDA types here: NCCL's compute_stream

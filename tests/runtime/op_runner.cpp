@@ -46,7 +46,7 @@ Device& device_named(const std::string& name, std::unique_ptr<Device>& owned) {
   if (name == "cpu") return cpu_device();
 #if MESHTRAIN_HAS_CUDA
   if (name == "cuda") {
-    owned = cuda::open_local_device();
+    owned = cuda::open_device(0);  // one process: the first visible GPU
     return *owned;
   }
   MT_FAIL("op_runner: unknown device '{}' (available: cpu, cuda)", name);

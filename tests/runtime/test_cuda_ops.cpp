@@ -142,17 +142,6 @@ TEST_F(CudaOps, AllocatorReusesBlocksInSteadyState) {
   EXPECT_EQ(gpu().memory_stats().system_allocations, before);
 }
 
-// Needs no GPU: runs everywhere.
-TEST(CudaDevice, LocalRankFromLauncher) {
-  EXPECT_EQ(cuda::local_rank_from_launcher({}), 0);
-  EXPECT_EQ(cuda::local_rank_from_launcher({{"SLURM_LOCALID", "3"}}), 3);
-  EXPECT_EQ(
-      cuda::local_rank_from_launcher({{"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"SLURM_LOCALID", "3"}}),
-      1);
-  EXPECT_THROW(cuda::local_rank_from_launcher({{"LOCAL_RANK", "x1"}}), InvalidArgument);
-  EXPECT_THROW(cuda::local_rank_from_launcher({{"LOCAL_RANK", "-1"}}), InvalidArgument);
-}
-
 TEST_F(CudaOps, Matmul) {
   struct Shape3 {
     std::int64_t m, n, k;
