@@ -230,29 +230,6 @@ void VocabParallelEmbedding::backward(Tensor& dwte, Tensor& dwpe, const Tensor& 
 
 // ---- vocab-parallel cross-entropy ------------------------------------------------------------
 
-namespace {
-
-template <typename Fn>
-void dispatch_float(DType t, Fn fn) {
-  switch (t) {
-    case DType::kF32:
-      fn(float{});
-      return;
-    case DType::kBF16:
-      fn(bf16{});
-      return;
-    case DType::kF16:
-      fn(f16{});
-      return;
-    default:
-      MT_FAIL("vocab-parallel cross-entropy: logits must be a float dtype, got {}", dtype_name(t));
-  }
-}
-
-constexpr std::int64_t kParallelGrain = 1 << 15;
-
-}  // namespace
-
 void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
                                         const std::vector<std::int32_t>& targets,
                                         std::int64_t vocab_start, int vocab, const TPGroup& tp) {
@@ -265,68 +242,6 @@ void VocabParallelCrossEntropy::forward(Tensor& losses, const Tensor& logits,
            "vocab-parallel cross-entropy: losses must be fp32 [{}], got {}", n, losses.str());
   vocab_start_ = vocab_start;
   vocab_ = vocab;
-  used_ops_ = path_ == Path::kOps || (path_ == Path::kAuto && !logits.is_cpu());
-  if (used_ops_) {
-    forward_ops(losses, logits, targets, tp);
-    return;
-  }
-  MT_CHECK(logits.is_cpu() && losses.is_cpu(),
-           "vocab-parallel cross-entropy: the host path runs on CPU tensors, got {}", logits.str());
-  const std::int64_t valid = std::clamp<std::int64_t>(vocab - vocab_start, 0, cols);
-  local_.assign(static_cast<std::size_t>(n), -1);
-  ignored_.assign(static_cast<std::size_t>(n), false);
-  for (std::int64_t r = 0; r < n; ++r) {
-    const std::int32_t t = targets[static_cast<std::size_t>(r)];
-    MT_CHECK(t < vocab,
-             "vocab-parallel cross-entropy: target {} at row {} is outside the vocabulary of {}", t,
-             r, vocab);
-    if (t < 0) {
-      ignored_[static_cast<std::size_t>(r)] = true;
-    } else if (t >= vocab_start && t < vocab_start + valid) {
-      local_[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(t - vocab_start);
-    }
-  }
-  // 1. The row maxima over every rank's real columns.
-  std::vector<float> mx(static_cast<std::size_t>(n), -std::numeric_limits<float>::infinity());
-  // 2. Sum of exp(logit - max) in [0, n), the target logit (0 on other ranks) in [n, 2n).
-  std::vector<float> sums(static_cast<std::size_t>(2 * n), 0.0f);
-  dispatch_float(logits.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* z = static_cast<const T*>(logits.data());
-#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
-    for (std::int64_t r = 0; r < n; ++r) {
-      const T* row = z + r * cols;
-      float m = -std::numeric_limits<float>::infinity();
-      for (std::int64_t j = 0; j < valid; ++j) m = std::max(m, to_float(row[j]));
-      mx[static_cast<std::size_t>(r)] = m;
-    }
-    tp.allreduce(Tensor::wrap(mx.data(), Shape{n}, DType::kF32), comm::ReduceOp::kMax);
-#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
-    for (std::int64_t r = 0; r < n; ++r) {
-      const T* row = z + r * cols;
-      const float m = mx[static_cast<std::size_t>(r)];
-      float s = 0.0f;
-      for (std::int64_t j = 0; j < valid; ++j) s += std::exp(to_float(row[j]) - m);
-      sums[static_cast<std::size_t>(r)] = s;
-      const std::int32_t t = local_[static_cast<std::size_t>(r)];
-      if (t >= 0) sums[static_cast<std::size_t>(n + r)] = to_float(row[t]);
-    }
-  });
-  tp.allreduce(Tensor::wrap(sums.data(), Shape{2 * n}, DType::kF32), comm::ReduceOp::kSum);
-  lse_.resize(static_cast<std::size_t>(n));
-  std::vector<float> loss(static_cast<std::size_t>(n));
-  for (std::int64_t r = 0; r < n; ++r) {
-    const std::size_t i = static_cast<std::size_t>(r);
-    lse_[i] = mx[i] + std::log(sums[i]);
-    loss[i] = ignored_[i] ? 0.0f : lse_[i] - sums[static_cast<std::size_t>(n) + i];
-  }
-  losses.copy_from(Tensor::wrap(loss.data(), Shape{n}, DType::kF32));
-}
-
-void VocabParallelCrossEntropy::forward_ops(Tensor& losses, const Tensor& logits,
-                                            const std::vector<std::int32_t>& targets,
-                                            const TPGroup& tp) {
-  const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
   const int k = tp.size(), rank = tp.rank();
   MT_CHECK(vocab_start_ == rank * cols,
            "vocab-parallel cross-entropy: rank {} of {} must hold columns from {} (it holds {} "
@@ -353,19 +268,19 @@ void VocabParallelCrossEntropy::forward_ops(Tensor& losses, const Tensor& logits
     }
   }
   Device& d = logits.device();
-  local_t_ = Tensor::from_ints(local, Shape{n}, d);
-  owner_t_ = Tensor::from_ints(owner, Shape{n}, d);
+  local_ = Tensor::from_ints(local, Shape{n}, d);
+  owner_ = Tensor::from_ints(owner, Shape{n}, d);
   auto ensure = [&](Tensor& t, std::int64_t numel) {
     if (!t.defined() || t.numel() != numel || &t.device() != &d)
       t = Tensor::empty(Shape{numel}, DType::kF32, d);
   };
   ensure(stats_, 2 * n);
-  ensure(lse_t_, n);
+  ensure(lse_, n);
   Tensor part_lse = stats_.slice(0, n), part_loss = stats_.slice(n, n);
   const Tensor logits2d = logits.view(Shape{n, cols});
   if (valid > 0) {
     // Local targets: negative (ignored here) where another rank holds the target.
-    ops::cross_entropy_forward(part_loss, part_lse, logits2d, local_t_, valid);
+    ops::cross_entropy_forward(part_loss, part_lse, logits2d, local_, valid);
   } else {
     // Only padding columns on this rank: exp(-inf) adds nothing to the log-sum-exp.
     std::vector<float> h(static_cast<std::size_t>(2 * n), 0.0f);
@@ -378,52 +293,17 @@ void VocabParallelCrossEntropy::forward_ops(Tensor& losses, const Tensor& logits
   } else {
     parts_ = stats_;
   }
-  ops::cross_entropy_combine(losses, lse_t_, parts_.view(Shape{k, 2, n}), owner_t_);
+  ops::cross_entropy_combine(losses, lse_, parts_.view(Shape{k, 2, n}), owner_);
 }
 
 void VocabParallelCrossEntropy::backward(Tensor& dlogits, const Tensor& logits, float dloss) {
   const std::int64_t cols = logits.dim(-1), n = logits.numel() / cols;
-  if (used_ops_) {
-    MT_CHECK(lse_t_.defined() && lse_t_.numel() == n,
-             "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n,
-             lse_t_.defined() ? lse_t_.numel() : 0);
-    const int valid = static_cast<int>(std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols));
-    Tensor d2 = dlogits.view(Shape{n, cols});
-    ops::cross_entropy_backward_split(d2, logits.view(Shape{n, cols}), lse_t_, local_t_, valid,
-                                      dloss);
-    return;
-  }
-  MT_CHECK(static_cast<std::int64_t>(lse_.size()) == n,
+  MT_CHECK(lse_.defined() && lse_.numel() == n,
            "vocab-parallel cross-entropy: backward of {} rows after a forward of {}", n,
-           lse_.size());
-  MT_CHECK(
-      dlogits.shape() == logits.shape() && dlogits.dtype() == logits.dtype() && dlogits.is_cpu(),
-      "vocab-parallel cross-entropy: dlogits {} must match logits {}", dlogits.str(), logits.str());
-  MT_CHECK(std::isfinite(dloss), "vocab-parallel cross-entropy: dloss must be finite, got {}",
-           dloss);
-  const std::int64_t valid = std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols);
-  dispatch_float(logits.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* z = static_cast<const T*>(logits.data());
-    T* dz = static_cast<T*>(dlogits.data());
-#pragma omp parallel for schedule(static) if (n * valid > kParallelGrain)
-    for (std::int64_t r = 0; r < n; ++r) {
-      const T* row = z + r * cols;
-      T* drow = dz + r * cols;  // may alias row: each element is read before it is written
-      const std::size_t i = static_cast<std::size_t>(r);
-      if (ignored_[i]) {
-        for (std::int64_t j = 0; j < cols; ++j) drow[j] = from_float<T>(0.0f);
-        continue;
-      }
-      const float l = lse_[i];
-      const std::int32_t t = local_[i];
-      for (std::int64_t j = 0; j < valid; ++j) {
-        const float p = std::exp(to_float(row[j]) - l);
-        drow[j] = from_float<T>((p - (j == t ? 1.0f : 0.0f)) * dloss);
-      }
-      for (std::int64_t j = valid; j < cols; ++j) drow[j] = from_float<T>(0.0f);
-    }
-  });
+           lse_.defined() ? lse_.numel() : 0);
+  const int valid = static_cast<int>(std::clamp<std::int64_t>(vocab_ - vocab_start_, 0, cols));
+  Tensor d2 = dlogits.view(Shape{n, cols});
+  ops::cross_entropy_backward_split(d2, logits.view(Shape{n, cols}), lse_, local_, valid, dloss);
 }
 
 }  // namespace meshtrain::parallel

@@ -134,21 +134,12 @@ class VocabParallelEmbedding {
 // Softmax cross-entropy over logits whose columns are split across the group: rank r holds
 // columns [vocab_start, vocab_start + logits.dim(-1)) of the padded vocabulary; columns at or
 // beyond `vocab` are padding (ignored, zero gradient). The full-vocabulary logits are never
-// gathered. Two implementations:
-//  - host (CPU tensors, the default there): allreduces the row maxima, then the sums of
-//    exp(logit - max) together with the target logits (held by one rank each);
-//  - ops (any device, the default off the CPU: runs on the GPU's stream): each rank runs
-//    ops::cross_entropy_forward on its own columns, one all-gather of every rank's partial
-//    log-sum-exp and loss ([K, 2, N] fp32), then ops::cross_entropy_combine; backward is
-//    ops::cross_entropy_backward_split. The two agree to float32 rounding (another order of
-//    summation); each is deterministic and gives every rank the same losses.
+// gathered. Runs on any device (on a GPU, on its stream): each rank runs
+// ops::cross_entropy_forward on its own columns, one all-gather of every rank's partial
+// log-sum-exp and loss ([K, 2, N] fp32), then ops::cross_entropy_combine; backward is
+// ops::cross_entropy_backward_split. Deterministic, and every rank gets the same losses.
 class VocabParallelCrossEntropy {
  public:
-  enum class Path { kAuto, kHost, kOps };
-  // kAuto: host for CPU logits, ops otherwise. (Tests pick kOps to run the device algorithm on
-  // the CPU backend.)
-  void set_path(Path p) { path_ = p; }
-
   // logits: [N, V/K] (activation dtype); targets: N host ids, negative = ignored (loss 0).
   // losses: fp32 [N] on the logits' device, written (identical on every rank).
   void forward(Tensor& losses, const Tensor& logits, const std::vector<std::int32_t>& targets,
@@ -158,18 +149,9 @@ class VocabParallelCrossEntropy {
   void backward(Tensor& dlogits, const Tensor& logits, float dloss);
 
  private:
-  void forward_ops(Tensor& losses, const Tensor& logits, const std::vector<std::int32_t>& targets,
-                   const TPGroup& tp);
-  Path path_ = Path::kAuto;
-  bool used_ops_ = false;  // the path the last forward took
-  // host: per row, the log-sum-exp over the whole vocabulary, and target - vocab_start on the
-  // target's rank (-1 elsewhere).
-  std::vector<float> lse_;
-  std::vector<std::int32_t> local_;
-  std::vector<bool> ignored_;
-  // ops: on the logits' device. local targets (-1: another rank's, -2: ignored), the owner
-  // rank of each target (-1: ignored), this rank's [lse; losses], everyone's, and the full lse.
-  Tensor local_t_, owner_t_, stats_, parts_, lse_t_;
+  // On the logits' device: local targets (-1: another rank's, -2: ignored), the owner rank of
+  // each target (-1: ignored), this rank's [lse; losses], everyone's, and the full lse.
+  Tensor local_, owner_, stats_, parts_, lse_;
   std::int64_t vocab_start_ = 0;
   int vocab_ = 0;
 };

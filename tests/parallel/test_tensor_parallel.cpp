@@ -192,29 +192,22 @@ TEST_P(TensorParallel, VocabParallelCrossEntropyMatchesTheFullLoss) {
     Tensor dlogits = Tensor::empty(logits.shape(), dt);
     ops::cross_entropy_backward(dlogits, logits, lse, targets, vocab, 0.25f);
     const float tol = dt == DType::kF32 ? 1e-6f : 1e-2f;
-    // Both algorithms: the host one (CPU tensors) and the ops one (GPU tensors, run here on the
-    // CPU backend: the per-rank ops, the all-gather and cross_entropy_combine).
-    for (auto path :
-         {VocabParallelCrossEntropy::Path::kHost, VocabParallelCrossEntropy::Path::kOps}) {
-      const char* name = path == VocabParallelCrossEntropy::Path::kHost ? "host" : "ops";
-      comm::LoopbackWorld world(k);
-      world.run([&](comm::Communicator& c) {
-        const TPGroup tp(c);
-        const int r = c.rank();
-        Tensor ls = shard_of(logits, 1, 1, r, k);
-        VocabParallelCrossEntropy ce;
-        ce.set_path(path);
-        Tensor loss_s = Tensor::empty(Shape{n}, DType::kF32);
-        ce.forward(loss_s, ls, tg, (padded / k) * r, vocab, tp);
-        expect_near(loss_s, losses, 2e-6f, name);
-        ce.backward(ls, ls, 0.25f);  // in place, as GPT does
-        expect_near(ls, shard_of(dlogits, 1, 1, r, k), tol, name);
-      });
-    }
+    comm::LoopbackWorld world(k);
+    world.run([&](comm::Communicator& c) {
+      const TPGroup tp(c);
+      const int r = c.rank();
+      Tensor ls = shard_of(logits, 1, 1, r, k);
+      VocabParallelCrossEntropy ce;
+      Tensor loss_s = Tensor::empty(Shape{n}, DType::kF32);
+      ce.forward(loss_s, ls, tg, (padded / k) * r, vocab, tp);
+      expect_near(loss_s, losses, 2e-6f, "losses");
+      ce.backward(ls, ls, 0.25f);  // in place, as GPT does
+      expect_near(ls, shard_of(dlogits, 1, 1, r, k), tol, "dlogits");
+    });
   }
 }
 
-// The ops algorithm on one rank (no group) is the plain cross-entropy.
+// On one rank (no group) it is the plain cross-entropy.
 TEST(VocabParallelOps, OneRankIsThePlainLoss) {
   const std::int64_t n = 9, padded = 128;
   const int vocab = 100;
@@ -228,7 +221,6 @@ TEST(VocabParallelOps, OneRankIsThePlainLoss) {
   Tensor dlogits = Tensor::empty(logits.shape(), DType::kF32);
   ops::cross_entropy_backward(dlogits, logits, lse, targets, vocab, 0.5f);
   VocabParallelCrossEntropy ce;
-  ce.set_path(VocabParallelCrossEntropy::Path::kOps);
   Tensor got = Tensor::empty(Shape{n}, DType::kF32);
   ce.forward(got, logits, tg, 0, vocab, TPGroup());
   expect_near(got, losses, 2e-6f, "losses");
