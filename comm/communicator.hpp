@@ -201,23 +201,32 @@ std::string timeout_message(const Collective& c, std::string_view kind, std::str
                             const std::vector<std::string>& last_seen,
                             const std::optional<LivenessReport>& liveness = std::nullopt);
 
+// Who a group is, fixed when it is made: this rank's place in it and its members.
+struct GroupInfo {
+  int rank = 0;
+  int size = 1;
+  // The group's name in messages: "world", "world/1" for color 1 of a split of world.
+  std::string name;
+  // The rank in the world group of each member, indexed by group rank.
+  std::vector<int> world_ranks;
+};
+
 // A vendor implementation. Called by Communicator with validated arguments: tensors defined,
 // dtypes and element counts consistent with the collective, sequence number assigned.
 class Backend {
  public:
+  explicit Backend(GroupInfo group) : group_(std::move(group)) {}
   virtual ~Backend() = default;
-  Backend() = default;
   Backend(const Backend&) = delete;
   Backend& operator=(const Backend&) = delete;
 
   // "mpi", "loopback", "nccl".
   virtual std::string_view kind() const = 0;
-  virtual int rank() const = 0;
-  virtual int size() const = 0;
-  // The group's name in messages: "world", "world/1" for color 1 of a split of world.
-  virtual const std::string& name() const = 0;
-  // The rank in the world group of each member, indexed by group rank.
-  virtual const std::vector<int>& world_ranks() const = 0;
+  const GroupInfo& group() const { return group_; }
+  int rank() const { return group_.rank; }
+  int size() const { return group_.size; }
+  const std::string& name() const { return group_.name; }
+  const std::vector<int>& world_ranks() const { return group_.world_ranks; }
   // Whether tensors on `device` can be passed to this backend.
   virtual bool accepts(const Device& device) const = 0;
   // A mark on the device timeline at the current end of the compute stream (what the caller
@@ -243,6 +252,9 @@ class Backend {
   // library, so that their buffers (and this backend) must be leaked rather than freed under
   // it. Never throws.
   virtual bool abandon() noexcept = 0;
+
+ private:
+  GroupInfo group_;
 };
 
 class Communicator {

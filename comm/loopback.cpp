@@ -206,13 +206,12 @@ class LoopWork final : public WorkImpl {
 class LoopBackend final : public Backend {
  public:
   LoopBackend(std::shared_ptr<LoopGroup> group, int rank, CommOptions options)
-      : group_(std::move(group)), rank_(rank), options_(options) {}
+      : Backend(GroupInfo{rank, group->size(), group->name, group->world_ranks}),
+        group_(std::move(group)),
+        rank_(rank),
+        options_(options) {}
 
   std::string_view kind() const override { return "loopback"; }
-  int rank() const override { return rank_; }
-  int size() const override { return group_->size(); }
-  const std::string& name() const override { return group_->name; }
-  const std::vector<int>& world_ranks() const override { return group_->world_ranks; }
   bool accepts(const Device& device) const override { return device.is_cpu(); }
 
   std::shared_ptr<WorkImpl> post(const Collective& c, const Tensor& in,

@@ -64,10 +64,7 @@ MPI_Comm dup_until(MPI_Comm parent, Clock::time_point deadline, const std::strin
 // Everything a group's operations share. Outlives the backend while works refer to it.
 struct MpiGroup {
   MPI_Comm comm = MPI_COMM_NULL;
-  int rank = 0;
-  int size = 1;
-  std::string name;
-  std::vector<int> world_ranks;
+  GroupInfo info;
   CommOptions options;
   MpiOptions mpi;
   std::unique_ptr<ArrivalBoard> board;
@@ -133,6 +130,7 @@ struct MpiGroup {
     // which the arrivals cannot tell from a slow one.
     std::optional<LivenessReport> live;
     const auto window = liveness_window();
+    const std::vector<int>& world_ranks = info.world_ranks;
     if (auto result = liveness_check(world_ranks, window)) {
       live.emplace();
       live->window_s = std::chrono::duration<double>(window).count();
@@ -147,8 +145,8 @@ struct MpiGroup {
         if (const int g = group_rank(w); g >= 0) live->stalled.emplace_back(g, seconds);
       }
     }
-    return timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, missing, last,
-                           live);
+    return timeout_message(c, "mpi", info.name, info.rank, world_ranks, options.timeout_s, missing,
+                           last, live);
   }
 };
 
@@ -163,7 +161,8 @@ class MpiWork final : public WorkImpl, public Pollable {
   ~MpiWork() override {
     if (request_ != MPI_REQUEST_NULL || (ring_ && !ring_->done())) {
       // Only reachable when a communicator was abandoned; the buffers are leaked with it.
-      log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
+      log::warn("{} on group '{}' destroyed before it completed", collective().str(),
+                group_->info.name);
     }
   }
 
@@ -290,49 +289,51 @@ Tensor host_target(const Tensor& t) {
   return t.is_cpu() ? t : Tensor::empty(t.shape(), t.dtype(), cpu_device());
 }
 
+// A group over `comm`, of which it takes ownership (a private duplicate or a split result).
+std::shared_ptr<MpiGroup> open_group(MPI_Comm comm, std::string name, const CommOptions& options,
+                                     const MpiOptions& mpi) {
+  auto group = std::make_shared<MpiGroup>();
+  MpiGroup& g = *group;
+  g.comm = comm;
+  g.info.name = std::move(name);
+  g.options = options;
+  g.mpi = mpi;
+  MT_MPI_CHECK(MPI_Comm_set_errhandler(g.comm, MPI_ERRORS_RETURN));
+  MT_MPI_CHECK(MPI_Comm_rank(g.comm, &g.info.rank));
+  MT_MPI_CHECK(MPI_Comm_size(g.comm, &g.info.size));
+  MPI_Group mine = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+  MT_MPI_CHECK(MPI_Comm_group(g.comm, &mine));
+  MT_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
+  const int n = g.info.size;
+  std::vector<int> ranks(n);
+  for (int r = 0; r < n; ++r) ranks[r] = r;
+  g.info.world_ranks.resize(n);
+  MT_MPI_CHECK(MPI_Group_translate_ranks(mine, n, ranks.data(), world, g.info.world_ranks.data()));
+  MT_MPI_CHECK(MPI_Group_free(&mine));
+  MT_MPI_CHECK(MPI_Group_free(&world));
+  g.board = std::make_unique<ArrivalBoard>(MPI_Comm_c2f(g.comm), Clock::now() + options.timeout());
+  g.create_types_and_ops();
+  g.engine = ProgressEngine::acquire();
+  return group;
+}
+
 class MpiBackend final : public Backend {
  public:
   // Takes ownership of `comm` (a private duplicate or a split result).
   MpiBackend(MPI_Comm comm, std::string name, const CommOptions& options, const MpiOptions& mpi)
-      : g_(std::make_shared<MpiGroup>()) {
-    MpiGroup& g = *g_;
-    g.comm = comm;
-    g.name = std::move(name);
-    g.options = options;
-    g.mpi = mpi;
-    MT_MPI_CHECK(MPI_Comm_set_errhandler(g.comm, MPI_ERRORS_RETURN));
-    MT_MPI_CHECK(MPI_Comm_rank(g.comm, &g.rank));
-    MT_MPI_CHECK(MPI_Comm_size(g.comm, &g.size));
-    MPI_Group mine = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
-    MT_MPI_CHECK(MPI_Comm_group(g.comm, &mine));
-    MT_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
-    std::vector<int> ranks(g.size);
-    for (int r = 0; r < g.size; ++r) ranks[r] = r;
-    g.world_ranks.resize(g.size);
-    MT_MPI_CHECK(
-        MPI_Group_translate_ranks(mine, g.size, ranks.data(), world, g.world_ranks.data()));
-    MT_MPI_CHECK(MPI_Group_free(&mine));
-    MT_MPI_CHECK(MPI_Group_free(&world));
-    g.board =
-        std::make_unique<ArrivalBoard>(MPI_Comm_c2f(g.comm), Clock::now() + options.timeout());
-    g.create_types_and_ops();
-    g.engine = ProgressEngine::acquire();
-  }
+      : MpiBackend(open_group(comm, std::move(name), options, mpi)) {}
+  explicit MpiBackend(std::shared_ptr<MpiGroup> g) : Backend(g->info), g_(std::move(g)) {}
 
   ~MpiBackend() override {
     if (g_->released) return;
     try {
       finalize();
     } catch (const std::exception& e) {
-      log::error("MPI communicator '{}': release failed: {}", g_->name, e.what());
+      log::error("MPI communicator '{}': release failed: {}", name(), e.what());
     }
   }
 
   std::string_view kind() const override { return "mpi"; }
-  int rank() const override { return g_->rank; }
-  int size() const override { return g_->size; }
-  const std::string& name() const override { return g_->name; }
-  const std::vector<int>& world_ranks() const override { return g_->world_ranks; }
   // Device tensors are staged through host memory.
   bool accepts(const Device&) const override { return true; }
 
@@ -384,7 +385,7 @@ class MpiBackend final : public Backend {
     MPI_Comm child = MPI_COMM_NULL;
     MT_MPI_CHECK(MPI_Comm_split(g.comm, c.color >= 0 ? c.color : MPI_UNDEFINED, c.key, &child));
     if (child == MPI_COMM_NULL) return nullptr;
-    return std::make_unique<MpiBackend>(child, fmt::format("{}/{}", g.name, c.color), g.options,
+    return std::make_unique<MpiBackend>(child, fmt::format("{}/{}", name(), c.color), g.options,
                                         g.mpi);
   }
 
@@ -398,7 +399,7 @@ class MpiBackend final : public Backend {
       log::error(
           "MPI communicator '{}' released after MPI_Finalize: it was leaked (finalize "
           "communicators before the MpiSession)",
-          g.name);
+          name());
       return;
     }
     g.board->finalize(g.last_seq, Clock::now() + g.options.timeout());
@@ -422,7 +423,7 @@ class MpiBackend final : public Backend {
   }
 
   void abort(int code) noexcept override {
-    log::error("aborting the job from communicator '{}' (MPI_Abort, code {})", g_->name, code);
+    log::error("aborting the job from communicator '{}' (MPI_Abort, code {})", name(), code);
     MT_MPI_LOG(MPI_Abort(MPI_COMM_WORLD, code == 0 ? 1 : code));
     // MPI_Abort does not return; if an MPI library does, the job must still end.
     std::_Exit(code == 0 ? 1 : code);
@@ -433,7 +434,7 @@ class MpiBackend final : public Backend {
     MpiGroup& g = *g_;
     auto calls = g.board->await_all(c, deadline);
     if (!calls) throw CommTimeout(g.describe_timeout(c));
-    const std::string msg = first_mismatch(*calls, g.name);
+    const std::string msg = first_mismatch(*calls, name());
     if (!msg.empty()) throw InvalidArgument(msg);
   }
 
@@ -453,7 +454,7 @@ class MpiBackend final : public Backend {
   }
 
   float avg_scale(ReduceOp r) const {
-    return r == ReduceOp::kAvg ? 1.0f / static_cast<float>(g_->size) : 1.0f;
+    return r == ReduceOp::kAvg ? 1.0f / static_cast<float>(size()) : 1.0f;
   }
 
   // After the reduction into `hout` (host): divide for avg, copy back to the device of `out`.
@@ -471,9 +472,7 @@ class MpiBackend final : public Backend {
 
   // Large reductions run as rings (comm/mpi/ring.hpp), small ones as libnbc collectives, whose
   // latency is lower.
-  bool use_ring(std::size_t bytes) const {
-    return g_->size >= 2 && bytes >= g_->mpi.ring_min_bytes;
-  }
+  bool use_ring(std::size_t bytes) const { return size() >= 2 && bytes >= g_->mpi.ring_min_bytes; }
 
   RingSpec ring_spec(const Collective& c, bool reduce_scatter, DType dtype, const void* in,
                      void* out, std::int64_t count) const {
@@ -593,7 +592,7 @@ class MpiBackend final : public Backend {
     w.keep(out);
     if (in.is_cpu() && out.is_cpu()) {
       const bool own_chunk =
-          in.data() == static_cast<const std::uint8_t*>(out.data()) + g.rank * in.nbytes();
+          in.data() == static_cast<const std::uint8_t*>(out.data()) + rank() * in.nbytes();
       const void* send = own_chunk ? MPI_IN_PLACE : in.data();
       MT_MPI_CHECK(
           MPI_Iallgather(send, bytes, MPI_BYTE, out.data(), bytes, MPI_BYTE, g.comm, w.request()));
@@ -615,7 +614,7 @@ class MpiBackend final : public Backend {
     Tensor h = host_copy(t);
     w.keep(t);
     w.keep(h);
-    if (h.data() != t.data() && g.rank != c.root) {
+    if (h.data() != t.data() && rank() != c.root) {
       w.on_complete([h, t] { t.device().copy_from_host(t.data(), h.data(), t.nbytes()); });
     }
     MT_MPI_CHECK(MPI_Ibcast(h.data(), bytes, MPI_BYTE, c.root, g.comm, w.request()));

@@ -63,11 +63,8 @@ ncclRedOp_t nccl_op(ReduceOp r) {
 // What a group's operations share. Used from one thread at a time (the communicator's).
 struct NcclGroup {
   ncclComm_t comm = nullptr;
-  int rank = 0;
-  int size = 1;
+  GroupInfo info;
   int device = 0;
-  std::string name;
-  std::vector<int> world_ranks;
   CommOptions options;
   cudaStream_t compute = nullptr;      // not owned: the caller's compute stream
   std::optional<cuda::Stream> stream;  // owned: every collective of the group runs here
@@ -95,7 +92,7 @@ struct NcclGroup {
       throw NcclError(
           fmt::format("the NCCL communicator of group '{}' was aborted after an "
                       "earlier failure [{}]",
-                      name, log::rank_label()));
+                      info.name, log::rank_label()));
     }
   }
 
@@ -106,7 +103,8 @@ struct NcclGroup {
       const double ms = std::clamp(options.timeout_s * 50.0, 20.0, 500.0);
       missing = board->missing(c.seq, std::chrono::milliseconds(static_cast<int>(ms)), &last);
     }
-    return timeout_message(c, "nccl", name, rank, world_ranks, options.timeout_s, missing, last);
+    return timeout_message(c, "nccl", info.name, info.rank, info.world_ranks, options.timeout_s,
+                           missing, last);
   }
 };
 
@@ -182,11 +180,8 @@ std::shared_ptr<NcclGroup> make_group(ncclComm_t comm, Communicator mpi, std::st
                                       const CommOptions& options) {
   auto g = std::make_shared<NcclGroup>();
   g->comm = comm;
-  g->rank = mpi.rank();
-  g->size = mpi.size();
+  g->info = GroupInfo{mpi.rank(), mpi.size(), std::move(name), mpi.backend().world_ranks()};
   g->device = device;
-  g->name = std::move(name);
-  g->world_ranks = mpi.backend().world_ranks();
   g->options = options;
   g->compute = compute;
   MT_CUDA_CHECK(cudaSetDevice(device));
@@ -214,22 +209,18 @@ ncclComm_t init_over(Communicator& mpi) {
 
 class NcclBackend final : public Backend {
  public:
-  explicit NcclBackend(std::shared_ptr<NcclGroup> g) : g_(std::move(g)) {}
+  explicit NcclBackend(std::shared_ptr<NcclGroup> g) : Backend(g->info), g_(std::move(g)) {}
 
   ~NcclBackend() override {
     if (g_->released) return;
     try {
       finalize();
     } catch (const std::exception& e) {
-      log::error("NCCL communicator '{}': release failed: {}", g_->name, e.what());
+      log::error("NCCL communicator '{}': release failed: {}", name(), e.what());
     }
   }
 
   std::string_view kind() const override { return "nccl"; }
-  int rank() const override { return g_->rank; }
-  int size() const override { return g_->size; }
-  const std::string& name() const override { return g_->name; }
-  const std::vector<int>& world_ranks() const override { return g_->world_ranks; }
   bool accepts(const Device& d) const override {
     return d.type() == DeviceType::kCUDA && d.index() == g_->device;
   }
@@ -310,9 +301,9 @@ class NcclBackend final : public Backend {
     }
     if (c.color < 0) return nullptr;
     MT_ASSERT(child != nullptr && child_mpi.valid(), "split of '{}' with color {} made no group",
-              g.name, c.color);
+              name(), c.color);
     return std::make_unique<NcclBackend>(make_group(child, std::move(child_mpi),
-                                                    fmt::format("{}/{}", g.name, c.color),
+                                                    fmt::format("{}/{}", name(), c.color),
                                                     g.compute, g.device, g.options));
   }
 
@@ -350,7 +341,7 @@ class NcclBackend final : public Backend {
     NcclGroup& g = *g_;
     auto calls = g.board->await_all(c, deadline);
     if (!calls) throw CommTimeout(g.describe_timeout(c));
-    const std::string msg = first_mismatch(*calls, g.name);
+    const std::string msg = first_mismatch(*calls, name());
     if (!msg.empty()) throw InvalidArgument(msg);
   }
 
