@@ -1,6 +1,7 @@
 #include "runtime/ops.hpp"
 
 #include <cmath>
+#include <initializer_list>
 #include <string>
 
 #include "runtime/backend.hpp"
@@ -44,6 +45,22 @@ void check_rows(const Tensor& t, std::int64_t rows, std::int64_t cols, const cha
                 const char* arg) {
   MT_CHECK(t.ndim() >= 1 && t.dim(-1) == cols && t.numel() == rows * cols,
            "{}: argument '{}' is {}, expected {} rows of {} columns", op, arg, t.str(), rows, cols);
+}
+
+// A tensor argument and its name in messages.
+struct Arg {
+  const Tensor& t;
+  const char* name;
+};
+
+// Each of `args` is on ref's device, with ref's shape and dtype: the operands and results of an
+// elementwise op, or a gradient beside its tensor.
+void check_like(const Tensor& ref, std::initializer_list<Arg> args, const char* op) {
+  for (const Arg& a : args) {
+    check_same_device(ref, a.t, op, a.name);
+    check_shape(a.t, ref.shape(), op, a.name);
+    check_dtype(a.t, ref.dtype(), op, a.name);
+  }
 }
 
 // "fp32", or "bf16 or fp32": the dtypes a bias may have next to an output of dtype t.
@@ -231,36 +248,24 @@ void linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, co
 void add(Tensor& out, const Tensor& a, const Tensor& b) {
   const char* op = "add";
   check_defined(out, op, "out");
-  check_same_device(out, a, op, "a");
-  check_same_device(out, b, op, "b");
   check_float(out, op, "out");
-  check_shape(a, out.shape(), op, "a");
-  check_shape(b, out.shape(), op, "b");
-  check_dtype(a, out.dtype(), op, "a");
-  check_dtype(b, out.dtype(), op, "b");
+  check_like(out, {{a, "a"}, {b, "b"}}, op);
   backend_of(out).add(out, a, b);
 }
 
 void gelu_forward(Tensor& y, const Tensor& x) {
   const char* op = "gelu_forward";
-  check_defined(y, op, "y");
-  check_same_device(y, x, op, "x");
+  check_defined(x, op, "x");
   check_float(x, op, "x");
-  check_shape(y, x.shape(), op, "y");
-  check_dtype(y, x.dtype(), op, "y");
+  check_like(x, {{y, "y"}}, op);
   backend_of(x).gelu_forward(y, x);
 }
 
 void gelu_backward(Tensor& dx, const Tensor& dy, const Tensor& x) {
   const char* op = "gelu_backward";
   check_defined(x, op, "x");
-  check_same_device(x, dx, op, "dx");
-  check_same_device(x, dy, op, "dy");
   check_float(x, op, "x");
-  check_shape(dx, x.shape(), op, "dx");
-  check_shape(dy, x.shape(), op, "dy");
-  check_dtype(dx, x.dtype(), op, "dx");
-  check_dtype(dy, x.dtype(), op, "dy");
+  check_like(x, {{dx, "dx"}, {dy, "dy"}}, op);
   backend_of(x).gelu_backward(dx, dy, x);
 }
 
@@ -297,8 +302,7 @@ void layernorm_forward(Tensor& y, Tensor& mean, Tensor& rstd, const Tensor& x, c
   MT_CHECK(eps > 0 && std::isfinite(eps), "layernorm_forward: eps must be positive, got {}", eps);
   const std::int64_t cols = x.dim(-1);
   const std::int64_t rows = x.numel() / cols;
-  check_shape(y, x.shape(), op, "y");
-  check_dtype(y, x.dtype(), op, "y");
+  check_like(x, {{y, "y"}}, op);
   check_layernorm_params(weight, bias, mean, rstd, x.dtype(), rows, cols, op);
   backend_of(x).layernorm_forward(y, mean, rstd, x, weight, bias, rows, cols, eps);
 }
@@ -323,11 +327,7 @@ void residual_layernorm_forward(Tensor& sum, Tensor& y, Tensor& mean, Tensor& rs
            "residual_layernorm_forward: eps must be positive, got {}", eps);
   const std::int64_t cols = a.dim(-1);
   const std::int64_t rows = a.numel() / cols;
-  for (auto [t, name] :
-       {std::pair<const Tensor*, const char*>{&b, "b"}, {&sum, "sum"}, {&y, "y"}}) {
-    check_shape(*t, a.shape(), op, name);
-    check_dtype(*t, a.dtype(), op, name);
-  }
+  check_like(a, {{b, "b"}, {sum, "sum"}, {y, "y"}}, op);
   MT_CHECK(y.data() != sum.data() && y.data() != a.data() && y.data() != b.data(),
            "residual_layernorm_forward: y must not alias sum, a or b");
   check_layernorm_params(weight, bias, mean, rstd, a.dtype(), rows, cols, op);
@@ -351,10 +351,7 @@ void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor
   MT_CHECK(x.ndim() >= 1, "layernorm_backward: x must have a last dimension, got {}", x.str());
   const std::int64_t cols = x.dim(-1);
   const std::int64_t rows = x.numel() / std::max<std::int64_t>(cols, 1);
-  check_shape(dx, x.shape(), op, "dx");
-  check_shape(dy, x.shape(), op, "dy");
-  check_dtype(dx, x.dtype(), op, "dx");
-  check_dtype(dy, x.dtype(), op, "dy");
+  check_like(x, {{dx, "dx"}, {dy, "dy"}}, op);
   check_shape(weight, Shape{cols}, op, "weight");
   check_dtype(weight, x.dtype(), op, "weight");
   check_shape(dweight, Shape{cols}, op, "dweight");
@@ -664,12 +661,8 @@ void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, con
                         const Tensor& lse, int n_head, int n_kv_head) {
   const char* op = "attention_backward";
   const AttnDims d = check_attention(qkv, out, lse, n_head, n_kv_head, op);
-  check_same_device(qkv, dqkv, op, "dqkv");
-  check_same_device(qkv, dout, op, "dout");
-  check_shape(dqkv, qkv.shape(), op, "dqkv");
-  check_dtype(dqkv, qkv.dtype(), op, "dqkv");
-  check_shape(dout, out.shape(), op, "dout");
-  check_dtype(dout, qkv.dtype(), op, "dout");
+  check_like(qkv, {{dqkv, "dqkv"}}, op);
+  check_like(out, {{dout, "dout"}}, op);
   if (qkv.numel() == 0) return;
   backend_of(qkv).attention_backward(dqkv, dout, qkv, out, lse, d.batch, d.seq, d.n_head,
                                      d.n_kv_head, d.head_size);
@@ -812,9 +805,7 @@ void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor&
                             const Tensor& targets, int vocab, float dloss) {
   const char* op = "cross_entropy_backward";
   check_cross_entropy(logits, lse, targets, vocab, op);
-  check_same_device(logits, dlogits, op, "dlogits");
-  check_shape(dlogits, logits.shape(), op, "dlogits");
-  check_dtype(dlogits, logits.dtype(), op, "dlogits");
+  check_like(logits, {{dlogits, "dlogits"}}, op);
   MT_CHECK(std::isfinite(dloss), "cross_entropy_backward: dloss must be finite, got {}", dloss);
   if (lse.numel() == 0) return;
   backend_of(logits).cross_entropy_backward(dlogits, logits, lse, targets, lse.numel(),
@@ -859,8 +850,7 @@ void cross_entropy_backward_split(Tensor& dlogits, const Tensor& logits, const T
   const std::int64_t cols = logits.dim(-1), rows = logits.numel() / std::max<std::int64_t>(cols, 1);
   MT_CHECK(valid >= 0 && valid <= cols, "{}: valid {} must be in [0, {}] (the local width)", op,
            valid, cols);
-  check_shape(dlogits, logits.shape(), op, "dlogits");
-  check_dtype(dlogits, logits.dtype(), op, "dlogits");
+  check_like(logits, {{dlogits, "dlogits"}}, op);
   check_dtype(lse, DType::kF32, op, "lse");
   check_numel(lse, rows, op, "lse");
   check_dtype(targets, DType::kI32, op, "targets");
