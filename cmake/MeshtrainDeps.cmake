@@ -39,6 +39,20 @@ meshtrain_require(nlohmann_json_FOUND "nlohmann-json (JSON headers for tensor fi
 find_package(tomlplusplus CONFIG QUIET)
 meshtrain_require(tomlplusplus_FOUND "toml++ (config files)" "libtomlplusplus-dev")
 
+# The tokenizer (runtime/tokenizer.cpp): PCRE2's 8-bit library for the pre-tokenizers' Unicode
+# regular expressions, utf8proc for NFC. Plain find_path/find_library so that a prefix of
+# unpacked Debian packages (CMAKE_PREFIX_PATH, the GPU machine's .deps) serves as well as /usr;
+# where only the run-time library is installed (libpcre2-8-0 is in every image) its soname is
+# linked directly.
+find_path(MESHTRAIN_PCRE2_INCLUDE pcre2.h)
+find_library(MESHTRAIN_PCRE2_LIB NAMES pcre2-8 libpcre2-8.so.0)
+meshtrain_require(MESHTRAIN_PCRE2_INCLUDE "PCRE2's headers (pcre2.h, the tokenizer's regular expressions)" "libpcre2-dev")
+meshtrain_require(MESHTRAIN_PCRE2_LIB "PCRE2's 8-bit library (the tokenizer's regular expressions)" "libpcre2-dev")
+find_path(MESHTRAIN_UTF8PROC_INCLUDE utf8proc.h)
+find_library(MESHTRAIN_UTF8PROC_LIB NAMES utf8proc libutf8proc.so.2)
+meshtrain_require(MESHTRAIN_UTF8PROC_INCLUDE "utf8proc's header (utf8proc.h, the tokenizer's NFC normalizer)" "libutf8proc-dev")
+meshtrain_require(MESHTRAIN_UTF8PROC_LIB "utf8proc (the tokenizer's NFC normalizer)" "libutf8proc-dev")
+
 find_package(MPI QUIET COMPONENTS C)
 meshtrain_require(MPI_C_FOUND "MPI (Open MPI)" "libopenmpi-dev openmpi-bin")
 
