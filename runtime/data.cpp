@@ -66,24 +66,56 @@ TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
              map_bytes_, kShardHeaderBytes);
     std::int32_t header[3];
     std::memcpy(header, bytes_, sizeof(header));
-    MT_CHECK(header[0] == kShardMagic,
-             "'{}' is not an llm.c token shard: magic {} at byte 0, expected {} (use data.format = "
-             "\"text\" for a text file)",
-             path, header[0], kShardMagic);
-    MT_CHECK(header[1] == kShardVersion,
-             "token shard '{}' has version {} at byte 4, expected {} (uint16 tokens)", path,
-             header[1], kShardVersion);
+    MT_CHECK(header[0] == kShardMagic || header[0] == kShardMagicLlama3,
+             "'{}' is not an llm.c token shard: magic {} at byte 0, expected {} (GPT-2, uint16 "
+             "tokens) or {} (Llama 3, uint32 tokens) (use data.format = \"text\" for a text file)",
+             path, header[0], kShardMagic, kShardMagicLlama3);
+    const bool llama3 = header[0] == kShardMagicLlama3;
+    width_ = llama3 ? 4 : 2;
+    const std::int32_t version = llama3 ? kShardVersionLlama3 : kShardVersion;
+    MT_CHECK(header[1] == version,
+             "token shard '{}' has version {} at byte 4, but its magic {} (byte 0) is the {} "
+             "format's, whose version is {} ({} tokens){}",
+             path, header[1], header[0], llama3 ? "Llama 3" : "GPT-2", version,
+             llama3 ? "uint32" : "uint16",
+             header[1] == (llama3 ? kShardVersion : kShardVersionLlama3)
+                 ? fmt::format(": version {} is the {} format's, so the header does not match its "
+                               "token width",
+                               header[1], llama3 ? "GPT-2" : "Llama 3")
+                 : "");
     MT_CHECK(header[2] > 0, "token shard '{}' declares {} tokens at byte 8, expected at least 1",
              path, header[2]);
-    const std::uint64_t want = kShardHeaderBytes + 2ull * static_cast<std::uint32_t>(header[2]);
+    const auto count = static_cast<std::uint64_t>(header[2]);
+    const std::uint64_t want = kShardHeaderBytes + static_cast<std::uint64_t>(width_) * count;
+    const int other = width_ == 2 ? 4 : 2;
     MT_CHECK(map_bytes_ == want,
-             "token shard '{}' is {} bytes but its header (byte 8) declares {} tokens, which need "
-             "exactly {} bytes: the file is truncated or corrupt",
-             path, map_bytes_, header[2], want);
+             "token shard '{}' is {} bytes but its header (byte 8) declares {} tokens, which as "
+             "{} need exactly {} bytes: the file is truncated or corrupt{}",
+             path, map_bytes_, header[2], width_ == 2 ? "uint16" : "uint32", want,
+             map_bytes_ == kShardHeaderBytes + other * count
+                 ? fmt::format(" (its size fits {} {}-byte tokens: magic and version (bytes 0 and "
+                               "4) do not match the token width)",
+                               header[2], other)
+                 : "");
     count_ = header[2];
-    tokens16_ = reinterpret_cast<const std::uint16_t*>(bytes_ + kShardHeaderBytes);
-    for (std::int64_t i = 0; i < count_; ++i)
-      max_token_ = std::max<std::int32_t>(max_token_, tokens16_[i]);
+    if (width_ == 2) {
+      tokens16_ = reinterpret_cast<const std::uint16_t*>(bytes_ + kShardHeaderBytes);
+      for (std::int64_t i = 0; i < count_; ++i)
+        max_token_ = std::max<std::int32_t>(max_token_, tokens16_[i]);
+    } else {
+      tokens32_ = reinterpret_cast<const std::uint32_t*>(bytes_ + kShardHeaderBytes);
+      std::uint32_t most = 0;
+      for (std::int64_t i = 0; i < count_; ++i) most = std::max(most, tokens32_[i]);
+      if (most > 0x7fffffffu) {
+        std::int64_t i = 0;
+        while (tokens32_[i] <= 0x7fffffffu) ++i;
+        MT_FAIL(
+            "token shard '{}': token {} (byte offset {}) is {}, beyond the largest token id "
+            "2^31 - 1",
+            path, i, kShardHeaderBytes + 4 * static_cast<std::uint64_t>(i), tokens32_[i]);
+      }
+      max_token_ = static_cast<std::int32_t>(most);
+    }
   } catch (...) {
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
@@ -101,23 +133,68 @@ TokenFile::TokenFile(TokenFile&& o) noexcept
       map_bytes_(o.map_bytes_),
       bytes_(o.bytes_),
       tokens16_(o.tokens16_),
+      tokens32_(o.tokens32_),
       count_(o.count_),
       text_(o.text_),
+      width_(o.width_),
       max_token_(o.max_token_) {
   o.map_ = nullptr;
 }
 
-void write_token_shard(const std::string& path, const std::vector<std::uint16_t>& tokens) {
-  MT_CHECK(!tokens.empty() && tokens.size() <= 0x7fffffffu,
-           "write_token_shard: {} tokens; a shard holds 1 to 2^31 - 1", tokens.size());
+void TokenFile::check_vocab(std::int32_t vocab_size) const {
+  if (max_token_ < vocab_size) return;
+  std::int64_t i = 0;
+  while (token(i) < vocab_size) ++i;
+  const std::uint64_t offset = (text_ ? 0 : kShardHeaderBytes) +
+                               static_cast<std::uint64_t>(width_) * static_cast<std::uint64_t>(i);
+  MT_FAIL(
+      "{} '{}' holds token id {} at token {} (byte offset {}), outside the model's "
+      "vocabulary of {} (ids 0..{}){}",
+      text_ ? "text data file" : "token shard", path_, token(i), i, offset, vocab_size,
+      vocab_size - 1,
+      max_token_ != token(i) ? fmt::format("; its largest id is {}", max_token_) : "");
+}
+
+namespace {
+
+// Writes header + data atomically and durably (runtime/file_io.hpp's AtomicFileWriter).
+void write_shard_file(const std::string& path, std::int32_t magic, std::int32_t version,
+                      std::size_t count, const void* data, std::size_t bytes) {
+  MT_CHECK(count >= 1 && count <= 0x7fffffffu,
+           "write_token_shard '{}': {} tokens; a shard holds 1 to 2^31 - 1", path, count);
   std::int32_t header[256] = {};
-  header[0] = kShardMagic;
-  header[1] = kShardVersion;
-  header[2] = static_cast<std::int32_t>(tokens.size());
+  header[0] = magic;
+  header[1] = version;
+  header[2] = static_cast<std::int32_t>(count);
   AtomicFileWriter out(path);
   out.write(header, sizeof(header));
-  out.write(tokens.data(), tokens.size() * 2);
+  out.write(data, bytes);
   out.commit();
+}
+
+}  // namespace
+
+void write_token_shard(const std::string& path, std::span<const std::int32_t> tokens,
+                       std::int32_t vocab_size) {
+  MT_CHECK(vocab_size >= 1, "write_token_shard '{}': vocabulary size {}, expected at least 1", path,
+           vocab_size);
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    MT_CHECK(tokens[i] >= 0 && tokens[i] < vocab_size,
+             "write_token_shard '{}': token {} is id {}, outside the vocabulary of {}", path, i,
+             tokens[i], vocab_size);
+  if (vocab_size <= 65536) {
+    const std::vector<std::uint16_t> narrow(tokens.begin(), tokens.end());
+    write_shard_file(path, kShardMagic, kShardVersion, narrow.size(), narrow.data(),
+                     narrow.size() * 2);
+  } else {
+    write_shard_file(path, kShardMagicLlama3, kShardVersionLlama3, tokens.size(), tokens.data(),
+                     tokens.size() * 4);
+  }
+}
+
+void write_token_shard(const std::string& path, const std::vector<std::uint16_t>& tokens) {
+  write_shard_file(path, kShardMagic, kShardVersion, tokens.size(), tokens.data(),
+                   tokens.size() * 2);
 }
 
 namespace {
@@ -259,6 +336,10 @@ std::int32_t Dataset::max_token() const {
   std::int32_t m = 0;
   for (const auto& f : files_) m = std::max(m, f->max_token());
   return m;
+}
+
+void Dataset::check_vocab(std::int32_t vocab_size) const {
+  for (const auto& f : files_) f->check_vocab(vocab_size);
 }
 
 double Dataset::unigram_entropy() const {

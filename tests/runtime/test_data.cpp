@@ -1,6 +1,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -162,6 +163,101 @@ TEST_F(DataTest, DatasetSplitsAndChecksSize) {
               Dataset({path("nothing_*.bin")}, {}, Format::kAuto, 0.1, 8, 1);
             }).find("matches no file"),
             std::string::npos);
+}
+
+TEST_F(DataTest, Llama3ShardsHoldUint32Tokens) {
+  std::vector<std::int32_t> toks;
+  for (int i = 0; i < 1000; ++i) toks.push_back((i * 104729) % 128256);
+  toks.push_back(128255);
+  write_token_shard(path("l.bin"), toks, 128256);
+  const TokenFile f(path("l.bin"), Format::kAuto);
+  EXPECT_EQ(f.token_width(), 4);
+  ASSERT_EQ(f.size(), 1001);
+  for (int i = 0; i < 1001; ++i) ASSERT_EQ(f.token(i), toks[i]);
+  EXPECT_EQ(f.max_token(), 128255);
+  EXPECT_EQ(fs::file_size(path("l.bin")), 1024u + 4 * 1001);
+  EXPECT_FALSE(fs::exists(path("l.bin.tmp")));
+  std::int32_t header[3];
+  std::ifstream(path("l.bin"), std::ios::binary).read(reinterpret_cast<char*>(header), 12);
+  EXPECT_EQ(header[0], 20240801);
+  EXPECT_EQ(header[1], 7);
+  EXPECT_EQ(header[2], 1001);
+
+  // The writer picks GPT-2's format whenever every id fits 16 bits.
+  write_token_shard(path("g.bin"), std::vector<std::int32_t>{0, 65535, 7}, 65536);
+  EXPECT_EQ(TokenFile(path("g.bin"), Format::kAuto).token_width(), 2);
+  EXPECT_EQ(TokenFile(path("g.bin"), Format::kAuto).token(1), 65535);
+  write_token_shard(path("w.bin"), std::vector<std::int32_t>{0, 65536, 7}, 65537);
+  EXPECT_EQ(TokenFile(path("w.bin"), Format::kAuto).token_width(), 4);
+  const std::string e = error_of([&] {
+    write_token_shard(path("x.bin"), std::vector<std::int32_t>{1, 2, 500}, 500);
+  });
+  EXPECT_NE(e.find("token 2 is id 500, outside the vocabulary of 500"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(path("x.bin")));
+  EXPECT_FALSE(fs::exists(path("x.bin.tmp")));
+}
+
+TEST_F(DataTest, ShardHeaderMustMatchTokenWidth) {
+  write_token_shard(path("l.bin"), std::vector<std::int32_t>(100, 70000), 128256);
+  std::string llama;
+  {
+    std::ifstream in(path("l.bin"), std::ios::binary);
+    llama.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  // Llama 3's magic with GPT-2's version.
+  std::string v = llama;
+  v[4] = 1;
+  write_bytes("v.bin", v);
+  std::string m = error_of([&] { TokenFile(path("v.bin"), Format::kAuto); });
+  EXPECT_NE(m.find("'" + path("v.bin") + "' has version 1 at byte 4"), std::string::npos) << m;
+  EXPECT_NE(m.find("does not match its token width"), std::string::npos) << m;
+  // GPT-2's header on uint32 tokens: the size says so.
+  std::string g = llama;
+  const std::int32_t gpt2[2] = {20240520, 1};
+  std::memcpy(g.data(), gpt2, 8);
+  write_bytes("g.bin", g);
+  m = error_of([&] { TokenFile(path("g.bin"), Format::kAuto); });
+  EXPECT_NE(m.find("declares 100 tokens, which as uint16 need exactly 1224 bytes"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("its size fits 100 4-byte tokens"), std::string::npos) << m;
+  // A uint32 token beyond int32.
+  std::string big = llama;
+  const std::uint32_t huge = 0x80000000u;
+  std::memcpy(big.data() + 1024 + 4 * 3, &huge, 4);
+  write_bytes("big.bin", big);
+  m = error_of([&] { TokenFile(path("big.bin"), Format::kAuto); });
+  EXPECT_NE(m.find("token 3 (byte offset 1036) is 2147483648"), std::string::npos) << m;
+  EXPECT_NE(m.find(path("big.bin")), std::string::npos) << m;
+  // A truncated Llama 3 shard.
+  write_bytes("t.bin", llama.substr(0, llama.size() - 4));
+  m = error_of([&] { TokenFile(path("t.bin"), Format::kAuto); });
+  EXPECT_NE(m.find("truncated"), std::string::npos) << m;
+}
+
+TEST_F(DataTest, TokensOutsideTheVocabularyNameFileAndOffset) {
+  std::vector<std::uint16_t> toks(100, 7);
+  toks[5] = 300;
+  toks[60] = 900;
+  write_token_shard(path("a.bin"), std::vector<std::uint16_t>(50, 1));
+  write_token_shard(path("b.bin"), toks);
+  const Dataset d({path("a.bin"), path("b.bin")}, {}, Format::kAuto, 0.1, 8, 1);
+  EXPECT_EQ(d.max_token(), 900);
+  d.check_vocab(901);
+  const std::string e = error_of([&] { d.check_vocab(256); });
+  EXPECT_NE(e.find("token shard '" + path("b.bin") +
+                   "' holds token id 300 at token 5 (byte offset 1034), outside the model's "
+                   "vocabulary of 256 (ids 0..255); its largest id is 900"),
+            std::string::npos)
+      << e;
+  write_bytes("t.txt", "abc\xff");
+  const TokenFile t(path("t.txt"), Format::kAuto);
+  const std::string te = error_of([&] { t.check_vocab(128); });
+  EXPECT_NE(te.find("text data file '" + path("t.txt") +
+                    "' holds token id 255 at token 3 (byte "
+                    "offset 3)"),
+            std::string::npos)
+      << te;
 }
 
 }  // namespace
