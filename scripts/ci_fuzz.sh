@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-60}"
-read -r -a targets <<< "${FUZZ_TARGETS:-safetensors token_shard config checkpoint hf_import}"
+read -r -a targets <<< "${FUZZ_TARGETS:-safetensors token_shard config checkpoint hf_import tokenizer_json}"
 max_jobs="${FUZZ_JOBS:-${#targets[@]}}"
 
 start=$SECONDS
