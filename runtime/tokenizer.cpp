@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
@@ -493,36 +494,88 @@ class MergeMap {
   std::size_t mask_ = 0;
 };
 
-// The per-word cache: raw word bytes -> ids, in shards with a lock each so that threads rarely
-// wait on one another. A full shard is emptied (bounded memory, and it adapts to new text).
+// A fast hash of short byte strings (words), eight bytes at a time.
+inline std::uint64_t hash_word(std::string_view s) {
+  std::uint64_t h = 0x9E3779B97F4A7C15ull ^ s.size();
+  std::size_t i = 0;
+  for (; i + 8 <= s.size(); i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, s.data() + i, 8);
+    h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 31;
+  }
+  if (i < s.size()) {
+    std::uint64_t w = 0;
+    std::memcpy(&w, s.data() + i, s.size() - i);
+    h = (h ^ w) * 0x94d049bb133111ebull;
+  }
+  return mix64(h);
+}
+
+// The per-word cache: raw word bytes -> ids. 16 shards, each with its own lock (threads rarely
+// wait on one another) and an open-addressing table over byte arenas. Bounded: a full shard
+// takes no more words (as `tokenizers`' cache does), so the words seen first, which in text are
+// mostly the frequent ones, stay.
 class WordCache {
  public:
   static constexpr std::size_t kShards = 16;
-  static constexpr std::size_t kPerShard = 4096;
-  static constexpr std::size_t kMaxWordBytes = 256;  // longer words are not cached
+  static constexpr std::size_t kSlots = 16384;  // per shard, a power of two
+  static constexpr std::size_t kEntries = kSlots / 2;
+  static constexpr std::size_t kMaxWordBytes = 255;  // longer words are not cached
+  static constexpr std::size_t kMaxIds = 255;
 
-  bool get(std::string_view word, std::vector<std::int32_t>& out) const {
-    Shard& s = shard(word);
+  bool get(std::string_view word, std::uint64_t h, std::vector<std::int32_t>& out) const {
+    Shard& s = shards_[h >> 60];
     std::lock_guard<std::mutex> lock(s.mu);
-    const auto it = s.map.find(word);
-    if (it == s.map.end()) return false;
-    out.insert(out.end(), it->second.begin(), it->second.end());
+    const Slot* slot = s.find(word, h);
+    if (slot == nullptr) return false;
+    out.insert(out.end(), s.ids.begin() + slot->ids, s.ids.begin() + slot->ids + slot->n_ids);
     return true;
   }
-  void put(std::string_view word, const std::int32_t* ids, std::size_t n) const {
-    if (word.size() >= kMaxWordBytes) return;
-    Shard& s = shard(word);
+  void put(std::string_view word, std::uint64_t h, const std::int32_t* ids, std::size_t n) const {
+    if (word.size() > kMaxWordBytes || n > kMaxIds) return;
+    Shard& s = shards_[h >> 60];
     std::lock_guard<std::mutex> lock(s.mu);
-    if (s.map.size() >= kPerShard) s.map.clear();
-    s.map.emplace(std::string(word), std::vector<std::int32_t>(ids, ids + n));
+    if (s.entries >= kEntries) return;
+    if (s.slots.empty()) s.slots.resize(kSlots);
+    if (s.find(word, h) != nullptr) return;  // another thread was first
+    std::size_t i = h & (kSlots - 1);
+    while (s.slots[i].used) i = (i + 1) & (kSlots - 1);
+    s.slots[i] = Slot{h,
+                      static_cast<std::uint32_t>(s.keys.size()),
+                      static_cast<std::uint32_t>(s.ids.size()),
+                      static_cast<std::uint8_t>(word.size()),
+                      static_cast<std::uint8_t>(n),
+                      true};
+    s.keys.append(word);
+    s.ids.insert(s.ids.end(), ids, ids + n);
+    ++s.entries;
   }
 
  private:
+  struct Slot {
+    std::uint64_t hash = 0;
+    std::uint32_t key = 0, ids = 0;  // offsets into the arenas
+    std::uint8_t key_len = 0, n_ids = 0;
+    bool used = false;
+  };
   struct Shard {
     std::mutex mu;
-    std::unordered_map<std::string, std::vector<std::int32_t>, StringHash, std::equal_to<>> map;
+    std::vector<Slot> slots;  // allocated on first use
+    std::string keys;
+    std::vector<std::int32_t> ids;
+    std::size_t entries = 0;
+    const Slot* find(std::string_view word, std::uint64_t h) const {
+      if (slots.empty()) return nullptr;
+      for (std::size_t i = h & (kSlots - 1);; i = (i + 1) & (kSlots - 1)) {
+        const Slot& sl = slots[i];
+        if (!sl.used) return nullptr;
+        if (sl.hash == h && sl.key_len == word.size() &&
+            std::memcmp(keys.data() + sl.key, word.data(), word.size()) == 0)
+          return &sl;
+      }
+    }
   };
-  Shard& shard(std::string_view word) const { return shards_[mix64(StringHash{}(word)) % kShards]; }
   mutable std::array<Shard, kShards> shards_;
 };
 
@@ -1078,10 +1131,11 @@ void TokenizerImpl::bpe(std::string_view word, std::vector<std::int32_t>& out) c
     out.push_back(byte_id[static_cast<unsigned char>(word[0])]);
     return;
   }
-  if (cache.get(word, out)) return;
+  const std::uint64_t h = hash_word(word);
+  if (cache.get(word, h, out)) return;
   const std::size_t before = out.size();
   merge_word(word, out);
-  cache.put(word, out.data() + before, out.size() - before);
+  cache.put(word, h, out.data() + before, out.size() - before);
 }
 
 namespace {
@@ -1119,9 +1173,43 @@ void TokenizerImpl::merge_word(std::string_view word, std::vector<std::int32_t>&
     }
   }
   const auto n = static_cast<std::int32_t>(symbols.size());
+  if (n == 0) return;
   for (std::int32_t i = 0; i < n; ++i) {
     symbols[i].prev = i - 1;
     symbols[i].next = i + 1 < n ? i + 1 : -1;
+  }
+  if (n <= 32) {
+    // Few symbols (most words): find the lowest-rank pair by a scan, leftmost among equals,
+    // which merges in the heap's order without one.
+    thread_local std::vector<std::int32_t> pair_rank, pair_id;
+    pair_rank.resize(static_cast<std::size_t>(n));
+    pair_id.resize(static_cast<std::size_t>(n));
+    auto rate = [&](std::int32_t i) {  // the pair (i, next of i)
+      const std::int32_t j = symbols[i].next;
+      if (j < 0 || !merges.get(symbols[i].id, symbols[j].id, pair_rank[i], pair_id[i]))
+        pair_rank[i] = std::numeric_limits<std::int32_t>::max();
+    };
+    for (std::int32_t i = 0; i < n; ++i) rate(i);
+    for (;;) {
+      std::int32_t best = std::numeric_limits<std::int32_t>::max(), pos = -1;
+      for (std::int32_t i = 0; i >= 0; i = symbols[i].next) {
+        if (pair_rank[i] < best) {
+          best = pair_rank[i];
+          pos = i;
+        }
+      }
+      if (pos < 0) break;
+      Symbol& cur = symbols[pos];
+      const std::int32_t right = cur.next;
+      cur.id = pair_id[pos];
+      cur.next = symbols[right].next;
+      symbols[right].alive = false;
+      if (cur.next >= 0) symbols[cur.next].prev = pos;
+      rate(pos);
+      if (cur.prev >= 0) rate(cur.prev);
+    }
+    for (std::int32_t i = 0; i >= 0; i = symbols[i].next) out.push_back(symbols[i].id);
+    return;
   }
   std::vector<MergeCandidate>& heap = heap_storage;
   heap.clear();
