@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <unordered_map>
 
 #include "runtime/file_io.hpp"
 #include "runtime/rng.hpp"
@@ -343,16 +344,27 @@ void Dataset::check_vocab(std::int32_t vocab_size) const {
 }
 
 double Dataset::unigram_entropy() const {
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(max_token()) + 1, 0);
+  // Counts per id: a dense table for vocabularies of up to 2^22 ids, else (a Llama 3 shard can
+  // hold ids up to 2^31 - 1) a hash table of the ids present, summed in id order all the same.
+  std::vector<std::pair<std::int32_t, std::int64_t>> counts;
   std::int64_t total = 0;
-  for (const Span& s : train_->spans()) {
-    for (std::int64_t i = s.begin; i < s.end; ++i)
-      ++counts[static_cast<std::size_t>(s.file->token(i))];
-    total += s.end - s.begin;
+  if (max_token() < (1 << 22)) {
+    std::vector<std::int64_t> dense(static_cast<std::size_t>(max_token()) + 1, 0);
+    for (const Span& s : train_->spans())
+      for (std::int64_t i = s.begin; i < s.end; ++i)
+        ++dense[static_cast<std::size_t>(s.file->token(i))];
+    for (std::size_t id = 0; id < dense.size(); ++id)
+      if (dense[id] != 0) counts.emplace_back(static_cast<std::int32_t>(id), dense[id]);
+  } else {
+    std::unordered_map<std::int32_t, std::int64_t> sparse;
+    for (const Span& s : train_->spans())
+      for (std::int64_t i = s.begin; i < s.end; ++i) ++sparse[s.file->token(i)];
+    counts.assign(sparse.begin(), sparse.end());
+    std::sort(counts.begin(), counts.end());
   }
+  for (const Span& s : train_->spans()) total += s.end - s.begin;
   double h = 0.0;
-  for (std::int64_t c : counts) {
-    if (c == 0) continue;
+  for (const auto& [id, c] : counts) {
     const double p = static_cast<double>(c) / static_cast<double>(total);
     h -= p * std::log(p);
   }

@@ -1,5 +1,6 @@
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -233,6 +234,18 @@ TEST_F(DataTest, ShardHeaderMustMatchTokenWidth) {
   write_bytes("t.bin", llama.substr(0, llama.size() - 4));
   m = error_of([&] { TokenFile(path("t.bin"), Format::kAuto); });
   EXPECT_NE(m.find("truncated"), std::string::npos) << m;
+}
+
+// Fuzzing found that the unigram entropy counted ids in a table as long as the largest id: with
+// Llama 3 shards, up to 2^31 entries.
+TEST_F(DataTest, EntropyOfHugeIdsNeedsNoHugeTable) {
+  const std::int32_t top = 2147483646;
+  write_token_shard(path("h.bin"), std::vector<std::int32_t>{1, top, 1, 2, top, 1, 1, 3}, top + 1);
+  const Dataset d({path("h.bin")}, {}, Format::kAuto, 0.0, 1, 1);
+  EXPECT_EQ(d.max_token(), top);
+  // Four 1s, two of the top id, one 2, one 3 (the whole file is training data).
+  const double want = -(0.5 * std::log(0.5) + 0.25 * std::log(0.25) + 2 * 0.125 * std::log(0.125));
+  EXPECT_NEAR(d.unigram_entropy(), want, 1e-12);
 }
 
 TEST_F(DataTest, TokensOutsideTheVocabularyNameFileAndOffset) {
