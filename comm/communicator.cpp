@@ -61,6 +61,10 @@ std::string_view op_name(OpType op) {
       return "barrier";
     case OpType::kSplit:
       return "split";
+    case OpType::kSend:
+      return "send";
+    case OpType::kRecv:
+      return "recv";
   }
   return "?";
 }
@@ -82,6 +86,10 @@ std::string Collective::str() const {
       return head;
     case OpType::kSplit:
       return fmt::format("{} (color {}, key {})", head, color, key);
+    case OpType::kSend:
+    case OpType::kRecv:
+      return fmt::format("{} {} rank {}{} ({})", head, op == OpType::kSend ? "to" : "from", peer,
+                         label.empty() ? "" : ", " + label, buf);
   }
   return head;
 }
@@ -100,6 +108,9 @@ bool Collective::same_call(const Collective& o) const {
       return dtype == o.dtype && in_shape == o.in_shape && out_numel == o.out_numel;
     case OpType::kBroadcast:
       return root == o.root && dtype == o.dtype && in_shape == o.in_shape;
+    case OpType::kSend:
+    case OpType::kRecv:
+      return peer == o.peer && dtype == o.dtype && in_shape == o.in_shape;
   }
   return false;
 }
@@ -114,6 +125,118 @@ std::string first_mismatch(const std::vector<Collective>& calls, std::string_vie
     }
   }
   return "";
+}
+
+std::string p2p_mismatch(const Collective& recv, const Collective& send, std::string_view group) {
+  if (recv.dtype == send.dtype && recv.in_shape == send.in_shape) return "";
+  return fmt::format(
+      "point-to-point mismatch on group '{}': {} was matched by rank {}'s send #{} of {}{} (a send "
+      "and its recv must have the same dtype and shape)",
+      group, recv.str(), recv.peer, send.seq, dtype_name(send.dtype), send.in_shape.str());
+}
+
+namespace {
+
+// "rank 3", or "rank 3 (world rank 7)" when the group is not the world.
+std::string group_rank_name(int r, const std::vector<int>& world_ranks) {
+  std::string out = fmt::format("rank {}", r);
+  if (r >= 0 && r < static_cast<int>(world_ranks.size()) && world_ranks[r] != r)
+    out += fmt::format(" (world rank {})", world_ranks[r]);
+  return out;
+}
+
+std::string stall_words(double seconds) {
+  return fmt::format(
+      "did not run for {:.1f} s (stopped, e.g. by SIGSTOP, or starved of CPU) and answered a "
+      "liveness check only after it resumed",
+      seconds);
+}
+
+}  // namespace
+
+std::string p2p_timeout_message(const Collective& c, std::string_view kind, std::string_view group,
+                                int rank, const std::vector<int>& world_ranks, double timeout_s,
+                                const std::optional<PeerP2p>& peer,
+                                const std::optional<LivenessReport>& liveness) {
+  const std::string head = fmt::format(
+      "{} on group '{}' ({}, {} ranks, this is {}) did not complete within {} s", c.str(), group,
+      kind, world_ranks.size(), group_rank_name(rank, world_ranks), timeout_s);
+  std::string them = fmt::format("rank {}", c.peer);
+  {
+    std::vector<std::string> details;
+    if (c.peer >= 0 && c.peer < static_cast<int>(world_ranks.size()) &&
+        world_ranks[c.peer] != c.peer)
+      details.push_back(fmt::format("world rank {}", world_ranks[c.peer]));
+    if (!c.label.empty()) details.push_back(c.label);
+    if (details.size() == 1) them += fmt::format(" ({})", details[0]);
+    if (details.size() == 2) them += fmt::format(" ({}, {})", details[0], details[1]);
+  }
+  const bool is_send = c.op == OpType::kSend;
+  const std::string want =
+      fmt::format("{} #{} {} this rank", is_send ? "recv" : "send", c.seq, is_send ? "from" : "to");
+  auto describe = [](const Collective& x) {
+    return fmt::format("{} #{} ({}{})", op_name(x.op), x.seq, dtype_name(x.dtype),
+                       x.in_shape.str());
+  };
+  // What the liveness check said of the peer: "" (no check), or words after "it".
+  bool lost = false;
+  double stalled = 0;
+  if (liveness) {
+    lost = std::find(liveness->lost.begin(), liveness->lost.end(), c.peer) != liveness->lost.end();
+    for (const auto& [g, seconds] : liveness->stalled)
+      if (g == c.peer) stalled = seconds;
+  }
+  const std::string lost_words =
+      liveness
+          ? fmt::format(
+                "did not answer a liveness check within {} s: lost (exited, killed or stopped)",
+                liveness->window_s)
+          : std::string();
+  std::string reason;
+  if (peer && peer->matching) {
+    const Collective& m = *peer->matching;
+    if (m.dtype != c.dtype || m.in_shape != c.in_shape) {
+      reason = fmt::format(
+          "{} posted the matching {} as {}{}, but this {} is {}{}: a send and its recv must have "
+          "the same dtype and shape",
+          them, want, dtype_name(m.dtype), m.in_shape.str(), op_name(c.op), dtype_name(c.dtype),
+          c.in_shape.str());
+    } else {
+      reason =
+          fmt::format("{} posted the matching {}, but the transfer did not complete", them, want);
+    }
+    if (lost) {
+      reason += "; then it " + lost_words;
+    } else if (stalled > 0) {
+      reason += "; then it " + stall_words(stalled);
+    } else if (liveness) {
+      reason +=
+          "; it is alive (it answered a liveness check): the transfer is not being progressed (a "
+          "rank stuck inside an MPI call, or on NCCL an earlier op on the peer's stream that "
+          "cannot complete: see the deadlock rule in comm/README.md)";
+    }
+  } else {
+    if (peer) {
+      const std::uint64_t posted = is_send ? peer->recvs : peer->sends;
+      reason = fmt::format("{} never posted the matching {} (it posted {} {} {} this rank{})", them,
+                           want, posted, is_send ? "recvs" : "sends", is_send ? "from" : "to",
+                           peer->last ? ", the last " + describe(*peer->last) : std::string());
+    } else {
+      reason = fmt::format("{} did not complete the matching {}", them, want);
+    }
+    if (lost) {
+      reason += "; it " + lost_words;
+    } else if (stalled > 0) {
+      reason += "; it " + stall_words(stalled);
+    } else if (liveness) {
+      reason += fmt::format(
+          "; it is alive (it answered a liveness check) but has not posted the {}: it is waiting "
+          "or computing elsewhere (two ranks posting their ops in orders that do not match, see "
+          "the deadlock rule in comm/README.md)",
+          is_send ? "recv" : "send");
+    }
+  }
+  return fmt::format("{}: {}. End the job with abort().", head, reason);
 }
 
 std::string timeout_message(const Collective& c, std::string_view kind, std::string_view group,
@@ -339,7 +462,10 @@ Communicator::Communicator(Communicator&& o) noexcept
       options_(o.options_),
       next_seq_(o.next_seq_),
       outstanding_(std::move(o.outstanding_)),
-      health_(std::move(o.health_)) {}
+      health_(std::move(o.health_)),
+      sends_posted_(std::move(o.sends_posted_)),
+      recvs_posted_(std::move(o.recvs_posted_)),
+      peer_labels_(std::move(o.peer_labels_)) {}
 
 Communicator& Communicator::operator=(Communicator&& o) noexcept {
   if (this != &o) {
@@ -349,6 +475,9 @@ Communicator& Communicator::operator=(Communicator&& o) noexcept {
     next_seq_ = o.next_seq_;
     outstanding_ = std::move(o.outstanding_);
     health_ = std::move(o.health_);
+    sends_posted_ = std::move(o.sends_posted_);
+    recvs_posted_ = std::move(o.recvs_posted_);
+    peer_labels_ = std::move(o.peer_labels_);
   }
   return *this;
 }
@@ -593,6 +722,121 @@ Communicator Communicator::split(int color, int key) {
   }
   if (!child) return Communicator();
   return Communicator(std::move(child), options_);
+}
+
+std::vector<std::shared_ptr<WorkImpl>> Backend::post_p2p(const std::vector<P2pCall>& calls) {
+  MT_CHECK(calls.empty(), "{} on group '{}': the {} backend has no point-to-point (send, recv)",
+           op_name(calls.front().c.op), name(), kind());
+  return {};
+}
+
+void Communicator::check_peer(int peer, std::string_view call) const {
+  MT_CHECK(peer >= 0 && peer < size() && peer != rank(),
+           "{} on group '{}' (this is rank {} of {}): peer {} is {}", call, name(), rank(), size(),
+           peer,
+           peer == rank() ? "this rank (a rank sends to and receives from other ranks only)"
+                          : fmt::format("not a rank of the group (expected 0 to {})", size() - 1));
+}
+
+void Communicator::ensure_p2p_tables() {
+  if (sends_posted_.empty()) {
+    sends_posted_.assign(size(), 0);
+    recvs_posted_.assign(size(), 0);
+    peer_labels_.assign(size(), std::string());
+  }
+}
+
+Work Communicator::send(const Tensor& tensor, int peer, std::string_view label) {
+  return exchange({P2pOp::send(tensor, peer, std::string(label))}).front();
+}
+
+Work Communicator::recv(const Tensor& tensor, int peer, std::string_view label) {
+  return exchange({P2pOp::recv(tensor, peer, std::string(label))}).front();
+}
+
+std::vector<Work> Communicator::exchange(const std::vector<P2pOp>& ops) {
+  check_usable();
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    const P2pOp& o = ops[i];
+    MT_CHECK(is_p2p(o.op), "exchange on group '{}': op {} is a {}, not a send or a recv", name(), i,
+             op_name(o.op));
+    const std::string call =
+        fmt::format("{} {} rank {}", op_name(o.op), o.op == OpType::kSend ? "to" : "from", o.peer);
+    check_peer(o.peer, call);
+    MT_CHECK(o.tensor.defined(), "{} on group '{}': the tensor is undefined", call, name());
+    MT_CHECK(backend_->accepts(o.tensor.device()),
+             "{} on group '{}': the tensor {} is on a device the {} backend cannot use", call,
+             name(), o.tensor.str(), backend_->kind());
+  }
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    if (ops[i].op != OpType::kRecv) continue;
+    for (std::size_t j = 0; j < ops.size(); ++j) {
+      MT_CHECK(i == j || !overlaps(ops[i].tensor, ops[j].tensor),
+               "exchange on group '{}': the tensor {} of op {} (recv from rank {}) overlaps the "
+               "tensor {} of op {} ({} rank {}); a recv's tensor must not overlap another op's",
+               name(), ops[i].tensor.str(), i, ops[i].peer, ops[j].tensor.str(), j,
+               op_name(ops[j].op), ops[j].peer);
+    }
+  }
+  if (ops.empty()) return {};
+  prune();
+  ensure_p2p_tables();
+  std::vector<Backend::P2pCall> calls;
+  calls.reserve(ops.size());
+  for (const P2pOp& o : ops) {
+    Collective c;
+    c.op = o.op;
+    c.dtype = o.tensor.dtype();
+    c.in_shape = o.tensor.shape();
+    c.out_numel = o.tensor.numel();
+    c.peer = o.peer;
+    c.label = o.label.empty() ? peer_labels_[o.peer] : o.label;
+    c.seq = ++(o.op == OpType::kSend ? sends_posted_ : recvs_posted_)[o.peer];
+    calls.push_back({std::move(c), o.tensor});
+  }
+  std::vector<std::shared_ptr<WorkImpl>> impls;
+  try {
+    impls = backend_->post_p2p(calls);
+  } catch (const CommTimeout& e) {
+    health_->mark(e.what(), true);
+    throw;
+  } catch (const InvalidArgument&) {
+    // Found before anything was started: the numbers are given back, the group stays usable.
+    for (const Backend::P2pCall& call : calls)
+      --(call.c.op == OpType::kSend ? sends_posted_ : recvs_posted_)[call.c.peer];
+    throw;
+  } catch (const std::exception& e) {
+    health_->mark(e.what(), false);
+    throw;
+  }
+  MT_ASSERT(impls.size() == calls.size(), "the {} backend returned {} works for {} ops",
+            backend_->kind(), impls.size(), calls.size());
+  std::vector<Work> works;
+  works.reserve(impls.size());
+  for (auto& impl : impls) {
+    works.emplace_back(std::move(impl), health_);
+    outstanding_.push_back(works.back());
+  }
+  return works;
+}
+
+void Communicator::set_peer_label(int peer, std::string label) {
+  MT_CHECK(valid(), "set_peer_label() of a communicator that is not valid");
+  check_peer(peer, "set_peer_label");
+  ensure_p2p_tables();
+  peer_labels_[peer] = std::move(label);
+}
+
+std::uint64_t Communicator::next_send_seq(int peer) const {
+  MT_CHECK(valid(), "next_send_seq() of a communicator that is not valid");
+  check_peer(peer, "next_send_seq");
+  return sends_posted_.empty() ? 1 : sends_posted_[peer] + 1;
+}
+
+std::uint64_t Communicator::next_recv_seq(int peer) const {
+  MT_CHECK(valid(), "next_recv_seq() of a communicator that is not valid");
+  check_peer(peer, "next_recv_seq");
+  return recvs_posted_.empty() ? 1 : recvs_posted_[peer] + 1;
 }
 
 void Communicator::wait_all() {

@@ -10,6 +10,9 @@
 // MESHTRAIN_COMM_DEBUG=1 every collective first checks it across ranks and reports the first
 // mismatching rank (InvalidArgument on every rank).
 //
+// Point-to-point (send, recv, exchange) involves two ranks only and is numbered per pair and
+// direction, apart from the collectives: see "Point-to-point" below and comm/README.md.
+//
 // No silent hangs: a collective that has not completed `timeout_s` seconds after it was posted
 // fails with CommTimeout on every rank that waits for it, naming the operation, its sequence
 // number, the group and the ranks that never arrived; backends that can (MPI) also name the
@@ -46,15 +49,25 @@ enum class OpType : std::uint8_t {
   kBroadcast,
   kBarrier,
   kSplit,
+  // Point-to-point (Communicator::send, recv, exchange): not collectives, but described, numbered
+  // and timed out with the same machinery.
+  kSend,
+  kRecv,
 };
 
 // "sum", "avg", "max", "min".
 std::string_view reduce_op_name(ReduceOp op);
-// "allreduce", "reduce_scatter", "all_gather", "broadcast", "barrier", "split".
+// "allreduce", "reduce_scatter", "all_gather", "broadcast", "barrier", "split", "send", "recv".
 std::string_view op_name(OpType op);
+// kSend or kRecv.
+inline bool is_p2p(OpType op) {
+  return op == OpType::kSend || op == OpType::kRecv;
+}
 
 // One collective as a rank called it: the signature compared across ranks in debug mode, the
-// description in every error message.
+// description in every error message. Also one send or recv (op kSend or kRecv): then `seq`
+// counts this rank's ops of that kind with `peer` on the group (send #3 to rank 2 is matched by
+// rank 2's recv #3 from this rank), and `label` names the peer in messages.
 struct Collective {
   OpType op = OpType::kBarrier;
   ReduceOp reduce = ReduceOp::kSum;  // allreduce and reduce_scatter
@@ -65,8 +78,10 @@ struct Collective {
   int color = 0;          // split
   int key = 0;            // split
   std::uint64_t seq = 0;  // 1 for the group's first collective, then +1 per call
+  int peer = -1;          // send, recv: the other rank (group rank)
+  std::string label;      // send, recv: the caller's name for the peer ("pipeline stage 2")
 
-  // "allreduce #7 (sum, bf16[1024])".
+  // "allreduce #7 (sum, bf16[1024])", "send #3 to rank 2, pipeline stage 2 (bf16[4, 1024])".
   std::string str() const;
   // Whether two ranks' calls are the same collective. Split colors and keys may differ.
   bool same_call(const Collective& other) const;
@@ -75,6 +90,10 @@ struct Collective {
 // Given every rank's call for one sequence number (indexed by group rank), the message naming
 // the first rank whose call differs from rank 0's, or "" when all agree.
 std::string first_mismatch(const std::vector<Collective>& calls, std::string_view group);
+
+// The message for a recv whose matching send (the peer's call, as announced) has another dtype or
+// shape, or "" when they agree. `recv.peer` sent `send`.
+std::string p2p_mismatch(const Collective& recv, const Collective& send, std::string_view group);
 
 struct CommOptions {
   // Seconds after posting before a collective fails with CommTimeout (MESHTRAIN_COMM_TIMEOUT).
@@ -190,6 +209,25 @@ struct LivenessReport {
   std::vector<std::pair<int, double>> stalled;
 };
 
+// What a peer had posted toward this rank when a send or recv with it timed out, as a backend's
+// side channel knows it.
+struct PeerP2p {
+  std::uint64_t sends = 0;  // the peer's sends to this rank so far (the highest number)
+  std::uint64_t recvs = 0;  // the peer's recvs from this rank so far
+  // The peer's op matching the one that timed out (its send for a recv, its recv for a send),
+  // when it has posted it; what it last posted of that kind otherwise (if anything).
+  std::optional<Collective> matching;
+  std::optional<Collective> last;
+};
+
+// For backends: the CommTimeout message for the send or recv `c` (c.peer, c.label). `peer` is
+// what the peer had posted toward this rank (nullopt: unknown), `liveness` the check of the peer
+// (group ranks), when one was run.
+std::string p2p_timeout_message(const Collective& c, std::string_view kind, std::string_view group,
+                                int rank, const std::vector<int>& world_ranks, double timeout_s,
+                                const std::optional<PeerP2p>& peer,
+                                const std::optional<LivenessReport>& liveness = std::nullopt);
+
 // For backends: the CommTimeout message for `c` on a group. `missing` are the group ranks that
 // never arrived; `last_seen[i]` says what missing[i] last posted on this group ("" if unknown).
 // `world_ranks` are the group's members (their world ranks, by group rank). `liveness`, when a
@@ -242,6 +280,21 @@ class Backend {
   // Collective: ranks with the same color >= 0 form a new group, ordered by (key, rank); a
   // negative color returns nullptr. Blocks until every rank has called it (or CommTimeout).
   virtual std::unique_ptr<Backend> split(const Collective& c) = 0;
+
+  // One send or recv of a batch: c.op is kSend or kRecv; c.peer (another rank of the group),
+  // c.seq (the op's number among this rank's ops of that kind with that peer, from 1), c.dtype,
+  // c.in_shape and c.label are set; `tensor` is defined and accepted.
+  struct P2pCall {
+    Collective c;
+    Tensor tensor;
+  };
+  // Starts every op of `calls` together, without blocking (NCCL: one ncclGroupStart/End, so that
+  // none waits for another on the device), and returns one WorkImpl per call, in order. A send
+  // is matched by the peer's recv with the same number; a WorkImpl completes when its transfer
+  // has (a send: the data has left `tensor`; a recv: it is in `tensor`). Throws InvalidArgument
+  // only before starting anything. The default: InvalidArgument (no point-to-point).
+  virtual std::vector<std::shared_ptr<WorkImpl>> post_p2p(const std::vector<P2pCall>& calls);
+
   // Releases the group after its work has completed. Collective in spirit; must not hang.
   virtual void finalize() = 0;
   // Ends the job (MPI, NCCL) or fails every pending and future collective of the world
@@ -255,6 +308,21 @@ class Backend {
 
  private:
   GroupInfo group_;
+};
+
+// One send or recv of Communicator::exchange().
+struct P2pOp {
+  OpType op = OpType::kSend;  // kSend or kRecv
+  Tensor tensor;
+  int peer = -1;
+  std::string label;  // see Communicator::send
+
+  static P2pOp send(Tensor tensor, int peer, std::string label = {}) {
+    return {OpType::kSend, std::move(tensor), peer, std::move(label)};
+  }
+  static P2pOp recv(Tensor tensor, int peer, std::string label = {}) {
+    return {OpType::kRecv, std::move(tensor), peer, std::move(label)};
+  }
 };
 
 class Communicator {
@@ -298,6 +366,46 @@ class Communicator {
   // independent of the parent (either may be finalized first).
   Communicator split(int color, int key);
 
+  // Point-to-point. Asynchronous: posting never blocks; the Work completes when the transfer
+  // has (a send: the data has left `tensor`, which must not be written until then; a recv: it is
+  // in `tensor`, which must not be read until then). `peer` is another rank of this group.
+  // Streams (NCCL): as the collectives, ordered after the work queued on the compute stream at
+  // posting, run on the group's NCCL stream; Work::wait() orders the compute stream after them.
+  // Thread-safety: as the collectives (one thread at a time per communicator).
+  //
+  // Matching: the k-th send from rank a to rank b on a group is received by b's k-th recv from a
+  // (FIFO per pair and direction, numbered apart from the collectives, which they do not
+  // disturb). A send and its recv have the same dtype and shape: the byte counts are always
+  // compared where the backend can (loopback, MPI), dtype and shape with MESHTRAIN_COMM_DEBUG=1
+  // (loopback: always); a mismatch is InvalidArgument on the receiving rank.
+  //
+  // Deadlock rule (comm/README.md): (1) post every op a peer may be waiting for before waiting
+  // on anything; (2) ops that must be in flight at the same time (a send and a recv between the
+  // same two ranks, a ring shift) go in one exchange(), or are posted in the same relative order
+  // on both ranks of every pair. A send may complete only once its recv is posted (loopback:
+  // always; MPI: above the eager size), and NCCL runs a group's ops one after another in posting
+  // order on its stream, so on NCCL two ranks that each post a lone send to the other before the
+  // recv wait for each other forever; in one exchange() they do not.
+  //
+  // Timeouts: as collectives (CommTimeout `timeout_s` after posting, the group unusable after),
+  // naming the peer (group and world rank, and `label`: "pipeline stage 2"; empty: the label set
+  // with set_peer_label), whether it posted the matching op, and (MPI, NCCL) whether it is
+  // alive, lost or stalled. Errors: a peer that is this rank or not in the group, an undefined
+  // tensor, a tensor on a device the backend cannot use: InvalidArgument naming the call, and
+  // nothing is posted.
+  Work send(const Tensor& tensor, int peer, std::string_view label = {});
+  Work recv(const Tensor& tensor, int peer, std::string_view label = {});
+  // Posts every op together (Megatron's batch_isend_irecv; NCCL: one ncclGroupStart/End) and
+  // returns one Work per op, in order. Ops are numbered in the order given. Recv tensors must
+  // not overlap any other op's tensor of the batch. Either every op is posted or none is.
+  std::vector<Work> exchange(const std::vector<P2pOp>& ops);
+  // The name of `peer` in the messages of sends and recvs posted without a label ("pipeline
+  // stage 2"; Mesh names its pipeline group's ranks so). Local to this rank.
+  void set_peer_label(int peer, std::string label);
+  // The number the next send to (recv from) `peer` will get.
+  std::uint64_t next_send_seq(int peer) const;
+  std::uint64_t next_recv_seq(int peer) const;
+
   // Waits for every outstanding collective of this communicator.
   void wait_all();
   // Waits for outstanding work, then releases the group. Every rank calls it. After a timeout
@@ -311,6 +419,9 @@ class Communicator {
   Work post(Collective c, const Tensor& in, const Tensor& out);
   void check_usable() const;
   void prune();
+  // InvalidArgument unless `peer` is another rank of this group; `call` names the caller.
+  void check_peer(int peer, std::string_view call) const;
+  void ensure_p2p_tables();
   void abandon_group() noexcept;
 
   std::unique_ptr<Backend> backend_;
@@ -318,6 +429,9 @@ class Communicator {
   std::uint64_t next_seq_ = 1;
   std::vector<Work> outstanding_;
   std::shared_ptr<detail::GroupHealth> health_;
+  // Point-to-point, by peer (group rank); sized on first use.
+  std::vector<std::uint64_t> sends_posted_, recvs_posted_;
+  std::vector<std::string> peer_labels_;
 };
 
 }  // namespace meshtrain::comm

@@ -7,6 +7,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "runtime/error.hpp"
 #include "runtime/log.hpp"
@@ -39,6 +40,16 @@ struct Slot {
   std::vector<int> split_rank;
 };
 
+// One message (a send and its recv: the same sender, receiver and number), filled in as the two
+// ranks post. Completes, for both, when both have posted (loopback sends are rendezvous).
+struct P2pSlot {
+  Collective send_call, recv_call;
+  Tensor send, recv;
+  bool has_send = false, has_recv = false;
+  bool done = false;
+  std::string error;  // a mismatch: both works fail with it
+};
+
 struct LoopbackGroup {
   std::shared_ptr<detail::LoopbackState> world;
   std::string name;
@@ -46,6 +57,14 @@ struct LoopbackGroup {
   // Guarded by world->mu.
   std::map<std::uint64_t, std::shared_ptr<Slot>> slots;
   std::vector<Collective> last_posted;  // per rank; seq 0 = nothing posted yet
+  // Point-to-point, guarded by world->mu: messages by (sender, receiver, number) while one side
+  // has posted, and what each rank posted toward each other rank, by (from, to).
+  struct Posted {
+    std::uint64_t sends = 0, recvs = 0;
+    std::optional<Collective> last_send, last_recv;
+  };
+  std::map<std::tuple<int, int, std::uint64_t>, std::shared_ptr<P2pSlot>> messages;
+  std::map<std::pair<int, int>, Posted> p2p_posted;
 
   int size() const { return static_cast<int>(world_ranks.size()); }
 };
@@ -150,6 +169,10 @@ void execute(LoopGroup& g, Slot& s) {
       }
       break;
     }
+    case OpType::kSend:
+    case OpType::kRecv:
+      MT_ASSERT(false, "{} is posted by post_p2p", c.str());
+      break;
   }
 }
 
@@ -203,6 +226,57 @@ class LoopWork final : public WorkImpl {
   std::shared_ptr<Slot> slot_;
 };
 
+// One send or recv: done when the peer has posted the matching op and the data was copied.
+class LoopP2pWork final : public WorkImpl {
+ public:
+  LoopP2pWork(const Collective& c, Clock::time_point deadline, int rank, double timeout_s,
+              std::shared_ptr<LoopGroup> group, std::shared_ptr<detail::P2pSlot> slot)
+      : WorkImpl(c, deadline),
+        rank_(rank),
+        timeout_s_(timeout_s),
+        group_(std::move(group)),
+        slot_(std::move(slot)) {}
+
+  bool progress() override {
+    std::lock_guard lock(group_->world->mu);
+    return done_locked();
+  }
+
+  bool wait_until(Clock::time_point until) override {
+    std::unique_lock lock(group_->world->mu);
+    group_->world->cv.wait_until(lock, until,
+                                 [&] { return slot_->done || group_->world->aborted; });
+    return done_locked();
+  }
+
+  std::string describe_timeout() override {
+    std::lock_guard lock(group_->world->mu);
+    const Collective& c = collective();
+    // The peer has not posted the matching op: it would have completed this one at once.
+    PeerP2p peer;
+    if (const auto it = group_->p2p_posted.find({c.peer, rank_}); it != group_->p2p_posted.end()) {
+      peer.sends = it->second.sends;
+      peer.recvs = it->second.recvs;
+      peer.last = c.op == OpType::kRecv ? it->second.last_send : it->second.last_recv;
+    }
+    return p2p_timeout_message(c, "loopback", group_->name, rank_, group_->world_ranks, timeout_s_,
+                               peer);
+  }
+
+ private:
+  bool done_locked() {
+    if (group_->world->aborted) throw Error(group_->world->abort_reason);
+    if (!slot_->done) return false;
+    if (!slot_->error.empty()) throw InvalidArgument(slot_->error);
+    return true;
+  }
+
+  int rank_;
+  double timeout_s_;
+  std::shared_ptr<LoopGroup> group_;
+  std::shared_ptr<detail::P2pSlot> slot_;
+};
+
 class LoopBackend final : public Backend {
  public:
   LoopBackend(std::shared_ptr<LoopGroup> group, int rank, CommOptions options)
@@ -241,6 +315,38 @@ class LoopBackend final : public Backend {
     if (!slot->split_groups[rank_]) return nullptr;
     return std::make_unique<LoopBackend>(slot->split_groups[rank_], slot->split_rank[rank_],
                                          options_);
+  }
+
+  std::vector<std::shared_ptr<WorkImpl>> post_p2p(const std::vector<P2pCall>& calls) override {
+    auto& w = *group_->world;
+    std::vector<std::shared_ptr<WorkImpl>> works;
+    const auto deadline = Clock::now() + options_.timeout();
+    std::lock_guard lock(w.mu);
+    if (w.aborted) throw Error(w.abort_reason);
+    for (const P2pCall& call : calls) {
+      const Collective& c = call.c;
+      const bool is_send = c.op == OpType::kSend;
+      const int from = is_send ? rank_ : c.peer;
+      const int to = is_send ? c.peer : rank_;
+      auto& slot = group_->messages[{from, to, c.seq}];
+      if (!slot) slot = std::make_shared<detail::P2pSlot>();
+      MT_ASSERT(!(is_send ? slot->has_send : slot->has_recv),
+                "rank {} posted {} twice on group '{}'", rank_, c.str(), group_->name);
+      (is_send ? slot->send_call : slot->recv_call) = c;
+      (is_send ? slot->send : slot->recv) = call.tensor;
+      (is_send ? slot->has_send : slot->has_recv) = true;
+      auto& mine = group_->p2p_posted[{rank_, c.peer}];
+      (is_send ? mine.sends : mine.recvs) = c.seq;
+      (is_send ? mine.last_send : mine.last_recv) = c;
+      works.push_back(
+          std::make_shared<LoopP2pWork>(c, deadline, rank_, options_.timeout_s, group_, slot));
+      if (slot->has_send && slot->has_recv) {
+        deliver(*slot);
+        group_->messages.erase({from, to, c.seq});
+        w.cv.notify_all();
+      }
+    }
+    return works;
   }
 
   void finalize() override {}
@@ -285,6 +391,18 @@ class LoopBackend final : public Backend {
       w.cv.notify_all();
     }
     return result;
+  }
+
+  // Copies a message once both sides have posted, or records why it cannot be: loopback compares
+  // dtype and shape always (not only the byte counts), as it checks collectives' signatures.
+  // Called with world->mu held.
+  void deliver(detail::P2pSlot& s) {
+    s.error = p2p_mismatch(s.recv_call, s.send_call, group_->name);
+    if (s.error.empty() && s.send.nbytes() > 0)
+      std::memmove(s.recv.data(), s.send.data(), s.send.nbytes());
+    s.done = true;
+    s.send = Tensor();
+    s.recv = Tensor();
   }
 
   std::shared_ptr<LoopGroup> group_;

@@ -10,8 +10,14 @@
 //
 // A collective runs when its last rank arrives, on that rank's thread. Loopback always checks
 // that the ranks' calls match (it costs nothing here); a mismatch fails the collective on every
-// rank with InvalidArgument. abort() cannot end the job from a thread: it fails every pending and
-// future collective of the world on every rank instead.
+// rank with InvalidArgument.
+//
+// Point-to-point: a message is copied when the second of its send and recv is posted, on that
+// rank's thread, and both works complete then (sends are rendezvous: a send waited on before
+// its recv is posted does not complete, which is what NCCL does with large messages). dtype and
+// shape are always compared; a mismatch fails both works with InvalidArgument. abort() cannot end
+// the job from a thread: it fails every pending and future collective of the world on every rank
+// instead.
 #pragma once
 
 #include <functional>

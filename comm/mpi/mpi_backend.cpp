@@ -366,6 +366,10 @@ class MpiBackend final : public Backend {
       case OpType::kSplit:
         MT_ASSERT(false, "split is not posted");
         break;
+      case OpType::kSend:
+      case OpType::kRecv:
+        MT_ASSERT(false, "{} is posted by post_p2p", c.str());
+        break;
     }
     if (g.engine) g.engine->add(w);
     return w;

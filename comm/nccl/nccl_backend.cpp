@@ -277,6 +277,10 @@ class NcclBackend final : public Backend {
       case OpType::kSplit:
         MT_ASSERT(false, "split is not posted");
         break;
+      case OpType::kSend:
+      case OpType::kRecv:
+        MT_ASSERT(false, "{} is posted by post_p2p", c.str());
+        break;
     }
     w->done().record(s);
     w->keep(in);

@@ -127,6 +127,97 @@ TEST(Collective, TimeoutMessageNamesStalledRanks) {
       << lost_and_stalled;
 }
 
+Collective p2p_call(OpType op, int peer, std::uint64_t seq, std::string label = {}) {
+  Collective c;
+  c.op = op;
+  c.dtype = DType::kBF16;
+  c.in_shape = Shape{4, 1024};
+  c.out_numel = 4096;
+  c.peer = peer;
+  c.seq = seq;
+  c.label = std::move(label);
+  return c;
+}
+
+LivenessReport checked(std::vector<int> lost, double window_s) {
+  LivenessReport r;
+  r.lost = std::move(lost);
+  r.window_s = window_s;
+  return r;
+}
+
+TEST(Collective, DescribesPointToPoint) {
+  EXPECT_EQ(p2p_call(OpType::kSend, 2, 3).str(), "send #3 to rank 2 (bf16[4, 1024])");
+  EXPECT_EQ(p2p_call(OpType::kRecv, 0, 1, "pipeline stage 0").str(),
+            "recv #1 from rank 0, pipeline stage 0 (bf16[4, 1024])");
+  EXPECT_TRUE(is_p2p(OpType::kSend) && is_p2p(OpType::kRecv) && !is_p2p(OpType::kBarrier));
+  const Collective recv = p2p_call(OpType::kRecv, 1, 2);
+  Collective send = p2p_call(OpType::kSend, 0, 2);
+  EXPECT_EQ(p2p_mismatch(recv, send, "g"), "");
+  send.in_shape = Shape{4096};
+  EXPECT_EQ(p2p_mismatch(recv, send, "g"),
+            "point-to-point mismatch on group 'g': recv #2 from rank 1 (bf16[4, 1024]) was matched "
+            "by rank 1's send #2 of bf16[4096] (a send and its recv must have the same dtype and "
+            "shape)");
+}
+
+// Each thing a timed-out send or recv can say of its peer: that it never posted the matching op
+// (and is alive, lost or stalled), or that it did and the transfer is stuck, or that the two
+// sides disagree on dtype or shape; with the peer's world rank and label.
+TEST(Collective, P2pTimeoutMessageNamesThePeer) {
+  const Collective recv = p2p_call(OpType::kRecv, 2, 3, "pipeline stage 2");
+  const std::vector<int> world = {1, 3, 5};  // a PP group: group rank 2 is world rank 5
+  PeerP2p behind;
+  behind.sends = 2;
+  behind.last = p2p_call(OpType::kSend, 0, 2);
+  const std::string alive =
+      p2p_timeout_message(recv, "mpi", "world/1", 0, world, 4.0, behind, checked({}, 3.0));
+  EXPECT_NE(alive.find("recv #3 from rank 2, pipeline stage 2 (bf16[4, 1024]) on group 'world/1' "
+                       "(mpi, 3 ranks, this is rank 0 (world rank 1)) did not complete within 4 s: "
+                       "rank 2 (world rank 5, pipeline stage 2) never posted the matching send #3 "
+                       "to this rank (it posted 2 sends to this rank, the last send #2 "
+                       "(bf16[4, 1024])); it is alive (it answered a liveness check) but has not "
+                       "posted the send"),
+            std::string::npos)
+      << alive;
+  const std::string lost =
+      p2p_timeout_message(recv, "mpi", "world/1", 0, world, 4.0, behind, checked({2}, 3.0));
+  EXPECT_NE(lost.find("never posted the matching send #3 to this rank (it posted 2 sends to this "
+                      "rank, the last send #2 (bf16[4, 1024])); it did not answer a liveness "
+                      "check within 3 s: lost (exited, killed or stopped). End the job"),
+            std::string::npos)
+      << lost;
+  LivenessReport stalled = checked({}, 3.0);
+  stalled.stalled = {{2, 9.5}};
+  const std::string late =
+      p2p_timeout_message(recv, "mpi", "world/1", 0, world, 4.0, behind, stalled);
+  EXPECT_NE(late.find("; it did not run for 9.5 s (stopped"), std::string::npos) << late;
+  EXPECT_EQ(late.find("alive"), std::string::npos) << late;
+
+  const Collective send = p2p_call(OpType::kSend, 1, 1);
+  PeerP2p posted;
+  posted.recvs = 1;
+  posted.matching = p2p_call(OpType::kRecv, 0, 1);
+  const std::string stuck =
+      p2p_timeout_message(send, "nccl", "world", 0, {0, 1}, 4.0, posted, checked({1}, 3.0));
+  EXPECT_NE(stuck.find("rank 1 posted the matching recv #1 from this rank, but the transfer did "
+                       "not complete; then it did not answer a liveness check within 3 s: lost"),
+            std::string::npos)
+      << stuck;
+  posted.matching->dtype = DType::kF32;
+  const std::string differ = p2p_timeout_message(send, "nccl", "world", 0, {0, 1}, 4.0, posted);
+  EXPECT_NE(differ.find("rank 1 posted the matching recv #1 from this rank as fp32[4, 1024], but "
+                        "this send is bf16[4, 1024]: a send and its recv must have the same dtype "
+                        "and shape"),
+            std::string::npos)
+      << differ;
+  const std::string unknown =
+      p2p_timeout_message(send, "loopback", "world", 0, {0, 1}, 4.0, std::nullopt);
+  EXPECT_NE(unknown.find("rank 1 did not complete the matching recv #1 from this rank. End"),
+            std::string::npos)
+      << unknown;
+}
+
 TEST(CommOptions, FromSettings) {
   const CommOptions o = CommOptions::from_settings();
   EXPECT_EQ(o.timeout_s, settings().comm_timeout_s);
