@@ -17,6 +17,9 @@ namespace meshtrain::comm::detail {
 namespace {
 
 constexpr int kTag = 0x4d54;  // "MT"; the duplicate communicator carries nothing else
+// Point-to-point announcements kept per peer and kind, for the debug comparison of a recv with
+// its send (a pipeline has a few messages in flight per pair).
+constexpr std::size_t kP2pKept = 64;
 
 // A Collective in a fixed-size, trivially copyable form.
 struct Notice {
@@ -82,6 +85,35 @@ struct ArrivalBoard::Impl {
   std::vector<std::deque<Collective>> received;
   std::vector<std::uint64_t> latest;  // highest sequence number announced by each peer
   std::deque<Outgoing> outgoing;
+  // Point-to-point, per peer: what it announced of its ops with this rank (the highest numbers
+  // and the latest few of each kind), and how many this rank posted with it.
+  struct P2pIn {
+    std::uint64_t sends = 0, recvs = 0;
+    std::deque<Collective> sends_kept, recvs_kept;
+  };
+  std::vector<P2pIn> p2p_in;
+  std::vector<std::uint64_t> p2p_sends_out, p2p_recvs_out;
+
+  void record_p2p(int peer, Collective c) {
+    P2pIn& in = p2p_in[peer];
+    c.peer = rank;  // the op as the peer posted it: with this rank
+    const bool is_send = c.op == OpType::kSend;
+    std::uint64_t& highest = is_send ? in.sends : in.recvs;
+    highest = std::max(highest, c.seq);
+    auto& kept = is_send ? in.sends_kept : in.recvs_kept;
+    kept.push_back(std::move(c));
+    if (kept.size() > kP2pKept) kept.pop_front();
+  }
+
+  // Whether every peer has announced the ops matching this rank's sends and recvs.
+  bool p2p_matched() const {
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer == rank) continue;
+      if (p2p_in[peer].sends < p2p_recvs_out[peer] || p2p_in[peer].recvs < p2p_sends_out[peer])
+        return false;
+    }
+    return true;
+  }
 
   void post_recv(int peer) {
     MT_MPI_CHECK(MPI_Irecv(&recv_buffers[peer], sizeof(Notice), MPI_BYTE, peer, kTag, comm,
@@ -99,8 +131,12 @@ struct ArrivalBoard::Impl {
       for (int i = 0; i < count; ++i) {
         const int peer = idx[i];
         const Collective c = from_notice(recv_buffers[peer]);
-        latest[peer] = std::max(latest[peer], c.seq);
-        received[peer].push_back(c);
+        if (is_p2p(c.op)) {
+          record_p2p(peer, c);
+        } else {
+          latest[peer] = std::max(latest[peer], c.seq);
+          received[peer].push_back(c);
+        }
         post_recv(peer);
       }
     }
@@ -149,6 +185,9 @@ ArrivalBoard::ArrivalBoard(std::int32_t fortran_comm, Clock::time_point deadline
   s.recv_buffers.resize(s.size);
   s.received.resize(s.size);
   s.latest.assign(s.size, 0);
+  s.p2p_in.resize(s.size);
+  s.p2p_sends_out.assign(s.size, 0);
+  s.p2p_recvs_out.assign(s.size, 0);
   for (int peer = 0; peer < s.size; ++peer) {
     if (peer != s.rank) s.post_recv(peer);
   }
@@ -180,6 +219,44 @@ void ArrivalBoard::announce(const Collective& c) {
     MPI_Request& r = out.requests.emplace_back(MPI_REQUEST_NULL);
     MT_MPI_CHECK(MPI_Isend(&out.notice, sizeof(Notice), MPI_BYTE, peer, kTag, s.comm, &r));
   }
+}
+
+void ArrivalBoard::announce_p2p(const Collective& c) {
+  Impl& s = *impl_;
+  MT_ASSERT(is_p2p(c.op) && c.peer >= 0 && c.peer < s.size && c.peer != s.rank,
+            "announce_p2p of {} with peer {} on a group of {}", c.str(), c.peer, s.size);
+  s.drain();
+  std::uint64_t& posted = c.op == OpType::kSend ? s.p2p_sends_out[c.peer] : s.p2p_recvs_out[c.peer];
+  posted = std::max(posted, c.seq);
+  Outgoing& out = s.outgoing.emplace_back();
+  out.notice = to_notice(c);
+  MPI_Request& r = out.requests.emplace_back(MPI_REQUEST_NULL);
+  MT_MPI_CHECK(MPI_Isend(&out.notice, sizeof(Notice), MPI_BYTE, c.peer, kTag, s.comm, &r));
+}
+
+PeerP2p ArrivalBoard::p2p_peer(const Collective& c, std::chrono::milliseconds grace) {
+  Impl& s = *impl_;
+  MT_ASSERT(is_p2p(c.op) && c.peer >= 0 && c.peer < s.size && c.peer != s.rank,
+            "p2p_peer of {} with peer {} on a group of {}", c.str(), c.peer, s.size);
+  const OpType want = c.op == OpType::kSend ? OpType::kRecv : OpType::kSend;
+  const auto until = Clock::now() + grace;
+  PeerP2p out;
+  for (;;) {
+    s.drain();
+    const Impl::P2pIn& in = s.p2p_in[c.peer];
+    const auto& kept = want == OpType::kSend ? in.sends_kept : in.recvs_kept;
+    out.sends = in.sends;
+    out.recvs = in.recvs;
+    out.last = kept.empty() ? std::nullopt : std::optional<Collective>(kept.back());
+    const auto it =
+        std::find_if(kept.begin(), kept.end(), [&](const Collective& x) { return x.seq == c.seq; });
+    if (it != kept.end()) out.matching = *it;
+    if (out.matching || Clock::now() >= until) break;
+    ring_progress_all();
+    liveness_serve();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return out;
 }
 
 void ArrivalBoard::progress() {
@@ -252,14 +329,16 @@ void ArrivalBoard::finalize(std::uint64_t last_seq, Clock::time_point deadline) 
   for (int spins = 0;; ++spins) {
     s.drain();
     ring_progress_all();
-    bool all = s.outgoing.empty();
+    bool all = s.outgoing.empty() && s.p2p_matched();
     for (int peer = 0; peer < s.size && all; ++peer) {
       all = peer == s.rank || s.latest[peer] >= last_seq;
     }
     if (all) break;
     if (Clock::now() >= deadline) {
-      log::warn("communicator side channel: not every rank announced #{} before finalize",
-                last_seq);
+      log::warn(
+          "communicator side channel: not every rank announced #{} (and the sends and recvs "
+          "matching this rank's) before finalize",
+          last_seq);
       abandon();
       return;
     }

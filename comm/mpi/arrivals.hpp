@@ -9,6 +9,10 @@
 // arrived are exactly the ranks that never arrived, and the others are named with what they last
 // posted. No peer has to answer anything at timeout time: a stuck peer cannot.
 //
+// Point-to-point ops (send, recv) are announced too, to their peer only: at a timeout the board
+// says whether the peer posted the matching op (and with what dtype and shape), and debug mode
+// compares a recv with its send.
+//
 // MPI orders messages between two ranks on one communicator, so each peer's announcements
 // arrive in sequence order. Cost: size - 1 small eager sends per collective per rank, negligible
 // next to a collective's own traffic for the group sizes of CPU jobs; a tree-shaped scheme would
@@ -60,8 +64,16 @@ class ArrivalBoard {
   // group rank, this rank's included). Returns std::nullopt if `deadline` passes first.
   std::optional<std::vector<Collective>> await_all(const Collective& mine,
                                                    Clock::time_point deadline);
-  // Drains until every peer has announced `last_seq` (or `deadline`), then cancels the receives
-  // and frees the duplicate communicator.
+  // Announces the send or recv `c` (c.op, c.peer, c.seq: its number among this rank's ops of
+  // that kind with that peer) to c.peer only, without blocking.
+  void announce_p2p(const Collective& c);
+  // What c.peer has announced of its point-to-point ops with this rank, after draining for up
+  // to `grace` until it has announced the op matching `c` (this rank's send or recv): its recv
+  // #c.seq for a send, its send #c.seq for a recv. `matching` is set once it has (the latest 64
+  // announcements of each kind per peer are kept); `last` is its latest op of that kind.
+  PeerP2p p2p_peer(const Collective& c, std::chrono::milliseconds grace);
+  // Drains until every peer has announced `last_seq` and the ops matching this rank's sends and
+  // recvs (or `deadline`), then cancels the receives and frees the duplicate communicator.
   void finalize(std::uint64_t last_seq, Clock::time_point deadline);
   // Releases without waiting for anyone (after a timeout). Never throws.
   void abandon() noexcept;

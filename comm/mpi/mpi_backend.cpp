@@ -11,6 +11,14 @@
 // Every collective is first announced on the group's ArrivalBoard (comm/mpi/arrivals.hpp): the
 // side channel that names the ranks that never arrived when a collective times out, and that
 // carries the signatures compared in debug mode.
+//
+// Point-to-point (send, recv): MPI_Isend/MPI_Irecv of the tensor's bytes on the group's
+// communicator, with tags above the rings' (kP2pTagFirst up, the pair's op number modulo the
+// tags there are), so that they never match a ring's messages and MPI's non-overtaking order
+// matches them in posting order. Each op is announced to its peer on the board; the progress
+// thread tests their requests like the collectives'. A recv checks the byte count it got
+// (MPI_Get_count; a longer message is MPI_ERR_TRUNCATE) and, in debug mode, the sender's dtype
+// and shape from its announcement.
 
 #include "comm/mpi/mpi_backend.hpp"
 
@@ -34,6 +42,9 @@ namespace meshtrain::comm::detail {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The first point-to-point tag: the rings use 0 .. 32767 (MpiGroup::tag_ub).
+constexpr int kP2pTagFirst = 32768;
 
 template <DType D, ReduceOp R>
 void user_op(void* in, void* inout, int* len, MPI_Datatype*) {
@@ -76,6 +87,7 @@ struct MpiGroup {
   // Finalized or abandoned: the progress thread no longer touches its requests.
   std::atomic<bool> released{false};
   std::shared_ptr<ProgressEngine> engine;  // null: only the caller advances collectives
+  int p2p_tags = 0;  // how many tags point-to-point cycles through; 0: not asked MPI yet
 
   static int index16(DType d) { return d == DType::kBF16 ? 0 : 1; }
   static int index_op(ReduceOp r) {
@@ -147,6 +159,41 @@ struct MpiGroup {
     }
     return timeout_message(c, "mpi", info.name, info.rank, world_ranks, options.timeout_s, missing,
                            last, live);
+  }
+
+  // A send or recv timed out: what its peer posted toward this rank (the board), and whether the
+  // peer is alive (a liveness check of that one rank).
+  std::string describe_p2p_timeout(const Collective& c) {
+    std::optional<PeerP2p> peer;
+    if (board) peer = board->p2p_peer(c, grace());
+    std::optional<LivenessReport> live;
+    const auto window = liveness_window();
+    if (auto result = liveness_check({world_ranks[c.peer]}, window)) {
+      live.emplace();
+      live->window_s = std::chrono::duration<double>(window).count();
+      if (!result->lost.empty()) live->lost.push_back(c.peer);
+      for (const auto& stall : result->stalled) live->stalled.emplace_back(c.peer, stall.second);
+    }
+    return p2p_timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, peer, live);
+  }
+
+  // How many tags point-to-point cycles through, from kP2pTagFirst to MPI_TAG_UB.
+  int p2p_tag_count() {
+    if (p2p_tags > 0) return p2p_tags;
+    // MPI_TAG_UB holds for every communicator, but only MPI_COMM_WORLD is sure to carry it:
+    // communicators from MPI_Comm_split have no attributes.
+    void* attr = nullptr;
+    int flag = 0;
+    MT_MPI_CHECK(MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &attr, &flag));
+    const int ub = flag ? *static_cast<int*>(attr) : 32767;
+    if (ub < kP2pTagFirst + 1023) {
+      throw MpiError(fmt::format(
+          "point-to-point on group '{}': this MPI's largest tag (MPI_TAG_UB) is {}, but sends and "
+          "recvs need tags {} to at least {} (below are the collectives' rings)",
+          name, ub, kP2pTagFirst, kP2pTagFirst + 1023));
+    }
+    p2p_tags = ub - kP2pTagFirst + 1;
+    return p2p_tags;
   }
 };
 
@@ -266,6 +313,180 @@ class MpiWork final : public WorkImpl, public Pollable {
   std::vector<Tensor> keep_;
   bool transferred_ = false;  // the data has arrived (finish_ may still be due)
   bool done_ = false;
+};
+
+// MPI_Test of a receive, made as MT_MPI_CHECK makes it (under mpi_mutex(); MpiError naming the
+// call on failure), except for a message longer than the buffer: that error (class
+// MPI_ERR_TRUNCATE) is the caller's mismatch, returned as a completion with *truncated set so
+// that the work reports it as InvalidArgument. MPI_Error_class is made under the same lock.
+bool test_receive(MPI_Request* request, MPI_Status* status, bool* truncated) {
+  int flag = 0;
+  int err = MPI_SUCCESS;
+  int cls = MPI_SUCCESS;
+  {
+    std::lock_guard lock(mpi_mutex());
+    err = MPI_Test(request, &flag, status);
+    if (err != MPI_SUCCESS && MPI_Error_class(err, &cls) != MPI_SUCCESS) cls = err;
+  }
+  if (err == MPI_SUCCESS) return flag != 0;
+  if (cls == MPI_ERR_TRUNCATE) {
+    *truncated = true;
+    return true;
+  }
+  fail_mpi(err, "MPI_Test(request, &flag, status)", __FILE__, __LINE__);
+}
+
+// One send or recv. As MpiWork, two threads may advance it: its owner (progress(), which
+// finishes it: the byte count, the debug comparison, the copy to a device) and the progress
+// thread (poll(), which only tests the request); `mu_` serialises them, the thread try-locks.
+// A failure seen by either is kept and thrown by every later progress().
+class MpiP2pWork final : public WorkImpl, public Pollable {
+ public:
+  MpiP2pWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<MpiGroup> group,
+             std::size_t bytes)
+      : WorkImpl(c, deadline), group_(std::move(group)), bytes_(bytes) {}
+
+  ~MpiP2pWork() override {
+    if (!transferred_ && request_ != MPI_REQUEST_NULL) {
+      // Only reachable when a communicator was abandoned; the buffers are leaked with it.
+      log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
+    }
+  }
+
+  bool progress() override {
+    std::lock_guard lock(mu_);
+    if (done_) return true;
+    rethrow();
+    ring_progress_all();
+    try {
+      if (!transferred_ && !test()) return false;
+      finish();
+    } catch (const InvalidArgument& e) {
+      failure_ = e.what();
+      invalid_ = true;
+      throw;
+    } catch (const std::exception& e) {
+      failure_ = e.what();
+      throw;
+    }
+    return true;
+  }
+
+  void poll() noexcept override {
+    if (group_->released.load(std::memory_order_acquire)) return;
+    std::unique_lock lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock() || transferred_ || !failure_.empty()) return;
+    try {
+      if (!test()) return;
+      progress_events().fetch_add(1, std::memory_order_relaxed);
+    } catch (const std::exception& e) {
+      failure_ = e.what();  // thrown by the owner's next progress()
+    }
+    done_cv_.notify_all();
+  }
+
+  // As MpiWork::wait_until: spins for a while, then sleeps until the progress thread reports the
+  // transfer done (or 20 us .. 1 ms pass).
+  bool wait_until(Clock::time_point until) override {
+    constexpr auto kSpin = std::chrono::milliseconds(1);
+    const auto start = Clock::now();
+    auto nap = std::chrono::microseconds(20);
+    for (;;) {
+      if (progress()) return true;
+      const auto now = Clock::now();
+      if (now >= until) return false;
+      if (now - start < kSpin) continue;
+      if (!group_->engine) {
+        liveness_serve();
+        std::this_thread::yield();
+        continue;
+      }
+      std::unique_lock lock(mu_);
+      done_cv_.wait_for(lock, std::min<Clock::duration>(nap, until - now),
+                        [&] { return transferred_ || !failure_.empty(); });
+      nap = std::min(nap * 2, std::chrono::microseconds(1000));
+    }
+  }
+
+  std::string describe_timeout() override {
+    std::lock_guard lock(mu_);
+    return group_->describe_p2p_timeout(collective());
+  }
+
+  MPI_Request* request() { return &request_; }
+  void on_complete(std::function<void()> f) { finish_ = std::move(f); }
+  void keep(const Tensor& t) { keep_.push_back(t); }
+
+ private:
+  void rethrow() const {
+    if (failure_.empty()) return;
+    if (invalid_) throw InvalidArgument(failure_);
+    throw MpiError(failure_);
+  }
+
+  // Tests the request (mu_ held); true once the transfer is complete.
+  bool test() {
+    int flag = 0;
+    if (collective().op == OpType::kRecv) {
+      flag = test_receive(&request_, &status_, &truncated_) ? 1 : 0;
+    } else {
+      MT_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    }
+    if (!flag) return false;
+    transferred_ = true;
+    mark_completed();
+    return true;
+  }
+
+  // After the transfer, on the owner's thread (mu_ held): a recv checks what it got against what
+  // it expected, then the data goes to the device.
+  void finish() {
+    const Collective& c = collective();
+    if (c.op == OpType::kRecv) {
+      int got = 0;
+      if (!truncated_) MT_MPI_CHECK(MPI_Get_count(&status_, MPI_BYTE, &got));
+      if (truncated_ || static_cast<std::size_t>(got) != bytes_) {
+        // What the sender posted, if its announcement is here: says which side is wrong.
+        std::string sent;
+        if (const auto peer = group_->board->p2p_peer(c, group_->grace()); peer.matching) {
+          sent = fmt::format(" (its send #{} is {}{})", peer.matching->seq,
+                             dtype_name(peer.matching->dtype), peer.matching->in_shape.str());
+        }
+        throw InvalidArgument(fmt::format(
+            "{} on group '{}': rank {} sent {}{}, but this recv holds {} bytes (a send and its "
+            "recv must have the same dtype and shape)",
+            c.str(), group_->name, c.peer, truncated_ ? "more bytes" : fmt::format("{} bytes", got),
+            sent, bytes_));
+      }
+      if (group_->options.debug) {
+        // The sender announced its send before posting it; its announcement may still be on
+        // the way when the data is here.
+        const PeerP2p peer = group_->board->p2p_peer(c, group_->grace());
+        if (peer.matching) {
+          const std::string msg = p2p_mismatch(c, *peer.matching, group_->name);
+          if (!msg.empty()) throw InvalidArgument(msg);
+        }
+      }
+    }
+    if (finish_) finish_();
+    finish_ = nullptr;
+    keep_.clear();
+    done_ = true;
+  }
+
+  std::shared_ptr<MpiGroup> group_;
+  std::size_t bytes_;
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  MPI_Status status_{};
+  std::function<void()> finish_;
+  std::vector<Tensor> keep_;
+  bool transferred_ = false;
+  bool truncated_ = false;
+  bool done_ = false;
+  std::string failure_;
+  bool invalid_ = false;  // failure_ is the caller's (InvalidArgument), not MPI's
 };
 
 int checked_count(std::int64_t n, const Collective& c) {
@@ -391,6 +612,23 @@ class MpiBackend final : public Backend {
     if (child == MPI_COMM_NULL) return nullptr;
     return std::make_unique<MpiBackend>(child, fmt::format("{}/{}", name(), c.color), g.options,
                                         g.mpi);
+  }
+
+  std::vector<std::shared_ptr<WorkImpl>> post_p2p(const std::vector<P2pCall>& calls) override {
+    MpiGroup& g = *g_;
+    // Everything that can refuse a call, before anything starts.
+    for (const P2pCall& call : calls)
+      checked_count(static_cast<std::int64_t>(call.tensor.nbytes()), call.c);
+    const int tags = g.p2p_tag_count();
+    const auto deadline = Clock::now() + g.options.timeout();
+    std::vector<std::shared_ptr<WorkImpl>> works(calls.size());
+    // Recvs first: a message that arrives finds its buffer posted.
+    for (const OpType pass : {OpType::kRecv, OpType::kSend}) {
+      for (std::size_t i = 0; i < calls.size(); ++i) {
+        if (calls[i].c.op == pass) works[i] = start_p2p(calls[i], deadline, tags);
+      }
+    }
+    return works;
   }
 
   void finalize() override {
@@ -610,6 +848,30 @@ class MpiBackend final : public Backend {
         [hout, out] { out.device().copy_from_host(out.data(), hout.data(), out.nbytes()); });
     MT_MPI_CHECK(MPI_Iallgather(hin.data(), bytes, MPI_BYTE, hout.data(), bytes, MPI_BYTE, g.comm,
                                 w.request()));
+  }
+
+  std::shared_ptr<MpiP2pWork> start_p2p(const P2pCall& call, Clock::time_point deadline, int tags) {
+    MpiGroup& g = *g_;
+    const Collective& c = call.c;
+    const Tensor& t = call.tensor;
+    g.board->announce_p2p(c);
+    const int bytes = static_cast<int>(t.nbytes());
+    const int tag = kP2pTagFirst + static_cast<int>((c.seq - 1) % static_cast<std::uint64_t>(tags));
+    auto w = std::make_shared<MpiP2pWork>(c, deadline, g_, t.nbytes());
+    w->keep(t);
+    if (c.op == OpType::kSend) {
+      Tensor h = host_copy(t);
+      w->keep(h);
+      MT_MPI_CHECK(MPI_Isend(h.data(), bytes, MPI_BYTE, c.peer, tag, g.comm, w->request()));
+    } else {
+      Tensor h = host_target(t);
+      w->keep(h);
+      if (h.data() != t.data())
+        w->on_complete([h, t] { t.device().copy_from_host(t.data(), h.data(), t.nbytes()); });
+      MT_MPI_CHECK(MPI_Irecv(h.data(), bytes, MPI_BYTE, c.peer, tag, g.comm, w->request()));
+    }
+    if (g.engine) g.engine->add(w);
+    return w;
   }
 
   void start_broadcast(MpiWork& w, const Collective& c, const Tensor& t) {
