@@ -3,6 +3,7 @@
 #include <optional>
 
 #include "comm/mpi/arrivals.hpp"
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/mpi_backend.hpp"
 #include "comm/nccl/nccl.hpp"
 #include "comm/nccl/nccl_compat.hpp"
@@ -97,6 +98,7 @@ struct NcclGroup {
   }
 
   std::string describe_timeout(const Collective& c) {
+    if (is_p2p(c.op)) return describe_p2p_timeout(c);
     std::vector<std::string> last;
     std::vector<int> missing;
     if (board) {
@@ -105,6 +107,26 @@ struct NcclGroup {
     }
     return timeout_message(c, "nccl", info.name, info.rank, info.world_ranks, options.timeout_s,
                            missing, last);
+  }
+
+  // A send or recv timed out: what its peer posted toward this rank (the board), and whether the
+  // peer's process is alive (the MPI liveness check of that one rank, comm/mpi/liveness.hpp).
+  std::string describe_p2p_timeout(const Collective& c) {
+    std::optional<PeerP2p> peer;
+    if (board) {
+      const double ms = std::clamp(options.timeout_s * 50.0, 20.0, 500.0);
+      peer = board->p2p_peer(c, std::chrono::milliseconds(static_cast<int>(ms)));
+    }
+    std::optional<LivenessReport> live;
+    const auto window = std::chrono::milliseconds(
+        static_cast<int>(std::clamp(options.timeout_s * 250.0, 3000.0, 5000.0)));
+    if (auto result = detail::liveness_check({world_ranks[c.peer]}, window)) {
+      live.emplace();
+      live->window_s = std::chrono::duration<double>(window).count();
+      if (!result->lost.empty()) live->lost.push_back(c.peer);
+      for (const auto& stall : result->stalled) live->stalled.emplace_back(c.peer, stall.second);
+    }
+    return p2p_timeout_message(c, "nccl", name, rank, world_ranks, options.timeout_s, peer, live);
   }
 };
 
@@ -135,6 +157,10 @@ class NcclWork final : public WorkImpl {
         g_(std::move(g)),
         start_(std::make_shared<CudaMark>(g_->device)),
         done_(std::make_shared<CudaMark>(g_->device)) {}
+  // One op of a batch whose marks it shares (point-to-point: one NCCL group, one span).
+  NcclWork(const Collective& c, Clock::time_point deadline, std::shared_ptr<NcclGroup> g,
+           std::shared_ptr<CudaMark> start, std::shared_ptr<CudaMark> done)
+      : WorkImpl(c, deadline), g_(std::move(g)), start_(std::move(start)), done_(std::move(done)) {}
 
   bool progress() override {
     if (complete_) return true;
@@ -286,6 +312,57 @@ class NcclBackend final : public Backend {
     w->keep(in);
     w->keep(out);
     return w;
+  }
+
+  // Point-to-point: the batch is one NCCL group (ncclGroupStart/End) on the group's stream, so
+  // its sends and recvs progress together; it is ordered after the compute stream's work as the
+  // collectives are, between the same two timing events (every op's device_start/device_end).
+  // NCCL checks no sizes: a send and recv that differ hang until the timeout, whose message then
+  // shows the peer's announced dtype and shape.
+  std::vector<std::shared_ptr<WorkImpl>> post_p2p(const std::vector<P2pCall>& calls) override {
+    NcclGroup& g = *g_;
+    g.check_usable();
+    const auto deadline = Clock::now() + g.options.timeout();
+    for (const P2pCall& call : calls) g.board->announce_p2p(call.c);
+    auto start = std::make_shared<CudaMark>(g.device);
+    auto done = std::make_shared<CudaMark>(g.device);
+    cuda::Event ready;
+    ready.record(g.compute);
+    ready.block(g.stream->get());
+    const cudaStream_t s = g.stream->get();
+    start->record(s);
+    MT_NCCL_CHECK(ncclGroupStart(), g.comm);
+    try {
+      for (const P2pCall& call : calls) {
+        const auto count = static_cast<std::size_t>(call.tensor.numel());
+        if (call.c.op == OpType::kSend) {
+          MT_NCCL_CHECK(
+              ncclSend(call.tensor.data(), count, nccl_type(call.c.dtype), call.c.peer, g.comm, s),
+              g.comm);
+        } else {
+          MT_NCCL_CHECK(
+              ncclRecv(call.tensor.data(), count, nccl_type(call.c.dtype), call.c.peer, g.comm, s),
+              g.comm);
+        }
+      }
+    } catch (...) {
+      // Close the group, so that NCCL's group nesting stays balanced; the first error is the one
+      // thrown (the group is unusable after it).
+      const ncclResult_t r = ncclGroupEnd();
+      if (r != ncclSuccess)
+        log::error("ncclGroupEnd after a failed send/recv on group '{}': {}", g.name,
+                   ncclGetErrorString(r));
+      throw;
+    }
+    MT_NCCL_CHECK(ncclGroupEnd(), g.comm);
+    done->record(s);
+    std::vector<std::shared_ptr<WorkImpl>> works;
+    for (const P2pCall& call : calls) {
+      auto w = std::make_shared<NcclWork>(call.c, deadline, g_, start, done);
+      w->keep(call.tensor);
+      works.push_back(std::move(w));
+    }
+    return works;
   }
 
   std::unique_ptr<Backend> split(const Collective& c) override {

@@ -178,6 +178,53 @@ TEST_F(Nccl, DeviceTimelineMarks) {
   world.finalize();
 }
 
+// Point-to-point: ncclSend/ncclRecv in one NCCL group per exchange, on the NCCL stream between
+// device-timeline marks. The argument checks run at any size; the ring shift needs two ranks
+// (one GPU each), so at one rank (ctest's) only the checks run.
+TEST_F(Nccl, SendRecv) {
+  const int n = comm_.size();
+  const int me = comm_.rank();
+  Tensor dev_t = make(DType::kF32, 16, me);
+  EXPECT_THROW(comm_.send(dev_t, me), InvalidArgument) << "a send to this rank";
+  EXPECT_THROW(comm_.recv(dev_t, n), InvalidArgument) << "a recv from outside the group";
+  if (n < 2) return;
+  const int next = (me + 1) % n;
+  const int prev = (me + n - 1) % n;
+  EXPECT_THROW(comm_.send(Tensor::zeros(Shape{4}, DType::kF32), next), InvalidArgument)
+      << "host tensors are not NCCL's";
+  for (DType d : {DType::kF32, DType::kBF16, DType::kI32}) {
+    for (std::int64_t count : {1, 7, 1'000'003}) {
+      Tensor out = make(d, count, me);
+      Tensor in = Tensor::zeros(Shape{count}, d, *dev_);
+      const std::shared_ptr<DeviceMark> origin = comm_.mark_compute();
+      std::vector<Work> w = comm_.exchange({P2pOp::send(out, next), P2pOp::recv(in, prev)});
+      wait_all(w);
+      ASSERT_TRUE(w[1].device_start() && w[1].device_end());
+      EXPECT_GE(w[1].device_start()->ms_since(*origin), 0.0);
+      EXPECT_GE(w[1].device_end()->ms_since(*w[1].device_start()), 0.0);
+      const auto got = in.to_floats();
+      const auto want = make(d, count, prev).to_floats();  // what prev sent, bit for bit
+      std::int64_t bad = 0;
+      for (std::int64_t i = 0; i < count; ++i) bad += got[i] != want[i];
+      EXPECT_EQ(bad, 0) << dtype_name(d) << "[" << count << "] from rank " << prev;
+    }
+  }
+  // Lone ops in the even/odd order (comm/README.md's deadlock rule).
+  Tensor out = make(DType::kF32, 1 << 20, me);
+  Tensor in = Tensor::zeros(Shape{1 << 20}, DType::kF32, *dev_);
+  Work s, r;
+  if (me % 2 == 0) {
+    s = comm_.send(out, next);
+    r = comm_.recv(in, prev);
+  } else {
+    r = comm_.recv(in, prev);
+    s = comm_.send(out, next);
+  }
+  r.wait();
+  s.wait();
+  EXPECT_EQ(in.to_floats()[12], value(prev, 12));
+}
+
 TEST_F(Nccl, SplitAndAsync) {
   Communicator sub = comm_.split(comm_.rank() % 2, comm_.rank());
   ASSERT_TRUE(sub.valid());
