@@ -12,6 +12,17 @@
 //            does before SIGTERM) while the others' liveness check is waiting for it, and so
 //            answers it: the others must still name it, as stalled for the seconds it did not
 //            run, and never say that every rank answered.
+//
+// Point-to-point, ranks as pipeline stages (the last rank the last stage):
+//   p2p_late     the last stage never sends (it sleeps, alive): the stage before it gets
+//                CommTimeout for its recv, naming the last stage with its label, as never having
+//                posted the send, and as alive.
+//   p2p_stopped  the last stage posts its recv of activations from the stage before it, then stops
+//                with SIGSTOP; that stage's recv (of gradients) times out naming the last stage
+//                as lost, and so does its large send (whose recv the last stage had posted).
+//   p2p_killed   as p2p_stopped, but the last stage is killed (SIGKILL), with mpirun leaving the
+//                job to the ranks (orte_abort_on_non_zero_status 0).
+// The other stages sleep (alive) until the abort ends the job.
 
 #include <spawn.h>
 #include <sys/wait.h>
@@ -27,12 +38,65 @@
 #include "comm/mpi.hpp"
 #include "runtime/error.hpp"
 
+namespace {
+
+int p2p_case(meshtrain::comm::MpiSession& session, const std::string& mode) {
+  using namespace meshtrain;
+  using namespace meshtrain::comm;
+  using Clock = std::chrono::steady_clock;
+  CommOptions o;
+  o.timeout_s = 4.0;
+  Communicator pipeline = session.world(o);
+  const int last = pipeline.size() - 1;
+  const int stage = pipeline.rank();
+  const std::string last_label = fmt::format("pipeline stage {}", last);
+  Tensor activations = Tensor::zeros(Shape{1 << 20}, DType::kF32);  // 4 MiB: a send that waits
+  Tensor grads = Tensor::zeros(Shape{1 << 10}, DType::kF32);
+  if (stage == last) {
+    if (mode == "p2p_late") {
+      std::this_thread::sleep_for(std::chrono::seconds(60));
+    } else {
+      Work w = pipeline.recv(activations, last - 1, fmt::format("pipeline stage {}", last - 1));
+      std::raise(mode == "p2p_killed" ? SIGKILL : SIGSTOP);
+    }
+    std::printf("rank %d: the job was not aborted\n", stage);
+    return 0;
+  }
+  if (stage != last - 1) {
+    std::this_thread::sleep_for(std::chrono::seconds(60));
+    std::printf("rank %d: the job was not aborted\n", stage);
+    return 0;
+  }
+  // The last stage posts (and stops) first.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto start = Clock::now();
+  Work recv = pipeline.recv(grads, last, last_label);
+  Work send = mode == "p2p_late" ? Work() : pipeline.send(activations, last, last_label);
+  for (Work* w : {&recv, &send}) {
+    if (!w->defined()) continue;
+    try {
+      w->wait();
+      std::printf("rank %d: %s completed\n", stage, w->collective().str().c_str());
+    } catch (const CommTimeout& e) {
+      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      std::printf("rank %d caught CommTimeout after %.1f s (%s): %s\n", stage, waited,
+                  waited < o.timeout_s + 10.0 ? "in time" : "TOO LATE", e.what());
+      std::fflush(stdout);
+    }
+  }
+  pipeline.abort(3);
+  return 0;  // not reached
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace meshtrain;
   using namespace meshtrain::comm;
   using Clock = std::chrono::steady_clock;
   MpiSession session(&argc, &argv);
   const std::string mode = argc > 1 ? argv[1] : "late";
+  if (mode.rfind("p2p_", 0) == 0) return p2p_case(session, mode);
   CommOptions o;
   o.timeout_s = mode == "late" ? 1.5 : 4.0;
   Communicator world = session.world(o);
