@@ -168,13 +168,14 @@ struct MpiGroup {
     if (board) peer = board->p2p_peer(c, grace());
     std::optional<LivenessReport> live;
     const auto window = liveness_window();
-    if (auto result = liveness_check({world_ranks[c.peer]}, window)) {
+    if (auto result = liveness_check({info.world_ranks[c.peer]}, window)) {
       live.emplace();
       live->window_s = std::chrono::duration<double>(window).count();
       if (!result->lost.empty()) live->lost.push_back(c.peer);
       for (const auto& stall : result->stalled) live->stalled.emplace_back(c.peer, stall.second);
     }
-    return p2p_timeout_message(c, "mpi", name, rank, world_ranks, options.timeout_s, peer, live);
+    return p2p_timeout_message(c, "mpi", info.name, info.rank, info.world_ranks, options.timeout_s,
+                               peer, live);
   }
 
   // How many tags point-to-point cycles through, from kP2pTagFirst to MPI_TAG_UB.
@@ -190,7 +191,7 @@ struct MpiGroup {
       throw MpiError(fmt::format(
           "point-to-point on group '{}': this MPI's largest tag (MPI_TAG_UB) is {}, but sends and "
           "recvs need tags {} to at least {} (below are the collectives' rings)",
-          name, ub, kP2pTagFirst, kP2pTagFirst + 1023));
+          info.name, ub, kP2pTagFirst, kP2pTagFirst + 1023));
     }
     p2p_tags = ub - kP2pTagFirst + 1;
     return p2p_tags;
@@ -349,7 +350,8 @@ class MpiP2pWork final : public WorkImpl, public Pollable {
   ~MpiP2pWork() override {
     if (!transferred_ && request_ != MPI_REQUEST_NULL) {
       // Only reachable when a communicator was abandoned; the buffers are leaked with it.
-      log::warn("{} on group '{}' destroyed before it completed", collective().str(), group_->name);
+      log::warn("{} on group '{}' destroyed before it completed", collective().str(),
+                group_->info.name);
     }
   }
 
@@ -455,15 +457,15 @@ class MpiP2pWork final : public WorkImpl, public Pollable {
         throw InvalidArgument(fmt::format(
             "{} on group '{}': rank {} sent {}{}, but this recv holds {} bytes (a send and its "
             "recv must have the same dtype and shape)",
-            c.str(), group_->name, c.peer, truncated_ ? "more bytes" : fmt::format("{} bytes", got),
-            sent, bytes_));
+            c.str(), group_->info.name, c.peer,
+            truncated_ ? "more bytes" : fmt::format("{} bytes", got), sent, bytes_));
       }
       if (group_->options.debug) {
         // The sender announced its send before posting it; its announcement may still be on
         // the way when the data is here.
         const PeerP2p peer = group_->board->p2p_peer(c, group_->grace());
         if (peer.matching) {
-          const std::string msg = p2p_mismatch(c, *peer.matching, group_->name);
+          const std::string msg = p2p_mismatch(c, *peer.matching, group_->info.name);
           if (!msg.empty()) throw InvalidArgument(msg);
         }
       }

@@ -120,13 +120,14 @@ struct NcclGroup {
     std::optional<LivenessReport> live;
     const auto window = std::chrono::milliseconds(
         static_cast<int>(std::clamp(options.timeout_s * 250.0, 3000.0, 5000.0)));
-    if (auto result = detail::liveness_check({world_ranks[c.peer]}, window)) {
+    if (auto result = detail::liveness_check({info.world_ranks[c.peer]}, window)) {
       live.emplace();
       live->window_s = std::chrono::duration<double>(window).count();
       if (!result->lost.empty()) live->lost.push_back(c.peer);
       for (const auto& stall : result->stalled) live->stalled.emplace_back(c.peer, stall.second);
     }
-    return p2p_timeout_message(c, "nccl", name, rank, world_ranks, options.timeout_s, peer, live);
+    return p2p_timeout_message(c, "nccl", info.name, info.rank, info.world_ranks, options.timeout_s,
+                               peer, live);
   }
 };
 
@@ -348,10 +349,7 @@ class NcclBackend final : public Backend {
     } catch (...) {
       // Close the group, so that NCCL's group nesting stays balanced; the first error is the one
       // thrown (the group is unusable after it).
-      const ncclResult_t r = ncclGroupEnd();
-      if (r != ncclSuccess)
-        log::error("ncclGroupEnd after a failed send/recv on group '{}': {}", g.name,
-                   ncclGetErrorString(r));
+      MT_NCCL_LOG(ncclGroupEnd(), g.comm);
       throw;
     }
     MT_NCCL_CHECK(ncclGroupEnd(), g.comm);
