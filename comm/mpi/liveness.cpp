@@ -25,8 +25,10 @@ constexpr int kPong = 0x4c41;  // "LA"
 // progress loop, under the process's MPI lock). A live process answers within this.
 constexpr auto kServeEvery = std::chrono::milliseconds(100);
 // A gap in the progress thread's beat (every 100 ms at most) longer than this means the process
-// did not run: stopped (SIGSTOP) or starved of CPU. A stall is reported for this long after it.
-constexpr auto kStall = std::chrono::seconds(1);
+// did not run: stopped (SIGSTOP) or starved of CPU. 3 s, not less: at load 12 on two cores a
+// sleeping rank's thread went unscheduled for just over 1 s. A stall is reported for
+// kStallMemory after it.
+constexpr auto kStall = std::chrono::seconds(3);
 constexpr auto kStallMemory = std::chrono::seconds(60);
 
 // A pong: the ping's nonce, and the milliseconds the answering process had not run just before.

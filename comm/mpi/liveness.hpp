@@ -20,7 +20,7 @@
 // Open MPI sends SIGCONT before SIGTERM, so a rank frozen by SIGSTOP resumes and answers the
 // pings of a check still running on another rank. So every answer also says how long the
 // answering process had not run just before: its progress thread beats at least every 100 ms
-// (liveness_heartbeat), and a gap of over a second in those beats, seen when answering or in the
+// (liveness_heartbeat), and a gap of over 3 s in those beats, seen when answering or in the
 // last minute, means the process was stopped or starved of CPU. The checker names such a rank as
 // stalled rather than alive.
 //
@@ -66,7 +66,7 @@ void liveness_serve(bool force = false) noexcept;
 struct LivenessResult {
   std::vector<int> lost;  // world ranks that did not answer within the window
   // World ranks that answered, with the seconds they had not run just before (stopped or
-  // starved of CPU; over a second), by their own progress thread's beat.
+  // starved of CPU; over 3 s), by their own progress thread's beat.
   std::vector<std::pair<int, double>> stalled;
 };
 
