@@ -75,9 +75,9 @@ class TokenFile {
 // Writes an llm.c shard of 1 to 2^31 - 1 tokens, each in [0, vocab_size): GPT-2's format
 // (uint16) when every id of the vocabulary fits 16 bits (vocab_size <= 65,536), else Llama 3's
 // (uint32). Durable: written to `path.tmp`, flushed to disk (fsync), renamed over `path`, and
-// the directory entry flushed (runtime/file_io.hpp); on failure `path.tmp` is removed and an existing `path` left as
-// it was. Throws InvalidArgument (a token outside the vocabulary, naming its position) or
-// IoError.
+// the directory entry flushed (runtime/file_io.hpp); on failure `path.tmp` is removed and an
+// existing `path` left as it was. Throws InvalidArgument (a token outside the vocabulary, naming
+// its position) or IoError.
 void write_token_shard(const std::string& path, std::span<const std::int32_t> tokens,
                        std::int32_t vocab_size);
 // The same in GPT-2's format, from uint16 tokens.
