@@ -121,33 +121,11 @@ std::string resolve_resume(const TrainConfig& cfg) {
   return cfg.resume;
 }
 
-std::vector<parallel::TensorSlot> checkpoint_slots(const models::GPT& model) {
-  std::vector<parallel::TensorSlot> out;
-  for (const models::ParamInfo& p : model.params()) {
-    parallel::TensorSlot s;
-    s.name = p.name;
-    s.shape = p.shape;
-    s.offset = p.offset;
-    s.full_shape = p.full_shape.ndim() == 0 ? p.shape : p.full_shape;
-    s.shard_dim = p.shard_dim;
-    s.shard_parts = p.shard_parts;
-    // The vocabulary rows past the real vocabulary are zero padding whose count depends on the
-    // layout (a multiple of 128 x TP).
-    if (p.name == "wte.weight") s.real_rows = model.config().vocab_size;
-    out.push_back(std::move(s));
-  }
-  return out;
-}
-
-std::vector<parallel::TensorSlot> Trainer::checkpoint_slots() const {
-  return launch::checkpoint_slots(*model_);
-}
-
 void load_checkpoint_weights(models::GPT& model, const std::string& dir) {
   const std::int64_t n = model.num_parameters();
   Tensor master = Tensor::empty(Shape{n}, DType::kF32);
-  parallel::load_checkpoint(dir, checkpoint_slots(model), n, {{"master", master, 0, {}}},
-                            model.tp().rank(), model.tp().size());
+  parallel::load_checkpoint(dir, model.params(), n, {{"master", master, {}}}, model.tp().rank(),
+                            model.tp().size());
   model.flat_master().copy_from(master);
   model.sync_params_from_master();
 }
@@ -170,24 +148,18 @@ std::string Trainer::save_checkpoint(int steps_done) {
   state.dp = mesh_.dp_size();
   const std::int64_t n = model_->num_parameters();
   // Under ZeRO-1 this rank holds m, v (and, 16-bit policies, the master weights) for the flat
-  // pieces it owns, and writes exactly those: every element is written by its owner.
-  std::vector<parallel::FlatSegment> owned;
-  parallel::FlatRanges write;
-  if (zero_) {
-    for (const parallel::ShardPiece& p : reducer_->shard_pieces()) {
-      owned.push_back({p.flat_offset, p.shard_offset, p.length});
-      write.emplace_back(p.flat_offset, p.flat_offset + p.length);
-    }
-  }
+  // runs it owns, and writes exactly those: every element is written by its owner.
+  std::vector<parallel::FlatRun> owned;
+  if (zero_) owned = reducer_->shard_runs();
   const bool sharded_master = zero_ && policy_.has_master_copy();
   std::vector<parallel::FlatState> states{
-      sharded_master ? parallel::FlatState{"master", master_shard_, 0, owned}
-                     : parallel::FlatState{"master", model_->flat_master(), 0, {}},
-      {"adam_m", m_, 0, owned},
-      {"adam_v", v_, 0, owned},
+      sharded_master ? parallel::FlatState{"master", master_shard_, owned}
+                     : parallel::FlatState{"master", model_->flat_master(), {}},
+      {"adam_m", m_, owned},
+      {"adam_v", v_, owned},
   };
   const std::string dir = parallel::save_checkpoint(
-      mesh_, checkpoint_root(cfg_), steps_done, checkpoint_slots(), n, states, write,
+      mesh_, checkpoint_root(cfg_), steps_done, model_->params(), n, states, owned,
       parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0},
       checkpoint_state_json(state), to_toml(cfg_), cfg_.ckpt_keep);
   last_checkpoint_ = dir;
@@ -215,21 +187,18 @@ void Trainer::restore(const std::string& dir) {
   // Load into scratch buffers (CPU) first: a checkpoint that fails half way leaves the model as
   // it was. The whole master (this TP rank's shard of every tensor) is needed for the compute
   // parameters; m and v only where this rank runs the optimizer.
-  std::vector<parallel::FlatSegment> owned;
-  if (zero_)
-    for (const parallel::ShardPiece& p : reducer_->shard_pieces())
-      owned.push_back({p.flat_offset, p.shard_offset, p.length});
+  std::vector<parallel::FlatRun> owned;
+  if (zero_) owned = reducer_->shard_runs();
   Tensor master = Tensor::empty(Shape{n}, DType::kF32);
   Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
-  parallel::load_checkpoint(
-      dir, checkpoint_slots(), n,
-      {{"master", master, 0, {}}, {"adam_m", m, 0, owned}, {"adam_v", v, 0, owned}},
-      mesh_.tp_rank(), mesh_.tp_size());
+  parallel::load_checkpoint(dir, model_->params(), n,
+                            {{"master", master, {}}, {"adam_m", m, owned}, {"adam_v", v, owned}},
+                            mesh_.tp_rank(), mesh_.tp_size());
   if (zero_ && policy_.has_master_copy()) {
     // The model holds no master copy: this rank's pieces go to its shard, and the 16-bit
     // parameters are the master's rounding, as the optimizer writes them.
-    for (const parallel::FlatSegment& g : owned)
-      master_shard_.slice(g.at, g.length).copy_from(master.slice(g.flat, g.length));
+    for (const parallel::FlatRun& r : owned)
+      master_shard_.slice(r.local, r.length).copy_from(master.slice(r.flat, r.length));
     model_->flat_params().copy_from(master);
   } else {
     model_->flat_master().copy_from(master);

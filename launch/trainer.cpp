@@ -340,8 +340,6 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
   model_ =
       std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
   model_->init_weights(cfg_.seed);
-  for (const models::ParamInfo& p : model_->params())
-    norm_params_.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
   // Starting weights from a file (fine-tuning); a resumed run takes the checkpoint's instead.
   if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty())
     load_weights(*model_, cfg_.model_init);
@@ -353,16 +351,14 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
   zero_ = reduce && cfg_.zero == 1;
   std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
   if (reduce) {
-    std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
-    for (const models::ParamInfo& p : model_->params())
-      ranges.emplace_back(p.offset, p.shape.numel());
     parallel::ReducerOptions ro;
     ro.bucket_bytes = dp_bucket_bytes(cfg_, n_params * 4);
     ro.overlap = cfg_.dp_overlap == "on";
     ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
     // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.
     ro.shard = zero_;
-    reducer_ = std::make_unique<parallel::GradReducer>(dp_comm(), model_->flat_grads(), ranges, ro);
+    reducer_ = std::make_unique<parallel::GradReducer>(dp_comm(), model_->flat_grads(),
+                                                       model_->params(), ro);
     model_->set_grads_ready_hook(
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
@@ -372,9 +368,9 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
       // Keep this rank's shard of the fp32 master weights and free the model's whole copy
       // (returned to the system, not kept in the allocator's cache).
       master_shard_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
-      for (const parallel::ShardPiece& p : reducer_->shard_pieces()) {
-        Tensor dst = master_shard_.slice(p.shard_offset, p.length);
-        dst.copy_from(model_->flat_master().slice(p.flat_offset, p.length));
+      for (const parallel::FlatRun& r : reducer_->shard_runs()) {
+        Tensor dst = master_shard_.slice(r.local, r.length);
+        dst.copy_from(model_->flat_master().slice(r.flat, r.length));
       }
       model_->release_master_copy();
       model_->device().empty_cache();
@@ -497,9 +493,8 @@ StepMetrics Trainer::step(int step) {
     const auto tc = Clock::now();
     // The squared norm summed over the DP shards (the padding is zero) and the TP ranks.
     double share = 0;
-    for (const parallel::ShardPiece& p : reducer_->shard_pieces())
-      share +=
-          grad_norm_share(reducer_->shard_grads().slice(p.shard_offset, p.length), p.flat_offset);
+    for (const parallel::FlatRun& r : reducer_->shard_runs())
+      share += grad_norm_share(reducer_->shard_grads().slice(r.local, r.length), r.flat);
     Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
     if (mesh_.dp().valid()) mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     parallel::TPGroup(mesh_.tp()).allreduce(sq);
@@ -535,19 +530,19 @@ StepMetrics Trainer::step(int step) {
     if (cfg_.grad_clip > 0 && m.grad_norm > cfg_.grad_clip)
       clip = static_cast<float>(cfg_.grad_clip / (m.grad_norm + 1e-6));
     const auto& params = model_->params();
-    // This rank updates the flat elements it owns: all of them, or its ZeRO-1 pieces, whose
-    // gradients, m, v (and master weights, 16-bit policies) sit at the piece's shard offset.
-    std::vector<parallel::ShardPiece> owned{{0, 0, model_->num_parameters()}};
-    if (zero_) owned = reducer_->shard_pieces();
+    // This rank updates the flat elements it owns: all of them, or its ZeRO-1 runs, whose
+    // gradients, m, v (and master weights, 16-bit policies) sit at the run's shard offset.
+    std::vector<parallel::FlatRun> owned{{0, 0, model_->num_parameters()}};
+    if (zero_) owned = reducer_->shard_runs();
     const Tensor& grads = zero_ ? reducer_->shard_grads() : model_->flat_grads();
     const bool sharded_master = zero_ && policy_.has_master_copy();
-    for (const parallel::ShardPiece& piece : owned) {
+    for (const parallel::FlatRun& run : owned) {
       for (std::size_t i = 0; i < params.size(); ++i) {
-        const std::int64_t lo = std::max(params[i].offset, piece.flat_offset);
+        const std::int64_t lo = std::max(params[i].offset, run.flat);
         const std::int64_t hi =
-            std::min(params[i].offset + params[i].shape.numel(), piece.flat_offset + piece.length);
+            std::min(params[i].offset + params[i].numel(), run.flat + run.length);
         if (hi <= lo) continue;
-        const std::int64_t at = piece.shard_offset + (lo - piece.flat_offset);
+        const std::int64_t at = run.local + (lo - run.flat);
         ops::AdamWParams p;
         p.lr = static_cast<float>(m.lr);
         p.beta1 = static_cast<float>(cfg_.beta1);
@@ -588,7 +583,7 @@ StepMetrics Trainer::step(int step) {
 }
 
 double Trainer::grad_norm_share(const Tensor& grads, std::int64_t lo) const {
-  return parallel::norm_squared_share(grads, lo, norm_params_, mesh_.tp_rank());
+  return parallel::norm_squared_share(grads, lo, model_->params(), mesh_.tp_rank());
 }
 
 Tensor Trainer::master_weights() {

@@ -135,7 +135,6 @@ class Trainer {
   // (launch/checkpointing.cpp). Throws before touching anything when the checkpoint's model
   // differs from this one.
   void restore(const std::string& dir);
-  std::vector<parallel::TensorSlot> checkpoint_slots() const;
   void write_metrics(const std::string& json_line);
 
   TrainConfig cfg_;
@@ -157,14 +156,13 @@ class Trainer {
   comm::Communicator* world_ = nullptr;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1
   // ZeRO-1 (train.zero = 1 with DP > 1): AdamW state and (16-bit policies) the fp32 master
-  // weights exist only for this rank's shard (reducer_->shard_pieces()); the model holds no
+  // weights exist only for this rank's shard (reducer_->shard_runs()); the model holds no
   // master copy. final_master_: the whole master weights, gathered at the end of run().
   bool zero_ = false;
   Tensor master_shard_, final_master_;
   // This rank's share of the squared gradient norm for flat elements [lo, lo + grads.numel())
   // (parallel::norm_squared_share: split parameters counted per shard, replicated ones once).
   double grad_norm_share(const Tensor& grads, std::int64_t lo) const;
-  std::vector<parallel::FlatParam> norm_params_;
   models::GPTConfig model_cfg_;
   std::unique_ptr<data::Dataset> data_;
   std::unique_ptr<models::GPT> model_;
@@ -256,8 +254,6 @@ std::string checkpoint_state_json(const CheckpointState& s);
 CheckpointState parse_checkpoint_state(const std::string& dir, const std::string& state_json,
                                        const models::GPTConfig& model);
 
-// How a model's parameters map to checkpoint tensors (full shapes, TP shards, vocab padding).
-std::vector<parallel::TensorSlot> checkpoint_slots(const models::GPT& model);
 // Loads the master weights (only) of a checkpoint into the model, any layout it was saved
 // under, and refreshes the compute parameters.
 void load_checkpoint_weights(models::GPT& model, const std::string& dir);

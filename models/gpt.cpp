@@ -141,39 +141,47 @@ std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, Indices* 
   std::vector<ParamInfo> params;
   std::int64_t n = 0;
   // full: the unsharded shape; shard_dim -1 = replicated.
-  auto add = [&](const std::string& name, const Shape& full, int layer, bool decay,
-                 int shard_dim = -1, int shard_parts = 1) {
-    const Shape shape =
-        shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp);
-    params.push_back(ParamInfo{name, shape, n, layer, decay, full, shard_dim, shard_parts});
-    n += shape.numel();
+  auto add = [&](const std::string& name, const Shape& full, bool decay, int shard_dim = -1,
+                 int shard_parts = 1) {
+    ParamInfo p;
+    p.name = name;
+    p.shape = shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp);
+    p.offset = n;
+    p.full_shape = full;
+    p.shard_dim = shard_dim;
+    p.shard_parts = shard_parts;
+    p.decay = decay;
+    n += p.numel();
+    params.push_back(std::move(p));
     return static_cast<int>(params.size()) - 1;
   };
   Indices ix;
   const std::int64_t c = cfg.n_embd;
-  ix.wte = add("wte.weight", Shape{cfg.padded_vocab, c}, -1, true, 0);
-  ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, -1, true);
+  ix.wte = add("wte.weight", Shape{cfg.padded_vocab, c}, true, 0);
+  // The rows past the real vocabulary are padding whose count depends on the layout.
+  params[ix.wte].real_rows = cfg.vocab_size;
+  ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, true);
   for (int l = 0; l < cfg.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     Layer L;
-    L.ln1_w = add(p + "ln_1.weight", Shape{c}, l, false);
-    L.ln1_b = add(p + "ln_1.bias", Shape{c}, l, false);
+    L.ln1_w = add(p + "ln_1.weight", Shape{c}, false);
+    L.ln1_b = add(p + "ln_1.bias", Shape{c}, false);
     // Column-parallel, Q, K and V each split by heads.
-    L.qkv_w = add(p + "attn.c_attn.weight", Shape{3 * c, c}, l, true, 0, 3);
-    L.qkv_b = add(p + "attn.c_attn.bias", Shape{3 * c}, l, false, 0, 3);
+    L.qkv_w = add(p + "attn.c_attn.weight", Shape{3 * c, c}, true, 0, 3);
+    L.qkv_b = add(p + "attn.c_attn.bias", Shape{3 * c}, false, 0, 3);
     // Row-parallel: split along its input (the heads); the bias is replicated.
-    L.proj_w = add(p + "attn.c_proj.weight", Shape{c, c}, l, true, 1);
-    L.proj_b = add(p + "attn.c_proj.bias", Shape{c}, l, false);
-    L.ln2_w = add(p + "ln_2.weight", Shape{c}, l, false);
-    L.ln2_b = add(p + "ln_2.bias", Shape{c}, l, false);
-    L.fc_w = add(p + "mlp.c_fc.weight", Shape{4 * c, c}, l, true, 0);
-    L.fc_b = add(p + "mlp.c_fc.bias", Shape{4 * c}, l, false, 0);
-    L.fcproj_w = add(p + "mlp.c_proj.weight", Shape{c, 4 * c}, l, true, 1);
-    L.fcproj_b = add(p + "mlp.c_proj.bias", Shape{c}, l, false);
+    L.proj_w = add(p + "attn.c_proj.weight", Shape{c, c}, true, 1);
+    L.proj_b = add(p + "attn.c_proj.bias", Shape{c}, false);
+    L.ln2_w = add(p + "ln_2.weight", Shape{c}, false);
+    L.ln2_b = add(p + "ln_2.bias", Shape{c}, false);
+    L.fc_w = add(p + "mlp.c_fc.weight", Shape{4 * c, c}, true, 0);
+    L.fc_b = add(p + "mlp.c_fc.bias", Shape{4 * c}, false, 0);
+    L.fcproj_w = add(p + "mlp.c_proj.weight", Shape{c, 4 * c}, true, 1);
+    L.fcproj_b = add(p + "mlp.c_proj.bias", Shape{c}, false);
     ix.layers.push_back(L);
   }
-  ix.lnf_w = add("ln_f.weight", Shape{c}, -1, false);
-  ix.lnf_b = add("ln_f.bias", Shape{c}, -1, false);
+  ix.lnf_w = add("ln_f.weight", Shape{c}, false);
+  ix.lnf_b = add("ln_f.bias", Shape{c}, false);
   MT_ASSERT(n == cfg.num_parameters_per_rank(tp), "{} vs {}", n, cfg.num_parameters_per_rank(tp));
   if (idx != nullptr) *idx = std::move(ix);
   return params;

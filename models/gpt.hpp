@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel/flat_layout.hpp"
 #include "parallel/tensor_parallel.hpp"
 #include "runtime/precision.hpp"
 #include "runtime/tensor.hpp"
@@ -67,28 +68,15 @@ struct MemoryEstimate {
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                int seq, int tp = 1);
 
-struct ParamInfo {
-  std::string name;     // Hugging Face GPT-2 names: "wte.weight", "h.0.attn.c_attn.weight", ...
-  Shape shape;          // ours: linear weights are [out, in] (nn.Linear), not HF's Conv1D [in, out]
-  std::int64_t offset;  // elements into the flat buffers
-  int layer;            // -1 for embeddings and the final LayerNorm
-  bool decay;           // weight decay applies (2-D weights only)
-  // Tensor parallelism: how this rank's tensor is cut from the full (unsharded) one, so that
-  // checkpoints can store and reshard parameters independently of the layout. The full tensor
-  // has shape full_shape; along shard_dim it is viewed as shard_parts equal blocks (3 for the
-  // fused QKV projection: Q, K, V), and TP rank r of K holds from each block the r-th of K equal
-  // slices, the slices concatenated in block order. shard_dim = -1: replicated on every TP rank
-  // (full_shape == shape). The fields are the same at TP = 1 (shape == full_shape there), so
-  // a TP = 1 model says how a TP = K one splits. Which tensors split (parallel/
-  // tensor_parallel.hpp): wte along 0 (vocab rows), c_attn weight and bias along 0 in 3 parts,
-  // mlp.c_fc weight and bias along 0, both c_proj weights along 1; the rest is replicated.
-  // wte's full_shape[0] is padded_vocab, which depends on the layout (a multiple of 128 x TP):
-  // its rows from vocab_size on are zero, so resharding wte across layouts copies the first
-  // vocab_size rows and zero-fills the rest.
-  Shape full_shape;
-  int shard_dim = -1;
-  int shard_parts = 1;
-};
+// A parameter's place in the flat buffers and its TP sharding (parallel/flat_layout.hpp): names
+// are Hugging Face GPT-2's ("wte.weight", "h.0.attn.c_attn.weight", ...), shapes ours (linear
+// weights are [out, in], as nn.Linear, not HF's Conv1D [in, out]), decay on 2-D weights only.
+// Which tensors split (parallel/tensor_parallel.hpp): wte along 0 (vocab rows), c_attn weight and
+// bias along 0 in 3 parts, mlp.c_fc weight and bias along 0, both c_proj weights along 1; the
+// rest is replicated. wte's full_shape[0] is padded_vocab, which depends on the layout (a
+// multiple of 128 x TP): its rows from vocab_size on (real_rows) are zero, so resharding wte
+// across layouts copies the first vocab_size rows and zero-fills the rest.
+using ParamInfo = parallel::ParamSlot;
 
 class GPT {
  public:

@@ -75,7 +75,7 @@ struct Box {
 
 // The boxes of the full tensor that TP rank t holds of a slot, in the order of its local
 // elements; each box's local elements are contiguous (checked: parts > 1 needs shard_dim 0).
-std::vector<Box> shard_boxes(const TensorSlot& s, int tp_rank, int tp_size) {
+std::vector<Box> shard_boxes(const ParamSlot& s, int tp_rank, int tp_size) {
   const auto full = s.full_shape.to_vector();
   const auto local = s.shape.to_vector();
   MT_ASSERT(full.size() == local.size(),
@@ -114,23 +114,24 @@ struct Piece {
   std::int64_t src = 0;                   // writer side: local flat index of element flat_lo
 };
 
-// The default write ranges of DP rank d: [d, d + 1) x ceil(n / DP).
-FlatRanges default_ranges(std::int64_t flat_numel, int dp_rank, int dp_size) {
+// The default write runs of DP rank d: [d, d + 1) x ceil(n / DP).
+std::vector<FlatRun> default_runs(std::int64_t flat_numel, int dp_rank, int dp_size) {
   const std::int64_t chunk = (flat_numel + dp_size - 1) / dp_size;
   const std::int64_t lo = std::min(flat_numel, chunk * dp_rank);
-  return {{lo, std::min(flat_numel, lo + chunk)}};
+  return {FlatRun{lo, 0, std::min(flat_numel, lo + chunk) - lo}};
 }
 
 // The pieces that TP rank tp_rank writes for its flat ranges, cut along tensors and boxes. A
 // replicated tensor (shard_dim -1) is written by one TP rank only.
-std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, const FlatRanges& ranges,
+std::vector<Piece> writer_pieces(std::span<const ParamSlot> slots, const std::vector<FlatRun>& runs,
                                  const std::vector<std::string>& kinds, int tp_rank, int tp_size,
                                  int world_rank) {
   std::vector<Piece> out;
   for (const std::string& kind : kinds) {
-    for (const auto& [lo, hi] : ranges) {
+    for (const FlatRun& run : runs) {
+      const std::int64_t lo = run.flat, hi = run.flat + run.length;
       for (std::size_t i = 0; i < slots.size(); ++i) {
-        const TensorSlot& s = slots[i];
+        const ParamSlot& s = slots[i];
         // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
         // that the writing stays spread.
         if (s.shard_dim < 0 && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)
@@ -160,18 +161,19 @@ std::vector<Piece> writer_pieces(const std::vector<TensorSlot>& slots, const Fla
   return out;
 }
 
-// The part of `s` holding flat elements [src, src + n): a view of its data.
-Tensor state_view(const FlatState& s, std::int64_t src, std::int64_t n) {
-  if (s.segments.empty()) {
-    MT_ASSERT(src >= s.base && src + n <= s.base + s.data.numel(),
-              "checkpoint: state '{}' holds flat [{}, {}), a piece needs [{}, {})", s.kind, s.base,
-              s.base + s.data.numel(), src, src + n);
-    return s.data.slice(src - s.base, n);
+// The part of `s` holding flat elements [flat, flat + n): a view of its data.
+Tensor state_view(const FlatState& s, std::int64_t flat, std::int64_t n) {
+  if (s.runs.empty()) {
+    MT_ASSERT(flat >= 0 && flat + n <= s.data.numel(),
+              "checkpoint: state '{}' holds flat [0, {}), a piece needs [{}, {})", s.kind,
+              s.data.numel(), flat, flat + n);
+    return s.data.slice(flat, n);
   }
-  for (const FlatSegment& g : s.segments)
-    if (src >= g.flat && src + n <= g.flat + g.length) return s.data.slice(g.at + src - g.flat, n);
-  MT_ASSERT(false, "checkpoint: state '{}' holds no segment with flat [{}, {})", s.kind, src,
-            src + n);
+  for (const FlatRun& r : s.runs)
+    if (flat >= r.flat && flat + n <= r.flat + r.length)
+      return s.data.slice(r.local + flat - r.flat, n);
+  MT_ASSERT(false, "checkpoint: state '{}' holds no run with flat [{}, {})", s.kind, flat,
+            flat + n);
   return {};
 }
 
@@ -244,22 +246,23 @@ std::vector<std::vector<std::int32_t>> mesh_gather_lists(Mesh& mesh,
   return out;
 }
 
-// Every rank's flat ranges, by world rank.
-std::vector<FlatRanges> mesh_gather_ranges(Mesh& mesh, const FlatRanges& mine) {
-  std::vector<std::int32_t> flat;
-  for (const auto& [lo, hi] : mine) {
-    for (std::int64_t v : {lo, hi}) {
-      flat.push_back(static_cast<std::int32_t>(v & 0x7fffffff));
-      flat.push_back(static_cast<std::int32_t>(v >> 31));
+// Every rank's flat runs (flat and length), by world rank.
+std::vector<std::vector<FlatRun>> mesh_gather_runs(Mesh& mesh, const std::vector<FlatRun>& mine) {
+  std::vector<std::int32_t> words;
+  for (const FlatRun& r : mine) {
+    for (std::int64_t v : {r.flat, r.length}) {
+      words.push_back(static_cast<std::int32_t>(v & 0x7fffffff));
+      words.push_back(static_cast<std::int32_t>(v >> 31));
     }
   }
-  std::vector<FlatRanges> out;
-  for (const std::vector<std::int32_t>& l : mesh_gather_lists(mesh, flat)) {
-    FlatRanges& r = out.emplace_back();
+  auto join = [](std::int32_t lo, std::int32_t hi) {
+    return static_cast<std::int64_t>(lo) | (static_cast<std::int64_t>(hi) << 31);
+  };
+  std::vector<std::vector<FlatRun>> out;
+  for (const std::vector<std::int32_t>& l : mesh_gather_lists(mesh, words)) {
+    std::vector<FlatRun>& runs = out.emplace_back();
     for (std::size_t i = 0; i + 3 < l.size(); i += 4)
-      r.emplace_back(
-          static_cast<std::int64_t>(l[i]) | (static_cast<std::int64_t>(l[i + 1]) << 31),
-          static_cast<std::int64_t>(l[i + 2]) | (static_cast<std::int64_t>(l[i + 3]) << 31));
+      runs.push_back(FlatRun{join(l[i], l[i + 1]), 0, join(l[i + 2], l[i + 3])});
   }
   return out;
 }
@@ -569,8 +572,8 @@ std::string checkpoint_name(int step) {
 }
 
 std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
-                            const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
-                            const std::vector<FlatState>& states, const FlatRanges& write,
+                            std::span<const ParamSlot> slots, std::int64_t flat_numel,
+                            const std::vector<FlatState>& states, const std::vector<FlatRun>& write,
                             const CheckpointLayout& layout, const std::string& state_json,
                             const std::string& config_toml, int keep) {
   const fs::path root_path(root);
@@ -602,18 +605,18 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                                           step, tmp_dir.string()));
 
   // 2. Every rank writes its ranges of every state to its own file.
-  const FlatRanges my_ranges =
-      write.empty() ? default_ranges(flat_numel, mesh.dp_rank(), mesh.dp_size()) : write;
-  const std::vector<FlatRanges> all_ranges = mesh_gather_ranges(mesh, my_ranges);
+  const std::vector<FlatRun> my_runs =
+      write.empty() ? default_runs(flat_numel, mesh.dp_rank(), mesh.dp_size()) : write;
+  const std::vector<std::vector<FlatRun>> all_runs = mesh_gather_runs(mesh, my_runs);
   SavedFile saved;
   try {
     std::vector<Piece> mine =
-        writer_pieces(slots, my_ranges, kinds, mesh.tp_rank(), mesh.tp_size(), mesh.world_rank());
+        writer_pieces(slots, my_runs, kinds, mesh.tp_rank(), mesh.tp_size(), mesh.world_rank());
     // Tensors replicated over TP first: every TP rank of a resuming job reads them, and the
     // others' slices of the sharded ones are not in its way (blocks are read whole).
     std::set<std::string> replicated;
-    for (const TensorSlot& s : slots)
-      if (s.shard_dim < 0) replicated.insert(s.name);
+    for (const ParamSlot& s : slots)
+      if (s.replicated()) replicated.insert(s.name);
     std::stable_partition(mine.begin(), mine.end(),
                           [&](const Piece& p) { return replicated.count(p.tensor) > 0; });
     std::vector<std::pair<std::string, Tensor>> tensors;
@@ -668,14 +671,14 @@ std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
                  {"block_bytes", kBlockBytes},
                  {"blocks", blocks}};
         const int t = r % mesh.tp_size();
-        for (const Piece& p : writer_pieces(slots, all_ranges[static_cast<std::size_t>(r)], kinds,
-                                            t, mesh.tp_size(), r))
+        for (const Piece& p : writer_pieces(slots, all_runs[static_cast<std::size_t>(r)], kinds, t,
+                                            mesh.tp_size(), r))
           pieces.push_back(piece_json(p));
       }
       const SavedFile cfg = write_text_file((tmp_dir / "config.toml").string(), config_toml);
       files["config.toml"] = Json{{"bytes", cfg.bytes}, {"crc32c", crc32c_hex(cfg.crc32c)}};
       Json tensors = Json::object();
-      for (const TensorSlot& s : slots)
+      for (const ParamSlot& s : slots)
         tensors[s.name] = Json{{"shape", s.full_shape.to_vector()}, {"dtype", "F32"}};
       Json state;
       try {
@@ -772,14 +775,14 @@ void verify_checkpoint(const std::string& dir) {
   }
 }
 
-void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slots,
+void load_checkpoint(const std::string& dir, std::span<const ParamSlot> slots,
                      std::int64_t flat_numel, const std::vector<FlatState>& targets, int tp_rank,
                      int tp_size) {
   const Manifest m = parse_manifest(dir);
   const std::string w = "checkpoint '" + dir + "'";
   // Every tensor of the model must be in the checkpoint with the same full shape (rows of
   // layout-dependent padding excepted), and no other.
-  for (const TensorSlot& s : slots) {
+  for (const ParamSlot& s : slots) {
     auto t = m.tensors.find(s.name);
     MT_CHECK(t != m.tensors.end(), "{} has no tensor '{}' (another model's checkpoint?)", w,
              s.name);
@@ -807,17 +810,23 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
     return *f;
   };
 
-  // Targets made of segments load as one contiguous target per segment.
-  std::vector<FlatState> contiguous;
+  // A target held as runs loads as one contiguous target per run: flat element base + j in
+  // data[j].
+  struct Contiguous {
+    std::string kind;
+    Tensor data;
+    std::int64_t base;
+  };
+  std::vector<Contiguous> contiguous;
   for (const FlatState& t : targets) {
-    if (t.segments.empty()) {
-      contiguous.push_back(t);
+    if (t.runs.empty()) {
+      contiguous.push_back(Contiguous{t.kind, t.data, 0});
       continue;
     }
-    for (const FlatSegment& g : t.segments)
-      contiguous.push_back(FlatState{t.kind, t.data.slice(g.at, g.length), g.flat, {}});
+    for (const FlatRun& r : t.runs)
+      contiguous.push_back(Contiguous{t.kind, t.data.slice(r.local, r.length), r.flat});
   }
-  for (const FlatState& target : contiguous) {
+  for (const Contiguous& target : contiguous) {
     MT_ASSERT(target.data.dtype() == DType::kF32 && target.data.is_cpu(),
               "checkpoint targets are fp32 CPU tensors");
     const std::int64_t lo = target.base;
@@ -825,7 +834,7 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
     if (hi <= lo) continue;
     float* dst = target.data.data_as<float>();
     std::vector<std::uint8_t> covered(static_cast<std::size_t>(hi - lo), 0);
-    for (const TensorSlot& s : slots) {
+    for (const ParamSlot& s : slots) {
       const std::vector<Box> boxes = shard_boxes(s, tp_rank, tp_size);
       std::int64_t local = s.offset;
       for (const Box& tb : boxes) {
@@ -936,8 +945,8 @@ void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slot
     if (missing != covered.end()) {
       const std::int64_t at = lo + (missing - covered.begin());
       std::string name = "?";
-      for (const TensorSlot& s : slots)
-        if (at >= s.offset && at < s.offset + s.shape.numel()) name = s.name;
+      for (const ParamSlot& s : slots)
+        if (at >= s.offset && at < s.offset + s.numel()) name = s.name;
       MT_FAIL(
           "{}: no piece holds element {} of this rank's '{}' state (tensor '{}'): the "
           "checkpoint is incomplete",

@@ -12,7 +12,7 @@
 //
 // What is stored: per-element fp32 state held in flat buffers ("master" weights, Adam "adam_m"
 // and "adam_v"), cut from each rank's flat buffer. The flat buffer of TP rank t holds each
-// logical tensor's TP shard (TensorSlot: full shape, shard dim, parts). Each rank of a TP group's
+// logical tensor's TP shard (ParamSlot: full shape, shard dim, parts). Each rank of a TP group's
 // DP replicas writes its share of the group's flat buffer: under ZeRO-1 the pieces it owns,
 // without ZeRO DP rank d writes elements [d, d + 1) x ceil(n / DP). Each distinct shard is
 // written once, spread evenly over all ranks. A tensor replicated
@@ -44,44 +44,23 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "parallel/flat_layout.hpp"
 #include "parallel/mesh.hpp"
 #include "runtime/tensor.hpp"
 
 namespace meshtrain::parallel {
 
-// One logical tensor's place in this rank's flat buffers (see models::ParamInfo).
-struct TensorSlot {
-  std::string name;
-  Shape shape;              // this rank's shard
-  std::int64_t offset = 0;  // elements into the flat buffers
-  Shape full_shape;         // the logical tensor
-  int shard_dim = -1;       // -1: replicated on every TP rank
-  int shard_parts = 1;      // equal blocks along shard_dim, each split over TP (fused QKV: 3)
-  // Rows (dim 0) at and after this index are layout-dependent zero padding (the vocabulary
-  // padded to a multiple of 128 x TP): a checkpoint need not have them, and they load as zeros.
-  // -1: every row is real.
-  std::int64_t real_rows = -1;
-};
-
-// A run of flat elements held in a state buffer: data[at + j] is flat element flat + j.
-struct FlatSegment {
-  std::int64_t flat = 0, at = 0, length = 0;
-};
-
-// One kind of fp32 per-element state. Without segments, data[j] is flat element base + j;
-// with segments (a ZeRO-1 shard made of several pieces), as they say.
+// One kind of fp32 per-element state as a rank holds it: `data` (fp32, any device: copied
+// through the host) holds the flat elements its runs say; no runs: data[j] is flat element j.
 struct FlatState {
   std::string kind;  // "master", "adam_m", "adam_v", ...
-  Tensor data;       // fp32, any device (copied through the host)
-  std::int64_t base = 0;
-  std::vector<FlatSegment> segments;
+  Tensor data;
+  std::vector<FlatRun> runs;
 };
-
-// Flat element ranges [first, second).
-using FlatRanges = std::vector<std::pair<std::int64_t, std::int64_t>>;
 
 struct CheckpointLayout {
   int dp = 1, tp = 1, zero = 0;
@@ -99,16 +78,17 @@ struct CheckpointInfo {
 std::string checkpoint_name(int step);
 
 // Collective over the mesh's ranks: writes ROOT/step_N as described above and returns its
-// path. `write` is the flat ranges this rank writes: every flat element must be written by
-// exactly one rank of its TP group (a ZeRO-1 rank passes the pieces it owns); empty means
+// path. `write` is the flat runs this rank writes (their `local` unused): every flat element
+// must be written by exactly one rank of its TP group (a ZeRO-1 rank passes the runs it owns);
+// empty means
 // DP rank d writes [d, d + 1) x ceil(flat_numel / DP). `states` are this rank's buffers and
 // must hold what it writes;
 // `slots` tile [0, flat_numel) of the flat buffers; state_json is a JSON object the caller gets
 // back from read_checkpoint_info. Keeps the newest `keep` checkpoints (0 keeps all). Every rank
 // throws IoError if any rank failed to write its file; then no step_N appears.
 std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
-                            const std::vector<TensorSlot>& slots, std::int64_t flat_numel,
-                            const std::vector<FlatState>& states, const FlatRanges& write,
+                            std::span<const ParamSlot> slots, std::int64_t flat_numel,
+                            const std::vector<FlatState>& states, const std::vector<FlatRun>& write,
                             const CheckpointLayout& layout, const std::string& state_json,
                             const std::string& config_toml, int keep);
 
@@ -126,7 +106,7 @@ CheckpointInfo read_checkpoint_info(const std::string& dir);
 // them (logged: bytes read, time). Every block read is checked against the manifest's checksum
 // before it is used. Throws when a tensor is missing, has another shape, or an
 // element is not covered exactly once; the targets may then be partly written.
-void load_checkpoint(const std::string& dir, const std::vector<TensorSlot>& slots,
+void load_checkpoint(const std::string& dir, std::span<const ParamSlot> slots,
                      std::int64_t flat_numel, const std::vector<FlatState>& targets, int tp_rank,
                      int tp_size);
 

@@ -18,8 +18,7 @@ std::int64_t auto_bucket_bytes(std::int64_t grad_bytes) {
   return std::clamp<std::int64_t>(grad_bytes / 8, 1LL << 20, 25LL << 20);
 }
 
-GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
-                         const std::vector<std::pair<std::int64_t, std::int64_t>>& params,
+GradReducer::GradReducer(comm::Communicator& dp, Tensor grads, std::span<const ParamSlot> params,
                          ReducerOptions options)
     : dp_(&dp), grads_(std::move(grads)), options_(options) {
   MT_CHECK(dp.valid(), "GradReducer: the DP communicator is not valid");
@@ -32,14 +31,7 @@ GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
            "GradReducer: gradients are reduced in fp32 or bf16, not {}",
            dtype_name(options_.reduce_dtype));
   const std::int64_t esize = static_cast<std::int64_t>(sizeof(float));
-  std::int64_t expect = 0;
-  for (const auto& [off, n] : params) {
-    MT_CHECK(off == expect && n > 0,
-             "GradReducer: parameters must tile the flat buffer in order "
-             "(parameter at {} of {} elements, expected offset {})",
-             off, n, expect);
-    expect += n;
-  }
+  const std::int64_t expect = flat_numel(params, "GradReducer");
   MT_CHECK(expect == grads_.numel(), "GradReducer: parameters cover {} of {} gradient elements",
            expect, grads_.numel());
   const std::int64_t dp_size = dp.size();
@@ -50,12 +42,12 @@ GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
     std::int64_t hi = expect, lo = expect;
     std::int64_t cap = options_.first_bucket_bytes;
     for (auto it = params.rbegin(); it != params.rend(); ++it) {
-      if (hi > lo && (hi - it->first) * esize > cap) {
+      if (hi > lo && (hi - it->offset) * esize > cap) {
         buckets_.emplace_back(lo, hi);
         hi = lo;
         cap = options_.bucket_bytes;
       }
-      lo = it->first;
+      lo = it->offset;
     }
     if (hi > lo) buckets_.emplace_back(lo, hi);
     MT_ASSERT(lo == 0, "buckets end at {}", lo);
@@ -80,7 +72,7 @@ GradReducer::GradReducer(comm::Communicator& dp, Tensor grads,
       shard_offset_.push_back(shard_numel_);
       const std::int64_t start = lo + rank * c;
       const std::int64_t end = std::min(hi2, start + c);
-      if (end > start) pieces_.push_back(ShardPiece{start, shard_numel_, end - start});
+      if (end > start) runs_.push_back(FlatRun{start, shard_numel_, end - start});
       if (c * dp_size != hi2 - lo) padded_max = std::max(padded_max, c * dp_size);
       shard_numel_ += c;
     }

@@ -13,7 +13,7 @@
 // boundaries. ZeRO-1 (shard = true): each bucket is reduce-scattered, and rank r keeps the r-th
 // of dp equal chunks of every bucket (as Megatron-LM's distributed optimizer does): buckets are
 // cut at multiples of dp elements, so only the first bucket (the one holding the end of the
-// buffer) may need padding, through a small staging buffer. shard_pieces() says which flat
+// buffer) may need padding, through a small staging buffer. shard_runs() says which flat
 // elements this rank owns and where they sit in its shard; all_gather_shards() rebuilds a whole
 // flat buffer (the 16-bit parameters after the optimizer, or the fp32 master weights) from every
 // rank's shard.
@@ -53,10 +53,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
 #include "comm/communicator.hpp"
+#include "parallel/flat_layout.hpp"
 #include "runtime/tensor.hpp"
 
 namespace meshtrain::parallel {
@@ -92,20 +94,11 @@ struct ReducerStats {
   bool device_timed = false;  // measured on the device timeline (see above)
 };
 
-// A run of flat elements this rank owns under sharding: flat [flat_offset, flat_offset +
-// length) is shard [shard_offset, shard_offset + length).
-struct ShardPiece {
-  std::int64_t flat_offset = 0;
-  std::int64_t shard_offset = 0;
-  std::int64_t length = 0;
-};
-
 class GradReducer {
  public:
-  // `grads`: the flat fp32 gradient buffer; `params`: (offset, numel) of every parameter in the
-  // flat buffer, in params() order (contiguous, increasing offsets). `dp` may have size 1.
-  GradReducer(comm::Communicator& dp, Tensor grads,
-              const std::vector<std::pair<std::int64_t, std::int64_t>>& params,
+  // `grads`: the flat fp32 gradient buffer; `params`: the parameters' layout in it (tiling it,
+  // in order). Buckets are cut at parameter boundaries (without sharding). `dp` may have size 1.
+  GradReducer(comm::Communicator& dp, Tensor grads, std::span<const ParamSlot> params,
               ReducerOptions options = {});
 
   // Starts one micro-step's backward. communicate = false: hooks only accumulate (earlier
@@ -125,13 +118,14 @@ class GradReducer {
 
   // Sharding only. Elements in this rank's shard (the same on every rank: padding included).
   std::int64_t shard_numel() const { return shard_numel_; }
-  // The flat elements this rank owns, in increasing shard offset.
-  const std::vector<ShardPiece>& shard_pieces() const { return pieces_; }
+  // The flat elements this rank owns: run.local is where they sit in the shard, in increasing
+  // order.
+  const std::vector<FlatRun>& shard_runs() const { return runs_; }
   // This rank's averaged fp32 gradients after finish(), shard_numel() elements (padding zero).
   const Tensor& shard_grads() const { return grad_shard_; }
   // Collective over the DP group: `flat` (numel = the gradient buffer's, any dtype) receives
-  // every rank's owned pieces, each read from `shard` (shard_numel() elements, same dtype) on
-  // its owner. `shard` may be undefined when flat already holds this rank's pieces (in place).
+  // every rank's owned runs, each read from `shard` (shard_numel() elements, same dtype) on its
+  // owner. `shard` may be undefined when flat already holds this rank's runs (in place).
   // Blocks until done. Returns the milliseconds it communicated: the device span of the
   // all-gathers on a device timeline, else the host time blocked.
   double all_gather_shards(const Tensor& shard, Tensor& flat);
@@ -162,7 +156,7 @@ class GradReducer {
   // Sharding.
   std::int64_t shard_numel_ = 0;
   std::vector<std::int64_t> shard_offset_;  // per bucket: where its chunk sits in the shard
-  std::vector<ShardPiece> pieces_;
+  std::vector<FlatRun> runs_;
   Tensor grad_shard_;
   Tensor pad_;  // fp32 staging for the one bucket whose length is not a multiple of dp
 };

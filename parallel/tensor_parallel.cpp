@@ -102,8 +102,8 @@ Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int pa
 
 // ---- gradient norm ---------------------------------------------------------------------------
 
-double norm_squared_share(const Tensor& grads, std::int64_t lo,
-                          const std::vector<FlatParam>& params, int tp_rank) {
+double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const ParamSlot> params,
+                          int tp_rank) {
   const std::int64_t hi = lo + grads.numel();
   double sum = 0.0;
   // Adjacent counted parameters are summed as one run.
@@ -112,10 +112,10 @@ double norm_squared_share(const Tensor& grads, std::int64_t lo,
     if (run_hi > run_lo) sum += ops::sum_of_squares(grads.slice(run_lo - lo, run_hi - run_lo));
     run_lo = run_hi = 0;
   };
-  for (const FlatParam& p : params) {
-    const std::int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+  for (const ParamSlot& p : params) {
+    const std::int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel());
     if (b <= a) continue;
-    if (p.replicated && tp_rank != 0) {
+    if (p.replicated() && tp_rank != 0) {
       flush();
       continue;
     }

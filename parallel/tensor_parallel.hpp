@@ -8,7 +8,7 @@
 //   g  allreduce(sum) in forward, identity in backward: where a row-parallel layer's partial
 //      outputs leave the TP region (attention c_proj, MLP c_proj, the vocab-parallel embedding).
 //
-// Sharding (the contract models::ParamInfo documents): a tensor of full shape F is split along
+// Sharding (the contract parallel::ParamSlot documents): a tensor of full shape F is split along
 // one dimension d, viewed as `parts` equal blocks (3 for the fused QKV: Q, K, V); TP rank r of K
 // holds from every block the r-th of K equal slices, concatenated in block order. So a column-
 // parallel weight [out, in] is split along d = 0 (out), a row-parallel one along d = 1 (in), the
@@ -25,9 +25,11 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "comm/communicator.hpp"
+#include "parallel/flat_layout.hpp"
 #include "runtime/tensor.hpp"
 
 namespace meshtrain::parallel {
@@ -68,19 +70,8 @@ Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int pa
 
 // ---- gradient norm ---------------------------------------------------------------------------
 
-// One parameter's place in a flat buffer and whether it is replicated across the TP group.
-struct FlatParam {
-  std::int64_t offset = 0, numel = 0;
-  bool replicated = false;
-};
-// This rank's share of the squared global gradient norm, for flat elements [lo, lo +
-// grads.numel()) of the TP-local flat buffer (grads: fp32; all of it, or a ZeRO-1 shard):
-// elements of split parameters count on every TP rank (each holds different ones), elements of
-// replicated parameters on TP rank 0 only (every rank holds the same). Summed over the TP group
-// (and over the DP group for ZeRO-1 shards), it is the squared norm of the whole model's
-// gradient, each element counted once. Accumulated in fp64.
-double norm_squared_share(const Tensor& grads, std::int64_t lo,
-                          const std::vector<FlatParam>& params, int tp_rank);
+double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const ParamSlot> params,
+                          int tp_rank);
 
 // ---- column- and row-parallel linear --------------------------------------------------------
 

@@ -3,7 +3,7 @@
 // writer (several pieces per tensor); each input replaces its manifest.json, which is then read
 // as resuming reads it: read_checkpoint_info, parse_checkpoint_state, verify_checkpoint, and
 // load_checkpoint of the master weights and Adam state at TP 1 and for both ranks of TP 2, with
-// ZeRO-1-like segmented targets. The shard files stay as written, so mutations reach the piece
+// ZeRO-1-like targets held as runs. The shard files stay as written, so mutations reach the piece
 // arithmetic behind the checksums.
 #include <filesystem>
 
@@ -16,7 +16,7 @@ namespace {
 
 struct Setup {
   models::GPTConfig model;
-  std::vector<parallel::TensorSlot> tp1, tp2;
+  std::vector<parallel::ParamSlot> tp1, tp2;
   std::int64_t n1 = 0, n2 = 0;
   std::string root, dir;
 };
@@ -32,23 +32,11 @@ models::GPTConfig small_model() {
   return c;
 }
 
-// The slots of a TP rank of `tp` (the same on every rank), as launch::checkpoint_slots() gives
-// them for a model built that way.
-std::vector<parallel::TensorSlot> slots_for(const models::GPTConfig& c, int tp,
-                                            std::int64_t* numel) {
-  std::vector<parallel::TensorSlot> out;
-  for (const models::ParamInfo& p : models::GPT::param_layout(c, tp)) {
-    parallel::TensorSlot s;
-    s.name = p.name;
-    s.shape = p.shape;
-    s.offset = p.offset;
-    s.full_shape = p.full_shape;
-    s.shard_dim = p.shard_dim;
-    s.shard_parts = p.shard_parts;
-    if (p.name == "wte.weight") s.real_rows = c.vocab_size;
-    *numel = p.offset + p.shape.numel();
-    out.push_back(s);
-  }
+// The layout of a TP rank of `tp` (the same on every rank) and its flat element count.
+std::vector<parallel::ParamSlot> slots_for(const models::GPTConfig& c, int tp,
+                                           std::int64_t* numel) {
+  std::vector<parallel::ParamSlot> out = models::GPT::param_layout(c, tp);
+  *numel = out.back().offset + out.back().numel();
   return out;
 }
 
@@ -83,11 +71,12 @@ Setup& setup() {
     parallel::Mesh mesh;
     const std::int64_t n = s->n1;
     // Uneven write ranges: pieces start and end inside rows and tensors.
-    const parallel::FlatRanges write = {{0, n / 3}, {n / 3, n / 3 + 77}, {n / 3 + 77, n}};
+    const std::vector<parallel::FlatRun> write = {
+        {0, 0, n / 3}, {n / 3, 0, 77}, {n / 3 + 77, 0, n - n / 3 - 77}};
     s->dir = parallel::save_checkpoint(mesh, s->root, 7, s->tp1, n,
-                                       {{"master", values(n, 0.5f), 0, {}},
-                                        {"adam_m", values(n, 0.25f), 0, {}},
-                                        {"adam_v", values(n, 0.125f), 0, {}}},
+                                       {{"master", values(n, 0.5f), {}},
+                                        {"adam_m", values(n, 0.25f), {}},
+                                        {"adam_v", values(n, 0.125f), {}}},
                                        write, parallel::CheckpointLayout{1, 1, 0},
                                        launch::checkpoint_state_json(st), config_toml, 0);
     return s;
@@ -123,18 +112,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   });
   ok = fuzz::accepts(s.dir, [&] { parallel::verify_checkpoint(s.dir); }) && ok;
   // This rank's buffers, a little longer than the model (elements beyond it are left alone).
-  auto load = [&](const std::vector<parallel::TensorSlot>& slots, std::int64_t n, int rank,
-                  int tp) {
+  auto load = [&](const std::vector<parallel::ParamSlot>& slots, std::int64_t n, int rank, int tp) {
     return fuzz::accepts(s.dir, [&] {
       Tensor master = Tensor::zeros(Shape{n + 3}, DType::kF32);
       Tensor m = Tensor::zeros(Shape{n}, DType::kF32), v = Tensor::zeros(Shape{n}, DType::kF32);
-      // adam_m as two segments in reverse order (ZeRO-1 owned pieces), adam_v from flat 1 on.
+      // adam_m as two runs in reverse order (ZeRO-1 owned runs), adam_v from flat 1 on.
       const std::int64_t half = n / 2;
-      const std::vector<parallel::FlatSegment> segs = {{half, 0, n - half}, {0, n - half, half}};
-      parallel::load_checkpoint(
-          s.dir, slots, n,
-          {{"master", master, 0, {}}, {"adam_m", m, 0, segs}, {"adam_v", v.slice(1, n - 1), 1, {}}},
-          rank, tp);
+      const std::vector<parallel::FlatRun> runs = {{half, 0, n - half}, {0, n - half, half}};
+      parallel::load_checkpoint(s.dir, slots, n,
+                                {{"master", master, {}},
+                                 {"adam_m", m, runs},
+                                 {"adam_v", v.slice(1, n - 1), {{1, 0, n - 1}}}},
+                                rank, tp);
       const std::vector<float> tail = master.slice(n, 3).to_floats();
       FUZZ_EXPECT(tail[0] == 0 && tail[1] == 0 && tail[2] == 0, "wrote past the model");
     });

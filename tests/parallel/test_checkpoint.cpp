@@ -50,7 +50,7 @@ float value(int t, int k, std::int64_t row, std::int64_t col, bool vocab) {
 }
 
 struct Local {
-  std::vector<TensorSlot> slots;
+  std::vector<ParamSlot> slots;
   std::int64_t n = 0;
   // Expected local flat values per kind.
   std::vector<std::vector<float>> expect;
@@ -65,7 +65,7 @@ Local make_local(int r, int tp) {
   const auto sp = specs(tp);
   for (std::size_t t = 0; t < sp.size(); ++t) {
     const Spec& s = sp[t];
-    TensorSlot slot;
+    ParamSlot slot;
     slot.name = s.name;
     slot.full_shape = Shape(s.full);
     slot.shard_dim = s.dim;
@@ -109,9 +109,10 @@ void save_layout(const std::string& root, int step, int dp, int tp, int keep = 0
     const Local L = make_local(mesh.tp_rank(), tp);
     const std::int64_t chunk = (L.n + dp - 1) / dp, lo = std::min(L.n, chunk * mesh.dp_rank());
     std::vector<float> m(L.expect[1].begin() + lo, L.expect[1].begin() + std::min(L.n, lo + chunk));
-    std::vector<FlatState> states{{"master", floats(L.expect[0]), 0, {}},
-                                  {"adam_m", floats(m), lo, {}},
-                                  {"adam_v", floats(L.expect[2]), 0, {}}};
+    std::vector<FlatState> states{
+        {"master", floats(L.expect[0]), {}},
+        {"adam_m", floats(m), {{lo, 0, static_cast<std::int64_t>(m.size())}}},
+        {"adam_v", floats(L.expect[2]), {}}};
     save_checkpoint(mesh, root, step, L.slots, L.n, states, {}, CheckpointLayout{dp, tp, 1},
                     R"({"note": "test"})", "[train]\nsteps = 1\n", keep);
     mesh.finalize();
@@ -128,8 +129,7 @@ void check_load(const std::string& dir, int r, int tp, std::int64_t lo, std::int
         FlatState{k,
                   Tensor::from_floats(std::vector<float>(static_cast<std::size_t>(len), -1.0f),
                                       Shape{len}, DType::kF32),
-                  lo,
-                  {}});
+                  {{lo, 0, len}}});
   load_checkpoint(dir, L.slots, L.n, targets, r, tp);
   for (int k = 0; k < 3; ++k) {
     const float* got = targets[k].data.data_as<float>();
@@ -182,43 +182,41 @@ TEST_F(CheckpointTest, EveryLayoutLoadsEveryOther) {
   EXPECT_EQ(latest_checkpoint(dir_.string()), (dir_ / checkpoint_name(step - 1)).string());
 }
 
-// ZeRO-1 as the trainer runs it: each DP rank owns interleaved pieces of the flat buffer (a
-// chunk of every bucket), holds its state only for those (segments), and writes exactly them.
+// ZeRO-1 as the trainer runs it: each DP rank owns interleaved runs of the flat buffer (a
+// chunk of every bucket), holds its state only for those, and writes exactly them.
 TEST_F(CheckpointTest, InterleavedOwnedPiecesRoundTrip) {
   const int dp = 3, tp = 2, piece = 7;
   comm::LoopbackWorld world(dp * tp);
   world.run([&](comm::Communicator& c) {
     Mesh mesh(c, tp);
     const Local L = make_local(mesh.tp_rank(), tp);
-    FlatRanges write;
-    std::vector<FlatSegment> segs;
+    std::vector<FlatRun> runs;
     std::vector<float> m;
     for (std::int64_t lo = piece * mesh.dp_rank(); lo < L.n; lo += piece * dp) {
       const std::int64_t hi = std::min(L.n, lo + piece);
-      write.emplace_back(lo, hi);
-      segs.push_back({lo, static_cast<std::int64_t>(m.size()), hi - lo});
+      runs.push_back({lo, static_cast<std::int64_t>(m.size()), hi - lo});
       m.insert(m.end(), L.expect[1].begin() + lo, L.expect[1].begin() + hi);
     }
-    std::vector<FlatState> states{{"master", floats(L.expect[0]), 0, {}},
-                                  {"adam_m", floats(m), 0, segs},
-                                  {"adam_v", floats(L.expect[2]), 0, {}}};
-    save_checkpoint(mesh, dir_.string(), 5, L.slots, L.n, states, write,
-                    CheckpointLayout{dp, tp, 1}, "{}", "", 0);
+    std::vector<FlatState> states{{"master", floats(L.expect[0]), {}},
+                                  {"adam_m", floats(m), runs},
+                                  {"adam_v", floats(L.expect[2]), {}}};
+    save_checkpoint(mesh, dir_.string(), 5, L.slots, L.n, states, runs, CheckpointLayout{dp, tp, 1},
+                    "{}", "", 0);
     mesh.finalize();
   });
   const std::string ck = (dir_ / checkpoint_name(5)).string();
   for (int t : {1, 2, 4})
     for (int r = 0; r < t; ++r) check_load(ck, r, t, 0, make_local(r, t).n);
-  // Loading into segments: every other run of 5 elements.
+  // Loading into runs: every other run of 5 elements.
   const Local L = make_local(1, 2);
-  std::vector<FlatSegment> segs;
+  std::vector<FlatRun> runs;
   for (std::int64_t lo = 3, at = 0; lo < L.n; lo += 10, at += 5)
-    segs.push_back({lo, at, std::min<std::int64_t>(5, L.n - lo)});
-  Tensor data = Tensor::zeros(Shape{static_cast<std::int64_t>(segs.size()) * 5}, DType::kF32);
-  load_checkpoint(ck, L.slots, L.n, {{"adam_v", data, 0, segs}}, 1, 2);
-  for (const FlatSegment& g : segs)
-    for (std::int64_t j = 0; j < g.length; ++j)
-      ASSERT_EQ(data.data_as<float>()[g.at + j], L.expect[2][g.flat + j]) << g.flat + j;
+    runs.push_back({lo, at, std::min<std::int64_t>(5, L.n - lo)});
+  Tensor data = Tensor::zeros(Shape{static_cast<std::int64_t>(runs.size()) * 5}, DType::kF32);
+  load_checkpoint(ck, L.slots, L.n, {{"adam_v", data, runs}}, 1, 2);
+  for (const FlatRun& r : runs)
+    for (std::int64_t j = 0; j < r.length; ++j)
+      ASSERT_EQ(data.data_as<float>()[r.local + j], L.expect[2][r.flat + j]) << r.flat + j;
 }
 
 TEST_F(CheckpointTest, LatestSkipsIncompleteAndKeepPrunes) {
@@ -256,7 +254,7 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
     std::ofstream(mf) << j.dump();
     try {
       const Local L = make_local(0, 1);
-      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), 0, {}}};
+      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), {}}};
       load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
       ADD_FAILURE() << "expected an error containing '" << msg << "'";
     } catch (const Error& e) {
@@ -319,7 +317,7 @@ TEST_F(CheckpointTest, RefusesHostileManifestText) {
     std::ofstream(mf, std::ios::trunc) << text;
     try {
       const Local L = make_local(0, 1);
-      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), 0, {}}};
+      std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), {}}};
       load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
       ADD_FAILURE() << "expected an error containing '" << msg << "'";
     } catch (const InvalidArgument& e) {

@@ -69,18 +69,12 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
     const models::GPTConfig cfg = config(model, tp);
     models::GPT gpt(cfg, policy, cpu_device(), TPGroup(mesh.tp()));
     gpt.init_weights(11);
-    std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
-    std::vector<FlatParam> flat;
-    for (const models::ParamInfo& p : gpt.params()) {
-      ranges.emplace_back(p.offset, p.shape.numel());
-      flat.push_back({p.offset, p.shape.numel(), p.shard_dim < 0});
-    }
     std::unique_ptr<GradReducer> reducer;
     if (dp > 1) {
       ReducerOptions o;
       o.first_bucket_bytes = 4096;
       o.bucket_bytes = 32 * 1024;
-      reducer = std::make_unique<GradReducer>(mesh.dp(), gpt.flat_grads(), ranges, o);
+      reducer = std::make_unique<GradReducer>(mesh.dp(), gpt.flat_grads(), gpt.params(), o);
       gpt.set_grads_ready_hook(
           [&](std::int64_t lo, std::int64_t hi) { reducer->grads_ready(lo, hi); });
     }
@@ -103,9 +97,9 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
         reducer->finish();
         mesh.dp().allreduce(loss, comm::ReduceOp::kAvg).wait();
       }
-      Tensor sq = Tensor::from_floats(
-          {static_cast<float>(norm_squared_share(gpt.flat_grads(), 0, flat, mesh.tp_rank()))},
-          Shape{1}, DType::kF32);
+      Tensor sq = Tensor::from_floats({static_cast<float>(norm_squared_share(
+                                          gpt.flat_grads(), 0, gpt.params(), mesh.tp_rank()))},
+                                      Shape{1}, DType::kF32);
       TPGroup(mesh.tp()).allreduce(sq);
       const double norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0]));
       if (c.rank() == 0) {

@@ -27,12 +27,6 @@ struct RunResult {
   bool replicas_equal = true;  // every rank ended with rank 0's weights, bit for bit
 };
 
-std::vector<std::pair<std::int64_t, std::int64_t>> param_ranges(const models::GPT& m) {
-  std::vector<std::pair<std::int64_t, std::int64_t>> r;
-  for (const models::ParamInfo& p : m.params()) r.emplace_back(p.offset, p.shape.numel());
-  return r;
-}
-
 // Row g of step s's global batch: kSeq + 1 tokens drawn from (seed, step).
 std::vector<std::int32_t> row(int step, int g) {
   Philox rng(1234, static_cast<std::uint64_t>(step));
@@ -57,7 +51,7 @@ RunResult train(int n, int k, int b, int steps, const std::string& precision,
     const PrecisionPolicy policy = PrecisionPolicy::parse(precision);
     models::GPT model(models::GPTConfig::preset("gpt-tiny"), policy);
     model.init_weights(7);
-    GradReducer reducer(c, model.flat_grads(), param_ranges(model), options);
+    GradReducer reducer(c, model.flat_grads(), model.params(), options);
     model.set_grads_ready_hook(
         [&](std::int64_t lo, std::int64_t hi) { reducer.grads_ready(lo, hi); });
     const std::int64_t np = model.num_parameters();
@@ -118,7 +112,7 @@ TEST(GradReducer, BucketsTileTheBufferInReverseOrder) {
     ReducerOptions o;
     o.first_bucket_bytes = 1024;
     o.bucket_bytes = 64 * 1024;
-    GradReducer r(c, model.flat_grads(), param_ranges(model), o);
+    GradReducer r(c, model.flat_grads(), model.params(), o);
     ASSERT_GE(r.buckets().size(), 3u);
     std::int64_t hi = model.num_parameters();
     for (const auto& [lo, h] : r.buckets()) {
@@ -215,9 +209,9 @@ TEST_P(DataParallel, Bf16ReductionAgreesWithFp32Reduction) {
   EXPECT_NE(low.params, fp32.params);
 }
 
-// ZeRO-1's layout: the ranks' pieces tile the buffer exactly once, every bucket but the first
+// ZeRO-1's layout: the ranks' runs tile the buffer exactly once, every bucket but the first
 // splits into dp equal chunks, and a shard is about 1/dp of the buffer.
-TEST_P(DataParallel, ShardPiecesTileTheBufferOnce) {
+TEST_P(DataParallel, ShardRunsTileTheBufferOnce) {
   const int n = GetParam();
   models::GPT model(models::GPTConfig::preset("gpt-tiny"), PrecisionPolicy::parse("fp32"));
   const std::int64_t np = model.num_parameters();
@@ -231,14 +225,14 @@ TEST_P(DataParallel, ShardPiecesTileTheBufferOnce) {
     o.first_bucket_bytes = 1000;  // not a multiple of anything
     o.bucket_bytes = 40 * 1024;
     Tensor grads = Tensor::zeros(Shape{np}, DType::kF32);
-    GradReducer r(c, grads, param_ranges(model), o);
+    GradReducer r(c, grads, model.params(), o);
     std::lock_guard<std::mutex> lock(mu);
     shard_sizes[c.rank()] = r.shard_numel();
     std::int64_t next_shard = 0;
-    for (const ShardPiece& p : r.shard_pieces()) {
-      EXPECT_GE(p.shard_offset, next_shard);
-      next_shard = p.shard_offset + p.length;
-      for (std::int64_t i = p.flat_offset; i < p.flat_offset + p.length; ++i) {
+    for (const FlatRun& p : r.shard_runs()) {
+      EXPECT_GE(p.local, next_shard);
+      next_shard = p.local + p.length;
+      for (std::int64_t i = p.flat; i < p.flat + p.length; ++i) {
         EXPECT_EQ(owner[i], -1) << "element " << i << " owned twice";
         owner[i] = c.rank();
       }
@@ -276,27 +270,27 @@ TEST_P(DataParallel, ShardedReductionAndGatherMatchTheWholeBuffer) {
       Tensor grads = Tensor::zeros(Shape{np}, DType::kF32);
       float* g = grads.data_as<float>();
       for (std::int64_t i = 0; i < np; ++i) g[i] = value(c.rank(), i);
-      GradReducer r(c, grads, param_ranges(model), o);
+      GradReducer r(c, grads, model.params(), o);
       r.begin_step(true);
       r.grads_ready(0, np);
       r.finish();
       const float* sg = r.shard_grads().data_as<float>();
       float worst = 0;
-      for (const ShardPiece& p : r.shard_pieces()) {
+      for (const FlatRun& p : r.shard_runs()) {
         for (std::int64_t k = 0; k < p.length; ++k) {
           double mean = 0;
-          for (int q = 0; q < n; ++q) mean += value(q, p.flat_offset + k);
+          for (int q = 0; q < n; ++q) mean += value(q, p.flat + k);
           mean /= n;
-          worst = std::max(worst, static_cast<float>(std::abs(sg[p.shard_offset + k] - mean)));
+          worst = std::max(worst, static_cast<float>(std::abs(sg[p.local + k] - mean)));
         }
       }
       EXPECT_LE(worst, wire == DType::kF32 ? 1e-6f : 3.0f / 128);
       // Gather: shard element = f(its flat index) on its owner.
       for (DType d : {DType::kF32, DType::kBF16}) {
         Tensor shard = Tensor::zeros(Shape{r.shard_numel()}, DType::kF32);
-        for (const ShardPiece& p : r.shard_pieces())
+        for (const FlatRun& p : r.shard_runs())
           for (std::int64_t k = 0; k < p.length; ++k)
-            shard.data_as<float>()[p.shard_offset + k] = static_cast<float>(p.flat_offset + k);
+            shard.data_as<float>()[p.local + k] = static_cast<float>(p.flat + k);
         Tensor flat = Tensor::zeros(Shape{np}, d);
         r.all_gather_shards(shard.to(d), flat);
         const std::vector<float> got = flat.to_floats();
