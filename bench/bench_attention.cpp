@@ -26,10 +26,10 @@
 
 #include "bench/bench_util.hpp"
 #include "runtime/cpu/gemm.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/tensor.hpp"
+#include "runtime/threads.hpp"
 
 namespace {
 
@@ -85,7 +85,7 @@ void dense_matmuls(const Tensor& qkv, const Tensor& dout) {
 int main(int argc, char** argv) {
   int reps = 30, threads = omp_get_num_procs();
   if (!meshtrain::bench::parse_reps_threads(argc, argv, reps, threads)) return 2;
-  meshtrain::cpu::set_num_threads(threads);
+  meshtrain::set_cpu_threads(threads);
 
   Tensor qkv = Tensor::empty(Shape{kBatch, kSeq, 3 * kChannels}, DType::kBF16);
   Tensor dout = Tensor::empty(Shape{kBatch, kSeq, kChannels}, DType::kBF16);

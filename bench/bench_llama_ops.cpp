@@ -21,10 +21,10 @@
 #include <vector>
 
 #include "bench/bench_util.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/tensor.hpp"
+#include "runtime/threads.hpp"
 
 namespace {
 
@@ -58,7 +58,7 @@ struct Timed {
 int main(int argc, char** argv) {
   int reps = 30, threads = omp_get_num_procs();
   if (!meshtrain::bench::parse_reps_threads(argc, argv, reps, threads)) return 2;
-  meshtrain::cpu::set_num_threads(threads);
+  meshtrain::set_cpu_threads(threads);
   const std::int64_t rows = std::int64_t{kBatch} * kSeq;
 
   // Attention: the same query heads, with n_kv_head and with n_head key/value heads.

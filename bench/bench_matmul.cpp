@@ -28,10 +28,10 @@
 #include <vector>
 
 #include "bench/bench_util.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/tensor.hpp"
+#include "runtime/threads.hpp"
 
 namespace {
 
@@ -165,7 +165,7 @@ Result run(const Problem& p, int reps, const dnnl::engine& engine, dnnl::stream&
 int main(int argc, char** argv) {
   int reps = 5, threads = omp_get_max_threads();
   if (!meshtrain::bench::parse_reps_threads(argc, argv, reps, threads)) return 2;
-  meshtrain::cpu::set_num_threads(threads);
+  meshtrain::set_cpu_threads(threads);
 
   std::vector<Problem> problems;
   add_linear(problems, "attn.qkv", kWidth, 3 * kWidth);

@@ -15,10 +15,10 @@
 #include "launch/hf.hpp"
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/settings.hpp"
+#include "runtime/threads.hpp"
 
 namespace {
 
@@ -382,8 +382,7 @@ int cmd_generate(Args a) {
   cfg.tp = ranks;
   std::string text;
   try {
-    cpu::set_num_threads(cfg.threads > 0 ? cfg.threads
-                                         : cpu::default_num_threads(node_local(session).size));
+    set_cpu_threads(cfg.threads > 0 ? cfg.threads : default_cpu_threads(node_local(session).size));
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
                       cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
     launch::load_weights(model, weights);

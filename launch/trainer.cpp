@@ -16,17 +16,11 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/config.hpp"
-#if MESHTRAIN_HAS_CUDA
-#include "runtime/cuda/cuda_device.hpp"
-#endif
-#if MESHTRAIN_HAS_NCCL
-#include "comm/nccl/nccl.hpp"
-#endif
-#include "runtime/cpu/threads.hpp"
 #include "runtime/log.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/safetensors.hpp"
+#include "runtime/threads.hpp"
 
 extern "C" const char mt_default_corpus_begin[];
 extern "C" const char mt_default_corpus_end[];
@@ -176,126 +170,25 @@ const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicat
 }
 }  // namespace
 
-CommChoice choose_comm_backend(const std::string& want, const std::vector<std::string>& gpus,
-                               int tp) {
-  MT_CHECK(want == "auto" || want == "nccl" || want == "mpi",
-           "comm.backend = \"{}\": expected auto, nccl or mpi", want);
-  const int n = static_cast<int>(gpus.size());
-  MT_CHECK(tp >= 1 && n >= 1 && n % tp == 0, "comm.backend: {} ranks do not split into TP = {}", n,
-           tp);
-  const int dp = n / tp;
-  CommChoice c;
-  // The first two world ranks of one group that drive the same GPU: "" when there are none.
-  // Group g of the DP kind holds world ranks {d * tp + g}, of the TP kind {g * tp + t}.
-  auto shared = [&](bool dp_kind) -> std::string {
-    const int groups = dp_kind ? tp : dp, members = dp_kind ? dp : tp;
-    for (int g = 0; g < groups; ++g)
-      for (int i = 0; i < members; ++i)
-        for (int j = i + 1; j < members; ++j) {
-          const int a = dp_kind ? i * tp + g : g * tp + i, b = dp_kind ? j * tp + g : g * tp + j;
-          if (gpus[static_cast<std::size_t>(a)] == gpus[static_cast<std::size_t>(b)])
-            return fmt::format("world ranks {} and {} both drive {}", a, b,
-                               gpus[static_cast<std::size_t>(a)]);
-        }
-    return "";
-  };
-  c.dp_shared = shared(true);
-  c.tp_shared = shared(false);
-  if (want == "nccl") {
-    const std::string& why = !c.dp_shared.empty() ? c.dp_shared : c.tp_shared;
-    MT_CHECK(why.empty(),
-             "comm.backend = \"nccl\": {} ({} group); NCCL allows one rank per GPU in a "
-             "communicator. Start one rank per GPU, or use comm.backend = \"auto\" (MPI where "
-             "ranks share a GPU) or \"mpi\"",
-             why, !c.dp_shared.empty() ? "a DP" : "a TP");
-  }
-  c.dp_nccl = want == "nccl" || (want == "auto" && dp > 1 && c.dp_shared.empty());
-  c.tp_nccl = tp > 1 && (want == "nccl" || (want == "auto" && c.tp_shared.empty()));
-  auto words = [](const char* kind, bool nccl, int size, const std::string& why) {
-    if (size == 1 && !nccl) return std::string();
-    return fmt::format("{} over {}{}", kind, nccl ? "NCCL" : "MPI",
-                       !nccl && !why.empty() ? fmt::format(" ({})", why) : std::string());
-  };
-  const std::string a = words("DP", c.dp_nccl, dp, c.dp_shared),
-                    b = words("TP", c.tp_nccl, tp, c.tp_shared);
-  c.summary = a.empty() ? b : b.empty() ? a : a + ", " + b;
-  return c;
-}
-
 std::string Trainer::dp_backend() const {
-  if (nccl_dp_.valid()) return "nccl";
+  if (comms_.dp.valid()) return "nccl";
   return mesh_.dp_size() > 1 ? "mpi" : "none";
 }
 
 std::string Trainer::tp_backend() const {
-  if (nccl_tp_.valid()) return "nccl";
+  if (comms_.tp.valid()) return "nccl";
   return mesh_.tp_size() > 1 ? "mpi" : "none";
-}
-
-// comm.backend. NCCL refuses two ranks of one communicator on the same GPU (and a job that
-// oversubscribes GPUs is common on a workstation), so the ranks first exchange their GPUs'
-// UUIDs over MPI: device indices cannot tell, since each rank may see its own
-// CUDA_VISIBLE_DEVICES. The choice is made per group kind (every DP group, every TP group)
-// from the whole job's list, so that every rank takes the same decision and opens the same
-// communicators, or every rank throws the same error.
-void Trainer::setup_device_comm(comm::Communicator* world) {
-  const std::string& want = cfg_.comm_backend;
-  if (cfg_.device != "cuda" || want == "mpi" || world == nullptr) {
-    if (want == "nccl" && world == nullptr)
-      comm_summary_ = "comm.backend = nccl: one process without mpirun, nothing to communicate";
-    return;
-  }
-#if !MESHTRAIN_HAS_NCCL
-  MT_CHECK(
-      want != "nccl",
-      "comm.backend = \"nccl\": this meshtrain was built without NCCL (build the cuda preset)");
-  comm_summary_ = "MPI (built without NCCL)";
-#else
-  const int n = world->size(), tp = cfg_.tp;
-  // Every rank's UUID, 40 characters ("GPU-" and 36), as 10 int32 words per rank.
-  constexpr int kWords = 10;
-  const std::string uuid = cuda::device_uuid(*gpu_);
-  MT_ASSERT(uuid.size() == kWords * 4, "GPU UUID '{}' is not 40 characters", uuid);
-  std::vector<std::int32_t> mine(kWords);
-  std::memcpy(mine.data(), uuid.data(), uuid.size());
-  Tensor all = Tensor::empty(Shape{static_cast<std::int64_t>(n) * kWords}, DType::kI32);
-  world->all_gather(Tensor::wrap(mine.data(), Shape{kWords}, DType::kI32), all).wait();
-  std::vector<std::string> uuids(static_cast<std::size_t>(n));
-  for (int r = 0; r < n; ++r)
-    uuids[static_cast<std::size_t>(r)].assign(
-        reinterpret_cast<const char*>(all.data_as<std::int32_t>() + r * kWords), kWords * 4);
-  const CommChoice choice = choose_comm_backend(want, uuids, tp);
-  comm::NcclOptions o;
-  o.compute_stream = cuda::compute_stream(*gpu_);
-  o.device = gpu_->index();
-  // Both on every rank, in the same order: each is collective over its MPI group.
-  if (choice.dp_nccl)
-    nccl_dp_ = comm::nccl_communicator(mesh_.distributed() ? mesh_.dp() : *world, o);
-  if (choice.tp_nccl) nccl_tp_ = comm::nccl_communicator(mesh_.tp(), o);
-  comm_summary_ = choice.summary;
-#endif
 }
 
 Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLocal local)
     : cfg_(checked_layout(cfg, world)),
       policy_(PrecisionPolicy::parse(cfg.precision)),
       model_cfg_(model_config(cfg)) {
-  cpu::set_num_threads(cfg_.threads > 0 ? cfg_.threads : cpu::default_num_threads(local.size));
+  set_cpu_threads(cfg_.threads > 0 ? cfg_.threads : default_cpu_threads(local.size));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
   verbose_ = is_root();
-  MT_CHECK(cfg_.comm_backend != "nccl" || cfg_.device == "cuda",
-           "comm.backend = \"nccl\" needs train.device = \"cuda\" (NCCL moves GPU memory); on the "
-           "CPU device the ranks communicate through MPI (comm.backend = \"auto\" or \"mpi\")");
-  if (cfg_.device == "cuda") {
-#if MESHTRAIN_HAS_CUDA
-    gpu_ = cuda::open_local_device(local.rank);
-#else
-    MT_FAIL(
-        "train.device = \"cuda\": this meshtrain was built without CUDA (build the cuda "
-        "preset: scripts/setup.sh cuda)");
-#endif
-  }
-  setup_device_comm(world);
+  gpu_ = open_device(cfg_, local.rank);
+  comms_ = open_device_comms(cfg_, world, mesh_, gpu_.get());
   // The run directory is created once the data is known to be good (except for the built-in
   // corpus, which is written there): bad input leaves nothing behind.
   auto create_run_dir = [&] {
@@ -347,7 +240,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
   world_ = world;
   // comm.backend = "nccl" reduces through NCCL even for DP = 1 (mpirun -np 1 on one GPU runs
   // the NCCL gradient path, ZeRO-1 included).
-  const bool reduce = mesh_.dp_size() > 1 || nccl_dp_.valid();
+  const bool reduce = mesh_.dp_size() > 1 || comms_.dp.valid();
   zero_ = reduce && cfg_.zero == 1;
   std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
   if (reduce) {
@@ -410,15 +303,15 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
   metrics_ = std::fopen(metrics_path.c_str(), resumed_from_.empty() ? "w" : "a");
   if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", metrics_path));
   if (verbose_) {
-    std::printf(
-        "meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION, model_cfg_.str().c_str(),
-        std::string(policy_.name()).c_str(),
-        gpu_ ? gpu_->name().c_str() : fmt::format("{} thread(s)", cpu::num_threads()).c_str(),
-        mesh_.distributed() ? fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
-                                          mesh_.dp_size(), mesh_.tp_size())
-                                  .c_str()
-                            : "");
-    if (!comm_summary_.empty()) std::printf("communication: %s\n", comm_summary_.c_str());
+    std::printf("meshtrain %s | model %s | %s | %s%s\n", MESHTRAIN_VERSION,
+                model_cfg_.str().c_str(), std::string(policy_.name()).c_str(),
+                gpu_ ? gpu_->name().c_str() : fmt::format("{} thread(s)", cpu_threads()).c_str(),
+                mesh_.distributed()
+                    ? fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
+                                  mesh_.dp_size(), mesh_.tp_size())
+                          .c_str()
+                    : "");
+    if (!comms_.summary.empty()) std::printf("communication: %s\n", comms_.summary.c_str());
     std::printf("data: %lld training tokens, %lld validation tokens%s\n",
                 static_cast<long long>(data_->train().tokens()),
                 static_cast<long long>(data_->val() ? data_->val()->tokens() : 0),
@@ -909,8 +802,8 @@ TrainResult Trainer::run() {
                        {{"format", "meshtrain"}, {"config", to_toml(cfg_)}});
   }
   if (cfg_.sample_tokens > 0) r.sample = print_sample(cfg_.steps);
-  if (nccl_dp_.valid()) nccl_dp_.finalize();
-  if (nccl_tp_.valid()) nccl_tp_.finalize();
+  if (comms_.dp.valid()) comms_.dp.finalize();
+  if (comms_.tp.valid()) comms_.tp.finalize();
   mesh_.finalize();
   return r;
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "comm/mpi.hpp"
+#include "launch/backends.hpp"
 #include "launch/config.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
@@ -144,15 +145,10 @@ class Trainer {
   std::unique_ptr<Device> gpu_;
   Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   parallel::Mesh mesh_;
-  // comm.backend: NCCL communicators over this rank's DP and TP groups, on the GPU's compute
-  // stream (not valid() where the group goes through the mesh's MPI communicator). The mesh's
-  // MPI groups stay in use for host scalars (loss, gradient norm) and checkpoints.
-  comm::Communicator nccl_dp_, nccl_tp_;
-  std::string comm_summary_;  // "DP over NCCL, TP over MPI (...)": the banner's words
-  // Chooses and opens the communicators above (collective over `world`).
-  void setup_device_comm(comm::Communicator* world);
-  comm::Communicator& dp_comm() { return nccl_dp_.valid() ? nccl_dp_ : mesh_.dp(); }
-  comm::Communicator& tp_comm() { return nccl_tp_.valid() ? nccl_tp_ : mesh_.tp(); }
+  // comm.backend: NCCL over the DP and TP groups where chosen (launch/backends.hpp).
+  DeviceComms comms_;
+  comm::Communicator& dp_comm() { return comms_.dp.valid() ? comms_.dp : mesh_.dp(); }
+  comm::Communicator& tp_comm() { return comms_.tp.valid() ? comms_.tp : mesh_.tp(); }
   comm::Communicator* world_ = nullptr;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1
   // ZeRO-1 (train.zero = 1 with DP > 1): AdamW state and (16-bit policies) the fp32 master
@@ -190,22 +186,6 @@ class Trainer {
   std::FILE* metrics_ = nullptr;
   std::string corpus_path_;  // the built-in corpus, written into the run directory
 };
-
-// comm.backend's decision for a job on GPUs, from every rank's GPU identity (its UUID, by
-// world rank) and the layout (world rank = dp_rank * tp + tp_rank). NCCL refuses two ranks of
-// one communicator on the same GPU, so a kind of group (every DP group, every TP group) goes
-// over NCCL only when none of its groups has two ranks on one GPU; the decision covers the
-// whole job so that every rank opens the same communicators. want = "auto": NCCL for a kind
-// with more than one rank per group and no sharing, else MPI; "nccl": NCCL for both (DP even
-// at DP = 1, so that one GPU runs the NCCL gradient path; TP when TP > 1), and InvalidArgument
-// naming two ranks that share a GPU if any do; "mpi": neither.
-struct CommChoice {
-  bool dp_nccl = false, tp_nccl = false;
-  std::string dp_shared, tp_shared;  // "world ranks 0 and 1 both drive GPU-..." or ""
-  std::string summary;               // "DP over NCCL, TP over MPI (world ranks ...)"
-};
-CommChoice choose_comm_backend(const std::string& want, const std::vector<std::string>& gpus,
-                               int tp);
 
 // The model a config describes (preset plus overrides, vocabulary); checks it against
 // train.seq_len.

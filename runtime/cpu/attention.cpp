@@ -36,7 +36,7 @@
 #include "runtime/cpu/cpu_backend.hpp"
 #include "runtime/cpu/gemm.hpp"
 #include "runtime/cpu/simd.hpp"
-#include "runtime/cpu/threads.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain::cpu {
 namespace {
@@ -460,7 +460,7 @@ void CpuBackend::attention_backward(Tensor& dqkv, const Tensor& dout, const Tens
         dl[static_cast<std::int64_t>(bh) * seq + t] = dot_row(g + at, o + at, head_size);
       }
     };
-    if (kv_heads >= num_threads()) {
+    if (kv_heads >= cpu_threads()) {
       // One task per key/value head: dK, dV and the dQ of its query heads in one sweep, each
       // GEMM and exp done once.
 #pragma omp parallel if (kv_heads > 1)

@@ -1,7 +1,7 @@
 // The CPU backend: oneDNN for matmul, OpenMP loops for the rest. Each group of ops lives in
 // its own file (matmul.cpp, attention.cpp, elementwise.cpp, layernorm.cpp, rmsnorm.cpp,
 // rope.cpp, swiglu.cpp, embedding.cpp, cross_entropy.cpp, optimizer.cpp). Threads: see
-// runtime/cpu/threads.hpp.
+// runtime/threads.hpp.
 #pragma once
 
 #include "runtime/backend.hpp"

@@ -1,4 +1,4 @@
-#include "runtime/cpu/threads.hpp"
+#include "runtime/threads.hpp"
 
 #include <omp.h>
 #include <sched.h>
@@ -9,18 +9,18 @@
 #include "runtime/error.hpp"
 #include "runtime/settings.hpp"
 
-namespace meshtrain::cpu {
+namespace meshtrain {
 
-void set_num_threads(int n) {
+void set_cpu_threads(int n) {
   MT_CHECK(n >= 1, "thread count must be at least 1, got {}", n);
   omp_set_num_threads(n);
 }
 
-int num_threads() {
+int cpu_threads() {
   return omp_get_max_threads();
 }
 
-int default_num_threads(int local_ranks) {
+int default_cpu_threads(int local_ranks) {
   if (settings().threads > 0) return settings().threads;
   // Cores this process may run on (respects taskset, cgroups' cpusets and mpirun binding).
   // A launcher that bound this rank to fewer cores than the machine has (mpirun --bind-to,
@@ -33,4 +33,4 @@ int default_num_threads(int local_ranks) {
   return std::max(1, machine / std::max(1, local_ranks));
 }
 
-}  // namespace meshtrain::cpu
+}  // namespace meshtrain

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "launch/trainer.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/safetensors.hpp"
+#include "runtime/threads.hpp"
 
 int main(int argc, char** argv) {
   using namespace meshtrain;
@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
       else
         MT_FAIL("hf_runner: unknown flag {}", f);
     }
-    cpu::set_num_threads(1);
+    set_cpu_threads(1);
     launch::TrainConfig cfg =
         launch::load_config((std::filesystem::path(run) / "config.toml").string(), {});
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));

@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "launch/trainer.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/data.hpp"
 #include "runtime/safetensors.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain {
 namespace {
@@ -184,7 +184,7 @@ int run_train(const Flags& f) {
 
 int main(int argc, char** argv) {
   try {
-    meshtrain::cpu::set_num_threads(1);  // small shapes; tests run side by side
+    meshtrain::set_cpu_threads(1);  // small shapes; tests run side by side
     meshtrain::Flags f{std::vector<std::string>(argv + 1, argv + argc)};
     const std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "grads") return meshtrain::run_grads(f);

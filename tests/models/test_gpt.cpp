@@ -7,8 +7,8 @@
 #include <gtest/gtest.h>
 
 #include "models/gpt.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain::models {
 namespace {
@@ -46,7 +46,7 @@ class Overfit : public ::testing::TestWithParam<const char*> {};
 // A tiny model memorises one fixed batch of random tokens: every training path (forward,
 // backward, AdamW on master weights, the bf16 copy) has to work for the loss to reach ~0.
 TEST_P(Overfit, OneBatchToNearZeroLoss) {
-  cpu::set_num_threads(1);  // the suite runs tests in parallel on shared cores
+  set_cpu_threads(1);  // the suite runs tests in parallel on shared cores
   const PrecisionPolicy policy = PrecisionPolicy::parse(GetParam());
   GPT model(tiny_config(), policy);
   model.init_weights(5);
@@ -79,7 +79,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, Overfit, ::testing::Values("fp32", "bf16"));
 
 // backward() accumulates: two half-weighted backward passes give the gradient of one.
 TEST(Gpt, BackwardAccumulates) {
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   GPT model(tiny_config(), PrecisionPolicy::parse("fp32"));
   model.init_weights(3);
   const Tensor tokens = random_tokens(2, 8, 256, 3), targets = random_tokens(2, 8, 256, 4);

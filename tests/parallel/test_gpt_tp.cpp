@@ -15,9 +15,9 @@
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
 #include "parallel/tensor_parallel.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain::parallel {
 namespace {
@@ -57,7 +57,7 @@ struct TpRun {
 // dp x tp ranks, `b` rows per DP rank and step; AdamW with clipping at max_norm.
 TpRun train(const std::string& model, int dp, int tp, int b, int steps,
             const std::string& precision, double max_norm = 1.0) {
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   TpRun result;
   std::mutex mu;
   std::vector<std::vector<float>> replicated(static_cast<std::size_t>(dp * tp));
@@ -205,7 +205,7 @@ TEST(GPTTensorParallel, Bf16AgreesWithinTolerance) {
 
 TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
   // Shapes and shard fields, and init: every shard holds the TP = 1 model's values.
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   const PrecisionPolicy fp32 = PrecisionPolicy::parse("fp32");
   models::GPT ref(config("gpt-tiny", 2), fp32);
   ref.init_weights(3);
@@ -233,7 +233,7 @@ TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
 }
 
 TEST(GPTTensorParallel, DecodeMatchesOneRank) {
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   const PrecisionPolicy fp32 = PrecisionPolicy::parse("fp32");
   models::GPT ref(config("gpt-tiny", 4), fp32);
   ref.init_weights(5);

@@ -12,9 +12,9 @@
 #include "comm/loopback.hpp"
 #include "models/gpt.hpp"
 #include "parallel/grad_reducer.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain::parallel {
 namespace {
@@ -42,7 +42,7 @@ std::vector<std::int32_t> row(int step, int g) {
 // micro-step m takes rows [(m n + r) b, (m n + r + 1) b).
 RunResult train(int n, int k, int b, int steps, const std::string& precision,
                 ReducerOptions options = {}) {
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   RunResult result;
   std::mutex mu;
   std::vector<std::vector<float>> finals(n);
@@ -135,7 +135,7 @@ TEST(GradReducer, AutomaticBucketSizeIsAnEighthOfTheGradientsWithinOneTo25MiB) {
 }
 
 TEST(GradReducer, BackwardReportsRangesThatTileTheBufferInDecreasingOrder) {
-  cpu::set_num_threads(1);
+  set_cpu_threads(1);
   models::GPT model(models::GPTConfig::preset("gpt-tiny"), PrecisionPolicy::parse("fp32"));
   model.init_weights(1);
   std::vector<std::pair<std::int64_t, std::int64_t>> seen;

@@ -9,9 +9,9 @@
 
 #include "comm/loopback.hpp"
 #include "parallel/tensor_parallel.hpp"
-#include "runtime/cpu/threads.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
+#include "runtime/threads.hpp"
 
 namespace meshtrain::parallel {
 namespace {
@@ -45,7 +45,7 @@ void expect_near(const Tensor& got, const Tensor& want, float tol, const char* w
 
 class TensorParallel : public ::testing::TestWithParam<int> {
  protected:
-  void SetUp() override { cpu::set_num_threads(1); }
+  void SetUp() override { set_cpu_threads(1); }
 };
 
 TEST(Shards, FollowTheParamInfoContract) {

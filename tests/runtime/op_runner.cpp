@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "runtime/config.hpp"
-#include "runtime/cpu/threads.hpp"
+#include "runtime/threads.hpp"
 #if MESHTRAIN_HAS_CUDA
 #include "runtime/cuda/cuda_device.hpp"
 #endif
@@ -481,7 +481,7 @@ int run(int argc, char** argv) {
            "usage: op_runner --device cpu [--threads N] --in CASE_DIR --out RESULT_DIR");
   std::unique_ptr<Device> owned;
   Device& device = device_named(device_name, owned);
-  if (threads > 0) cpu::set_num_threads(threads);
+  if (threads > 0) set_cpu_threads(threads);
   std::vector<fs::path> cases;
   for (const auto& entry : fs::directory_iterator(in_dir))
     if (entry.path().extension() == ".safetensors") cases.push_back(entry.path());
