@@ -1,5 +1,7 @@
-// The trainer's side of distributed checkpoints: what state a checkpoint holds beyond the
-// tensors, and how a run resumes from one (parallel/checkpoint.hpp has the format).
+// The trainer's side of distributed checkpoints: the state a checkpoint holds beyond the tensors,
+// saving, and resuming (restore, which a rollback reuses).
+#include "launch/checkpointing.hpp"
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/trainer.hpp"
+#include "parallel/checkpoint.hpp"
 #include "runtime/log.hpp"
 
 namespace meshtrain::launch {
@@ -121,15 +124,6 @@ std::string resolve_resume(const TrainConfig& cfg) {
   return cfg.resume;
 }
 
-void load_checkpoint_weights(models::GPT& model, const std::string& dir) {
-  const std::int64_t n = model.num_parameters();
-  Tensor master = Tensor::empty(Shape{n}, DType::kF32);
-  parallel::load_checkpoint(dir, model.params(), n, {{"master", master, {}}}, model.tp().rank(),
-                            model.tp().size());
-  model.flat_master().copy_from(master);
-  model.sync_params_from_master();
-}
-
 std::string Trainer::save_checkpoint(int steps_done) {
   const auto t0 = std::chrono::steady_clock::now();
   CheckpointState state;
@@ -165,11 +159,7 @@ std::string Trainer::save_checkpoint(int steps_done) {
   last_checkpoint_ = dir;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  write_metrics(Json{{"step", steps_done}, {"checkpoint", dir}, {"checkpoint_ms", ms}}.dump());
-  if (verbose_) {
-    std::printf("step %d | checkpoint %s (%.0f ms)\n", steps_done, dir.c_str(), ms);
-    std::fflush(stdout);
-  }
+  log_.checkpoint(steps_done, dir, ms);
   return dir;
 }
 

@@ -11,6 +11,7 @@
 
 #include <toml++/toml.h>
 
+#include "parallel/grad_reducer.hpp"
 #include "runtime/error.hpp"
 
 namespace meshtrain::launch {
@@ -564,6 +565,36 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
   }
   check_combinations(cfg);
   return cfg;
+}
+
+std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes) {
+  if (cfg.dp_bucket_mb <= 0) return parallel::auto_bucket_bytes(grad_bytes);
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(cfg.dp_bucket_mb * (1 << 20)));
+}
+
+models::GPTConfig model_config(const TrainConfig& c) {
+  models::GPTConfig m = models::GPTConfig::preset(c.model_preset);
+  if (c.n_layer) m.n_layer = c.n_layer;
+  if (c.n_head) m.n_head = c.n_head;
+  if (c.n_embd) m.n_embd = c.n_embd;
+  if (c.block_size) m.block_size = c.block_size;
+  const bool bytes = c.vocab == "bytes" || (c.vocab == "auto" && m.vocab_size == 256);
+  m.vocab_size = bytes ? 256 : 50257;
+  // Under tensor parallelism every rank holds an equal, 128-aligned slice of the vocabulary.
+  m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
+  MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
+           m.n_embd, m.n_head);
+  MT_CHECK(m.n_head % c.tp == 0,
+           "train.tp = {}: the model's {} attention heads (model.n_head) cannot be split across {} "
+           "tensor-parallel ranks; train.tp must divide model.n_head",
+           c.tp, m.n_head, c.tp);
+  MT_CHECK(c.seq_len <= m.block_size,
+           "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
+           "model.block_size",
+           c.seq_len, m.block_size);
+  m.validate();
+  m.validate_tp(c.tp);
+  return m;
 }
 
 std::string checkpoint_root(const TrainConfig& cfg) {

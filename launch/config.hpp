@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "models/gpt.hpp"
+
 namespace meshtrain::launch {
 
 struct TrainConfig {
@@ -90,6 +92,14 @@ struct TrainConfig {
   // newest if there is one, else a fresh start). Empty: a fresh start.
   std::string resume;
 };
+
+// The model a config describes (preset plus overrides, vocabulary padded for train.tp); checks it
+// against train.seq_len and train.tp.
+models::GPTConfig model_config(const TrainConfig& cfg);
+
+// The DP gradient bucket size in bytes for `grad_bytes` of fp32 gradients on a rank:
+// dp.bucket_mb, or parallel::auto_bucket_bytes when it is 0 (automatic).
+std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes);
 
 // Where checkpoints go: checkpoint.dir, or RUN_DIR/checkpoints.
 std::string checkpoint_root(const TrainConfig& cfg);

@@ -11,9 +11,13 @@
 #include <vector>
 
 #include "comm/mpi.hpp"
+#include "launch/checkpointing.hpp"
 #include "launch/config.hpp"
+#include "launch/generate.hpp"
 #include "launch/hf.hpp"
 #include "launch/trainer.hpp"
+#include "launch/weights.hpp"
+#include "parallel/checkpoint.hpp"
 #include "runtime/config.hpp"
 #include "runtime/log.hpp"
 #include "runtime/safetensors.hpp"
@@ -385,7 +389,8 @@ int cmd_generate(Args a) {
     set_cpu_threads(cfg.threads > 0 ? cfg.threads : default_cpu_threads(node_local(session).size));
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
                       cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
-    launch::load_weights(model, weights);
+    model.flat_master().copy_from(launch::load_weights(model, weights));
+    model.sync_params_from_master();
     text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
                                  temperature, top_k, seed);
     if (session) end_job(*session, world);
@@ -544,10 +549,11 @@ int cmd_export(Args a) {
              "export: '{}' has no model.safetensors (a finished run; or "
              "export a checkpoint with --checkpoint)",
              run);
-    launch::load_weights(model, weights);
+    model.flat_master().copy_from(launch::load_weights(model, weights));
   } else {
-    launch::load_checkpoint_weights(model, checkpoint);
+    model.flat_master().copy_from(launch::load_checkpoint_weights(model, checkpoint));
   }
+  model.sync_params_from_master();
   launch::export_hf(model, out);
   std::printf("wrote %s/model.safetensors and %s/config.json (%s)\n", out.c_str(), out.c_str(),
               model.config().str().c_str());

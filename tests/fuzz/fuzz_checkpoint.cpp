@@ -1,13 +1,13 @@
 // Fuzz target: distributed checkpoint manifests (parallel/checkpoint.hpp) and the trainer's state
-// in them (launch/trainer.hpp). At start-up a small model's checkpoint is written with the real
-// writer (several pieces per tensor); each input replaces its manifest.json, which is then read
-// as resuming reads it: read_checkpoint_info, parse_checkpoint_state, verify_checkpoint, and
+// in them (launch/checkpointing.hpp). At start-up a small model's checkpoint is written with the
+// real writer (several pieces per tensor); each input replaces its manifest.json, which is then
+// read as resuming reads it: read_checkpoint_info, parse_checkpoint_state, verify_checkpoint, and
 // load_checkpoint of the master weights and Adam state at TP 1 and for both ranks of TP 2, with
 // ZeRO-1-like targets held as runs. The shard files stay as written, so mutations reach the piece
 // arithmetic behind the checksums.
 #include <filesystem>
 
-#include "launch/trainer.hpp"
+#include "launch/checkpointing.hpp"
 #include "parallel/checkpoint.hpp"
 #include "tests/fuzz/fuzz.hpp"
 

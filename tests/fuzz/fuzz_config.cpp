@@ -4,7 +4,6 @@
 #include <cstring>
 
 #include "launch/config.hpp"
-#include "launch/trainer.hpp"
 #include "tests/fuzz/fuzz.hpp"
 
 namespace meshtrain::fuzz {

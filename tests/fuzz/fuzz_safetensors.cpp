@@ -4,7 +4,7 @@
 #include <cstring>
 #include <set>
 
-#include "launch/trainer.hpp"
+#include "launch/weights.hpp"
 #include "runtime/safetensors.hpp"
 #include "tests/fuzz/fuzz.hpp"
 

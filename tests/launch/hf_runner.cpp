@@ -10,7 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "launch/trainer.hpp"
+#include "launch/config.hpp"
+#include "launch/weights.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/threads.hpp"
 
@@ -36,7 +37,9 @@ int main(int argc, char** argv) {
     launch::TrainConfig cfg =
         launch::load_config((std::filesystem::path(run) / "config.toml").string(), {});
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
-    launch::load_weights(model, (std::filesystem::path(run) / "model.safetensors").string());
+    model.flat_master().copy_from(
+        launch::load_weights(model, (std::filesystem::path(run) / "model.safetensors").string()));
+    model.sync_params_from_master();
     std::vector<std::int32_t> ids;
     std::stringstream ss(tokens);
     for (std::string t; std::getline(ss, t, ',');) ids.push_back(std::stoi(t));

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "launch/checkpointing.hpp"
 #include "launch/trainer.hpp"
 #include "runtime/error.hpp"
 

@@ -1,0 +1,73 @@
+#include "launch/weights.hpp"
+
+#include "parallel/checkpoint.hpp"
+#include "runtime/error.hpp"
+#include "runtime/safetensors.hpp"
+
+namespace meshtrain::launch {
+
+Tensor load_weights(const models::GPT& model, const std::string& path) {
+  const SafetensorsFile f = load_safetensors(path);
+  const models::GPTConfig& mc = model.config();
+  const parallel::TPGroup& tp = model.tp();
+  Tensor weights = Tensor::zeros(Shape{model.num_parameters()}, DType::kF32, model.device());
+  for (const models::ParamInfo& p : model.params()) {
+    Tensor t = f.at(p.name);
+    MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path,
+             p.name, dtype_name(t.dtype()));
+    // The vocabulary padding depends on the layout (128 x TP rows): the real rows are what count.
+    const bool wte = p.name == "wte.weight";
+    const bool same =
+        t.shape() == p.full_shape ||
+        (wte && t.ndim() == 2 && t.dim(0) >= mc.vocab_size && t.dim(1) == p.full_shape[1]);
+    MT_CHECK(same,
+             "'{}': tensor '{}' has shape {}, the model expects {} (another model's weights?)",
+             path, p.name, t.shape().str(), p.full_shape.str());
+    if (wte && t.shape() != p.full_shape) {
+      Tensor full = Tensor::zeros(p.full_shape, t.dtype());
+      full.slice(0, mc.vocab_size).copy_from(t.slice(0, mc.vocab_size));
+      t = full;
+    }
+    Tensor mine = parallel::slot_view(weights, p);
+    if (!p.replicated() && tp.size() > 1) {
+      parallel::copy_shard(mine, t, p.shard_dim, p.shard_parts, tp.rank(), tp.size());
+    } else {
+      mine.copy_from(t);
+    }
+  }
+  MT_CHECK(f.tensors.size() == model.params().size(),
+           "'{}' holds {} tensors, the model has {} parameters", path, f.tensors.size(),
+           model.params().size());
+  return weights;
+}
+
+Tensor load_checkpoint_weights(const models::GPT& model, const std::string& dir) {
+  Tensor weights = Tensor::empty(Shape{model.num_parameters()}, DType::kF32);
+  parallel::load_checkpoint(dir, model.params(), model.num_parameters(), {{"master", weights, {}}},
+                            model.tp().rank(), model.tp().size());
+  return weights;
+}
+
+std::vector<std::pair<std::string, Tensor>> gather_weights(const models::GPT& model,
+                                                           const Tensor& weights,
+                                                           const parallel::TPGroup& tp) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const models::ParamInfo& p : model.params()) {
+    const Tensor mine = parallel::slot_view(weights, p);
+    Tensor full = p.replicated() || tp.size() == 1
+                      ? mine
+                      : parallel::gather_full(mine, p.full_shape, p.shard_dim, p.shard_parts, tp);
+    if (p.name == "wte.weight")
+      full = full.slice(0, models::GPTConfig::pad_vocab(model.config().vocab_size));
+    out.emplace_back(p.name, full);
+  }
+  return out;
+}
+
+void save_weights(const std::string& path,
+                  const std::vector<std::pair<std::string, Tensor>>& weights,
+                  const std::string& config_toml) {
+  save_safetensors(path, weights, {{"format", "meshtrain"}, {"config", config_toml}});
+}
+
+}  // namespace meshtrain::launch
