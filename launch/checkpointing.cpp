@@ -140,20 +140,10 @@ std::string Trainer::save_checkpoint(int steps_done) {
   state.grad_accum = cfg_.grad_accum;
   state.seq_len = cfg_.seq_len;
   state.dp = mesh_.dp_size();
-  const std::int64_t n = model_->num_parameters();
-  // Under ZeRO-1 this rank holds m, v (and, 16-bit policies, the master weights) for the flat
-  // runs it owns, and writes exactly those: every element is written by its owner.
-  std::vector<parallel::FlatRun> owned;
-  if (zero_) owned = reducer_->shard_runs();
-  const bool sharded_master = zero_ && policy_.has_master_copy();
-  std::vector<parallel::FlatState> states{
-      sharded_master ? parallel::FlatState{"master", master_shard_, owned}
-                     : parallel::FlatState{"master", model_->flat_master(), {}},
-      {"adam_m", m_, owned},
-      {"adam_v", v_, owned},
-  };
+  // Under ZeRO-1 each rank writes exactly the runs it owns, from its shards.
   const std::string dir = parallel::save_checkpoint(
-      mesh_, checkpoint_root(cfg_), steps_done, model_->params(), n, states, owned,
+      mesh_, checkpoint_root(cfg_), steps_done, model_->params(), model_->num_parameters(),
+      optimizer_->checkpoint_state(), optimizer_->checkpoint_writes(),
       parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0},
       checkpoint_state_json(state), to_toml(cfg_), cfg_.ckpt_keep);
   last_checkpoint_ = dir;
@@ -172,30 +162,7 @@ void Trainer::restore(const std::string& dir) {
            dir, info.step, cfg_.steps);
   MT_CHECK(state.skipped_steps <= info.step, "checkpoint '{}': {} skipped steps of {}", dir,
            state.skipped_steps, info.step);
-
-  const std::int64_t n = model_->num_parameters();
-  // Load into scratch buffers (CPU) first: a checkpoint that fails half way leaves the model as
-  // it was. The whole master (this TP rank's shard of every tensor) is needed for the compute
-  // parameters; m and v only where this rank runs the optimizer.
-  std::vector<parallel::FlatRun> owned;
-  if (zero_) owned = reducer_->shard_runs();
-  Tensor master = Tensor::empty(Shape{n}, DType::kF32);
-  Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
-  parallel::load_checkpoint(dir, model_->params(), n,
-                            {{"master", master, {}}, {"adam_m", m, owned}, {"adam_v", v, owned}},
-                            mesh_.tp_rank(), mesh_.tp_size());
-  if (zero_ && policy_.has_master_copy()) {
-    // The model holds no master copy: this rank's pieces go to its shard, and the 16-bit
-    // parameters are the master's rounding, as the optimizer writes them.
-    for (const parallel::FlatRun& r : owned)
-      master_shard_.slice(r.local, r.length).copy_from(master.slice(r.flat, r.length));
-    model_->flat_params().copy_from(master);
-  } else {
-    model_->flat_master().copy_from(master);
-    model_->sync_params_from_master();
-  }
-  m_.copy_from(m);
-  v_.copy_from(v);
+  optimizer_->load_checkpoint(dir);
   skipped_ = state.skipped_steps;
   bad_in_a_row_ = state.bad_in_a_row;
   scaler_.restore(state.loss_scale, state.clean_steps, state.scaler_skipped);

@@ -14,7 +14,6 @@
 #include "launch/generate.hpp"
 #include "launch/weights.hpp"
 #include "runtime/log.hpp"
-#include "runtime/ops.hpp"
 #include "runtime/threads.hpp"
 
 namespace meshtrain::launch {
@@ -128,20 +127,13 @@ void Trainer::open_data() {
 }
 
 // The gradient reducer (DP > 1; comm.backend = "nccl" reduces through NCCL even for DP = 1, so
-// that mpirun -np 1 on one GPU runs the NCCL gradient path, ZeRO-1 included) and the AdamW
-// state, from the initial weights: model.init (fine-tuning; a resumed run takes the
-// checkpoint's instead) or the seed's.
+// that mpirun -np 1 on one GPU runs the NCCL gradient path, ZeRO-1 included) and the optimizer,
+// from the initial weights: model.init (fine-tuning; a resumed run takes the checkpoint's
+// instead) or the seed's. The optimizer holds the model's master copy (or its ZeRO-1 shard).
 void Trainer::build_optimizer() {
-  model_->init_weights(cfg_.seed);
-  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) {
-    model_->flat_master().copy_from(load_weights(*model_, cfg_.model_init));
-    model_->sync_params_from_master();
-  }
-  const std::int64_t n_params = model_->num_parameters();
-  std::int64_t opt_n = n_params;  // elements of AdamW state on this rank
   if (mesh_.dp_size() > 1 || comms_.dp.valid()) {
     parallel::ReducerOptions ro;
-    ro.bucket_bytes = dp_bucket_bytes(cfg_, n_params * 4);
+    ro.bucket_bytes = dp_bucket_bytes(cfg_, model_->num_parameters() * 4);
     ro.overlap = cfg_.dp_overlap == "on";
     ro.reduce_dtype = cfg_.dp_reduce_dtype == "bf16" ? DType::kBF16 : DType::kF32;
     // ZeRO-1: gradients are reduce-scattered; rank r owns the r-th chunk of every bucket.
@@ -151,22 +143,26 @@ void Trainer::build_optimizer() {
     model_->set_grads_ready_hook(
         [r = reducer_.get()](std::int64_t lo, std::int64_t hi) { r->grads_ready(lo, hi); });
   }
-  if (zero_) {
-    opt_n = reducer_->shard_numel();
-    if (policy_.has_master_copy()) {
-      // Keep this rank's shard of the fp32 master weights and free the model's whole copy
-      // (returned to the system, not kept in the allocator's cache).
-      master_shard_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
-      for (const parallel::FlatRun& r : reducer_->shard_runs()) {
-        Tensor dst = master_shard_.slice(r.local, r.length);
-        dst.copy_from(model_->flat_master().slice(r.flat, r.length));
-      }
-      model_->release_master_copy();
-      model_->device().empty_cache();
-    }
+  parallel::AdamWOptions o;
+  o.beta1 = cfg_.beta1;
+  o.beta2 = cfg_.beta2;
+  o.eps = cfg_.eps;
+  o.weight_decay = cfg_.weight_decay;
+  o.grad_clip = cfg_.grad_clip;
+  model_->init_weights(cfg_.seed);
+  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) {
+    model_->flat_master().copy_from(load_weights(*model_, cfg_.model_init));
+    model_->sync_params_from_master();
   }
-  m_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
-  v_ = Tensor::zeros(Shape{opt_n}, DType::kF32, device());
+  optimizer_ = std::make_unique<parallel::DistributedAdamW>(
+      model_->params(), model_->flat_params(), model_->flat_grads(), model_->flat_master(), o,
+      mesh_, zero_ ? reducer_.get() : nullptr);
+  if (!optimizer_->holds_whole_master()) {
+    // ZeRO-1 keeps this rank's shard of the fp32 master weights: the model's whole copy goes
+    // back to the system, not to the allocator's cache.
+    model_->release_master_copy();
+    device().empty_cache();
+  }
 }
 
 void Trainer::start_log() {
@@ -211,78 +207,12 @@ StepMetrics Trainer::step(int step) {
   const float scale = policy_.loss_scaling ? scaler_.scale() : 1.0f;
   m.loss = forward_backward(step, scale);
   if (reducer_) reduce(m);
-  grad_norm(m, scale);
-  if (accept(m)) update(m, step, scale);
+  const parallel::GradNorm norm = optimizer_->grad_norm(scale);
+  m.grad_norm = norm.norm;
+  m.comm_wait_ms += norm.wait_ms;
+  if (accept(m)) m.comm_wait_ms += optimizer_->step(m.lr, step + 1 - skipped_, m.grad_norm, scale);
   end_step(m, t0);
   return m;
-}
-
-// The global gradient norm, each element counted once.
-void Trainer::grad_norm(StepMetrics& m, float scale) {
-  if (zero_) {
-    const auto tc = Clock::now();
-    // The squared norm summed over the DP shards (the padding is zero) and the TP ranks.
-    double share = 0;
-    for (const parallel::FlatRun& r : reducer_->shard_runs())
-      share += grad_norm_share(reducer_->shard_grads().slice(r.local, r.length), r.flat);
-    Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
-    if (mesh_.dp().valid()) mesh_.dp().allreduce(sq, comm::ReduceOp::kSum).wait();
-    parallel::TPGroup(mesh_.tp()).allreduce(sq);
-    m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
-    m.comm_wait_ms += seconds_since(tc) * 1e3;
-  } else if (mesh_.tp_size() > 1) {
-    Tensor sq = Tensor::from_floats({static_cast<float>(grad_norm_share(model_->flat_grads(), 0))},
-                                    Shape{1}, DType::kF32);
-    parallel::TPGroup(mesh_.tp()).allreduce(sq);
-    m.grad_norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0])) / scale;
-  } else {
-    m.grad_norm = std::sqrt(ops::sum_of_squares(model_->flat_grads())) / scale;
-  }
-}
-
-double Trainer::grad_norm_share(const Tensor& grads, std::int64_t lo) const {
-  return parallel::norm_squared_share(grads, lo, model_->params(), mesh_.tp_rank());
-}
-
-// AdamW on the elements this rank owns, clipped; under ZeRO-1 the parameters are gathered.
-void Trainer::update(StepMetrics& m, int step, float scale) {
-  float clip = 1.0f;
-  if (cfg_.grad_clip > 0 && m.grad_norm > cfg_.grad_clip)
-    clip = static_cast<float>(cfg_.grad_clip / (m.grad_norm + 1e-6));
-  const auto& params = model_->params();
-  // This rank updates the flat elements it owns: all of them, or its ZeRO-1 runs, whose
-  // gradients, m, v (and master weights, 16-bit policies) sit at the run's shard offset.
-  std::vector<parallel::FlatRun> owned{{0, 0, model_->num_parameters()}};
-  if (zero_) owned = reducer_->shard_runs();
-  const Tensor& grads = zero_ ? reducer_->shard_grads() : model_->flat_grads();
-  const bool sharded_master = zero_ && policy_.has_master_copy();
-  for (const parallel::FlatRun& run : owned) {
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      const std::int64_t lo = std::max(params[i].offset, run.flat);
-      const std::int64_t hi = std::min(params[i].offset + params[i].numel(), run.flat + run.length);
-      if (hi <= lo) continue;
-      const std::int64_t at = run.local + (lo - run.flat);
-      ops::AdamWParams p;
-      p.lr = static_cast<float>(m.lr);
-      p.beta1 = static_cast<float>(cfg_.beta1);
-      p.beta2 = static_cast<float>(cfg_.beta2);
-      p.eps = static_cast<float>(cfg_.eps);
-      p.weight_decay = params[i].decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
-      p.step = step + 1 - skipped_;
-      p.grad_scale = clip / scale;
-      Tensor param =
-          policy_.has_master_copy() ? model_->flat_params().slice(lo, hi - lo) : Tensor();
-      Tensor master = sharded_master ? master_shard_.slice(at, hi - lo)
-                                     : model_->flat_master().slice(lo, hi - lo);
-      Tensor mi = m_.slice(at, hi - lo);
-      Tensor vi = v_.slice(at, hi - lo);
-      ops::adamw_update(param, master, grads.slice(at, hi - lo), mi, vi, p);
-    }
-  }
-  if (zero_) {
-    // Every rank wrote the parameters it owns in place: gather the others'.
-    m.comm_wait_ms += reducer_->all_gather_shards(Tensor(), model_->flat_params());
-  }
 }
 
 // This rank's micro-batches of step `step`, forward and backward; the gradients accumulate and
@@ -368,7 +298,7 @@ void Trainer::end_step(StepMetrics& m, Clock::time_point t0) {
 }
 
 Tensor Trainer::master_weights() {
-  if (model_->holds_master()) return model_->flat_master();
+  if (optimizer_->holds_whole_master()) return optimizer_->master();
   MT_CHECK(final_master_.defined(),
            "master_weights(): under ZeRO-1 the whole master weights exist only after run()");
   return final_master_;
@@ -491,13 +421,8 @@ MemoryReport Trainer::memory_report() {
   MemoryReport m;
   m.params = static_cast<std::int64_t>(model_->flat_params().nbytes());
   m.grads = static_cast<std::int64_t>(model_->flat_grads().nbytes());
-  auto bytes = [](const Tensor& t) {
-    return t.defined() ? static_cast<std::int64_t>(t.nbytes()) : std::int64_t{0};
-  };
-  m.master = !policy_.has_master_copy() ? 0
-             : model_->holds_master()   ? bytes(model_->flat_master())
-                                        : bytes(master_shard_);
-  m.adam = bytes(m_) + bytes(v_);
+  m.master = optimizer_->master_bytes();
+  m.adam = optimizer_->moment_bytes();
   m.zero_buffers = zero_ ? static_cast<std::int64_t>(reducer_->shard_grads().nbytes()) : 0;
   m.activations = model_->activation_bytes();
   m.peak_rss_mib = gather_peak_rss_mib(world_);
@@ -509,10 +434,7 @@ MemoryReport Trainer::memory_report() {
 // gathers every split tensor. The file holds the full model in the TP = 1 layout whatever the
 // layout (wte padded to a multiple of 128 rows only).
 void Trainer::save_final_weights() {
-  if (!model_->holds_master()) {
-    final_master_ = Tensor::zeros(Shape{model_->num_parameters()}, DType::kF32, device());
-    reducer_->all_gather_shards(master_shard_, final_master_);
-  }
+  if (!optimizer_->holds_whole_master()) final_master_ = optimizer_->gather_master();
   if (mesh_.dp_rank() != 0) return;
   const auto weights = gather_weights(*model_, master_weights(), parallel::TPGroup(mesh_.tp()));
   if (is_root())

@@ -30,6 +30,7 @@
 #include "models/gpt.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
+#include "parallel/optimizer.hpp"
 #include "runtime/data.hpp"
 #include "runtime/precision.hpp"
 
@@ -64,12 +65,10 @@ class Trainer {
                        std::uint64_t seed);
 
   models::GPT& model() { return *model_; }
-  // The whole fp32 master weights: the model's own, or under ZeRO-1 (where each rank holds a
-  // shard) the copy gathered at the end of run(). Throws before that.
+  const parallel::DistributedAdamW& optimizer() const { return *optimizer_; }
+  // The whole fp32 master weights: the optimizer's, or under ZeRO-1 with a 16-bit policy (where
+  // each rank holds a shard) the copy gathered at the end of run(). Throws before that.
   Tensor master_weights();
-  // Elements of AdamW state (each of m and v) this rank holds: every parameter, or under
-  // ZeRO-1 its shard.
-  std::int64_t optimizer_state_numel() const { return m_.numel(); }
   const parallel::Mesh& mesh() const { return mesh_; }
   // Which backend carries the DP gradients and the TP activations ("nccl", "mpi", or "none"
   // for a group of one rank that does not communicate).
@@ -100,12 +99,7 @@ class Trainer {
   StepMetrics step(int step);
   float forward_backward(int step, float loss_scale);
   void reduce(StepMetrics& m);
-  void grad_norm(StepMetrics& m, float scale);
-  // This rank's share of the squared gradient norm for flat elements [lo, lo + grads.numel())
-  // (parallel::norm_squared_share: split parameters counted per shard, replicated ones once).
-  double grad_norm_share(const Tensor& grads, std::int64_t lo) const;
   bool accept(StepMetrics& m);
-  void update(StepMetrics& m, int step, float scale);
   void end_step(StepMetrics& m, Clock::time_point t0);
   // Around the steps.
   void after_step(int step);
@@ -139,12 +133,9 @@ class Trainer {
   std::string corpus_path_;  // the built-in corpus, written into the run directory
   std::unique_ptr<models::GPT> model_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
-  // ZeRO-1 (train.zero = 1 with a reducer): AdamW state and (16-bit policies) the fp32 master
-  // weights exist only for this rank's shard (reducer_->shard_runs()); the model holds no
-  // master copy. final_master_: the whole master weights, gathered at the end of run().
-  bool zero_ = false;
-  Tensor master_shard_, final_master_;
-  Tensor m_, v_;  // AdamW state, fp32 flat (this rank's shard under ZeRO-1)
+  bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
+  std::unique_ptr<parallel::DistributedAdamW> optimizer_;
+  Tensor final_master_;  // ZeRO-1 with a 16-bit policy: gathered at the end of run()
   LrSchedule schedule_;
   DynamicLossScaler scaler_;
   Tensor inputs_, targets_;
