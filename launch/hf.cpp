@@ -77,16 +77,15 @@ T config_opt(const std::string& path, const Json& j, const char* key, T fallback
 
 }  // namespace
 
-void export_hf(models::GPT& model, const std::string& dir) {
+void export_hf(const models::GPT& model, const Tensor& weights, const std::string& dir) {
   const models::GPTConfig& c = model.config();
   MT_CHECK(model.tp().size() <= 1, "export --hf needs the whole model (TP = 1)");
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw IoError(fmt::format("export: cannot create '{}': {}", dir, ec.message()));
   std::vector<std::pair<std::string, Tensor>> out;
-  for (std::size_t i = 0; i < model.params().size(); ++i) {
-    const models::ParamInfo& p = model.params()[i];
-    Tensor m = model.master(i);
+  for (const models::ParamInfo& p : model.params()) {
+    const Tensor m = parallel::slot_view(weights, p);
     if (is_conv1d(p.name)) {
       out.emplace_back(p.name, transpose(m));
     } else if (p.name == "wte.weight") {

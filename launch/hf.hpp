@@ -17,9 +17,10 @@
 namespace meshtrain::launch {
 
 // Writes dir/model.safetensors (fp32, Hugging Face GPT-2 names and layout, metadata format
-// "pt") and dir/config.json from the model's fp32 master weights. The model must hold every
-// parameter (TP = 1). Creates dir; overwrites those two files atomically.
-void export_hf(models::GPT& model, const std::string& dir);
+// "pt") and dir/config.json from fp32 flat weights laid out as the model's params()
+// (launch/weights.hpp). The model must hold every parameter (TP = 1). Creates dir; overwrites
+// those two files atomically.
+void export_hf(const models::GPT& model, const Tensor& weights, const std::string& dir);
 
 struct ImportedModel {
   models::GPTConfig config;

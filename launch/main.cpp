@@ -389,8 +389,7 @@ int cmd_generate(Args a) {
     set_cpu_threads(cfg.threads > 0 ? cfg.threads : default_cpu_threads(node_local(session).size));
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
                       cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
-    model.flat_master().copy_from(launch::load_weights(model, weights));
-    model.sync_params_from_master();
+    model.set_weights(launch::load_weights(model, weights));
     text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
                                  temperature, top_k, seed);
     if (session) end_job(*session, world);
@@ -542,19 +541,19 @@ int cmd_export(Args a) {
   if (!checkpoint.empty()) config = (fs::path(checkpoint) / "config.toml").string();
   MT_CHECK(fs::exists(config), "export: '{}' does not exist", config);
   const launch::TrainConfig cfg = launch::load_config(config, {});
-  models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
+  const models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
+  Tensor weights;
   if (checkpoint.empty()) {
-    const std::string weights = (fs::path(run) / "model.safetensors").string();
-    MT_CHECK(fs::exists(weights),
+    const std::string path = (fs::path(run) / "model.safetensors").string();
+    MT_CHECK(fs::exists(path),
              "export: '{}' has no model.safetensors (a finished run; or "
              "export a checkpoint with --checkpoint)",
              run);
-    model.flat_master().copy_from(launch::load_weights(model, weights));
+    weights = launch::load_weights(model, path);
   } else {
-    model.flat_master().copy_from(launch::load_checkpoint_weights(model, checkpoint));
+    weights = launch::load_checkpoint_weights(model, checkpoint);
   }
-  model.sync_params_from_master();
-  launch::export_hf(model, out);
+  launch::export_hf(model, weights, out);
   std::printf("wrote %s/model.safetensors and %s/config.json (%s)\n", out.c_str(), out.c_str(),
               model.config().str().c_str());
   return 0;

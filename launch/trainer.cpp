@@ -129,7 +129,7 @@ void Trainer::open_data() {
 // The gradient reducer (DP > 1; comm.backend = "nccl" reduces through NCCL even for DP = 1, so
 // that mpirun -np 1 on one GPU runs the NCCL gradient path, ZeRO-1 included) and the optimizer,
 // from the initial weights: model.init (fine-tuning; a resumed run takes the checkpoint's
-// instead) or the seed's. The optimizer holds the model's master copy (or its ZeRO-1 shard).
+// instead) or the seed's.
 void Trainer::build_optimizer() {
   if (mesh_.dp_size() > 1 || comms_.dp.valid()) {
     parallel::ReducerOptions ro;
@@ -149,20 +149,17 @@ void Trainer::build_optimizer() {
   o.eps = cfg_.eps;
   o.weight_decay = cfg_.weight_decay;
   o.grad_clip = cfg_.grad_clip;
-  model_->init_weights(cfg_.seed);
-  if (!cfg_.model_init.empty() && resolve_resume(cfg_).empty()) {
-    model_->flat_master().copy_from(load_weights(*model_, cfg_.model_init));
-    model_->sync_params_from_master();
+  {
+    Tensor weights = !cfg_.model_init.empty() && resolve_resume(cfg_).empty()
+                         ? load_weights(*model_, cfg_.model_init)
+                         : model_->initial_weights(cfg_.seed);
+    optimizer_ = std::make_unique<parallel::DistributedAdamW>(
+        model_->params(), model_->flat_params(), model_->flat_grads(), std::move(weights), o, mesh_,
+        zero_ ? reducer_.get() : nullptr);
   }
-  optimizer_ = std::make_unique<parallel::DistributedAdamW>(
-      model_->params(), model_->flat_params(), model_->flat_grads(), model_->flat_master(), o,
-      mesh_, zero_ ? reducer_.get() : nullptr);
-  if (!optimizer_->holds_whole_master()) {
-    // ZeRO-1 keeps this rank's shard of the fp32 master weights: the model's whole copy goes
-    // back to the system, not to the allocator's cache.
-    model_->release_master_copy();
-    device().empty_cache();
-  }
+  // The whole initial weights, where the optimizer kept only a shard of them (or copied them),
+  // go back to the system rather than to the allocator's cache.
+  device().empty_cache();
 }
 
 void Trainer::start_log() {

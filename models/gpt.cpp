@@ -204,8 +204,6 @@ GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, pa
   layers_ = std::move(ix.layers);
   num_params_ = cfg_.num_parameters_per_rank(tp_.size());
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
-  if (policy_.has_master_copy())
-    master_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
   grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
 }
 
@@ -214,36 +212,17 @@ Tensor GPT::param(std::size_t i) const {
   return params_flat_.slice(p.offset, p.shape.numel()).view(p.shape);
 }
 
-Tensor& GPT::flat_master() {
-  MT_CHECK(!master_released_,
-           "the model's master weights were released (ZeRO-1 keeps them sharded in the trainer)");
-  return policy_.has_master_copy() ? master_flat_ : params_flat_;
-}
-
-void GPT::release_master_copy() {
-  if (!policy_.has_master_copy()) return;
-  master_flat_ = Tensor();
-  master_released_ = true;
-}
-
-Tensor GPT::master(std::size_t i) const {
-  MT_CHECK(!master_released_,
-           "the model's master weights were released (ZeRO-1 keeps them sharded in the trainer)");
-  const ParamInfo& p = params_.at(i);
-  const Tensor& flat = policy_.has_master_copy() ? master_flat_ : params_flat_;
-  return flat.slice(p.offset, p.shape.numel()).view(p.shape);
-}
-
 Tensor GPT::grad(std::size_t i) const {
   const ParamInfo& p = params_.at(i);
   return grads_flat_.slice(p.offset, p.shape.numel()).view(p.shape);
 }
 
-void GPT::init_weights(std::uint64_t seed) {
+Tensor GPT::initial_weights(std::uint64_t seed) const {
+  Tensor weights = Tensor::zeros(Shape{num_params_}, DType::kF32, *device_);
   const float residual_scale = 1.0f / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const ParamInfo& p = params_[i];
-    Tensor m = master(i);
+    Tensor m = parallel::slot_view(weights, p);
     // A shard gets the full tensor's values at its place: the full tensor is drawn, then cut.
     const bool split = p.shard_dim >= 0 && tp_.size() > 1;
     Tensor full = split ? Tensor::empty(p.full_shape, DType::kF32) : m;
@@ -264,12 +243,14 @@ void GPT::init_weights(std::uint64_t seed) {
       full.slice(cfg_.vocab_size, cfg_.padded_vocab - cfg_.vocab_size).zero_();
     if (split) parallel::copy_shard(m, full, p.shard_dim, p.shard_parts, tp_.rank(), tp_.size());
   }
-  sync_params_from_master();
+  return weights;
 }
 
-void GPT::sync_params_from_master() {
-  MT_CHECK(!master_released_, "sync_params_from_master after release_master_copy");
-  if (policy_.has_master_copy()) ops::convert(params_flat_, master_flat_);
+void GPT::set_weights(const Tensor& weights) {
+  MT_CHECK(weights.defined() && weights.dtype() == DType::kF32 && weights.numel() == num_params_,
+           "GPT::set_weights: expected fp32 flat weights of {} elements, got {}", num_params_,
+           weights.defined() ? weights.str() : std::string("(none)"));
+  if (weights.data() != params_flat_.data()) params_flat_.copy_from(weights);
 }
 
 void GPT::ensure_activations(int batch, int seq) {

@@ -1,10 +1,12 @@
 // The GPT-2 family: pre-LayerNorm blocks, learned position embeddings, a tied input/output
 // embedding, a 4x GELU MLP and causal attention, built from runtime ops.
 //
-// Parameters live in one flat buffer in the compute dtype (and, under 16-bit policies, an fp32
-// master copy), gradients in one flat fp32 buffer, both in the order of params(): embeddings
-// first, then layer by layer, then the final LayerNorm. Flat buffers are what gradient buckets,
-// ZeRO shards and checkpoints are cut from.
+// Parameters live in one flat buffer in the compute dtype, gradients in one flat fp32 buffer,
+// both in the order of params(): embeddings first, then layer by layer, then the final
+// LayerNorm. Flat buffers are what gradient buckets, ZeRO shards and checkpoints are cut from.
+// The fp32 master weights that 16-bit policies update are the optimizer's
+// (parallel/optimizer.hpp); the model is given weights (set_weights) and computes with their
+// rounding.
 #pragma once
 
 #include <cstdint>
@@ -104,26 +106,22 @@ class GPT {
 
   // GPT-2 initialisation from (seed, stream = parameter index): normal(0, 0.02) weights,
   // residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 x layers), zero biases,
-  // unit LayerNorm weights. Identical on every rank and device for one seed; under TP each rank
-  // holds its shard of the full model's values (the same model as at TP = 1).
-  void init_weights(std::uint64_t seed);
+  // unit LayerNorm weights, zero padding rows of wte; as fp32 flat weights laid out as params(),
+  // on the model's device. Identical on every rank and device for one seed; under TP each rank
+  // gets its shard of the full model's values (the same model as at TP = 1).
+  Tensor initial_weights(std::uint64_t seed) const;
+  // Writes the compute parameters from fp32 flat weights laid out as params() (any device):
+  // their rounding to the compute dtype, a copy under fp32.
+  void set_weights(const Tensor& weights);
+  // set_weights(initial_weights(seed)): a model to run without an optimizer (tests, sampling).
+  void init_weights(std::uint64_t seed) { set_weights(initial_weights(seed)); }
 
-  // Flat buffers: compute parameters, fp32 master (the same tensor as params under fp32),
-  // fp32 gradients. param(i) etc. are views of parameter i shaped as params()[i].shape.
+  // Flat buffers: compute parameters and fp32 gradients. param(i) and grad(i) are views of
+  // parameter i shaped as params()[i].shape.
   Tensor& flat_params() { return params_flat_; }
-  Tensor& flat_master();
   Tensor& flat_grads() { return grads_flat_; }
   Tensor param(std::size_t i) const;
-  Tensor master(std::size_t i) const;
   Tensor grad(std::size_t i) const;
-  // Writes the compute parameters from the master weights (after an optimizer step or a load).
-  void sync_params_from_master();
-  // ZeRO-1: the trainer keeps this rank's shard of the fp32 master weights itself, so the
-  // model's whole copy is freed (16-bit policies; under fp32 the master is the parameter and
-  // nothing is freed). Afterwards master(), flat_master() and sync_params_from_master() throw.
-  void release_master_copy();
-  // False once release_master_copy() freed a separate master copy.
-  bool holds_master() const { return !master_released_; }
 
   // Forward on tokens [B, T] (int32). With targets ([B, T], negative = ignore), computes the
   // per-token losses and returns their mean over counted targets; without, returns NaN and
@@ -188,8 +186,7 @@ class GPT {
   std::int64_t num_params_ = 0;
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
   std::vector<Layer> layers_;
-  Tensor params_flat_, master_flat_, grads_flat_;
-  bool master_released_ = false;
+  Tensor params_flat_, grads_flat_;
   GradsReadyHook grads_ready_;
 
   // Activations for the current [B, T]; reused across steps of the same shape.

@@ -25,12 +25,12 @@ void write_seeds(const std::string& dir) {
   c.vocab_size = 256;
   c.padded_vocab = 256;
   models::GPT m(c, PrecisionPolicy::parse("fp32"));
-  Tensor flat = m.flat_master();
+  Tensor flat = m.flat_params();  // fp32: the master weights
   std::vector<float> v(static_cast<std::size_t>(flat.numel()));
   for (std::size_t i = 0; i < v.size(); ++i) v[i] = 0.01f * static_cast<float>(i % 100);
   flat.copy_from(Tensor::from_floats(v, flat.shape(), DType::kF32));
   const std::string out = scratch_dir() + "/export";
-  launch::export_hf(m, out);
+  launch::export_hf(m, flat, out);
   pack("seed-export", out);
   // transformers' own layout: "transformer." prefixes, the tied lm_head and attention buffers.
   const SafetensorsFile f = load_safetensors(out + "/model.safetensors");

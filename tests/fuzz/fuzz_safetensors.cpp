@@ -47,13 +47,13 @@ void write_seeds(const std::string& dir) {
   save_safetensors(dir + "/seed-empty.safetensors", {});
   // A model.safetensors as Trainer::run writes it (meshtrain names, fp32 master weights).
   models::GPT& m = model();
-  Tensor flat = m.flat_master();
+  Tensor flat = m.flat_params();  // fp32: the master weights
   std::vector<float> v(static_cast<std::size_t>(flat.numel()));
   for (std::size_t i = 0; i < v.size(); ++i) v[i] = 0.001f * static_cast<float>(i % 1000);
   flat.copy_from(Tensor::from_floats(v, flat.shape(), DType::kF32));
   std::vector<std::pair<std::string, Tensor>> weights;
   for (std::size_t i = 0; i < m.params().size(); ++i)
-    weights.emplace_back(m.params()[i].name, m.master(i));
+    weights.emplace_back(m.params()[i].name, m.param(i));
   save_safetensors(dir + "/seed-model.safetensors", weights);
 }
 

@@ -37,9 +37,8 @@ int main(int argc, char** argv) {
     launch::TrainConfig cfg =
         launch::load_config((std::filesystem::path(run) / "config.toml").string(), {});
     models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
-    model.flat_master().copy_from(
+    model.set_weights(
         launch::load_weights(model, (std::filesystem::path(run) / "model.safetensors").string()));
-    model.sync_params_from_master();
     std::vector<std::int32_t> ids;
     std::stringstream ss(tokens);
     for (std::string t; std::getline(ss, t, ',');) ids.push_back(std::stoi(t));

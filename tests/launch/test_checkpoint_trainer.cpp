@@ -47,9 +47,9 @@ class CheckpointTrainerTest : public ::testing::Test {
     return c;
   }
   // Poisons the weights (NaN) after optimizer step `at`: every later step is non-finite until
-  // the weights are replaced.
+  // the weights are replaced. (fp32: the parameters are the master weights.)
   static void poison(Trainer& t) {
-    Tensor& w = t.model().flat_master();
+    Tensor& w = t.model().flat_params();
     w.slice(0, 1).copy_from(
         Tensor::from_floats({std::numeric_limits<float>::quiet_NaN()}, Shape{1}, DType::kF32));
   }

@@ -32,9 +32,8 @@ class HfImportTest : public ::testing::Test {
     c.block_size = 4;
     c.vocab_size = 256;
     c.padded_vocab = 256;
-    models::GPT m(c, PrecisionPolicy::parse("fp32"));
-    m.init_weights(1);
-    export_hf(m, dir_.string());
+    const models::GPT m(c, PrecisionPolicy::parse("fp32"));
+    export_hf(m, m.initial_weights(1), dir_.string());
     std::ifstream in(dir_ / "config.json");
     config_ = nlohmann::ordered_json::parse(in);
   }

@@ -152,8 +152,7 @@ TEST_F(TrainerTest, CallbacksAndRunDirectory) {
   EXPECT_EQ(sample_lines, 1);
   // model.safetensors loads into a fresh model that computes exactly what the trained one does.
   models::GPT fresh(model_config(saved), PrecisionPolicy::parse(saved.precision));
-  fresh.flat_master().copy_from(load_weights(fresh, path("run/model.safetensors")));
-  fresh.sync_params_from_master();
+  fresh.set_weights(load_weights(fresh, path("run/model.safetensors")));
   const Tensor tokens = Tensor::from_ints(std::vector<std::int32_t>(32, 'e'), Shape{1, 32});
   const Tensor targets = Tensor::from_ints(std::vector<std::int32_t>(32, 't'), Shape{1, 32});
   EXPECT_EQ(fresh.forward(tokens, targets), t.model().forward(tokens, targets));

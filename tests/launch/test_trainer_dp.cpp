@@ -187,14 +187,14 @@ TEST_F(TrainerDp, ZeroOneHoldsOnlyItsShards) {
     std::int64_t total_state = 0, np = 0;
     const DpRun z = train(config(2, 1, "bf16", 1), n, [&](Trainer& t, int) {
       std::lock_guard<std::mutex> lock(mu);
-      EXPECT_FALSE(t.model().holds_master());
+      EXPECT_FALSE(t.optimizer().holds_whole_master());
       np = t.model().num_parameters();
       EXPECT_LE(t.optimizer().state_numel(), (np + n - 1) / n + 1);
       total_state += t.optimizer().state_numel();
     });
     EXPECT_GE(total_state, np);  // together the shards cover every parameter
     const DpRun p = train(config(2, 1, "bf16", 0), n, [&](Trainer& t, int) {
-      EXPECT_TRUE(t.model().holds_master());
+      EXPECT_TRUE(t.optimizer().holds_whole_master());
       EXPECT_EQ(t.optimizer().state_numel(), t.model().num_parameters());
     });
     // The same training up to the norm's summation order, which bf16 parameters amplify (a

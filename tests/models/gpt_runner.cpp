@@ -128,8 +128,8 @@ int run_train(const Flags& f) {
   trainer.set_verbose(false);
   models::GPT& model = trainer.model();
   Named out;
-  for (std::size_t i = 0; i < model.params().size(); ++i)
-    out.emplace_back("init." + model.params()[i].name, model.master(i).clone());
+  for (const models::ParamInfo& p : model.params())
+    out.emplace_back("init." + p.name, parallel::slot_view(trainer.master_weights(), p).clone());
   std::vector<float> lr, loss, norm;
   trainer.on_step([&](const launch::StepMetrics& m) {
     MT_CHECK(!m.skipped, "gpt_runner: step {} was skipped", m.step);
@@ -138,8 +138,8 @@ int run_train(const Flags& f) {
     norm.push_back(static_cast<float>(m.grad_norm));
   });
   trainer.run();
-  for (std::size_t i = 0; i < model.params().size(); ++i)
-    out.emplace_back("final." + model.params()[i].name, model.master(i));
+  for (const models::ParamInfo& p : model.params())
+    out.emplace_back("final." + p.name, parallel::slot_view(trainer.master_weights(), p));
 
   // The micro-batches the Trainer drew: its sampler is a function of (files, seq, seed), so a
   // second one over the same data yields the same batches (DESIGN.md, data flow step 1).

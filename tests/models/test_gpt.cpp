@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "models/gpt.hpp"
+#include "parallel/optimizer.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/threads.hpp"
 
@@ -49,11 +50,10 @@ TEST_P(Overfit, OneBatchToNearZeroLoss) {
   set_cpu_threads(1);  // the suite runs tests in parallel on shared cores
   const PrecisionPolicy policy = PrecisionPolicy::parse(GetParam());
   GPT model(tiny_config(), policy);
-  model.init_weights(5);
+  parallel::Mesh single;
+  parallel::DistributedAdamW opt(model.params(), model.flat_params(), model.flat_grads(),
+                                 model.initial_weights(5), parallel::AdamWOptions{}, single);
   const Tensor tokens = random_tokens(2, 16, 256, 1), targets = random_tokens(2, 16, 256, 2);
-  const std::int64_t n = model.num_parameters();
-  Tensor m = Tensor::zeros(Shape{n}, DType::kF32), v = Tensor::zeros(Shape{n}, DType::kF32);
-  Tensor param = policy.has_master_copy() ? model.flat_params() : Tensor();
   constexpr int kMaxSteps = 100;  // it takes about 30
   constexpr float kTarget = 0.05f;
   const float first = model.forward(tokens, targets);
@@ -63,10 +63,7 @@ TEST_P(Overfit, OneBatchToNearZeroLoss) {
   while (loss >= kTarget && step < kMaxSteps) {
     model.zero_grads();
     model.backward(1.0f);
-    ops::AdamWParams p;
-    p.lr = 1e-2f;
-    p.step = ++step;
-    ops::adamw_update(param, model.flat_master(), model.flat_grads(), m, v, p);
+    opt.step(1e-2, ++step, 0.0, 1.0f);
     loss = model.forward(tokens, targets);
     ASSERT_TRUE(std::isfinite(loss)) << "step " << step;
   }

@@ -14,6 +14,7 @@
 #include "models/gpt.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
+#include "parallel/optimizer.hpp"
 #include "parallel/tensor_parallel.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
@@ -68,7 +69,6 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
     const PrecisionPolicy policy = PrecisionPolicy::parse(precision);
     const models::GPTConfig cfg = config(model, tp);
     models::GPT gpt(cfg, policy, cpu_device(), TPGroup(mesh.tp()));
-    gpt.init_weights(11);
     std::unique_ptr<GradReducer> reducer;
     if (dp > 1) {
       ReducerOptions o;
@@ -78,8 +78,11 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
       gpt.set_grads_ready_hook(
           [&](std::int64_t lo, std::int64_t hi) { reducer->grads_ready(lo, hi); });
     }
-    const std::int64_t np = gpt.num_parameters();
-    Tensor m = Tensor::zeros(Shape{np}, DType::kF32), v = Tensor::zeros(Shape{np}, DType::kF32);
+    AdamWOptions o;
+    o.weight_decay = 0.1;
+    o.grad_clip = max_norm;
+    DistributedAdamW opt(gpt.params(), gpt.flat_params(), gpt.flat_grads(), gpt.initial_weights(11),
+                         o, mesh);
     std::vector<std::int32_t> in(static_cast<std::size_t>(b) * kSeq), tg(in.size());
     for (int s = 0; s < steps; ++s) {
       gpt.zero_grads();
@@ -97,33 +100,23 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
         reducer->finish();
         mesh.dp().allreduce(loss, comm::ReduceOp::kAvg).wait();
       }
-      Tensor sq = Tensor::from_floats({static_cast<float>(norm_squared_share(
-                                          gpt.flat_grads(), 0, gpt.params(), mesh.tp_rank()))},
-                                      Shape{1}, DType::kF32);
-      TPGroup(mesh.tp()).allreduce(sq);
-      const double norm = std::sqrt(static_cast<double>(sq.data_as<float>()[0]));
+      // The global norm, replicated parameters counted once (the optimizer's own sum over TP).
+      const double norm = opt.grad_norm(1.0f).norm;
       if (c.rank() == 0) {
         result.losses.push_back(loss.data_as<float>()[0]);
         result.norms.push_back(static_cast<float>(norm));
       }
-      ops::AdamWParams p;
-      p.lr = 1e-3f;
-      p.step = s + 1;
-      p.weight_decay = 0.1f;
-      p.grad_scale = norm > max_norm ? static_cast<float>(max_norm / (norm + 1e-6)) : 1.0f;
-      Tensor param = policy.has_master_copy() ? gpt.flat_params() : Tensor();
-      ops::adamw_update(param, gpt.flat_master(), gpt.flat_grads(), m, v, p);
+      opt.step(1e-3, s + 1, norm, 1.0f);
     }
     // Gather the full model on every TP group; world rank 0 reports it.
     std::vector<std::vector<float>> full;
     std::vector<float> rep, own;
-    for (std::size_t i = 0; i < gpt.params().size(); ++i) {
-      const models::ParamInfo& p = gpt.params()[i];
-      Tensor t =
-          gather_full(gpt.master(i), p.full_shape, p.shard_dim, p.shard_parts, TPGroup(mesh.tp()));
+    for (const models::ParamInfo& p : gpt.params()) {
+      const Tensor master = slot_view(opt.master(), p);
+      Tensor t = gather_full(master, p.full_shape, p.shard_dim, p.shard_parts, TPGroup(mesh.tp()));
       if (p.name == "wte.weight") t = t.slice(0, cfg.vocab_size);
       full.push_back(t.to_floats());
-      const std::vector<float> mine = gpt.master(i).to_floats();
+      const std::vector<float> mine = master.to_floats();
       (p.shard_dim < 0 ? rep : own)
           .insert((p.shard_dim < 0 ? rep : own).end(), mine.begin(), mine.end());
     }
@@ -208,11 +201,11 @@ TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
   set_cpu_threads(1);
   const PrecisionPolicy fp32 = PrecisionPolicy::parse("fp32");
   models::GPT ref(config("gpt-tiny", 2), fp32);
-  ref.init_weights(3);
+  const Tensor ref_weights = ref.initial_weights(3);
   comm::LoopbackWorld world(2);
   world.run([&](comm::Communicator& c) {
     models::GPT gpt(config("gpt-tiny", 2), fp32, cpu_device(), TPGroup(c));
-    gpt.init_weights(3);
+    const Tensor weights = gpt.initial_weights(3);
     ASSERT_EQ(gpt.params().size(), ref.params().size());
     for (std::size_t i = 0; i < gpt.params().size(); ++i) {
       const models::ParamInfo& p = gpt.params()[i];
@@ -220,10 +213,10 @@ TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
       EXPECT_EQ(p.full_shape, q.shape) << p.name;
       EXPECT_EQ(p.shard_dim, q.shard_dim) << p.name;
       EXPECT_EQ(p.shard_parts, q.shard_parts) << p.name;
-      Tensor want = p.shard_dim < 0 ? ref.master(i) : Tensor::empty(p.shape, DType::kF32);
-      if (p.shard_dim >= 0)
-        copy_shard(want, ref.master(i), p.shard_dim, p.shard_parts, c.rank(), 2);
-      EXPECT_EQ(gpt.master(i).to_floats(), want.to_floats()) << p.name;
+      const Tensor full = slot_view(ref_weights, q);
+      Tensor want = p.shard_dim < 0 ? full : Tensor::empty(p.shape, DType::kF32);
+      if (p.shard_dim >= 0) copy_shard(want, full, p.shard_dim, p.shard_parts, c.rank(), 2);
+      EXPECT_EQ(slot_view(weights, p).to_floats(), want.to_floats()) << p.name;
     }
     EXPECT_EQ(gpt.params()[2 + 2].shard_parts, 3);  // h.0.attn.c_attn.weight
     EXPECT_EQ(gpt.params()[2 + 4].shard_dim, 1);    // h.0.attn.c_proj.weight
@@ -236,13 +229,14 @@ TEST(GPTTensorParallel, DecodeMatchesOneRank) {
   set_cpu_threads(1);
   const PrecisionPolicy fp32 = PrecisionPolicy::parse("fp32");
   models::GPT ref(config("gpt-tiny", 4), fp32);
-  ref.init_weights(5);
   // Non-zero biases and non-unit LayerNorms, so that a bias added twice would show.
+  Tensor ref_weights = Tensor::zeros(Shape{ref.num_parameters()}, DType::kF32);
   for (std::size_t i = 0; i < ref.params().size(); ++i) {
-    Tensor m = ref.master(i);
+    Tensor m = slot_view(ref_weights, ref.params()[i]);
     fill_normal(m, Philox(77, i), 0.0f, 0.1f);
   }
-  ref.master(0).slice(256, 256).zero_();  // the padded vocabulary rows stay zero
+  slot_view(ref_weights, ref.params()[0]).slice(256, 256).zero_();  // padded vocabulary rows
+  ref.set_weights(ref_weights);
   const std::vector<std::int32_t> prompt = {10, 200, 33, 7, 255, 0, 128};
   std::vector<std::vector<float>> want;
   for (std::int32_t t : prompt) want.push_back(ref.decode(t));
@@ -250,15 +244,18 @@ TEST(GPTTensorParallel, DecodeMatchesOneRank) {
     comm::LoopbackWorld world(k);
     world.run([&](comm::Communicator& c) {
       models::GPT gpt(config("gpt-tiny", 4), fp32, cpu_device(), TPGroup(c));
+      Tensor weights = Tensor::zeros(Shape{gpt.num_parameters()}, DType::kF32);
       for (std::size_t i = 0; i < gpt.params().size(); ++i) {
         const models::ParamInfo& p = gpt.params()[i];
-        Tensor m = gpt.master(i);
+        Tensor m = slot_view(weights, p);
+        const Tensor full = slot_view(ref_weights, ref.params()[i]);
         if (p.shard_dim < 0) {
-          m.copy_from(ref.master(i));
+          m.copy_from(full);
         } else {
-          copy_shard(m, ref.master(i), p.shard_dim, p.shard_parts, c.rank(), k);
+          copy_shard(m, full, p.shard_dim, p.shard_parts, c.rank(), k);
         }
       }
+      gpt.set_weights(weights);
       for (std::size_t i = 0; i < prompt.size(); ++i) {
         const std::vector<float> got = gpt.decode(prompt[i]);
         ASSERT_EQ(got.size(), want[i].size());

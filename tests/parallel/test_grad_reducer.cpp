@@ -12,6 +12,7 @@
 #include "comm/loopback.hpp"
 #include "models/gpt.hpp"
 #include "parallel/grad_reducer.hpp"
+#include "parallel/optimizer.hpp"
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/threads.hpp"
@@ -50,12 +51,12 @@ RunResult train(int n, int k, int b, int steps, const std::string& precision,
   world.run([&](comm::Communicator& c) {
     const PrecisionPolicy policy = PrecisionPolicy::parse(precision);
     models::GPT model(models::GPTConfig::preset("gpt-tiny"), policy);
-    model.init_weights(7);
     GradReducer reducer(c, model.flat_grads(), model.params(), options);
     model.set_grads_ready_hook(
         [&](std::int64_t lo, std::int64_t hi) { reducer.grads_ready(lo, hi); });
-    const std::int64_t np = model.num_parameters();
-    Tensor m = Tensor::zeros(Shape{np}, DType::kF32), v = Tensor::zeros(Shape{np}, DType::kF32);
+    Mesh single;  // the optimizer is not sharded: it updates the averaged gradients everywhere
+    DistributedAdamW opt(model.params(), model.flat_params(), model.flat_grads(),
+                         model.initial_weights(7), AdamWOptions{}, single);
     std::vector<std::int32_t> in(static_cast<std::size_t>(b) * kSeq), tg(in.size());
     for (int s = 0; s < steps; ++s) {
       model.zero_grads();
@@ -75,15 +76,11 @@ RunResult train(int n, int k, int b, int steps, const std::string& precision,
       Tensor l = Tensor::from_floats({static_cast<float>(loss / k)}, Shape{1}, DType::kF32);
       c.allreduce(l, comm::ReduceOp::kAvg).wait();
       if (c.rank() == 0) result.losses.push_back(l.data_as<float>()[0]);
-      ops::AdamWParams p;
-      p.lr = 1e-3f;
-      p.step = s + 1;
-      Tensor param = policy.has_master_copy() ? model.flat_params() : Tensor();
-      ops::adamw_update(param, model.flat_master(), model.flat_grads(), m, v, p);
+      opt.step(1e-3, s + 1, 0.0, 1.0f);
     }
-    const float* w = model.flat_master().data_as<float>();
+    const std::vector<float> w = opt.master().to_floats();
     std::lock_guard<std::mutex> lock(mu);
-    finals[c.rank()].assign(w, w + np);
+    finals[c.rank()] = w;
   });
   result.params = finals[0];
   for (int r = 1; r < n; ++r) result.replicas_equal &= finals[r] == finals[0];
