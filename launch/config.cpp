@@ -11,6 +11,7 @@
 
 #include <toml++/toml.h>
 
+#include "launch/toml_guard.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "runtime/error.hpp"
 
@@ -358,117 +359,6 @@ std::size_t invalid_utf8_at(std::string_view s) {
   return std::string::npos;
 }
 
-// toml++ 3.3.0 (Debian 12's) reaches __builtin_unreachable(), undefined behaviour, when it asks
-// whether some non-ASCII characters are whitespace (upstream marzer/tomlplusplus#295, fixed after
-// 3.3.0; found by fuzzing): a non-ASCII character outside strings and comments, in a quoted key,
-// or in a multi-line basic string right after a backslash or where a line-ending backslash
-// skips whitespace. TOML allows such characters only in strings and comments, and meshtrain's
-// keys are ASCII, so these are refused before toml++ sees the text. Returns "" or the reason,
-// with `line` and `column` (1-based, in characters) of the character.
-std::string toml_hazard(std::string_view s, int& line, int& column) {
-  std::size_t i = 0;
-  line = 1;
-  column = 1;
-  auto advance = [&](std::size_t to) {
-    for (; i < to && i < s.size(); ++i) {
-      if (s[i] == '\n') {
-        ++line;
-        column = 1;
-      } else if ((static_cast<unsigned char>(s[i]) & 0xc0) != 0x80) {
-        ++column;
-      }
-    }
-  };
-  auto high = [&](std::size_t k) {
-    return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80;
-  };
-  bool value = false, header = false, line_start = true;
-  int depth = 0;     // brackets and braces open in a value
-  char prev = '\n';  // the last character outside strings and comments that is not a blank
-  while (i < s.size()) {
-    const char c = s[i];
-    if (c == '\n') {
-      if (depth == 0) value = header = false;
-      line_start = true;
-      prev = '\n';
-      advance(i + 1);
-      continue;
-    }
-    if (c == ' ' || c == '\t' || c == '\r') {
-      advance(i + 1);
-      continue;
-    }
-    if (c == '#') {
-      std::size_t e = s.find('\n', i);
-      advance(e == std::string_view::npos ? s.size() : e);
-      continue;
-    }
-    if (line_start && !value && c == '[') header = true;
-    line_start = false;
-    if (c == '=' && !header) value = true;
-    if (value && (c == '[' || c == '{')) ++depth;
-    if (value && (c == ']' || c == '}') && depth > 0) --depth;
-    // A quote starts a string only where a key or value starts; elsewhere ("0\"x") toml++ reads
-    // it as part of a bare value, and the characters after it as such.
-    // ('.' only in a key: in a value it is a float's, "2.'x").
-    const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' || prev == '{' ||
-                        (prev == '.' && !value);
-    prev = c;
-    if ((c == '"' || c == '\'') && starts) {
-      const bool multi = s.compare(i, 3, std::string(3, c)) == 0;
-      const std::size_t begin = i;
-      std::size_t k = i + (multi ? 3 : 1);
-      std::size_t hazard = std::string_view::npos;
-      while (k < s.size()) {
-        if (s[k] == c && (!multi || s.compare(k, 3, std::string(3, c)) == 0)) break;
-        if (!multi && s[k] == '\n') break;
-        if (c == '"' && s[k] == '\\') {
-          std::size_t j = k + 1;
-          if (multi && high(j) && hazard == std::string_view::npos) hazard = j;
-          if (multi && j < s.size() &&
-              (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n')) {
-            while (j < s.size() && (s[j] == ' ' || s[j] == '\t' || s[j] == '\r' || s[j] == '\n'))
-              ++j;
-            if (high(j) && hazard == std::string_view::npos) hazard = j;
-            k = j;
-            continue;
-          }
-          k = j + 1;
-          continue;
-        }
-        ++k;
-      }
-      std::size_t end = k < s.size() ? k + (multi ? 3 : 1) : s.size();
-      // Up to two more quotes close a multi-line string ("""a"""" holds a\").
-      for (int extra = 0; multi && extra < 2 && end < s.size() && s[end] == c; ++extra) ++end;
-      std::size_t after = end;
-      while (after < s.size() && (s[after] == ' ' || s[after] == '\t')) ++after;
-      const bool key =
-          header || !value || (after < s.size() && (s[after] == '=' || s[after] == '.'));
-      if (key)
-        for (std::size_t q = begin; q < end; ++q)
-          if (high(q)) {
-            advance(q);
-            return "a quoted key holds a character that is not ASCII (meshtrain's keys are "
-                   "ASCII)";
-          }
-      if (hazard != std::string_view::npos) {
-        advance(hazard);
-        return "a character that is not ASCII right after a backslash or a line-ending backslash "
-               "in a multi-line string is not supported (the TOML library cannot parse it "
-               "safely); escape it as \\uXXXX";
-      }
-      advance(end);
-      continue;
-    }
-    if (high(i))
-      return "a character that is not ASCII outside a string or comment (TOML allows them only "
-             "there)";
-    advance(i + 1);
-  }
-  return "";
-}
-
 void check_combinations(const TrainConfig& c) {
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
@@ -477,92 +367,99 @@ void check_combinations(const TrainConfig& c) {
            c.rollback_after, c.max_bad_steps);
 }
 
+// Applies a TOML config file: every section and key known, every value of its key's type.
+void apply_file(TrainConfig& cfg, const std::string& path) {
+  std::string text;
+  {
+    std::ifstream f(path, std::ios::binary);
+    if (!f)
+      throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
+    std::ostringstream os;
+    os << f.rdbuf();
+    text = os.str();
+  }
+  int line = 0, column = 0;
+  const std::string hazard = toml_hazard(text, line, column);
+  MT_CHECK(hazard.empty(), "config file {}:{}:{}: {}", path, line, column, hazard);
+  toml::table root;
+  try {
+    root = toml::parse(text, path);
+  } catch (const toml::parse_error& e) {
+    const auto& src = e.source();
+    MT_FAIL("config file {}:{}:{}: {}", path, src.begin.line, src.begin.column, e.description());
+  }
+  for (const auto& [section, node] : root) {
+    const std::string sec(section.str());
+    const std::string at = fmt::format("{}:{}", path, node.source().begin.line);
+    MT_CHECK(node.is_table(), "{}: '{}' must be a section ([{}]); top-level keys are not allowed",
+             at, sec, sec);
+    MT_CHECK(!known_keys_of(sec).empty(), "{}: unknown section [{}]: expected one of {}", at, sec,
+             known_sections());
+    for (const auto& [name, value] : *node.as_table()) {
+      const std::string key(name.str());
+      const std::string where = fmt::format("{}:{}", path, value.source().begin.line);
+      const Key* k = find_key(sec, key);
+      MT_CHECK(k != nullptr, "{}: unknown key '{}.{}'; keys of [{}] are: {}", where, sec, key, sec,
+               known_keys_of(sec));
+      k->set(cfg, value, where);
+    }
+  }
+}
+
+// Applies one override "section.key=value", the value a TOML value or, for a string key, the
+// text itself.
+void apply_override(TrainConfig& cfg, const std::string& o) {
+  const auto eq = o.find('=');
+  MT_CHECK(eq != std::string::npos && eq > 0,
+           "--set '{}': expected section.key=value (for example train.lr=3e-4)", o);
+  const std::string full = o.substr(0, eq), text = o.substr(eq + 1);
+  const auto dot = full.find('.');
+  MT_CHECK(dot != std::string::npos, "--set '{}': the key must be section.key", o);
+  const Key* k = find_key(full.substr(0, dot), full.substr(dot + 1));
+  MT_CHECK(
+      k != nullptr, "--set '{}': unknown key '{}'{}", o, full,
+      known_keys_of(full.substr(0, dot)).empty()
+          ? std::string(": unknown section")
+          : "; keys of [" + full.substr(0, dot) + "] are: " + known_keys_of(full.substr(0, dot)));
+  const std::string where = "--set " + full;
+  toml::table parsed;
+  bool as_toml = true;
+  int line = 0, column = 0;
+  try {
+    const std::string doc = "v = " + text;
+    if (toml_hazard(doc, line, column).empty())
+      parsed = toml::parse(doc);
+    else
+      as_toml = false;
+  } catch (const toml::parse_error&) {
+    as_toml = false;
+  }
+  // For a string key, text that is not a TOML string (or, for a list, an array) is the string
+  // itself: "--set run.dir=2024" is the directory "2024", not an integer.
+  const bool string_key = k->kind == Kind::kString || k->kind == Kind::kStrings;
+  if (as_toml && string_key && !parsed.get("v")->is_string() &&
+      !(k->kind == Kind::kStrings && parsed.get("v")->is_array()))
+    as_toml = false;
+  if (as_toml) {
+    k->set(cfg, *parsed.get("v"), where);
+  } else {
+    // A bare word for a string key: "--set data.train=corpus.txt" needs no quotes.
+    MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings, "{}: '{}' is not a valid {}",
+             where, text, kind_name(k->kind));
+    // TOML strings are UTF-8: anything else could not be written to config.toml and read back.
+    const std::size_t bad = invalid_utf8_at(text);
+    MT_CHECK(bad == std::string::npos, "{}: the value is not valid UTF-8 (byte {} of it)", where,
+             bad);
+    k->set(cfg, toml::value<std::string>(text), where);
+  }
+}
+
 }  // namespace
 
 TrainConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
   TrainConfig cfg;
-  if (!path.empty()) {
-    std::string text;
-    {
-      std::ifstream f(path, std::ios::binary);
-      if (!f)
-        throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
-      std::ostringstream os;
-      os << f.rdbuf();
-      text = os.str();
-    }
-    int line = 0, column = 0;
-    const std::string hazard = toml_hazard(text, line, column);
-    MT_CHECK(hazard.empty(), "config file {}:{}:{}: {}", path, line, column, hazard);
-    toml::table root;
-    try {
-      root = toml::parse(text, path);
-    } catch (const toml::parse_error& e) {
-      const auto& src = e.source();
-      MT_FAIL("config file {}:{}:{}: {}", path, src.begin.line, src.begin.column, e.description());
-    }
-    for (const auto& [section, node] : root) {
-      const std::string sec(section.str());
-      const std::string at = fmt::format("{}:{}", path, node.source().begin.line);
-      MT_CHECK(node.is_table(), "{}: '{}' must be a section ([{}]); top-level keys are not allowed",
-               at, sec, sec);
-      MT_CHECK(!known_keys_of(sec).empty(), "{}: unknown section [{}]: expected one of {}", at, sec,
-               known_sections());
-      for (const auto& [name, value] : *node.as_table()) {
-        const std::string key(name.str());
-        const std::string where = fmt::format("{}:{}", path, value.source().begin.line);
-        const Key* k = find_key(sec, key);
-        MT_CHECK(k != nullptr, "{}: unknown key '{}.{}'; keys of [{}] are: {}", where, sec, key,
-                 sec, known_keys_of(sec));
-        k->set(cfg, value, where);
-      }
-    }
-  }
-  for (const std::string& o : overrides) {
-    const auto eq = o.find('=');
-    MT_CHECK(eq != std::string::npos && eq > 0,
-             "--set '{}': expected section.key=value (for example train.lr=3e-4)", o);
-    const std::string full = o.substr(0, eq), text = o.substr(eq + 1);
-    const auto dot = full.find('.');
-    MT_CHECK(dot != std::string::npos, "--set '{}': the key must be section.key", o);
-    const Key* k = find_key(full.substr(0, dot), full.substr(dot + 1));
-    MT_CHECK(
-        k != nullptr, "--set '{}': unknown key '{}'{}", o, full,
-        known_keys_of(full.substr(0, dot)).empty()
-            ? std::string(": unknown section")
-            : "; keys of [" + full.substr(0, dot) + "] are: " + known_keys_of(full.substr(0, dot)));
-    const std::string where = "--set " + full;
-    toml::table parsed;
-    bool as_toml = true;
-    int line = 0, column = 0;
-    try {
-      const std::string doc = "v = " + text;
-      if (toml_hazard(doc, line, column).empty())
-        parsed = toml::parse(doc);
-      else
-        as_toml = false;
-    } catch (const toml::parse_error&) {
-      as_toml = false;
-    }
-    // For a string key, text that is not a TOML string (or, for a list, an array) is the string
-    // itself: "--set run.dir=2024" is the directory "2024", not an integer.
-    const bool string_key = k->kind == Kind::kString || k->kind == Kind::kStrings;
-    if (as_toml && string_key && !parsed.get("v")->is_string() &&
-        !(k->kind == Kind::kStrings && parsed.get("v")->is_array()))
-      as_toml = false;
-    if (as_toml) {
-      k->set(cfg, *parsed.get("v"), where);
-    } else {
-      // A bare word for a string key: "--set data.train=corpus.txt" needs no quotes.
-      MT_CHECK(k->kind == Kind::kString || k->kind == Kind::kStrings, "{}: '{}' is not a valid {}",
-               where, text, kind_name(k->kind));
-      // TOML strings are UTF-8: anything else could not be written to config.toml and read back.
-      const std::size_t bad = invalid_utf8_at(text);
-      MT_CHECK(bad == std::string::npos, "{}: the value is not valid UTF-8 (byte {} of it)", where,
-               bad);
-      k->set(cfg, toml::value<std::string>(text), where);
-    }
-  }
+  if (!path.empty()) apply_file(cfg, path);
+  for (const std::string& o : overrides) apply_override(cfg, o);
   check_combinations(cfg);
   return cfg;
 }

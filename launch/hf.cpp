@@ -75,6 +75,105 @@ T config_opt(const std::string& path, const Json& j, const char* key, T fallback
   return v.get<T>();
 }
 
+// Reads and checks config.json: only what meshtrain's GPT can represent.
+models::GPTConfig read_hf_config(const std::string& cfg_path) {
+  std::string text;
+  {
+    std::ifstream f(cfg_path, std::ios::binary);
+    std::ostringstream os;
+    os << f.rdbuf();
+    if (!f) throw IoError(fmt::format("import: cannot read '{}'", cfg_path));
+    text = os.str();
+  }
+  // config.json nests 2 levels (architectures, task parameters); 16 is plenty.
+  const Json j = parse_json_file_text<Json>(text, fmt::format("import: '{}'", cfg_path), 16);
+  MT_CHECK(j.is_object(), "import: '{}' is not a JSON object", cfg_path);
+  if (j.contains("model_type"))
+    MT_CHECK(j["model_type"] == "gpt2", "import: '{}': model_type {} is not gpt2", cfg_path,
+             j["model_type"].dump());
+  const std::string act = config_opt(cfg_path, j, "activation_function", std::string("gelu_new"));
+  MT_CHECK(act == "gelu_new" || act == "gelu_pytorch_tanh",
+           "import: '{}': activation_function '{}' is not the tanh GELU meshtrain computes "
+           "(gelu_new)",
+           cfg_path, act);
+  const double eps = config_opt(cfg_path, j, "layer_norm_epsilon", 1e-5);
+  MT_CHECK(std::fabs(eps - 1e-5) < 1e-12, "import: '{}': layer_norm_epsilon {} is not 1e-5",
+           cfg_path, eps);
+  MT_CHECK(!config_opt(cfg_path, j, "scale_attn_by_inverse_layer_idx", false) &&
+               !config_opt(cfg_path, j, "reorder_and_upcast_attn", false) &&
+               config_opt(cfg_path, j, "scale_attn_weights", true),
+           "import: '{}': attention scaling options other than GPT-2's are not supported",
+           cfg_path);
+  MT_CHECK(config_opt(cfg_path, j, "tie_word_embeddings", true),
+           "import: '{}': untied input and output embeddings are not supported", cfg_path);
+
+  models::GPTConfig c;
+  c.n_layer = config_int(cfg_path, j, "n_layer", 1, 1024);
+  c.n_head = config_int(cfg_path, j, "n_head", 1, 1024);
+  c.n_embd = config_int(cfg_path, j, "n_embd", 1, 65536);
+  c.block_size = config_int(cfg_path, j, "n_positions", 1, 1 << 20);
+  c.vocab_size = config_int(cfg_path, j, "vocab_size", 2, 1 << 24);
+  MT_CHECK(c.vocab_size == 256 || c.vocab_size == 50257,
+           "import: '{}': vocab_size {} is neither the byte vocabulary (256) nor GPT-2's (50257)",
+           cfg_path, c.vocab_size);
+  if (j.contains("n_inner") && !j["n_inner"].is_null())
+    MT_CHECK(j["n_inner"] == 4 * c.n_embd, "import: '{}': n_inner {} is not 4 x n_embd", cfg_path,
+             j["n_inner"].dump());
+  MT_CHECK(c.n_embd % c.n_head == 0, "import: '{}': n_embd {} is not a multiple of n_head {}",
+           cfg_path, c.n_embd, c.n_head);
+  c.padded_vocab = models::GPTConfig::pad_vocab(c.vocab_size);
+  c.validate();
+  return c;
+}
+
+// meshtrain's tensors from the file's: names without "transformer.", Conv1D weights transposed,
+// the vocabulary padded with zero rows; every tensor checked against the config's layout before
+// anything the size of the model is allocated.
+ImportedModel read_hf_tensors(const std::string& st_path, const models::GPTConfig& c) {
+  const SafetensorsFile f = load_safetensors(st_path);
+  std::map<std::string, const Tensor*> by_name;
+  for (const auto& [name, t] : f.tensors) {
+    std::string n = name.rfind("transformer.", 0) == 0 ? name.substr(12) : name;
+    // Buffers and the tied head: not parameters of meshtrain's GPT.
+    if (n == "lm_head.weight" || n.find(".attn.bias") != std::string::npos ||
+        n.find(".attn.masked_bias") != std::string::npos)
+      continue;
+    MT_CHECK(by_name.emplace(n, &t).second, "import: '{}' holds '{}' twice", st_path, n);
+  }
+  // The model's parameter list gives names and shapes; nothing the size of the model that
+  // config.json describes is allocated before the file's tensors are checked against it.
+  const std::vector<models::ParamInfo> params = models::GPT::param_layout(c);
+  ImportedModel out;
+  out.config = c;
+  std::set<std::string> used;
+  for (const models::ParamInfo& p : params) {
+    auto it = by_name.find(p.name);
+    MT_CHECK(it != by_name.end(), "import: '{}' has no tensor '{}'", st_path, p.name);
+    used.insert(p.name);
+    const Tensor& t = *it->second;
+    MT_CHECK(is_floating(t.dtype()), "import: '{}': tensor '{}' is {}, expected a float dtype",
+             st_path, p.name, dtype_name(t.dtype()));
+    Shape want = p.shape;
+    if (is_conv1d(p.name)) want = Shape{p.shape[1], p.shape[0]};
+    if (p.name == "wte.weight") want = Shape{c.vocab_size, c.n_embd};
+    MT_CHECK(t.shape() == want,
+             "import: '{}': tensor '{}' has shape {}, expected {} for this "
+             "config.json",
+             st_path, p.name, t.shape().str(), want.str());
+    Tensor ours;
+    if (is_conv1d(p.name)) {
+      ours = transpose(t);
+    } else {
+      ours = Tensor::zeros(p.shape, DType::kF32);
+      ours.slice(0, t.shape()[0]).copy_from(t);  // wte: zero padding rows after the vocabulary
+    }
+    out.weights.emplace_back(p.name, std::move(ours));
+  }
+  for (const auto& [n, t] : by_name)
+    MT_CHECK(used.count(n) == 1, "import: '{}' holds '{}', which GPT-2 does not have", st_path, n);
+  return out;
+}
+
 }  // namespace
 
 void export_hf(const models::GPT& model, const Tensor& weights, const std::string& dir) {
@@ -138,95 +237,7 @@ ImportedModel import_hf(const std::string& dir) {
            : fs::exists(fs::path(dir) / "pytorch_model.bin", ec)
                ? " (only pytorch_model.bin: save it again with safe_serialization=True)"
                : "");
-  std::string text;
-  {
-    std::ifstream f(cfg_path, std::ios::binary);
-    std::ostringstream os;
-    os << f.rdbuf();
-    if (!f) throw IoError(fmt::format("import: cannot read '{}'", cfg_path));
-    text = os.str();
-  }
-  // config.json nests 2 levels (architectures, task parameters); 16 is plenty.
-  const Json j = parse_json_file_text<Json>(text, fmt::format("import: '{}'", cfg_path), 16);
-  MT_CHECK(j.is_object(), "import: '{}' is not a JSON object", cfg_path);
-  if (j.contains("model_type"))
-    MT_CHECK(j["model_type"] == "gpt2", "import: '{}': model_type {} is not gpt2", cfg_path,
-             j["model_type"].dump());
-  const std::string act = config_opt(cfg_path, j, "activation_function", std::string("gelu_new"));
-  MT_CHECK(act == "gelu_new" || act == "gelu_pytorch_tanh",
-           "import: '{}': activation_function '{}' is not the tanh GELU meshtrain computes "
-           "(gelu_new)",
-           cfg_path, act);
-  const double eps = config_opt(cfg_path, j, "layer_norm_epsilon", 1e-5);
-  MT_CHECK(std::fabs(eps - 1e-5) < 1e-12, "import: '{}': layer_norm_epsilon {} is not 1e-5",
-           cfg_path, eps);
-  MT_CHECK(!config_opt(cfg_path, j, "scale_attn_by_inverse_layer_idx", false) &&
-               !config_opt(cfg_path, j, "reorder_and_upcast_attn", false) &&
-               config_opt(cfg_path, j, "scale_attn_weights", true),
-           "import: '{}': attention scaling options other than GPT-2's are not supported",
-           cfg_path);
-  MT_CHECK(config_opt(cfg_path, j, "tie_word_embeddings", true),
-           "import: '{}': untied input and output embeddings are not supported", cfg_path);
-
-  models::GPTConfig c;
-  c.n_layer = config_int(cfg_path, j, "n_layer", 1, 1024);
-  c.n_head = config_int(cfg_path, j, "n_head", 1, 1024);
-  c.n_embd = config_int(cfg_path, j, "n_embd", 1, 65536);
-  c.block_size = config_int(cfg_path, j, "n_positions", 1, 1 << 20);
-  c.vocab_size = config_int(cfg_path, j, "vocab_size", 2, 1 << 24);
-  MT_CHECK(c.vocab_size == 256 || c.vocab_size == 50257,
-           "import: '{}': vocab_size {} is neither the byte vocabulary (256) nor GPT-2's (50257)",
-           cfg_path, c.vocab_size);
-  if (j.contains("n_inner") && !j["n_inner"].is_null())
-    MT_CHECK(j["n_inner"] == 4 * c.n_embd, "import: '{}': n_inner {} is not 4 x n_embd", cfg_path,
-             j["n_inner"].dump());
-  MT_CHECK(c.n_embd % c.n_head == 0, "import: '{}': n_embd {} is not a multiple of n_head {}",
-           cfg_path, c.n_embd, c.n_head);
-  c.padded_vocab = models::GPTConfig::pad_vocab(c.vocab_size);
-  c.validate();
-
-  const SafetensorsFile f = load_safetensors(st_path);
-  std::map<std::string, const Tensor*> by_name;
-  for (const auto& [name, t] : f.tensors) {
-    std::string n = name.rfind("transformer.", 0) == 0 ? name.substr(12) : name;
-    // Buffers and the tied head: not parameters of meshtrain's GPT.
-    if (n == "lm_head.weight" || n.find(".attn.bias") != std::string::npos ||
-        n.find(".attn.masked_bias") != std::string::npos)
-      continue;
-    MT_CHECK(by_name.emplace(n, &t).second, "import: '{}' holds '{}' twice", st_path, n);
-  }
-  // The model's parameter list gives names and shapes; nothing the size of the model that
-  // config.json describes is allocated before the file's tensors are checked against it.
-  const std::vector<models::ParamInfo> params = models::GPT::param_layout(c);
-  ImportedModel out;
-  out.config = c;
-  std::set<std::string> used;
-  for (const models::ParamInfo& p : params) {
-    auto it = by_name.find(p.name);
-    MT_CHECK(it != by_name.end(), "import: '{}' has no tensor '{}'", st_path, p.name);
-    used.insert(p.name);
-    const Tensor& t = *it->second;
-    MT_CHECK(is_floating(t.dtype()), "import: '{}': tensor '{}' is {}, expected a float dtype",
-             st_path, p.name, dtype_name(t.dtype()));
-    Shape want = p.shape;
-    if (is_conv1d(p.name)) want = Shape{p.shape[1], p.shape[0]};
-    if (p.name == "wte.weight") want = Shape{c.vocab_size, c.n_embd};
-    MT_CHECK(t.shape() == want,
-             "import: '{}': tensor '{}' has shape {}, expected {} for this "
-             "config.json",
-             st_path, p.name, t.shape().str(), want.str());
-    Tensor ours;
-    if (is_conv1d(p.name)) {
-      ours = transpose(t);
-    } else {
-      ours = Tensor::zeros(p.shape, DType::kF32);
-      ours.slice(0, t.shape()[0]).copy_from(t);  // wte: zero padding rows after the vocabulary
-    }
-    out.weights.emplace_back(p.name, std::move(ours));
-  }
-  for (const auto& [n, t] : by_name)
-    MT_CHECK(used.count(n) == 1, "import: '{}' holds '{}', which GPT-2 does not have", st_path, n);
-  return out;
+  return read_hf_tensors(st_path, read_hf_config(cfg_path));
 }
 
 }  // namespace meshtrain::launch

@@ -402,6 +402,86 @@ int cmd_generate(Args a) {
   return 0;
 }
 
+// `meshtrain plan`'s memory table for one rank.
+void print_memory(const launch::TrainConfig& cfg, const models::GPTConfig& m,
+                  const PrecisionPolicy& policy, int dp, const models::MemoryEstimate& mem) {
+  std::printf("model: %s\n", m.str().c_str());
+  std::printf("parameters: %lld", static_cast<long long>(m.num_parameters()));
+  if (cfg.tp > 1)
+    std::printf(" (%lld per rank under TP = %d)",
+                static_cast<long long>(m.num_parameters_per_rank(cfg.tp)), cfg.tp);
+  std::printf("\n");
+  std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len,
+              m.training_flops_per_token(cfg.seq_len));
+  std::printf("memory per rank (DP %d x TP %d = %d ranks, %s, micro-batch %d x %d):\n", dp, cfg.tp,
+              dp * cfg.tp, std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
+  std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
+  std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
+  std::printf("  master weights   %s\n",
+              human_bytes(static_cast<double>(mem.master_weights)).c_str());
+  std::printf("  AdamW state      %s\n",
+              human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
+  std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
+  std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
+}
+
+// What ZeRO-1 saves over `mem` (the same layout without it), and the gradient buckets.
+void print_zero(const launch::TrainConfig& cfg, const models::GPTConfig& m,
+                const PrecisionPolicy& policy, int dp, const models::MemoryEstimate& mem) {
+  const models::MemoryEstimate z =
+      models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp, true);
+  std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
+  std::printf("  master weights   %s (shard of %lld parameters)\n",
+              human_bytes(static_cast<double>(z.master_weights)).c_str(),
+              static_cast<long long>(z.optimizer_elements));
+  std::printf("  AdamW state      %s (shard)\n",
+              human_bytes(static_cast<double>(z.optimizer_state)).c_str());
+  std::printf("  gradient shard   %s (the averaged gradients this rank updates with)\n",
+              human_bytes(static_cast<double>(z.gradient_shard)).c_str());
+  std::printf(
+      "  total            %s (saves %s per rank, %.0f%%)\n",
+      human_bytes(static_cast<double>(z.total())).c_str(),
+      human_bytes(static_cast<double>(mem.total() - z.total())).c_str(),
+      100.0 * static_cast<double>(mem.total() - z.total()) / static_cast<double>(mem.total()));
+  const std::int64_t n = m.num_parameters_per_rank(cfg.tp);
+  std::printf("  (dp.reduce_dtype = \"bf16\" adds a bf16 staging copy of the gradients: %s)\n",
+              human_bytes(static_cast<double>(2 * n)).c_str());
+  // The reducer's buckets (parallel/grad_reducer.hpp): cut at parameter boundaries, so the
+  // count is about the gradients over the size.
+  const bool auto_bucket = cfg.dp_bucket_mb <= 0;
+  const auto bucket = static_cast<double>(launch::dp_bucket_bytes(cfg, 4 * n));
+  std::printf(
+      "gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
+      human_bytes(bucket).c_str(),
+      auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB" : "dp.bucket_mb",
+      std::ceil(static_cast<double>(4 * n) / bucket));
+}
+
+// Chinchilla (Hoffmann et al. 2022): D = 20 N and C = 6 N D, so N = sqrt(C / 120).
+void print_budget(double budget_flops, double gpu_hours, double gpu_tflops, double mfu) {
+  const double n = std::sqrt(budget_flops / 120.0);
+  const double d = 20.0 * n;
+  std::printf("compute budget %.3e FLOPs%s:\n", budget_flops,
+              gpu_hours > 0 ? fmt::format(" ({} GPU-hours at {} TFLOP/s x MFU {})", gpu_hours,
+                                          gpu_tflops, mfu)
+                                  .c_str()
+                            : "");
+  std::printf("  compute-optimal model: %.3e parameters, trained on %.3e tokens\n", n, d);
+  std::string best;
+  double best_gap = 1e300;
+  for (const std::string& name : models::GPTConfig::preset_names()) {
+    const double p = static_cast<double>(models::GPTConfig::preset(name).num_parameters());
+    const double gap = std::fabs(std::log(p / n));
+    if (gap < best_gap) {
+      best_gap = gap;
+      best = name;
+    }
+  }
+  const double p = static_cast<double>(models::GPTConfig::preset(best).num_parameters());
+  std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n", best.c_str(),
+              p, 20.0 * p);
+}
+
 int cmd_plan(Args a) {
   std::string config, model;
   std::vector<std::string> sets;
@@ -425,11 +505,7 @@ int cmd_plan(Args a) {
   if (!go) return 0;
   if (!model.empty()) sets.push_back("model.preset=" + model);
   if (!precision.empty()) sets.push_back("train.precision=" + precision);
-  if (seq > 0) {
-    sets.push_back("train.seq_len=" + std::to_string(seq));
-    if (model.empty() && config.empty()) {
-    }
-  }
+  if (seq > 0) sets.push_back("train.seq_len=" + std::to_string(seq));
   if (batch > 0) sets.push_back("train.batch_size=" + std::to_string(batch));
   if (tp > 0) sets.push_back("train.tp=" + std::to_string(tp));
   // A sequence longer than the preset's default window is a plan question, not an error.
@@ -440,85 +516,10 @@ int cmd_plan(Args a) {
   const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
   const models::MemoryEstimate mem =
       models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp);
-  std::printf("model: %s\n", m.str().c_str());
-  std::printf("parameters: %lld", static_cast<long long>(m.num_parameters()));
-  if (cfg.tp > 1)
-    std::printf(" (%lld per rank under TP = %d)",
-                static_cast<long long>(m.num_parameters_per_rank(cfg.tp)), cfg.tp);
-  std::printf("\n");
-  std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len,
-              m.training_flops_per_token(cfg.seq_len));
-  std::printf("memory per rank (DP %d x TP %d = %d ranks, %s, micro-batch %d x %d):\n", dp, cfg.tp,
-              dp * cfg.tp, std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
-  std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
-  std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
-  std::printf("  master weights   %s\n",
-              human_bytes(static_cast<double>(mem.master_weights)).c_str());
-  std::printf("  AdamW state      %s\n",
-              human_bytes(static_cast<double>(mem.optimizer_state)).c_str());
-  std::printf("  activations      %s\n", human_bytes(static_cast<double>(mem.activations)).c_str());
-  std::printf("  total            %s\n", human_bytes(static_cast<double>(mem.total())).c_str());
-  if (dp > 1) {
-    // ZeRO-1 as the trainer implements it (parallel/grad_reducer.hpp): the fp32 master weights
-    // (16-bit policies) and the AdamW state exist only as this rank's 1/dp shard, and the
-    // averaged gradients are reduce-scattered into a shard-sized buffer; the model keeps its
-    // whole parameters and gradients (backward writes every gradient). Buckets are cut at
-    // multiples of dp, so a shard is ceil(n / dp) elements up to one element per bucket.
-    const std::int64_t n = m.num_parameters_per_rank(cfg.tp);
-    const std::int64_t shard = (n + dp - 1) / dp;
-    const std::int64_t master = policy.has_master_copy() ? 4 * shard : 0;
-    const std::int64_t adam = 2 * 4 * shard;
-    const std::int64_t grad_shard = 4 * shard;
-    const std::int64_t total =
-        mem.parameters + mem.gradients + mem.activations + master + adam + grad_shard;
-    std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
-    std::printf("  master weights   %s (shard of %lld parameters)\n",
-                human_bytes(static_cast<double>(master)).c_str(), static_cast<long long>(shard));
-    std::printf("  AdamW state      %s (shard)\n", human_bytes(static_cast<double>(adam)).c_str());
-    std::printf("  gradient shard   %s (the averaged gradients this rank updates with)\n",
-                human_bytes(static_cast<double>(grad_shard)).c_str());
-    std::printf(
-        "  total            %s (saves %s per rank, %.0f%%)\n",
-        human_bytes(static_cast<double>(total)).c_str(),
-        human_bytes(static_cast<double>(mem.total() - total)).c_str(),
-        100.0 * static_cast<double>(mem.total() - total) / static_cast<double>(mem.total()));
-    std::printf("  (dp.reduce_dtype = \"bf16\" adds a bf16 staging copy of the gradients: %s)\n",
-                human_bytes(static_cast<double>(2 * n)).c_str());
-    // The reducer's buckets (parallel/grad_reducer.hpp): cut at parameter boundaries, so the
-    // count is about the gradients over the size.
-    const bool auto_bucket = cfg.dp_bucket_mb <= 0;
-    const auto bucket = static_cast<double>(launch::dp_bucket_bytes(cfg, 4 * n));
-    std::printf(
-        "gradient buckets: 1 MiB first, then about %s each (%s), about %.0f buckets\n",
-        human_bytes(bucket).c_str(),
-        auto_bucket ? "dp.bucket_mb = 0: an eighth of the gradients, 1 to 25 MiB" : "dp.bucket_mb",
-        std::ceil(static_cast<double>(4 * n) / bucket));
-  }
+  print_memory(cfg, m, policy, dp, mem);
+  if (dp > 1) print_zero(cfg, m, policy, dp, mem);
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
-  if (budget_flops > 0) {
-    // Chinchilla (Hoffmann et al. 2022): D = 20 N and C = 6 N D, so N = sqrt(C / 120).
-    const double n = std::sqrt(budget_flops / 120.0);
-    const double d = 20.0 * n;
-    std::printf("compute budget %.3e FLOPs%s:\n", budget_flops,
-                gpu_hours > 0 ? fmt::format(" ({} GPU-hours at {} TFLOP/s x MFU {})", gpu_hours,
-                                            gpu_tflops, mfu)
-                                    .c_str()
-                              : "");
-    std::printf("  compute-optimal model: %.3e parameters, trained on %.3e tokens\n", n, d);
-    std::string best;
-    double best_gap = 1e300;
-    for (const std::string& name : models::GPTConfig::preset_names()) {
-      const double p = static_cast<double>(models::GPTConfig::preset(name).num_parameters());
-      const double gap = std::fabs(std::log(p / n));
-      if (gap < best_gap) {
-        best_gap = gap;
-        best = name;
-      }
-    }
-    const double p = static_cast<double>(models::GPTConfig::preset(best).num_parameters());
-    std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n",
-                best.c_str(), p, 20.0 * p);
-  }
+  if (budget_flops > 0) print_budget(budget_flops, gpu_hours, gpu_tflops, mfu);
   return 0;
 }
 

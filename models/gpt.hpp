@@ -60,15 +60,25 @@ struct MemoryEstimate {
   std::int64_t gradients = 0;
   std::int64_t master_weights = 0;
   std::int64_t optimizer_state = 0;
-  std::int64_t activations = 0;  // per micro-batch, kept for backward
+  std::int64_t gradient_shard = 0;  // ZeRO-1: the averaged gradients this rank updates with
+  std::int64_t activations = 0;     // per micro-batch, kept for backward
+  // Elements of master weights and of each AdamW moment this rank holds: every parameter, or
+  // its ZeRO-1 shard.
+  std::int64_t optimizer_elements = 0;
   std::int64_t total() const {
-    return parameters + gradients + master_weights + optimizer_state + activations;
+    return parameters + gradients + master_weights + optimizer_state + gradient_shard + activations;
   }
 };
 // Memory of one rank for a micro-batch of [batch, seq], with the model split across `tp`
-// tensor-parallel ranks (1: the whole model), as GPT allocates it.
+// tensor-parallel ranks (1: the whole model), as GPT and the optimizer allocate it. Data
+// parallelism over `dp` ranks changes nothing per rank, but for ZeRO-1 (zero, train.zero = 1,
+// parallel/optimizer.hpp): the fp32 master weights (16-bit policies) and the AdamW state exist
+// only as this rank's 1/dp shard, and the averaged gradients are reduce-scattered into a
+// shard-sized buffer; the model keeps its whole parameters and gradients (backward writes
+// every gradient). Buckets are cut at multiples of dp, so a shard is ceil(n / dp) elements, up
+// to one more per bucket.
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp = 1);
+                               int seq, int tp = 1, int dp = 1, bool zero = false);
 
 // A parameter's place in the flat buffers and its TP sharding (parallel/flat_layout.hpp): names
 // are Hugging Face GPT-2's ("wte.weight", "h.0.attn.c_attn.weight", ...), shapes ours (linear

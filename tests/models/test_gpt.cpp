@@ -129,5 +129,28 @@ TEST(Gpt, ForwardRejectsBadInput) {
             std::string::npos);
 }
 
+// ZeRO-1 keeps the fp32 master weights and the moments as a 1/dp shard, and adds a shard of
+// averaged gradients; without it, data parallelism changes nothing per rank.
+TEST(Gpt, MemoryEstimateShardsTheOptimizerUnderZeroOne) {
+  const GPTConfig c = GPTConfig::preset("gpt2");
+  const PrecisionPolicy bf16 = PrecisionPolicy::parse("bf16");
+  const MemoryEstimate one = estimate_memory(c, bf16, 4, 1024);
+  const MemoryEstimate plain = estimate_memory(c, bf16, 4, 1024, 1, 3, false);
+  const MemoryEstimate zero = estimate_memory(c, bf16, 4, 1024, 1, 3, true);
+  const std::int64_t n = c.num_parameters(), shard = (n + 2) / 3;
+  EXPECT_EQ(plain.total(), one.total());
+  EXPECT_EQ(plain.optimizer_elements, n);
+  EXPECT_EQ(plain.gradient_shard, 0);
+  EXPECT_EQ(zero.optimizer_elements, shard);
+  EXPECT_EQ(zero.master_weights, 4 * shard);
+  EXPECT_EQ(zero.optimizer_state, 8 * shard);
+  EXPECT_EQ(zero.gradient_shard, 4 * shard);
+  EXPECT_EQ(zero.parameters, plain.parameters);
+  EXPECT_EQ(zero.gradients, plain.gradients);
+  EXPECT_EQ(zero.activations, plain.activations);
+  EXPECT_EQ(estimate_memory(c, PrecisionPolicy::parse("fp32"), 4, 1024, 1, 3, true).master_weights,
+            0);
+}
+
 }  // namespace
 }  // namespace meshtrain::models
