@@ -140,12 +140,18 @@ std::string Trainer::save_checkpoint(int steps_done) {
   state.grad_accum = cfg_.grad_accum;
   state.seq_len = cfg_.seq_len;
   state.dp = mesh_.dp_size();
+  parallel::CheckpointWrite w;
+  w.root = checkpoint_root(cfg_);
+  w.step = steps_done;
+  w.slots = model_->params();
   // Under ZeRO-1 each rank writes exactly the runs it owns, from its shards.
-  const std::string dir = parallel::save_checkpoint(
-      mesh_, checkpoint_root(cfg_), steps_done, model_->params(), model_->num_parameters(),
-      optimizer_->checkpoint_state(), optimizer_->checkpoint_writes(),
-      parallel::CheckpointLayout{mesh_.dp_size(), mesh_.tp_size(), zero_ ? 1 : 0},
-      checkpoint_state_json(state), to_toml(cfg_), cfg_.ckpt_keep);
+  w.states = optimizer_->checkpoint_state();
+  w.writes = optimizer_->checkpoint_writes();
+  w.zero = zero_ ? 1 : 0;
+  w.state_json = checkpoint_state_json(state);
+  w.config_toml = to_toml(cfg_);
+  w.keep = cfg_.ckpt_keep;
+  const std::string dir = parallel::save_checkpoint(mesh_, w);
   last_checkpoint_ = dir;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

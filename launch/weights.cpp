@@ -43,8 +43,8 @@ Tensor load_weights(const models::GPT& model, const std::string& path) {
 
 Tensor load_checkpoint_weights(const models::GPT& model, const std::string& dir) {
   Tensor weights = Tensor::empty(Shape{model.num_parameters()}, DType::kF32);
-  parallel::load_checkpoint(dir, model.params(), model.num_parameters(), {{"master", weights, {}}},
-                            model.tp().rank(), model.tp().size());
+  parallel::load_checkpoint(dir, model.params(), {{"master", weights, {}}}, model.tp().rank(),
+                            model.tp().size());
   return weights;
 }
 

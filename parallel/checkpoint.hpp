@@ -41,6 +41,10 @@
 // Nothing read is trusted: the manifest's structure, every file's size, every byte's checksum
 // (before it is used), every piece's box against the tensor's shape and the stored data's size.
 // Errors are InvalidArgument (content) or IoError (system calls), naming the file and what.
+//
+// The code by concept: checkpoint_geometry.hpp (boxes, the pieces a rank writes, the load plan:
+// pure, tested without files), checkpoint_manifest.hpp (the manifest's text, parsed and built),
+// checkpoint.cpp (the three phases of a save, the directory's life cycle, reads).
 #pragma once
 
 #include <cstdint>
@@ -74,23 +78,29 @@ struct CheckpointInfo {
   std::string config_toml;  // the text of config.toml
 };
 
+// What one rank saves.
+struct CheckpointWrite {
+  std::string root;  // the checkpoint directory's parent
+  int step = 0;
+  // This rank's flat layout (tiling its flat buffers) and its states.
+  std::span<const ParamSlot> slots;
+  std::vector<FlatState> states;
+  // The flat runs this rank writes (their `local` is unused): every flat element must be
+  // written by exactly one rank of its TP group (a ZeRO-1 rank passes the runs it owns). Empty:
+  // DP rank d writes [d, d + 1) x ceil(n / DP). The states must hold what the rank writes.
+  std::vector<FlatRun> writes;
+  int zero = 0;             // recorded in the manifest's layout: 1 for ZeRO-1 shards
+  std::string state_json;   // a JSON object the caller gets back from read_checkpoint_info
+  std::string config_toml;  // the job's effective config
+  int keep = 0;             // the newest checkpoints kept (this one included); 0 keeps all
+};
+
 // The directory name of step N: "step_00000100".
 std::string checkpoint_name(int step);
 
 // Collective over the mesh's ranks: writes ROOT/step_N as described above and returns its
-// path. `write` is the flat runs this rank writes (their `local` unused): every flat element
-// must be written by exactly one rank of its TP group (a ZeRO-1 rank passes the runs it owns);
-// empty means
-// DP rank d writes [d, d + 1) x ceil(flat_numel / DP). `states` are this rank's buffers and
-// must hold what it writes;
-// `slots` tile [0, flat_numel) of the flat buffers; state_json is a JSON object the caller gets
-// back from read_checkpoint_info. Keeps the newest `keep` checkpoints (0 keeps all). Every rank
-// throws IoError if any rank failed to write its file; then no step_N appears.
-std::string save_checkpoint(Mesh& mesh, const std::string& root, int step,
-                            std::span<const ParamSlot> slots, std::int64_t flat_numel,
-                            const std::vector<FlatState>& states, const std::vector<FlatRun>& write,
-                            const CheckpointLayout& layout, const std::string& state_json,
-                            const std::string& config_toml, int keep);
+// path. Every rank throws IoError if any rank failed to write its file; then no step_N appears.
+std::string save_checkpoint(Mesh& mesh, const CheckpointWrite& w);
 
 // The complete checkpoint with the highest step under ROOT, or "" when there is none.
 std::string latest_checkpoint(const std::string& root);
@@ -101,14 +111,16 @@ std::vector<std::string> list_checkpoints(const std::string& root);
 // InvalidArgument naming the manifest and what is wrong.
 CheckpointInfo read_checkpoint_info(const std::string& dir);
 
-// Fills `targets` (this rank's buffers, CPU; elements at and beyond flat_numel are left alone) from
-// the checkpoint, for TP rank tp_rank of tp_size, reading only the blocks of the files that hold
-// them (logged: bytes read, time). Every block read is checked against the manifest's checksum
-// before it is used. Throws when a tensor is missing, has another shape, or an
-// element is not covered exactly once; the targets may then be partly written.
+// Fills `targets` (this rank's buffers, fp32 CPU; elements past the slots' flat elements are
+// left alone) from the checkpoint, for TP rank tp_rank of tp_size whose flat buffers are laid
+// out as `slots`, reading only the blocks of the files that hold them (logged: bytes read,
+// time). Checks the checkpoint's tensors against the slots, plans every copy
+// (checkpoint_geometry.hpp: each target element covered exactly once), then reads, checking
+// every block against the manifest's checksum before it is used. Throws when a tensor is
+// missing or has another shape, an element is stored twice or not at all, or a file is
+// corrupt; the targets may then be partly written.
 void load_checkpoint(const std::string& dir, std::span<const ParamSlot> slots,
-                     std::int64_t flat_numel, const std::vector<FlatState>& targets, int tp_rank,
-                     int tp_size);
+                     const std::vector<FlatState>& targets, int tp_rank, int tp_size);
 
 // Checks every file the manifest lists against its size and checksum. Throws on the first
 // mismatch.

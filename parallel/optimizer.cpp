@@ -160,7 +160,7 @@ void DistributedAdamW::load_checkpoint(const std::string& dir) {
   const std::vector<FlatRun> runs = zero_ != nullptr ? owned_ : std::vector<FlatRun>{};
   Tensor master = Tensor::empty(Shape{numel_}, DType::kF32);
   Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
-  parallel::load_checkpoint(dir, layout_, numel_,
+  parallel::load_checkpoint(dir, layout_,
                             {{"master", master, {}}, {"adam_m", m, runs}, {"adam_v", v, runs}},
                             mesh_->tp_rank(), mesh_->tp_size());
   set_weights(master);

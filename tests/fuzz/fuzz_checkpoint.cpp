@@ -73,12 +73,17 @@ Setup& setup() {
     // Uneven write ranges: pieces start and end inside rows and tensors.
     const std::vector<parallel::FlatRun> write = {
         {0, 0, n / 3}, {n / 3, 0, 77}, {n / 3 + 77, 0, n - n / 3 - 77}};
-    s->dir = parallel::save_checkpoint(mesh, s->root, 7, s->tp1, n,
-                                       {{"master", values(n, 0.5f), {}},
-                                        {"adam_m", values(n, 0.25f), {}},
-                                        {"adam_v", values(n, 0.125f), {}}},
-                                       write, parallel::CheckpointLayout{1, 1, 0},
-                                       launch::checkpoint_state_json(st), config_toml, 0);
+    parallel::CheckpointWrite w;
+    w.root = s->root;
+    w.step = 7;
+    w.slots = s->tp1;
+    w.states = {{"master", values(n, 0.5f), {}},
+                {"adam_m", values(n, 0.25f), {}},
+                {"adam_v", values(n, 0.125f), {}}};
+    w.writes = write;
+    w.state_json = launch::checkpoint_state_json(st);
+    w.config_toml = config_toml;
+    s->dir = parallel::save_checkpoint(mesh, w);
     return s;
   }();
   return *s;
@@ -119,7 +124,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       // adam_m as two runs in reverse order (ZeRO-1 owned runs), adam_v from flat 1 on.
       const std::int64_t half = n / 2;
       const std::vector<parallel::FlatRun> runs = {{half, 0, n - half}, {0, n - half, half}};
-      parallel::load_checkpoint(s.dir, slots, n,
+      parallel::load_checkpoint(s.dir, slots,
                                 {{"master", master, {}},
                                  {"adam_m", m, runs},
                                  {"adam_v", v.slice(1, n - 1), {{1, 0, n - 1}}}},

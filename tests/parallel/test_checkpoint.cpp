@@ -1,10 +1,14 @@
 // Distributed checkpoints at the format level, with threads as ranks (loopback): tensors sharded
 // the Megatron way (column-parallel with fused QKV parts, row-parallel, vocabulary-parallel
 // with layout-dependent padding, replicated), saved under one DP x TP layout and loaded under
-// another, element for element; ZeRO-style partial ranges; latest and keep; refusals.
+// another, element for element; ZeRO-style partial ranges; latest and keep; refusals. The load
+// planner alone, without files: resharding between layouts, whole-piece runs, padding,
+// elements stored twice or missing.
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 
 #include <gtest/gtest.h>
@@ -12,6 +16,7 @@
 
 #include "comm/loopback.hpp"
 #include "parallel/checkpoint.hpp"
+#include "parallel/checkpoint_geometry.hpp"
 #include "runtime/checksum.hpp"
 #include "runtime/error.hpp"
 
@@ -113,8 +118,16 @@ void save_layout(const std::string& root, int step, int dp, int tp, int keep = 0
         {"master", floats(L.expect[0]), {}},
         {"adam_m", floats(m), {{lo, 0, static_cast<std::int64_t>(m.size())}}},
         {"adam_v", floats(L.expect[2]), {}}};
-    save_checkpoint(mesh, root, step, L.slots, L.n, states, {}, CheckpointLayout{dp, tp, 1},
-                    R"({"note": "test"})", "[train]\nsteps = 1\n", keep);
+    CheckpointWrite w;
+    w.root = root;
+    w.step = step;
+    w.slots = L.slots;
+    w.states = states;
+    w.zero = 1;
+    w.state_json = R"({"note": "test"})";
+    w.config_toml = "[train]\nsteps = 1\n";
+    w.keep = keep;
+    save_checkpoint(mesh, w);
     mesh.finalize();
   });
 }
@@ -130,7 +143,7 @@ void check_load(const std::string& dir, int r, int tp, std::int64_t lo, std::int
                   Tensor::from_floats(std::vector<float>(static_cast<std::size_t>(len), -1.0f),
                                       Shape{len}, DType::kF32),
                   {{lo, 0, len}}});
-  load_checkpoint(dir, L.slots, L.n, targets, r, tp);
+  load_checkpoint(dir, L.slots, targets, r, tp);
   for (int k = 0; k < 3; ++k) {
     const float* got = targets[k].data.data_as<float>();
     for (std::int64_t i = 0; i < len; ++i)
@@ -200,8 +213,15 @@ TEST_F(CheckpointTest, InterleavedOwnedPiecesRoundTrip) {
     std::vector<FlatState> states{{"master", floats(L.expect[0]), {}},
                                   {"adam_m", floats(m), runs},
                                   {"adam_v", floats(L.expect[2]), {}}};
-    save_checkpoint(mesh, dir_.string(), 5, L.slots, L.n, states, runs, CheckpointLayout{dp, tp, 1},
-                    "{}", "", 0);
+    CheckpointWrite w;
+    w.root = dir_.string();
+    w.step = 5;
+    w.slots = L.slots;
+    w.states = states;
+    w.writes = runs;
+    w.zero = 1;
+    w.state_json = "{}";
+    save_checkpoint(mesh, w);
     mesh.finalize();
   });
   const std::string ck = (dir_ / checkpoint_name(5)).string();
@@ -213,7 +233,7 @@ TEST_F(CheckpointTest, InterleavedOwnedPiecesRoundTrip) {
   for (std::int64_t lo = 3, at = 0; lo < L.n; lo += 10, at += 5)
     runs.push_back({lo, at, std::min<std::int64_t>(5, L.n - lo)});
   Tensor data = Tensor::zeros(Shape{static_cast<std::int64_t>(runs.size()) * 5}, DType::kF32);
-  load_checkpoint(ck, L.slots, L.n, {{"adam_v", data, runs}}, 1, 2);
+  load_checkpoint(ck, L.slots, {{"adam_v", data, runs}}, 1, 2);
   for (const FlatRun& r : runs)
     for (std::int64_t j = 0; j < r.length; ++j)
       ASSERT_EQ(data.data_as<float>()[r.local + j], L.expect[2][r.flat + j]) << r.flat + j;
@@ -255,7 +275,7 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
     try {
       const Local L = make_local(0, 1);
       std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), {}}};
-      load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
+      load_checkpoint(ck.string(), L.slots, t, 0, 1);
       ADD_FAILURE() << "expected an error containing '" << msg << "'";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
@@ -318,7 +338,7 @@ TEST_F(CheckpointTest, RefusesHostileManifestText) {
     try {
       const Local L = make_local(0, 1);
       std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), {}}};
-      load_checkpoint(ck.string(), L.slots, L.n, t, 0, 1);
+      load_checkpoint(ck.string(), L.slots, t, 0, 1);
       ADD_FAILURE() << "expected an error containing '" << msg << "'";
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
@@ -347,6 +367,120 @@ TEST_F(CheckpointTest, RefusesHostileManifestText) {
     expect_error(text, "the key 'shard-00000.safetensors' appears twice");
   }
   expect_error(good.substr(0, good.size() / 2), "is not valid JSON (byte");
+}
+
+// ---- the load planner, without files -------------------------------------------------------
+
+// Pieces as `dp` x `tp` ranks would write them (every rank of a TP group its default share),
+// each with its stored values, computed from the same expected values the files would hold.
+struct Saved {
+  std::vector<ckpt::Piece> pieces;
+  std::vector<std::vector<float>> data;  // per piece: its elements [flat_lo, flat_hi)
+};
+
+Saved saved_pieces(int dp, int tp, const char* kind) {
+  Saved s;
+  const int k =
+      static_cast<int>(std::find_if(std::begin(kKinds), std::end(kKinds),
+                                    [&](const char* x) { return std::string(x) == kind; }) -
+                       std::begin(kKinds));
+  for (int r = 0; r < dp * tp; ++r) {
+    const int t = r % tp, d = r / tp;
+    const Local L = make_local(t, tp);
+    for (const ckpt::Piece& p :
+         ckpt::writer_pieces(L.slots, ckpt::default_writes(L.n, d, dp), {kind}, t, tp, r)) {
+      s.pieces.push_back(p);
+      s.data.emplace_back(L.expect[k].begin() + p.src,
+                          L.expect[k].begin() + p.src + (p.flat_hi - p.flat_lo));
+    }
+  }
+  return s;
+}
+
+// Carries out a plan in memory: what load_checkpoint does with the files' bytes.
+std::vector<float> apply(const ckpt::LoadPlan& plan, const Saved& s, std::int64_t len) {
+  std::vector<float> out(static_cast<std::size_t>(len), -1.0f);
+  for (const ckpt::ZeroRun& z : plan.zeros) std::fill_n(out.begin() + z.dst, z.length, 0.0f);
+  for (const ckpt::CopyRun& c : plan.copies)
+    std::copy_n(s.data[c.piece].begin() + c.src, c.length, out.begin() + c.dst);
+  return out;
+}
+
+TEST(CheckpointPlan, EveryLayoutReshardsToEveryOther) {
+  const int layouts[][2] = {{1, 1}, {2, 2}, {3, 1}, {1, 4}, {2, 1}};
+  for (const auto& saved : layouts) {
+    const Saved s = saved_pieces(saved[0], saved[1], "adam_v");
+    for (int tp : {1, 2, 4})
+      for (int r = 0; r < tp; ++r) {
+        const Local L = make_local(r, tp);
+        // Everything, and a ZeRO-style range that starts and ends inside tensors.
+        for (const auto& [lo, hi] :
+             {std::pair<std::int64_t, std::int64_t>{0, L.n}, {L.n / 3, L.n / 3 + L.n / 5}}) {
+          const std::vector<ckpt::LoadTarget> targets{{"adam_v", lo, hi}};
+          const ckpt::LoadPlan plan = ckpt::plan_load(s.pieces, L.slots, targets, r, tp, "test");
+          const std::vector<float> got = apply(plan, s, hi - lo);
+          for (std::int64_t i = lo; i < hi; ++i)
+            ASSERT_EQ(got[i - lo], L.expect[2][i])
+                << "saved " << saved[0] << "x" << saved[1] << ", loaded tp " << r << "/" << tp
+                << ", element " << i;
+        }
+      }
+  }
+}
+
+// The same layout reads each piece as one run: a piece's box is the target's, so its rows are
+// contiguous in both and merge.
+TEST(CheckpointPlan, TheSameLayoutCopiesEachPieceWhole) {
+  const Saved s = saved_pieces(1, 2, "master");
+  const Local L = make_local(1, 2);
+  const std::vector<ckpt::LoadTarget> targets{{"master", 0, L.n}};
+  const ckpt::LoadPlan plan = ckpt::plan_load(s.pieces, L.slots, targets, 1, 2, "test");
+  std::size_t mine = 0;
+  for (const ckpt::Piece& p : s.pieces)
+    if (p.file == ckpt::shard_file_name(1)) ++mine;
+  // TP rank 1's own pieces, and the replicated tensors TP rank 0 wrote: one run each.
+  EXPECT_EQ(plan.copies.size(), mine + 1) << "proj.b is written by TP rank 0, ln by rank 1";
+  for (const ckpt::CopyRun& c : plan.copies) {
+    const ckpt::Piece& p = s.pieces[c.piece];
+    if (p.tensor == "wte") continue;  // padding rows are zeros, not copied
+    EXPECT_EQ(c.length, p.flat_hi - p.flat_lo) << p.key;
+  }
+}
+
+TEST(CheckpointPlan, PaddingRowsAreZerosNotReads) {
+  // Saved at TP = 1 (wte: the 200 real rows), loaded by TP rank 3 of 4, whose wte shard ends
+  // in rows past the real vocabulary: zeros in the plan, and no copy writes them.
+  const Saved s = saved_pieces(1, 1, "master");
+  const Local L = make_local(3, 4);
+  const std::vector<ckpt::LoadTarget> targets{{"master", 0, L.n}};
+  const ckpt::LoadPlan plan = ckpt::plan_load(s.pieces, L.slots, targets, 3, 4, "test");
+  const std::int64_t first_row = 3 * padded_vocab(4) / 4;
+  ASSERT_EQ(plan.zeros.size(), 1u);
+  EXPECT_EQ(plan.zeros[0].dst, (kVocab - first_row) * kC);
+  EXPECT_EQ(plan.zeros[0].length, std::int64_t{padded_vocab(4) - kVocab} * kC);
+  for (const ckpt::CopyRun& c : plan.copies)
+    EXPECT_FALSE(c.dst < plan.zeros[0].dst + plan.zeros[0].length &&
+                 plan.zeros[0].dst < c.dst + c.length);
+}
+
+TEST(CheckpointPlan, RefusesElementsStoredTwiceOrNotAtAll) {
+  Saved s = saved_pieces(2, 1, "master");
+  const Local L = make_local(0, 1);
+  const std::vector<ckpt::LoadTarget> targets{{"master", 0, L.n}};
+  auto expect_error = [&](const std::vector<ckpt::Piece>& pieces, const std::string& msg) {
+    try {
+      ckpt::plan_load(pieces, L.slots, targets, 0, 1, "test");
+      ADD_FAILURE() << "expected an error containing '" << msg << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+    }
+  };
+  std::vector<ckpt::Piece> twice = s.pieces;
+  twice.push_back(s.pieces[3]);
+  expect_error(twice, "is stored twice");
+  std::vector<ckpt::Piece> missing = s.pieces;
+  missing.erase(missing.begin() + 2);
+  expect_error(missing, "the checkpoint is incomplete");
 }
 
 }  // namespace

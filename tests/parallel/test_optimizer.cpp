@@ -131,9 +131,17 @@ Result train(int n, bool zero, DType param_dtype, double clip, int steps = 4,
       opt.step(1e-2 * (s + 1), s + 1, norm.norm, 1.0f);
       if (c.rank() == 0) result.norms.push_back(static_cast<float>(norm.norm));
     }
-    if (!save_root.empty())
-      save_checkpoint(mesh, save_root, steps, slots, w0.numel(), opt.checkpoint_state(),
-                      opt.checkpoint_writes(), CheckpointLayout{n, 1, zero ? 1 : 0}, "{}", "", 0);
+    if (!save_root.empty()) {
+      CheckpointWrite w;
+      w.root = save_root;
+      w.step = steps;
+      w.slots = slots;
+      w.states = opt.checkpoint_state();
+      w.writes = opt.checkpoint_writes();
+      w.zero = zero ? 1 : 0;
+      w.state_json = "{}";
+      save_checkpoint(mesh, w);
+    }
     const std::vector<float> m = opt.gather_master().to_floats();
     mesh.finalize();
     std::lock_guard<std::mutex> lock(mu);
