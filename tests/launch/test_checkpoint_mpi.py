@@ -56,7 +56,7 @@ def rank_pid(root_pid, rank):
 # after the first checkpoint's record, to land well before its end on a loaded machine: with 60
 # steps the kill could land after the last collective, and then (mpirun leaving the job to the
 # ranks) the survivors finished and Open MPI's mpirun waited forever for the killed rank (see
-# launch/README.md). 1000 steps take 3-5 s.
+# docs/lost-ranks.md). 1000 steps take 3-5 s.
 KILL_STEPS = 1000
 KILL_CFG = ["--set", f"train.steps={KILL_STEPS}", "--set", "checkpoint.every=50",
             "--set", "train.precision=fp32"]
