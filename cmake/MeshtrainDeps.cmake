@@ -39,7 +39,7 @@ meshtrain_require(nlohmann_json_FOUND "nlohmann-json (JSON headers for tensor fi
 find_package(tomlplusplus CONFIG QUIET)
 meshtrain_require(tomlplusplus_FOUND "toml++ (config files)" "libtomlplusplus-dev")
 
-# The tokenizer (runtime/tokenizer.cpp): PCRE2's 8-bit library for the pre-tokenizers' Unicode
+# The tokenizer (runtime/tokenizer*.cpp): PCRE2's 8-bit library for the pre-tokenizers' Unicode
 # regular expressions, utf8proc for NFC. Plain find_path/find_library so that a prefix of
 # unpacked Debian packages (CMAKE_PREFIX_PATH, the GPU machine's .deps) serves as well as /usr;
 # where only the run-time library is installed (libpcre2-8-0 is in every image) its soname is

@@ -41,7 +41,7 @@
 
 namespace meshtrain {
 
-struct TokenizerImpl;  // tokenizer.cpp
+struct TokenizerImpl;  // tokenizer_impl.hpp
 
 // A token of `added_tokens` (special or not) as the file describes it.
 struct AddedToken {
