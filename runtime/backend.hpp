@@ -1,7 +1,7 @@
 // The backend interface: one implementation per device type (CPU here; CUDA in
-// runtime/cuda/). ops.cpp validates every argument and calls these with tensors that are
+// runtime/cuda/). ops*.cpp validate every argument and call these with tensors that are
 // contiguous, on this backend's device, and of shapes and dtypes the op's contract allows.
-// Composite ops (linear, clipping) are built in ops.cpp from these and need no backend code.
+// Composite ops (linear, clipping) are built in ops*.cpp from these and need no backend code.
 #pragma once
 
 #include "runtime/ops.hpp"
@@ -87,7 +87,7 @@ class Backend {
                             const ops::AdamWParams& p) = 0;
   virtual double sum_of_squares(const Tensor& x) = 0;
   // Largest token id in tokens and its flat index, for range checks (-1 when empty); and the
-  // smallest. Used by ops.cpp to validate embedding inputs before any work.
+  // smallest. Used by ops_embedding_loss.cpp to validate embedding inputs before any work.
   virtual void token_range(const Tensor& tokens, std::int32_t& min_id, std::int64_t& min_at,
                            std::int32_t& max_id, std::int64_t& max_at) = 0;
 };
