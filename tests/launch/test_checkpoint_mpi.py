@@ -71,7 +71,7 @@ def alive(pid):
 
 
 def names_lost(line, rank):
-    """Whether `line` is a collective timeout (comm/communicator.cpp, timeout_message) that names
+    """Whether `line` is a collective timeout (comm/communicator_messages.cpp, timeout_message) that names
     group rank `rank` as lost: "[rank R, last seen at ..., did not answer a liveness check within
     T s: lost (...)]" for a rank that never arrived, "lost rank R: it posted it, then did not answer
     a liveness check" (or "Also lost: ...") for one that posted the collective and then went."""
