@@ -13,7 +13,9 @@
 #                                          that order; deploy needs the build that tests makes)
 #
 # Environment: FRESH_ROOT_DIR (default /var/tmp/meshtrain-fresh-root; rebuilt at every call; the
-# stages' logs are kept there), FRESH_ROOT_MAIN_STEPS (the main job's train.steps, default 30).
+# stages' logs are kept there), FRESH_ROOT_MAIN_STEPS (the main job's train.steps, default 30),
+# FRESH_ROOT_REUSE=1 (keep the root of an earlier call, with what it installed and built, to
+# rehearse later stages alone; CI never sets it).
 # Needs root (chroot, mount).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +36,18 @@ say() { echo "ci_fresh_root [+$((SECONDS - start)) s]: $*"; }
 timings=()
 trap 'fresh_root_release "$root"' EXIT
 
-say "building a minimal Debian 12 root in $root"
-rm -rf "$dir"
-fresh_root_make "$root"
+if [[ ${FRESH_ROOT_REUSE:-0} == 1 && -x $root/usr/bin/apt-get && -d $root/src/meshtrain ]]; then
+  # For rehearsing later stages by hand (fuzz, deploy, cuda after a run of main and tests): the
+  # root keeps what the earlier stages installed and built, so it is no longer fresh. CI never
+  # sets this.
+  say "reusing the root in $root (FRESH_ROOT_REUSE=1: not a fresh root)"
+  fresh_root_release "$root"
+  fresh_root_mount "$root"
+else
+  say "building a minimal Debian 12 root in $root"
+  rm -rf "$dir"
+  fresh_root_make "$root"
+fi
 fresh_root_copy "$root"
 timings+=("fresh root ready: $((SECONDS - start)) s")
 

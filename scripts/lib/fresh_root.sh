@@ -5,6 +5,7 @@
 #   fresh_root_make ROOT [PACKAGE,...]  builds ROOT (apt, the essential packages, ca-certificates
 #                                       and the packages named), trusts what this machine trusts,
 #                                       mounts /proc, /sys, /dev and a fresh /run
+#   fresh_root_mount ROOT               (re)mounts those in a root made earlier
 #   fresh_root_copy ROOT [PATH...]      copies the checkout (tracked files, untracked ones git does
 #                                       not ignore, .git, and the ignored PATHs named) to
 #                                       ROOT/src/meshtrain
@@ -48,6 +49,11 @@ fresh_root_make() {
   [[ -f /etc/resolv.conf ]] && cp -L /etc/resolv.conf "$root/etc/resolv.conf"
   cp /etc/hosts "$root/etc/hosts"
   hostname > "$root/etc/hostname"
+  fresh_root_mount "$root"
+}
+
+fresh_root_mount() {
+  local root=$1
   # The root is a mount point of its own, as / is on a machine: `ip netns exec` (the multi-node
   # tests) makes / a slave mount, which fails with EINVAL where / is no mount point.
   mount --bind "$root" "$root"
