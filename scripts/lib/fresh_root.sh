@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/ci_fresh_root.sh and scripts/gpu_check_dryrun.sh: a minimal Debian 12 root
 # built by mmdebstrap, with this machine's trust settings, into which a copy of the checkout goes
 # and in which commands run as on a freshly installed machine. Needs root.
@@ -86,6 +87,7 @@ fresh_root_bind_cuda() {
 }
 
 fresh_root_run() {
+  # shellcheck disable=SC2016  # $1 is expanded by the shell inside the root, on purpose
   chroot "$1" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     /bin/bash -c 'cd /src/meshtrain && eval "$1"' fresh_root_run "$2"
