@@ -116,11 +116,15 @@ std::string resolve_resume(const TrainConfig& cfg) {
              "--resume latest: no complete checkpoint under '{}' (checkpoint.dir, or "
              "run.dir/checkpoints)",
              root);
+    // Its manifest is read and checked now, before the caller reads its config or writes
+    // anything.
+    if (!dir.empty()) parallel::read_checkpoint_info(dir);
     return dir;
   }
   std::error_code ec;
   MT_CHECK(fs::is_directory(cfg.resume, ec), "--resume '{}': no such checkpoint directory",
            cfg.resume);
+  parallel::read_checkpoint_info(cfg.resume);
   return cfg.resume;
 }
 
@@ -183,6 +187,23 @@ void Trainer::restore(const std::string& dir) {
         "resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
         "the data order from here differs from the saved run's",
         dir, rows, cfg_.seq_len, saved_rows, state.seq_len);
+}
+
+void Trainer::set_aside_newer_checkpoints() {
+  if (!is_root()) return;
+  const std::string root = checkpoint_root(cfg_);
+  const std::vector<std::string> moved =
+      parallel::set_aside_checkpoints(root, start_step_, resumed_from_);
+  if (moved.empty()) return;
+  std::string names;
+  for (const std::string& m : moved)
+    names += (names.empty() ? "" : ", ") + fs::path(m).filename().string();
+  log::warn(
+      "{} holds checkpoints past step {}, where this run {}: {} moved (kept, not deleted) to '{}', "
+      "so that this run neither overwrites them nor resumes from them later; --resume can still "
+      "name them",
+      root, start_step_, resumed_from_.empty() ? "starts" : "resumes", names,
+      fs::path(moved.front()).parent_path().string());
 }
 
 }  // namespace meshtrain::launch

@@ -83,6 +83,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     restore(dir);
     resumed_from_ = dir;
   }
+  set_aside_newer_checkpoints();
   start_log();
 }
 

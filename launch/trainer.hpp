@@ -113,6 +113,9 @@ class Trainer {
   // (launch/checkpointing.cpp). Throws before touching anything when the checkpoint's model
   // differs from this one.
   void restore(const std::string& dir);
+  // Rank 0, before the run directory is written: moves the checkpoints of a longer history out
+  // of the way (parallel::set_aside_checkpoints), saying so.
+  void set_aside_newer_checkpoints();
 
   Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   comm::Communicator& dp_comm() { return comms_.dp.valid() ? comms_.dp : mesh_.dp(); }
