@@ -157,6 +157,7 @@ std::string Trainer::save_checkpoint(int steps_done) {
   w.keep = cfg_.ckpt_keep;
   const std::string dir = parallel::save_checkpoint(mesh_, w);
   last_checkpoint_ = dir;
+  checkpointed_step_ = steps_done;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   log_.checkpoint(steps_done, dir, ms);
@@ -179,6 +180,7 @@ void Trainer::restore(const std::string& dir) {
   data_skip_ = state.data_skip;
   start_step_ = info.step;
   last_checkpoint_ = dir;
+  checkpointed_step_ = info.step;
 
   const std::int64_t rows = std::int64_t{cfg_.batch_size} * cfg_.grad_accum * mesh_.dp_size();
   const std::int64_t saved_rows = std::int64_t{state.batch_size} * state.grad_accum * state.dp;
