@@ -116,11 +116,15 @@ std::string resolve_resume(const TrainConfig& cfg) {
              "--resume latest: no complete checkpoint under '{}' (checkpoint.dir, or "
              "run.dir/checkpoints)",
              root);
+    // Its manifest is read and checked now, before the caller reads its config or writes
+    // anything.
+    if (!dir.empty()) parallel::read_checkpoint_info(dir);
     return dir;
   }
   std::error_code ec;
   MT_CHECK(fs::is_directory(cfg.resume, ec), "--resume '{}': no such checkpoint directory",
            cfg.resume);
+  parallel::read_checkpoint_info(cfg.resume);
   return cfg.resume;
 }
 
@@ -153,6 +157,7 @@ std::string Trainer::save_checkpoint(int steps_done) {
   w.keep = cfg_.ckpt_keep;
   const std::string dir = parallel::save_checkpoint(mesh_, w);
   last_checkpoint_ = dir;
+  checkpointed_step_ = steps_done;
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   log_.checkpoint(steps_done, dir, ms);
@@ -175,6 +180,7 @@ void Trainer::restore(const std::string& dir) {
   data_skip_ = state.data_skip;
   start_step_ = info.step;
   last_checkpoint_ = dir;
+  checkpointed_step_ = info.step;
 
   const std::int64_t rows = std::int64_t{cfg_.batch_size} * cfg_.grad_accum * mesh_.dp_size();
   const std::int64_t saved_rows = std::int64_t{state.batch_size} * state.grad_accum * state.dp;
@@ -183,6 +189,23 @@ void Trainer::restore(const std::string& dir) {
         "resuming from '{}' with a global batch of {} x {} where it was saved with {} x {}: "
         "the data order from here differs from the saved run's",
         dir, rows, cfg_.seq_len, saved_rows, state.seq_len);
+}
+
+void Trainer::set_aside_newer_checkpoints() {
+  if (!is_root()) return;
+  const std::string root = checkpoint_root(cfg_);
+  const std::vector<std::string> moved =
+      parallel::set_aside_checkpoints(root, start_step_, resumed_from_);
+  if (moved.empty()) return;
+  std::string names;
+  for (const std::string& m : moved)
+    names += (names.empty() ? "" : ", ") + fs::path(m).filename().string();
+  log::warn(
+      "{} holds checkpoints past step {}, where this run {}: {} moved (kept, not deleted) to '{}', "
+      "so that this run neither overwrites them nor resumes from them later; --resume can still "
+      "name them",
+      root, start_step_, resumed_from_.empty() ? "starts" : "resumes", names,
+      fs::path(moved.front()).parent_path().string());
 }
 
 }  // namespace meshtrain::launch

@@ -13,7 +13,8 @@ namespace meshtrain::launch {
 
 // The checkpoint that cfg.resume names: the directory itself, or for "latest" and "auto" the
 // newest complete one under checkpoint_root(cfg). "" for a fresh start (cfg.resume empty, or
-// "auto" with none). Throws when "latest" finds none or a named directory does not exist.
+// "auto" with none). Throws when "latest" finds none, a named directory does not exist, or the
+// checkpoint's manifest or config.toml is damaged or edited (parallel::read_checkpoint_info).
 std::string resolve_resume(const TrainConfig& cfg);
 
 // What a checkpoint's manifest carries for the trainer beyond the tensors ("state"): the model

@@ -291,6 +291,11 @@ const std::vector<Key>& keys() {
               "save a distributed checkpoint every N steps and at the end (0 = never)"),
       int_key("checkpoint", "keep", &TrainConfig::ckpt_keep, 0, kMaxInt,
               "newest checkpoints to keep (0 = all)"),
+      string_key("checkpoint", "on_signal", &TrainConfig::ckpt_on_signal,
+                 {"auto", "always", "never"},
+                 "on SIGTERM, SIGINT or SIGUSR1 every rank stops after the step in flight and the "
+                 "job exits with status 75; auto: with a checkpoint of that step if "
+                 "checkpoint.every > 0, always: with one anyway, never: without"),
       string_key("checkpoint", "dir", &TrainConfig::ckpt_dir, {},
                  "checkpoint directory (empty = RUN_DIR/checkpoints)"),
       int_key("checkpoint", "rollback_after", &TrainConfig::rollback_after, 0, kMaxInt,
@@ -481,10 +486,17 @@ models::GPTConfig model_config(const TrainConfig& c) {
   m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
   MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
            m.n_embd, m.n_head);
-  MT_CHECK(m.n_head % c.tp == 0,
-           "train.tp = {}: the model's {} attention heads (model.n_head) cannot be split across {} "
-           "tensor-parallel ranks; train.tp must divide model.n_head",
-           c.tp, m.n_head, c.tp);
+  if (m.n_head % c.tp != 0) {
+    // The sizes that would work: they divide the heads and the width.
+    std::string fits;
+    for (int k = 1; k <= m.n_head; ++k)
+      if (m.n_head % k == 0 && m.n_embd % k == 0)
+        fits += (fits.empty() ? "" : ", ") + std::to_string(k);
+    MT_FAIL(
+        "train.tp = {}: the model's {} attention heads (model.n_head) cannot be split across {} "
+        "tensor-parallel ranks; train.tp must divide model.n_head: {} would",
+        c.tp, m.n_head, c.tp, fits);
+  }
   MT_CHECK(c.seq_len <= m.block_size,
            "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
            "model.block_size",

@@ -76,8 +76,11 @@ struct TrainConfig {
   int log_every = 1;
 
   // [checkpoint] distributed checkpoints (parallel/checkpoint.hpp)
-  int ckpt_every = 0;         // save every N steps and at the end; 0 = never
-  int ckpt_keep = 3;          // newest checkpoints kept; 0 = all
+  int ckpt_every = 0;  // save every N steps and at the end; 0 = never
+  int ckpt_keep = 3;   // newest checkpoints kept; 0 = all
+  // On SIGTERM, SIGINT or SIGUSR1 (launch/preemption.hpp): "auto" saves a checkpoint of the
+  // last step when ckpt_every > 0, "always" saves one anyway, "never" stops without one.
+  std::string ckpt_on_signal = "auto";
   std::string ckpt_dir = "";  // "" = RUN_DIR/checkpoints
   int rollback_after = 0;     // non-finite steps in a row before reloading the last
                               // checkpoint (and skipping the data since); 0 = never

@@ -15,6 +15,7 @@
 #include "launch/config.hpp"
 #include "launch/generate.hpp"
 #include "launch/hf.hpp"
+#include "launch/preemption.hpp"
 #include "launch/trainer.hpp"
 #include "launch/weights.hpp"
 #include "parallel/checkpoint.hpp"
@@ -59,6 +60,10 @@ DP = N / K x TP = K (consecutive ranks form a tensor-parallel group).
                        checkpoint's own config is the base; --set still overrides it. The DP/TP
                        layout and ZeRO may differ from the saved run's.
   --quiet              no per-step lines (metrics still go to RUN_DIR/metrics.jsonl)
+
+On SIGTERM, SIGINT or SIGUSR1 (to any rank) every rank finishes the step in flight, the job saves
+a checkpoint of it (checkpoint.on_signal) and exits with status 75 ("retry": resume with
+--resume auto); Ctrl-C twice stops at once.
 
 config keys (default):
 )";
@@ -308,6 +313,8 @@ int cmd_train(Args a) {
   std::optional<comm::MpiSession> session;
   comm::Communicator world;
   if (launched_by_mpirun()) session.emplace();
+  // After MPI's initialisation, so that these handlers are the ones in place.
+  launch::install_stop_handlers();
   launch::TrainResult r;
   try {
     if (session) world = session->world();
@@ -322,7 +329,18 @@ int cmd_train(Args a) {
     abort_job(*session, e);
   }
   const bool root = !session || session->rank() == 0;
-  if (!root) return 0;
+  const int status = r.stop_signal != 0 ? launch::kExitPreempted : 0;
+  if (!root) return status;
+  if (r.stop_signal != 0) {
+    std::printf(
+        "stopped by %s after step %d of %d; %s; exit status %d (continue with --resume "
+        "auto or latest)\n",
+        launch::signal_name(r.stop_signal).c_str(), r.steps, cfg.steps,
+        r.stop_checkpoint.empty() ? "no checkpoint written"
+                                  : ("checkpoint " + r.stop_checkpoint).c_str(),
+        status);
+    return status;
+  }
   std::string rss;
   for (double mib : r.peak_rss_mib) rss += fmt::format("{}{:.0f}", rss.empty() ? "" : ", ", mib);
   std::printf(

@@ -53,6 +53,11 @@ struct TrainResult {
   std::string sample;          // text generated at the end
   // Peak resident memory of every rank (getrusage), in MiB, by world rank.
   std::vector<double> peak_rss_mib;
+  // A run stopped early by a signal (launch/preemption.hpp): the signal (0: it ran to
+  // train.steps; steps then counts the steps done) and the checkpoint of its last step ("" when
+  // none was written).
+  int stop_signal = 0;
+  std::string stop_checkpoint;
 };
 
 }  // namespace meshtrain::launch

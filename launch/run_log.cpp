@@ -181,6 +181,12 @@ void RunLog::rollback(int failed_at, int to, const std::string& dir, int data_sk
              .dump());
 }
 
+void RunLog::stopped(int step, const std::string& signal, const std::string& dir) {
+  record(Json{
+      {"step", step}, {"stopped", signal}, {"checkpoint", dir.empty() ? Json(nullptr) : Json(dir)}}
+             .dump());
+}
+
 void RunLog::memory(int step, const MemoryReport& m) {
   const double rss_mine = m.peak_rss_mib.empty() ? 0.0 : m.peak_rss_mib.front();
   const double rss_max = m.peak_rss_mib.empty()

@@ -6,7 +6,8 @@
 // metrics.jsonl records, each with "step": {loss, lr, grad_norm, ms, tokens_per_s, mfu,
 // skipped}; {comm_wait_ms, comm_hidden, comm_ms, comm_clock[, reduce_wait_min_ms,
 // reduce_wait_max_ms]} with DP or TP; {val_loss}; {sample}; {checkpoint, checkpoint_ms};
-// {rollback_to, checkpoint, data_skip_steps}; {resumed_from}; {memory, peak_rss_mib} at the end.
+// {rollback_to, checkpoint, data_skip_steps}; {resumed_from}; {stopped (the signal), checkpoint
+// (null: none)}; {memory, peak_rss_mib} at the end.
 // To add a metric: a field of StepMetrics (launch/metrics.hpp), filled in Trainer::step, and
 // written in RunLog::step.
 #pragma once
@@ -66,6 +67,8 @@ class RunLog {
   void sample(int step, const std::string& text);
   void checkpoint(int step, const std::string& dir, double ms);
   void rollback(int failed_at, int to, const std::string& dir, int data_skip);
+  // The run stopped early after `step` on `signal` ("SIGTERM"); dir: its checkpoint, or "".
+  void stopped(int step, const std::string& signal, const std::string& dir);
   void memory(int step, const MemoryReport& m);
 
  private:

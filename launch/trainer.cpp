@@ -57,6 +57,16 @@ struct Trainer::Progress {
       if (recent.size() > 10) recent.erase(recent.begin());
     }
   }
+  // A result with the losses and the rate so far.
+  TrainResult totals() const {
+    TrainResult r;
+    r.first_loss = first_loss;
+    r.final_loss = recent.empty() ? std::numeric_limits<float>::quiet_NaN()
+                                  : std::accumulate(recent.begin(), recent.end(), 0.0f) /
+                                        static_cast<float>(recent.size());
+    r.tokens_per_s = seconds > 0 ? tokens / seconds : 0;
+    return r;
+  }
 };
 
 Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLocal local)
@@ -83,6 +93,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     restore(dir);
     resumed_from_ = dir;
   }
+  set_aside_newer_checkpoints();
   start_log();
 }
 
@@ -204,6 +215,7 @@ StepMetrics Trainer::step(int step) {
   const float scale = policy_.loss_scaling ? scaler_.scale() : 1.0f;
   m.loss = forward_backward(step, scale);
   if (reducer_) reduce(m);
+  stop_.post(world_);  // read in end_step: the update hides it
   const parallel::GradNorm norm = optimizer_->grad_norm(scale);
   m.grad_norm = norm.norm;
   m.comm_wait_ms += norm.wait_ms;
@@ -284,6 +296,7 @@ void Trainer::end_step(StepMetrics& m, Clock::time_point t0) {
     m.reduce_wait_max_ms = wait_spread_.data_as<float>()[0];
     m.reduce_wait_min_ms = -wait_spread_.data_as<float>()[1];
   }
+  stop_signal_ = stop_.wait();
   device().synchronize();  // a GPU step ends when its queued work does
   m.step_ms = seconds_since(t0) * 1e3;
   const double tokens =
@@ -328,9 +341,12 @@ TrainResult Trainer::run() {
     if (step_cb_) step_cb_(m);
     if (should_roll_back(m)) {
       s = roll_back(m.step) - 1;
+      if (stop_signal_ != 0) return stop_early(progress.totals(), start_step_);
       continue;
     }
     after_step(m.step);
+    // The last step's stop is no stop: the run is complete.
+    if (stop_signal_ != 0 && m.step < cfg_.steps) return stop_early(progress.totals(), m.step);
   }
   return finish(progress);
 }

@@ -25,6 +25,7 @@
 #include "launch/backends.hpp"
 #include "launch/config.hpp"
 #include "launch/metrics.hpp"
+#include "launch/preemption.hpp"
 #include "launch/run_log.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
@@ -56,6 +57,10 @@ class Trainer {
   // Prints one line per step (and evaluations and samples) to stdout. On by default, on rank 0.
   void set_verbose(bool v) { log_.set_verbose(v); }
 
+  // Runs to train.steps, or stops early after the step in which any rank was asked to stop by
+  // a signal (launch/preemption.hpp): then it saves a checkpoint of that step when one is due
+  // (checkpoint.on_signal) and returns with TrainResult::stop_signal set, without the final
+  // evaluation, weights or sample (the CLI then exits with status 75).
   TrainResult run();
   // Mean validation loss over eval.batches batches; NaN without validation data.
   float evaluate();
@@ -107,12 +112,17 @@ class Trainer {
   int roll_back(int failed_at);
   std::string sample(int at_step);
   TrainResult finish(const Progress& p);
+  // Stops after `step` on a signal (launch/preemption.cpp); r: the totals so far.
+  TrainResult stop_early(TrainResult r, int step);
   MemoryReport memory_report();
   void save_final_weights();
   // Loads a checkpoint's weights, optimizer and loss-scaler state, step and data position
   // (launch/checkpointing.cpp). Throws before touching anything when the checkpoint's model
   // differs from this one.
   void restore(const std::string& dir);
+  // Rank 0, before the run directory is written: moves the checkpoints of a longer history out
+  // of the way (parallel::set_aside_checkpoints), saying so.
+  void set_aside_newer_checkpoints();
 
   Device& device() const { return gpu_ ? *gpu_ : cpu_device(); }
   comm::Communicator& dp_comm() { return comms_.dp.valid() ? comms_.dp : mesh_.dp(); }
@@ -155,6 +165,11 @@ class Trainer {
   int data_skip_ = 0;
   int rollbacks_ = 0;
   std::string resumed_from_, last_checkpoint_;
+  // The step whose state last_checkpoint_ holds (saved or restored), -1 for none.
+  int checkpointed_step_ = -1;
+  // Preemption: this step's agreement over the ranks, and the signal agreed on (0: none).
+  StopAgreement stop_;
+  int stop_signal_ = 0;
 };
 
 }  // namespace meshtrain::launch

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -39,18 +40,6 @@ constexpr std::uint64_t kBlockBytes = 1ull << 20;
 SavedFile write_text_file(const std::string& path, const std::string& text) {
   write_file_durable(path, text);
   return SavedFile{text.size(), crc32c(0, text.data(), text.size()), {}};
-}
-
-// Parses "step_00000100"; -1 for any other name.
-int parse_step_name(const std::string& name) {
-  if (name.size() < 6 || name.compare(0, 5, "step_") != 0) return -1;
-  long long v = 0;
-  for (std::size_t i = 5; i < name.size(); ++i) {
-    if (name[i] < '0' || name[i] > '9') return -1;
-    v = v * 10 + (name[i] - '0');
-    if (v > 2147483647) return -1;
-  }
-  return static_cast<int>(v);
 }
 
 // The part of `s` holding flat elements [flat, flat + n): a view of its data.
@@ -440,7 +429,13 @@ void publish(Mesh& mesh, const CheckpointWrite& w, const Written& written,
   write_text_file((tmp / "manifest.json").string(), manifest_json(c));
   fsync_dir(tmp.string());
   std::error_code ec;
-  if (fs::exists(final_dir, ec)) retire(root, final_dir);  // the same step saved again
+  // Never a checkpoint replaced: the Trainer sets aside the newer checkpoints of a history it
+  // abandons before it writes any (set_aside_checkpoints), so one here is another job's.
+  if (fs::exists(final_dir, ec))
+    throw IoError(fmt::format(
+        "checkpoint: '{}' already exists (another job writing to the same checkpoint.dir?); "
+        "not replacing it",
+        final_dir.string()));
   fs::rename(tmp, final_dir, ec);
   if (ec)
     throw IoError(fmt::format("checkpoint: cannot rename '{}' to '{}': {}", tmp.string(),
@@ -555,6 +550,43 @@ std::vector<std::string> list_checkpoints(const std::string& root) {
 std::string latest_checkpoint(const std::string& root) {
   const std::vector<std::string> all = list_checkpoints(root);
   return all.empty() ? std::string() : all.back();
+}
+
+std::vector<std::string> set_aside_checkpoints(const std::string& root, int step,
+                                               const std::string& resumed_from) {
+  std::error_code ec;
+  const fs::path keep =
+      resumed_from.empty() ? fs::path() : fs::weakly_canonical(fs::path(resumed_from), ec);
+  std::vector<std::string> moved;
+  fs::path into;
+  for (const std::string& dir : list_checkpoints(root)) {
+    const int s = parse_step_name(fs::path(dir).filename().string());
+    if (s < step || (s == step && fs::weakly_canonical(fs::path(dir), ec) == keep)) continue;
+    if (into.empty()) {
+      const std::time_t now = std::time(nullptr);
+      std::tm utc{};
+      gmtime_r(&now, &utc);
+      char stamp[32];
+      std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
+      into = fs::path(root) / (std::string("superseded-") + stamp);
+      for (int i = 2; fs::exists(into, ec); ++i)
+        into = fs::path(root) / fmt::format("superseded-{}-{}", stamp, i);
+      fs::create_directory(into, ec);
+      if (ec)
+        throw IoError(
+            fmt::format("checkpoint: cannot create '{}' to set aside the checkpoints "
+                        "past step {}: {}",
+                        into.string(), step, ec.message()));
+    }
+    const fs::path to = into / fs::path(dir).filename();
+    fs::rename(dir, to, ec);
+    if (ec)
+      throw IoError(fmt::format("checkpoint: cannot move '{}' aside to '{}': {}", dir, to.string(),
+                                ec.message()));
+    moved.push_back(to.string());
+  }
+  if (!moved.empty()) fsync_dir(root);
+  return moved;
 }
 
 CheckpointInfo read_checkpoint_info(const std::string& dir) {

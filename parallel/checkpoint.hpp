@@ -23,6 +23,9 @@
 // any layout from the pieces that overlap it and checks that every element is covered exactly
 // once.
 //
+// A checkpoint is never replaced: saving a step whose directory exists throws (the Trainer sets
+// the newer checkpoints of a history it abandons aside first: set_aside_checkpoints).
+//
 // Atomicity: the ranks write into ROOT/.tmp-step_N; once every rank reports its file written
 // and fsynced, world rank 0 writes the manifest, fsyncs it and the directory, and renames the
 // directory to ROOT/step_N (then fsyncs ROOT). A complete checkpoint therefore always has its
@@ -106,6 +109,17 @@ std::string save_checkpoint(Mesh& mesh, const CheckpointWrite& w);
 std::string latest_checkpoint(const std::string& root);
 // Every complete checkpoint under ROOT, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& root);
+
+// A job that starts at `step` (0: a fresh one) in a checkpoint directory that already holds
+// checkpoints of a longer history (resuming from an older checkpoint, or a fresh run in an old
+// run directory) would overwrite them as it saves, and `latest` would pick them after a crash.
+// So they are set aside, never deleted (Megatron and torchtitan keep them too): every complete
+// checkpoint under ROOT with a higher step, and one of the same step that is not `resumed_from`,
+// is moved whole into ROOT/superseded-YYYYmmddTHHMMSSZ/ (renamed), where list_checkpoints and
+// latest no longer see it and `--resume` can still name it. Returns their new paths (none: ROOT
+// holds no such checkpoint). Throws IoError naming a directory it could not move.
+std::vector<std::string> set_aside_checkpoints(const std::string& root, int step,
+                                               const std::string& resumed_from);
 
 // Reads and validates the manifest (structure only; files are checked when loaded). Throws
 // InvalidArgument naming the manifest and what is wrong.

@@ -1,6 +1,7 @@
 #include "parallel/checkpoint_manifest.hpp"
 
 #include <cctype>
+#include <filesystem>
 
 #include <nlohmann/json.hpp>
 
@@ -12,6 +13,8 @@ namespace meshtrain::parallel::ckpt {
 namespace {
 
 using Json = nlohmann::ordered_json;
+// The canonical form the manifest's checksum covers: keys sorted.
+using SortedJson = nlohmann::json;
 
 constexpr int kMaxManifestDepth = 64;
 // The most elements a tensor or a piece may have (flat offsets are checked against it too).
@@ -115,7 +118,7 @@ void parse_header(const std::string& w, const Json& j, Manifest& m) {
   MT_CHECK(as_string(w + " format", member(w, j, "format")) == kFormat, "{}: format is not '{}'", w,
            kFormat);
   const std::int64_t version = as_int(w + " version", member(w, j, "version"), 0, 1 << 20);
-  MT_CHECK(version == 1 || version == kVersion,
+  MT_CHECK(version >= 1 && version <= kVersion,
            "{}: version {} is not supported (this build reads versions 1 to {})", w, version,
            kVersion);
   m.info.step = static_cast<int>(as_int(w + " step", member(w, j, "step"), 0, 2147483647));
@@ -129,6 +132,43 @@ void parse_header(const std::string& w, const Json& j, Manifest& m) {
   const Json& state = member(w, j, "state");
   MT_CHECK(state.is_object(), "{}: 'state' must be an object", w);
   m.info.state_json = state.dump();
+}
+
+// The checksum of a manifest's content: without kManifestCrcKey, keys sorted, no whitespace.
+std::uint32_t content_crc(SortedJson j) {
+  j.erase(kManifestCrcKey);
+  const std::string canonical = j.dump();
+  return crc32c(0, canonical.data(), canonical.size());
+}
+
+// The step must be the one its directory is named after: a manifest whose step was edited (10
+// -> 7 inside step_00000010) would resume at the wrong step and then overwrite the directory.
+void check_step_name(const std::string& w, const std::string& dir, int step) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::path(dir).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // "DIR/"
+  const std::string name = p.filename().string();
+  const int named = parse_step_name(name);
+  MT_CHECK(named < 0 || named == step,
+           "{}: step is {}, but its directory is '{}' (step {}): the manifest was edited or the "
+           "directory renamed",
+           w, step, name, named);
+}
+
+// Version 3: the manifest's checksum against its content.
+void check_content_crc(const std::string& w, const std::string& text, std::int64_t version) {
+  const SortedJson j = parse_json_file_text<SortedJson>(text, w, kMaxManifestDepth);
+  if (version < 3 && !j.contains(kManifestCrcKey)) return;
+  MT_CHECK(j.contains(kManifestCrcKey), "{}: missing '{}' (version {} manifests carry one)", w,
+           kManifestCrcKey, version);
+  const std::uint32_t want =
+      parse_crc(fmt::format("{} {}", w, kManifestCrcKey),
+                as_string(fmt::format("{} {}", w, kManifestCrcKey), j[kManifestCrcKey]));
+  const std::uint32_t got = content_crc(j);
+  MT_CHECK(got == want,
+           "{}: {} is {}, but the manifest's content has CRC-32C {}: the manifest was edited or "
+           "damaged after it was written (refusing to trust any of it)",
+           w, kManifestCrcKey, crc32c_hex(want), crc32c_hex(got));
 }
 
 Json file_json(const FileEntry& f) {
@@ -161,6 +201,8 @@ Manifest parse_manifest(const std::string& dir, const std::string& path, const s
   Manifest m;
   m.info.dir = dir;
   parse_header(w, j, m);
+  check_step_name(w, dir, m.info.step);
+  check_content_crc(w, text, j["version"].get<std::int64_t>());
 
   const Json& files = member(w, j, "files");
   MT_CHECK(files.is_object() && !files.empty(), "{}: 'files' must be a non-empty object", w);
@@ -206,9 +248,10 @@ std::string manifest_json(const ManifestContent& c) {
   } catch (const Json::parse_error& e) {
     MT_ASSERT(false, "checkpoint: the trainer state is not JSON: {}", e.what());
   }
-  const Json manifest{
+  Json manifest{
       {"format", kFormat},
       {"version", kVersion},
+      {kManifestCrcKey, "00000000"},
       {"step", c.step},
       {"layout", {{"world", c.world}, {"dp", c.dp}, {"tp", c.tp}, {"zero", c.zero}}},
       {"state", state},
@@ -216,7 +259,26 @@ std::string manifest_json(const ManifestContent& c) {
       {"pieces", pieces},
       {"files", files},
   };
+  manifest[kManifestCrcKey] = crc32c_hex(content_crc(SortedJson::parse(manifest.dump())));
   return manifest.dump(1);
+}
+
+int parse_step_name(const std::string& name) {
+  if (name.size() < 6 || name.compare(0, 5, "step_") != 0) return -1;
+  long long v = 0;
+  for (std::size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    v = v * 10 + (name[i] - '0');
+    if (v > 2147483647) return -1;
+  }
+  return static_cast<int>(v);
+}
+
+std::string seal_manifest(const std::string& text) {
+  Json j = parse_json_file_text<Json>(text, "seal_manifest", kMaxManifestDepth);
+  MT_CHECK(j.is_object(), "seal_manifest: the text is not a JSON object");
+  j[kManifestCrcKey] = crc32c_hex(content_crc(SortedJson::parse(j.dump())));
+  return j.dump(1);
 }
 
 }  // namespace meshtrain::parallel::ckpt

@@ -5,7 +5,8 @@
 #   single_node.sbatch  2 tasks on one node
 #   multi_node.sbatch   2 nodes x 1 task, over TCP between the namespaces
 # with `sbatch --wait`, and checks each trained with DP = 2 and gave the same losses as
-# `mpirun -np 2` of the same job (DP is deterministic).
+# `mpirun -np 2` of the same job (DP is deterministic). Then preempts a single-node job with
+# `scancel --signal=USR1`: it saves, exits 75, requeues itself and resumes to the same losses.
 #
 #   tests/deploy/test_slurm.sh MESHTRAIN
 # Exit 77 (skipped) when not root or slurm-wlm/munge are missing, unless MESHTRAIN_REQUIRE_DEPLOY=1
@@ -168,3 +169,51 @@ moved=$(($("$N" stats 2 | awk '{print $1 + $2}') - before))
 ((moved > 3000000)) || fail "multi: only $moved bytes crossed node 2's link"
 echo "ok multi: $moved bytes through node 2's link"
 grep -q "on 2 node(s) (mtsl-n\[1-2\])" "$d/multi.log" || fail "multi: not two nodes"
+
+# Preemption: `scancel --signal=USR1` to a running job (what `#SBATCH --signal=USR1@180` sends
+# before the time limit). Every rank finishes its step, the job saves a checkpoint and exits 75,
+# the script requeues it (scontrol requeue: the same job id, so the same RUN_DIR), and the
+# requeued job resumes from the checkpoint (--resume auto) and completes with the losses of an
+# uninterrupted run, bit for bit.
+long=(--set model.preset=gpt-tiny --set train.steps=400 --set train.batch_size=1 --set train.seq_len=32
+      --set train.precision=fp32 --set sample.tokens=0 --set eval.every=0 --set dp.bucket_mb=0.05
+      --set checkpoint.every=100)
+timeout 240 "$N" exec 1 mpirun -np 2 --oversubscribe --mca pml ob1 --mca btl self,vader,tcp \
+  -x MESHTRAIN_THREADS=1 "$mt" train --quiet "${long[@]}" --set "run.dir=$d/ref400" >"$d/ref400.log" 2>&1 \
+  || fail "reference of the preemption job (exit $?)"
+ref400="$(losses "$d/ref400")"
+t=$SECONDS
+id=$(cd "$d" && "$N" exec 1 env MESHTRAIN="$mt" RUN_DIR="$d/preempt" OMPI_MCA_pml=ob1 \
+   OMPI_MCA_btl=self,vader,tcp OMPI_MCA_btl_tcp_if_include=eth0 OMPI_MCA_oob_tcp_if_include=eth0 \
+   MESHTRAIN_THREADS=1 sbatch --parsable --job-name=preempt --time=5 --output="$d/preempt.log" \
+   --cpus-per-task=1 --nodes=1 --ntasks-per-node=2 "$root/deploy/slurm/single_node.sbatch" --quiet "${long[@]}" \
+   2>"$d/preempt.sbatch.log") || fail "preempt: sbatch failed: $(cat "$d/preempt.sbatch.log")"
+steps_done() { local n; n=$(grep -c '"loss"' "$d/preempt/metrics.jsonl" 2>/dev/null); echo "${n:-0}"; }
+for ((i = 0; i < 1200; i++)); do
+  (($(steps_done) >= 20)) && break
+  sleep 0.1
+done
+(($(steps_done) >= 20)) || fail "preempt: job $id did not start training"
+"$N" exec 1 scancel --signal=USR1 "$id" || fail "preempt: scancel --signal=USR1 $id"
+state="" info=""
+for ((i = 0; i < 240; i++)); do
+  info=$("$N" exec 1 scontrol show job -o "$id" 2>>"$d/preempt.sbatch.log" || true)
+  state=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
+  # A requeued job waits for its begin time (Slurm sets it a while ahead): start it now.
+  if [[ "$state" == PENDING ]] && grep -q 'Restarts=[1-9]' <<<"$info"; then
+    "$N" exec 1 scontrol update JobId="$id" StartTime=now 2>/dev/null || true
+  fi
+  case "$state" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE) break ;; esac
+  sleep 1
+done
+[[ "$state" == COMPLETED ]] || fail "preempt: job $id ended $state: $info"
+grep -q 'Restarts=1' <<<"$info" || fail "preempt: job $id was not requeued once: $info"
+grep -q "stopped on a signal after its checkpoint (exit status 75): requeueing" "$d/preempt.log" \
+  || fail "preempt: the script did not requeue on status 75"
+stopped=$(grep '"stopped"' "$d/preempt/metrics.jsonl")
+grep -q '"stopped":"SIGUSR1"' <<<"$stopped" && grep -q '"checkpoint":"' <<<"$stopped" \
+  || fail "preempt: no record of the stop with its checkpoint: $stopped"
+got="$(losses "$d/preempt")"
+[[ "$got" == "$ref400" ]] || fail "preempt: losses after the requeue differ from the uninterrupted run's"
+echo "ok preempt: scancel --signal=USR1, saved at $(grep -o '"step":[0-9]*' <<<"$stopped"), exit 75," \
+     "requeued and resumed to the uninterrupted losses, $((SECONDS - t)) s"

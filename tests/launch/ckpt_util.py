@@ -87,3 +87,25 @@ def compare_losses(ref, got, steps, rel=0.0, what=""):
         if (rel == 0.0 and x != y) or abs(x - y) > rel * abs(x):
             fail(f"{what}: step {s}: loss {y!r} differs from the uninterrupted run's {x!r}"
                  f"{'' if rel == 0 else f' by more than {rel:g} relative'}")
+
+
+def seal_manifest(path, m):
+    """Writes the manifest `m` (a dict) to `path` with its manifest_crc32c set to the checksum of
+    its content, as parallel/checkpoint_manifest.hpp defines it: the CRC-32C of the object without
+    that key, keys sorted, no whitespace. A deliberate edit seals the manifest; an unsealed one
+    is refused."""
+    content = {k: v for k, v in m.items() if k != "manifest_crc32c"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    m = dict(m, manifest_crc32c=f"{crc32c(text.encode()):08x}")
+    with open(path, "w") as f:
+        json.dump(m, f, indent=1)
+
+
+def crc32c(data, crc=0):
+    """CRC-32C (Castagnoli), bitwise: small manifests only."""
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF

@@ -7,7 +7,10 @@
 - a corrupt, truncated or mismatched checkpoint stops the job before any step with an error
   naming the problem, and nothing in the run directory changes;
 - resuming in a run directory from an earlier checkpoint leaves metrics.jsonl with one history:
-  the records after the checkpoint's step are dropped before the run continues."""
+  the records after the checkpoint's step are dropped before the run continues, and the newer
+  checkpoints of the abandoned history are set aside whole (never overwritten);
+- an edited manifest (its step changed, or any field without resealing its checksum) is refused
+  before anything is written."""
 import argparse
 import glob
 import json
@@ -18,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-from ckpt_util import (TINY, compare_losses, fail, losses, run, same_weights, tree_digest)
+from ckpt_util import (TINY, compare_losses, fail, losses, run, same_weights, seal_manifest, tree_digest)
 
 
 def train(mt, run_dir, extra=(), expect_ok=True, resume=None):
@@ -62,7 +65,20 @@ def metrics_after_resume(mt, tmp, ref):
     with open(path, "a") as f:
         f.write('{"step": 10, "loss": 1.2')  # a line torn by a kill
     later = sum(1 for r in old if r.get("step", 0) > 6) + 1
+    newer = {c: tree_digest(os.path.join(d, "checkpoints", c)) for c in ("step_00000009", "step_00000010")}
     p = train(mt, d, resume=os.path.join(d, "checkpoints", "step_00000006"))
+    # The checkpoints of the abandoned history (9 and 10) are set aside whole, not overwritten by
+    # the new 9 and 10, and the log says where.
+    aside = glob.glob(os.path.join(d, "checkpoints", "superseded-*"))
+    if len(aside) != 1 or "moved (kept, not deleted)" not in p.stderr:
+        fail(f"resume in place from step 6: expected steps 9 and 10 set aside in one superseded-* "
+             f"directory, found {ckpts(d)}:\n{p.stderr}")
+    for c, digest in newer.items():
+        if tree_digest(os.path.join(aside[0], c)) != digest:
+            fail(f"resume in place from step 6: the old {c} was not kept intact in {aside[0]}")
+    if ckpts(d) != sorted(["step_00000006", "step_00000009", "step_00000010", "step_00000003",
+                           os.path.basename(aside[0])]):
+        fail(f"resume in place from step 6: checkpoints {ckpts(d)}")
     if f"dropped {later} record(s) after step 6" not in p.stderr:
         fail(f"resume in place: expected the log to say {later} records were dropped, got:\n{p.stderr}")
     if os.path.exists(path + ".tmp"):
@@ -125,18 +141,35 @@ def corrupt(mt, tmp, ref):
             if p["tensor"] == "wpe.weight":
                 p["shape"] = [32, 64]
                 p["flat"] = [0, 32 * 64]
-        json.dump(m, open(f, "w"))
+        seal_manifest(f, m)
 
     def hole(d):
         import json
         f = os.path.join(d, "manifest.json")
         m = json.load(open(f))
         m["pieces"] = [p for p in m["pieces"] if not (p["tensor"] == "h.1.ln_2.bias" and p["kind"] == "adam_v")]
+        seal_manifest(f, m)
+
+    def edited_step(d):
+        # The probe's edit: step 6 -> 4 inside step_00000006 (sealed or not, it is refused).
+        import json
+        f = os.path.join(d, "manifest.json")
+        m = json.load(open(f))
+        m["step"] = 4
+        seal_manifest(f, m)
+
+    def unsealed(d):
+        import json
+        f = os.path.join(d, "manifest.json")
+        m = json.load(open(f))
+        m["state"]["data"]["skip_steps"] = 1
         json.dump(m, open(f, "w"))
 
     cases = [(flip, "CRC-32C"), (truncate, "bytes, the manifest says"), (bad_json, "not valid JSON"),
              (no_manifest, "no manifest.json"), (wrong_shape, "the model expects [64, 64]"),
-             (hole, "no piece holds element")]
+             (hole, "no piece holds element"),
+             (edited_step, "step is 4, but its directory is 'step_00000006'"),
+             (unsealed, "manifest_crc32c is")]
     for i, (break_it, message) in enumerate(cases):
         d = os.path.join(tmp, f"corrupt{i}")
         shutil.copytree(ref, d)

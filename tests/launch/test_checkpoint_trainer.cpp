@@ -14,6 +14,7 @@
 
 #include "launch/checkpointing.hpp"
 #include "launch/trainer.hpp"
+#include "parallel/checkpoint_manifest.hpp"
 #include "runtime/error.hpp"
 
 namespace meshtrain::launch {
@@ -188,7 +189,8 @@ TEST_F(CheckpointTrainerTest, ResumesWhateverTheSavedBatchSize) {
     j = nlohmann::json::parse(in);
   }
   for (const char* k : {"batch_size", "grad_accum", "dp"}) j["state"]["data"][k] = 2147483647;
-  std::ofstream(mf, std::ios::trunc) << j.dump(1);
+  // Sealed: a deliberate edit (an unsealed one is refused by the manifest's checksum).
+  std::ofstream(mf, std::ios::trunc) << parallel::ckpt::seal_manifest(j.dump(1));
   c.steps = 5;
   c.resume = "latest";
   Trainer t(c);

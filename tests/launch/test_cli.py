@@ -309,6 +309,10 @@ class Cli(unittest.TestCase):
         self.expect_error(["plan", "--budget-flops", "abc"],
                           "--budget-flops 'abc': expected a number")
         self.expect_error(["plan", "--mfu", "2"], "--mfu '2': expected a number from 0.001 to 1")
+        # A head count TP does not divide: the error names the sizes that would (gpt2-xl: 25 heads).
+        self.expect_error(["plan", "--model", "gpt2-xl", "--dp", "2", "--tp", "4"],
+                          "the model's 25 attention heads (model.n_head) cannot be split across 4 "
+                          "tensor-parallel ranks; train.tp must divide model.n_head: 1, 5, 25 would")
         self.expect_error(["plan", "--batch"], "--batch needs a value")
         self.expect_error(["plan", "--model", "gpt5"],
                           "'model.preset' = \"gpt5\" is not one of: gpt2")

@@ -27,15 +27,15 @@ auto fields(const TrainConfig& c) {
                beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
                dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches, sample_every,
                sample_tokens, temperature, top_k, prompt, run_dir, log_every, ckpt_every, ckpt_keep,
-               ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
+               ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
   return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                   data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
                   device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction,
                   weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb,
                   dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches,
                   sample_every, sample_tokens, temperature, top_k, prompt, run_dir, log_every,
-                  ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks, model_init,
-                  resume);
+                  ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
+                  model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -245,6 +245,8 @@ TEST_F(ConfigTest, SetErrorsNameTheOverride) {
   EXPECT_HAS(set_error("train.steps"), "--set 'train.steps': expected section.key=value");
   EXPECT_HAS(set_error("=3"), "--set '=3': expected section.key=value");
   EXPECT_HAS(set_error("steps=3"), "--set 'steps=3': the key must be section.key");
+  EXPECT_HAS(set_error("checkpoint.on_signal=sometimes"), "checkpoint.on_signal");
+  EXPECT_EQ(load_config("", {"checkpoint.on_signal=always"}).ckpt_on_signal, "always");
   EXPECT_HAS(set_error("train.lrr=3"),
              "--set 'train.lrr=3': unknown key 'train.lrr'; keys of [train] are:");
   EXPECT_HAS(set_error("optim.lr=3"),
@@ -362,7 +364,12 @@ TEST_F(ConfigTest, ModelConfigChecksTheCombination) {
   c.n_head = 5;
   EXPECT_HAS(error_of([&] { model_config(c); }),
              "model.n_embd (64) must be a multiple of model.n_head (5)");
+  // A head count TP does not divide: the sizes that would are named.
   c.n_head = 0;
+  c.tp = 3;
+  EXPECT_HAS(error_of([&] { model_config(c); }),
+             "train.tp must divide model.n_head: 1, 2, 4 would");
+  c.tp = 1;
   EXPECT_EQ(model_config(c).vocab_size, 256);
   c.vocab = "gpt2";
   EXPECT_EQ(model_config(c).padded_vocab, 50304);

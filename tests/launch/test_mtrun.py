@@ -143,6 +143,10 @@ def main():
         expect_error(["no-such-program-xyz"], ["'no-such-program-xyz' not found"])
         expect_error(["-n", "0", mt], ["-n '0'", "positive integer"])
         expect_error(["-n", "two", mt], ["-n 'two'"])
+        # The ranks' time between mpirun's SIGTERM and its SIGKILL (graceful preemption).
+        expect_cmd(["-n", "2", mt], ["--mca odls_base_sigkill_timeout 3"])
+        expect_cmd(["-n", "2", "--stop-timeout", "30", mt], ["--mca odls_base_sigkill_timeout 30"])
+        expect_error(["--stop-timeout", "0", mt], ["--stop-timeout '0'", "positive integer"])
         expect_error(["--threads"], ["--threads needs a value"])
         expect_error(["--bind", "cores", mt], ["--bind 'cores'", "core, socket, numa or none"])
         expect_error(["--hosts", "a,a", mt], ["host 'a' is listed twice"])

@@ -17,6 +17,7 @@
 #include "comm/loopback.hpp"
 #include "parallel/checkpoint.hpp"
 #include "parallel/checkpoint_geometry.hpp"
+#include "parallel/checkpoint_manifest.hpp"
 #include "runtime/checksum.hpp"
 #include "runtime/error.hpp"
 
@@ -254,9 +255,89 @@ TEST_F(CheckpointTest, LatestSkipsIncompleteAndKeepPrunes) {
   EXPECT_EQ(names, (std::vector<std::string>{"step_00000006", "step_00000008"}));
   EXPECT_FALSE(fs::exists(dir_ / ".tmp-step_00000009"));  // cleaned by the next save
   EXPECT_FALSE(fs::exists(dir_ / ".del-step_00000001"));
-  // Saving a step again replaces it.
-  save_layout(dir_.string(), 8, 1, 2, 2);
-  EXPECT_EQ(read_checkpoint_info((dir_ / "step_00000008").string()).layout.tp, 2);
+  // Saving a step again is refused, and the checkpoint there stays as it was.
+  // (One rank: the error it throws is rank 0's own.)
+  try {
+    save_layout(dir_.string(), 8, 1, 1, 2);
+    ADD_FAILURE() << "saving step 8 again replaced it";
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("already exists"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_checkpoint_info((dir_ / "step_00000008").string()).layout.dp, 2);
+  verify_checkpoint((dir_ / "step_00000008").string());
+}
+
+// A job starting at step S sets aside (moves, never deletes) the checkpoints past S, and one at
+// S that is not the one it resumed from; latest then sees only what the new history keeps.
+TEST_F(CheckpointTest, SetsAsideTheCheckpointsOfALongerHistory) {
+  for (int step : {2, 4, 6}) save_layout(dir_.string(), step, 1, 1);
+  const std::string from = (dir_ / "step_00000004").string();
+  const std::vector<std::string> moved = set_aside_checkpoints(dir_.string(), 4, from + "/");
+  ASSERT_EQ(moved.size(), 1u);
+  const fs::path aside = fs::path(moved[0]);
+  EXPECT_EQ(aside.filename(), "step_00000006");
+  EXPECT_EQ(aside.parent_path().parent_path(), dir_);
+  EXPECT_EQ(aside.parent_path().filename().string().rfind("superseded-", 0), 0u);
+  verify_checkpoint(aside.string());  // whole, and still loadable by name
+  EXPECT_EQ(read_checkpoint_info(aside.string()).step, 6);
+  EXPECT_EQ(latest_checkpoint(dir_.string()), from);
+  // Nothing past the start: nothing moved. A fresh start (0) sets aside everything.
+  EXPECT_TRUE(set_aside_checkpoints(dir_.string(), 4, from).empty());
+  EXPECT_EQ(set_aside_checkpoints(dir_.string(), 0, "").size(), 2u);
+  EXPECT_EQ(latest_checkpoint(dir_.string()), "");
+  // The same step, resumed from elsewhere: the one here is another history's.
+  save_layout(dir_.string(), 4, 1, 1);
+  EXPECT_EQ(set_aside_checkpoints(dir_.string(), 4, aside.string()).size(), 1u);
+}
+
+// The manifest's own checksum and its step: an edit by hand is refused, naming the file and the
+// field, whatever it changed (the probe's: step 10 -> 7 inside step_00000010).
+TEST_F(CheckpointTest, RefusesAnEditedManifest) {
+  save_layout(dir_.string(), 10, 1, 1);
+  const fs::path ck = dir_ / checkpoint_name(10);
+  const fs::path mf = ck / "manifest.json";
+  const std::string good = [&] {
+    std::ifstream in(mf);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }();
+  auto expect_error = [&](const std::string& text, const std::string& msg) {
+    std::ofstream(mf, std::ios::trunc) << text;
+    try {
+      read_checkpoint_info(ck.string());
+      ADD_FAILURE() << "expected an error containing '" << msg << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(mf.string()), std::string::npos) << e.what();
+    }
+  };
+  nlohmann::json j = nlohmann::json::parse(good);
+  ASSERT_EQ(j["version"], 3);
+  j["step"] = 7;
+  expect_error(j.dump(), "step is 7, but its directory is 'step_00000010'");
+  // Sealed again (a deliberate edit): the step still has to match the directory.
+  expect_error(ckpt::seal_manifest(j.dump()), "step is 7, but its directory is 'step_00000010'");
+  j = nlohmann::json::parse(good);
+  j["state"]["seed"] = 1;
+  expect_error(j.dump(), "manifest_crc32c is");
+  j.erase("manifest_crc32c");
+  expect_error(j.dump(), "missing 'manifest_crc32c'");
+  // Whitespace and key order are not content.
+  j = nlohmann::json::parse(good);
+  std::ofstream(mf, std::ios::trunc) << j.dump(4);
+  EXPECT_EQ(read_checkpoint_info(ck.string()).step, 10);
+  // A copy under another name keeps the manifest's step; a renamed step_N directory is refused.
+  std::ofstream(mf, std::ios::trunc) << good;
+  fs::copy(ck, dir_ / "best", fs::copy_options::recursive);
+  EXPECT_EQ(read_checkpoint_info((dir_ / "best").string()).step, 10);
+  fs::rename(dir_ / "best", dir_ / "step_00000011");
+  try {
+    read_checkpoint_info((dir_ / "step_00000011").string());
+    ADD_FAILURE() << "a renamed checkpoint loaded";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("step is 10, but its directory is 'step_00000011'"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 TEST_F(CheckpointTest, RefusesBrokenManifests) {
@@ -271,7 +352,8 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
                           const std::string& msg) {
     nlohmann::json j = nlohmann::json::parse(good);
     edit(j);
-    std::ofstream(mf) << j.dump();
+    // Sealed: these edits test the checks behind the manifest's own checksum.
+    std::ofstream(mf) << ckpt::seal_manifest(j.dump());
     try {
       const Local L = make_local(0, 1);
       std::vector<FlatState> t{{"master", Tensor::zeros(Shape{L.n}, DType::kF32), {}}};
@@ -289,7 +371,7 @@ TEST_F(CheckpointTest, RefusesBrokenManifests) {
                "not in 'files'");
   expect_error([](nlohmann::json& j) { j["files"]["../x"] = j["files"]["config.toml"]; },
                "plain file name");
-  expect_error([](nlohmann::json& j) { j["version"] = 3; }, "version 3 is not supported");
+  expect_error([](nlohmann::json& j) { j["version"] = 4; }, "version 4 is not supported");
   expect_error([](nlohmann::json& j) { j["tensors"].erase("ln"); },
                "tensor 'ln' is not in 'tensors'");
   // Each block is checked as it is read: a wrong block checksum is named with its bytes.

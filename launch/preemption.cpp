@@ -1,0 +1,146 @@
+#include "launch/preemption.hpp"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include <fmt/format.h>
+
+#include "launch/trainer.hpp"
+#include "runtime/log.hpp"
+
+namespace meshtrain::launch {
+namespace {
+
+// Written by the handler, read by the training loop. Lock-free, so async-signal-safe.
+std::atomic<int> g_stop{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+std::atomic<bool> g_installed{false};
+
+void say(const char* text) {
+  // write(2) is async-signal-safe; a short write of a line to stderr is not worth a retry.
+  const ssize_t ignored = ::write(STDERR_FILENO, text, std::strlen(text));
+  (void)ignored;
+}
+
+void on_signal(int sig) {
+  const int saved_errno = errno;
+  int none = 0;
+  if (g_stop.compare_exchange_strong(none, sig)) {
+    switch (sig) {
+      case SIGTERM:
+        say("meshtrain: SIGTERM: stopping after this step, saving a checkpoint, exit status 75\n");
+        break;
+      case SIGUSR1:
+        say("meshtrain: SIGUSR1: stopping after this step, saving a checkpoint, exit status 75\n");
+        break;
+      default:
+        say("meshtrain: SIGINT: stopping after this step, saving a checkpoint, exit status 75 "
+            "(Ctrl-C again stops at once)\n");
+        break;
+    }
+  } else if (sig == SIGINT) {
+    // Ctrl-C twice: the default action, now.
+    say("meshtrain: SIGINT again: stopping at once\n");
+    ::signal(SIGINT, SIG_DFL);
+    ::raise(SIGINT);
+  }
+  errno = saved_errno;
+}
+
+}  // namespace
+
+void install_stop_handlers() {
+  if (g_installed.exchange(true)) return;
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  // Interrupted system calls (file writes, sleeps) resume rather than fail with EINTR.
+  sa.sa_flags = SA_RESTART;
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(sig, &sa, nullptr);
+}
+
+int stop_signal() {
+  return g_stop.load();
+}
+
+void request_stop(int sig) {
+  int none = 0;
+  g_stop.compare_exchange_strong(none, sig);
+}
+
+void clear_stop_request() {
+  g_stop.store(0);
+}
+
+std::string signal_name(int sig) {
+  switch (sig) {
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGINT:
+      return "SIGINT";
+    case SIGUSR1:
+      return "SIGUSR1";
+    case SIGUSR2:
+      return "SIGUSR2";
+    case SIGHUP:
+      return "SIGHUP";
+    default:
+      return fmt::format("signal {}", sig);
+  }
+}
+
+void StopAgreement::post(comm::Communicator* world) {
+  local_ = stop_signal();
+  posted_ = true;
+  if (world == nullptr || !world->valid() || world->size() == 1) return;
+  // A float carries any signal number exactly.
+  flag_ = Tensor::from_floats({static_cast<float>(local_)}, Shape{1}, DType::kF32);
+  work_ = world->allreduce(flag_, comm::ReduceOp::kMax);
+}
+
+int StopAgreement::wait() {
+  if (!posted_) return 0;
+  posted_ = false;
+  if (!work_.defined()) return local_;
+  work_.wait();
+  work_ = comm::Work();
+  return static_cast<int>(flag_.data_as<float>()[0]);
+}
+
+// After the step `step` in which the ranks agreed to stop (r: the run's totals so far): its
+// checkpoint (unless the state of that step is already one: a periodic save of the same step, or a
+// rollback to a checkpoint), the record in metrics.jsonl, and the communicators finalized as
+// finish() does.
+TrainResult Trainer::stop_early(TrainResult r, int step) {
+  const bool due =
+      cfg_.ckpt_on_signal == "always" || (cfg_.ckpt_on_signal == "auto" && cfg_.ckpt_every > 0);
+  std::string dir;
+  if (checkpointed_step_ == step)
+    dir = last_checkpoint_;
+  else if (due)
+    dir = save_checkpoint(step);
+  if (is_root())
+    log::warn("stopped by {} after step {} of {}: {}", signal_name(stop_signal_), step, cfg_.steps,
+              dir.empty()
+                  ? std::string("no checkpoint (checkpoint.on_signal = \"" + cfg_.ckpt_on_signal +
+                                "\", checkpoint.every = " + std::to_string(cfg_.ckpt_every) + ")")
+                  : "checkpoint " + dir);
+  log_.stopped(step, signal_name(stop_signal_), dir);
+  r.steps = step;
+  r.final_val_loss = std::numeric_limits<float>::quiet_NaN();
+  r.skipped_steps = skipped_;
+  r.unigram_entropy = unigram_entropy_;
+  r.stop_signal = stop_signal_;
+  r.stop_checkpoint = dir;
+  if (comms_.dp.valid()) comms_.dp.finalize();
+  if (comms_.tp.valid()) comms_.tp.finalize();
+  mesh_.finalize();
+  return r;
+}
+
+}  // namespace meshtrain::launch
