@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/json.hpp"
 
 namespace meshtrain {
@@ -1002,14 +1003,9 @@ bool may_change_under_nfc(std::string_view s) {
   return false;
 }
 
+// Llama 3's tokenizer.json is 9 MB; a directory, FIFO or device is refused naming the path.
 std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw IoError(fmt::format("cannot open tokenizer file '{}': {}", path, std::strerror(errno)));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw IoError(fmt::format("reading tokenizer file '{}' failed", path));
-  return ss.str();
+  return read_file(path, std::uint64_t{1} << 30, "tokenizer file");
 }
 
 }  // namespace
