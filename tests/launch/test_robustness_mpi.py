@@ -90,7 +90,7 @@ def main():
                                        f"model.init={os.path.join(tmp, 'missing.safetensors')}"],
                 "missing.safetensors")
         refused("model too large", ["--set", "model.preset=gpt2-xl", "--set", "model.n_layer=480"],
-                "not enough memory", "What would fit")
+                "not enough memory", "Nothing was allocated or written")
         src = os.path.join(tmp, "src")
         p = run(mpi + ["train", "--quiet", *TINY, "--set", "train.steps=2", "--set",
                        "checkpoint.every=2", "--set", f"run.dir={src}"])
