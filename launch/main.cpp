@@ -623,8 +623,14 @@ int cmd_env(Args a) {
   std::printf("%-28s %-34s %-8s %s\n", "variable", "type", "default", "meaning");
   for (const auto& e : setting_table())
     std::printf("%-28s %-34s %-8s %s\n", e.name, e.type, e.default_value, e.help);
-  std::printf("\nthis process: threads %d, log level %s, comm timeout %g s, comm debug %d\n",
-              s.threads, s.log_level.c_str(), s.comm_timeout_s, s.comm_debug ? 1 : 0);
+  const std::string threads =
+      s.threads > 0 ? fmt::format("{} (MESHTRAIN_THREADS)", s.threads)
+                    : fmt::format(
+                          "automatic ({} for a process alone; under mpirun the cores are "
+                          "divided among the ranks of each node, train.threads overrides)",
+                          default_cpu_threads(1));
+  std::printf("\nthis process: threads %s, log level %s, comm timeout %g s, comm debug %d\n",
+              threads.c_str(), s.log_level.c_str(), s.comm_timeout_s, s.comm_debug ? 1 : 0);
   return 0;
 }
 

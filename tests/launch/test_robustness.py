@@ -271,6 +271,36 @@ class Robustness(unittest.TestCase):
         env = dict(os.environ, MESHTRAIN_MEMORY_CHECK="0")
         self.train(self.path("nocheck_run"), "--set", "train.steps=1", env=env)
 
+    def test_plan_agrees_with_peak_rss(self):
+        """What `plan` says a rank needs is what a run takes: the peak RSS of a run, less that of
+        a gpt-tiny run (the process's own baseline: binary, libraries, MPI-free start-up, the
+        data), within 10% of the plan's total (less gpt-tiny's); measured: 1-2%."""
+        unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+        def plan_total(preset, seq, batch, precision):
+            p = run(MESHTRAIN, "plan", "--model", preset, "--seq", str(seq), "--batch", str(batch),
+                    "--precision", precision)
+            m = re.search(r"total\s+([\d.]+) (\w+)", p.out)
+            return float(m.group(1)) * unit[m.group(2)] / (1 << 20)
+
+        def peak(preset, seq, batch, precision):
+            run_dir = self.path(f"plan_{preset}_{seq}_{batch}_{precision}")
+            self.train(run_dir, "--set", f"model.preset={preset}", "--set", f"train.seq_len={seq}",
+                       "--set", f"train.batch_size={batch}", "--set", f"train.precision={precision}",
+                       "--set", "train.steps=2")
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                return [json.loads(l) for l in f if "peak_rss_mib" in l][-1]["peak_rss_mib"][0]
+
+        for precision in ("bf16", "fp32"):
+            base_plan, base_rss = plan_total("gpt-tiny", 32, 2, precision), peak("gpt-tiny", 32, 2, precision)
+            for seq, batch in ((64, 2), (128, 8)):
+                want = plan_total("gpt-small", seq, batch, precision) - base_plan
+                got = peak("gpt-small", seq, batch, precision) - base_rss
+                print(f"{precision} gpt-small {batch} x {seq}: plan {want:.0f} MiB, "
+                      f"peak RSS above gpt-tiny's {got:.0f} MiB")
+                self.assertLess(abs(got - want), 0.10 * want,
+                                f"{precision} {batch} x {seq}: plan {want:.0f} MiB, run {got:.0f}")
+
     # ---- item 9: refusals write nothing --------------------------------------------------------
 
     def test_refusals_leave_no_run_directory(self):
