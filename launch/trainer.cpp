@@ -100,8 +100,17 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     restore(dir);
     resumed_from_ = dir;
   }
-  if (is_root()) prepare_run_dir(cfg_, builtin_corpus_);
-  start_log();
+  // A run directory this job created and could not write into (a full or read-only disk) is
+  // removed again when it is still empty: a failed start leaves nothing behind.
+  std::error_code ec;
+  const bool created = is_root() && !fs::exists(cfg_.run_dir, ec);
+  try {
+    if (is_root()) prepare_run_dir(cfg_, builtin_corpus_);
+    start_log();
+  } catch (...) {
+    if (created) fs::remove(cfg_.run_dir, ec);  // only if empty
+    throw;
+  }
 }
 
 Trainer::~Trainer() = default;

@@ -32,8 +32,8 @@ def run(cmd, env=None, timeout=300):
 
 
 def memory_records(run_dir):
-    return [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))
-            if "peak_rss_mib" in l]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if "peak_rss_mib" in l]
 
 
 def main():
