@@ -28,6 +28,15 @@ std::unique_ptr<Device> open_device(const TrainConfig& cfg, int local_rank) {
 #endif
 }
 
+std::int64_t gpu_free_bytes(Device* gpu) {
+  if (gpu == nullptr) return -1;
+#if MESHTRAIN_HAS_CUDA
+  return cuda::device_memory(*gpu).free_bytes;
+#else
+  MT_FAIL("gpu_free_bytes: {} is not a device this build has", gpu->name());
+#endif
+}
+
 CommChoice choose_comm_backend(const std::string& want, const std::vector<std::string>& gpus,
                                int tp) {
   MT_CHECK(want == "auto" || want == "nccl" || want == "mpi",

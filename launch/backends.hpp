@@ -3,6 +3,7 @@
 // backend this build lacks is refused here, by name, with the preset that has it.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +20,10 @@ namespace meshtrain::launch {
 // comm::MpiSession::node_local(); cuda::open_local_device). Throws InvalidArgument when this
 // build has no CUDA, or comm.backend = "nccl" names no GPU.
 std::unique_ptr<Device> open_device(const TrainConfig& cfg, int local_rank);
+
+// The free memory of this rank's GPU in bytes (cudaMemGetInfo), or -1 when `gpu` is null (the
+// CPU device). What the memory check (launch/preflight.hpp) holds the plan against.
+std::int64_t gpu_free_bytes(Device* gpu);
 
 // comm.backend's decision for a job on GPUs, from every rank's GPU identity (its UUID, by
 // world rank) and the layout (world rank = dp_rank * tp + tp_rank). NCCL refuses two ranks of

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "launch/run_dir.hpp"
 #include "launch/trainer.hpp"
 #include "parallel/checkpoint.hpp"
 #include "runtime/log.hpp"
@@ -122,7 +123,10 @@ std::string resolve_resume(const TrainConfig& cfg) {
     return dir;
   }
   std::error_code ec;
-  MT_CHECK(fs::is_directory(cfg.resume, ec), "--resume '{}': no such checkpoint directory",
+  MT_CHECK(fs::exists(cfg.resume, ec), "--resume '{}': no such checkpoint directory", cfg.resume);
+  MT_CHECK(fs::is_directory(cfg.resume, ec),
+           "--resume '{}' is not a directory (a checkpoint is a directory RUN_DIR/checkpoints/"
+           "step_N holding manifest.json)",
            cfg.resume);
   parallel::read_checkpoint_info(cfg.resume);
   return cfg.resume;
@@ -165,23 +169,32 @@ std::string Trainer::save_checkpoint(int steps_done) {
 }
 
 void Trainer::restore(const std::string& dir) {
-  const parallel::CheckpointInfo info = parallel::read_checkpoint_info(dir);
-  // Everything is read and checked before anything of this trainer changes.
-  const CheckpointState state = parse_checkpoint_state(dir, info.state_json, model_cfg_);
-  MT_CHECK(info.step <= cfg_.steps,
-           "checkpoint '{}' is at step {}, past train.steps = {}: raise train.steps to continue",
-           dir, info.step, cfg_.steps);
-  MT_CHECK(state.skipped_steps <= info.step, "checkpoint '{}': {} skipped steps of {}", dir,
-           state.skipped_steps, info.step);
-  optimizer_->load_checkpoint(dir);
-  skipped_ = state.skipped_steps;
-  bad_in_a_row_ = state.bad_in_a_row;
-  scaler_.restore(state.loss_scale, state.clean_steps, state.scaler_skipped);
-  data_skip_ = state.data_skip;
-  start_step_ = info.step;
-  last_checkpoint_ = dir;
-  checkpointed_step_ = info.step;
-
+  // Every rank reads and checks its part (the manifest, the state, its master weights and
+  // moments, straight into the optimizer's buffers) and the ranks agree that all succeeded
+  // before the collective half of the load, so that a refusing rank leaves no other waiting.
+  std::exception_ptr failed;
+  CheckpointState state;
+  try {
+    const parallel::CheckpointInfo info = parallel::read_checkpoint_info(dir);
+    state = parse_checkpoint_state(dir, info.state_json, model_cfg_);
+    MT_CHECK(info.step <= cfg_.steps,
+             "checkpoint '{}' is at step {}, past train.steps = {}: raise train.steps to continue",
+             dir, info.step, cfg_.steps);
+    MT_CHECK(state.skipped_steps <= info.step, "checkpoint '{}': {} skipped steps of {}", dir,
+             state.skipped_steps, info.step);
+    optimizer_->read_checkpoint(dir);
+    skipped_ = state.skipped_steps;
+    bad_in_a_row_ = state.bad_in_a_row;
+    scaler_.restore(state.loss_scale, state.clean_steps, state.scaler_skipped);
+    data_skip_ = state.data_skip;
+    start_step_ = info.step;
+    last_checkpoint_ = dir;
+    checkpointed_step_ = info.step;
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  agree_or_throw(world_, failed, "loading the checkpoint");
+  optimizer_->finish_load();
   const std::int64_t rows = std::int64_t{cfg_.batch_size} * cfg_.grad_accum * mesh_.dp_size();
   const std::int64_t saved_rows = std::int64_t{state.batch_size} * state.grad_accum * state.dp;
   if (rows != saved_rows || state.seq_len != cfg_.seq_len)

@@ -14,6 +14,7 @@
 #include "launch/toml_guard.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 
 namespace meshtrain::launch {
 namespace {
@@ -372,17 +373,14 @@ void check_combinations(const TrainConfig& c) {
            c.rollback_after, c.max_bad_steps);
 }
 
+// A config file holds a few hundred bytes; anything past this is not one.
+constexpr std::uint64_t kMaxConfigBytes = 16u << 20;
+
 // Applies a TOML config file: every section and key known, every value of its key's type.
 void apply_file(TrainConfig& cfg, const std::string& path) {
-  std::string text;
-  {
-    std::ifstream f(path, std::ios::binary);
-    if (!f)
-      throw IoError(fmt::format("cannot read config file '{}': {}", path, std::strerror(errno)));
-    std::ostringstream os;
-    os << f.rdbuf();
-    text = os.str();
-  }
+  // A directory, a FIFO or a device is refused naming the path (std::ifstream opened a directory
+  // as an empty file, and the run trained on the defaults).
+  const std::string text = read_file(path, kMaxConfigBytes, "config file");
   int line = 0, column = 0;
   const std::string hazard = toml_hazard(text, line, column);
   MT_CHECK(hazard.empty(), "config file {}:{}:{}: {}", path, line, column, hazard);

@@ -77,14 +77,8 @@ T config_opt(const std::string& path, const Json& j, const char* key, T fallback
 
 // Reads and checks config.json: only what meshtrain's GPT can represent.
 models::GPTConfig read_hf_config(const std::string& cfg_path) {
-  std::string text;
-  {
-    std::ifstream f(cfg_path, std::ios::binary);
-    std::ostringstream os;
-    os << f.rdbuf();
-    if (!f) throw IoError(fmt::format("import: cannot read '{}'", cfg_path));
-    text = os.str();
-  }
+  // config.json is a few KiB; a directory, FIFO or device is refused naming the path.
+  const std::string text = read_file(cfg_path, 64u << 20, "import: config.json");
   // config.json nests 2 levels (architectures, task parameters); 16 is plenty.
   const Json j = parse_json_file_text<Json>(text, fmt::format("import: '{}'", cfg_path), 16);
   MT_CHECK(j.is_object(), "import: '{}' is not a JSON object", cfg_path);

@@ -16,10 +16,12 @@
 #include "launch/generate.hpp"
 #include "launch/hf.hpp"
 #include "launch/preemption.hpp"
+#include "launch/run_dir.hpp"
 #include "launch/trainer.hpp"
 #include "launch/weights.hpp"
 #include "parallel/checkpoint.hpp"
 #include "runtime/config.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/log.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/settings.hpp"
@@ -103,7 +105,7 @@ training compute C = 6 N D).
 )";
 
 constexpr const char* kExportUsage =
-    R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT]
+    R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT] [--force]
 
 Writes OUT/model.safetensors and OUT/config.json in the Hugging Face GPT-2 layout (Conv1D
 weights [in, out], the vocabulary trimmed to its real size, fp32), loadable with transformers'
@@ -112,13 +114,17 @@ GPT2LMHeadModel.from_pretrained(OUT).
   --run DIR          the run directory (default runs/latest): its config.toml and, without
                      --checkpoint, its final model.safetensors
   --checkpoint CKPT  export a checkpoint instead: a directory, or latest (the newest of the run)
+  --force            write into OUT even when it is not empty (replacing its model.safetensors
+                     and config.json); without it a non-empty OUT is refused
 )";
 
-constexpr const char* kImportUsage = R"(usage: meshtrain import --hf DIR --out RUN_DIR
+constexpr const char* kImportUsage = R"(usage: meshtrain import --hf DIR --out RUN_DIR [--force]
 
 Reads a Hugging Face GPT-2 model (DIR/config.json and DIR/model.safetensors, as save_pretrained
 writes them; vocabulary 50257 or 256) and writes RUN_DIR/model.safetensors in meshtrain's layout
-and RUN_DIR/config.toml whose model.init points at it. Then:
+and RUN_DIR/config.toml whose model.init points at it. RUN_DIR must be new or empty: an existing
+run's files are replaced only with --force (which says what it replaces and what it leaves, such
+as checkpoints and metrics that no longer match the new model). Then:
 
   meshtrain generate --run RUN_DIR --prompt ...
   meshtrain train --config RUN_DIR/config.toml --set run.dir=finetune --set data.train=...
@@ -543,10 +549,12 @@ int cmd_plan(Args a) {
 
 int cmd_export(Args a) {
   std::string out, run = "runs/latest", checkpoint;
+  bool force = false;
   const bool go = Flags("export", kExportUsage)
                       .text("--hf", &out)
                       .text("--run", &run)
                       .text("--checkpoint", &checkpoint)
+                      .on("--force", &force)
                       .parse(a);
   if (!go) return 0;
   MT_CHECK(!out.empty(), "export: --hf OUT is required (see meshtrain export --help)");
@@ -572,6 +580,10 @@ int cmd_export(Args a) {
   } else {
     weights = launch::load_checkpoint_weights(model, checkpoint);
   }
+  // Everything is read and checked: now the output directory.
+  for (const std::string& line :
+       launch::prepare_output_dir(out, force, "export", {"model.safetensors", "config.json"}))
+    std::printf("%s\n", line.c_str());
   launch::export_hf(model, weights, out);
   std::printf("wrote %s/model.safetensors and %s/config.json (%s)\n", out.c_str(), out.c_str(),
               model.config().str().c_str());
@@ -580,15 +592,16 @@ int cmd_export(Args a) {
 
 int cmd_import(Args a) {
   std::string hf, out;
-  if (!Flags("import", kImportUsage).text("--hf", &hf).text("--out", &out).parse(a)) return 0;
+  bool force = false;
+  if (!Flags("import", kImportUsage)
+           .text("--hf", &hf)
+           .text("--out", &out)
+           .on("--force", &force)
+           .parse(a))
+    return 0;
   MT_CHECK(!hf.empty() && !out.empty(), "import: --hf DIR and --out RUN_DIR are required");
   const launch::ImportedModel m = launch::import_hf(hf);
-  std::error_code ec;
-  fs::create_directories(out, ec);
-  MT_CHECK(!ec, "import: cannot create '{}': {}", out, ec.message());
   const std::string weights = fs::absolute(fs::path(out) / "model.safetensors").string();
-  save_safetensors(weights, m.weights,
-                   {{"format", "meshtrain"}, {"source", fs::absolute(hf).string()}});
   const bool gpt2 = m.config.vocab_size == 50257;
   std::vector<std::string> sets = {
       std::string("model.preset=") + (gpt2 ? "gpt2" : "gpt-small"),
@@ -603,12 +616,15 @@ int cmd_import(Args a) {
       "run.dir=" + out};
   const launch::TrainConfig cfg = launch::load_config("", sets);
   launch::model_config(cfg);  // checks the combination
-  {
-    std::ofstream f(fs::path(out) / "config.toml");
-    f << "# imported from " << fs::absolute(hf).string() << " (meshtrain import --hf)\n"
-      << launch::to_toml(cfg);
-    MT_CHECK(f.good(), "import: cannot write '{}/config.toml'", out);
-  }
+  // Everything is read and checked: now the output directory, then durable writes.
+  for (const std::string& line :
+       launch::prepare_output_dir(out, force, "import", {"model.safetensors", "config.toml"}))
+    std::printf("%s\n", line.c_str());
+  save_safetensors(weights, m.weights,
+                   {{"format", "meshtrain"}, {"source", fs::absolute(hf).string()}});
+  write_file_atomic((fs::path(out) / "config.toml").string(),
+                    "# imported from " + fs::absolute(hf).string() + " (meshtrain import --hf)\n" +
+                        launch::to_toml(cfg));
   std::printf("imported %s: %s\nwrote %s and %s/config.toml\n", hf.c_str(), m.config.str().c_str(),
               weights.c_str(), out.c_str());
   return 0;
@@ -625,8 +641,14 @@ int cmd_env(Args a) {
   std::printf("%-28s %-34s %-8s %s\n", "variable", "type", "default", "meaning");
   for (const auto& e : setting_table())
     std::printf("%-28s %-34s %-8s %s\n", e.name, e.type, e.default_value, e.help);
-  std::printf("\nthis process: threads %d, log level %s, comm timeout %g s, comm debug %d\n",
-              s.threads, s.log_level.c_str(), s.comm_timeout_s, s.comm_debug ? 1 : 0);
+  const std::string threads =
+      s.threads > 0 ? fmt::format("{} (MESHTRAIN_THREADS)", s.threads)
+                    : fmt::format(
+                          "automatic ({} for a process alone; under mpirun the cores are "
+                          "divided among the ranks of each node, train.threads overrides)",
+                          default_cpu_threads(1));
+  std::printf("\nthis process: threads %s, log level %s, comm timeout %g s, comm debug %d\n",
+              threads.c_str(), s.log_level.c_str(), s.comm_timeout_s, s.comm_debug ? 1 : 0);
   return 0;
 }
 

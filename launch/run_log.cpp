@@ -1,6 +1,8 @@
 #include "launch/run_log.hpp"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -73,9 +75,7 @@ int drop_metrics_after(const std::string& path, int step) {
 
 }  // namespace
 
-RunLog::~RunLog() {
-  if (metrics_ != nullptr) std::fclose(metrics_);
-}
+RunLog::~RunLog() = default;
 
 void RunLog::open(const TrainConfig& cfg, const std::string& resumed_from, int start_step) {
   if (!root_) return;
@@ -88,8 +88,8 @@ void RunLog::open(const TrainConfig& cfg, const std::string& resumed_from, int s
       log::info("{}: dropped {} record(s) after step {} (the steps this run redoes from {})", path,
                 dropped, start_step, resumed_from);
   }
-  metrics_ = std::fopen(path.c_str(), resumed_from.empty() ? "w" : "a");
-  if (metrics_ == nullptr) throw IoError(fmt::format("cannot write '{}'", path));
+  metrics_ = open_file(path, O_WRONLY | O_CREAT | O_APPEND | (resumed_from.empty() ? O_TRUNC : 0));
+  metrics_path_ = path;
   if (!resumed_from.empty())
     record(Json{{"step", start_step}, {"resumed_from", resumed_from}}.dump());
 }
@@ -115,10 +115,20 @@ void RunLog::banner(const Banner& b, const TrainConfig& cfg, const std::string& 
 }
 
 void RunLog::record(const std::string& json_line) {
-  if (metrics_ == nullptr) return;  // ranks other than 0
-  std::fputs(json_line.c_str(), metrics_);
-  std::fputc('\n', metrics_);
-  std::fflush(metrics_);
+  if (!metrics_.valid()) return;  // ranks other than 0
+  // One write(2) per record: no user-space buffer to lose, and a failure (ENOSPC, EIO) is seen
+  // at the record that hit it.
+  // A write that fails part-way (a disk filling up) is cut back, so the file never ends in a
+  // torn line.
+  const std::string line = json_line + '\n';
+  const off_t end = ::lseek(metrics_.get(), 0, SEEK_END);
+  try {
+    write_all(metrics_.get(), metrics_path_, line.data(), line.size());
+  } catch (const IoError&) {
+    if (end >= 0 && ::ftruncate(metrics_.get(), end) != 0)
+      log::warn("could not cut the torn last record of '{}'", metrics_path_);
+    throw;
+  }
 }
 
 void RunLog::step(const StepMetrics& m, int log_every, bool comm) {
@@ -202,7 +212,8 @@ void RunLog::memory(int step, const MemoryReport& m) {
                 {"activation_bytes", m.activations},
                 {"peak_rss_mib_rank0", rss_mine},
                 {"peak_rss_mib_max", rss_max}}},
-              {"peak_rss_mib", m.peak_rss_mib}}
+              {"peak_rss_mib", m.peak_rss_mib},
+              {"threads_by_rank", m.threads}}
              .dump());
   if (!verbose_) return;
   std::printf(
@@ -215,13 +226,19 @@ void RunLog::memory(int step, const MemoryReport& m) {
 void create_run_dir(const std::string& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (ec) throw IoError(fmt::format("cannot create run directory '{}': {}", dir, ec.message()));
+  if (ec)
+    throw IoError(fmt::format("cannot create run directory '{}': {} (errno {})", dir, ec.message(),
+                              ec.value()));
+  MT_CHECK(fs::is_directory(dir, ec), "run.dir '{}' exists and is not a directory", dir);
 }
 
 std::vector<double> gather_peak_rss_mib(comm::Communicator* world) {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
-  const float mine = static_cast<float>(ru.ru_maxrss) / 1024.0f;  // ru_maxrss is in KiB
+  return gather_per_rank(world, static_cast<float>(ru.ru_maxrss) / 1024.0f);  // ru_maxrss: KiB
+}
+
+std::vector<double> gather_per_rank(comm::Communicator* world, float mine) {
   const int n = world != nullptr ? world->size() : 1;
   Tensor all = Tensor::zeros(Shape{n}, DType::kF32);
   if (n > 1) {

@@ -7,7 +7,7 @@
 // skipped}; {comm_wait_ms, comm_hidden, comm_ms, comm_clock[, reduce_wait_min_ms,
 // reduce_wait_max_ms]} with DP or TP; {val_loss}; {sample}; {checkpoint, checkpoint_ms};
 // {rollback_to, checkpoint, data_skip_steps}; {resumed_from}; {stopped (the signal), checkpoint
-// (null: none)}; {memory, peak_rss_mib} at the end.
+// (null: none)}; {memory, peak_rss_mib, threads_by_rank} at the end.
 // To add a metric: a field of StepMetrics (launch/metrics.hpp), filled in Trainer::step, and
 // written in RunLog::step.
 #pragma once
@@ -21,6 +21,7 @@
 #include "launch/config.hpp"
 #include "launch/metrics.hpp"
 #include "runtime/device.hpp"
+#include "runtime/file_io.hpp"
 
 namespace meshtrain::launch {
 
@@ -40,6 +41,7 @@ struct Banner {
 struct MemoryReport {
   std::int64_t params = 0, grads = 0, master = 0, adam = 0, zero_buffers = 0, activations = 0;
   std::vector<double> peak_rss_mib;  // by world rank
+  std::vector<int> threads;          // CPU threads of every rank, by world rank
 };
 
 class RunLog {
@@ -56,7 +58,9 @@ class RunLog {
   // Writes RUN_DIR/config.toml (durably: a temporary renamed over it) and opens
   // RUN_DIR/metrics.jsonl: a fresh run starts it anew; a run resumed from a checkpoint at
   // start_step continues it, dropping the records after start_step (the steps it redoes) and a
-  // line torn by a kill, so that it holds one history.
+  // line torn by a kill, so that it holds one history. Every record is one checked write(2):
+  // a failed write (a full disk, a read-only file system) throws IoError naming the file and
+  // the errno text, and the run stops there rather than losing its metrics silently.
   void open(const TrainConfig& cfg, const std::string& resumed_from, int start_step);
   void banner(const Banner& b, const TrainConfig& cfg, const std::string& resumed_from,
               int start_step);
@@ -75,7 +79,8 @@ class RunLog {
   void record(const std::string& json_line);
 
   bool root_, verbose_;
-  std::FILE* metrics_ = nullptr;
+  std::string metrics_path_;
+  Fd metrics_;  // O_APPEND: each record lands whole at the end
 };
 
 // Creates the run directory (and its parents). Throws IoError naming it.
@@ -83,6 +88,8 @@ void create_run_dir(const std::string& dir);
 // The peak resident set size of every rank, in MiB, by world rank. Collective over `world`
 // (null: this process alone).
 std::vector<double> gather_peak_rss_mib(comm::Communicator* world);
+// One number from every rank, by world rank. Collective over `world` (null: this process alone).
+std::vector<double> gather_per_rank(comm::Communicator* world, float mine);
 // Measures this process's bf16 matmul rate in FLOP/s (a few 1024^3 products): the denominator
 // of MFU.
 double measure_bf16_matmul_peak(Device& device = cpu_device());

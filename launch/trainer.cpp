@@ -7,13 +7,13 @@
 #include <limits>
 #include <numeric>
 
-#include <unistd.h>
-
 #include "launch/checkpointing.hpp"
-#include "launch/default_corpus.hpp"
 #include "launch/generate.hpp"
+#include "launch/preflight.hpp"
+#include "launch/run_dir.hpp"
 #include "launch/weights.hpp"
 #include "runtime/log.hpp"
+#include "runtime/settings.hpp"
 #include "runtime/threads.hpp"
 
 namespace meshtrain::launch {
@@ -76,65 +76,72 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
       log_(world == nullptr || world->rank() == 0),
       world_(world) {
   set_cpu_threads(cfg_.threads > 0 ? cfg_.threads : default_cpu_threads(local.size));
+  threads_why_ = cfg_.threads > 0         ? std::string("train.threads")
+                 : settings().threads > 0 ? std::string("MESHTRAIN_THREADS")
+                                          : fmt::format(
+                                                "automatic: the cores this process may use "
+                                                "shared by {} rank(s) on this node",
+                                                std::max(1, local.size));
   if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
   gpu_ = open_device(cfg_, local.rank);
   comms_ = open_device_comms(cfg_, world, mesh_, gpu_.get());
-  open_data();
-  model_ =
-      std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
-  build_optimizer();
-  inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
-  targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
+  // Everything this job could refuse is checked, on every rank, before the run directory is
+  // created: the memory plan (before the model is allocated), the data and its vocabulary,
+  // model.init, and the checkpoint it resumes from (read and checked in full). The ranks agree
+  // after the local checks and again after the checkpoint, so that no rank writes while another
+  // refuses, and no rank waits in a collective that a refusing rank never reaches.
+  std::exception_ptr refused;
+  try {
+    check_memory(cfg_, model_cfg_, policy_, world != nullptr ? world->size() : 1, local.size,
+                 gpu_free_bytes(gpu_.get()));
+    open_data();
+    model_ =
+        std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
+    build_optimizer();
+    inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
+    targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
+  } catch (...) {
+    refused = std::current_exception();
+  }
+  agree_or_throw(world_, refused, "start-up");
   schedule_ = LrSchedule{cfg_.schedule,     cfg_.lr,    cfg_.min_lr_ratio,
                          cfg_.warmup_steps, cfg_.steps, cfg_.decay_fraction};
-  // Resuming: the checkpoint is read and checked in full before any step runs or any file of
-  // the run directory is written.
   if (const std::string dir = resolve_resume(cfg_); !dir.empty()) {
     restore(dir);
     resumed_from_ = dir;
   }
-  set_aside_newer_checkpoints();
-  start_log();
+  // A run directory this job created and could not write into (a full or read-only disk) is
+  // removed again when it is still empty: a failed start leaves nothing behind.
+  std::error_code ec;
+  const bool created = is_root() && !fs::exists(cfg_.run_dir, ec);
+  try {
+    if (is_root()) prepare_run_dir(cfg_, builtin_corpus_);
+    set_aside_newer_checkpoints();
+    start_log();
+  } catch (...) {
+    if (created) fs::remove(cfg_.run_dir, ec);  // only if empty
+    throw;
+  }
 }
 
 Trainer::~Trainer() = default;
 
-// The training data: the configured files, or the built-in corpus, which rank 0 writes into the
-// run directory (the other ranks read it from a temporary file). The run directory is created
-// once the data is known to be good (but for the built-in corpus): bad input leaves nothing
-// behind.
+// The training data: the configured files, or the built-in corpus, which every rank reads from
+// an anonymous memory file (rank 0 writes it into the run directory once everything is
+// checked). Every token must be inside the model's vocabulary.
 void Trainer::open_data() {
   std::vector<std::string> train = cfg_.train_files;
-  std::string private_corpus;
+  MemoryFile corpus;
   if (train.empty()) {
-    if (is_root()) {
-      create_run_dir(cfg_.run_dir);
-      corpus_path_ = (fs::path(cfg_.run_dir) / "default_corpus.txt").string();
-    } else {
-      private_corpus = (fs::temp_directory_path() /
-                        fmt::format("meshtrain-corpus-{}-{}.txt", ::getpid(), mesh_.world_rank()))
-                           .string();
-    }
-    const std::string& path = is_root() ? corpus_path_ : private_corpus;
-    // A resumed run finds the corpus already there: leave the run directory as it is.
-    std::error_code ec;
-    if (!is_root() || fs::file_size(path, ec) != default_corpus().size() || ec)
-      std::ofstream(path, std::ios::binary) << default_corpus();
-    train.push_back(path);
+    corpus = builtin_corpus_file();
+    train.push_back(corpus.path);
+    builtin_corpus_ = true;
   }
+  // The dataset maps the files: the memory file may close once it is open.
   data_ =
       std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
                                       cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
-  if (!private_corpus.empty()) {
-    std::error_code ec;
-    fs::remove(private_corpus, ec);  // the dataset has it mapped
-  }
-  MT_CHECK(
-      data_->max_token() < model_cfg_.vocab_size,
-      "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
-      data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
-      data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
-  if (is_root()) create_run_dir(cfg_.run_dir);
+  check_data_vocab(*data_, model_cfg_, cfg_.vocab);
 }
 
 // The gradient reducer (DP > 1; comm.backend = "nccl" reduces through NCCL even for DP = 1, so
@@ -181,14 +188,14 @@ void Trainer::start_log() {
   Banner b;
   b.model = model_cfg_.str();
   b.precision = std::string(policy_.name());
-  b.device = gpu_ ? gpu_->name() : fmt::format("{} thread(s)", cpu_threads());
+  b.device = gpu_ ? gpu_->name() : fmt::format("{} thread(s) ({})", cpu_threads(), threads_why_);
   if (mesh_.distributed())
     b.layout = fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
                            mesh_.dp_size(), mesh_.tp_size());
   b.comm = comms_.summary;
   b.train_tokens = data_->train().tokens();
   b.val_tokens = data_->val() ? data_->val()->tokens() : 0;
-  b.builtin_corpus = !corpus_path_.empty();
+  b.builtin_corpus = builtin_corpus_;
   b.unigram_entropy = unigram_entropy_;
   b.peak_flops = peak_flops_;
   b.effective_config = effective;
@@ -439,6 +446,8 @@ MemoryReport Trainer::memory_report() {
   m.zero_buffers = zero_ ? static_cast<std::int64_t>(reducer_->shard_grads().nbytes()) : 0;
   m.activations = model_->activation_bytes();
   m.peak_rss_mib = gather_peak_rss_mib(world_);
+  for (double t : gather_per_rank(world_, static_cast<float>(cpu_threads())))
+    m.threads.push_back(static_cast<int>(t));
   return m;
 }
 

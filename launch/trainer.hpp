@@ -117,8 +117,10 @@ class Trainer {
   MemoryReport memory_report();
   void save_final_weights();
   // Loads a checkpoint's weights, optimizer and loss-scaler state, step and data position
-  // (launch/checkpointing.cpp). Throws before touching anything when the checkpoint's model
-  // differs from this one.
+  // (launch/checkpointing.cpp). Collective: the ranks agree that every rank read its part before
+  // the parameters are written. Throws before touching anything when the checkpoint's model
+  // differs from this one; a checksum failure throws with the state partly loaded (the run
+  // stops).
   void restore(const std::string& dir);
   // Rank 0, before the run directory is written: moves the checkpoints of a longer history out
   // of the way (parallel::set_aside_checkpoints), saying so.
@@ -140,7 +142,7 @@ class Trainer {
   // comm.backend: NCCL over the DP and TP groups where chosen (launch/backends.hpp).
   DeviceComms comms_;
   std::unique_ptr<data::Dataset> data_;
-  std::string corpus_path_;  // the built-in corpus, written into the run directory
+  bool builtin_corpus_ = false;  // no data.train: the built-in corpus
   std::unique_ptr<models::GPT> model_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
   bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
@@ -155,6 +157,7 @@ class Trainer {
   comm::Work wait_spread_work_;
   std::function<void(const StepMetrics&)> step_cb_;
   std::function<void(const EvalMetrics&)> eval_cb_;
+  std::string threads_why_;  // where the CPU thread count came from (the banner says)
   double peak_flops_ = 0;
   double unigram_entropy_ = 0;
   int bad_in_a_row_ = 0;

@@ -12,9 +12,11 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
+#include <vector>
 
 #include "parallel/checkpoint_geometry.hpp"
 #include "parallel/checkpoint_manifest.hpp"
@@ -165,7 +167,7 @@ Manifest read_manifest(const std::string& dir) {
   MT_CHECK(fs::is_directory(dir, ec), "checkpoint '{}' is not a directory", dir);
   MT_CHECK(fs::exists(path, ec),
            "checkpoint '{}' has no manifest.json (not a checkpoint, or an incomplete one)", dir);
-  return parse_manifest(dir, path, read_file(path, kMaxManifestBytes));
+  return parse_manifest(dir, path, read_file(path, kMaxManifestBytes, "checkpoint manifest"));
 }
 
 // Reads a file of the checkpoint and checks its size and checksum against the manifest.
@@ -191,20 +193,22 @@ std::string read_checked(const Manifest& m, const std::string& name) {
 }
 
 // One shard file as load_checkpoint reads it. Version 2 files: only the blocks holding bytes
-// asked for are read (pread, consecutive missing blocks in one call), each checked against its
-// CRC-32C before any of its bytes is used; the header too. Version 1 files: the whole file,
-// checked against its CRC-32C, on first use.
+// asked for are read (pread, one block at a time), each checked against its CRC-32C before any
+// of its bytes is used; the header too. At most kCachedBlocks blocks are held at once, so that a
+// resume needs no memory the size of the checkpoint on top of the state it fills (read_plan
+// asks for the bytes of each file in order, so each block is read once). Version 1 files: the
+// whole file, checked against its CRC-32C, on first use.
 class ShardReader {
  public:
+  static constexpr std::size_t kCachedBlocks = 2;
+
   ShardReader(const Manifest& m, const std::string& name, std::uint64_t* bytes_read)
       : dir_(m.info.dir),
         name_(name),
         path_((fs::path(m.info.dir) / name).string()),
         fe_(m.files.at(name)),
         bytes_read_(bytes_read) {
-    auto read = [this](void* dst, std::size_t n, std::uint64_t off) {
-      if (n > 0) std::memcpy(dst, bytes(off, n), n);
-    };
+    auto read = [this](void* dst, std::size_t n, std::uint64_t off) { copy(dst, off, n); };
     if (fe_.blocks.empty()) {
       whole_ = read_checked(m, name);
       *bytes_read_ += whole_.size();
@@ -213,18 +217,14 @@ class ShardReader {
       std::error_code ec;
       MT_CHECK(fs::exists(path_, ec),
                "checkpoint '{}': file '{}' listed in the manifest is missing", dir_, name_);
-      fd_ = open_file(path_, O_RDONLY);
+      fd_ = open_regular_file(path_, "checkpoint shard");
       struct stat st;
       if (::fstat(fd_.get(), &st) != 0)
         throw IoError(
             fmt::format("checkpoint: fstat of '{}' failed: {}", path_, std::strerror(errno)));
-      MT_CHECK(S_ISREG(st.st_mode), "checkpoint: '{}' is not a regular file", path_);
       MT_CHECK(static_cast<std::uint64_t>(st.st_size) == fe_.bytes,
                "checkpoint '{}': '{}' is {} bytes, the manifest says {} (truncated or replaced)",
                dir_, name_, st.st_size, fe_.bytes);
-      // Only the pages of the blocks read are ever touched.
-      buf_.reset(new std::uint8_t[std::max<std::uint64_t>(fe_.bytes, 1)]);
-      loaded_.assign(fe_.blocks.size(), 0);
       layout_ = read_safetensors_layout(path_, fe_.bytes, read);
     }
     for (std::size_t i = 0; i < layout_.entries.size(); ++i) index_[layout_.entries[i].name] = i;
@@ -237,48 +237,64 @@ class ShardReader {
     return it == index_.end() ? nullptr : &layout_.entries[it->second];
   }
 
-  // Bytes [off, off + n) of the file, read and checked.
-  const std::uint8_t* bytes(std::uint64_t off, std::uint64_t n) {
+  // Copies bytes [off, off + n) of the file to dst, read and checked.
+  void copy(void* dst, std::uint64_t off, std::uint64_t n) {
     MT_ASSERT(off <= fe_.bytes && n <= fe_.bytes - off,
               "read of [{}, +{}) past the {} bytes of '{}'", off, n, fe_.bytes, path_);
-    if (buf_ == nullptr) return reinterpret_cast<const std::uint8_t*>(whole_.data()) + off;
-    if (n == 0) return buf_.get() + off;
-    const std::uint64_t B = fe_.block_bytes;
-    const std::uint64_t last = (off + n - 1) / B;
-    for (std::uint64_t b = off / B; b <= last; ++b) {
-      if (loaded_[b]) continue;
-      std::uint64_t e = b;
-      while (e + 1 <= last && !loaded_[e + 1]) ++e;
-      load(b * B, std::min(fe_.bytes, (e + 1) * B));
-      for (std::uint64_t k = b; k <= e; ++k) {
-        const std::uint64_t lo = k * B, hi = std::min(fe_.bytes, lo + B);
-        const std::uint32_t crc = crc32c(0, buf_.get() + lo, hi - lo);
-        MT_CHECK(crc == fe_.blocks[k],
-                 "checkpoint '{}': '{}' bytes [{}, {}) have CRC-32C {}, the manifest says {} (the "
-                 "file is corrupt)",
-                 dir_, name_, lo, hi, crc32c_hex(crc), crc32c_hex(fe_.blocks[k]));
-        loaded_[k] = 1;
-      }
-      b = e;
+    auto* out = static_cast<std::uint8_t*>(dst);
+    if (fe_.blocks.empty()) {
+      if (n > 0) std::memcpy(out, whole_.data() + off, n);
+      return;
     }
-    return buf_.get() + off;
+    const std::uint64_t B = fe_.block_bytes;
+    while (n > 0) {
+      const std::uint64_t b = off / B;
+      const std::uint64_t in = off - b * B;
+      const std::uint64_t take = std::min(n, std::min(fe_.bytes, (b + 1) * B) - off);
+      std::memcpy(out, block(b) + in, take);
+      out += take;
+      off += take;
+      n -= take;
+    }
   }
 
  private:
-  void load(std::uint64_t lo, std::uint64_t hi) {
-    const std::size_t got = read_at(fd_.get(), path_, buf_.get() + lo, hi - lo, lo);
+  // Block b, read and checked (or found among the last few read).
+  const std::uint8_t* block(std::uint64_t b) {
+    for (Cached& c : cache_)
+      if (c.index == b) return c.bytes.data();
+    Cached& c = cache_[next_++ % kCachedBlocks];
+    const std::uint64_t B = fe_.block_bytes;
+    const std::uint64_t lo = b * B, hi = std::min(fe_.bytes, lo + B);
+    c.index = ~std::uint64_t{0};
+    c.bytes.resize(hi - lo);
+    const std::size_t got = read_at(fd_.get(), path_, c.bytes.data(), hi - lo, lo);
     *bytes_read_ += got;
     MT_CHECK(got == hi - lo, "checkpoint '{}': '{}' shrank while being read (at byte {} of {})",
              dir_, name_, lo + got, fe_.bytes);
+    MT_CHECK(b < fe_.blocks.size(), "checkpoint '{}': '{}' has no checksum for block {}", dir_,
+             name_, b);
+    const std::uint32_t crc = crc32c(0, c.bytes.data(), hi - lo);
+    MT_CHECK(crc == fe_.blocks[b],
+             "checkpoint '{}': '{}' bytes [{}, {}) have CRC-32C {}, the manifest says {} (the "
+             "file is corrupt)",
+             dir_, name_, lo, hi, crc32c_hex(crc), crc32c_hex(fe_.blocks[b]));
+    c.index = b;
+    return c.bytes.data();
   }
+
+  struct Cached {
+    std::uint64_t index = ~std::uint64_t{0};
+    std::vector<std::uint8_t> bytes;
+  };
 
   std::string dir_, name_, path_;
   const FileEntry& fe_;
   std::uint64_t* bytes_read_;
   Fd fd_;
-  std::string whole_;                    // version 1: the whole file
-  std::unique_ptr<std::uint8_t[]> buf_;  // version 2: the file's bytes at their offsets
-  std::vector<std::uint8_t> loaded_;     // per block: read and checked
+  std::string whole_;  // version 1: the whole file
+  Cached cache_[kCachedBlocks];
+  std::size_t next_ = 0;
   SafetensorsLayout layout_;
   std::map<std::string, std::size_t> index_;
 };
@@ -470,7 +486,9 @@ void check_tensors(const Manifest& m, std::span<const ParamSlot> slots, const st
 }
 
 // Carries out a load plan: zeros, then every copy from the blocks of the shard files that hold
-// it. Returns the shard files opened, with the bytes read.
+// it, in the order of the bytes in each file, so that every block is read once (the copies are
+// independent: each target element is covered exactly once). Returns the shard files opened,
+// with the bytes read.
 std::map<std::string, std::unique_ptr<ShardReader>> read_plan(const Manifest& m,
                                                               const LoadPlan& plan,
                                                               const std::vector<Tensor>& dst,
@@ -480,7 +498,15 @@ std::map<std::string, std::unique_ptr<ShardReader>> read_plan(const Manifest& m,
     std::fill_n(dst[z.target].data_as<float>() + z.dst, z.length, 0.0f);
   std::map<std::string, std::unique_ptr<ShardReader>> opened;
   std::vector<const SafetensorsEntry*> entries(m.pieces.size(), nullptr);
-  for (const CopyRun& c : plan.copies) {
+  struct Source {
+    ShardReader* file;
+    std::uint64_t offset;
+    std::size_t copy;
+  };
+  std::vector<Source> order;
+  order.reserve(plan.copies.size());
+  for (std::size_t i = 0; i < plan.copies.size(); ++i) {
+    const CopyRun& c = plan.copies[i];
     const Piece& p = m.pieces[c.piece];
     std::unique_ptr<ShardReader>& f = opened[p.file];
     if (!f) f = std::make_unique<ShardReader>(m, p.file, bytes_read);
@@ -493,10 +519,15 @@ std::map<std::string, std::unique_ptr<ShardReader>> read_plan(const Manifest& m,
                "{}: '{}' tensor '{}' is {} {}, the manifest says F32 with {} elements", w, p.file,
                p.key, dtype_name(data->dtype), data->shape.str(), p.flat_hi - p.flat_lo);
     }
-    const std::uint64_t nbytes = static_cast<std::uint64_t>(c.length) * sizeof(float);
-    std::memcpy(dst[c.target].data_as<float>() + c.dst,
-                f->bytes(data->begin + static_cast<std::uint64_t>(c.src) * sizeof(float), nbytes),
-                nbytes);
+    order.push_back({f.get(), data->begin + static_cast<std::uint64_t>(c.src) * sizeof(float), i});
+  }
+  std::sort(order.begin(), order.end(), [](const Source& a, const Source& b) {
+    return a.file != b.file ? std::less<ShardReader*>()(a.file, b.file) : a.offset < b.offset;
+  });
+  for (const Source& s : order) {
+    const CopyRun& c = plan.copies[s.copy];
+    s.file->copy(dst[c.target].data_as<float>() + c.dst, s.offset,
+                 static_cast<std::uint64_t>(c.length) * sizeof(float));
   }
   return opened;
 }

@@ -155,17 +155,48 @@ std::vector<FlatRun> DistributedAdamW::checkpoint_writes() const {
 }
 
 void DistributedAdamW::load_checkpoint(const std::string& dir) {
-  // Scratch buffers on the host first. The whole master weights (this TP rank's shard of every
-  // tensor) are needed for the parameters; m and v only where this rank updates.
+  read_checkpoint(dir);
+  finish_load();
+}
+
+void DistributedAdamW::read_checkpoint(const std::string& dir) {
+  // Straight into the buffers this rank holds: the master weights (the fp32 parameters
+  // themselves under fp32; under ZeRO-1 with a 16-bit policy only this rank's runs), and m and v
+  // where this rank updates. A resume then needs no memory beyond a fresh run's.
   const std::vector<FlatRun> runs = zero_ != nullptr ? owned_ : std::vector<FlatRun>{};
-  Tensor master = Tensor::empty(Shape{numel_}, DType::kF32);
-  Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
-  parallel::load_checkpoint(dir, layout_,
-                            {{"master", master, {}}, {"adam_m", m, runs}, {"adam_v", v, runs}},
-                            mesh_->tp_rank(), mesh_->tp_size());
-  set_weights(master);
-  m_.copy_from(m);
-  v_.copy_from(v);
+  const std::vector<FlatRun> master_runs = sharded_master_ ? runs : std::vector<FlatRun>{};
+  if (master_.is_cpu()) {
+    parallel::load_checkpoint(
+        dir, layout_,
+        {{"master", master_, master_runs}, {"adam_m", m_, runs}, {"adam_v", v_, runs}},
+        mesh_->tp_rank(), mesh_->tp_size());
+    return;
+  }
+  // On a GPU, through host buffers of the same sizes, given back to the system afterwards.
+  {
+    Tensor master = Tensor::empty(master_.shape(), DType::kF32);
+    Tensor m = Tensor::empty(m_.shape(), DType::kF32), v = Tensor::empty(v_.shape(), DType::kF32);
+    parallel::load_checkpoint(
+        dir, layout_, {{"master", master, master_runs}, {"adam_m", m, runs}, {"adam_v", v, runs}},
+        mesh_->tp_rank(), mesh_->tp_size());
+    master_.copy_from(master);
+    m_.copy_from(m);
+    v_.copy_from(v);
+    master_.device().synchronize();
+  }
+  cpu_device().empty_cache();
+}
+
+void DistributedAdamW::finish_load() {
+  if (!separate_master_) return;  // fp32: the parameters are the master weights, loaded
+  if (!sharded_master_) {
+    params_.copy_from(master_);
+    return;
+  }
+  // Each rank rounds the runs it owns, as step() does, and the parameters are all-gathered.
+  for (const FlatRun& r : owned_)
+    params_.slice(r.flat, r.length).copy_from(master_.slice(r.local, r.length));
+  zero_->all_gather_shards(Tensor(), params_);
 }
 
 }  // namespace meshtrain::parallel

@@ -103,9 +103,19 @@ class DistributedAdamW {
   std::vector<FlatState> checkpoint_state() const;
   std::vector<FlatRun> checkpoint_writes() const;
   // Loads the master weights and moments of a checkpoint saved under any layout, then writes
-  // the parameters from the master weights. Everything is read and checked before anything
-  // changes: a failing load leaves the optimizer and the parameters as they were.
+  // the parameters from the master weights: read_checkpoint, then finish_load.
   void load_checkpoint(const std::string& dir);
+  // The two halves of a load, so that the ranks can agree that every read succeeded before the
+  // collective half. read_checkpoint: this rank's master weights (or their ZeRO-1 shard) and
+  // moments, read and checked block by block straight into the optimizer's buffers (on a GPU,
+  // through host buffers of the same size, freed after), so that a resume peaks no higher than
+  // a fresh run; no communication. The manifest, the tensors' shapes and the load plan are
+  // checked before any byte is written; a block that fails its checksum throws with the state
+  // partly loaded, and then the optimizer must not step until a load succeeds.
+  // finish_load: the 16-bit parameters from the master weights; under ZeRO-1 with a 16-bit
+  // policy each rank writes the runs it owns and they are all-gathered (collective over DP).
+  void read_checkpoint(const std::string& dir);
+  void finish_load();
 
  private:
   // Writes the master weights (whole, or this rank's runs) and the parameters from `weights`

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -78,9 +79,9 @@ std::uint32_t crc32c(std::uint32_t crc, const void* data, std::size_t n) {
 }
 
 std::uint32_t crc32c_file(const std::string& path, std::uint64_t* size) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    throw IoError(fmt::format("cannot open '{}' to checksum it: {}", path, std::strerror(errno)));
+  // A FIFO or a device would block or never end: only regular files are checksummed.
+  Fd file = open_regular_file(path, "file to checksum");
+  const int fd = file.get();
   std::vector<std::uint8_t> buf(1 << 20);
   std::uint32_t crc = 0;
   std::uint64_t total = 0;
@@ -89,14 +90,13 @@ std::uint32_t crc32c_file(const std::string& path, std::uint64_t* size) {
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) {
       const int err = errno;
-      ::close(fd);
       throw IoError(fmt::format("cannot read '{}' to checksum it: {}", path, std::strerror(err)));
     }
     if (r == 0) break;
     crc = crc32c(crc, buf.data(), static_cast<std::size_t>(r));
     total += static_cast<std::uint64_t>(r);
   }
-  ::close(fd);
+  file.close(path);
   if (size != nullptr) *size = total;
   return crc;
 }

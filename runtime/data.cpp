@@ -34,25 +34,20 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 TokenFile::TokenFile(const std::string& path, Format format) : path_(path) {
   text_ = format == Format::kText || (format == Format::kAuto && !ends_with(path, ".bin"));
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    throw IoError(fmt::format("cannot open data file '{}': {}", path, std::strerror(errno)));
+  // A directory, a FIFO or a device (/dev/zero) is refused here, without blocking.
+  Fd fd = open_regular_file(path, "data file");
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw IoError(fmt::format("data file '{}' is not a regular file", path));
-  }
+  if (::fstat(fd.get(), &st) != 0)
+    throw IoError(fmt::format("cannot stat data file '{}': {}", path, std::strerror(errno)));
   map_bytes_ = static_cast<std::size_t>(st.st_size);
   if (map_bytes_ > 0) {
-    map_ = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
+    map_ = ::mmap(nullptr, map_bytes_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
     if (map_ == MAP_FAILED) {
       map_ = nullptr;
-      const int err = errno;
-      ::close(fd);
-      throw IoError(fmt::format("cannot map data file '{}': {}", path, std::strerror(err)));
+      throw IoError(fmt::format("cannot map data file '{}': {}", path, std::strerror(errno)));
     }
   }
-  ::close(fd);
+  fd.close(path);
   try {
     bytes_ = static_cast<const std::uint8_t*>(map_);
     if (text_) {

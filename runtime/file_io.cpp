@@ -107,14 +107,42 @@ void fsync_dir(const std::string& dir) {
 
 // ---- whole files ----------------------------------------------------------------------------
 
-std::string read_file(const std::string& path, std::uint64_t max_bytes) {
-  Fd fd = open_file(path, O_RDONLY);
+const char* file_kind(unsigned mode) {
+  if (S_ISREG(mode)) return "a regular file";
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+Fd open_regular_file(const std::string& path, const char* what) {
+  const std::string role = what != nullptr && *what != '\0' ? what : "file";
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+  const int raw = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (raw < 0) {
+    const int err = errno;
+    throw IoError(fmt::format("cannot open {} '{}': {}", role, path, errno_text(err)));
+  }
+  Fd fd(raw);
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) fail_errno("fstat", path);
-  MT_CHECK(S_ISREG(st.st_mode), "'{}' is not a regular file", path);
+  MT_CHECK(S_ISREG(st.st_mode), "{} '{}' is {}, not a regular file", role, path,
+           file_kind(st.st_mode));
+  // Back to blocking reads (a regular file never blocks, but reads should not see EAGAIN).
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) fail_errno("fcntl", path);
+  return fd;
+}
+
+std::string read_file(const std::string& path, std::uint64_t max_bytes, const char* what) {
+  Fd fd = open_regular_file(path, what);
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) fail_errno("fstat", path);
   const auto size = static_cast<std::uint64_t>(st.st_size);
-  MT_CHECK(size <= max_bytes, "'{}' is {} bytes, more than the {} a file of its kind may have",
-           path, size, max_bytes);
+  MT_CHECK(size <= max_bytes, "{} '{}' is {} bytes, more than the {} a file of its kind may have",
+           what != nullptr && *what != '\0' ? what : "file", path, size, max_bytes);
   std::string out(size, '\0');
   const std::size_t got = read_at(fd.get(), path, out.data(), out.size(), 0);
   MT_CHECK(got == size, "'{}' shrank while being read ({} of {} bytes)", path, got, size);

@@ -60,9 +60,19 @@ void fsync_fd(int fd, const std::string& path);
 // Flushes a directory's entries (a file created, renamed or removed in it) to disk.
 void fsync_dir(const std::string& dir);
 
-// A whole regular file of at most max_bytes. Throws IoError if it cannot be read,
-// InvalidArgument if it is not a regular file or is larger than max_bytes.
-std::string read_file(const std::string& path, std::uint64_t max_bytes);
+// Opens `path` for reading only if it is a regular file: a directory, a FIFO (which open(2)
+// would block on until a writer came), a device (/dev/zero) or a socket is refused with
+// InvalidArgument saying which it is, e.g. "config file 'x': a directory, not a regular file".
+// `what` names the file's role in messages ("config file", "data file"; empty: "file"). Throws
+// IoError (with the errno text) when it cannot be opened. Never blocks.
+Fd open_regular_file(const std::string& path, const char* what = "");
+// What kind of file `mode` (struct stat's st_mode) is: "a regular file", "a directory",
+// "a FIFO", "a character device", ...
+const char* file_kind(unsigned mode);
+
+// A whole regular file of at most max_bytes (open_regular_file's checks). Throws IoError if it
+// cannot be read, InvalidArgument if it is not a regular file or is larger than max_bytes.
+std::string read_file(const std::string& path, std::uint64_t max_bytes, const char* what = "");
 
 // Writes `data` to `path` atomically and durably (see the top of this file). Throws IoError
 // naming the path and the errno text (ENOSPC, EROFS, EACCES, ...). Leaves no temporary behind

@@ -374,12 +374,11 @@ SafetensorsFile parse_file(const std::string& path, std::uint64_t file_size, Rea
 }  // namespace
 
 SafetensorsFile load_safetensors(const std::string& path) {
-  const Fd fd = open_file(path, O_RDONLY);
+  const Fd fd = open_regular_file(path, "safetensors file");
   struct stat st;
   if (::fstat(fd.get(), &st) != 0)
     throw IoError(
         fmt::format("safetensors file '{}': fstat failed: {}", path, std::strerror(errno)));
-  MT_CHECK(S_ISREG(st.st_mode), "safetensors file '{}': not a regular file", path);
   return parse_file(path, static_cast<std::uint64_t>(st.st_size),
                     [&](void* dst, std::size_t n, std::uint64_t offset, std::string_view what) {
                       read_exact(fd.get(), path, dst, n, offset, what);

@@ -28,6 +28,10 @@ const std::vector<SettingInfo>& setting_table() {
        "is on one node, 400 when the job spans nodes"},
       {"MESHTRAIN_ALLOCATOR_CACHE", "0|1", "1",
        "0 returns every freed block to the system (for memory debuggers)"},
+      {"MESHTRAIN_MEMORY_CHECK", "0|1", "1",
+       "1 refuses a job whose planned memory per rank exceeds what the machine gives it (the "
+       "host's available memory and cgroup limit shared by the node's ranks, or the GPU's free "
+       "memory) before anything is allocated; 0 skips the check (overcommit, swap)"},
   };
   return table;
 }
@@ -86,6 +90,8 @@ Settings Settings::parse(const std::map<std::string, std::string>& env) {
                name, value);
     } else if (name == "MESHTRAIN_ALLOCATOR_CACHE") {
       s.allocator_cache = parse_bool(name, value);
+    } else if (name == "MESHTRAIN_MEMORY_CHECK") {
+      s.memory_check = parse_bool(name, value);
     } else if (name.rfind("MESHTRAIN_", 0) == 0) {
       s.unknown.push_back(name);
     }

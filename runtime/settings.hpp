@@ -23,7 +23,10 @@ struct Settings {
   // is in flight; it starts at a tenth of it after a poll that moved data. 0 (auto): chosen by
   // comm/ from where the ranks are (comm/mpi/progress.hpp).
   int comm_poll_us = 0;
-  bool allocator_cache = true;       // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
+  bool allocator_cache = true;  // MESHTRAIN_ALLOCATOR_CACHE: 0 passes allocations through
+  // MESHTRAIN_MEMORY_CHECK: refuse a job whose planned memory exceeds the machine's
+  // (launch/memory_check.hpp); 0 skips the check.
+  bool memory_check = true;
   std::vector<std::string> unknown;  // MESHTRAIN_* names that are not in the table
 
   // Parses from a name -> value map (the environment, or a test's).

@@ -2,14 +2,11 @@
 // the PCRE2 pattern fix-up, each component's reader (normalizer, pre-tokenizer, model,
 // added tokens, post-processor, decoder) and Tokenizer::from_file / from_json, which build the
 // TokenizerImpl (runtime/tokenizer_impl.hpp) that encoding and decoding use.
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/json.hpp"
 #include "runtime/tokenizer_impl.hpp"
 
@@ -426,14 +423,9 @@ void read_added_tokens(TokenizerImpl& t, const Fields& top) {
   for (const AddedToken& a : t.added) t.tokens[static_cast<std::size_t>(a.id)] = a.content;
 }
 
+// Llama 3's tokenizer.json is 9 MB; a directory, FIFO or device is refused naming the path.
 std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw IoError(fmt::format("cannot open tokenizer file '{}': {}", path, std::strerror(errno)));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw IoError(fmt::format("reading tokenizer file '{}' failed", path));
-  return ss.str();
+  return read_file(path, std::uint64_t{1} << 30, "tokenizer file");
 }
 
 }  // namespace

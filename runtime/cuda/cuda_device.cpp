@@ -233,6 +233,13 @@ std::string device_uuid(Device& device) {
   return "GPU-" + hex;
 }
 
+DeviceMemory device_memory(Device& device) {
+  DeviceGuard guard(cuda_index(device));
+  std::size_t free_b = 0, total_b = 0;
+  MT_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return DeviceMemory{static_cast<std::int64_t>(free_b), static_cast<std::int64_t>(total_b)};
+}
+
 std::string device_pci_bus_id(Device& device) {
   char id[32] = {};
   MT_CUDA_CHECK(cudaDeviceGetPCIBusId(id, static_cast<int>(sizeof(id)), cuda_index(device)));

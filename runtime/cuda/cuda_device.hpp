@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -40,6 +41,13 @@ void* compute_stream(Device& device);
 // device that is not CUDA, CudaError when the driver cannot say.
 std::string device_uuid(Device& device);
 std::string device_pci_bus_id(Device& device);
+
+// The GPU's free and total memory in bytes (cudaMemGetInfo): what a job checks its planned
+// memory against before allocating. Throws InvalidArgument for a device that is not CUDA.
+struct DeviceMemory {
+  std::int64_t free_bytes = 0, total_bytes = 0;
+};
+DeviceMemory device_memory(Device& device);
 
 // Page-locked host memory (cudaMallocHost), for fast and asynchronous host <-> device copies.
 // Move-only; the destructor never throws.

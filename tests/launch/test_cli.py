@@ -215,7 +215,7 @@ class Cli(unittest.TestCase):
         self.expect_train_error("bad_range", ["train.batch_size=0"],
                                 "'train.batch_size' = 0 is out of range: expected 1 to")
         self.expect_error(["train", "--config", self.path("missing.toml")],
-                          "cannot read config file", "missing.toml")
+                          "cannot open config file", "missing.toml")
         self.expect_error(["train", "--bogus"], "train: unknown argument '--bogus'")
         self.expect_error(["train", "--config"], "--config needs a value")
 
@@ -240,8 +240,10 @@ class Cli(unittest.TestCase):
             f.write(struct.pack("<3i", 20240520, 1, len(tokens)) + bytes(1012))
             f.write(struct.pack(f"<{len(tokens)}H", *tokens))
         self.expect_train_error("big_ids", [f"data.train={big}"],
-                                "the data holds token id 999, outside the model's vocabulary of "
-                                "256", "token shards need model.vocab = \"gpt2\"")
+                                f"token shard '{big}' holds token id 256 at token 256 (byte offset "
+                                "1536), outside the model's vocabulary of 256",
+                                "its largest id is 999",
+                                "GPT-2 token shards need model.vocab = \"gpt2\"")
         self.expect_train_error("long_seq", ["train.seq_len=65"],
                                 "train.seq_len (65) exceeds the model's block size (64)")
         self.expect_train_error("no_match", [f"data.train={self.path('*.nothing')}"],

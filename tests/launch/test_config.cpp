@@ -158,7 +158,7 @@ TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
     load_config(missing, {});
     ADD_FAILURE() << "no error for a missing config file";
   } catch (const IoError& e) {
-    EXPECT_HAS(std::string(e.what()), "cannot read config file '" + missing + "'");
+    EXPECT_HAS(std::string(e.what()), "cannot open config file '" + missing + "'");
   }
 }
 

@@ -303,7 +303,16 @@ TEST_F(TrainerTest, BadDataWritesNothing) {
   for (std::size_t i = 0; i < toks.size(); ++i) toks[i] = static_cast<std::uint16_t>(i % 300);
   data::write_token_shard(path("big_ids.bin"), toks);
   c.train_files = {path("big_ids.bin")};
-  EXPECT_HAS(error_of(c), "the data holds token id 299, outside the model's vocabulary of 256");
+  {
+    // The file, the first id outside, its index and byte offset (1024-byte header + 2 x 256),
+    // the largest id, and the advice for a byte-vocabulary model given GPT-2 shards.
+    const std::string e = error_of(c);
+    EXPECT_HAS(e, "token shard '" + path("big_ids.bin") +
+                      "' holds token id 256 at token 256 (byte offset 1536), outside the model's "
+                      "vocabulary of 256");
+    EXPECT_HAS(e, "its largest id is 299");
+    EXPECT_HAS(e, "GPT-2 token shards need model.vocab = \"gpt2\"");
+  }
   EXPECT_FALSE(fs::exists(path("bad")));
 
   std::ofstream(path("garbage.bin"), std::ios::binary) << std::string(2048, 'x');
