@@ -30,6 +30,10 @@ double seconds_since(Clock::time_point t0) {
 // named as such, whatever the model.
 const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicator* world) {
   const int ranks = world != nullptr ? world->size() : 1;
+  MT_CHECK(cfg.pp == 1 || ranks % (cfg.tp * cfg.pp) == 0,
+           "train.pp = {} x train.tp = {} needs a multiple of {} ranks (mpirun -np N runs DP = N / "
+           "{} x PP = {} x TP = {}); this job has {}",
+           cfg.pp, cfg.tp, cfg.tp * cfg.pp, cfg.tp * cfg.pp, cfg.pp, cfg.tp, ranks);
   MT_CHECK(ranks % cfg.tp == 0,
            "train.tp = {} needs a multiple of {} ranks (mpirun -np N runs DP = N / {} x TP = {}); "
            "this job has {}",
@@ -66,13 +70,23 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
       log_(world == nullptr || world->rank() == 0),
       world_(world) {
   set_cpu_threads(cfg_.threads > 0 ? cfg_.threads : default_cpu_threads(local.size));
-  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
+  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp, cfg_.pp);
   gpu_ = open_device(cfg_, local.rank);
   comms_ = open_device_comms(cfg_, world, mesh_, gpu_.get());
   open_data();
-  model_ =
-      std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
+  model_ = std::make_unique<models::GPT>(
+      model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()),
+      mesh_.pp_size() > 1
+          ? parallel::stage_range(model_cfg_.n_layer, mesh_.pp_size(), mesh_.pp_rank())
+          : parallel::StageRange{});
   build_optimizer();
+  if (mesh_.pp_size() > 1) {
+    pipe_ = std::make_unique<PipelineDriver>(*model_, mesh_, reducer_.get(),
+                                             parallel::parse_pipe_schedule(cfg_.pp_schedule),
+                                             cfg_.grad_accum, cfg_.batch_size, cfg_.seq_len);
+    pipe_->set_trace(&trace_);
+  }
+  trace_steps_ = launch::trace_steps(cfg_);
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   schedule_ = LrSchedule{cfg_.schedule,     cfg_.lr,    cfg_.min_lr_ratio,
@@ -171,9 +185,14 @@ void Trainer::start_log() {
   b.model = model_cfg_.str();
   b.precision = std::string(policy_.name());
   b.device = gpu_ ? gpu_->name() : fmt::format("{} thread(s)", cpu_threads());
-  if (mesh_.distributed())
+  if (mesh_.distributed() && mesh_.pp_size() > 1) {
+    b.layout = fmt::format(" per rank | {} ranks: DP {} x PP {} ({}, {} micro-batches) x TP {}",
+                           mesh_.world_size(), mesh_.dp_size(), mesh_.pp_size(), cfg_.pp_schedule,
+                           cfg_.grad_accum, mesh_.tp_size());
+  } else if (mesh_.distributed()) {
     b.layout = fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
                            mesh_.dp_size(), mesh_.tp_size());
+  }
   b.comm = comms_.summary;
   b.train_tokens = data_->train().tokens();
   b.val_tokens = data_->val() ? data_->val()->tokens() : 0;
@@ -202,12 +221,21 @@ StepMetrics Trainer::step(int step) {
   m.total_steps = cfg_.steps;
   m.lr = schedule_.at(step);
   const float scale = policy_.loss_scaling ? scaler_.scale() : 1.0f;
+  trace_.set_active(std::find(trace_steps_.begin(), trace_steps_.end(), m.step) !=
+                    trace_steps_.end());
+  trace_.set_step(m.step);
   m.loss = forward_backward(step, scale);
+  const auto t_reduce = Clock::now();
+  if (!pipe_) trace_.complete("forward+backward", parallel::Trace::kCompute, t0, t_reduce);
   if (reducer_) reduce(m);
+  const auto t_opt = Clock::now();
+  if (reducer_) trace_.complete("DP reduce (wait)", parallel::Trace::kData, t_reduce, t_opt);
   const parallel::GradNorm norm = optimizer_->grad_norm(scale);
   m.grad_norm = norm.norm;
   m.comm_wait_ms += norm.wait_ms;
   if (accept(m)) m.comm_wait_ms += optimizer_->step(m.lr, step + 1 - skipped_, m.grad_norm, scale);
+  trace_.complete("optimizer", parallel::Trace::kOptimizer, t_opt, Clock::now());
+  trace_.set_active(false);
   end_step(m, t0);
   return m;
 }
@@ -215,6 +243,11 @@ StepMetrics Trainer::step(int step) {
 // This rank's micro-batches of step `step`, forward and backward; the gradients accumulate and
 // the last micro-step's backward starts their reduction. Returns this rank's mean loss.
 float Trainer::forward_backward(int step, float loss_scale) {
+  if (pipe_)
+    return pipe_
+        ->train_step(data_->train(), static_cast<std::int64_t>(step + data_skip_) * cfg_.grad_accum,
+                     loss_scale)
+        .loss;
   model_->zero_grads();
   double loss_sum = 0.0;
   for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
@@ -304,6 +337,7 @@ Tensor Trainer::master_weights() {
 float Trainer::evaluate() {
   const data::Sampler* val = data_->val();
   if (val == nullptr) return std::numeric_limits<float>::quiet_NaN();
+  if (pipe_) return pipe_->evaluate(*val, cfg_.eval_batches);
   double sum = 0.0;
   for (int i = 0; i < cfg_.eval_batches; ++i) {
     val->batch(i, 0, 1, inputs_, targets_);
@@ -380,8 +414,23 @@ int Trainer::roll_back(int failed_at) {
 // replicas skip sampling. Rank 0 alone writes and prints.
 std::string Trainer::sample(int at_step) {
   if (mesh_.dp_rank() != 0) return {};
+  if (pipe_) return sample_pipeline(at_step);
   const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
                                  cfg_.seed + static_cast<std::uint64_t>(at_step));
+  log_.sample(at_step, s);
+  return s;
+}
+
+std::string Trainer::sample_pipeline(int at_step) {
+  // The compute parameters (what a non-pipelined sample decodes with), as fp32 flat weights.
+  const Tensor params = Tensor::from_floats(model_->flat_params().to_floats(),
+                                            Shape{model_->num_parameters()}, DType::kF32);
+  const auto weights = gather_pipeline_weights(*model_, params, mesh_);
+  if (!is_root()) return {};
+  std::unique_ptr<models::GPT> whole = whole_model(model_cfg_, policy_, weights);
+  const std::string s =
+      generate_text(*whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens, cfg_.temperature,
+                    cfg_.top_k, cfg_.seed + static_cast<std::uint64_t>(at_step));
   log_.sample(at_step, s);
   return s;
 }
@@ -405,11 +454,24 @@ TrainResult Trainer::finish(const Progress& p) {
   r.peak_rss_mib = mem.peak_rss_mib;
   log_.memory(cfg_.steps, mem);
   save_final_weights();
+  write_trace();
   if (cfg_.sample_tokens > 0) r.sample = sample(cfg_.steps);
   if (comms_.dp.valid()) comms_.dp.finalize();
   if (comms_.tp.valid()) comms_.tp.finalize();
   mesh_.finalize();
   return r;
+}
+
+// Every rank writes its own file (rank 0 created the run directory before any step).
+void Trainer::write_trace() {
+  if (trace_steps_.empty()) return;
+  const fs::path dir = fs::path(cfg_.run_dir) / "traces";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  trace_.write((dir / fmt::format("rank-{:05}.json", mesh_.world_rank())).string(),
+               mesh_.world_rank(),
+               fmt::format("rank {}: stage {}, dp {}, tp {}", mesh_.world_rank(), mesh_.pp_rank(),
+                           mesh_.dp_rank(), mesh_.tp_rank()));
 }
 
 // What this rank holds for training (the same on every rank of a layout, but for ZeRO-1's last
@@ -433,6 +495,12 @@ MemoryReport Trainer::memory_report() {
 void Trainer::save_final_weights() {
   if (!optimizer_->holds_whole_master()) final_master_ = optimizer_->gather_master();
   if (mesh_.dp_rank() != 0) return;
+  if (pipe_) {
+    const auto weights = gather_pipeline_weights(*model_, master_weights(), mesh_);
+    if (is_root())
+      save_weights((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights, to_toml(cfg_));
+    return;
+  }
   const auto weights = gather_weights(*model_, master_weights(), parallel::TPGroup(mesh_.tp()));
   if (is_root())
     save_weights((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights, to_toml(cfg_));

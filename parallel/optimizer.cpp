@@ -77,12 +77,14 @@ GradNorm DistributedAdamW::grad_norm(float loss_scale) {
   for (const FlatRun& r : owned_)
     share += norm_squared_share(grads.slice(r.local, r.length), r.flat, layout_, mesh_->tp_rank());
   GradNorm out;
-  if (zero_ != nullptr || mesh_->tp_size() > 1) {
+  if (zero_ != nullptr || mesh_->tp_size() > 1 || mesh_->pp_size() > 1) {
     // The shares of the other DP ranks (ZeRO-1: the padding is zero) and TP ranks.
     Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
     if (zero_ != nullptr && mesh_->dp().valid())
       mesh_->dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     TPGroup(mesh_->tp()).allreduce(sq);
+    // Each pipeline stage holds other parameters (a tied copy is not counted).
+    if (mesh_->pp_size() > 1) mesh_->pp().allreduce(sq, comm::ReduceOp::kSum).wait();
     share = static_cast<double>(sq.data_as<float>()[0]);
     if (zero_ != nullptr)
       out.wait_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -162,7 +164,7 @@ void DistributedAdamW::load_checkpoint(const std::string& dir) {
   Tensor m = Tensor::zeros(m_.shape(), DType::kF32), v = Tensor::zeros(v_.shape(), DType::kF32);
   parallel::load_checkpoint(dir, layout_,
                             {{"master", master, {}}, {"adam_m", m, runs}, {"adam_v", v, runs}},
-                            mesh_->tp_rank(), mesh_->tp_size());
+                            mesh_->tp_rank(), mesh_->tp_size(), mesh_->pp_size() > 1);
   set_weights(master);
   m_.copy_from(m);
   v_.copy_from(v);
