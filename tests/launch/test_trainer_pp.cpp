@@ -113,14 +113,19 @@ class TrainerPp : public ::testing::Test {
     return run;
   }
 
-  static void expect_close(const PpRun& got, const PpRun& want, float loss_rel, float weight_abs) {
+  // same_eval: both runs evaluate the same rows (evaluation reads train.batch_size rows per
+  // batch, which DP changes).
+  static void expect_close(const PpRun& got, const PpRun& want, float loss_rel, float weight_abs,
+                           bool same_eval = true) {
     EXPECT_TRUE(got.tied_copies_equal) << "the tied embedding's copies diverged";
     ASSERT_EQ(got.losses.size(), want.losses.size());
     for (std::size_t s = 0; s < got.losses.size(); ++s) {
       EXPECT_NEAR(got.losses[s], want.losses[s], loss_rel * want.losses[s]) << "step " << s + 1;
       EXPECT_NEAR(got.norms[s], want.norms[s], 10 * loss_rel * want.norms[s]) << "step " << s + 1;
     }
-    EXPECT_NEAR(got.val_loss, want.val_loss, loss_rel * want.val_loss);
+    if (same_eval) {
+      EXPECT_NEAR(got.val_loss, want.val_loss, loss_rel * want.val_loss);
+    }
     ASSERT_EQ(got.weights.size(), want.weights.size());
     float d = 0;
     std::string worst;
@@ -172,7 +177,8 @@ TEST_F(TrainerPp, PipelineWithDataParallelMatchesOneRank) {
   const PpRun one = train(config(1, 1, 2, 3, "1f1b"), 1);
   for (int zero : {0, 1}) {
     SCOPED_TRACE(zero);
-    expect_close(train(config(2, 1, 1, 3, "1f1b", "fp32", zero), 4), one, kFp32Loss, kFp32Weights);
+    expect_close(train(config(2, 1, 1, 3, "1f1b", "fp32", zero), 4), one, kFp32Loss, kFp32Weights,
+                 false);
   }
 }
 
