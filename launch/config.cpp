@@ -294,11 +294,11 @@ const std::vector<Key>& keys() {
               "sample among the k most likely (0 = all)"),
       string_key("sample", "prompt", &TrainConfig::prompt, {}, "text the samples start from"),
       string_key("run", "dir", &TrainConfig::run_dir, {}, "run directory (config, metrics, logs)"),
+      int_key("run", "log_every", &TrainConfig::log_every, 1, kMaxInt,
+              "print a line every N steps"),
       string_key("trace", "steps", &TrainConfig::trace_steps, {},
                  "per-rank Chrome trace-event JSON (Perfetto) of these steps into "
                  "RUN_DIR/traces: \"5\", \"3-6\" or \"2,5-7\" (empty = off)"),
-      int_key("run", "log_every", &TrainConfig::log_every, 1, kMaxInt,
-              "print a line every N steps"),
       int_key("checkpoint", "every", &TrainConfig::ckpt_every, 0, kMaxInt,
               "save a distributed checkpoint every N steps and at the end (0 = never)"),
       int_key("checkpoint", "keep", &TrainConfig::ckpt_keep, 0, kMaxInt,

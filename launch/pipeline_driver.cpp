@@ -10,7 +10,7 @@
 
 namespace meshtrain::launch {
 
-PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh,
+PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh, comm::Communicator& p2p,
                                parallel::GradReducer* reducer, parallel::PipeSchedule schedule,
                                int micro_batches, int batch, int seq)
     : model_(&model),
@@ -21,7 +21,8 @@ PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh,
       batch_(batch),
       seq_(seq),
       slots_(parallel::max_in_flight(actions_)),
-      executor_(mesh.pp(), slots_) {
+      p2p_(&p2p),
+      executor_(p2p, slots_) {
   for (int s = 0; s < slots_; ++s) {
     tokens_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
     targets_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
@@ -101,7 +102,7 @@ float PipelineDriver::evaluate(const data::Sampler& sampler, int batches) {
   loss_sum_ = 0;
   // One slot: nothing is kept for a backward (the executor waits for a slot's send before the
   // next forward overwrites it).
-  parallel::PipelineExecutor ex(mesh_->pp(), 1);
+  parallel::PipelineExecutor ex(*p2p_, 1);
   ex.run(*this, parallel::build_forward_only(mesh_->pp_size(), mesh_->pp_rank(), batches));
   Tensor loss =
       Tensor::from_floats({model_->stage().head ? static_cast<float>(loss_sum_ / batches) : 0.0f},

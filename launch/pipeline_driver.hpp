@@ -33,8 +33,11 @@ class PipelineDriver : private parallel::PipelineStage {
   // model: this rank's stage; reducer: the DP reducer of its gradients, or null. The model's
   // grads-ready hook is set here (ranges go to the reducer; the one that starts at offset 0,
   // which holds wte, waits until the tied embedding's gradients are summed).
-  PipelineDriver(models::GPT& model, parallel::Mesh& mesh, parallel::GradReducer* reducer,
-                 parallel::PipeSchedule schedule, int micro_batches, int batch, int seq);
+  // p2p: the communicator that carries activations and gradients between stages (the mesh's
+  // PP group, or an NCCL one over the same ranks); host scalars use the mesh's PP group.
+  PipelineDriver(models::GPT& model, parallel::Mesh& mesh, comm::Communicator& p2p,
+                 parallel::GradReducer* reducer, parallel::PipeSchedule schedule, int micro_batches,
+                 int batch, int seq);
 
   // One step's forward and backward over the micro-batches that `sampler` gives for
   // (first_index + m, DP rank): gradients accumulated (x loss_multiplier / micro_batches) and,
@@ -60,6 +63,7 @@ class PipelineDriver : private parallel::PipelineStage {
   parallel::GradReducer* reducer_;
   std::vector<parallel::PipeAction> actions_;
   int micro_batches_, batch_, seq_, slots_;
+  comm::Communicator* p2p_;
   parallel::PipelineExecutor executor_;
   // Per slot: the micro-batch's tokens and targets (kept until its backward).
   std::vector<Tensor> tokens_, targets_;

@@ -81,9 +81,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
           : parallel::StageRange{});
   build_optimizer();
   if (mesh_.pp_size() > 1) {
-    pipe_ = std::make_unique<PipelineDriver>(*model_, mesh_, reducer_.get(),
-                                             parallel::parse_pipe_schedule(cfg_.pp_schedule),
-                                             cfg_.grad_accum, cfg_.batch_size, cfg_.seq_len);
+    pipe_ = std::make_unique<PipelineDriver>(
+        *model_, mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(),
+        parallel::parse_pipe_schedule(cfg_.pp_schedule), cfg_.grad_accum, cfg_.batch_size,
+        cfg_.seq_len);
     pipe_->set_trace(&trace_);
   }
   trace_steps_ = launch::trace_steps(cfg_);
@@ -458,6 +459,7 @@ TrainResult Trainer::finish(const Progress& p) {
   if (cfg_.sample_tokens > 0) r.sample = sample(cfg_.steps);
   if (comms_.dp.valid()) comms_.dp.finalize();
   if (comms_.tp.valid()) comms_.tp.finalize();
+  if (comms_.pp.valid()) comms_.pp.finalize();
   mesh_.finalize();
   return r;
 }

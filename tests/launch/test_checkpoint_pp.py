@@ -63,7 +63,7 @@ def main():
         pp_ref = refs[f"PP {n}"]
         single = d("single")
         train(one, single, 1)
-        cases = [(f"PP {n} -> 1", one, 1, pp_ref, ()),
+        cases = [(f"PP {n} -> 1", one, 1, pp_ref, ("--pp", "1")),
                  (f"PP 1 -> {n}", mpi, 1, single, ("--pp", str(n)))]
         if n == 4:
             cases += [("PP 4 -> PP 2 x TP 2", mpi, 1, pp_ref, ("--pp", "2", "--tp", "2")),
