@@ -47,8 +47,8 @@ def measure(a, p, m, schedule, tmp):
                               "--out", os.path.join(run_dir, f"step{s}.png")],
                              capture_output=True, text=True, check=True).stdout
         bubbles.append(json.loads(out.splitlines()[-1])["mean_bubble"])
-    step_ms = [json.loads(l)["step_ms"] for l in open(os.path.join(run_dir, "metrics.jsonl"))
-               if '"step_ms"' in l][2:]
+    step_ms = [json.loads(l)["ms"] for l in open(os.path.join(run_dir, "metrics.jsonl"))
+               if "\"ms\"" in l][2:]
     return statistics.median(bubbles), statistics.median(step_ms), before, load()
 
 

@@ -3,15 +3,21 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <string_view>
+#include <thread>
 #include <tuple>
 #include <utility>
 
 #include "runtime/error.hpp"
+#include "runtime/log.hpp"
 
 namespace meshtrain::parallel {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// See PipelineExecutor::run's wait: the liveness check takes 3-5 s after a timeout.
+constexpr int kNeighbourGraceS = 7;
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -297,7 +303,20 @@ PipeStats PipelineExecutor::run(PipelineStage& stage, const std::vector<PipeActi
   auto wait = [&](comm::Work& w, const std::string& name = {}) {
     if (!w.defined()) return;
     const auto t0 = Clock::now();
-    w.wait();
+    try {
+      w.wait();
+    } catch (const CommTimeout& e) {
+      // A neighbour that is alive but never sent is itself waiting on a stage further along
+      // (a pipeline stalls from the fault outward, and the stage nearest the start posted
+      // first, so it times out first). Give the stage next to the fault, whose own liveness
+      // check names the lost rank, the time to report and end the job before this one does.
+      if (std::string_view(e.what()).find("it is alive") != std::string_view::npos) {
+        log::warn("pipeline stage {}: {}; waiting {} s for the stage next to the fault to name it",
+                  rank, e.what(), kNeighbourGraceS);
+        std::this_thread::sleep_for(std::chrono::seconds(kNeighbourGraceS));
+      }
+      throw;
+    }
     st.wait_ms += ms_since(t0);
     if (tracing && !name.empty())
       trace_->complete(name, Trace::kP2p, w.posted_at(), w.completed_at().value_or(Clock::now()));

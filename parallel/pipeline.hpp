@@ -113,7 +113,10 @@ struct PipeStats {
 
 // Runs action lists over `pp` (the mesh's PP group; its rank is the stage). Collective over the
 // PP group: every stage runs its list of the same schedule. Timeouts are the communicator's: a
-// stage that never sends is named ("recv #3 from rank 2, pipeline stage 2").
+// stage that never sends is named ("recv #3 from rank 2, pipeline stage 2"). When a receive
+// times out on a neighbour that is alive (so itself waiting on a stage further along), the
+// CommTimeout is rethrown only after 7 s, so that the stage next to a lost rank, whose liveness
+// check names it as lost, reports and ends the job first.
 class PipelineExecutor {
  public:
   // pp: the PP group (size = stages). slots: activation slots the stage has (>= the schedule's

@@ -67,7 +67,7 @@ def main():
         fail_job(f"the job exited 0 after rank {victim_rank} was lost:\n{out[-3000:]}")
     stage = f"pipeline stage {victim_rank}"
     if not any(f"rank {victim_rank}" in line and (stage in line or "lost" in line) for line in out.splitlines()):
-        fail(f"no rank named the lost rank {victim_rank} ({stage}):\n{out[-3000:]}")
+        fail(f"no rank named the lost rank {victim_rank} ({stage}):\n" + "\n".join(l for l in out.splitlines() if "error" in l or "rank" in l)[-3000:])
     subprocess.run(["rm", "-rf", run_dir])
     print(f"ok: PP = {n}, rank {victim_rank} ({stage}) killed mid-pipeline; the job ended in {took:.1f} s "
           f"(limit {TIMEOUT_S + 10} s), naming it")
