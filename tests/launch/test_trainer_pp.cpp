@@ -16,7 +16,11 @@
 
 #include "comm/loopback.hpp"
 #include "launch/trainer.hpp"
+#include "runtime/config.hpp"
 #include "runtime/safetensors.hpp"
+#if MESHTRAIN_HAS_CUDA
+#include "runtime/cuda/cuda_device.hpp"
+#endif
 
 namespace meshtrain::launch {
 namespace {
@@ -189,6 +193,26 @@ TEST_F(TrainerPp, Bf16AgreesWithOneRankWithinTolerance) {
   ASSERT_EQ(pp.losses.size(), one.losses.size());
   for (std::size_t s = 0; s < pp.losses.size(); ++s)
     EXPECT_NEAR(pp.losses[s], one.losses[s], 2e-2 * one.losses[s]) << "step " << s + 1;
+}
+
+// The same pipeline code on the GPU (two stages as threads on one GPU; activations and gradients
+// cross stages through the loopback communicator, staged through the host): fp32 losses follow
+// the CPU pipeline's. Run by scripts/gpu_check.sh; skipped without a GPU.
+TEST_F(TrainerPp, CudaPipelineFollowsTheCpu) {
+#if MESHTRAIN_HAS_CUDA
+  const bool have_gpu = cuda::device_count() > 0;
+#else
+  const bool have_gpu = false;
+#endif
+  if (!have_gpu) GTEST_SKIP() << "no GPU (or a build without CUDA)";
+  TrainConfig c = config(2, 1, 1, 3, "1f1b");
+  c.device = "cuda";
+  const PpRun gpu = train(c, 2);
+  const PpRun cpu = train(config(2, 1, 1, 3, "1f1b"), 2);
+  EXPECT_TRUE(gpu.tied_copies_equal);
+  ASSERT_EQ(gpu.losses.size(), cpu.losses.size());
+  for (std::size_t s = 0; s < gpu.losses.size(); ++s)
+    EXPECT_NEAR(gpu.losses[s], cpu.losses[s], 1e-3 * cpu.losses[s]) << "step " << s + 1;
 }
 
 TEST_F(TrainerPp, LayoutErrorsNameTheKeys) {
