@@ -44,7 +44,7 @@ def measure(a, p, m, schedule, tmp):
     bubbles = []
     for s in traced:
         out = subprocess.run([sys.executable, PLOT, os.path.join(run_dir, "traces"), "--step", str(s), "--json",
-                              "--out", os.path.join(run_dir, f"step{s}.png")],
+                              "--no-png"],
                              capture_output=True, text=True, check=True).stdout
         bubbles.append(json.loads(out.splitlines()[-1])["mean_bubble"])
     step_ms = [json.loads(l)["ms"] for l in open(os.path.join(run_dir, "metrics.jsonl"))

@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--step", type=int, help="the traced step to draw (default: the last)")
     ap.add_argument("--out", default=None, help="PNG path (default: TRACES/timeline.png)")
     ap.add_argument("--json", action="store_true", help="print the bubble figures as one JSON line")
+    ap.add_argument("--no-png", action="store_true", help="only the figures (no matplotlib needed)")
     a = ap.parse_args()
     ranks = load(a.traces)
     steps = sorted({e["args"]["step"] for _, ev in ranks.values() for e in ev})
@@ -72,6 +73,8 @@ def main():
         for r, (busy, span, idle) in sorted(per.items()):
             print(f"{ranks[r][0]}: busy {busy:.1f} ms of {span:.1f} ms, bubble {100 * idle:.1f}%")
         print(f"theory (P - 1) / (M + P - 1) with P = {stages}, M = {micro}: {100 * theory:.1f}%")
+    if a.no_png:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
