@@ -91,6 +91,7 @@ PipeStepResult PipelineDriver::train_step(const data::Sampler& sampler, std::int
   mesh_->pp().allreduce(loss, comm::ReduceOp::kSum).wait();
   r.loss = loss.data_as<float>()[0];
   training_ = false;
+  last_ = r.stats;
   return r;
 }
 

@@ -49,6 +49,8 @@ class PipelineDriver : private parallel::PipelineStage {
   float evaluate(const data::Sampler& sampler, int batches);
 
   int slots() const { return slots_; }
+  // The last train_step's statistics.
+  const parallel::PipeStats& last_stats() const { return last_; }
   void set_trace(parallel::Trace* trace) { executor_.set_trace(trace); }
 
  private:
@@ -76,6 +78,7 @@ class PipelineDriver : private parallel::PipelineStage {
   double loss_sum_ = 0;
   // The hook's range starting at offset 0, held back until the embedding group has summed wte.
   std::pair<std::int64_t, std::int64_t> held_{0, 0};
+  parallel::PipeStats last_;
 };
 
 // Every parameter's full tensor (TP = 1 layout, wte padded to 128 rows, model.safetensors'

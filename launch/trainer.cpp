@@ -226,6 +226,10 @@ StepMetrics Trainer::step(int step) {
                     trace_steps_.end());
   trace_.set_step(m.step);
   m.loss = forward_backward(step, scale);
+  if (pipe_) {
+    m.pipe_wait_ms = pipe_->last_stats().wait_ms;
+    m.pipe_compute_ms = pipe_->last_stats().compute_ms;
+  }
   const auto t_reduce = Clock::now();
   if (!pipe_) trace_.complete("forward+backward", parallel::Trace::kCompute, t0, t_reduce);
   if (reducer_) reduce(m);
