@@ -40,8 +40,6 @@ def main():
             waits = [r for r in pp if "pipe_wait_ms" in r]
             if len(waits) != STEPS or any(r["pipe_compute_ms"] <= 0 or r["pipe_wait_ms"] < 0 for r in waits):
                 sys.exit(f"FAIL: PP = {n}: expected pipe_wait_ms and pipe_compute_ms in every step's record")
-            if "pipeline wait" not in out:
-                sys.exit(f"FAIL: PP = {n}: the progress line has no pipeline wait:\n{out}")
             sample = [r["sample"] for r in pp if "sample" in r]
             if not sample or sample != one_sample:
                 sys.exit(f"FAIL: PP = {n} sample {sample!r} differs from one process's {one_sample!r}")
