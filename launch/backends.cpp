@@ -1,5 +1,6 @@
 #include "launch/backends.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/config.hpp"
@@ -128,6 +129,20 @@ DeviceComms open_device_comms(const TrainConfig& cfg, comm::Communicator* world,
   if (choice.dp_nccl) out.dp = comm::nccl_communicator(mesh.distributed() ? mesh.dp() : *world, o);
   if (choice.tp_nccl) out.tp = comm::nccl_communicator(mesh.tp(), o);
   out.summary = choice.summary;
+  // Pipeline stages: NCCL send/recv between stages when no two ranks of the job share a GPU
+  // (then no PP group does); else the mesh's MPI group, device tensors staged through the host.
+  if (mesh.pp_size() > 1 && want != "mpi") {
+    std::vector<std::string> sorted = uuids;
+    std::sort(sorted.begin(), sorted.end());
+    const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+    MT_CHECK(distinct || want != "nccl",
+             "comm.backend = \"nccl\": ranks share a GPU, and NCCL allows one rank per GPU in the "
+             "pipeline group; start one rank per GPU or use comm.backend = \"auto\"");
+    if (distinct) {
+      out.pp = comm::nccl_communicator(mesh.pp(), o);
+      out.summary += out.summary.empty() ? "PP over NCCL" : ", PP over NCCL";
+    }
+  }
 #endif
   return out;
 }

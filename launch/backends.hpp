@@ -47,6 +47,8 @@ CommChoice choose_comm_backend(const std::string& want, const std::vector<std::s
 // gradient norm) and checkpoints.
 struct DeviceComms {
   comm::Communicator dp, tp;
+  // Pipeline point-to-point (train.pp > 1) over NCCL, when every rank has its own GPU.
+  comm::Communicator pp;
   std::string summary;  // "DP over NCCL, TP over MPI (...)" for the banner; "" when nothing to say
 };
 // Collective over `world` (null: one process): the ranks exchange their GPUs' identities and

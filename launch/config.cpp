@@ -1,7 +1,9 @@
 #include "launch/config.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -263,6 +265,13 @@ const std::vector<Key>& keys() {
               "1: ZeRO-1, AdamW on this rank's 1/DP shard (sharded Adam state)"),
       int_key("train", "tp", &TrainConfig::tp, 1, 1 << 16,
               "tensor-parallel size K: mpirun -np N runs DP = N/K x TP = K, TP innermost"),
+      int_key("train", "pp", &TrainConfig::pp, 1, 1 << 16,
+              "pipeline-parallel size P: mpirun -np N runs DP = N/(K P) x PP = P x TP = K, PP "
+              "outermost; each stage holds a contiguous block of layers"),
+      string_key("pp", "schedule", &TrainConfig::pp_schedule, {"1f1b", "gpipe"},
+                 "pipeline schedule of the train.grad_accum micro-batches: 1f1b (at most train.pp "
+                 "micro-batches of activations alive per stage) or gpipe (all forward, then all "
+                 "backward)"),
       double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0, 1 << 16,
                  "data parallelism: gradient bucket size in MiB (0 = automatic: an eighth of the "
                  "gradients, 1 to 25 MiB)"),
@@ -288,6 +297,9 @@ const std::vector<Key>& keys() {
       string_key("run", "dir", &TrainConfig::run_dir, {}, "run directory (config, metrics, logs)"),
       int_key("run", "log_every", &TrainConfig::log_every, 1, kMaxInt,
               "print a line every N steps"),
+      string_key("trace", "steps", &TrainConfig::trace_steps, {},
+                 "per-rank Chrome trace-event JSON (Perfetto) of these steps into "
+                 "RUN_DIR/traces: \"5\", \"3-6\" or \"2,5-7\" (empty = off)"),
       int_key("checkpoint", "every", &TrainConfig::ckpt_every, 0, kMaxInt,
               "save a distributed checkpoint every N steps and at the end (0 = never)"),
       int_key("checkpoint", "keep", &TrainConfig::ckpt_keep, 0, kMaxInt,
@@ -366,6 +378,7 @@ std::size_t invalid_utf8_at(std::string_view s) {
 }
 
 void check_combinations(const TrainConfig& c) {
+  trace_steps(c);
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
            "checkpoint.rollback_after ({}) must be below train.max_bad_steps ({}), which stops the "
@@ -467,6 +480,30 @@ TrainConfig load_config(const std::string& path, const std::vector<std::string>&
   return cfg;
 }
 
+std::vector<int> trace_steps(const TrainConfig& cfg) {
+  std::vector<int> out;
+  const std::string& s = cfg.trace_steps;
+  std::size_t at = 0;
+  while (at < s.size()) {
+    const std::size_t end = std::min(s.find(',', at), s.size());
+    const std::string part = s.substr(at, end - at);
+    int lo = 0, hi = 0;
+    char dash = 0;
+    char extra = 0;
+    const int got = std::sscanf(part.c_str(), "%d%c%d%c", &lo, &dash, &hi, &extra);
+    const bool ok =
+        (got == 1 && (hi = lo) >= 1) || (got == 3 && dash == '-' && lo >= 1 && hi >= lo);
+    MT_CHECK(ok && part.find_first_not_of("0123456789-") == std::string::npos,
+             "trace.steps = \"{}\": '{}' is not a step or a range of steps (expected e.g. \"5\", "
+             "\"3-6\" or \"2,5-7\", steps from 1)",
+             s, part);
+    MT_CHECK(hi - lo < 100000, "trace.steps = \"{}\": '{}' spans more than 100000 steps", s, part);
+    for (int v = lo; v <= hi; ++v) out.push_back(v);
+    at = end + 1;
+  }
+  return out;
+}
+
 std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes) {
   if (cfg.dp_bucket_mb <= 0) return parallel::auto_bucket_bytes(grad_bytes);
   return std::max<std::int64_t>(1, static_cast<std::int64_t>(cfg.dp_bucket_mb * (1 << 20)));
@@ -501,6 +538,10 @@ models::GPTConfig model_config(const TrainConfig& c) {
            c.seq_len, m.block_size);
   m.validate();
   m.validate_tp(c.tp);
+  MT_CHECK(m.n_layer >= c.pp,
+           "train.pp = {}: the model's {} layers (model.n_layer) cannot be split into {} pipeline "
+           "stages; every stage needs at least one layer, so train.pp must be at most {}",
+           c.pp, m.n_layer, c.pp, m.n_layer);
   return m;
 }
 

@@ -59,6 +59,11 @@ struct TrainConfig {
   // Tensor parallelism: mpirun -np N runs DP = N / tp x TP = tp, consecutive ranks forming a TP
   // group (TP innermost). The model's heads and padded vocabulary must divide by tp.
   int tp = 1;
+  // Pipeline parallelism: mpirun -np N runs DP = N / (tp x pp) x PP = pp x TP = tp, PP outermost;
+  // each stage holds a contiguous block of layers (parallel/pipeline.hpp), and an optimizer
+  // step's grad_accum micro-batches flow through the stages in pp_schedule's order.
+  int pp = 1;
+  std::string pp_schedule = "1f1b";  // "1f1b" (at most pp micro-batches alive) or "gpipe"
 
   // [eval]
   int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)
@@ -73,6 +78,9 @@ struct TrainConfig {
 
   // [run]
   std::string run_dir = "runs/latest";
+  // Per-rank Chrome trace-event files (RUN_DIR/traces/rank-NNNNN.json, Perfetto) of these
+  // steps: "" (off), "5", "3-6" or "2,5-7" (1-based, as the progress line counts).
+  std::string trace_steps;
   int log_every = 1;
 
   // [checkpoint] distributed checkpoints (parallel/checkpoint.hpp)
@@ -95,6 +103,9 @@ struct TrainConfig {
   // newest if there is one, else a fresh start). Empty: a fresh start.
   std::string resume;
 };
+
+// The steps trace.steps names (1-based). Throws InvalidArgument naming the key and the value.
+std::vector<int> trace_steps(const TrainConfig& cfg);
 
 // The model a config describes (preset plus overrides, vocabulary padded for train.tp); checks it
 // against train.seq_len and train.tp.

@@ -45,7 +45,7 @@ commands:
 )";
 
 constexpr const char* kTrainUsage =
-    R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K]
+    R"(usage: meshtrain train [--config FILE] [--set section.key=value ...] [--device cpu|cuda] [--tp K] [--pp P]
                        [--resume DIR|latest|auto] [--quiet]
 
 Trains a GPT model. With no arguments: a small GPT (6 layers, width 384) on the built-in corpus
@@ -56,6 +56,8 @@ DP = N / K x TP = K (consecutive ranks form a tensor-parallel group).
   --set KEY=VALUE      override one key, e.g. --set train.lr=3e-4 --set data.train=corpus.txt
   --device cpu|cuda    the same as --set train.device=...: cuda trains on one GPU per rank
   --tp K               tensor parallelism over K ranks (= --set train.tp=K)
+  --pp P               pipeline parallelism over P stages (= --set train.pp=P; pp.schedule picks
+                       1f1b or gpipe, train.grad_accum the micro-batches per step)
   --resume CKPT        continue from a checkpoint (checkpoint.every writes them): a directory
                        RUN_DIR/checkpoints/step_N, "latest" (the newest complete one; an error if
                        none) or "auto" (the newest, else a fresh start). Without --config the
@@ -88,6 +90,7 @@ divide by K) and rank 0 prints the text.
 constexpr const char* kPlanUsage =
     R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
                       [--batch B] [--seq T] [--precision P] [--dp N] [--tp K]
+                      [--pp P [--micro M] [--schedule 1f1b|gpipe]]
                       [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
 
 Parameters, training FLOPs per token and memory per rank for a model, and with a compute budget,
@@ -99,6 +102,10 @@ training compute C = 6 N D).
   --precision P          fp32, bf16 (default) or fp16
   --dp N                 data-parallel ranks: also shows what ZeRO-1 (train.zero = 1) saves
   --tp K                 tensor-parallel ranks: memory per rank of a model split K ways
+  --pp P                 pipeline stages: memory per stage (parameters, optimizer, peak
+                         in-flight activations) and the schedule's bubble fraction
+  --micro M              micro-batches per step (= train.grad_accum; default: the config's)
+  --schedule S           1f1b (default) or gpipe (= pp.schedule)
   --budget-flops F       a compute budget in FLOPs, e.g. 1e21
   --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
                          and --mfu (default 0.4)
@@ -290,6 +297,8 @@ int cmd_train(Args a) {
                                  const std::string& v) { sets.push_back("train.device=" + v); })
           .value("--tp",
                  [&](const std::string&, const std::string& v) { sets.push_back("train.tp=" + v); })
+          .value("--pp",
+                 [&](const std::string&, const std::string& v) { sets.push_back("train.pp=" + v); })
           .value("--resume",
                  [&](const std::string&, const std::string& v) {
                    MT_CHECK(!v.empty(), "--resume needs a checkpoint directory, latest or auto");
@@ -509,8 +518,8 @@ void print_budget(double budget_flops, double gpu_hours, double gpu_tflops, doub
 int cmd_plan(Args a) {
   std::string config, model;
   std::vector<std::string> sets;
-  int batch = 0, seq = 0, dp = 1, tp = 0;
-  std::string precision;
+  int batch = 0, seq = 0, dp = 1, tp = 0, pp = 0, micro = 0;
+  std::string precision, schedule;
   double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
   const bool go = Flags("plan", kPlanUsage)
                       .text("--config", &config)
@@ -521,6 +530,9 @@ int cmd_plan(Args a) {
                       .text("--precision", &precision)
                       .number("--dp", 1, 1 << 20, &dp)
                       .number("--tp", 1, 1 << 16, &tp)
+                      .number("--pp", 1, 1 << 16, &pp)
+                      .number("--micro", 1, 1 << 20, &micro)
+                      .text("--schedule", &schedule)
                       .number("--budget-flops", 1, 1e40, &budget_flops)
                       .number("--budget-gpu-hours", 1e-6, 1e12, &gpu_hours)
                       .number("--gpu-tflops", 1e-3, 1e6, &gpu_tflops)
@@ -532,6 +544,9 @@ int cmd_plan(Args a) {
   if (seq > 0) sets.push_back("train.seq_len=" + std::to_string(seq));
   if (batch > 0) sets.push_back("train.batch_size=" + std::to_string(batch));
   if (tp > 0) sets.push_back("train.tp=" + std::to_string(tp));
+  if (pp > 0) sets.push_back("train.pp=" + std::to_string(pp));
+  if (micro > 0) sets.push_back("train.grad_accum=" + std::to_string(micro));
+  if (!schedule.empty()) sets.push_back("pp.schedule=" + schedule);
   // A sequence longer than the preset's default window is a plan question, not an error.
   launch::TrainConfig cfg = launch::load_config(config, sets);
   if (seq == 0 && !model.empty())
@@ -542,6 +557,7 @@ int cmd_plan(Args a) {
       models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp);
   print_memory(cfg, m, policy, dp, mem);
   if (dp > 1) print_zero(cfg, m, policy, dp, mem);
+  if (cfg.pp > 1) launch::print_pipeline_plan(cfg, m, policy, dp);
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) print_budget(budget_flops, gpu_hours, gpu_tflops, mfu);
   return 0;

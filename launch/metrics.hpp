@@ -23,6 +23,11 @@ struct StepMetrics {
   // share of the reduction's busy time that overlapped backward instead, and that busy time
   // (parallel/grad_reducer.hpp defines both).
   double comm_wait_ms = 0;
+  // Pipeline parallelism (NaN without it): milliseconds this rank waited on its neighbour stages
+  // (receives before a compute that needs them, sends before their buffer is reused), and its
+  // forward and backward compute time, in the step's schedule; the rest of the phase is bubble.
+  double pipe_wait_ms = std::numeric_limits<double>::quiet_NaN();
+  double pipe_compute_ms = std::numeric_limits<double>::quiet_NaN();
   double comm_hidden = 0;
   double comm_ms = 0;
   // The gradient reduction's wait after backward on the DP rank that waited least and the one

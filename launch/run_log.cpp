@@ -39,9 +39,20 @@ std::string format_duration(double s) {
   return fmt::format("{}s", total);
 }
 
+std::string reduce_summary(const StepMetrics& m);
+
 // The progress line's communication part: this rank's wait and, with DP > 1, the reduction's
 // least and most wait over the ranks (a wide spread is a straggler, not the network).
 std::string comm_summary(const StepMetrics& m) {
+  // Under PP: rank 0's (the first stage's) wait on its neighbour and its bubble share.
+  const std::string pipe = std::isnan(m.pipe_wait_ms)
+                               ? std::string()
+                               : fmt::format(" | pipeline wait {:.1f} ms, compute {:.1f} ms",
+                                             m.pipe_wait_ms, m.pipe_compute_ms);
+  return pipe + reduce_summary(m);
+}
+
+std::string reduce_summary(const StepMetrics& m) {
   if (std::isnan(m.reduce_wait_min_ms))
     return fmt::format(" | comm wait {:.1f} ms, {:.0f}% hidden", m.comm_wait_ms,
                        100.0 * m.comm_hidden);
@@ -147,6 +158,10 @@ void RunLog::step(const StepMetrics& m, int log_every, bool comm) {
            {"comm_hidden", m.comm_hidden},
            {"comm_ms", m.comm_ms},
            {"comm_clock", m.comm_device_timed ? "device" : "host"}};
+    if (!std::isnan(m.pipe_wait_ms)) {
+      c["pipe_wait_ms"] = m.pipe_wait_ms;
+      c["pipe_compute_ms"] = m.pipe_compute_ms;
+    }
     if (!std::isnan(m.reduce_wait_min_ms)) {
       c["reduce_wait_min_ms"] = m.reduce_wait_min_ms;
       c["reduce_wait_max_ms"] = m.reduce_wait_max_ms;

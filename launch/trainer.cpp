@@ -30,6 +30,10 @@ double seconds_since(Clock::time_point t0) {
 // named as such, whatever the model.
 const TrainConfig& checked_layout(const TrainConfig& cfg, const comm::Communicator* world) {
   const int ranks = world != nullptr ? world->size() : 1;
+  MT_CHECK(cfg.pp == 1 || ranks % (cfg.tp * cfg.pp) == 0,
+           "train.pp = {} x train.tp = {} needs a multiple of {} ranks (mpirun -np N runs DP = N / "
+           "{} x PP = {} x TP = {}); this job has {}",
+           cfg.pp, cfg.tp, cfg.tp * cfg.pp, cfg.tp * cfg.pp, cfg.pp, cfg.tp, ranks);
   MT_CHECK(ranks % cfg.tp == 0,
            "train.tp = {} needs a multiple of {} ranks (mpirun -np N runs DP = N / {} x TP = {}); "
            "this job has {}",
@@ -82,7 +86,7 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
                                                 "automatic: the cores this process may use "
                                                 "shared by {} rank(s) on this node",
                                                 std::max(1, local.size));
-  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp);
+  if (world != nullptr && world->size() > 1) mesh_ = parallel::Mesh(*world, cfg_.tp, cfg_.pp);
   gpu_ = open_device(cfg_, local.rank);
   comms_ = open_device_comms(cfg_, world, mesh_, gpu_.get());
   // Everything this job could refuse is checked, on every rank, before the run directory is
@@ -95,9 +99,20 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     check_memory(cfg_, model_cfg_, policy_, world != nullptr ? world->size() : 1, local.size,
                  gpu_free_bytes(gpu_.get()));
     open_data();
-    model_ =
-        std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
+    model_ = std::make_unique<models::GPT>(
+        model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()),
+        mesh_.pp_size() > 1
+            ? parallel::stage_range(model_cfg_.n_layer, mesh_.pp_size(), mesh_.pp_rank())
+            : parallel::StageRange{});
     build_optimizer();
+    if (mesh_.pp_size() > 1) {
+      pipe_ = std::make_unique<PipelineDriver>(
+          *model_, mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(),
+          parallel::parse_pipe_schedule(cfg_.pp_schedule), cfg_.grad_accum, cfg_.batch_size,
+          cfg_.seq_len);
+      pipe_->set_trace(&trace_);
+    }
+    trace_steps_ = launch::trace_steps(cfg_);
     inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
     targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   } catch (...) {
@@ -189,9 +204,14 @@ void Trainer::start_log() {
   b.model = model_cfg_.str();
   b.precision = std::string(policy_.name());
   b.device = gpu_ ? gpu_->name() : fmt::format("{} thread(s) ({})", cpu_threads(), threads_why_);
-  if (mesh_.distributed())
+  if (mesh_.distributed() && mesh_.pp_size() > 1) {
+    b.layout = fmt::format(" per rank | {} ranks: DP {} x PP {} ({}, {} micro-batches) x TP {}",
+                           mesh_.world_size(), mesh_.dp_size(), mesh_.pp_size(), cfg_.pp_schedule,
+                           cfg_.grad_accum, mesh_.tp_size());
+  } else if (mesh_.distributed()) {
     b.layout = fmt::format(" per rank | {} ranks: DP {} x TP {}", mesh_.world_size(),
                            mesh_.dp_size(), mesh_.tp_size());
+  }
   b.comm = comms_.summary;
   b.train_tokens = data_->train().tokens();
   b.val_tokens = data_->val() ? data_->val()->tokens() : 0;
@@ -220,13 +240,26 @@ StepMetrics Trainer::step(int step) {
   m.total_steps = cfg_.steps;
   m.lr = schedule_.at(step);
   const float scale = policy_.loss_scaling ? scaler_.scale() : 1.0f;
+  trace_.set_active(std::find(trace_steps_.begin(), trace_steps_.end(), m.step) !=
+                    trace_steps_.end());
+  trace_.set_step(m.step);
   m.loss = forward_backward(step, scale);
+  if (pipe_) {
+    m.pipe_wait_ms = pipe_->last_stats().wait_ms;
+    m.pipe_compute_ms = pipe_->last_stats().compute_ms;
+  }
+  const auto t_reduce = Clock::now();
+  if (!pipe_) trace_.complete("forward+backward", parallel::Trace::kCompute, t0, t_reduce);
   if (reducer_) reduce(m);
+  const auto t_opt = Clock::now();
+  if (reducer_) trace_.complete("DP reduce (wait)", parallel::Trace::kData, t_reduce, t_opt);
   stop_.post(world_);  // read in end_step: the update hides it
   const parallel::GradNorm norm = optimizer_->grad_norm(scale);
   m.grad_norm = norm.norm;
   m.comm_wait_ms += norm.wait_ms;
   if (accept(m)) m.comm_wait_ms += optimizer_->step(m.lr, step + 1 - skipped_, m.grad_norm, scale);
+  trace_.complete("optimizer", parallel::Trace::kOptimizer, t_opt, Clock::now());
+  trace_.set_active(false);
   end_step(m, t0);
   return m;
 }
@@ -234,6 +267,11 @@ StepMetrics Trainer::step(int step) {
 // This rank's micro-batches of step `step`, forward and backward; the gradients accumulate and
 // the last micro-step's backward starts their reduction. Returns this rank's mean loss.
 float Trainer::forward_backward(int step, float loss_scale) {
+  if (pipe_)
+    return pipe_
+        ->train_step(data_->train(), static_cast<std::int64_t>(step + data_skip_) * cfg_.grad_accum,
+                     loss_scale)
+        .loss;
   model_->zero_grads();
   double loss_sum = 0.0;
   for (int micro = 0; micro < cfg_.grad_accum; ++micro) {
@@ -324,6 +362,7 @@ Tensor Trainer::master_weights() {
 float Trainer::evaluate() {
   const data::Sampler* val = data_->val();
   if (val == nullptr) return std::numeric_limits<float>::quiet_NaN();
+  if (pipe_) return pipe_->evaluate(*val, cfg_.eval_batches);
   double sum = 0.0;
   for (int i = 0; i < cfg_.eval_batches; ++i) {
     val->batch(i, 0, 1, inputs_, targets_);
@@ -403,8 +442,23 @@ int Trainer::roll_back(int failed_at) {
 // replicas skip sampling. Rank 0 alone writes and prints.
 std::string Trainer::sample(int at_step) {
   if (mesh_.dp_rank() != 0) return {};
+  if (pipe_) return sample_pipeline(at_step);
   const std::string s = generate(cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
                                  cfg_.seed + static_cast<std::uint64_t>(at_step));
+  log_.sample(at_step, s);
+  return s;
+}
+
+std::string Trainer::sample_pipeline(int at_step) {
+  // The compute parameters (what a non-pipelined sample decodes with), as fp32 flat weights.
+  const Tensor params = Tensor::from_floats(model_->flat_params().to_floats(),
+                                            Shape{model_->num_parameters()}, DType::kF32);
+  const auto weights = gather_pipeline_weights(*model_, params, mesh_);
+  if (!is_root()) return {};
+  std::unique_ptr<models::GPT> whole = whole_model(model_cfg_, policy_, weights);
+  const std::string s =
+      generate_text(*whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens, cfg_.temperature,
+                    cfg_.top_k, cfg_.seed + static_cast<std::uint64_t>(at_step));
   log_.sample(at_step, s);
   return s;
 }
@@ -428,11 +482,25 @@ TrainResult Trainer::finish(const Progress& p) {
   r.peak_rss_mib = mem.peak_rss_mib;
   log_.memory(cfg_.steps, mem);
   save_final_weights();
+  write_trace();
   if (cfg_.sample_tokens > 0) r.sample = sample(cfg_.steps);
   if (comms_.dp.valid()) comms_.dp.finalize();
   if (comms_.tp.valid()) comms_.tp.finalize();
+  if (comms_.pp.valid()) comms_.pp.finalize();
   mesh_.finalize();
   return r;
+}
+
+// Every rank writes its own file (rank 0 created the run directory before any step).
+void Trainer::write_trace() {
+  if (trace_steps_.empty()) return;
+  const fs::path dir = fs::path(cfg_.run_dir) / "traces";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  trace_.write((dir / fmt::format("rank-{:05}.json", mesh_.world_rank())).string(),
+               mesh_.world_rank(),
+               fmt::format("rank {}: stage {}, dp {}, tp {}", mesh_.world_rank(), mesh_.pp_rank(),
+                           mesh_.dp_rank(), mesh_.tp_rank()));
 }
 
 // What this rank holds for training (the same on every rank of a layout, but for ZeRO-1's last
@@ -458,6 +526,12 @@ MemoryReport Trainer::memory_report() {
 void Trainer::save_final_weights() {
   if (!optimizer_->holds_whole_master()) final_master_ = optimizer_->gather_master();
   if (mesh_.dp_rank() != 0) return;
+  if (pipe_) {
+    const auto weights = gather_pipeline_weights(*model_, master_weights(), mesh_);
+    if (is_root())
+      save_weights((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights, to_toml(cfg_));
+    return;
+  }
   const auto weights = gather_weights(*model_, master_weights(), parallel::TPGroup(mesh_.tp()));
   if (is_root())
     save_weights((fs::path(cfg_.run_dir) / "model.safetensors").string(), weights, to_toml(cfg_));

@@ -26,6 +26,7 @@
 #include "launch/config.hpp"
 #include "launch/metrics.hpp"
 #include "launch/preemption.hpp"
+#include "launch/pipeline_driver.hpp"
 #include "launch/run_log.hpp"
 #include "launch/schedule.hpp"
 #include "models/gpt.hpp"
@@ -111,6 +112,9 @@ class Trainer {
   bool should_roll_back(const StepMetrics& m) const;
   int roll_back(int failed_at);
   std::string sample(int at_step);
+  // Under PP: the whole model gathered onto world rank 0, which decodes alone (collective over
+  // DP replica 0's ranks).
+  std::string sample_pipeline(int at_step);
   TrainResult finish(const Progress& p);
   // Stops after `step` on a signal (launch/preemption.cpp); r: the totals so far.
   TrainResult stop_early(TrainResult r, int step);
@@ -147,6 +151,11 @@ class Trainer {
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
   bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
   std::unique_ptr<parallel::DistributedAdamW> optimizer_;
+  std::unique_ptr<PipelineDriver> pipe_;  // train.pp > 1
+  // trace.steps: the steps traced, and this rank's events (written by finish()).
+  std::vector<int> trace_steps_;
+  parallel::Trace trace_;
+  void write_trace();
   Tensor final_master_;  // ZeRO-1 with a 16-bit policy: gathered at the end of run()
   LrSchedule schedule_;
   DynamicLossScaler scaler_;

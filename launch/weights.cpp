@@ -35,7 +35,8 @@ Tensor load_weights(const models::GPT& model, const std::string& path) {
       mine.copy_from(t);
     }
   }
-  MT_CHECK(f.tensors.size() == model.params().size(),
+  // A pipeline stage reads its own tensors out of the whole model's file.
+  MT_CHECK(!model.is_whole() || f.tensors.size() == model.params().size(),
            "'{}' holds {} tensors, the model has {} parameters", path, f.tensors.size(),
            model.params().size());
   return weights;
@@ -44,7 +45,7 @@ Tensor load_weights(const models::GPT& model, const std::string& path) {
 Tensor load_checkpoint_weights(const models::GPT& model, const std::string& dir) {
   Tensor weights = Tensor::empty(Shape{model.num_parameters()}, DType::kF32);
   parallel::load_checkpoint(dir, model.params(), {{"master", weights, {}}}, model.tp().rank(),
-                            model.tp().size());
+                            model.tp().size(), !model.is_whole());
   return weights;
 }
 

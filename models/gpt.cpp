@@ -139,14 +139,51 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   return m;
 }
 
-std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, Indices* idx) {
+MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
+                                     int seq, int tp, int dp, bool zero,
+                                     const parallel::StageRange& stage, int in_flight) {
+  MT_CHECK(dp >= 1 && in_flight >= 1, "estimate_stage_memory: dp {} and in_flight {}", dp,
+           in_flight);
+  MemoryEstimate m;
+  const std::vector<ParamInfo> layout = GPT::param_layout(cfg, tp, stage);
+  const std::int64_t n = layout.back().offset + layout.back().numel();
+  const std::int64_t held = zero && dp > 1 ? (n + dp - 1) / dp : n;
+  m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
+  m.gradients = n * 4;
+  m.master_weights = policy.has_master_copy() ? held * 4 : 0;
+  m.optimizer_state = 2 * held * 4;
+  m.gradient_shard = zero && dp > 1 ? held * 4 : 0;
+  m.optimizer_elements = held;
+  const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
+  const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
+  // As estimate_memory, per micro-batch slot: the stage's layers and its output; the head's
+  // lnf, logits and fp32 statistics on the last stage.
+  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
+                                 static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
+  const int last = stage.last_layer < 0 ? cfg.n_layer : stage.last_layer;
+  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a;
+  if (stage.head) slot += bt * c * a + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4;
+  const std::int64_t scratch = bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp;
+  m.activations = in_flight * slot + scratch;
+  return m;
+}
+
+std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, parallel::StageRange stage,
+                                         Indices* idx) {
   cfg.validate();
   cfg.validate_tp(tp);
+  if (stage.last_layer < 0) stage.last_layer = cfg.n_layer;
+  MT_CHECK(stage.first_layer >= 0 && stage.first_layer < stage.last_layer &&
+               stage.last_layer <= cfg.n_layer,
+           "GPT stage: layers [{}, {}) are not a non-empty range of the model's {} layers",
+           stage.first_layer, stage.last_layer, cfg.n_layer);
   std::vector<ParamInfo> params;
+  Indices ix;
   std::int64_t n = 0;
-  // full: the unsharded shape; shard_dim -1 = replicated.
-  auto add = [&](const std::string& name, const Shape& full, bool decay, int shard_dim = -1,
-                 int shard_parts = 1) {
+  // full: the unsharded shape; shard_dim -1 = replicated. global: the parameter's index in the
+  // whole model (2 embeddings, 12 per layer, then ln_f).
+  auto add = [&](const std::string& name, const Shape& full, bool decay, int global,
+                 int shard_dim = -1, int shard_parts = 1) {
     ParamInfo p;
     p.name = name;
     p.shape = shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, shard_parts, tp);
@@ -157,48 +194,61 @@ std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, Indices* 
     p.decay = decay;
     n += p.numel();
     params.push_back(std::move(p));
+    ix.global.push_back(global);
     return static_cast<int>(params.size()) - 1;
   };
-  Indices ix;
   const std::int64_t c = cfg.n_embd;
-  ix.wte = add("wte.weight", Shape{cfg.padded_vocab, c}, true, 0);
-  // The rows past the real vocabulary are padding whose count depends on the layout.
-  params[ix.wte].real_rows = cfg.vocab_size;
-  ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, true);
-  for (int l = 0; l < cfg.n_layer; ++l) {
+  // wte first: on the embedding stage for the lookup (and the head, when it has both), on a
+  // head-only stage as the LM head's tied copy. At offset 0 its gradient is final last.
+  if (stage.embedding || stage.head) {
+    ix.wte = add("wte.weight", Shape{cfg.padded_vocab, c}, true, 0, 0);
+    // The rows past the real vocabulary are padding whose count depends on the layout.
+    params[ix.wte].real_rows = cfg.vocab_size;
+    params[ix.wte].tied_copy = !stage.embedding;
+  }
+  if (stage.embedding) ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, true, 1);
+  for (int l = stage.first_layer; l < stage.last_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
+    const int g = 2 + 12 * l;
     Layer L;
-    L.ln1_w = add(p + "ln_1.weight", Shape{c}, false);
-    L.ln1_b = add(p + "ln_1.bias", Shape{c}, false);
+    L.ln1_w = add(p + "ln_1.weight", Shape{c}, false, g);
+    L.ln1_b = add(p + "ln_1.bias", Shape{c}, false, g + 1);
     // Column-parallel, Q, K and V each split by heads.
-    L.qkv_w = add(p + "attn.c_attn.weight", Shape{3 * c, c}, true, 0, 3);
-    L.qkv_b = add(p + "attn.c_attn.bias", Shape{3 * c}, false, 0, 3);
+    L.qkv_w = add(p + "attn.c_attn.weight", Shape{3 * c, c}, true, g + 2, 0, 3);
+    L.qkv_b = add(p + "attn.c_attn.bias", Shape{3 * c}, false, g + 3, 0, 3);
     // Row-parallel: split along its input (the heads); the bias is replicated.
-    L.proj_w = add(p + "attn.c_proj.weight", Shape{c, c}, true, 1);
-    L.proj_b = add(p + "attn.c_proj.bias", Shape{c}, false);
-    L.ln2_w = add(p + "ln_2.weight", Shape{c}, false);
-    L.ln2_b = add(p + "ln_2.bias", Shape{c}, false);
-    L.fc_w = add(p + "mlp.c_fc.weight", Shape{4 * c, c}, true, 0);
-    L.fc_b = add(p + "mlp.c_fc.bias", Shape{4 * c}, false, 0);
-    L.fcproj_w = add(p + "mlp.c_proj.weight", Shape{c, 4 * c}, true, 1);
-    L.fcproj_b = add(p + "mlp.c_proj.bias", Shape{c}, false);
+    L.proj_w = add(p + "attn.c_proj.weight", Shape{c, c}, true, g + 4, 1);
+    L.proj_b = add(p + "attn.c_proj.bias", Shape{c}, false, g + 5);
+    L.ln2_w = add(p + "ln_2.weight", Shape{c}, false, g + 6);
+    L.ln2_b = add(p + "ln_2.bias", Shape{c}, false, g + 7);
+    L.fc_w = add(p + "mlp.c_fc.weight", Shape{4 * c, c}, true, g + 8, 0);
+    L.fc_b = add(p + "mlp.c_fc.bias", Shape{4 * c}, false, g + 9, 0);
+    L.fcproj_w = add(p + "mlp.c_proj.weight", Shape{c, 4 * c}, true, g + 10, 1);
+    L.fcproj_b = add(p + "mlp.c_proj.bias", Shape{c}, false, g + 11);
     ix.layers.push_back(L);
   }
-  ix.lnf_w = add("ln_f.weight", Shape{c}, false);
-  ix.lnf_b = add("ln_f.bias", Shape{c}, false);
-  MT_ASSERT(n == cfg.num_parameters_per_rank(tp), "{} vs {}", n, cfg.num_parameters_per_rank(tp));
+  if (stage.head) {
+    ix.lnf_w = add("ln_f.weight", Shape{c}, false, 2 + 12 * cfg.n_layer);
+    ix.lnf_b = add("ln_f.bias", Shape{c}, false, 3 + 12 * cfg.n_layer);
+  }
+  const bool whole =
+      stage.embedding && stage.head && stage.first_layer == 0 && stage.last_layer == cfg.n_layer;
+  MT_ASSERT(!whole || n == cfg.num_parameters_per_rank(tp), "{} vs {}", n,
+            cfg.num_parameters_per_rank(tp));
   if (idx != nullptr) *idx = std::move(ix);
   return params;
 }
 
-std::vector<ParamInfo> GPT::param_layout(const GPTConfig& cfg, int tp) {
-  return build_layout(cfg, tp, nullptr);
+std::vector<ParamInfo> GPT::param_layout(const GPTConfig& cfg, int tp, parallel::StageRange stage) {
+  return build_layout(cfg, tp, stage, nullptr);
 }
 
-GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, parallel::TPGroup tp)
-    : cfg_(cfg), policy_(policy), device_(&device), tp_(tp) {
+GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, parallel::TPGroup tp,
+         parallel::StageRange stage)
+    : cfg_(cfg), policy_(policy), device_(&device), tp_(tp), stage_(stage) {
   Indices ix;
-  params_ = build_layout(cfg_, tp_.size(), &ix);
+  params_ = build_layout(cfg_, tp_.size(), stage_, &ix);
+  if (stage_.last_layer < 0) stage_.last_layer = cfg_.n_layer;
   heads_ = cfg_.n_head / tp_.size();
   vocab_start_ = static_cast<std::int64_t>(cfg_.padded_vocab / tp_.size()) * tp_.rank();
   wte_ = ix.wte;
@@ -206,7 +256,8 @@ GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, pa
   lnf_w_ = ix.lnf_w;
   lnf_b_ = ix.lnf_b;
   layers_ = std::move(ix.layers);
-  num_params_ = cfg_.num_parameters_per_rank(tp_.size());
+  global_ = std::move(ix.global);
+  num_params_ = params_.back().offset + params_.back().numel();
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
   grads_flat_ = Tensor::zeros(Shape{num_params_}, DType::kF32, device);
 }
@@ -239,11 +290,14 @@ Tensor GPT::initial_weights(std::uint64_t seed) const {
                                          p.full_shape, DType::kF32));
     } else {
       const bool residual = p.name.find("c_proj.weight") != std::string::npos;
-      fill_normal(full, Philox(seed, i), 0.0f, residual ? 0.02f * residual_scale : 0.02f);
+      // Drawn by the parameter's index in the whole model: every pipeline split (and the tied
+      // copy of wte) gets the values of the same model.
+      fill_normal(full, Philox(seed, static_cast<std::uint64_t>(global_[i])), 0.0f,
+                  residual ? 0.02f * residual_scale : 0.02f);
     }
     // Padded vocabulary rows are zero: they are never a target, and their logits never win
     // because cross-entropy ignores those columns.
-    if (static_cast<int>(i) == wte_ && cfg_.padded_vocab > cfg_.vocab_size)
+    if (global_[i] == 0 && cfg_.padded_vocab > cfg_.vocab_size)
       full.slice(cfg_.vocab_size, cfg_.padded_vocab - cfg_.vocab_size).zero_();
     if (split) parallel::copy_shard(m, full, p.shard_dim, p.shard_parts, tp_.rank(), tp_.size());
   }
@@ -257,14 +311,18 @@ void GPT::set_weights(const Tensor& weights) {
   if (weights.data() != params_flat_.data()) params_flat_.copy_from(weights);
 }
 
-void GPT::ensure_activations(int batch, int seq) {
-  if (batch == batch_ && seq == seq_) return;
+GPT::Micro& GPT::ensure_activations(int slot, int batch, int seq) {
+  MT_CHECK(slot >= 0 && slot < 4096, "GPT: activation slot {} out of range", slot);
+  if (static_cast<int>(micro_.size()) <= slot) micro_.resize(static_cast<std::size_t>(slot) + 1);
+  Micro& mb = micro_[static_cast<std::size_t>(slot)];
+  ensure_scratch(batch, seq);
+  if (batch == mb.batch && seq == mb.seq) return mb;
   Device& d = *device_;
   const DType a = policy_.activation;
   // c: the residual width (replicated under TP); cl: this rank's heads' width.
   const std::int64_t b = batch, t = seq, c = cfg_.n_embd, cl = c / tp_.size();
-  acts_.clear();
-  for (int l = 0; l < cfg_.n_layer; ++l) {
+  mb.layers.clear();
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
     LayerActs x;
     x.residual = Tensor::empty(Shape{b, t, c}, a, d);
     x.ln1 = Tensor::empty(Shape{b, t, c}, a, d);
@@ -279,22 +337,34 @@ void GPT::ensure_activations(int batch, int seq) {
     x.ln2_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
     x.fch = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
     x.fch_gelu = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
-    acts_.push_back(std::move(x));
+    mb.layers.push_back(std::move(x));
   }
-  residual_out_ = Tensor::empty(Shape{b, t, c}, a, d);
-  lnf_ = Tensor::empty(Shape{b, t, c}, a, d);
-  lnf_mean_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
-  lnf_rstd_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
-  logits_ = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
-  losses_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
-  lse_ = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  mb.residual_out = Tensor::empty(Shape{b, t, c}, a, d);
+  if (stage_.head) {
+    mb.lnf = Tensor::empty(Shape{b, t, c}, a, d);
+    mb.lnf_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    mb.lnf_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    mb.logits = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
+    mb.losses = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    mb.lse = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  }
+  mb.batch = batch;
+  mb.seq = seq;
+  return mb;
+}
+
+void GPT::ensure_scratch(int batch, int seq) {
+  if (batch == scratch_batch_ && seq == scratch_seq_) return;
+  Device& d = *device_;
+  const DType a = policy_.activation;
+  const std::int64_t b = batch, t = seq, c = cfg_.n_embd, cl = c / tp_.size();
   dresidual_ = Tensor::empty(Shape{b, t, c}, a, d);
   dln_ = Tensor::empty(Shape{b, t, c}, a, d);
   datty_ = Tensor::empty(Shape{b, t, cl}, a, d);
   dqkv_ = Tensor::empty(Shape{b, t, 3 * cl}, a, d);
   dfch_ = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
-  batch_ = batch;
-  seq_ = seq;
+  scratch_batch_ = batch;
+  scratch_seq_ = seq;
 }
 
 std::int64_t GPT::activation_bytes() const {
@@ -302,18 +372,41 @@ std::int64_t GPT::activation_bytes() const {
   auto add = [&](const Tensor& t) {
     if (t.defined()) total += static_cast<std::int64_t>(t.nbytes());
   };
-  for (const LayerActs& x : acts_) {
-    for (const Tensor* t : {&x.residual, &x.ln1, &x.ln1_mean, &x.ln1_rstd, &x.qkv, &x.atty, &x.lse,
-                            &x.residual2, &x.ln2, &x.ln2_mean, &x.ln2_rstd, &x.fch, &x.fch_gelu})
+  for (const Micro& mb : micro_) {
+    for (const LayerActs& x : mb.layers) {
+      for (const Tensor* t :
+           {&x.residual, &x.ln1, &x.ln1_mean, &x.ln1_rstd, &x.qkv, &x.atty, &x.lse, &x.residual2,
+            &x.ln2, &x.ln2_mean, &x.ln2_rstd, &x.fch, &x.fch_gelu})
+        add(*t);
+    }
+    for (const Tensor* t :
+         {&mb.residual_out, &mb.lnf, &mb.lnf_mean, &mb.lnf_rstd, &mb.logits, &mb.losses, &mb.lse})
       add(*t);
   }
-  for (const Tensor* t : {&residual_out_, &lnf_, &lnf_mean_, &lnf_rstd_, &logits_, &losses_, &lse_,
-                          &dresidual_, &dln_, &datty_, &dqkv_, &dfch_})
-    add(*t);
+  for (const Tensor* t : {&dresidual_, &dln_, &datty_, &dqkv_, &dfch_}) add(*t);
   return total;
 }
 
 float GPT::forward(const Tensor& tokens, const Tensor& targets) {
+  return forward_micro(0, tokens, targets);
+}
+
+void GPT::backward(float loss_multiplier) {
+  backward_micro(0, loss_multiplier, Tensor());
+}
+
+Tensor GPT::stage_input(int slot, int batch, int seq) {
+  return ensure_activations(slot, batch, seq).layers[0].residual;
+}
+
+Tensor GPT::stage_output(int slot) const {
+  MT_CHECK(slot >= 0 && slot < static_cast<int>(micro_.size()) &&
+               micro_[static_cast<std::size_t>(slot)].residual_out.defined(),
+           "GPT::stage_output: slot {} has no forward", slot);
+  return micro_[static_cast<std::size_t>(slot)].residual_out;
+}
+
+float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) {
   MT_CHECK(tokens.defined() && tokens.dtype() == DType::kI32 && tokens.ndim() == 2,
            "GPT forward: tokens must be int32 [B, T], got {}", tokens.str());
   const int b = static_cast<int>(tokens.dim(0)), t = static_cast<int>(tokens.dim(1));
@@ -326,33 +419,38 @@ float GPT::forward(const Tensor& tokens, const Tensor& targets) {
              "GPT forward: targets must be int32 {} like tokens, got {}", tokens.shape().str(),
              targets.str());
   }
-  ensure_activations(b, t);
-  tokens_ = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
-  // Tokens outside the real vocabulary would index padded rows: refuse them.
-  const std::vector<std::int32_t> ids = tokens.to_ints();
-  for (std::size_t i = 0; i < ids.size(); ++i)
-    MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
-             "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
-             "of {}",
-             ids[i], i / t, i % t, cfg_.vocab_size);
-  // Under TP: the embedding is vocab-parallel; in each block the QKV projection and c_fc are
-  // column-parallel (f: no communication), attention runs this rank's heads, and both c_proj
-  // are row-parallel (g: one allreduce each); the LM head is column-parallel over the
-  // vocabulary and feeds the vocab-parallel cross-entropy.
-  if (tp_.active()) {
-    embedding_.forward(acts_[0].residual, ids, b, t, param(wte_), param(wpe_), vocab_start_, tp_);
-  } else {
-    ops::embedding_forward(acts_[0].residual, tokens_, param(wte_), param(wpe_));
+  Micro& mb = ensure_activations(slot, b, t);
+  std::vector<LayerActs>& acts = mb.layers;
+  if (stage_.embedding) {
+    mb.tokens = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
+    // Tokens outside the real vocabulary would index padded rows: refuse them.
+    const std::vector<std::int32_t> ids = tokens.to_ints();
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      MT_CHECK(ids[i] >= 0 && ids[i] < cfg_.vocab_size,
+               "GPT forward: token id {} at (batch {}, position {}) is outside the vocabulary "
+               "of {}",
+               ids[i], i / t, i % t, cfg_.vocab_size);
+    // Under TP: the embedding is vocab-parallel; in each block the QKV projection and c_fc are
+    // column-parallel (f: no communication), attention runs this rank's heads, and both c_proj
+    // are row-parallel (g: one allreduce each); the LM head is column-parallel over the
+    // vocabulary and feeds the vocab-parallel cross-entropy.
+    if (tp_.active()) {
+      mb.embedding.forward(acts[0].residual, ids, b, t, param(wte_), param(wpe_), vocab_start_,
+                           tp_);
+    } else {
+      ops::embedding_forward(acts[0].residual, mb.tokens, param(wte_), param(wpe_));
+    }
   }
+  // (A stage without the embedding received its input into acts[0].residual: stage_input.)
   // Each residual add is fused with the LayerNorm that reads its result
   // (ops::residual_layernorm_forward: the same bits as add then layernorm_forward on the CPU),
   // and the MLP's c_fc with its GELU (ops::linear_gelu_forward: a cuBLASLt epilogue on CUDA).
-  // (validate() ensures n_layer >= 1.)
-  ops::layernorm_forward(acts_[0].ln1, acts_[0].ln1_mean, acts_[0].ln1_rstd, acts_[0].residual,
+  ops::layernorm_forward(acts[0].ln1, acts[0].ln1_mean, acts[0].ln1_rstd, acts[0].residual,
                          param(layers_[0].ln1_w), param(layers_[0].ln1_b));
-  for (int l = 0; l < cfg_.n_layer; ++l) {
-    const Layer& L = layers_[l];
-    LayerActs& x = acts_[l];
+  const int n = static_cast<int>(layers_.size());
+  for (int l = 0; l < n; ++l) {
+    const Layer& L = layers_[static_cast<std::size_t>(l)];
+    LayerActs& x = acts[static_cast<std::size_t>(l)];
     Tensor qkv_b = param(L.qkv_b);
     parallel::column_linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
     ops::attention_forward(x.atty, x.lse, x.qkv, heads_);
@@ -362,67 +460,97 @@ float GPT::forward(const Tensor& tokens, const Tensor& targets) {
                                     x.residual, param(L.ln2_w), param(L.ln2_b));
     Tensor fc_b = param(L.fc_b);
     parallel::column_linear_gelu_forward(x.fch, x.fch_gelu, x.ln2, param(L.fc_w), &fc_b);
-    const bool last = l + 1 == cfg_.n_layer;
-    Tensor& next = last ? residual_out_ : acts_[l + 1].residual;
+    const bool last = l + 1 == n;
+    Tensor& next = last ? mb.residual_out : acts[static_cast<std::size_t>(l) + 1].residual;
     Tensor fcproj_b = param(L.fcproj_b);
     parallel::row_linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b, tp_);
-    if (last) {
-      ops::residual_layernorm_forward(next, lnf_, lnf_mean_, lnf_rstd_, next, x.residual2,
+    if (last && stage_.head) {
+      ops::residual_layernorm_forward(next, mb.lnf, mb.lnf_mean, mb.lnf_rstd, next, x.residual2,
                                       param(lnf_w_), param(lnf_b_));
+    } else if (last) {
+      // The stage's output: the residual stream, whose LayerNorm the next stage computes (the
+      // same bits as the fused op on the CPU).
+      ops::add(next, next, x.residual2);
     } else {
-      LayerActs& nx = acts_[l + 1];
+      LayerActs& nx = acts[static_cast<std::size_t>(l) + 1];
+      const Layer& NL = layers_[static_cast<std::size_t>(l) + 1];
       ops::residual_layernorm_forward(next, nx.ln1, nx.ln1_mean, nx.ln1_rstd, next, x.residual2,
-                                      param(layers_[l + 1].ln1_w), param(layers_[l + 1].ln1_b));
+                                      param(NL.ln1_w), param(NL.ln1_b));
     }
   }
-  parallel::column_linear_forward(logits_, lnf_, param(wte_), nullptr);
-  have_targets_ = targets.defined();
-  if (!have_targets_) return std::numeric_limits<float>::quiet_NaN();
-  targets_ = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
+  if (!stage_.head) {
+    mb.have_targets = true;  // backward takes the output gradient instead
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  parallel::column_linear_forward(mb.logits, mb.lnf, param(wte_), nullptr);
+  mb.have_targets = targets.defined();
+  if (!mb.have_targets) return std::numeric_limits<float>::quiet_NaN();
+  mb.targets = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
   const std::int64_t vocab_local = cfg_.padded_vocab / tp_.size();
-  Tensor logits2d = logits_.view(Shape{static_cast<std::int64_t>(b) * t, vocab_local});
-  Tensor targets1d = targets_.view(Shape{static_cast<std::int64_t>(b) * t});
+  Tensor logits2d = mb.logits.view(Shape{static_cast<std::int64_t>(b) * t, vocab_local});
+  Tensor targets1d = mb.targets.view(Shape{static_cast<std::int64_t>(b) * t});
   const std::vector<std::int32_t> tg = targets.to_ints();
   if (tp_.active()) {
-    cross_entropy_.forward(losses_, logits2d, tg, vocab_start_, cfg_.vocab_size, tp_);
+    mb.cross_entropy.forward(mb.losses, logits2d, tg, vocab_start_, cfg_.vocab_size, tp_);
   } else {
-    ops::cross_entropy_forward(losses_, lse_, logits2d, targets1d, cfg_.vocab_size);
+    ops::cross_entropy_forward(mb.losses, mb.lse, logits2d, targets1d, cfg_.vocab_size);
   }
   std::int64_t counted = 0;
   for (std::int32_t v : tg) counted += v >= 0;
-  valid_targets_ = static_cast<float>(counted);
+  mb.valid_targets = static_cast<float>(counted);
   if (counted == 0) return 0.0f;
   double sum = 0.0;
-  for (float v : losses_.to_floats()) sum += v;
+  for (float v : mb.losses.to_floats()) sum += v;
   return static_cast<float>(sum / static_cast<double>(counted));
 }
 
-void GPT::backward(float loss_multiplier) {
-  MT_CHECK(have_targets_, "GPT backward needs a forward with targets first");
-  const std::int64_t bt = static_cast<std::int64_t>(batch_) * seq_;
-  if (valid_targets_ == 0) return;
-  Tensor logits2d = logits_.view(Shape{bt, cfg_.padded_vocab / tp_.size()});
-  // dlogits overwrite the logits in place: the largest activation is not held twice.
-  if (tp_.active()) {
-    cross_entropy_.backward(logits2d, logits2d, loss_multiplier / valid_targets_);
-  } else {
-    ops::cross_entropy_backward(logits2d, logits2d, lse_, targets_.view(Shape{bt}), cfg_.vocab_size,
-                                loss_multiplier / valid_targets_);
-  }
-  have_targets_ = false;  // the logits are gone
-  Tensor dwte = grad(wte_);
-  parallel::column_linear_backward(&dln_, dwte, nullptr, logits_, lnf_, param(wte_), tp_);
-  Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
-  ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, residual_out_, param(lnf_w_), lnf_mean_,
-                          lnf_rstd_, /*accumulate_dx=*/false);
+void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_grad) {
+  MT_CHECK(slot >= 0 && slot < static_cast<int>(micro_.size()) &&
+               micro_[static_cast<std::size_t>(slot)].have_targets,
+           "GPT backward needs a forward with targets first");
+  Micro& mb = micro_[static_cast<std::size_t>(slot)];
+  std::vector<LayerActs>& acts = mb.layers;
+  ensure_scratch(mb.batch, mb.seq);
+  const std::int64_t bt = static_cast<std::int64_t>(mb.batch) * mb.seq;
   auto ready = [&](int first, int last) {
     if (grads_ready_)
-      grads_ready_(params_[first].offset, params_[last].offset + params_[last].shape.numel());
+      grads_ready_(params_[static_cast<std::size_t>(first)].offset,
+                   params_[static_cast<std::size_t>(last)].offset +
+                       params_[static_cast<std::size_t>(last)].shape.numel());
   };
-  ready(lnf_w_, lnf_b_);
-  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
-    const Layer& L = layers_[l];
-    LayerActs& x = acts_[l];
+  if (stage_.head && mb.valid_targets == 0 && !stage_.embedding) {
+    // No counted target: a zero loss gradient, but the stages before this one still wait for
+    // their input gradient.
+    mb.have_targets = false;
+    dresidual_.zero_();
+    ready(lnf_w_, lnf_b_);
+  } else if (stage_.head) {
+    if (mb.valid_targets == 0) return;
+    Tensor logits2d = mb.logits.view(Shape{bt, cfg_.padded_vocab / tp_.size()});
+    // dlogits overwrite the logits in place: the largest activation is not held twice.
+    if (tp_.active()) {
+      mb.cross_entropy.backward(logits2d, logits2d, loss_multiplier / mb.valid_targets);
+    } else {
+      ops::cross_entropy_backward(logits2d, logits2d, mb.lse, mb.targets.view(Shape{bt}),
+                                  cfg_.vocab_size, loss_multiplier / mb.valid_targets);
+    }
+    mb.have_targets = false;  // the logits are gone
+    Tensor dwte = grad(wte_);
+    parallel::column_linear_backward(&dln_, dwte, nullptr, mb.logits, mb.lnf, param(wte_), tp_);
+    Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
+    ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, mb.residual_out, param(lnf_w_),
+                            mb.lnf_mean, mb.lnf_rstd, /*accumulate_dx=*/false);
+    ready(lnf_w_, lnf_b_);
+  } else {
+    MT_CHECK(output_grad.defined() && output_grad.shape() == mb.residual_out.shape(),
+             "GPT stage backward: the output gradient must be {} like the stage output, got {}",
+             mb.residual_out.shape().str(), output_grad.defined() ? output_grad.str() : "(none)");
+    mb.have_targets = false;
+    dresidual_.copy_from(output_grad);
+  }
+  for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
+    const Layer& L = layers_[static_cast<std::size_t>(l)];
+    LayerActs& x = acts[static_cast<std::size_t>(l)];
     // dresidual holds the gradient of this layer's output.
     Tensor dw = grad(L.fcproj_w), db = grad(L.fcproj_b);
     parallel::row_linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
@@ -451,13 +579,17 @@ void GPT::backward(float loss_multiplier) {
                             x.ln1_rstd, /*accumulate_dx=*/true);
     ready(L.ln1_w, L.ln1_b);
   }
-  Tensor dwpe = grad(wpe_);
-  if (tp_.active()) {
-    embedding_.backward(dwte, dwpe, dresidual_);
-  } else {
-    ops::embedding_backward(dwte, dwpe, dresidual_, tokens_);
+  if (stage_.embedding) {
+    Tensor dwte = grad(wte_), dwpe = grad(wpe_);
+    if (tp_.active()) {
+      mb.embedding.backward(dwte, dwpe, dresidual_);
+    } else {
+      ops::embedding_backward(dwte, dwpe, dresidual_, mb.tokens);
+    }
+    ready(wte_, wpe_);
+  } else if (stage_.head) {
+    ready(wte_, wte_);  // the tied copy: final once every micro-batch's head has run
   }
-  ready(wte_, wpe_);
 }
 
 }  // namespace meshtrain::models
@@ -465,6 +597,10 @@ void GPT::backward(float loss_multiplier) {
 namespace meshtrain::models {
 
 std::vector<float> GPT::decode(std::int32_t token) {
+  MT_CHECK(stage_.embedding && stage_.head && stage_.first_layer == 0 &&
+               stage_.last_layer == cfg_.n_layer,
+           "decode needs the whole model; this object is pipeline stage [{}, {}) of {} layers",
+           stage_.first_layer, stage_.last_layer, cfg_.n_layer);
   MT_CHECK(token >= 0 && token < cfg_.vocab_size,
            "decode: token id {} is outside the vocabulary of {}", token, cfg_.vocab_size);
   MT_CHECK(

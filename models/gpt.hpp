@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "parallel/flat_layout.hpp"
+#include "parallel/pipeline.hpp"
 #include "parallel/tensor_parallel.hpp"
 #include "runtime/precision.hpp"
 #include "runtime/tensor.hpp"
@@ -80,6 +81,14 @@ struct MemoryEstimate {
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                int seq, int tp = 1, int dp = 1, bool zero = false);
 
+// The same for one pipeline stage (parallel/pipeline.hpp) that keeps `in_flight` micro-batches
+// of activations alive (1F1B: P - stage; GPipe: every micro-batch): its parameters (a head-only
+// stage counts its tied copy of wte), their optimizer state, and in_flight x its layers'
+// activations (the head's logits on the last stage) plus one set of backward scratch.
+MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
+                                     int seq, int tp, int dp, bool zero,
+                                     const parallel::StageRange& stage, int in_flight);
+
 // A parameter's place in the flat buffers and its TP sharding (parallel/flat_layout.hpp): names
 // are Hugging Face GPT-2's ("wte.weight", "h.0.attn.c_attn.weight", ...), shapes ours (linear
 // weights are [out, in], as nn.Linear, not HF's Conv1D [in, out]), decay on 2-D weights only.
@@ -96,8 +105,16 @@ class GPT {
   // ParamInfo) and forward, backward and decode are collective over the group: every rank of it
   // calls them in the same order on the same tokens. Throws InvalidArgument (validate_tp) when
   // the model cannot be split K ways. The group's communicator must outlive the model.
+  //
+  // Pipeline parallelism: `stage` (parallel/pipeline.hpp) makes this object one stage of the
+  // model: layers [first_layer, last_layer), the embeddings (wte, wpe) when stage.embedding, and
+  // ln_f, the LM head and the loss when stage.head. A head stage without the embedding holds a
+  // copy of wte for its LM head (ParamSlot::tied_copy, drawn from the same seed, so that the
+  // copies start equal); its gradient must be summed with the first stage's (the embedding
+  // group) before the update, which keeps them equal. The default stage is the whole model,
+  // whose layout, arithmetic and speed are those of a model built without one.
   GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device(),
-      parallel::TPGroup tp = {});
+      parallel::TPGroup tp = {}, parallel::StageRange stage = {});
 
   const GPTConfig& config() const { return cfg_; }
   const PrecisionPolicy& policy() const { return policy_; }
@@ -107,7 +124,15 @@ class GPT {
   // offsets, shards), computed without allocating the model: readers check files against it
   // before anything the size of the model is allocated. Throws InvalidArgument as the
   // constructor does for a config it cannot build.
-  static std::vector<ParamInfo> param_layout(const GPTConfig& cfg, int tp = 1);
+  static std::vector<ParamInfo> param_layout(const GPTConfig& cfg, int tp = 1,
+                                             parallel::StageRange stage = {});
+  // This object's part of the model (the whole model: every layer, embedding and head).
+  const parallel::StageRange& stage() const { return stage_; }
+  // Whether this object is the whole model (not one pipeline stage of it).
+  bool is_whole() const {
+    return stage_.embedding && stage_.head && stage_.first_layer == 0 &&
+           stage_.last_layer == cfg_.n_layer;
+  }
   // Parameters this rank holds (all of them at TP = 1).
   std::int64_t num_parameters() const { return num_params_; }
   const parallel::TPGroup& tp() const { return tp_; }
@@ -139,9 +164,9 @@ class GPT {
   float forward(const Tensor& tokens, const Tensor& targets = Tensor());
   // Logits of the last forward, [B, T, padded_vocab / TP] (this rank's vocabulary columns).
   // Overwritten by backward.
-  const Tensor& logits() const { return logits_; }
+  const Tensor& logits() const { return micro_.empty() ? none_ : micro_[0].logits; }
   // Per-token fp32 losses of the last forward with targets.
-  const Tensor& losses() const { return losses_; }
+  const Tensor& losses() const { return micro_.empty() ? none_ : micro_[0].losses; }
   // Backward of the last forward with targets. Gradients are ACCUMULATED into flat_grads(),
   // of (mean loss) x loss_multiplier: pass 1 / accumulation steps (x the loss scale under fp16).
   void backward(float loss_multiplier = 1.0f);
@@ -167,6 +192,32 @@ class GPT {
   // Bytes of activation buffers currently held.
   std::int64_t activation_bytes() const;
 
+  // ---- pipeline stages: one micro-batch at a time, in activation slots -----------------------
+  //
+  // forward()/backward() above are slot 0 of a whole model. A stage keeps the activations of
+  // each micro-batch in flight in its own slot (slot s holds [B, T] activations from its forward
+  // to its backward; the executor in parallel/pipeline.hpp picks slot = micro % slots).
+  // The boundary between stages is the residual stream [B, T, C] in the activation dtype.
+  //
+  // Forward of one micro-batch in `slot`. tokens: [B, T] int32 (read by the embedding stage;
+  // any stage uses its shape); targets: as forward() (read by the head stage). A stage without
+  // the embedding reads its input from stage_input(slot, B, T). tokens and targets must not
+  // change until the slot's backward. Returns the mean loss on the head stage, NaN elsewhere.
+  float forward_micro(int slot, const Tensor& tokens, const Tensor& targets);
+  // Backward of the slot's forward. output_grad: the gradient of stage_output(slot) (stages
+  // without the head; ignored on the head stage, which starts from its loss). Gradients
+  // accumulate into flat_grads() as backward() does, and the grads-ready hook is called the same
+  // way (a head stage without the embedding reports its wte copy last, as offset 0).
+  void backward_micro(int slot, float loss_multiplier, const Tensor& output_grad);
+  // The buffer the slot's input activations are received into ([B, T, C], allocating the
+  // slot for that shape), for a stage without the embedding.
+  Tensor stage_input(int slot, int batch, int seq);
+  // The slot's output activations after forward_micro (a stage without the head).
+  Tensor stage_output(int slot) const;
+  // After backward_micro on a stage without the embedding: the gradient of its input,
+  // [B, T, C], valid until the next backward.
+  const Tensor& input_grad() const { return dresidual_; }
+
  private:
   struct Layer {
     int ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fcproj_w, fcproj_b;
@@ -176,37 +227,52 @@ class GPT {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, lse, residual2, ln2, ln2_mean, ln2_rstd, fch,
         fch_gelu;
   };
-  void ensure_activations(int batch, int seq);
+  // One micro-batch's activations (a pipeline slot): what backward reads.
+  struct Micro {
+    int batch = 0, seq = 0;
+    std::vector<LayerActs> layers;
+    bool have_targets = false;
+    float valid_targets = 0;
+    Tensor tokens, targets;
+    // residual_out: the stream after the last layer (the stage output); the rest on the head.
+    Tensor residual_out, lnf, lnf_mean, lnf_rstd, logits, losses, lse;
+    // Under TP, per micro-batch: they keep the ids and statistics backward needs.
+    parallel::VocabParallelEmbedding embedding;
+    parallel::VocabParallelCrossEntropy cross_entropy;
+  };
+  Micro& ensure_activations(int slot, int batch, int seq);
+  void ensure_scratch(int batch, int seq);
   // Where the parameters the forward and backward passes use sit in params().
   struct Indices {
     int wte = 0, wpe = 0, lnf_w = 0, lnf_b = 0;
     std::vector<Layer> layers;
+    // Each parameter's index in the whole model's params() (what initialisation draws from).
+    std::vector<int> global;
   };
-  static std::vector<ParamInfo> build_layout(const GPTConfig& cfg, int tp, Indices* idx);
+  static std::vector<ParamInfo> build_layout(const GPTConfig& cfg, int tp,
+                                             parallel::StageRange stage, Indices* idx);
 
   GPTConfig cfg_;
   PrecisionPolicy policy_;
   Device* device_;
   parallel::TPGroup tp_;
+  parallel::StageRange stage_;
   int heads_ = 0;  // heads on this rank: n_head / TP
   std::int64_t vocab_start_ = 0;
-  parallel::VocabParallelEmbedding embedding_, dec_embedding_;
-  parallel::VocabParallelCrossEntropy cross_entropy_;
+  parallel::VocabParallelEmbedding dec_embedding_;
   std::vector<ParamInfo> params_;
   std::int64_t num_params_ = 0;
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
-  std::vector<Layer> layers_;
+  std::vector<Layer> layers_;  // this stage's layers, first to last
+  std::vector<int> global_;
   Tensor params_flat_, grads_flat_;
   GradsReadyHook grads_ready_;
 
-  // Activations for the current [B, T]; reused across steps of the same shape.
-  int batch_ = 0, seq_ = 0;
-  bool have_targets_ = false;
-  float valid_targets_ = 0;
-  Tensor tokens_, targets_;
-  std::vector<LayerActs> acts_;
-  Tensor residual_out_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_, lse_;
-  // Backward scratch.
+  // Activations per slot, each for its [B, T]; reused across steps of the same shape.
+  std::vector<Micro> micro_;
+  Tensor none_;  // logits() and losses() before any forward
+  // Backward scratch, shared by the slots, for [scratch_batch_, scratch_seq_].
+  int scratch_batch_ = 0, scratch_seq_ = 0;
   Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
   // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
   std::vector<Tensor> k_cache_, v_cache_;

@@ -62,13 +62,14 @@ Tensor state_view(const FlatState& s, std::int64_t flat, std::int64_t n) {
 
 // ---- collectives over the whole mesh --------------------------------------------------------
 
-// Max of v over every rank of the mesh (DP group, then TP group: the TP reduction sees every
-// DP group's result).
+// Max of v over every rank of the mesh (DP group, then TP group, then PP group: each reduction
+// sees the previous one's result).
 std::int32_t mesh_max(Mesh& mesh, std::int32_t v) {
   if (!mesh.distributed()) return v;
   Tensor t = Tensor::from_floats({static_cast<float>(v)}, Shape{1}, DType::kF32);
   if (mesh.dp_size() > 1) mesh.dp().allreduce(t, comm::ReduceOp::kMax).wait();
   if (mesh.tp_size() > 1) mesh.tp().allreduce(t, comm::ReduceOp::kMax).wait();
+  if (mesh.pp_size() > 1) mesh.pp().allreduce(t, comm::ReduceOp::kMax).wait();
   return static_cast<std::int32_t>(t.data_as<float>()[0]);
 }
 
@@ -87,15 +88,21 @@ std::vector<std::int32_t> mesh_gather(Mesh& mesh, const std::vector<std::int32_t
     mesh.tp().all_gather(by_dp, all).wait();
   else
     all.copy_from(by_dp);
-  // all[t][d][i] -> out[(d * tp + t)][i]
-  std::vector<std::int32_t> out(all.numel());
-  const std::int32_t* a = all.data_as<std::int32_t>();
-  const int dp = mesh.dp_size(), tp = mesh.tp_size();
-  for (int t = 0; t < tp; ++t)
-    for (int d = 0; d < dp; ++d)
-      for (std::size_t i = 0; i < n; ++i)
-        out[(static_cast<std::size_t>(d) * tp + t) * n + i] =
-            a[(static_cast<std::size_t>(t) * dp + d) * n + i];
+  Tensor stages = Tensor::empty(Shape{all.numel() * mesh.pp_size()}, DType::kI32);
+  if (mesh.pp_size() > 1)
+    mesh.pp().all_gather(all, stages).wait();
+  else
+    stages.copy_from(all);
+  // stages[p][t][d][i] -> out[((p * dp + d) * tp + t)][i] (the world rank's order)
+  std::vector<std::int32_t> out(stages.numel());
+  const std::int32_t* a = stages.data_as<std::int32_t>();
+  const int dp = mesh.dp_size(), tp = mesh.tp_size(), pp = mesh.pp_size();
+  for (int p = 0; p < pp; ++p)
+    for (int t = 0; t < tp; ++t)
+      for (int d = 0; d < dp; ++d)
+        for (std::size_t i = 0; i < n; ++i)
+          out[((static_cast<std::size_t>(p) * dp + d) * tp + t) * n + i] =
+              a[((static_cast<std::size_t>(p) * tp + t) * dp + d) * n + i];
   return out;
 }
 
@@ -432,11 +439,27 @@ void publish(Mesh& mesh, const CheckpointWrite& w, const Written& written,
   c.tp = mesh.tp_size();
   c.zero = w.zero;
   c.state_json = w.state_json;
-  c.slots = w.slots;
+  // Every logical tensor once: under PP each stage's, in stage order, without tied copies.
+  std::vector<ParamSlot> all_slots;
+  if (w.stage_slots.empty()) {
+    all_slots.assign(w.slots.begin(), w.slots.end());
+  } else {
+    MT_ASSERT(static_cast<int>(w.stage_slots.size()) == mesh.pp_size(),
+              "checkpoint: {} stage layouts for {} stages", w.stage_slots.size(), mesh.pp_size());
+    for (const auto& stage : w.stage_slots)
+      for (const ParamSlot& s : stage)
+        if (!s.tied_copy) all_slots.push_back(s);
+  }
+  c.slots = all_slots;
+  const int per_stage = mesh.dp_size() * mesh.tp_size();
   for (int r = 0; r < mesh.world_size(); ++r) {
     c.files.emplace_back(shard_file_name(r), written.files[static_cast<std::size_t>(r)]);
+    std::span<const ParamSlot> slots =
+        w.stage_slots.empty()
+            ? w.slots
+            : std::span<const ParamSlot>(w.stage_slots[static_cast<std::size_t>(r / per_stage)]);
     const std::vector<Piece> pieces =
-        writer_pieces(w.slots, written.runs[static_cast<std::size_t>(r)], kinds, r % mesh.tp_size(),
+        writer_pieces(slots, written.runs[static_cast<std::size_t>(r)], kinds, r % mesh.tp_size(),
                       mesh.tp_size(), r);
     c.pieces.insert(c.pieces.end(), pieces.begin(), pieces.end());
   }
@@ -463,8 +486,9 @@ void publish(Mesh& mesh, const CheckpointWrite& w, const Written& written,
 // ---- loading --------------------------------------------------------------------------------
 
 // Every tensor of the layout must be in the checkpoint with the same full shape (rows of
-// layout-dependent padding excepted), and no other.
-void check_tensors(const Manifest& m, std::span<const ParamSlot> slots, const std::string& w) {
+// layout-dependent padding excepted), and (but for a pipeline stage's) no other.
+void check_tensors(const Manifest& m, std::span<const ParamSlot> slots, const std::string& w,
+                   bool stage) {
   for (const ParamSlot& s : slots) {
     auto t = m.tensors.find(s.name);
     MT_CHECK(t != m.tensors.end(), "{} has no tensor '{}' (another model's checkpoint?)", w,
@@ -481,7 +505,7 @@ void check_tensors(const Manifest& m, std::span<const ParamSlot> slots, const st
              "{}: tensor '{}' has shape {}, the model expects {} (another model's checkpoint?)", w,
              s.name, Shape(t->second).str(), s.full_shape.str());
   }
-  MT_CHECK(m.tensors.size() == slots.size(), "{} holds {} tensors, the model has {}", w,
+  MT_CHECK(stage || m.tensors.size() == slots.size(), "{} holds {} tensors, the model has {}", w,
            m.tensors.size(), slots.size());
 }
 
@@ -643,10 +667,10 @@ void verify_checkpoint(const std::string& dir) {
 }
 
 void load_checkpoint(const std::string& dir, std::span<const ParamSlot> slots,
-                     const std::vector<FlatState>& targets, int tp_rank, int tp_size) {
+                     const std::vector<FlatState>& targets, int tp_rank, int tp_size, bool stage) {
   const Manifest m = read_manifest(dir);
   const std::string w = "checkpoint '" + dir + "'";
-  check_tensors(m, slots, w);
+  check_tensors(m, slots, w, stage);
   const std::int64_t n = flat_numel(slots, "load_checkpoint");
   // A target held as runs loads as one contiguous target per run.
   std::vector<LoadTarget> want;

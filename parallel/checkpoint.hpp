@@ -1,5 +1,6 @@
 // Distributed checkpoints: a directory per step that stores logical (full, unsharded) tensors as
-// pieces with their global offsets, so that a job resumes on any DP x TP layout.
+// pieces with their global offsets, so that a job resumes on any DP x PP x TP layout (each
+// pipeline stage writes and reads the tensors it holds, by name).
 //
 //   ROOT/step_00000100/
 //     manifest.json            step, layout, the caller's state (config, RNG, data, loss scaler),
@@ -92,6 +93,9 @@ struct CheckpointWrite {
   // written by exactly one rank of its TP group (a ZeRO-1 rank passes the runs it owns). Empty:
   // DP rank d writes [d, d + 1) x ceil(n / DP). The states must hold what the rank writes.
   std::vector<FlatRun> writes;
+  // Under pipeline parallelism (mesh.pp_size() > 1): every stage's layout, by stage (world rank
+  // r is stage r / (DP x TP)); `slots` is this rank's stage's. Empty without PP.
+  std::vector<std::vector<ParamSlot>> stage_slots;
   int zero = 0;             // recorded in the manifest's layout: 1 for ZeRO-1 shards
   std::string state_json;   // a JSON object the caller gets back from read_checkpoint_info
   std::string config_toml;  // the job's effective config
@@ -127,14 +131,16 @@ CheckpointInfo read_checkpoint_info(const std::string& dir);
 
 // Fills `targets` (this rank's buffers, fp32 CPU; elements past the slots' flat elements are
 // left alone) from the checkpoint, for TP rank tp_rank of tp_size whose flat buffers are laid
-// out as `slots`, reading only the blocks of the files that hold them (logged: bytes read,
-// time). Checks the checkpoint's tensors against the slots, plans every copy
+// out as `slots` (stage: they are one pipeline stage's, so the checkpoint holds other tensors
+// too; a tied copy loads from its original), reading only the blocks of the files that hold them
+// (logged: bytes read, time). Checks the checkpoint's tensors against the slots, plans every copy
 // (checkpoint_geometry.hpp: each target element covered exactly once), then reads, checking
 // every block against the manifest's checksum before it is used. Throws when a tensor is
 // missing or has another shape, an element is stored twice or not at all, or a file is
 // corrupt; the targets may then be partly written.
 void load_checkpoint(const std::string& dir, std::span<const ParamSlot> slots,
-                     const std::vector<FlatState>& targets, int tp_rank, int tp_size);
+                     const std::vector<FlatState>& targets, int tp_rank, int tp_size,
+                     bool stage = false);
 
 // Checks every file the manifest lists against its size and checksum. Throws on the first
 // mismatch.

@@ -140,6 +140,8 @@ std::vector<Piece> writer_pieces(std::span<const ParamSlot> slots, std::span<con
       const std::int64_t lo = run.flat, hi = run.flat + run.length;
       for (std::size_t i = 0; i < slots.size(); ++i) {
         const ParamSlot& s = slots[i];
+        // A tied copy (the last pipeline stage's wte) equals the original, which is written.
+        if (s.tied_copy) continue;
         // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
         // that the writing stays spread.
         if (s.replicated() && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)

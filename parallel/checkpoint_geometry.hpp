@@ -42,7 +42,8 @@ std::string shard_file_name(int world_rank);
 std::vector<FlatRun> default_writes(std::int64_t flat_numel, int dp_rank, int dp_size);
 
 // The pieces TP rank tp_rank writes for its flat runs (of every state kind), cut along tensors
-// and boxes. A tensor replicated over TP is written by one TP rank, chosen in turn by tensor.
+// and boxes. A tensor replicated over TP is written by one TP rank, chosen in turn by tensor; a
+// tied copy (ParamSlot::tied_copy) is not written (its original is).
 std::vector<Piece> writer_pieces(std::span<const ParamSlot> slots, std::span<const FlatRun> runs,
                                  const std::vector<std::string>& kinds, int tp_rank, int tp_size,
                                  int world_rank);

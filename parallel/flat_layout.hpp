@@ -41,6 +41,11 @@ struct ParamSlot {
   // padded to a multiple of 128 x TP): a checkpoint or weights file need not hold them, and
   // they load as zeros. -1: every row is real.
   std::int64_t real_rows = -1;
+  // A copy of a parameter another pipeline stage holds (GPT-2's tied embedding on the last
+  // stage, for its LM head): its gradient is summed with the original's over the embedding
+  // group, so both update identically; the gradient norm and checkpoints count the original
+  // only.
+  bool tied_copy = false;
 
   std::int64_t numel() const { return shape.numel(); }
   bool replicated() const { return shard_dim < 0; }

@@ -77,12 +77,14 @@ GradNorm DistributedAdamW::grad_norm(float loss_scale) {
   for (const FlatRun& r : owned_)
     share += norm_squared_share(grads.slice(r.local, r.length), r.flat, layout_, mesh_->tp_rank());
   GradNorm out;
-  if (zero_ != nullptr || mesh_->tp_size() > 1) {
+  if (zero_ != nullptr || mesh_->tp_size() > 1 || mesh_->pp_size() > 1) {
     // The shares of the other DP ranks (ZeRO-1: the padding is zero) and TP ranks.
     Tensor sq = Tensor::from_floats({static_cast<float>(share)}, Shape{1}, DType::kF32);
     if (zero_ != nullptr && mesh_->dp().valid())
       mesh_->dp().allreduce(sq, comm::ReduceOp::kSum).wait();
     TPGroup(mesh_->tp()).allreduce(sq);
+    // Each pipeline stage holds other parameters (a tied copy is not counted).
+    if (mesh_->pp_size() > 1) mesh_->pp().allreduce(sq, comm::ReduceOp::kSum).wait();
     share = static_cast<double>(sq.data_as<float>()[0]);
     if (zero_ != nullptr)
       out.wait_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -169,7 +171,7 @@ void DistributedAdamW::read_checkpoint(const std::string& dir) {
     parallel::load_checkpoint(
         dir, layout_,
         {{"master", master_, master_runs}, {"adam_m", m_, runs}, {"adam_v", v_, runs}},
-        mesh_->tp_rank(), mesh_->tp_size());
+        mesh_->tp_rank(), mesh_->tp_size(), mesh_->pp_size() > 1);
     return;
   }
   // On a GPU, through host buffers of the same sizes, given back to the system afterwards.
@@ -178,7 +180,7 @@ void DistributedAdamW::read_checkpoint(const std::string& dir) {
     Tensor m = Tensor::empty(m_.shape(), DType::kF32), v = Tensor::empty(v_.shape(), DType::kF32);
     parallel::load_checkpoint(
         dir, layout_, {{"master", master, master_runs}, {"adam_m", m, runs}, {"adam_v", v, runs}},
-        mesh_->tp_rank(), mesh_->tp_size());
+        mesh_->tp_rank(), mesh_->tp_size(), mesh_->pp_size() > 1);
     master_.copy_from(master);
     m_.copy_from(m);
     v_.copy_from(v);

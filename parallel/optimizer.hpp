@@ -19,7 +19,8 @@
 //
 // The gradient norm is the global one on every rank, each element counted once: split
 // parameters on every TP rank (each holds other elements), replicated ones on TP rank 0 only
-// (norm_squared_share), ZeRO-1 shards summed over DP. The shares are summed in fp64 on a rank
+// (norm_squared_share), ZeRO-1 shards summed over DP, pipeline stages summed over PP (a tied
+// copy of a parameter another stage holds is not counted). The shares are summed in fp64 on a rank
 // and cross ranks as fp32.
 //
 // The update runs ops::adamw_update over this rank's runs, one call per parameter (each has its

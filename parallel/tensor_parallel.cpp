@@ -115,7 +115,7 @@ double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const 
   for (const ParamSlot& p : params) {
     const std::int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel());
     if (b <= a) continue;
-    if (p.replicated() && tp_rank != 0) {
+    if ((p.replicated() && tp_rank != 0) || p.tied_copy) {
       flush();
       continue;
     }

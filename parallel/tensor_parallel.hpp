@@ -70,6 +70,9 @@ Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int pa
 
 // ---- gradient norm ---------------------------------------------------------------------------
 
+// The sum of squares of the gradient elements [lo, lo + grads.numel()) that this rank counts in
+// the global norm: split parameters always, replicated ones on TP rank 0 only, tied copies
+// (ParamSlot::tied_copy) never.
 double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const ParamSlot> params,
                           int tp_rank);
 

@@ -258,7 +258,7 @@ stage_test() {
   # which the VM does not offer).
   enough 45 "ctest" || return 0
   say "ctest: the tests that touch the GPU"
-  local filter=(-R 'CudaStream|CudaDevice|comm_nccl|runtime_ops_vs_torch_cuda|TrainerTest\.(Cuda|Nccl)|CommChoice')
+  local filter=(-R 'CudaStream|CudaDevice|comm_nccl|runtime_ops_vs_torch_cuda|TrainerTest\.(Cuda|Nccl)|TrainerPp\.Cuda|CommChoice')
   [[ ${MESHTRAIN_GPU_CHECK_FULL_CTEST:-0} == 1 ]] && filter=(-E 'netns|CudaOps\.')
   timeout "$(cap 300)" ctest --test-dir build/cuda -j 8 --timeout "$(cap 240 20)" "${filter[@]}" \
     --output-on-failure > "$out/ctest.log" 2>&1

@@ -25,17 +25,18 @@ auto fields(const TrainConfig& c) {
                data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, device,
                seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
                beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
-               dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches, sample_every,
-               sample_tokens, temperature, top_k, prompt, run_dir, log_every, ckpt_every, ckpt_keep,
-               ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
+               dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches,
+               sample_every, sample_tokens, temperature, top_k, prompt, run_dir, trace_steps,
+               log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
+               model_init, resume] = c;
   return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
                   data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
                   device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction,
                   weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb,
-                  dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches,
-                  sample_every, sample_tokens, temperature, top_k, prompt, run_dir, log_every,
-                  ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
-                  model_init, resume);
+                  dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule, eval_every,
+                  eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
+                  trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after,
+                  max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -145,8 +146,8 @@ TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
   EXPECT_HAS(file_error("[train]\nsteps = 3\n\nlrr = 0.1\n"),
              "job.toml:4: unknown key 'train.lrr'; keys of [train] are: steps, batch_size");
   EXPECT_HAS(file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
-             "job.toml:3: unknown section [optim]: expected one of model, data, train, dp, comm, "
-             "eval, sample, run, checkpoint");
+             "job.toml:3: unknown section [optim]: expected one of model, data, train, pp, dp, "
+             "comm, eval, sample, run, trace, checkpoint");
   EXPECT_HAS(file_error("steps = 3\n"),
              "job.toml:1: 'steps' must be a section ([steps]); top-level keys are not allowed");
   // TOML syntax errors carry line and column.
@@ -352,6 +353,26 @@ TEST_F(ConfigTest, KeyTableDocumentsEveryKey) {
     EXPECT_FALSE(k.help.empty()) << k.key;
     EXPECT_FALSE(k.type.empty()) << k.key;
   }
+}
+
+// Pipeline keys: train.pp, pp.schedule (interleaved is not offered yet), trace.steps, and more
+// stages than the model has layers.
+TEST_F(ConfigTest, PipelineAndTraceKeys) {
+  const TrainConfig c = load_config("", {"train.pp=4", "pp.schedule=gpipe", "trace.steps=2,5-7"});
+  EXPECT_EQ(c.pp, 4);
+  EXPECT_EQ(c.pp_schedule, "gpipe");
+  EXPECT_EQ(trace_steps(c), (std::vector<int>{2, 5, 6, 7}));
+  EXPECT_HAS(set_error("pp.schedule=interleaved"), "pp.schedule");
+  EXPECT_HAS(set_error("train.pp=0"), "train.pp");
+  EXPECT_HAS(set_error("trace.steps=0"), "trace.steps = \"0\"");
+  EXPECT_HAS(set_error("trace.steps=7-3"), "trace.steps = \"7-3\"");
+  EXPECT_HAS(set_error("trace.steps=1,x"), "'x' is not a step");
+  TrainConfig t;
+  t.model_preset = "gpt-tiny";  // 2 layers
+  t.seq_len = 64;
+  t.pp = 3;
+  EXPECT_HAS(error_of([&] { model_config(t); }),
+             "train.pp = 3: the model's 2 layers (model.n_layer) cannot be split into 3");
 }
 
 TEST_F(ConfigTest, ModelConfigChecksTheCombination) {

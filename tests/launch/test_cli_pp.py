@@ -1,0 +1,74 @@
+"""`mpirun -np N meshtrain train --pp P` as a user runs it: in the fp32 policy PP = N (a
+5-layer model: uneven stages) trains for 20 steps to the losses, gradient norms and weights
+(model.safetensors, gathered from every stage) of one process on the same global batch, under
+1f1b and gpipe; at 4 ranks also PP 2 x TP 2 and DP 2 x PP 2; rank 0 alone prints; the
+end-of-training sample is the one-process sample; evaluation runs through the pipeline; bad
+layouts (PP not dividing the ranks, more stages than layers, an unknown schedule) end the job
+with a clear error before any step and leave no run directory behind."""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_cli_tp import compare, expect_error, run, train, STEPS  # noqa: E402
+
+FIVE = ("--set", "model.n_layer=5", "--set", "train.grad_clip=1.0")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--meshtrain", required=True)
+    ap.add_argument("--mpiexec", required=True)
+    ap.add_argument("--ranks", type=int, required=True)
+    a = ap.parse_args()
+    n = a.ranks
+    mpi = a.mpiexec.split() + [str(n), a.meshtrain]
+    loss_tol, param_tol = 1e-5, 2e-4
+    with tempfile.TemporaryDirectory() as tmp:
+        d = lambda name: os.path.join(tmp, name)
+        m = 2 * n + 1
+        acc = ("--set", f"train.grad_accum={m}")
+        _, one = train([a.meshtrain], d("one"), 1, (*FIVE, *acc))
+        one_sample = [r["sample"] for r in one if "sample" in r]
+        for sched in ("1f1b", "gpipe"):
+            out, pp = train(mpi, d(sched), 1, (*FIVE, *acc, "--pp", str(n), "--set", f"pp.schedule={sched}"))
+            if out.count("done:") != 1:
+                sys.exit(f"FAIL: expected one 'done:' line (rank 0 only), got:\n{out}")
+            compare(f"PP = {n} {sched}", one, d("one"), pp, d(sched), loss_tol, param_tol)
+            waits = [r for r in pp if "pipe_wait_ms" in r]
+            if len(waits) != STEPS or any(r["pipe_compute_ms"] <= 0 or r["pipe_wait_ms"] < 0 for r in waits):
+                sys.exit(f"FAIL: PP = {n}: expected pipe_wait_ms and pipe_compute_ms in every step's record")
+            sample = [r["sample"] for r in pp if "sample" in r]
+            if not sample or sample != one_sample:
+                sys.exit(f"FAIL: PP = {n} sample {sample!r} differs from one process's {one_sample!r}")
+        # Evaluation through the pipeline matches one process's.
+        ev = ("--set", "data.val_fraction=0.1", "--set", "eval.every=10", "--set", "eval.batches=3")
+        _, one_ev = train([a.meshtrain], d("one_ev"), 1, (*FIVE, *acc, *ev))
+        _, pp_ev = train(mpi, d("pp_ev"), 1, (*FIVE, *acc, *ev, "--pp", str(n)))
+        v1 = [r["val_loss"] for r in one_ev if "val_loss" in r]
+        v2 = [r["val_loss"] for r in pp_ev if "val_loss" in r]
+        if not v1 or len(v1) != len(v2) or any(abs(x - y) > 1e-5 * abs(x) for x, y in zip(v1, v2)):
+            sys.exit(f"FAIL: validation losses under PP {v2} differ from one process's {v1}")
+        if n == 4:
+            _, one2 = train([a.meshtrain], d("one2"), 2, (*FIVE, "--set", "train.grad_accum=3"))
+            _, pptp = train(mpi, d("pptp"), 2, (*FIVE, "--set", "train.grad_accum=3", "--pp", "2", "--tp", "2"))
+            compare("PP 2 x TP 2", one2, d("one2"), pptp, d("pptp"), loss_tol, param_tol)
+            _, dppp = train(mpi, d("dppp"), 1, (*FIVE, "--set", "train.grad_accum=3", "--pp", "2",
+                                                "--set", "train.zero=1"))
+            compare("DP 2 x PP 2, ZeRO-1", one2, d("one2"), dppp, d("dppp"), loss_tol, param_tol)
+    never = "/tmp/meshtrain-pp-never"
+    base = ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32", "--set", f"run.dir={never}"]
+    expect_error(mpi + base + ["--pp", str(n + 1)], f"train.pp = {n + 1}", "PP not dividing the ranks")
+    # gpt-tiny has 2 layers.
+    if n > 2:
+        expect_error(mpi + base + ["--pp", str(n)], "model.n_layer", "more stages than layers")
+    expect_error(mpi + base + ["--pp", "2", "--set", "pp.schedule=zigzag"], "pp.schedule", "unknown schedule")
+    if os.path.exists(never):
+        sys.exit("FAIL: a refused job left a run directory behind")
+    print(f"ok: PP = {n} matches one process over {STEPS} steps")
+
+
+if __name__ == "__main__":
+    main()
