@@ -12,7 +12,9 @@
 #include "launch/checkpointing.hpp"
 #include "launch/default_corpus.hpp"
 #include "launch/generate.hpp"
+#include "launch/tokenize.hpp"
 #include "launch/weights.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/log.hpp"
 #include "runtime/threads.hpp"
 
@@ -70,8 +72,8 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
   gpu_ = open_device(cfg_, local.rank);
   comms_ = open_device_comms(cfg_, world, mesh_, gpu_.get());
   open_data();
-  model_ =
-      std::make_unique<models::GPT>(model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()));
+  model_ = std::make_unique<models::Decoder>(model_cfg_, policy_, device(),
+                                             parallel::TPGroup(tp_comm()));
   build_optimizer();
   inputs_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
   targets_ = Tensor::empty(Shape{cfg_.batch_size, cfg_.seq_len}, DType::kI32);
@@ -111,19 +113,51 @@ void Trainer::open_data() {
       std::ofstream(path, std::ios::binary) << default_corpus();
     train.push_back(path);
   }
-  data_ =
-      std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
-                                      cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  // Text is tokenized with data.tokenizer into private shards (each rank its own, removed once
+  // mapped), or refused under a vocabulary that is not bytes (launch/tokenize.hpp).
+  if (!cfg_.data_tokenizer.empty()) tokenizer_.emplace(Tokenizer::from_file(cfg_.data_tokenizer));
+  const std::string token_dir =
+      (fs::temp_directory_path() /
+       fmt::format("meshtrain-tokens-{}-{}", ::getpid(), mesh_.world_rank()))
+          .string();
+  const Tokenizer* tok = tokenizer_ ? &*tokenizer_ : nullptr;
+  const int vocab = model_cfg_.vocab_size();
+  std::vector<std::string> val = cfg_.val_files;
+  try {
+    train = text_files_to_shards(train, cfg_.data_format, tok, vocab, token_dir, cpu_threads());
+    val =
+        text_files_to_shards(val, cfg_.data_format, tok, vocab, token_dir + "-val", cpu_threads());
+    data_ = std::make_unique<data::Dataset>(
+        train, val, data::parse_format(tok != nullptr ? "auto" : cfg_.data_format),
+        cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(token_dir, ec);
+    fs::remove_all(token_dir + "-val", ec);
+    throw;
+  }
+  {
+    std::error_code ec;
+    fs::remove_all(token_dir, ec);  // mapped: the data stays readable until unmapped
+    fs::remove_all(token_dir + "-val", ec);
+  }
   if (!private_corpus.empty()) {
     std::error_code ec;
     fs::remove(private_corpus, ec);  // the dataset has it mapped
   }
   MT_CHECK(
-      data_->max_token() < model_cfg_.vocab_size,
+      data_->max_token() < model_cfg_.vocab_size(),
       "the data holds token id {}, outside the model's vocabulary of {} (model.vocab = \"{}\"){}",
-      data_->max_token(), model_cfg_.vocab_size, cfg_.vocab,
+      data_->max_token(), model_cfg_.vocab_size(), cfg_.vocab,
       data_->is_text() ? "" : "; token shards need model.vocab = \"gpt2\"");
-  if (is_root()) create_run_dir(cfg_.run_dir);
+  if (is_root()) {
+    create_run_dir(cfg_.run_dir);
+    // The run keeps its tokenizer: generate and export --hf find it there.
+    const std::string kept = (fs::path(cfg_.run_dir) / "tokenizer.json").string();
+    std::error_code ec;
+    if (tok != nullptr && !fs::equivalent(cfg_.data_tokenizer, kept, ec))
+      write_file_atomic(kept, read_file(cfg_.data_tokenizer, 1ull << 30));
+  }
 }
 
 // The gradient reducer (DP > 1; comm.backend = "nccl" reduces through NCCL even for DP = 1, so
@@ -314,7 +348,8 @@ float Trainer::evaluate() {
 
 std::string Trainer::generate(const std::string& prompt, int tokens, double temperature, int top_k,
                               std::uint64_t seed) {
-  return generate_text(*model_, cfg_.seq_len, prompt, tokens, temperature, top_k, seed);
+  return generate_text(*model_, cfg_.seq_len, prompt, tokens, temperature, top_k, seed,
+                       tokenizer_ ? &*tokenizer_ : nullptr);
 }
 
 TrainResult Trainer::run() {

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,12 +28,13 @@
 #include "launch/metrics.hpp"
 #include "launch/run_log.hpp"
 #include "launch/schedule.hpp"
-#include "models/gpt.hpp"
+#include "models/decoder.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
 #include "parallel/optimizer.hpp"
 #include "runtime/data.hpp"
 #include "runtime/precision.hpp"
+#include "runtime/tokenizer.hpp"
 
 namespace meshtrain::launch {
 
@@ -64,7 +66,8 @@ class Trainer {
   std::string generate(const std::string& prompt, int tokens, double temperature, int top_k,
                        std::uint64_t seed);
 
-  models::GPT& model() { return *model_; }
+  // The model (GPT or Llama family: model.arch); model().gpt() / llama() for the family's own API.
+  models::Decoder& model() { return *model_; }
   const parallel::DistributedAdamW& optimizer() const { return *optimizer_; }
   // The whole fp32 master weights: the optimizer's, or under ZeRO-1 with a 16-bit policy (where
   // each rank holds a shard) the copy gathered at the end of run(). Throws before that.
@@ -120,7 +123,7 @@ class Trainer {
 
   TrainConfig cfg_;
   PrecisionPolicy policy_;
-  models::GPTConfig model_cfg_;
+  models::ModelConfig model_cfg_;
   RunLog log_;
   comm::Communicator* world_ = nullptr;
   // The GPU of this rank under train.device = "cuda" (null on the CPU). Declared before every
@@ -130,8 +133,9 @@ class Trainer {
   // comm.backend: NCCL over the DP and TP groups where chosen (launch/backends.hpp).
   DeviceComms comms_;
   std::unique_ptr<data::Dataset> data_;
-  std::string corpus_path_;  // the built-in corpus, written into the run directory
-  std::unique_ptr<models::GPT> model_;
+  std::string corpus_path_;             // the built-in corpus, written into the run directory
+  std::optional<Tokenizer> tokenizer_;  // data.tokenizer
+  std::unique_ptr<models::Decoder> model_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
   bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
   std::unique_ptr<parallel::DistributedAdamW> optimizer_;

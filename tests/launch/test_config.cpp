@@ -21,21 +21,24 @@ namespace fs = std::filesystem;
 // Every field of TrainConfig, for comparisons. The structured binding names each member, so a
 // member added to TrainConfig stops this from compiling until it is added here too.
 auto fields(const TrainConfig& c) {
-  const auto& [model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
-               data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, device,
-               seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
-               beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
-               dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches, sample_every,
-               sample_tokens, temperature, top_k, prompt, run_dir, log_every, ckpt_every, ckpt_keep,
-               ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
-  return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
-                  data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
-                  device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction,
-                  weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb,
-                  dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, eval_every, eval_batches,
-                  sample_every, sample_tokens, temperature, top_k, prompt, run_dir, log_every,
-                  ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks, model_init,
-                  resume);
+  const auto& [model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
+               intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
+               train_files, val_files, data_format, data_tokenizer, val_fraction, steps, batch_size,
+               seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio, warmup_steps,
+               schedule, decay_fraction, weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps,
+               threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp,
+               eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
+               run_dir, log_every, ckpt_every, ckpt_keep, ckpt_dir, rollback_after, max_rollbacks,
+               model_init, resume] = c;
+  return std::tie(model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
+                  intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
+                  train_files, val_files, data_format, data_tokenizer, val_fraction, steps,
+                  batch_size, seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio,
+                  warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2, eps,
+                  grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
+                  comm_backend, zero, tp, eval_every, eval_batches, sample_every, sample_tokens,
+                  temperature, top_k, prompt, run_dir, log_every, ckpt_every, ckpt_keep, ckpt_dir,
+                  rollback_after, max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -363,9 +366,9 @@ TEST_F(ConfigTest, ModelConfigChecksTheCombination) {
   EXPECT_HAS(error_of([&] { model_config(c); }),
              "model.n_embd (64) must be a multiple of model.n_head (5)");
   c.n_head = 0;
-  EXPECT_EQ(model_config(c).vocab_size, 256);
+  EXPECT_EQ(model_config(c).gpt.vocab_size, 256);
   c.vocab = "gpt2";
-  EXPECT_EQ(model_config(c).padded_vocab, 50304);
+  EXPECT_EQ(model_config(c).gpt.padded_vocab, 50304);
 }
 
 }  // namespace
