@@ -89,7 +89,8 @@ std::vector<std::int32_t> prompt_ids(const models::ModelConfig& model, const Tok
 std::vector<std::int32_t> generate_ids(models::Decoder& model, int window_len,
                                        std::vector<std::int32_t> ids, int tokens,
                                        double temperature, int top_k, std::uint64_t seed,
-                                       const std::function<bool(std::int32_t)>& on_token) {
+                                       const std::function<bool(std::int32_t)>& on_token,
+                                       int vocab_limit) {
   const models::ModelConfig& model_cfg = model.config();
   MT_CHECK(window_len >= 1 && window_len <= model_cfg.block_size(),
            "generate: window {} must be in [1, {}]", window_len, model_cfg.block_size());
@@ -113,7 +114,9 @@ std::vector<std::int32_t> generate_ids(models::Decoder& model, int window_len,
   };
   std::vector<float> logits =
       refill(ids.size() > static_cast<std::size_t>(window_len) ? ids.size() - window_len : 0);
+  const std::size_t limit = vocab_limit > 0 ? static_cast<std::size_t>(vocab_limit) : 0;
   for (int n = 0; n < tokens; ++n) {
+    if (limit > 0 && logits.size() > limit) logits.resize(limit);
     const double u = temperature > 0 ? rng.uniform(static_cast<std::uint64_t>(n)) : 0.0;
     const std::int32_t next = pick(logits, temperature, top_k, u, probs);
     ids.push_back(next);
@@ -139,9 +142,9 @@ std::string generate_text(models::Decoder& model, int window_len, const std::str
       prompt_ids(cfg, tok, tok == nullptr && !bytes ? std::string() : prompt);
   std::optional<std::int32_t> eos;
   if (tok != nullptr) eos = tok->eos_id();
-  const std::vector<std::int32_t> out =
-      generate_ids(model, window_len, start, tokens, temperature, top_k, seed,
-                   [&](std::int32_t id) { return !eos || id != *eos; });
+  const std::vector<std::int32_t> out = generate_ids(
+      model, window_len, start, tokens, temperature, top_k, seed,
+      [&](std::int32_t id) { return !eos || id != *eos; }, tok != nullptr ? tok->vocab_size() : 0);
   std::string text;
   if (tok != nullptr) return prompt + tok->decode(out, true);
   if (bytes) {

@@ -15,12 +15,15 @@ namespace meshtrain::launch {
 // Continues `prompt` (ids, at least one) by up to `tokens` tokens, running the model on a
 // fixed window of window_len positions, and calls on_token(id) as each is chosen (for
 // streaming); stops early when on_token returns false. temperature 0 is greedy; top_k 0
-// samples the whole vocabulary; the draws are a function of seed. Returns the new ids. Under
+// samples the whole vocabulary; the draws are a function of seed. vocab_limit > 0 draws only
+// ids below it: a tokenizer's vocabulary can be smaller than the model's rows (Qwen2: 151,665
+// of 151,936), and ids past it are not tokens. Returns the new ids. Under
 // TP, collective over the model's TP group: its ranks call it together and get the same ids.
 std::vector<std::int32_t> generate_ids(models::Decoder& model, int window_len,
                                        std::vector<std::int32_t> prompt, int tokens,
                                        double temperature, int top_k, std::uint64_t seed,
-                                       const std::function<bool(std::int32_t)>& on_token = {});
+                                       const std::function<bool(std::int32_t)>& on_token = {},
+                                       int vocab_limit = 0);
 
 // The ids a text prompt starts from: with a tokenizer, encode(prompt, true) (Llama 3 puts its
 // bos first), and for an empty prompt its bos, else its eos; with the byte vocabulary, the

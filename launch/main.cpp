@@ -379,7 +379,11 @@ int cmd_train(Args a) {
       "skipped; peak RSS %s MiB%s; run directory %s\n",
       r.steps, r.first_loss, r.final_loss,
       std::isfinite(r.final_val_loss)
-          ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str()
+          ? fmt::format(" (validation {:.4f}{})", r.final_val_loss,
+                        std::isfinite(r.final_val_bits_per_byte)
+                            ? fmt::format(", {:.3f} bits per byte", r.final_val_bits_per_byte)
+                            : std::string())
+                .c_str()
           : "",
       r.unigram_entropy, r.tokens_per_s, r.skipped_steps, rss.c_str(),
       r.peak_rss_mib.size() > 1 ? " (by rank)" : "", cfg.run_dir.c_str());
@@ -473,20 +477,22 @@ int cmd_generate(Args a) {
       std::fflush(stdout);
     }
     bool first = true;
-    launch::generate_ids(model, cfg.seq_len, start, tokens, temperature, top_k, seed,
-                         [&](std::int32_t id) {
-                           if (!root) return !eos || id != *eos;
-                           if (stream && !(eos && id == *eos)) {
-                             std::fputs(stream->push(id).c_str(), stdout);
-                           } else if (bytes && !print_ids) {
-                             std::fputc(static_cast<char>(id), stdout);
-                           } else if (!stream) {
-                             std::printf("%s%d", first ? "" : " ", id);
-                           }
-                           first = false;
-                           std::fflush(stdout);
-                           return !eos || id != *eos;
-                         });
+    launch::generate_ids(
+        model, cfg.seq_len, start, tokens, temperature, top_k, seed,
+        [&](std::int32_t id) {
+          if (!root) return !eos || id != *eos;
+          if (stream && !(eos && id == *eos)) {
+            std::fputs(stream->push(id).c_str(), stdout);
+          } else if (bytes && !print_ids) {
+            std::fputc(static_cast<char>(id), stdout);
+          } else if (!stream) {
+            std::printf("%s%d", first ? "" : " ", id);
+          }
+          first = false;
+          std::fflush(stdout);
+          return !eos || id != *eos;
+        },
+        tok ? tok->vocab_size() : 0);
     if (root) {
       if (stream) std::fputs(stream->finish().c_str(), stdout);
       std::printf("\n");

@@ -192,7 +192,8 @@ std::int64_t tokenize_file_to_shard(const Tokenizer& tok, const std::string& tex
 
 std::vector<std::string> text_files_to_shards(const std::vector<std::string>& files,
                                               const std::string& format, const Tokenizer* tok,
-                                              int vocab_size, const std::string& dir, int threads) {
+                                              int vocab_size, const std::string& dir, int threads,
+                                              TextStats* stats) {
   std::vector<std::string> out;
   int k = 0;
   for (const std::string& f : data::expand_paths(files)) {
@@ -210,6 +211,13 @@ std::vector<std::string> text_files_to_shards(const std::vector<std::string>& fi
                "train on bytes (model.vocab = \"bytes\")",
                f, vocab_size);
       out.push_back(f);
+      if (stats != nullptr) {
+        std::error_code ec;
+        const auto n = static_cast<std::int64_t>(fs::file_size(f, ec));
+        stats->files += 1;
+        stats->bytes += ec ? 0 : n;
+        stats->tokens += ec ? 0 : n;
+      }
       continue;
     }
     MT_CHECK(tok->vocab_size() <= vocab_size,
@@ -220,8 +228,14 @@ std::vector<std::string> text_files_to_shards(const std::vector<std::string>& fi
     MT_CHECK(!ec, "cannot create '{}': {}", dir, ec.message());
     const std::string shard =
         (fs::path(dir) / fmt::format("{:03d}-{}.bin", k++, fs::path(f).stem().string())).string();
-    tokenize_file_to_shard(*tok, f, shard, threads);
+    const std::int64_t n = tokenize_file_to_shard(*tok, f, shard, threads);
     out.push_back(shard);
+    if (stats != nullptr) {
+      std::error_code ec;
+      stats->files += 1;
+      stats->bytes += static_cast<std::int64_t>(fs::file_size(f, ec));
+      stats->tokens += n;
+    }
   }
   return out;
 }

@@ -62,8 +62,12 @@ std::int64_t tokenize_file_to_shard(const Tokenizer& tok, const std::string& tex
 // `dir` when `tok` is given; without one, a text file under a vocabulary other than the byte
 // one (256) throws InvalidArgument naming the file and the fix (its bytes are not that
 // vocabulary's ids). Token shards pass through. Returns the files to open.
+struct TextStats {
+  std::int64_t files = 0, bytes = 0, tokens = 0;  // text files, their bytes and tokens
+};
 std::vector<std::string> text_files_to_shards(const std::vector<std::string>& files,
                                               const std::string& format, const Tokenizer* tok,
-                                              int vocab_size, const std::string& dir, int threads);
+                                              int vocab_size, const std::string& dir, int threads,
+                                              TextStats* stats = nullptr);
 
 }  // namespace meshtrain::launch

@@ -90,6 +90,10 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
 
 Trainer::~Trainer() = default;
 
+double Trainer::bits_per_byte(float val_loss) const {
+  return static_cast<double>(val_loss) / std::log(2.0) / bytes_per_token_;
+}
+
 // The training data: the configured files, or the built-in corpus, which rank 0 writes into the
 // run directory (the other ranks read it from a temporary file). The run directory is created
 // once the data is known to be good (but for the built-in corpus): bad input leaves nothing
@@ -122,11 +126,16 @@ void Trainer::open_data() {
           .string();
   const Tokenizer* tok = tokenizer_ ? &*tokenizer_ : nullptr;
   const int vocab = model_cfg_.vocab_size();
+  TextStats text;
   std::vector<std::string> val = cfg_.val_files;
   try {
-    train = text_files_to_shards(train, cfg_.data_format, tok, vocab, token_dir, cpu_threads());
+    train =
+        text_files_to_shards(train, cfg_.data_format, tok, vocab, token_dir, cpu_threads(), &text);
     val =
         text_files_to_shards(val, cfg_.data_format, tok, vocab, token_dir + "-val", cpu_threads());
+    // Bits per byte need every training file to be text.
+    if (text.files == static_cast<std::int64_t>(train.size()) && text.tokens > 0)
+      bytes_per_token_ = static_cast<double>(text.bytes) / static_cast<double>(text.tokens);
     data_ = std::make_unique<data::Dataset>(
         train, val, data::parse_format(tok != nullptr ? "auto" : cfg_.data_format),
         cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
@@ -377,8 +386,8 @@ void Trainer::after_step(int step) {
   if (cfg_.eval_every > 0 && step % cfg_.eval_every == 0 && step != cfg_.steps) {
     const float vl = evaluate();
     if (std::isfinite(vl)) {
-      log_.eval(step, vl, false);
-      if (eval_cb_) eval_cb_(EvalMetrics{step, vl});
+      log_.eval(step, vl, false, bits_per_byte(vl));
+      if (eval_cb_) eval_cb_(EvalMetrics{step, vl, bits_per_byte(vl)});
     }
   }
   if (cfg_.sample_every > 0 && step % cfg_.sample_every == 0 && step != cfg_.steps) sample(step);
@@ -431,8 +440,9 @@ TrainResult Trainer::finish(const Progress& p) {
                                         static_cast<float>(p.recent.size());
   r.final_val_loss = evaluate();
   if (std::isfinite(r.final_val_loss)) {
-    log_.eval(cfg_.steps, r.final_val_loss, true);
-    if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss});
+    r.final_val_bits_per_byte = bits_per_byte(r.final_val_loss);
+    log_.eval(cfg_.steps, r.final_val_loss, true, r.final_val_bits_per_byte);
+    if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss, r.final_val_bits_per_byte});
   }
   r.tokens_per_s = p.seconds > 0 ? p.tokens / p.seconds : 0;
   r.unigram_entropy = unigram_entropy_;

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -135,6 +136,10 @@ class Trainer {
   std::unique_ptr<data::Dataset> data_;
   std::string corpus_path_;             // the built-in corpus, written into the run directory
   std::optional<Tokenizer> tokenizer_;  // data.tokenizer
+  // Bytes of training text per token (1 for text as bytes), NaN for token shards: what turns a
+  // loss into bits per byte (EvalMetrics::val_bits_per_byte).
+  double bytes_per_token_ = std::numeric_limits<double>::quiet_NaN();
+  double bits_per_byte(float val_loss) const;
   std::unique_ptr<models::Decoder> model_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
   bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
