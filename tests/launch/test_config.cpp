@@ -371,5 +371,39 @@ TEST_F(ConfigTest, ModelConfigChecksTheCombination) {
   EXPECT_EQ(model_config(c).gpt.padded_vocab, 50304);
 }
 
+TEST_F(ConfigTest, ModelArchSelectsTheLlamaFamily) {
+  TrainConfig c;
+  c.model_preset = "llama-tiny";
+  c.seq_len = 64;
+  const models::ModelConfig m = model_config(c);
+  EXPECT_EQ(m.arch, "llama");
+  EXPECT_EQ(m.llama.n_kv_head, 2);
+  EXPECT_EQ(m.vocab_size(), 256);
+  c.model_arch = "qwen2";
+  EXPECT_TRUE(model_config(c).llama.qkv_bias);
+  c.model_arch = "gpt2";
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.arch = gpt2 does not fit model.preset");
+  c.model_arch = "auto";
+  c.n_kv_head = 3;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (3) must divide");
+  c.n_kv_head = 0;
+  c.tie_embeddings = "true";
+  c.tp = 2;
+  EXPECT_TRUE(model_config(c).llama.tie_word_embeddings);
+  EXPECT_EQ(model_config(c).llama.padded_vocab, 256);
+  c.tp = 4;  // 2 KV heads over 4 ranks: replication is not implemented, and says so
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (2)");
+  c.tp = 1;
+  c.model_preset = "gpt-tiny";
+  c.tie_embeddings = "auto";
+  c.intermediate_size = 100;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "apply to model.arch = llama or qwen2");
+  c.intermediate_size = 0;
+  c.model_preset = "llama-tiny";
+  c.hf_config = (dir_ / "config.json").string();
+  c.n_layer = 3;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.hf_config");
+}
+
 }  // namespace
 }  // namespace meshtrain::launch
