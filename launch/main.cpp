@@ -472,8 +472,12 @@ int cmd_generate(Args a) {
     const bool bytes = !tok && unsplit.vocab_size() == 256;
     std::optional<std::int32_t> eos;
     if (tok) eos = tok->eos_id();
-    if (root && !print_ids && (stream || bytes) && prompt_id_text.empty()) {
-      std::fputs((have_prompt ? prompt : cfg.prompt).c_str(), stdout);
+    // The prompt first, as the model reads it: the text given, or the bytes it starts from
+    // (an empty prompt on the byte vocabulary starts from a newline).
+    if (root && !print_ids && prompt_id_text.empty()) {
+      if (stream) std::fputs((have_prompt ? prompt : cfg.prompt).c_str(), stdout);
+      if (bytes)
+        for (std::int32_t id : start) std::fputc(static_cast<char>(id), stdout);
       std::fflush(stdout);
     }
     bool first = true;
