@@ -21,10 +21,28 @@ namespace {
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
-Json model_json(const models::GPTConfig& m) {
-  return Json{{"n_layer", m.n_layer},       {"n_head", m.n_head},
-              {"n_embd", m.n_embd},         {"block_size", m.block_size},
-              {"vocab_size", m.vocab_size}, {"padded_vocab", m.padded_vocab}};
+Json model_json(const models::ModelConfig& mc) {
+  if (mc.is_gpt()) {
+    const models::GPTConfig& m = mc.gpt;
+    return Json{{"n_layer", m.n_layer},       {"n_head", m.n_head},
+                {"n_embd", m.n_embd},         {"block_size", m.block_size},
+                {"vocab_size", m.vocab_size}, {"padded_vocab", m.padded_vocab}};
+  }
+  // What the checkpoint's tensors mean; block_size (the positions run) and the rope settings
+  // may change on resume (a longer context), as may the eps.
+  const models::LlamaConfig& m = mc.llama;
+  return Json{{"arch", m.arch},
+              {"n_layer", m.n_layer},
+              {"n_head", m.n_head},
+              {"n_kv_head", m.n_kv_head},
+              {"n_embd", m.n_embd},
+              {"intermediate_size", m.intermediate_size},
+              {"head_dim", m.head_size()},
+              {"vocab_size", m.vocab_size},
+              {"padded_vocab", m.padded_vocab},
+              {"tie_word_embeddings", m.tie_word_embeddings},
+              {"qkv_bias", m.qkv_bias},
+              {"o_bias", m.o_bias}};
 }
 
 template <typename T>
@@ -69,7 +87,7 @@ std::string checkpoint_state_json(const CheckpointState& s) {
 }
 
 CheckpointState parse_checkpoint_state(const std::string& dir, const std::string& state_json,
-                                       const models::GPTConfig& model) {
+                                       const models::ModelConfig& model) {
   Json state;
   try {
     state = Json::parse(state_json);

@@ -20,7 +20,7 @@ std::string resolve_resume(const TrainConfig& cfg);
 // What a checkpoint's manifest carries for the trainer beyond the tensors ("state"): the model
 // it belongs to, the optimizer's and loss scaler's counters and the data position.
 struct CheckpointState {
-  models::GPTConfig model;
+  models::ModelConfig model;
   std::string precision;
   std::uint64_t seed = 0;
   int skipped_steps = 0, bad_in_a_row = 0;
@@ -37,6 +37,6 @@ std::string checkpoint_state_json(const CheckpointState& s);
 // model the same (padded_vocab aside, which depends on the layout). Throws InvalidArgument
 // naming the checkpoint `dir` and the field.
 CheckpointState parse_checkpoint_state(const std::string& dir, const std::string& state_json,
-                                       const models::GPTConfig& model);
+                                       const models::ModelConfig& model);
 
 }  // namespace meshtrain::launch

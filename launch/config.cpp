@@ -13,10 +13,12 @@
 
 #include <toml++/toml.h>
 
+#include "launch/hf_llama.hpp"
 #include "launch/toml_guard.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "runtime/error.hpp"
 #include "runtime/file_io.hpp"
+#include "runtime/tokenizer.hpp"
 
 namespace meshtrain::launch {
 namespace {
@@ -209,14 +211,27 @@ Key strings_key(std::string section, std::string name,
 const std::vector<Key>& keys() {
   constexpr double kMaxInt = std::numeric_limits<std::int32_t>::max();
   static const std::vector<Key> table = {
-      string_key("model", "preset", &TrainConfig::model_preset,
-                 {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-small", "gpt-tiny"},
-                 "model size preset"),
+      string_key("model", "preset", &TrainConfig::model_preset, models::ModelConfig::preset_names(),
+                 "model size preset (GPT-2 or Llama family)"),
+      string_key("model", "arch", &TrainConfig::model_arch, {"auto", "gpt2", "llama", "qwen2"},
+                 "decoder family: auto = the preset's; qwen2 = llama with q/k/v biases"),
       int_key("model", "n_layer", &TrainConfig::n_layer, 0, 1024, "layers (0 = preset)"),
       int_key("model", "n_head", &TrainConfig::n_head, 0, 1024, "attention heads (0 = preset)"),
       int_key("model", "n_embd", &TrainConfig::n_embd, 0, 65536, "width (0 = preset)"),
       int_key("model", "block_size", &TrainConfig::block_size, 0, 1 << 20,
               "maximum sequence length (0 = preset)"),
+      int_key("model", "n_kv_head", &TrainConfig::n_kv_head, 0, 1024,
+              "key/value heads, llama/qwen2 (0 = preset)"),
+      int_key("model", "intermediate_size", &TrainConfig::intermediate_size, 0, 1 << 22,
+              "SwiGLU MLP width, llama/qwen2 (0 = preset)"),
+      double_key("model", "rope_theta", &TrainConfig::rope_theta, 0, 1e12,
+                 "rotary embedding base, llama/qwen2 (0 = preset)"),
+      double_key("model", "rms_norm_eps", &TrainConfig::rms_norm_eps, 0, 1,
+                 "RMSNorm epsilon, llama/qwen2 (0 = preset)"),
+      string_key("model", "tie_embeddings", &TrainConfig::tie_embeddings, {"auto", "true", "false"},
+                 "LM head tied to the embedding, llama/qwen2 (auto = preset)"),
+      string_key("model", "hf_config", &TrainConfig::hf_config, {},
+                 "a Hugging Face Llama/Qwen2 config.json defining the model (import --hf)"),
       string_key("model", "vocab", &TrainConfig::vocab, {"auto", "bytes", "gpt2"},
                  "bytes: 256 symbols (text); gpt2: 50257 tokens (token shards); auto: by preset"),
       string_key("model", "init", &TrainConfig::model_init, {},
@@ -228,6 +243,9 @@ const std::vector<Key>& keys() {
                   "validation files; empty = the last val_fraction of the training files"),
       string_key("data", "format", &TrainConfig::data_format, {"auto", "tokens", "text"},
                  "auto: .bin files are token shards, others text"),
+      string_key("data", "tokenizer", &TrainConfig::data_tokenizer, {},
+                 "a Hugging Face tokenizer.json: text is tokenized with it and the model's "
+                 "vocabulary is its size"),
       double_key("data", "val_fraction", &TrainConfig::val_fraction, 0, 0.5,
                  "share of each training file held out for validation"),
       int_key("train", "steps", &TrainConfig::steps, 1, kMaxInt, "optimizer steps"),
@@ -509,7 +527,13 @@ std::int64_t dp_bucket_bytes(const TrainConfig& cfg, std::int64_t grad_bytes) {
   return std::max<std::int64_t>(1, static_cast<std::int64_t>(cfg.dp_bucket_mb * (1 << 20)));
 }
 
-models::GPTConfig model_config(const TrainConfig& c) {
+namespace {
+
+int tokenizer_vocab(const TrainConfig& c) {
+  return Tokenizer::from_file(c.data_tokenizer).vocab_size();
+}
+
+models::GPTConfig gpt_config(const TrainConfig& c) {
   models::GPTConfig m = models::GPTConfig::preset(c.model_preset);
   if (c.n_layer) m.n_layer = c.n_layer;
   if (c.n_head) m.n_head = c.n_head;
@@ -517,6 +541,7 @@ models::GPTConfig model_config(const TrainConfig& c) {
   if (c.block_size) m.block_size = c.block_size;
   const bool bytes = c.vocab == "bytes" || (c.vocab == "auto" && m.vocab_size == 256);
   m.vocab_size = bytes ? 256 : 50257;
+  if (c.vocab == "auto" && !c.data_tokenizer.empty()) m.vocab_size = tokenizer_vocab(c);
   // Under tensor parallelism every rank holds an equal, 128-aligned slice of the vocabulary.
   m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
   MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
@@ -542,6 +567,103 @@ models::GPTConfig model_config(const TrainConfig& c) {
            "train.pp = {}: the model's {} layers (model.n_layer) cannot be split into {} pipeline "
            "stages; every stage needs at least one layer, so train.pp must be at most {}",
            c.pp, m.n_layer, c.pp, m.n_layer);
+  return m;
+}
+
+// The Llama family's stages (models/llama.hpp) are not wired to the pipeline executor yet.
+void check_llama_pp(const TrainConfig& c, const std::string& arch) {
+  MT_CHECK(c.pp == 1,
+           "train.pp = {}: pipeline parallelism runs model.arch = gpt2 only for now, and this "
+           "model is {}; train it with train.pp = 1 over DP x TP (train.tp, ZeRO-1 with "
+           "train.zero = 1)",
+           c.pp, arch);
+}
+
+models::LlamaConfig llama_config(const TrainConfig& c, const std::string& arch) {
+  models::LlamaConfig m = models::LlamaConfig::preset(c.model_preset);
+  m.arch = arch;
+  if (arch == "qwen2") m.qkv_bias = true;
+  if (c.n_layer) m.n_layer = c.n_layer;
+  if (c.n_head) m.n_head = c.n_head;
+  if (c.n_embd) m.n_embd = c.n_embd;
+  if (c.block_size) m.block_size = c.block_size;
+  if (c.n_kv_head) m.n_kv_head = c.n_kv_head;
+  if (c.intermediate_size) m.intermediate_size = c.intermediate_size;
+  if (c.rope_theta > 0) m.rope.theta = c.rope_theta;
+  if (c.rms_norm_eps > 0) m.rms_norm_eps = static_cast<float>(c.rms_norm_eps);
+  if (c.tie_embeddings != "auto") m.tie_word_embeddings = c.tie_embeddings == "true";
+  if (c.vocab == "bytes") m.vocab_size = 256;
+  if (c.vocab == "gpt2") m.vocab_size = 50257;
+  if (m.vocab_size == 256 || m.vocab_size == 50257) m.bos_id = m.eos_id = -1;
+  if (c.vocab == "auto" && !c.data_tokenizer.empty()) {
+    const Tokenizer tok = Tokenizer::from_file(c.data_tokenizer);
+    m.vocab_size = tok.vocab_size();
+    m.bos_id = tok.bos_id().value_or(-1);
+    m.eos_id = tok.eos_id().value_or(-1);
+  }
+  m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
+  MT_CHECK(c.n_kv_head == 0 || m.n_head % m.n_kv_head == 0,
+           "model.n_kv_head ({}) must divide model.n_head ({})", m.n_kv_head, m.n_head);
+  MT_CHECK(m.n_embd % m.n_head == 0, "model.n_embd ({}) must be a multiple of model.n_head ({})",
+           m.n_embd, m.n_head);
+  MT_CHECK(c.seq_len <= m.block_size,
+           "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or raise "
+           "model.block_size",
+           c.seq_len, m.block_size);
+  m.validate();
+  m.validate_tp(c.tp);
+  check_llama_pp(c, m.arch);
+  return m;
+}
+
+}  // namespace
+
+models::ModelConfig model_config(const TrainConfig& c) {
+  if (!c.hf_config.empty()) {
+    MT_CHECK(c.n_layer == 0 && c.n_head == 0 && c.n_embd == 0 && c.n_kv_head == 0 &&
+                 c.intermediate_size == 0 && c.vocab == "auto",
+             "model.hf_config = '{}' defines the model: leave model.n_layer, n_head, n_embd, "
+             "n_kv_head, intermediate_size at 0 and model.vocab at auto",
+             c.hf_config);
+    models::LlamaConfig m = read_hf_llama_config(c.hf_config);
+    MT_CHECK(c.model_arch == "auto" || c.model_arch == m.arch,
+             "model.arch = {} but model.hf_config '{}' is a {} model", c.model_arch, c.hf_config,
+             m.arch);
+    if (c.block_size) m.block_size = c.block_size;
+    if (c.rope_theta > 0) m.rope.theta = c.rope_theta;
+    if (c.rms_norm_eps > 0) m.rms_norm_eps = static_cast<float>(c.rms_norm_eps);
+    MT_CHECK(c.tie_embeddings == "auto", "model.tie_embeddings is fixed by model.hf_config '{}'",
+             c.hf_config);
+    m.padded_vocab = models::GPTConfig::pad_vocab(m.vocab_size, 128 * c.tp);
+    MT_CHECK(c.seq_len <= m.block_size,
+             "train.seq_len ({}) exceeds the model's block size ({}): lower train.seq_len or "
+             "raise model.block_size",
+             c.seq_len, m.block_size);
+    m.validate();
+    m.validate_tp(c.tp);
+    check_llama_pp(c, m.arch);
+    return m;
+  }
+  const models::ModelConfig preset = models::ModelConfig::preset(c.model_preset);
+  const std::string arch = c.model_arch == "auto" ? preset.arch : c.model_arch;
+  MT_CHECK((arch == "gpt2") == preset.is_gpt(),
+           "model.arch = {} does not fit model.preset = {} (a {} preset): choose a preset of "
+           "that family ({})",
+           arch, c.model_preset, preset.is_gpt() ? "GPT-2" : "Llama-family",
+           arch == "gpt2" ? "gpt-tiny, gpt-small, gpt2, ..."
+                          : "llama-tiny, llama-small, llama3-8b, ...");
+  models::ModelConfig m;
+  m.arch = arch;
+  if (m.is_gpt()) {
+    MT_CHECK(c.n_kv_head == 0 && c.intermediate_size == 0 && c.rope_theta == 0 &&
+                 c.rms_norm_eps == 0 && c.tie_embeddings == "auto",
+             "model.n_kv_head, intermediate_size, rope_theta, rms_norm_eps and tie_embeddings "
+             "apply to model.arch = llama or qwen2, not to the GPT-2 preset {}",
+             c.model_preset);
+    m.gpt = gpt_config(c);
+  } else {
+    m.llama = llama_config(c, arch);
+  }
   return m;
 }
 

@@ -8,15 +8,23 @@
 #include <string>
 #include <vector>
 
-#include "models/gpt.hpp"
+#include "models/decoder.hpp"
 
 namespace meshtrain::launch {
 
 struct TrainConfig {
   // [model]
-  std::string model_preset = "gpt-small";   // see models::GPTConfig::preset_names()
+  std::string model_preset = "gpt-small";   // see models::ModelConfig::preset_names()
+  std::string model_arch = "auto";          // auto (the preset's family), gpt2, llama, qwen2
   int n_layer = 0, n_head = 0, n_embd = 0;  // 0 = the preset's value
   int block_size = 0;
+  // Llama family only (0 / "auto" = the preset's value).
+  int n_kv_head = 0, intermediate_size = 0;
+  double rope_theta = 0, rms_norm_eps = 0;
+  std::string tie_embeddings = "auto";  // auto, true, false
+  // A Hugging Face config.json (LlamaForCausalLM / Qwen2ForCausalLM) that defines the model,
+  // as `import --hf` writes it into the run directory; the other shape keys must then be 0.
+  std::string hf_config;
   // "bytes" (256 symbols), "gpt2" (50257, padded to 50304), or "auto": gpt2 for the gpt2*
   // presets, bytes for the small ones.
   std::string vocab = "auto";
@@ -25,6 +33,9 @@ struct TrainConfig {
   std::vector<std::string> train_files;  // empty = the embedded default corpus (fortunes)
   std::vector<std::string> val_files;
   std::string data_format = "auto";
+  // A Hugging Face tokenizer.json: text files are tokenized with it (launch/tokenize.hpp), the
+  // model's vocabulary is its size (model.vocab = auto), and the run directory keeps a copy.
+  std::string data_tokenizer;
   double val_fraction = 0.05;
 
   // [train]
@@ -109,7 +120,7 @@ std::vector<int> trace_steps(const TrainConfig& cfg);
 
 // The model a config describes (preset plus overrides, vocabulary padded for train.tp); checks it
 // against train.seq_len and train.tp.
-models::GPTConfig model_config(const TrainConfig& cfg);
+models::ModelConfig model_config(const TrainConfig& cfg);
 
 // The DP gradient bucket size in bytes for `grad_bytes` of fp32 gradients on a rank:
 // dp.bucket_mb, or parallel::auto_bucket_bytes when it is 0 (automatic).

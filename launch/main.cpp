@@ -1,4 +1,5 @@
 // The meshtrain command line: train, generate, plan, export, import, env.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -7,6 +8,7 @@
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -17,6 +19,8 @@
 #include "launch/hf.hpp"
 #include "launch/preemption.hpp"
 #include "launch/run_dir.hpp"
+#include "launch/hf_llama.hpp"
+#include "launch/tokenize.hpp"
 #include "launch/trainer.hpp"
 #include "launch/weights.hpp"
 #include "parallel/checkpoint.hpp"
@@ -35,11 +39,12 @@ namespace fs = std::filesystem;
 constexpr const char* kUsage = R"(usage: meshtrain <command> [options]
 
 commands:
-  train      train a GPT model (meshtrain train --help)
+  train      train a GPT-2 or Llama-family model (meshtrain train --help)
   generate   continue a prompt with a trained model (meshtrain generate --help)
   plan       parameters, FLOPs and memory per rank; compute-optimal sizes (meshtrain plan --help)
-  export     write a trained model in the Hugging Face GPT-2 layout (meshtrain export --help)
-  import     read a Hugging Face GPT-2 model to fine-tune or sample (meshtrain import --help)
+  tokenize   text files to llm.c token shards with a tokenizer.json (meshtrain tokenize --help)
+  export     write a trained model in the Hugging Face layout (meshtrain export --help)
+  import     read a Hugging Face GPT-2, Llama or Qwen2 model (meshtrain import --help)
   env        the MESHTRAIN_* environment settings and their values
   --version  print the version
 )";
@@ -73,14 +78,20 @@ config keys (default):
 )";
 
 constexpr const char* kGenerateUsage =
-    R"(usage: meshtrain generate --run DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+    R"(usage: meshtrain generate --run DIR [--prompt TEXT | --prompt-ids 1,2,3] [--ids] [--tokens N]
+                          [--temperature T] [--top-k K] [--seed S]
 
-Continues a prompt with the model a training run saved (DIR/config.toml, DIR/model.safetensors).
-Under mpirun -np K the model is split across the K ranks (tensor parallelism; its heads must
-divide by K) and rank 0 prints the text.
+Continues a prompt with the model a training run saved (DIR/config.toml, DIR/model.safetensors),
+printing each token as it comes. Text goes through the run's tokenizer (DIR/tokenizer.json, which
+data.tokenizer and import --hf put there; the prompt is encoded with its special tokens, e.g.
+Llama 3's <|begin_of_text|>, and generation stops at its end-of-text token), or is bytes for a
+byte-vocabulary model. Under mpirun -np K the model is split across the K ranks (tensor
+parallelism; its heads must divide by K) and rank 0 prints the text.
 
   --run DIR          the run directory (default runs/latest)
   --prompt TEXT      the text to continue (default: the config's sample.prompt)
+  --prompt-ids IDS   the prompt as comma-separated token ids instead (for scripts)
+  --ids              print the generated token ids, one line, instead of text
   --tokens N         tokens to generate (default 200)
   --temperature T    0 = greedy (default 0.8)
   --top-k K          sample among the K most likely tokens, 0 = all (default 40)
@@ -97,7 +108,8 @@ Parameters, training FLOPs per token and memory per rank for a model, and with a
 the compute-optimal model size and token count (Chinchilla: about 20 tokens per parameter,
 training compute C = 6 N D).
 
-  --model PRESET         gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-small, gpt-tiny
+  --model PRESET         gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-small, gpt-tiny, llama3-8b,
+                         llama3-70b, llama3.2-1b, qwen2.5-0.5b, llama-small, llama-tiny
   --batch B, --seq T     micro-batch for the activation estimate (default: the config's)
   --precision P          fp32, bf16 (default) or fp16
   --dp N                 data-parallel ranks: also shows what ZeRO-1 (train.zero = 1) saves
@@ -114,9 +126,10 @@ training compute C = 6 N D).
 constexpr const char* kExportUsage =
     R"(usage: meshtrain export --hf OUT [--run DIR] [--checkpoint CKPT] [--force]
 
-Writes OUT/model.safetensors and OUT/config.json in the Hugging Face GPT-2 layout (Conv1D
-weights [in, out], the vocabulary trimmed to its real size, fp32), loadable with transformers'
-GPT2LMHeadModel.from_pretrained(OUT).
+Writes OUT/model.safetensors and OUT/config.json in the Hugging Face layout of the run's model
+(fp32, the vocabulary trimmed to its real size): GPT2LMHeadModel (Conv1D weights [in, out]),
+LlamaForCausalLM or Qwen2ForCausalLM, loadable with transformers' from_pretrained(OUT); a Llama
+or Qwen2 run's tokenizer.json and tokenizer_config.json are copied along.
 
   --run DIR          the run directory (default runs/latest): its config.toml and, without
                      --checkpoint, its final model.safetensors
@@ -127,14 +140,40 @@ GPT2LMHeadModel.from_pretrained(OUT).
 
 constexpr const char* kImportUsage = R"(usage: meshtrain import --hf DIR --out RUN_DIR [--force]
 
-Reads a Hugging Face GPT-2 model (DIR/config.json and DIR/model.safetensors, as save_pretrained
-writes them; vocabulary 50257 or 256) and writes RUN_DIR/model.safetensors in meshtrain's layout
-and RUN_DIR/config.toml whose model.init points at it. RUN_DIR must be new or empty: an existing
+Reads a Hugging Face model as save_pretrained writes it: GPT2LMHeadModel (DIR/config.json and
+DIR/model.safetensors; vocabulary 50257 or 256), or LlamaForCausalLM / Qwen2ForCausalLM
+(model.safetensors or model-0000K-of-0000N.safetensors shards with their index; fp32, bf16 or
+fp16). Writes RUN_DIR/model.safetensors in meshtrain's layout (fp32) and RUN_DIR/config.toml
+whose model.init points at it; a Llama-family model also keeps its config.json as
+RUN_DIR/hf_config.json (model.hf_config) and its tokenizer.json and tokenizer_config.json. Every
+tensor is checked before anything is written. RUN_DIR must be new or empty: an existing
 run's files are replaced only with --force (which says what it replaces and what it leaves, such
 as checkpoints and metrics that no longer match the new model). Then:
 
   meshtrain generate --run RUN_DIR --prompt ...
   meshtrain train --config RUN_DIR/config.toml --set run.dir=finetune --set data.train=...
+)";
+
+constexpr const char* kTokenizeUsage =
+    R"(usage: meshtrain tokenize --tokenizer T.json FILES... --out DIR [--val-fraction F]
+                          [--shard-tokens N] [--split blank-lines|file] [--threads N] [--quiet]
+
+Encodes text files with a Hugging Face tokenizer.json (byte-level BPE: GPT-2, Llama 3, Qwen2)
+into llm.c token shards: DIR/train_000000.bin ... and DIR/val_000000.bin, in GPT-2's uint16
+format for vocabularies up to 65,536 ids, else Llama 3's uint32 one. Documents (each file's
+sections between blank lines, as llm.c's scripts cut them, or whole files) are each preceded by
+the tokenizer's bos token (Llama 3), else its eos (GPT-2, Qwen2). Then:
+
+  meshtrain train --set data.train='DIR/train_*.bin' --set data.val=DIR/val_000000.bin ...
+
+  --tokenizer T.json   the tokenizer
+  --out DIR            where the shards go (created)
+  --val-fraction F     the last documents, about this share of the tokens, form the
+                       validation shard (default 0.05; 0: none)
+  --shard-tokens N     tokens per train shard (default 100000000, llm.c's)
+  --split S            blank-lines (default) or file: each file is one document
+  --threads N          encoding threads (default: every core)
+  --quiet              no progress line
 )";
 
 struct Args {
@@ -183,6 +222,11 @@ class Flags {
     flags_.push_back({name, false, [out](const std::string&, const std::string&) { *out = true; }});
     return *this;
   }
+  // Arguments that are not flags (FILES...): collected here instead of refused.
+  Flags& positional(std::vector<std::string>* out) {
+    positional_ = out;
+    return *this;
+  }
   // Printed after the usage by --help.
   Flags& more_help(std::function<void()> print) {
     more_help_ = std::move(print);
@@ -198,6 +242,10 @@ class Flags {
         std::printf("%s", usage_);
         if (more_help_) more_help_();
         return false;
+      }
+      if (positional_ != nullptr && arg.rfind("-", 0) != 0) {
+        positional_->push_back(arg);
+        continue;
       }
       const auto eq = arg.find('=');
       const std::string name = arg.rfind("--", 0) == 0 ? arg.substr(0, eq) : arg;
@@ -230,6 +278,7 @@ class Flags {
   const char* usage_;
   std::vector<Flag> flags_;
   std::function<void()> more_help_;
+  std::vector<std::string>* positional_ = nullptr;
 };
 
 std::string human_bytes(double b) {
@@ -363,16 +412,30 @@ int cmd_train(Args a) {
       "skipped; peak RSS %s MiB%s; run directory %s\n",
       r.steps, r.first_loss, r.final_loss,
       std::isfinite(r.final_val_loss)
-          ? fmt::format(" (validation {:.4f})", r.final_val_loss).c_str()
+          ? fmt::format(" (validation {:.4f}{})", r.final_val_loss,
+                        std::isfinite(r.final_val_bits_per_byte)
+                            ? fmt::format(", {:.3f} bits per byte", r.final_val_bits_per_byte)
+                            : std::string())
+                .c_str()
           : "",
       r.unigram_entropy, r.tokens_per_s, r.skipped_steps, rss.c_str(),
       r.peak_rss_mib.size() > 1 ? " (by rank)" : "", cfg.run_dir.c_str());
   return 0;
 }
 
+// "1,2,3" -> ids; refuses anything else naming the flag.
+std::vector<std::int32_t> parse_ids(const std::string& flag, const std::string& text) {
+  std::vector<std::int32_t> ids;
+  std::stringstream ss(text);
+  for (std::string t; std::getline(ss, t, ',');)
+    ids.push_back(static_cast<std::int32_t>(parse_number(flag, t, 0, 2147483647)));
+  MT_CHECK(!ids.empty(), "{}: expected comma-separated token ids, got '{}'", flag, text);
+  return ids;
+}
+
 int cmd_generate(Args a) {
-  std::string run = "runs/latest", prompt;
-  bool have_prompt = false;
+  std::string run = "runs/latest", prompt, prompt_id_text;
+  bool have_prompt = false, print_ids = false;
   int tokens = 200, top_k = 40;
   double temperature = 0.8;
   std::uint64_t seed = 1;
@@ -383,12 +446,16 @@ int cmd_generate(Args a) {
                                prompt = v;
                                have_prompt = true;
                              })
-                      .number("--tokens", 0, 1 << 20, &tokens)
+                      .text("--prompt-ids", &prompt_id_text)
+                      .on("--ids", &print_ids)
+                      .number("--tokens", 0, 1 << 30, &tokens)
                       .number("--temperature", 0, 100, &temperature)
                       .number("--top-k", 0, 1 << 20, &top_k)
                       .number("--seed", 0, 9e15, &seed)
                       .parse(a);
   if (!go) return 0;
+  MT_CHECK(!(have_prompt && !prompt_id_text.empty()),
+           "generate: give --prompt or --prompt-ids, not both");
   const std::string config = (fs::path(run) / "config.toml").string();
   const std::string weights = (fs::path(run) / "model.safetensors").string();
   MT_CHECK(fs::exists(config) && fs::exists(weights),
@@ -396,6 +463,9 @@ int cmd_generate(Args a) {
            "model.safetensors, written at the end of meshtrain train)",
            run);
   launch::TrainConfig cfg = launch::load_config(config, {});
+  std::optional<Tokenizer> tok;
+  const std::string tok_path = (fs::path(run) / "tokenizer.json").string();
+  if (fs::exists(tok_path)) tok.emplace(Tokenizer::from_file(tok_path));
   // Under mpirun every rank holds a 1/N shard of the model (TP = N), whatever layout trained it:
   // the saved weights are full tensors.
   std::optional<comm::MpiSession> session;
@@ -410,33 +480,101 @@ int cmd_generate(Args a) {
     }
   }
   cfg.tp = 1;
-  const models::GPTConfig unsplit = launch::model_config(cfg);
+  const models::ModelConfig unsplit = launch::model_config(cfg);
   const int ranks = world.valid() ? world.size() : 1;
-  MT_CHECK(unsplit.n_head % ranks == 0,
+  MT_CHECK(!unsplit.is_gpt() || unsplit.gpt.n_head % ranks == 0,
            "generate: mpirun -np {} splits the model across {} ranks, but its {} attention heads "
            "do not divide by {}; use a process count that divides {}",
-           ranks, ranks, unsplit.n_head, ranks, unsplit.n_head);
+           ranks, ranks, unsplit.gpt.n_head, ranks, unsplit.gpt.n_head);
   cfg.tp = ranks;
-  std::string text;
+  const bool root = !session || session->rank() == 0;
+  // The prompt's ids are checked before the model is built.
+  const std::vector<std::int32_t> start =
+      prompt_id_text.empty()
+          ? launch::prompt_ids(unsplit, tok ? &*tok : nullptr, have_prompt ? prompt : cfg.prompt)
+          : parse_ids("--prompt-ids", prompt_id_text);
   try {
     set_cpu_threads(cfg.threads > 0 ? cfg.threads : default_cpu_threads(node_local(session).size));
-    models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
-                      cpu_device(), world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
+    models::Decoder model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
+                          cpu_device(),
+                          world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
     model.set_weights(launch::load_weights(model, weights));
-    text = launch::generate_text(model, cfg.seq_len, have_prompt ? prompt : cfg.prompt, tokens,
-                                 temperature, top_k, seed);
+    // Streamed: each token is printed (decoded, when there is text to print) as it comes.
+    std::optional<Tokenizer::StreamDecoder> stream;
+    if (tok && !print_ids) stream.emplace(*tok, true);
+    const bool bytes = !tok && unsplit.vocab_size() == 256;
+    std::optional<std::int32_t> eos;
+    if (tok) eos = tok->eos_id();
+    // The prompt first, as the model reads it: the text given, or the bytes it starts from
+    // (an empty prompt on the byte vocabulary starts from a newline).
+    if (root && !print_ids && prompt_id_text.empty()) {
+      if (stream) std::fputs((have_prompt ? prompt : cfg.prompt).c_str(), stdout);
+      if (bytes)
+        for (std::int32_t id : start) std::fputc(static_cast<char>(id), stdout);
+      std::fflush(stdout);
+    }
+    bool first = true;
+    launch::generate_ids(
+        model, cfg.seq_len, start, tokens, temperature, top_k, seed,
+        [&](std::int32_t id) {
+          if (!root) return !eos || id != *eos;
+          if (stream && !(eos && id == *eos)) {
+            std::fputs(stream->push(id).c_str(), stdout);
+          } else if (bytes && !print_ids) {
+            std::fputc(static_cast<char>(id), stdout);
+          } else if (!stream) {
+            std::printf("%s%d", first ? "" : " ", id);
+          }
+          first = false;
+          std::fflush(stdout);
+          return !eos || id != *eos;
+        },
+        tok ? tok->vocab_size() : 0);
+    if (root) {
+      if (stream) std::fputs(stream->finish().c_str(), stdout);
+      std::printf("\n");
+    }
     if (session) end_job(*session, world);
   } catch (const std::exception& e) {
     if (!session || session->size() == 1) throw;
     abort_job(*session, e);
   }
-  const bool root = !session || session->rank() == 0;
-  if (root) std::printf("%s\n", text.c_str());
+  return 0;
+}
+
+int cmd_tokenize(Args a) {
+  launch::TokenizeOptions o;
+  std::string split = "blank-lines";
+  bool quiet = false;
+  const bool go = Flags("tokenize", kTokenizeUsage)
+                      .text("--tokenizer", &o.tokenizer)
+                      .text("--out", &o.out)
+                      .number("--val-fraction", 0, 0.5, &o.val_fraction)
+                      .number("--shard-tokens", 1, 2147483647, &o.shard_tokens)
+                      .text("--split", &split)
+                      .number("--threads", 0, 1024, &o.threads)
+                      .on("--quiet", &quiet)
+                      .positional(&o.files)
+                      .parse(a);
+  if (!go) return 0;
+  MT_CHECK(split == "blank-lines" || split == "file",
+           "tokenize: --split '{}': expected blank-lines or file", split);
+  o.split_blank_lines = split == "blank-lines";
+  o.progress = !quiet;
+  const launch::TokenizeResult r = launch::tokenize_files(o);
+  std::printf(
+      "tokenized %.1f MB in %.1f s (%.1f MB/s): %lld train + %lld validation tokens, vocabulary "
+      "%d (%s shards)\n",
+      static_cast<double>(r.bytes) / 1e6, r.seconds,
+      static_cast<double>(r.bytes) / 1e6 / std::max(r.seconds, 1e-9),
+      static_cast<long long>(r.train_tokens), static_cast<long long>(r.val_tokens), r.vocab_size,
+      r.vocab_size <= 65536 ? "uint16" : "uint32");
+  for (const std::string& f : r.shards) std::printf("  %s\n", f.c_str());
   return 0;
 }
 
 // `meshtrain plan`'s memory table for one rank.
-void print_memory(const launch::TrainConfig& cfg, const models::GPTConfig& m,
+void print_memory(const launch::TrainConfig& cfg, const models::ModelConfig& m,
                   const PrecisionPolicy& policy, int dp, const models::MemoryEstimate& mem) {
   std::printf("model: %s\n", m.str().c_str());
   std::printf("parameters: %lld", static_cast<long long>(m.num_parameters()));
@@ -459,7 +597,7 @@ void print_memory(const launch::TrainConfig& cfg, const models::GPTConfig& m,
 }
 
 // What ZeRO-1 saves over `mem` (the same layout without it), and the gradient buckets.
-void print_zero(const launch::TrainConfig& cfg, const models::GPTConfig& m,
+void print_zero(const launch::TrainConfig& cfg, const models::ModelConfig& m,
                 const PrecisionPolicy& policy, int dp, const models::MemoryEstimate& mem) {
   const models::MemoryEstimate z =
       models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp, true);
@@ -502,15 +640,15 @@ void print_budget(double budget_flops, double gpu_hours, double gpu_tflops, doub
   std::printf("  compute-optimal model: %.3e parameters, trained on %.3e tokens\n", n, d);
   std::string best;
   double best_gap = 1e300;
-  for (const std::string& name : models::GPTConfig::preset_names()) {
-    const double p = static_cast<double>(models::GPTConfig::preset(name).num_parameters());
+  for (const std::string& name : models::ModelConfig::preset_names()) {
+    const double p = static_cast<double>(models::ModelConfig::preset(name).num_parameters());
     const double gap = std::fabs(std::log(p / n));
     if (gap < best_gap) {
       best_gap = gap;
       best = name;
     }
   }
-  const double p = static_cast<double>(models::GPTConfig::preset(best).num_parameters());
+  const double p = static_cast<double>(models::ModelConfig::preset(best).num_parameters());
   std::printf("  nearest preset: %s (%.3e parameters; optimal tokens for it %.3e)\n", best.c_str(),
               p, 20.0 * p);
 }
@@ -549,9 +687,10 @@ int cmd_plan(Args a) {
   if (!schedule.empty()) sets.push_back("pp.schedule=" + schedule);
   // A sequence longer than the preset's default window is a plan question, not an error.
   launch::TrainConfig cfg = launch::load_config(config, sets);
+  // (Llama 3 trains at 8192 positions; the long-context presets' 131072 is for inference.)
   if (seq == 0 && !model.empty())
-    cfg.seq_len = models::GPTConfig::preset(cfg.model_preset).block_size;
-  const models::GPTConfig m = launch::model_config(cfg);
+    cfg.seq_len = std::min(models::ModelConfig::preset(cfg.model_preset).block_size(), 8192);
+  const models::ModelConfig m = launch::model_config(cfg);
   const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
   const models::MemoryEstimate mem =
       models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp);
@@ -584,7 +723,7 @@ int cmd_export(Args a) {
   if (!checkpoint.empty()) config = (fs::path(checkpoint) / "config.toml").string();
   MT_CHECK(fs::exists(config), "export: '{}' does not exist", config);
   const launch::TrainConfig cfg = launch::load_config(config, {});
-  const models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
+  const models::Decoder model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
   Tensor weights;
   if (checkpoint.empty()) {
     const std::string path = (fs::path(run) / "model.safetensors").string();
@@ -597,10 +736,21 @@ int cmd_export(Args a) {
     weights = launch::load_checkpoint_weights(model, checkpoint);
   }
   // Everything is read and checked: now the output directory.
-  for (const std::string& line :
-       launch::prepare_output_dir(out, force, "export", {"model.safetensors", "config.json"}))
+  const std::vector<std::string> outputs =
+      model.config().is_gpt()
+          ? std::vector<std::string>{"model.safetensors", "config.json"}
+          : std::vector<std::string>{"model.safetensors", "config.json", "tokenizer.json",
+                                     "tokenizer_config.json"};
+  for (const std::string& line : launch::prepare_output_dir(out, force, "export", outputs))
     std::printf("%s\n", line.c_str());
-  launch::export_hf(model, weights, out);
+  if (!model.config().is_gpt()) {
+    launch::export_hf_llama(model.config().llama, weights, out);
+    const int copied = launch::copy_tokenizer_files(run, out);
+    std::printf("wrote %s/model.safetensors and %s/config.json%s (%s)\n", out.c_str(), out.c_str(),
+                copied > 0 ? " and the run's tokenizer" : "", model.config().str().c_str());
+    return 0;
+  }
+  launch::export_hf(*model.gpt(), weights, out);
   std::printf("wrote %s/model.safetensors and %s/config.json (%s)\n", out.c_str(), out.c_str(),
               model.config().str().c_str());
   return 0;
@@ -616,6 +766,7 @@ int cmd_import(Args a) {
            .parse(a))
     return 0;
   MT_CHECK(!hf.empty() && !out.empty(), "import: --hf DIR and --out RUN_DIR are required");
+  if (launch::is_hf_llama_dir(hf)) return launch::import_hf_llama_run(hf, out, force);
   const launch::ImportedModel m = launch::import_hf(hf);
   const std::string weights = fs::absolute(fs::path(out) / "model.safetensors").string();
   const bool gpt2 = m.config.vocab_size == 50257;
@@ -685,6 +836,7 @@ int main(int argc, char** argv) {
     if (cmd == "train") return cmd_train(a);
     if (cmd == "generate") return cmd_generate(a);
     if (cmd == "plan") return cmd_plan(a);
+    if (cmd == "tokenize") return cmd_tokenize(a);
     if (cmd == "env") return cmd_env(a);
     if (cmd == "export") return cmd_export(a);
     if (cmd == "import") return cmd_import(a);

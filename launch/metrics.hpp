@@ -45,6 +45,10 @@ struct StepMetrics {
 struct EvalMetrics {
   int step = 0;
   float val_loss = 0;
+  // val_loss in bits per byte of text (val_loss / ln 2 / bytes per token), comparable across
+  // tokenizers and the byte vocabulary; NaN when the data's bytes per token are unknown (token
+  // shards). Bytes per token: the training text's, as tokenized (separators count as tokens).
+  double val_bits_per_byte = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct TrainResult {
@@ -52,6 +56,7 @@ struct TrainResult {
   float first_loss = 0;
   float final_loss = 0;      // mean over the last 10 steps
   float final_val_loss = 0;  // NaN without validation data
+  double final_val_bits_per_byte = std::numeric_limits<double>::quiet_NaN();
   int skipped_steps = 0;
   double tokens_per_s = 0;     // mean over the run, excluding the first step
   double unigram_entropy = 0;  // of the training data, in nats: the loss to beat

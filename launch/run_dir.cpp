@@ -46,9 +46,15 @@ MemoryFile builtin_corpus_file() {
 
 void prepare_run_dir(const TrainConfig& cfg, bool builtin_corpus) {
   create_run_dir(cfg.run_dir);
+  std::error_code ec;
+  // The run keeps its tokenizer: generate and export --hf find it there.
+  if (!cfg.data_tokenizer.empty()) {
+    const std::string kept = (fs::path(cfg.run_dir) / "tokenizer.json").string();
+    if (!fs::equivalent(cfg.data_tokenizer, kept, ec))
+      write_file_atomic(kept, read_file(cfg.data_tokenizer, std::uint64_t{1} << 30));
+  }
   if (!builtin_corpus) return;
   const std::string path = (fs::path(cfg.run_dir) / "default_corpus.txt").string();
-  std::error_code ec;
   // A resumed run finds it already there: leave the run directory as it is.
   if (fs::is_regular_file(path, ec) && fs::file_size(path, ec) == default_corpus().size() && !ec)
     return;

@@ -178,13 +178,17 @@ void RunLog::step(const StepMetrics& m, int log_every, bool comm) {
   std::fflush(stdout);
 }
 
-void RunLog::eval(int step, float val_loss, bool final) {
-  record(Json{{"step", step}, {"val_loss", val_loss}}.dump());
+void RunLog::eval(int step, float val_loss, bool final, double bits_per_byte) {
+  Json j{{"step", step}, {"val_loss", val_loss}};
+  const bool bpb = std::isfinite(bits_per_byte);
+  if (bpb) j["val_bits_per_byte"] = bits_per_byte;
+  record(j.dump());
   if (!verbose_) return;
+  const std::string extra = bpb ? fmt::format(" ({:.3f} bits per byte)", bits_per_byte) : "";
   if (final)
-    std::printf("final validation loss %.4f\n", val_loss);
+    std::printf("final validation loss %.4f%s\n", val_loss, extra.c_str());
   else
-    std::printf("step %d | validation loss %.4f\n", step, val_loss);
+    std::printf("step %d | validation loss %.4f%s\n", step, val_loss, extra.c_str());
 }
 
 void RunLog::sample(int step, const std::string& text) {

@@ -67,7 +67,8 @@ class RunLog {
 
   // A step's records, and its progress line every log_every steps (and the first and last).
   void step(const StepMetrics& m, int log_every, bool comm);
-  void eval(int step, float val_loss, bool final);
+  // bits_per_byte: EvalMetrics::val_bits_per_byte (written when finite).
+  void eval(int step, float val_loss, bool final, double bits_per_byte);
   void sample(int step, const std::string& text);
   void checkpoint(int step, const std::string& dir, double ms);
   void rollback(int failed_at, int to, const std::string& dir, int data_skip);

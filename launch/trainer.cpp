@@ -11,7 +11,9 @@
 #include "launch/generate.hpp"
 #include "launch/preflight.hpp"
 #include "launch/run_dir.hpp"
+#include "launch/tokenize.hpp"
 #include "launch/weights.hpp"
+#include "runtime/file_io.hpp"
 #include "runtime/log.hpp"
 #include "runtime/settings.hpp"
 #include "runtime/threads.hpp"
@@ -99,15 +101,15 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     check_memory(cfg_, model_cfg_, policy_, world != nullptr ? world->size() : 1, local.size,
                  gpu_free_bytes(gpu_.get()));
     open_data();
-    model_ = std::make_unique<models::GPT>(
+    model_ = std::make_unique<models::Decoder>(
         model_cfg_, policy_, device(), parallel::TPGroup(tp_comm()),
         mesh_.pp_size() > 1
-            ? parallel::stage_range(model_cfg_.n_layer, mesh_.pp_size(), mesh_.pp_rank())
+            ? parallel::stage_range(model_cfg_.gpt.n_layer, mesh_.pp_size(), mesh_.pp_rank())
             : parallel::StageRange{});
     build_optimizer();
     if (mesh_.pp_size() > 1) {
       pipe_ = std::make_unique<PipelineDriver>(
-          *model_, mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(),
+          *model_->gpt(), mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(),
           parallel::parse_pipe_schedule(cfg_.pp_schedule), cfg_.grad_accum, cfg_.batch_size,
           cfg_.seq_len);
       pipe_->set_trace(&trace_);
@@ -141,9 +143,14 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
 
 Trainer::~Trainer() = default;
 
+double Trainer::bits_per_byte(float val_loss) const {
+  return static_cast<double>(val_loss) / std::log(2.0) / bytes_per_token_;
+}
+
 // The training data: the configured files, or the built-in corpus, which every rank reads from
 // an anonymous memory file (rank 0 writes it into the run directory once everything is
-// checked). Every token must be inside the model's vocabulary.
+// checked). Text is tokenized with data.tokenizer, or refused under a vocabulary that is not
+// bytes. Every token must be inside the model's vocabulary.
 void Trainer::open_data() {
   std::vector<std::string> train = cfg_.train_files;
   MemoryFile corpus;
@@ -152,10 +159,39 @@ void Trainer::open_data() {
     train.push_back(corpus.path);
     builtin_corpus_ = true;
   }
-  // The dataset maps the files: the memory file may close once it is open.
-  data_ =
-      std::make_unique<data::Dataset>(train, cfg_.val_files, data::parse_format(cfg_.data_format),
-                                      cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  // Text is tokenized with data.tokenizer into private shards (each rank its own, removed once
+  // mapped), or refused under a vocabulary that is not bytes (launch/tokenize.hpp).
+  if (!cfg_.data_tokenizer.empty()) tokenizer_.emplace(Tokenizer::from_file(cfg_.data_tokenizer));
+  const std::string token_dir =
+      (fs::temp_directory_path() /
+       fmt::format("meshtrain-tokens-{}-{}", ::getpid(), mesh_.world_rank()))
+          .string();
+  const Tokenizer* tok = tokenizer_ ? &*tokenizer_ : nullptr;
+  const int vocab = model_cfg_.vocab_size();
+  TextStats text;
+  std::vector<std::string> val = cfg_.val_files;
+  try {
+    train =
+        text_files_to_shards(train, cfg_.data_format, tok, vocab, token_dir, cpu_threads(), &text);
+    val =
+        text_files_to_shards(val, cfg_.data_format, tok, vocab, token_dir + "-val", cpu_threads());
+    // Bits per byte need every training file to be text.
+    if (text.files == static_cast<std::int64_t>(train.size()) && text.tokens > 0)
+      bytes_per_token_ = static_cast<double>(text.bytes) / static_cast<double>(text.tokens);
+    data_ = std::make_unique<data::Dataset>(
+        train, val, data::parse_format(tok != nullptr ? "auto" : cfg_.data_format),
+        cfg_.val_fraction, cfg_.seq_len, cfg_.seed);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(token_dir, ec);
+    fs::remove_all(token_dir + "-val", ec);
+    throw;
+  }
+  {
+    std::error_code ec;
+    fs::remove_all(token_dir, ec);  // mapped: the data stays readable until unmapped
+    fs::remove_all(token_dir + "-val", ec);
+  }
   check_data_vocab(*data_, model_cfg_, cfg_.vocab);
 }
 
@@ -373,7 +409,8 @@ float Trainer::evaluate() {
 
 std::string Trainer::generate(const std::string& prompt, int tokens, double temperature, int top_k,
                               std::uint64_t seed) {
-  return generate_text(*model_, cfg_.seq_len, prompt, tokens, temperature, top_k, seed);
+  return generate_text(*model_, cfg_.seq_len, prompt, tokens, temperature, top_k, seed,
+                       tokenizer_ ? &*tokenizer_ : nullptr);
 }
 
 TrainResult Trainer::run() {
@@ -404,8 +441,8 @@ void Trainer::after_step(int step) {
   if (cfg_.eval_every > 0 && step % cfg_.eval_every == 0 && step != cfg_.steps) {
     const float vl = evaluate();
     if (std::isfinite(vl)) {
-      log_.eval(step, vl, false);
-      if (eval_cb_) eval_cb_(EvalMetrics{step, vl});
+      log_.eval(step, vl, false, bits_per_byte(vl));
+      if (eval_cb_) eval_cb_(EvalMetrics{step, vl, bits_per_byte(vl)});
     }
   }
   if (cfg_.sample_every > 0 && step % cfg_.sample_every == 0 && step != cfg_.steps) sample(step);
@@ -473,8 +510,9 @@ TrainResult Trainer::finish(const Progress& p) {
                                         static_cast<float>(p.recent.size());
   r.final_val_loss = evaluate();
   if (std::isfinite(r.final_val_loss)) {
-    log_.eval(cfg_.steps, r.final_val_loss, true);
-    if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss});
+    r.final_val_bits_per_byte = bits_per_byte(r.final_val_loss);
+    log_.eval(cfg_.steps, r.final_val_loss, true, r.final_val_bits_per_byte);
+    if (eval_cb_) eval_cb_(EvalMetrics{cfg_.steps, r.final_val_loss, r.final_val_bits_per_byte});
   }
   r.tokens_per_s = p.seconds > 0 ? p.tokens / p.seconds : 0;
   r.unigram_entropy = unigram_entropy_;

@@ -17,7 +17,9 @@
 
 #include <chrono>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,12 +31,13 @@
 #include "launch/pipeline_driver.hpp"
 #include "launch/run_log.hpp"
 #include "launch/schedule.hpp"
-#include "models/gpt.hpp"
+#include "models/decoder.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
 #include "parallel/optimizer.hpp"
 #include "runtime/data.hpp"
 #include "runtime/precision.hpp"
+#include "runtime/tokenizer.hpp"
 
 namespace meshtrain::launch {
 
@@ -70,7 +73,8 @@ class Trainer {
   std::string generate(const std::string& prompt, int tokens, double temperature, int top_k,
                        std::uint64_t seed);
 
-  models::GPT& model() { return *model_; }
+  // The model (GPT or Llama family: model.arch); model().gpt() / llama() for the family's own API.
+  models::Decoder& model() { return *model_; }
   const parallel::DistributedAdamW& optimizer() const { return *optimizer_; }
   // The whole fp32 master weights: the optimizer's, or under ZeRO-1 with a 16-bit policy (where
   // each rank holds a shard) the copy gathered at the end of run(). Throws before that.
@@ -136,7 +140,7 @@ class Trainer {
 
   TrainConfig cfg_;
   PrecisionPolicy policy_;
-  models::GPTConfig model_cfg_;
+  models::ModelConfig model_cfg_;
   RunLog log_;
   comm::Communicator* world_ = nullptr;
   // The GPU of this rank under train.device = "cuda" (null on the CPU). Declared before every
@@ -147,7 +151,12 @@ class Trainer {
   DeviceComms comms_;
   std::unique_ptr<data::Dataset> data_;
   bool builtin_corpus_ = false;  // no data.train: the built-in corpus
-  std::unique_ptr<models::GPT> model_;
+  std::optional<Tokenizer> tokenizer_;  // data.tokenizer
+  // Bytes of training text per token (1 for text as bytes), NaN for token shards: what turns a
+  // loss into bits per byte (EvalMetrics::val_bits_per_byte).
+  double bytes_per_token_ = std::numeric_limits<double>::quiet_NaN();
+  double bits_per_byte(float val_loss) const;
+  std::unique_ptr<models::Decoder> model_;
   std::unique_ptr<parallel::GradReducer> reducer_;  // DP > 1, or NCCL at DP = 1
   bool zero_ = false;                               // ZeRO-1: train.zero = 1 with a reducer
   std::unique_ptr<parallel::DistributedAdamW> optimizer_;

@@ -6,9 +6,8 @@
 
 namespace meshtrain::launch {
 
-Tensor load_weights(const models::GPT& model, const std::string& path) {
+Tensor load_weights(const models::Decoder& model, const std::string& path) {
   const SafetensorsFile f = load_safetensors(path);
-  const models::GPTConfig& mc = model.config();
   const parallel::TPGroup& tp = model.tp();
   Tensor weights = Tensor::zeros(Shape{model.num_parameters()}, DType::kF32, model.device());
   for (const models::ParamInfo& p : model.params()) {
@@ -16,16 +15,16 @@ Tensor load_weights(const models::GPT& model, const std::string& path) {
     MT_CHECK(is_floating(t.dtype()), "'{}': tensor '{}' is {}, expected a float dtype", path,
              p.name, dtype_name(t.dtype()));
     // The vocabulary padding depends on the layout (128 x TP rows): the real rows are what count.
-    const bool wte = p.name == "wte.weight";
+    const bool wte = p.real_rows >= 0;  // the vocabulary rows of an embedding or LM head
     const bool same =
         t.shape() == p.full_shape ||
-        (wte && t.ndim() == 2 && t.dim(0) >= mc.vocab_size && t.dim(1) == p.full_shape[1]);
+        (wte && t.ndim() == 2 && t.dim(0) >= p.real_rows && t.dim(1) == p.full_shape[1]);
     MT_CHECK(same,
              "'{}': tensor '{}' has shape {}, the model expects {} (another model's weights?)",
              path, p.name, t.shape().str(), p.full_shape.str());
     if (wte && t.shape() != p.full_shape) {
       Tensor full = Tensor::zeros(p.full_shape, t.dtype());
-      full.slice(0, mc.vocab_size).copy_from(t.slice(0, mc.vocab_size));
+      full.slice(0, p.real_rows).copy_from(t.slice(0, p.real_rows));
       t = full;
     }
     Tensor mine = parallel::slot_view(weights, p);
@@ -42,14 +41,14 @@ Tensor load_weights(const models::GPT& model, const std::string& path) {
   return weights;
 }
 
-Tensor load_checkpoint_weights(const models::GPT& model, const std::string& dir) {
+Tensor load_checkpoint_weights(const models::Decoder& model, const std::string& dir) {
   Tensor weights = Tensor::empty(Shape{model.num_parameters()}, DType::kF32);
   parallel::load_checkpoint(dir, model.params(), {{"master", weights, {}}}, model.tp().rank(),
                             model.tp().size(), !model.is_whole());
   return weights;
 }
 
-std::vector<std::pair<std::string, Tensor>> gather_weights(const models::GPT& model,
+std::vector<std::pair<std::string, Tensor>> gather_weights(const models::Decoder& model,
                                                            const Tensor& weights,
                                                            const parallel::TPGroup& tp) {
   std::vector<std::pair<std::string, Tensor>> out;
@@ -58,8 +57,7 @@ std::vector<std::pair<std::string, Tensor>> gather_weights(const models::GPT& mo
     Tensor full = p.replicated() || tp.size() == 1
                       ? mine
                       : parallel::gather_full(mine, p.full_shape, p.shard_dim, p.shard_parts, tp);
-    if (p.name == "wte.weight")
-      full = full.slice(0, models::GPTConfig::pad_vocab(model.config().vocab_size));
+    if (p.real_rows >= 0) full = full.slice(0, models::GPTConfig::pad_vocab(p.real_rows));
     out.emplace_back(p.name, full);
   }
   return out;

@@ -22,8 +22,8 @@ models::GPTConfig small_model() {
   return c;
 }
 
-models::GPT& model() {
-  static models::GPT* m = new models::GPT(small_model(), PrecisionPolicy::parse("fp32"));
+models::Decoder& model() {
+  static models::Decoder* m = new models::Decoder(small_model(), PrecisionPolicy::parse("fp32"));
   return *m;
 }
 
@@ -46,7 +46,7 @@ void write_seeds(const std::string& dir) {
                    {{"format", "pt"}, {"note", "fuzz seed"}});
   save_safetensors(dir + "/seed-empty.safetensors", {});
   // A model.safetensors as Trainer::run writes it (meshtrain names, fp32 master weights).
-  models::GPT& m = model();
+  models::Decoder& m = model();
   Tensor flat = m.flat_params();  // fp32: the master weights
   std::vector<float> v(static_cast<std::size_t>(flat.numel()));
   for (std::size_t i = 0; i < v.size(); ++i) v[i] = 0.001f * static_cast<float>(i % 1000);

@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     set_cpu_threads(1);
     launch::TrainConfig cfg =
         launch::load_config((std::filesystem::path(run) / "config.toml").string(), {});
-    models::GPT model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
+    models::Decoder model(launch::model_config(cfg), PrecisionPolicy::parse("fp32"));
     model.set_weights(
         launch::load_weights(model, (std::filesystem::path(run) / "model.safetensors").string()));
     std::vector<std::int32_t> ids;
@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
              "hf_runner: tokens not divisible by batch");
     model.forward(Tensor::from_ints(ids, Shape{b, t}));
     const Tensor& logits = model.logits();  // [B, T, padded_vocab]
-    const std::int64_t pv = logits.shape()[2], v = model.config().vocab_size;
+    const std::int64_t pv = logits.shape()[2], v = model.config().vocab_size();
     Tensor full = Tensor::empty(logits.shape(), DType::kF32);
     full.copy_from(logits);
     std::vector<float> real;

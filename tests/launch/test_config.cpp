@@ -21,22 +21,24 @@ namespace fs = std::filesystem;
 // Every field of TrainConfig, for comparisons. The structured binding names each member, so a
 // member added to TrainConfig stops this from compiling until it is added here too.
 auto fields(const TrainConfig& c) {
-  const auto& [model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
-               data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision, device,
-               seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
-               beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap,
-               dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches,
-               sample_every, sample_tokens, temperature, top_k, prompt, run_dir, trace_steps,
-               log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
+  const auto& [model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
+               intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
+               train_files, val_files, data_format, data_tokenizer, val_fraction, steps, batch_size,
+               seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio, warmup_steps,
+               schedule, decay_fraction, weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps,
+               threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule,
+               eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
+               run_dir, trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
                model_init, resume] = c;
-  return std::tie(model_preset, n_layer, n_head, n_embd, block_size, vocab, train_files, val_files,
-                  data_format, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
-                  device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction,
-                  weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb,
-                  dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule, eval_every,
-                  eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
-                  trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after,
-                  max_rollbacks, model_init, resume);
+  return std::tie(model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
+                  intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
+                  train_files, val_files, data_format, data_tokenizer, val_fraction, steps,
+                  batch_size, seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio,
+                  warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2, eps,
+                  grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
+                  comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches, sample_every, sample_tokens,
+                  temperature, top_k, prompt, run_dir, trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir,
+                  rollback_after, max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -391,9 +393,43 @@ TEST_F(ConfigTest, ModelConfigChecksTheCombination) {
   EXPECT_HAS(error_of([&] { model_config(c); }),
              "train.tp must divide model.n_head: 1, 2, 4 would");
   c.tp = 1;
-  EXPECT_EQ(model_config(c).vocab_size, 256);
+  EXPECT_EQ(model_config(c).gpt.vocab_size, 256);
   c.vocab = "gpt2";
-  EXPECT_EQ(model_config(c).padded_vocab, 50304);
+  EXPECT_EQ(model_config(c).gpt.padded_vocab, 50304);
+}
+
+TEST_F(ConfigTest, ModelArchSelectsTheLlamaFamily) {
+  TrainConfig c;
+  c.model_preset = "llama-tiny";
+  c.seq_len = 64;
+  const models::ModelConfig m = model_config(c);
+  EXPECT_EQ(m.arch, "llama");
+  EXPECT_EQ(m.llama.n_kv_head, 2);
+  EXPECT_EQ(m.vocab_size(), 256);
+  c.model_arch = "qwen2";
+  EXPECT_TRUE(model_config(c).llama.qkv_bias);
+  c.model_arch = "gpt2";
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.arch = gpt2 does not fit model.preset");
+  c.model_arch = "auto";
+  c.n_kv_head = 3;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (3) must divide");
+  c.n_kv_head = 0;
+  c.tie_embeddings = "true";
+  c.tp = 2;
+  EXPECT_TRUE(model_config(c).llama.tie_word_embeddings);
+  EXPECT_EQ(model_config(c).llama.padded_vocab, 256);
+  c.tp = 4;  // 2 KV heads over 4 ranks: replication is not implemented, and says so
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (2)");
+  c.tp = 1;
+  c.model_preset = "gpt-tiny";
+  c.tie_embeddings = "auto";
+  c.intermediate_size = 100;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "apply to model.arch = llama or qwen2");
+  c.intermediate_size = 0;
+  c.model_preset = "llama-tiny";
+  c.hf_config = (dir_ / "config.json").string();
+  c.n_layer = 3;
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.hf_config");
 }
 
 }  // namespace

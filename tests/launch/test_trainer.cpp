@@ -151,7 +151,7 @@ TEST_F(TrainerTest, CallbacksAndRunDirectory) {
   EXPECT_EQ(val_lines, 2);
   EXPECT_EQ(sample_lines, 1);
   // model.safetensors loads into a fresh model that computes exactly what the trained one does.
-  models::GPT fresh(model_config(saved), PrecisionPolicy::parse(saved.precision));
+  models::Decoder fresh(model_config(saved), PrecisionPolicy::parse(saved.precision));
   fresh.set_weights(load_weights(fresh, path("run/model.safetensors")));
   const Tensor tokens = Tensor::from_ints(std::vector<std::int32_t>(32, 'e'), Shape{1, 32});
   const Tensor targets = Tensor::from_ints(std::vector<std::int32_t>(32, 't'), Shape{1, 32});
@@ -168,9 +168,9 @@ TEST_F(TrainerTest, LoadWeightsRejectsAnotherModel) {
     t.set_verbose(false);
     t.run();
   }
-  models::GPTConfig other = model_config(c);
+  models::GPTConfig other = model_config(c).gpt;
   other.n_embd = 32;
-  models::GPT model(other, PrecisionPolicy::parse("fp32"));
+  models::Decoder model(other, PrecisionPolicy::parse("fp32"));
   try {
     load_weights(model, path("run/model.safetensors"));
     ADD_FAILURE() << "no error";

@@ -126,7 +126,7 @@ int run_train(const Flags& f) {
 
   launch::Trainer trainer(cfg);
   trainer.set_verbose(false);
-  models::GPT& model = trainer.model();
+  models::GPT& model = *trainer.model().gpt();
   Named out;
   for (const models::ParamInfo& p : model.params())
     out.emplace_back("init." + p.name, parallel::slot_view(trainer.master_weights(), p).clone());
