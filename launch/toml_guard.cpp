@@ -20,12 +20,12 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
     return k < s.size() && static_cast<unsigned char>(s[k]) >= 0x80;
   };
   bool value = false, header = false, line_start = true;
-  int depth = 0;     // brackets and braces open in a value
+  std::string open;  // the arrays ('[') and inline tables ('{') open in a value, innermost last
   char prev = '\n';  // the last character outside strings and comments that is not a blank
   while (i < s.size()) {
     const char c = s[i];
     if (c == '\n') {
-      if (depth == 0) value = header = false;
+      if (open.empty()) value = header = false;
       line_start = true;
       prev = '\n';
       advance(i + 1);
@@ -42,15 +42,27 @@ std::string toml_hazard(std::string_view s, int& line, int& column) {
     }
     if (line_start && !value && c == '[') header = true;
     line_start = false;
-    if (c == '=' && !header) value = true;
-    if (value && (c == '[' || c == '{')) ++depth;
-    if (value && (c == ']' || c == '}') && depth > 0) --depth;
     // A quote starts a string only where a key or value starts; elsewhere ("0\"x") toml++ reads
     // it as part of a bare value, and the characters after it as such.
     // ('.' only in a key: in a value it is a float's, "2.'x").
     const bool starts = prev == '\n' || prev == '=' || prev == '[' || prev == ',' || prev == '{' ||
                         (prev == '.' && !value);
-    prev = c;
+    // The same holds for the characters that open a place where a quote may start: in a value,
+    // '[' and '{' open an array or a table only where a value starts ("0[" is a bare value's),
+    // ',' separates only inside one, and '=' follows a key only in a table.
+    bool opens = true;
+    if (value && (c == '[' || c == '{')) {
+      opens = starts;
+      if (opens) open += c;
+    } else if (value && (c == ']' || c == '}')) {
+      if (!open.empty()) open.pop_back();
+    } else if (value && c == ',') {
+      opens = !open.empty();
+    } else if (c == '=') {
+      opens = !header && (!value || (!open.empty() && open.back() == '{'));
+      if (!header) value = true;
+    }
+    prev = opens ? c : 'x';
     if ((c == '"' || c == '\'') && starts) {
       const bool multi = s.compare(i, 3, std::string(3, c)) == 0;
       const std::size_t begin = i;

@@ -20,8 +20,8 @@ skip() {
   echo "SKIP: $*"; exit 77
 }
 [[ $(id -u) -eq 0 ]] || skip "needs root (network namespaces, Slurm daemons)"
-for b in slurmctld slurmd munged sbatch; do
-  command -v "$b" >/dev/null || skip "$b not found: apt-get install slurm-wlm munge"
+for b in slurmctld slurmd munged sbatch mount nsenter; do
+  command -v "$b" >/dev/null || skip "$b not found: apt-get install slurm-wlm munge mount"
 done
 [[ -e /usr/lib/x86_64-linux-gnu/slurm-wlm/mpi_pmix.so || -n "$(find /usr/lib -name mpi_pmix.so 2>/dev/null)" ]] \
   || skip "Slurm's PMIx plugin (mpi_pmix.so) not found"
@@ -112,16 +112,24 @@ on_node() {  # K CMD...: CMD in node K's network with hostname mtsl-nK and a /tm
      done
      mount --rbind "$2" /tmp && shift 2 && exec "$@"' sh "mtsl-n$k" "$d/tmp-mtsl-n$k" "$@"
 }
+t_up=$SECONDS
 on_node 1 slurmctld -D -f "$SLURM_CONF" >"$d/slurmctld.out.log" 2>&1 &
+daemons=($!)
 on_node 1 slurmd -D -N mtsl-n1 -f "$SLURM_CONF" >"$d/slurmd1.out.log" 2>&1 &
+daemons+=($!)
 on_node 2 slurmd -D -N mtsl-n2 -f "$SLURM_CONF" >"$d/slurmd2.out.log" 2>&1 &
-for ((i = 0; i < 60; i++)); do
-  idle=$("$N" exec 1 sinfo -h -N -o "%N %t" 2>/dev/null | grep -c " idle")
+daemons+=($!)
+# 60 s of wall time (each sinfo can take seconds against a slurmctld that is not up); a daemon
+# that exits fails the test at once, with its log.
+idle=0
+while ((SECONDS - t_up < 60)); do
+  for p in "${daemons[@]}"; do kill -0 "$p" 2>/dev/null || fail "a Slurm daemon exited at start-up"; done
+  idle=$(timeout 10 "$N" exec 1 sinfo -h -N -o "%N %t" 2>/dev/null | grep -c " idle")
   ((idle == 2)) && break
-  "$N" exec 1 sinfo -h -N -o "%t" 2>/dev/null | grep -q "drain\|inval" && break
+  timeout 10 "$N" exec 1 sinfo -h -N -o "%t" 2>/dev/null | grep -q "drain\|inval" && break
   sleep 1
 done
-((idle == 2)) || fail "Slurm did not bring both nodes up: $("$N" exec 1 sinfo -N 2>&1)"
+((idle == 2)) || fail "Slurm did not bring both nodes up in 60 s: $(timeout 10 "$N" exec 1 sinfo -N 2>&1)"
 
 # The job: gpt-tiny, 8 steps, fp32, 2 ranks x batch 1, over TCP between the nodes.
 job=(--set model.preset=gpt-tiny --set train.steps=8 --set train.batch_size=1 --set train.seq_len=32

@@ -229,6 +229,11 @@ TEST_F(ConfigTest, NonAsciiOutsideStringValuesIsRefusedBeforeParsing) {
   EXPECT_HAS(error("[\"m\xc3\xa9\"]\n"), p + ":1:4: a quoted key holds");
   EXPECT_HAS(error("t=0\"\xc3\xa0"),
              p + ":1:5: a character that is not ASCII outside");  // in a bare value
+  EXPECT_HAS(error("t=0[\"\xc3\xa0''"),
+             p + ":1:6: a character that is not ASCII outside");  // '[' in a bare value
+  EXPECT_HAS(error("t=0=\"\xc3\xa0\""), p + ":1:6: a character that is not ASCII outside");
+  EXPECT_HAS(error("t=[0=\"\xc3\xa0\"]"), p + ":1:7: a character that is not ASCII outside");
+  EXPECT_HAS(error("t=0,'\xc3\xa0'"), p + ":1:6: a character that is not ASCII outside");
   EXPECT_HAS(error("t=2.'\xcd\x8c"),
              p + ":1:6: a character that is not ASCII outside");  // after a float's '.'
   EXPECT_HAS(error("[sample]\nprompt = \"\"\"a\\\n  \xc2\xa7\"\"\"\n"),
