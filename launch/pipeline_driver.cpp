@@ -112,12 +112,14 @@ float PipelineDriver::evaluate(const data::Sampler& sampler, int batches) {
   return loss.data_as<float>()[0];
 }
 
-std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::GPT& model,
+std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::Decoder& decoder,
                                                                     const Tensor& weights,
                                                                     parallel::Mesh& mesh) {
   std::vector<std::pair<std::string, Tensor>> out;
   if (mesh.dp_rank() != 0) return out;
-  auto mine = gather_weights(model, weights, parallel::TPGroup(mesh.tp()));
+  MT_ASSERT(decoder.gpt() != nullptr, "pipeline parallelism holds a GPT stage");
+  const models::GPT& model = *decoder.gpt();
+  auto mine = gather_weights(decoder, weights, parallel::TPGroup(mesh.tp()));
   if (mesh.tp_rank() != 0) return out;
   // Every stage's TP rank 0 of DP replica 0 holds its stage's full tensors: the others send
   // theirs (all posted before any wait) to the first stage, which takes them in stage order.
@@ -181,11 +183,11 @@ void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
               micro < p ? " (fewer micro-batches than stages: raise train.grad_accum)" : "");
 }
 
-std::unique_ptr<models::GPT> whole_model(
+std::unique_ptr<models::Decoder> whole_model(
     models::GPTConfig cfg, const PrecisionPolicy& policy,
     const std::vector<std::pair<std::string, Tensor>>& weights) {
   cfg.padded_vocab = models::GPTConfig::pad_vocab(cfg.vocab_size);
-  auto model = std::make_unique<models::GPT>(cfg, policy);
+  auto model = std::make_unique<models::Decoder>(cfg, policy);
   MT_ASSERT(weights.size() == model->params().size(), "{} gathered tensors for {} parameters",
             weights.size(), model->params().size());
   Tensor flat = Tensor::empty(Shape{model->num_parameters()}, DType::kF32);

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "launch/config.hpp"
-#include "models/gpt.hpp"
+#include "models/decoder.hpp"
 #include "parallel/grad_reducer.hpp"
 #include "parallel/mesh.hpp"
 #include "parallel/pipeline.hpp"
@@ -85,7 +85,7 @@ class PipelineDriver : private parallel::PipelineStage {
 // names and order) gathered from every stage onto world rank 0; empty on every other rank.
 // `weights`: this rank's flat fp32 master weights. Collective over the mesh (DP rank 0's ranks
 // communicate; the others return at once).
-std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::GPT& model,
+std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::Decoder& model,
                                                                     const Tensor& weights,
                                                                     parallel::Mesh& mesh);
 
@@ -96,7 +96,7 @@ void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
 
 // A whole model (TP = 1, one stage) on this rank from gathered weights (as
 // gather_pipeline_weights returns them), for sampling.
-std::unique_ptr<models::GPT> whole_model(
+std::unique_ptr<models::Decoder> whole_model(
     models::GPTConfig cfg, const PrecisionPolicy& policy,
     const std::vector<std::pair<std::string, Tensor>>& weights);
 

@@ -4,9 +4,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <vector>
 
+#include "parallel/pipeline.hpp"
 #include "runtime/error.hpp"
 #include "runtime/settings.hpp"
 
@@ -55,32 +57,67 @@ void tightest(const fs::path& top, fs::path dir, const char* limit_file, const c
   }
 }
 
-models::MemoryEstimate estimate(const TrainConfig& c, const models::GPTConfig& m,
+// The plan of one rank. Under pipeline parallelism (GPT only) the largest stage's: its
+// parameters and optimizer state, and the activations of the micro-batches its schedule keeps
+// in flight.
+models::MemoryEstimate estimate(const TrainConfig& c, const models::ModelConfig& m,
                                 const PrecisionPolicy& p, int dp) {
-  return models::estimate_memory(m, p, c.batch_size, c.seq_len, c.tp, dp, c.zero == 1 && dp > 1);
+  const bool zero = c.zero == 1 && dp > 1;
+  if (c.pp <= 1 || !m.is_gpt())
+    return models::estimate_memory(m, p, c.batch_size, c.seq_len, c.tp, dp, zero);
+  const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(c.pp_schedule);
+  models::MemoryEstimate peak;
+  for (int s = 0; s < c.pp; ++s) {
+    const int live = parallel::max_in_flight(parallel::build_schedule(schedule, c.pp, s, c.grad_accum));
+    const models::MemoryEstimate e = models::estimate_stage_memory(
+        m.gpt, p, c.batch_size, c.seq_len, c.tp, dp, zero,
+        parallel::stage_range(m.gpt.n_layer, c.pp, s), live);
+    if (e.total() > peak.total()) peak = e;
+  }
+  return peak;
+}
+
+// The model's attention heads (what TP must divide).
+int head_count(const models::ModelConfig& m) {
+  return m.is_gpt() ? m.gpt.n_head : m.llama.n_head;
+}
+
+// The model with its vocabulary padded for `tp` ranks; nullopt where TP cannot split it.
+std::optional<models::ModelConfig> with_tp(models::ModelConfig m, int tp) {
+  if (m.is_gpt()) {
+    m.gpt.padded_vocab = models::GPTConfig::pad_vocab(m.gpt.vocab_size, 128 * tp);
+  } else {
+    m.llama.padded_vocab = models::GPTConfig::pad_vocab(m.llama.vocab_size, 128 * tp);
+  }
+  try {
+    m.validate_tp(tp);
+  } catch (const InvalidArgument&) {
+    return std::nullopt;
+  }
+  return m;
 }
 
 }  // namespace
 
-void check_data_vocab(const data::Dataset& data, const models::GPTConfig& model,
+void check_data_vocab(const data::Dataset& data, const models::ModelConfig& model,
                       const std::string& vocab) {
   try {
-    data.check_vocab(model.vocab_size);
+    data.check_vocab(model.vocab_size());
   } catch (const InvalidArgument& e) {
     const std::int32_t top = data.max_token();
     constexpr std::int32_t kGpt2Vocab = 50257;
     std::string advice;
-    if (model.vocab_size < kGpt2Vocab && top < kGpt2Vocab)
+    if (model.vocab_size() < kGpt2Vocab && top < kGpt2Vocab)
       advice = fmt::format(
           "; GPT-2 token shards need model.vocab = \"gpt2\" (this run has model.vocab = \"{}\": "
           "{} ids)",
-          vocab, model.vocab_size);
+          vocab, model.vocab_size());
     else
       advice = fmt::format(
           "; model.vocab = \"{}\" ({} ids) is the vocabulary this run already uses: the data was "
           "made with another tokenizer or vocabulary (its largest id is {}); tokenize it with the "
           "model's",
-          vocab, model.vocab_size, top);
+          vocab, model.vocab_size(), top);
     MT_FAIL("{}{}", e.what(), advice);
   }
 }
@@ -164,22 +201,23 @@ MemoryBudget rank_budget(const HostMemory& host, int local_ranks, std::int64_t g
   return b;
 }
 
-std::string memory_refusal(const TrainConfig& cfg, const models::GPTConfig& model,
+std::string memory_refusal(const TrainConfig& cfg, const models::ModelConfig& model,
                            const PrecisionPolicy& policy, int world_ranks,
                            const MemoryBudget& budget) {
   if (budget.bytes < 0) return {};
-  const int dp = std::max(1, world_ranks / std::max(1, cfg.tp));
+  const int dp = std::max(1, world_ranks / std::max(1, cfg.tp * cfg.pp));
   const models::MemoryEstimate mem = estimate(cfg, model, policy, dp);
   if (mem.total() <= budget.bytes) return {};
   auto hb = [](std::int64_t b) { return human_bytes(static_cast<double>(b)); };
   std::string out = fmt::format(
       "not enough memory: the plan needs {} per rank ({}: parameters {}, gradients {}, master "
-      "weights {}, AdamW state {}{}, activations {} for a micro-batch of {} x {}; DP {} x TP "
+      "weights {}, AdamW state {}{}, activations {} for a micro-batch of {} x {}; DP {}{} x TP "
       "{}{}), but this rank has {} ({}). Nothing was allocated or written.",
       hb(mem.total()), model.str(), hb(mem.parameters), hb(mem.gradients), hb(mem.master_weights),
       hb(mem.optimizer_state),
       mem.gradient_shard > 0 ? ", ZeRO-1 gradient shard " + hb(mem.gradient_shard) : "",
-      hb(mem.activations), cfg.batch_size, cfg.seq_len, dp, cfg.tp,
+      hb(mem.activations), cfg.batch_size, cfg.seq_len, dp,
+      cfg.pp > 1 ? fmt::format(" x PP {} (its largest stage)", cfg.pp) : "", cfg.tp,
       cfg.zero == 1 && dp > 1 ? ", ZeRO-1" : "", hb(budget.bytes), budget.source);
   std::vector<std::string> fits;
   // Suggestions keep a tenth of the budget spare: advice that fits to the byte would fail on
@@ -218,21 +256,20 @@ std::string memory_refusal(const TrainConfig& cfg, const models::GPTConfig& mode
   }
   // More tensor parallelism (a divisor of the head count), with ZeRO-1 where TP alone is not
   // enough: the model split over more ranks, each with this budget (more nodes or GPUs).
-  for (int tp = cfg.tp + 1; tp <= model.n_head && tp <= 256; ++tp) {
-    if (model.n_head % tp != 0) continue;
+  for (int tp = cfg.tp + 1; tp <= head_count(model) && tp <= 256; ++tp) {
+    const std::optional<models::ModelConfig> mt = with_tp(model, tp);
+    if (!mt) continue;
     TrainConfig t = cfg;
     t.tp = tp;
-    models::GPTConfig mt = model;
-    mt.padded_vocab = models::GPTConfig::pad_vocab(model.vocab_size, 128 * tp);
-    auto e = estimate(t, mt, policy, dp);
+    auto e = estimate(t, *mt, policy, dp);
     if (e.total() > spare && dp > 1) {
       t.zero = 1;
-      e = estimate(t, mt, policy, dp);
+      e = estimate(t, *mt, policy, dp);
     }
     if (e.total() > spare) continue;
     fits.push_back(fmt::format("--tp {}{} on {} ranks (DP {} x TP {}), each with this memory: {}",
                                tp, t.zero == 1 && cfg.zero == 0 ? " with train.zero = 1" : "",
-                               dp * tp, dp, tp, hb(e.total())));
+                               dp * tp * cfg.pp, dp, tp, hb(e.total())));
     break;
   }
   // ZeRO-1 over more data-parallel ranks.
@@ -243,7 +280,7 @@ std::string memory_refusal(const TrainConfig& cfg, const models::GPTConfig& mode
     if (e.total() > spare) continue;
     fits.push_back(fmt::format(
         "train.zero = 1 over {} data-parallel ranks ({} ranks at TP {}), each with this memory: {}",
-        d, d * cfg.tp, cfg.tp, hb(e.total())));
+        d, d * cfg.tp * cfg.pp, cfg.tp, hb(e.total())));
     break;
   }
   if (fits.empty()) {
@@ -262,7 +299,7 @@ std::string memory_refusal(const TrainConfig& cfg, const models::GPTConfig& mode
   return out;
 }
 
-void check_memory(const TrainConfig& cfg, const models::GPTConfig& model,
+void check_memory(const TrainConfig& cfg, const models::ModelConfig& model,
                   const PrecisionPolicy& policy, int world_ranks, int local_ranks,
                   std::int64_t gpu_free) {
   if (!settings().memory_check) return;

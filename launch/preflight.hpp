@@ -13,7 +13,7 @@
 #include <string>
 
 #include "launch/config.hpp"
-#include "models/gpt.hpp"
+#include "models/decoder.hpp"
 #include "runtime/data.hpp"
 #include "runtime/precision.hpp"
 
@@ -24,7 +24,7 @@ namespace meshtrain::launch {
 // with advice that fits: a byte-vocabulary model given GPT-2 token shards needs model.vocab =
 // "gpt2"; where the vocabulary in use (`vocab`, model.vocab) is already the one such shards
 // need, the data was made with another tokenizer.
-void check_data_vocab(const data::Dataset& data, const models::GPTConfig& model,
+void check_data_vocab(const data::Dataset& data, const models::ModelConfig& model,
                       const std::string& vocab);
 
 // What the host offers, in bytes; -1 where unknown or unlimited.
@@ -57,13 +57,13 @@ MemoryBudget rank_budget(const HostMemory& host, int local_ranks, std::int64_t g
 // "" when the plan of `cfg` (DP = world_ranks / cfg.tp) fits the budget; otherwise the refusal:
 // the plan's figures, the budget, and the layouts that would fit (ZeRO-1, a smaller micro-batch
 // with gradient accumulation, more TP ranks, ZeRO-1 over more ranks). Pure: tested on its own.
-std::string memory_refusal(const TrainConfig& cfg, const models::GPTConfig& model,
+std::string memory_refusal(const TrainConfig& cfg, const models::ModelConfig& model,
                            const PrecisionPolicy& policy, int world_ranks,
                            const MemoryBudget& budget);
 
 // Throws InvalidArgument with memory_refusal's text when the plan does not fit this rank.
 // MESHTRAIN_MEMORY_CHECK=0 skips the check (memory the kernel would overcommit, swap).
-void check_memory(const TrainConfig& cfg, const models::GPTConfig& model,
+void check_memory(const TrainConfig& cfg, const models::ModelConfig& model,
                   const PrecisionPolicy& policy, int world_ranks, int local_ranks,
                   std::int64_t gpu_free);
 

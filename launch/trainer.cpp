@@ -492,10 +492,11 @@ std::string Trainer::sample_pipeline(int at_step) {
                                             Shape{model_->num_parameters()}, DType::kF32);
   const auto weights = gather_pipeline_weights(*model_, params, mesh_);
   if (!is_root()) return {};
-  std::unique_ptr<models::GPT> whole = whole_model(model_cfg_, policy_, weights);
-  const std::string s =
-      generate_text(*whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens, cfg_.temperature,
-                    cfg_.top_k, cfg_.seed + static_cast<std::uint64_t>(at_step));
+  std::unique_ptr<models::Decoder> whole = whole_model(model_cfg_.gpt, policy_, weights);
+  const std::string s = generate_text(*whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens,
+                                      cfg_.temperature, cfg_.top_k,
+                                      cfg_.seed + static_cast<std::uint64_t>(at_step),
+                                      tokenizer_ ? &*tokenizer_ : nullptr);
   log_.sample(at_step, s);
   return s;
 }

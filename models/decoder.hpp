@@ -72,6 +72,8 @@ class Decoder {
     return gpt_ ? gpt_->num_parameters() : llama_->num_parameters();
   }
   const parallel::TPGroup& tp() const { return gpt_ ? gpt_->tp() : llama_->tp(); }
+  // Whether this object is the whole model (not one pipeline stage of it).
+  bool is_whole() const { return gpt_ ? gpt_->is_whole() : true; }
   Device& device() const { return gpt_ ? gpt_->device() : llama_->device(); }
   Tensor initial_weights(std::uint64_t seed) const {
     return gpt_ ? gpt_->initial_weights(seed) : llama_->initial_weights(seed);

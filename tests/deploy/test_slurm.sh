@@ -119,17 +119,17 @@ on_node 1 slurmd -D -N mtsl-n1 -f "$SLURM_CONF" >"$d/slurmd1.out.log" 2>&1 &
 daemons+=($!)
 on_node 2 slurmd -D -N mtsl-n2 -f "$SLURM_CONF" >"$d/slurmd2.out.log" 2>&1 &
 daemons+=($!)
-# 60 s of wall time (each sinfo can take seconds against a slurmctld that is not up); a daemon
+# 120 s of wall time (each sinfo can take seconds against a slurmctld that is not up); a daemon
 # that exits fails the test at once, with its log.
 idle=0
-while ((SECONDS - t_up < 60)); do
+while ((SECONDS - t_up < 120)); do
   for p in "${daemons[@]}"; do kill -0 "$p" 2>/dev/null || fail "a Slurm daemon exited at start-up"; done
   idle=$(timeout 10 "$N" exec 1 sinfo -h -N -o "%N %t" 2>/dev/null | grep -c " idle")
   ((idle == 2)) && break
   timeout 10 "$N" exec 1 sinfo -h -N -o "%t" 2>/dev/null | grep -q "drain\|inval" && break
   sleep 1
 done
-((idle == 2)) || fail "Slurm did not bring both nodes up in 60 s: $(timeout 10 "$N" exec 1 sinfo -N 2>&1)"
+((idle == 2)) || fail "Slurm did not bring both nodes up in 120 s: $(timeout 10 "$N" exec 1 sinfo -N 2>&1)"
 
 # The job: gpt-tiny, 8 steps, fp32, 2 ranks x batch 1, over TCP between the nodes.
 job=(--set model.preset=gpt-tiny --set train.steps=8 --set train.batch_size=1 --set train.seq_len=32

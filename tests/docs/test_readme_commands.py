@@ -42,7 +42,7 @@ import time
 # (regular expression matched against the whole command without its trailing comment, reason,
 # the test that covers it instead)
 NOT_RUN = [
-    (r"scripts/main_job\.sh", "installs packages, builds and trains 300 steps (about 3 min)",
+    (r"scripts/main_job\.sh", "installs packages, builds and trains 270 steps (minutes)",
      "CI: .ci/run runs it shortened in a fresh Debian root (scripts/ci_fresh_root.sh main); its "
      "run directory runs/main is a stand-in here"),
     (r"scripts/test\.sh", "the whole test suite, this test included", "CI: .ci/run (tests)"),
@@ -135,10 +135,59 @@ def _fineweb(sandbox, root):
 
 
 def _main_run(sandbox, root, env):
-    # What scripts/main_job.sh leaves: a finished run in runs/main (shortened).
+    # What scripts/main_job.sh leaves: a finished run in runs/main (shortened), its model and
+    # tokenizer.
     cmd = [os.path.join(sandbox, "build/cpu/launch/meshtrain"), "train", "--set", "run.dir=runs/main",
+           "--set", "model.preset=llama-small", "--set", "data.tokenizer=launch/corpus_tokenizer.json",
            *_QUICK.split()]
     subprocess.run(cmd, cwd=sandbox, env=env, check=True, capture_output=True, timeout=300)
+
+
+def _tokenizer(sandbox, root):
+    # A user's tokenizer.json: the main job's BPE tokenizer, fitted to the built-in corpus.
+    shutil.copy(os.path.join(root, "launch", "corpus_tokenizer.json"), os.path.join(sandbox, "tokenizer.json"))
+
+
+def _text_files(sandbox, root):
+    # corpus/*.txt and a.txt: the repository's documentation as text.
+    _corpus(sandbox, root)
+    text = open(os.path.join(sandbox, "corpus.txt"), encoding="utf-8").read()
+    os.makedirs(os.path.join(sandbox, "corpus"), exist_ok=True)
+    half = len(text) // 2
+    open(os.path.join(sandbox, "corpus", "a.txt"), "w", encoding="utf-8").write(text[:half])
+    open(os.path.join(sandbox, "corpus", "b.txt"), "w", encoding="utf-8").write(text[half:])
+    shutil.copy(os.path.join(sandbox, "corpus.txt"), os.path.join(sandbox, "a.txt"))
+
+
+def _transformers(code, *args):
+    # A small random-weight model saved by transformers (save_pretrained), as a user downloads one.
+    subprocess.run(["/usr/bin/python3", "-c", code, *args], check=True, capture_output=True, timeout=300)
+
+
+def _hf_llama(sandbox, root):
+    # ./Llama-3.2-1B: a LlamaForCausalLM of Llama 3.2's kind (grouped-query attention, tied
+    # embeddings) at a size that runs here, with the main job's tokenizer.
+    _transformers("""
+import shutil, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+c = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+LlamaForCausalLM(c).save_pretrained(sys.argv[1], safe_serialization=True)
+shutil.copy(sys.argv[2], sys.argv[1] + "/tokenizer.json")
+""", os.path.join(sandbox, "Llama-3.2-1B"), os.path.join(root, "launch", "corpus_tokenizer.json"))
+
+
+def _hf_gpt2(sandbox, root):
+    # hf_gpt2: a GPT2LMHeadModel with the byte vocabulary at a size that runs here.
+    _transformers("""
+import sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+torch.manual_seed(0)
+c = GPT2Config(vocab_size=256, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+GPT2LMHeadModel(c).save_pretrained(sys.argv[1], safe_serialization=True)
+""", os.path.join(sandbox, "hf_gpt2"))
 
 
 # name a command mentions -> the function that makes it (once, before the first such command)
@@ -146,6 +195,11 @@ STAND_INS = {
     "corpus.txt": _corpus,
     "fineweb_train_": _fineweb,
     "runs/main": _main_run,
+    "tokenizer.json": _tokenizer,
+    "corpus/": _text_files,
+    "data.train=a.txt": _text_files,
+    "./Llama-3.2-1B": _hf_llama,
+    "hf_gpt2": _hf_gpt2,
 }
 
 

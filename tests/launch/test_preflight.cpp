@@ -83,7 +83,7 @@ TEST(Preflight, RefusalNamesThePlanTheBudgetAndWhatWouldFit) {
   cfg.model_preset = "gpt-small";
   cfg.batch_size = 8;
   cfg.seq_len = 128;
-  const models::GPTConfig m = model_config(cfg);
+  const models::ModelConfig m = model_config(cfg);
   const PrecisionPolicy p = PrecisionPolicy::parse("bf16");
   const auto full = models::estimate_memory(m, p, 8, 128);
   const auto one = models::estimate_memory(m, p, 1, 128);
@@ -106,7 +106,7 @@ TEST(Preflight, RefusalNamesThePlanTheBudgetAndWhatWouldFit) {
   // Only the model split over more ranks fits: the smallest TP that divides the heads.
   TrainConfig t2 = cfg;
   t2.tp = 2;
-  const models::GPTConfig m2 = model_config(t2);
+  const models::ModelConfig m2 = model_config(t2);
   const auto split = models::estimate_memory(m2, p, 8, 128, 2);
   b.bytes = split.total() * 10 / 9 + 16;
   ASSERT_GT(one.total(), b.bytes - b.bytes / 10);  // no micro-batch fits at TP 1
