@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <mutex>
@@ -24,12 +25,16 @@ constexpr int kPong = 0x4c41;  // "LA"
 // ranks on two cores lost a third of their step time (an MPI_Test that runs Open MPI's whole
 // progress loop, under the process's MPI lock). A live process answers within this.
 constexpr auto kServeEvery = std::chrono::milliseconds(100);
-// A gap in the progress thread's beat (every 100 ms at most) longer than this means the process
-// did not run: stopped (SIGSTOP) or starved of CPU. 3 s, not less: at load 12 on two cores a
-// sleeping rank's thread went unscheduled for just over 1 s. A stall is reported for
-// kStallMemory after it.
-constexpr auto kStall = std::chrono::seconds(3);
-constexpr auto kStallMemory = std::chrono::seconds(60);
+// The beat thread's period. Any period far below StallClock::kStall would do; 100 ms costs ten
+// wake-ups a second and no MPI call.
+constexpr auto kBeatEvery = std::chrono::milliseconds(100);
+
+std::int64_t ticks(Clock::duration d) {
+  return static_cast<std::int64_t>(d.count());
+}
+std::int64_t now_ticks() {
+  return ticks(Clock::now().time_since_epoch());
+}
 
 // A pong: the ping's nonce, and the milliseconds the answering process had not run just before.
 struct Pong {
@@ -44,32 +49,11 @@ struct Outgoing {
   MPI_Request request = MPI_REQUEST_NULL;
 };
 
-// The beat of this process's progress thread and its last stall (steady_clock ticks; 0: none).
-struct Beat {
-  std::atomic<Clock::rep> last{0};
-  std::atomic<Clock::rep> stall{0};
-  std::atomic<Clock::rep> stall_end{0};
-};
-Beat& beat() {
-  static Beat b;
-  return b;
-}
-
-// How long this process had not run just before now, in milliseconds: the beat's current gap if
-// it is overdue, or the last stall if it ended within kStallMemory; 0 without a progress thread.
-std::uint64_t recent_stall_ms() noexcept {
-  const Clock::rep now = Clock::now().time_since_epoch().count();
-  const Clock::rep stall = std::chrono::duration_cast<Clock::duration>(kStall).count();
-  const Beat& b = beat();
-  Clock::rep gap = 0;
-  if (const Clock::rep last = b.last.load(std::memory_order_relaxed);
-      last != 0 && now - last > stall)
-    gap = now - last;
-  if (now - b.stall_end.load(std::memory_order_relaxed) <
-      std::chrono::duration_cast<Clock::duration>(kStallMemory).count())
-    gap = std::max(gap, b.stall.load(std::memory_order_relaxed));
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::duration(gap)).count());
+// This process's beat: kept by the beat thread of its channel (Liveness::Impl), read by whichever
+// thread answers a ping.
+StallClock& stall_clock() {
+  static StallClock c;
+  return c;
 }
 
 }  // namespace
@@ -81,6 +65,39 @@ struct Liveness::Impl {
   MPI_Request ping_request = MPI_REQUEST_NULL;
   std::list<Outgoing> sends;  // a list: completed sends leave from anywhere, the others stay put
   std::uint64_t next_nonce = 1;
+  // The beat thread (no MPI calls): beats stall_clock() every kBeatEvery until `stop`.
+  std::mutex beat_mu;
+  std::condition_variable beat_cv;
+  bool beat_stop = false;
+  std::thread beat_thread;
+
+  // Joins the beat thread if release() did not (a constructor that threw after starting it).
+  ~Impl() { stop_beat(); }
+
+  void start_beat() {
+    stall_clock().reset();
+    beat_thread = std::thread([this] {
+      std::unique_lock lock(beat_mu);
+      do {
+        stall_clock().beat(now_ticks());
+      } while (!beat_cv.wait_for(lock, kBeatEvery, [this] { return beat_stop; }));
+    });
+  }
+
+  void stop_beat() noexcept {
+    {
+      std::lock_guard lock(beat_mu);
+      beat_stop = true;
+    }
+    beat_cv.notify_all();
+    if (!beat_thread.joinable()) return;
+    try {
+      beat_thread.join();
+    } catch (const std::exception& e) {
+      log::warn("liveness channel: the beat thread did not join: {}", e.what());
+    }
+    stall_clock().reset();
+  }
 
   void post_ping_receive() {
     MT_MPI_CHECK(MPI_Irecv(&ping_in, 1, MPI_UINT64_T, MPI_ANY_SOURCE, kPing, comm, &ping_request));
@@ -103,7 +120,7 @@ struct Liveness::Impl {
       if (!flag) break;
       const std::uint64_t nonce = ping_in;
       post_ping_receive();
-      send(nonce, recent_stall_ms(), 2, st.MPI_SOURCE, kPong);
+      send(nonce, stall_clock().stalled_ms(now_ticks()), 2, st.MPI_SOURCE, kPong);
     }
     for (auto it = sends.begin(); it != sends.end();) {
       int done = 0;
@@ -134,6 +151,7 @@ Liveness::Liveness() : impl_(std::make_unique<Impl>()) {
   MT_MPI_CHECK(MPI_Comm_set_errhandler(s.comm, MPI_ERRORS_RETURN));
   MT_MPI_CHECK(MPI_Comm_rank(s.comm, &s.rank));
   s.post_ping_receive();
+  s.start_beat();
   Registry& r = registry();
   std::lock_guard lock(r.mu);
   r.impl = &s;
@@ -166,20 +184,34 @@ void Liveness::release() noexcept {
   if (pending) new std::list<Outgoing>(std::move(s.sends));
   MT_MPI_LOG(MPI_Comm_free(&s.comm));
   s.comm = MPI_COMM_NULL;
+  s.stop_beat();
 }
 
-void liveness_heartbeat() noexcept {
-  Beat& b = beat();
-  const Clock::rep now = Clock::now().time_since_epoch().count();
-  const Clock::rep last = b.last.exchange(now, std::memory_order_relaxed);
-  if (last != 0 && now - last > std::chrono::duration_cast<Clock::duration>(kStall).count()) {
-    b.stall.store(now - last, std::memory_order_relaxed);
-    b.stall_end.store(now, std::memory_order_relaxed);
+void StallClock::beat(std::int64_t now) noexcept {
+  // One writer. The stall is stored before the new beat is, so that a reader that sees the new
+  // beat (and with it no overdue gap) also sees the stall it ended (release/acquire on last_).
+  const std::int64_t last = last_.load(std::memory_order_relaxed);
+  if (last != 0 && now - last > ticks(kStall)) {
+    stall_.store(now - last, std::memory_order_relaxed);
+    stall_end_.store(now, std::memory_order_release);
   }
+  last_.store(now, std::memory_order_release);
 }
 
-void liveness_heartbeat_end() noexcept {
-  beat().last.store(0, std::memory_order_relaxed);
+void StallClock::reset() noexcept {
+  last_.store(0, std::memory_order_release);
+}
+
+std::uint64_t StallClock::stalled_ms(std::int64_t now) const noexcept {
+  std::int64_t gap = 0;
+  if (const std::int64_t last = last_.load(std::memory_order_acquire);
+      last != 0 && now - last > ticks(kStall))
+    gap = now - last;
+  const std::int64_t end = stall_end_.load(std::memory_order_acquire);
+  if (end != 0 && now - end < ticks(kMemory))
+    gap = std::max(gap, stall_.load(std::memory_order_relaxed));
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::duration(gap)).count());
 }
 
 void liveness_serve(bool force) noexcept {
@@ -265,7 +297,7 @@ std::optional<LivenessResult> liveness_check(const std::vector<int>& world_ranks
     if (!answered[i]) {
       result.lost.push_back(peers[i]);
     } else if (answers[i].stalled_ms >=
-               static_cast<std::uint64_t>(std::chrono::milliseconds(kStall).count())) {
+               static_cast<std::uint64_t>(std::chrono::milliseconds(StallClock::kStall).count())) {
       result.stalled.emplace_back(peers[i], static_cast<double>(answers[i].stalled_ms) / 1e3);
     }
   }

@@ -67,7 +67,6 @@ struct ProgressEngine::Impl {
     auto interval = min_interval;
     std::unique_lock lock(mu);
     while (!stop) {
-      liveness_heartbeat();  // each wake, at least every kIdleWake: gaps mean we did not run
       std::erase_if(items, [](const std::weak_ptr<Pollable>& w) { return w.expired(); });
       if (items.empty()) {
         // Nothing in flight: sleep until a collective is posted, waking every kIdleWake to
@@ -98,7 +97,6 @@ struct ProgressEngine::Impl {
       cv.wait_for(lock, interval, [&] { return stop || woken; });
       woken = false;
     }
-    liveness_heartbeat_end();
   }
 
   void halt() noexcept {

@@ -11,7 +11,8 @@
 //   resumed  as stopped, but the stopped rank is continued (SIGCONT, as Open MPI's teardown
 //            does before SIGTERM) while the others' liveness check is waiting for it, and so
 //            answers it: the others must still name it, as stalled for the seconds it did not
-//            run, and never say that every rank answered.
+//            run, and never say that every rank answered. With MESHTRAIN_COMM_PROGRESS=caller
+//            (no progress thread) too.
 //
 // Point-to-point, ranks as pipeline stages (the last rank the last stage):
 //   p2p_late     the last stage never sends (it sleeps, alive): the stage before it gets
@@ -125,7 +126,13 @@ int main(int argc, char** argv) {
     }
     std::raise(SIGSTOP);
     if (mode == "resumed") {
-      // Continued: wait for the job's end (the others abort it).
+      // Continued, as a rank stopped inside its wait is: its wait times out at once (answering
+      // pings meanwhile, the only thread that does under MESHTRAIN_COMM_PROGRESS=caller); then
+      // wait for the job's end (the others abort it).
+      try {
+        w.wait();
+      } catch (const CommTimeout&) {
+      }
       std::this_thread::sleep_for(std::chrono::seconds(60));
     }
     std::printf("rank %d was continued: the job was not aborted\n", world.rank());

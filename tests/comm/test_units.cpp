@@ -1,12 +1,15 @@
 // Unit tests of the pieces that need no peers: collective descriptions, mismatch reports,
-// timeout messages, and the 16-bit reduction loops of the MPI user-defined ops.
+// timeout messages, the liveness beat's stall decision, and the 16-bit reduction loops of the MPI
+// user-defined ops.
 
+#include <chrono>
 #include <cmath>
 #include <random>
 
 #include <gtest/gtest.h>
 
 #include "comm/communicator.hpp"
+#include "comm/mpi/liveness.hpp"
 #include "comm/mpi/reduce16.hpp"
 #include "runtime/error.hpp"
 #include "runtime/settings.hpp"
@@ -144,6 +147,57 @@ LivenessReport checked(std::vector<int> lost, double window_s) {
   r.lost = std::move(lost);
   r.window_s = window_s;
   return r;
+}
+
+// StallClock (comm/mpi/liveness.hpp): how long this process did not run, as a liveness answer
+// says it. Times in steady_clock ticks from an arbitrary start, as the beat thread passes them.
+std::int64_t at_ms(double ms) {
+  const auto start = std::chrono::hours(10);  // 0 is never a time
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+             start + std::chrono::duration<double, std::milli>(ms))
+      .count();
+}
+
+// Beats every 100 ms over [from, to] ms.
+void beat_every_100ms(detail::StallClock& c, double from, double to) {
+  for (double t = from; t <= to; t += 100) c.beat(at_ms(t));
+}
+
+TEST(StallClock, NoStallWhileBeating) {
+  detail::StallClock c;
+  EXPECT_EQ(c.stalled_ms(at_ms(0)), 0u);  // before the first beat
+  beat_every_100ms(c, 0, 5000);
+  EXPECT_EQ(c.stalled_ms(at_ms(5050)), 0u);
+  // A gap under 3 s (a loaded machine's scheduling) is not a stall, while it lasts or after.
+  EXPECT_EQ(c.stalled_ms(at_ms(7900)), 0u);
+  c.beat(at_ms(7900));
+  EXPECT_EQ(c.stalled_ms(at_ms(7950)), 0u);
+}
+
+TEST(StallClock, StoppedProcessAnswersWithItsStall) {
+  detail::StallClock c;
+  beat_every_100ms(c, 0, 1000);
+  // SIGSTOP at 1000 ms, SIGCONT at 14000 ms: a ping answered before the beat thread has run
+  // again sees the overdue beat...
+  EXPECT_EQ(c.stalled_ms(at_ms(14000)), 13000u);
+  // ... and one answered after it, the stall it recorded, for a minute.
+  c.beat(at_ms(14000));
+  EXPECT_EQ(c.stalled_ms(at_ms(14001)), 13000u);
+  beat_every_100ms(c, 14100, 74000);
+  EXPECT_EQ(c.stalled_ms(at_ms(20000)), 13000u);
+  EXPECT_EQ(c.stalled_ms(at_ms(73999)), 13000u);
+  EXPECT_EQ(c.stalled_ms(at_ms(74001)), 0u);
+}
+
+TEST(StallClock, ResetStartsAfresh) {
+  // The beat thread ended with the channel (MpiSession released) and a new one started later:
+  // the time between is no stall.
+  detail::StallClock c;
+  beat_every_100ms(c, 0, 1000);
+  c.reset();
+  EXPECT_EQ(c.stalled_ms(at_ms(60000)), 0u);
+  c.beat(at_ms(60000));
+  EXPECT_EQ(c.stalled_ms(at_ms(60001)), 0u);
 }
 
 TEST(Collective, DescribesPointToPoint) {
