@@ -17,9 +17,9 @@
 #include "launch/config.hpp"
 #include "launch/generate.hpp"
 #include "launch/hf.hpp"
+#include "launch/hf_llama.hpp"
 #include "launch/preemption.hpp"
 #include "launch/run_dir.hpp"
-#include "launch/hf_llama.hpp"
 #include "launch/tokenize.hpp"
 #include "launch/trainer.hpp"
 #include "launch/weights.hpp"
@@ -737,10 +737,9 @@ int cmd_export(Args a) {
   }
   // Everything is read and checked: now the output directory.
   const std::vector<std::string> outputs =
-      model.config().is_gpt()
-          ? std::vector<std::string>{"model.safetensors", "config.json"}
-          : std::vector<std::string>{"model.safetensors", "config.json", "tokenizer.json",
-                                     "tokenizer_config.json"};
+      model.config().is_gpt() ? std::vector<std::string>{"model.safetensors", "config.json"}
+                              : std::vector<std::string>{"model.safetensors", "config.json",
+                                                         "tokenizer.json", "tokenizer_config.json"};
   for (const std::string& line : launch::prepare_output_dir(out, force, "export", outputs))
     std::printf("%s\n", line.c_str());
   if (!model.config().is_gpt()) {

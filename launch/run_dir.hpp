@@ -31,7 +31,8 @@ MemoryFile builtin_corpus_file();
 
 // Creates the run directory, copies data.tokenizer into it as tokenizer.json and, for a run on
 // the built-in corpus, writes RUN_DIR/default_corpus.txt (durably; kept when it is already there
-// with the same size, as on a resume). Throws IoError naming the path and the errno text (EROFS, EACCES, ENOSPC).
+// with the same size, as on a resume). Throws IoError naming the path and the errno text (EROFS,
+// EACCES, ENOSPC).
 void prepare_run_dir(const TrainConfig& cfg, bool builtin_corpus);
 
 // The output directory of `meshtrain import` / `export` (`command`): created if missing;

@@ -493,10 +493,9 @@ std::string Trainer::sample_pipeline(int at_step) {
   const auto weights = gather_pipeline_weights(*model_, params, mesh_);
   if (!is_root()) return {};
   std::unique_ptr<models::Decoder> whole = whole_model(model_cfg_.gpt, policy_, weights);
-  const std::string s = generate_text(*whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens,
-                                      cfg_.temperature, cfg_.top_k,
-                                      cfg_.seed + static_cast<std::uint64_t>(at_step),
-                                      tokenizer_ ? &*tokenizer_ : nullptr);
+  const std::string s = generate_text(
+      *whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
+      cfg_.seed + static_cast<std::uint64_t>(at_step), tokenizer_ ? &*tokenizer_ : nullptr);
   log_.sample(at_step, s);
   return s;
 }

@@ -27,8 +27,8 @@
 #include "launch/backends.hpp"
 #include "launch/config.hpp"
 #include "launch/metrics.hpp"
-#include "launch/preemption.hpp"
 #include "launch/pipeline_driver.hpp"
+#include "launch/preemption.hpp"
 #include "launch/run_log.hpp"
 #include "launch/schedule.hpp"
 #include "models/decoder.hpp"
@@ -150,7 +150,7 @@ class Trainer {
   // comm.backend: NCCL over the DP and TP groups where chosen (launch/backends.hpp).
   DeviceComms comms_;
   std::unique_ptr<data::Dataset> data_;
-  bool builtin_corpus_ = false;  // no data.train: the built-in corpus
+  bool builtin_corpus_ = false;         // no data.train: the built-in corpus
   std::optional<Tokenizer> tokenizer_;  // data.tokenizer
   // Bytes of training text per token (1 for text as bytes), NaN for token shards: what turns a
   // loss into bits per byte (EvalMetrics::val_bits_per_byte).

@@ -26,19 +26,19 @@ auto fields(const TrainConfig& c) {
                train_files, val_files, data_format, data_tokenizer, val_fraction, steps, batch_size,
                seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio, warmup_steps,
                schedule, decay_fraction, weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps,
-               threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp, pp_schedule,
-               eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
-               run_dir, trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
-               model_init, resume] = c;
-  return std::tie(model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
-                  intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
-                  train_files, val_files, data_format, data_tokenizer, val_fraction, steps,
-                  batch_size, seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio,
-                  warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2, eps,
-                  grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
-                  comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches, sample_every, sample_tokens,
-                  temperature, top_k, prompt, run_dir, trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir,
-                  rollback_after, max_rollbacks, model_init, resume);
+               threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp,
+               pp_schedule, eval_every, eval_batches, sample_every, sample_tokens, temperature,
+               top_k, prompt, run_dir, trace_steps, log_every, ckpt_every, ckpt_keep,
+               ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
+  return std::tie(
+      model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head, intermediate_size,
+      rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab, train_files, val_files,
+      data_format, data_tokenizer, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
+      device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
+      beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
+      comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches, sample_every,
+      sample_tokens, temperature, top_k, prompt, run_dir, trace_steps, log_every, ckpt_every,
+      ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
