@@ -207,8 +207,21 @@ state="" info=""
 for ((i = 0; i < 240; i++)); do
   info=$("$N" exec 1 scontrol show job -o "$id" 2>>"$d/preempt.sbatch.log" || true)
   state=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
-  # A requeued job waits for its begin time (Slurm sets it a while ahead): start it now.
-  if [[ "$state" == PENDING ]] && grep -q 'Restarts=[1-9]' <<<"$info"; then
+  # A requeued job waits for its begin time (Slurm sets it a while ahead): start it now, but
+  # only once the node has finished with the instance that requeued itself (not completing):
+  # started while the node still cleans up, the new instance's step was aborted at launch (srun
+  # exit 0, no training) in 1 of 3 runs under ctest -j2.
+  # The PMIx plugin's socket and directory of the first instance's step can stay behind here
+  # (its stepd was killed by the requeue; "Failed to remove /tmp/spmix_appdir_0_3.0": each
+  # node's /tmp is a bind mount of its own), and the requeued instance, the same job id and
+  # step 3.0 again, then fails to start its step ("Cannot bind() UNIX socket
+  # .../stepd.slurm.pmix.3.0: Address already in use", or "Cannot create directory
+  # .../pmix.3.0/: File exists"; srun exit 0, no training): they are
+  # removed first, as a node's own cleanup would.
+  if [[ "$state" == PENDING ]] && grep -q 'Restarts=[1-9]' <<<"$info" &&
+     [[ "$("$N" exec 1 sinfo -h -n mtsl-n1 -o %t 2>/dev/null)" == idle ]]; then
+    rm -rf "$d"/tmp-mtsl-n*/spmix_appdir_*_"$id".* "$d"/spool-mtsl-n*/stepd.slurm.pmix."$id".* \
+      "$d"/spool-mtsl-n*/pmix."$id".*
     "$N" exec 1 scontrol update JobId="$id" StartTime=now 2>/dev/null || true
   fi
   case "$state" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE) break ;; esac
