@@ -11,9 +11,8 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 [[ $(id -u) -eq 0 ]] || { echo "ci_deploy.sh: needs root (Slurm daemons, network namespaces)" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
-# mount: the Slurm test gives each node a /tmp of its own (not in a minimal root, where mount is
-# not essential).
-packages=(slurm-wlm munge mount python3-jsonschema python3-yaml python3-kubernetes python3-venv)
+# (mount, which the Slurm test needs too, comes with the test set of scripts/debian-packages.txt.)
+packages=(slurm-wlm munge python3-jsonschema python3-yaml python3-kubernetes python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
