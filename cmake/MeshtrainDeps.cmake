@@ -91,6 +91,18 @@ if(MESHTRAIN_CUDA)
   # kernels need nothing newer.
   set(CMAKE_CUDA_STANDARD 17)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  # Debian 12's CMake 3.25.1 sets a deprecation property on CUDA::nvToolsExt without checking
+  # that the target exists (fixed in 3.25.2), and CUDA 13 ships no libnvToolsExt (NVTX 3 is
+  # header-only): find_package(CUDAToolkit) then fails with "set_property could not find TARGET
+  # CUDA::nvToolsExt". meshtrain does not use it: an empty stand-in lets the module finish.
+  if(CMAKE_VERSION VERSION_LESS 3.25.2 AND NOT TARGET CUDA::nvToolsExt)
+    get_filename_component(_mt_nvcc_dir "${CMAKE_CUDA_COMPILER}" DIRECTORY)
+    find_library(MESHTRAIN_NVTOOLSEXT NAMES nvToolsExt nvToolsExt64
+                 HINTS "${_mt_nvcc_dir}/.." PATH_SUFFIXES lib64 lib NO_DEFAULT_PATH)
+    if(NOT MESHTRAIN_NVTOOLSEXT)
+      add_library(CUDA::nvToolsExt INTERFACE IMPORTED)
+    endif()
+  endif()
   find_package(CUDAToolkit REQUIRED)
   meshtrain_require(CUDAToolkit_FOUND "the CUDA Toolkit" "nvidia-cuda-toolkit")
   if(NOT TARGET CUDA::cublasLt)
