@@ -16,7 +16,7 @@
      same losses (float32 rounding).
   5. Under mpirun (fp32), KV heads replicated over TP ranks (check_kv_replication): TP 4 with
      2 KV heads, TP 2 and DP 2 x TP 2 with one, Qwen2 at TP 4: one rank's losses and final
-     weights; checkpoints resharded TP 4 -> 2, 4 -> 1 and 1 -> 4.
+     weights; generate at TP 4 = one process; checkpoints resharded TP 4 -> 2, 4 -> 1, 1 -> 4.
 
   test_cli_llama.py --meshtrain PATH/meshtrain [--mpiexec "mpirun --oversubscribe -np"]
 """
@@ -53,7 +53,9 @@ def check(cond, what):
 
 def run(cmd, timeout=600, env=None):
     e = dict(os.environ, MESHTRAIN_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+    # errors="replace": a byte-vocabulary model's samples need not be UTF-8.
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                          env=e)
 
 
 def make_tokenizer(path, vocab):
@@ -236,8 +238,8 @@ def check_kv_replication(mt, tmp, mpiexec):
     """Fewer KV heads than TP ranks (each KV head held by TP / n_kv_head ranks): in fp32, TP 4
     with llama-tiny's 2 KV heads, TP 2 and DP 2 x TP 2 with one KV head, and Qwen2 (k/v biases)
     at TP 4 train for 10 steps to one rank's losses and final weights; the TP 4 job's sample is
-    written; its step-5 checkpoint resumes at TP 2 and TP 1, and one rank's at TP 4, to the same
-    end."""
+    written and `generate` split 4 ways gives one process's text; its step-5 checkpoint resumes at
+    TP 2 and TP 1, and one rank's at TP 4, to the same end."""
     steps = 10
 
     def train(ranks, tp, name, extra=(), resume=None):
@@ -278,6 +280,14 @@ def check_kv_replication(mt, tmp, mpiexec):
     same("TP 4, 2 KV heads", tp4, one)
     if tp4 is not None:
         check("---- sample at step" in tp4[2], f"TP 4 writes its sample: {tp4[2][-300:]!r}")
+        # KV-cached generation split 4 ways (a KV head on two ranks): one process's text.
+        gen = ["generate", "--run", tp4[0], "--tokens", "40", "--prompt", "Q: ", "--seed", "3"]
+        g1 = run([mt] + gen)
+        g4 = run(shlex.split(mpiexec) + ["4", mt] + gen)
+        check(g1.returncode == 0 and g4.returncode == 0 and g1.stdout == g4.stdout
+              and len(g1.stdout) >= 40,
+              f"generate under mpirun -np 4 equals one process: {g1.stdout!r} {g4.stdout!r} "
+              f"{g4.stderr[-300:]}")
         ck = os.path.join(tp4[0], "checkpoints", "step_00000005")
         # Each run's own global batch (4 rows): TP 2 is DP 1 on 2 ranks, TP 1 one rank.
         same("TP 4 -> TP 2 resume", train(2, 2, "tp4to2", resume=ck), tp4, first=5)
