@@ -494,45 +494,50 @@ int cmd_generate(Args a) {
           ? launch::prompt_ids(unsplit, tok ? &*tok : nullptr, have_prompt ? prompt : cfg.prompt)
           : parse_ids("--prompt-ids", prompt_id_text);
   try {
-    set_cpu_threads(cfg.threads > 0 ? cfg.threads : default_cpu_threads(node_local(session).size));
-    models::Decoder model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
-                          cpu_device(),
-                          world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
-    model.set_weights(launch::load_weights(model, weights));
-    // Streamed: each token is printed (decoded, when there is text to print) as it comes.
-    std::optional<Tokenizer::StreamDecoder> stream;
-    if (tok && !print_ids) stream.emplace(*tok, true);
-    const bool bytes = !tok && unsplit.vocab_size() == 256;
-    std::optional<std::int32_t> eos;
-    if (tok) eos = tok->eos_id();
-    // The prompt first, as the model reads it: the text given, or the bytes it starts from
-    // (an empty prompt on the byte vocabulary starts from a newline).
-    if (root && !print_ids && prompt_id_text.empty()) {
-      if (stream) std::fputs((have_prompt ? prompt : cfg.prompt).c_str(), stdout);
-      if (bytes)
-        for (std::int32_t id : start) std::fputc(static_cast<char>(id), stdout);
-      std::fflush(stdout);
-    }
-    bool first = true;
-    launch::generate_ids(
-        model, cfg.seq_len, start, tokens, temperature, top_k, seed,
-        [&](std::int32_t id) {
-          if (!root) return !eos || id != *eos;
-          if (stream && !(eos && id == *eos)) {
-            std::fputs(stream->push(id).c_str(), stdout);
-          } else if (bytes && !print_ids) {
-            std::fputc(static_cast<char>(id), stdout);
-          } else if (!stream) {
-            std::printf("%s%d", first ? "" : " ", id);
-          }
-          first = false;
-          std::fflush(stdout);
-          return !eos || id != *eos;
-        },
-        tok ? tok->vocab_size() : 0);
-    if (root) {
-      if (stream) std::fputs(stream->finish().c_str(), stdout);
-      std::printf("\n");
+    // The model in its own scope: it may hold communicators split off `world` (a Llama's KV-head
+    // groups), which must go before the session ends.
+    {
+      set_cpu_threads(cfg.threads > 0 ? cfg.threads
+                                      : default_cpu_threads(node_local(session).size));
+      models::Decoder model(launch::model_config(cfg), PrecisionPolicy::parse(cfg.precision),
+                            cpu_device(),
+                            world.valid() ? parallel::TPGroup(world) : parallel::TPGroup());
+      model.set_weights(launch::load_weights(model, weights));
+      // Streamed: each token is printed (decoded, when there is text to print) as it comes.
+      std::optional<Tokenizer::StreamDecoder> stream;
+      if (tok && !print_ids) stream.emplace(*tok, true);
+      const bool bytes = !tok && unsplit.vocab_size() == 256;
+      std::optional<std::int32_t> eos;
+      if (tok) eos = tok->eos_id();
+      // The prompt first, as the model reads it: the text given, or the bytes it starts from
+      // (an empty prompt on the byte vocabulary starts from a newline).
+      if (root && !print_ids && prompt_id_text.empty()) {
+        if (stream) std::fputs((have_prompt ? prompt : cfg.prompt).c_str(), stdout);
+        if (bytes)
+          for (std::int32_t id : start) std::fputc(static_cast<char>(id), stdout);
+        std::fflush(stdout);
+      }
+      bool first = true;
+      launch::generate_ids(
+          model, cfg.seq_len, start, tokens, temperature, top_k, seed,
+          [&](std::int32_t id) {
+            if (!root) return !eos || id != *eos;
+            if (stream && !(eos && id == *eos)) {
+              std::fputs(stream->push(id).c_str(), stdout);
+            } else if (bytes && !print_ids) {
+              std::fputc(static_cast<char>(id), stdout);
+            } else if (!stream) {
+              std::printf("%s%d", first ? "" : " ", id);
+            }
+            first = false;
+            std::fflush(stdout);
+            return !eos || id != *eos;
+          },
+          tok ? tok->vocab_size() : 0);
+      if (root) {
+        if (stream) std::fputs(stream->finish().c_str(), stdout);
+        std::printf("\n");
+      }
     }
     if (session) end_job(*session, world);
   } catch (const std::exception& e) {

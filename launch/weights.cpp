@@ -28,11 +28,7 @@ Tensor load_weights(const models::Decoder& model, const std::string& path) {
       t = full;
     }
     Tensor mine = parallel::slot_view(weights, p);
-    if (!p.replicated() && tp.size() > 1) {
-      parallel::copy_shard(mine, t, p.shard_dim, p.shard_parts, tp.rank(), tp.size());
-    } else {
-      mine.copy_from(t);
-    }
+    parallel::copy_slot_shard(mine, t, p, tp.rank(), tp.size());
   }
   // A pipeline stage reads its own tensors out of the whole model's file.
   MT_CHECK(!model.is_whole() || f.tensors.size() == model.params().size(),
@@ -54,9 +50,7 @@ std::vector<std::pair<std::string, Tensor>> gather_weights(const models::Decoder
   std::vector<std::pair<std::string, Tensor>> out;
   for (const models::ParamInfo& p : model.params()) {
     const Tensor mine = parallel::slot_view(weights, p);
-    Tensor full = p.replicated() || tp.size() == 1
-                      ? mine
-                      : parallel::gather_full(mine, p.full_shape, p.shard_dim, p.shard_parts, tp);
+    Tensor full = p.replicated() || tp.size() == 1 ? mine : parallel::gather_slot(mine, p, tp);
     if (p.real_rows >= 0) full = full.slice(0, models::GPTConfig::pad_vocab(p.real_rows));
     out.emplace_back(p.name, full);
   }

@@ -150,15 +150,18 @@ void LlamaConfig::validate_tp(int tp) const {
   MT_CHECK(tp >= 1, "the tensor-parallel size must be at least 1, got {}", tp);
   if (tp == 1) return;
   MT_CHECK(n_head % tp == 0,
-           "the model cannot be split across {} tensor-parallel ranks: model.n_head ({}) must be "
-           "a multiple of the tensor-parallel size (each rank holds whole query heads)",
-           tp, n_head);
-  MT_CHECK(n_kv_head % tp == 0,
-           "the model cannot be split across {} tensor-parallel ranks: model.n_kv_head ({}) must "
-           "be a multiple of the tensor-parallel size (replicating key/value heads over ranks "
-           "when there are fewer KV heads than ranks is not implemented yet); choose a "
-           "tensor-parallel size that divides {}",
-           tp, n_kv_head, n_kv_head);
+           "the model cannot be split across {} tensor-parallel ranks (train.tp = {}): "
+           "model.n_head ({}) must be a multiple of train.tp (each rank holds whole query heads; "
+           "model.n_kv_head = {})",
+           tp, tp, n_head, n_kv_head);
+  // KV heads: split when TP divides them; with fewer KV heads than ranks each KV head is held
+  // by tp / n_kv_head consecutive ranks (Megatron-LM's and vLLM's replication), which needs
+  // every rank's query heads to share one KV head.
+  MT_CHECK(n_kv_head % tp == 0 || tp % n_kv_head == 0,
+           "the model cannot be split across {} tensor-parallel ranks (train.tp = {}): "
+           "model.n_kv_head ({}) must be a multiple of train.tp, or train.tp a multiple of "
+           "model.n_kv_head (each KV head then held by train.tp / model.n_kv_head ranks)",
+           tp, tp, n_kv_head);
   MT_CHECK(intermediate_size % tp == 0,
            "the model cannot be split across {} tensor-parallel ranks: model.intermediate_size "
            "({}) must be a multiple of the tensor-parallel size",
@@ -170,25 +173,35 @@ void LlamaConfig::validate_tp(int tp) const {
 }
 
 namespace {
-// Elements of one layer: split ones (divided by TP) and replicated ones.
+// Elements of one layer: split ones (divided by TP), the KV projections (k, v and their biases:
+// divided by TP, or by n_kv_head when fewer KV heads than ranks replicate them) and replicated
+// ones.
 struct LayerCount {
-  std::int64_t split = 0, replicated = 0;
+  std::int64_t split = 0, kv = 0, replicated = 0;
 };
 LayerCount layer_count(const LlamaConfig& c) {
   const std::int64_t C = c.n_embd, D = c.head_size(), H = c.n_head, KV = c.n_kv_head,
                      F = c.intermediate_size;
   LayerCount n;
-  n.split = (H + 2 * KV) * D * C + H * D * C + 3 * C * F;
-  if (c.qkv_bias) n.split += (H + 2 * KV) * D;
+  n.split = H * D * C + H * D * C + 3 * C * F;
+  n.kv = 2 * KV * D * C;
+  if (c.qkv_bias) {
+    n.split += H * D;
+    n.kv += 2 * KV * D;
+  }
   n.replicated = 2 * C + (c.o_bias ? C : 0);
   return n;
+}
+// The ways the KV heads are split over `tp` ranks (fewer than tp: each is replicated).
+int kv_splits(const LlamaConfig& c, int tp) {
+  return std::min(tp, c.n_kv_head);
 }
 }  // namespace
 
 std::int64_t LlamaConfig::num_parameters() const {
   const LayerCount l = layer_count(*this);
   const std::int64_t emb = static_cast<std::int64_t>(vocab_size) * n_embd;
-  return emb * (tie_word_embeddings ? 1 : 2) + n_layer * (l.split + l.replicated) + n_embd;
+  return emb * (tie_word_embeddings ? 1 : 2) + n_layer * (l.split + l.kv + l.replicated) + n_embd;
 }
 
 std::int64_t LlamaConfig::num_parameters_per_rank(int tp) const {
@@ -196,7 +209,7 @@ std::int64_t LlamaConfig::num_parameters_per_rank(int tp) const {
   const LayerCount l = layer_count(*this);
   const std::int64_t emb = static_cast<std::int64_t>(padded_vocab) * n_embd;
   const std::int64_t split = emb * (tie_word_embeddings ? 1 : 2) + n_layer * l.split;
-  return split / tp + n_layer * l.replicated + n_embd;
+  return split / tp + n_layer * (l.kv / kv_splits(*this, tp) + l.replicated) + n_embd;
 }
 
 double LlamaConfig::training_flops_per_token(int seq) const {
@@ -204,8 +217,9 @@ double LlamaConfig::training_flops_per_token(int seq) const {
   const double bias = qkv_bias ? static_cast<double>(n_head + 2 * n_kv_head) * head_size() : 0.0;
   // Matmul weights: every layer's projections, and the LM head (tied or not); the embedding
   // lookup of an untied model is not a matmul.
-  const double matmul = static_cast<double>(n_layer) * (static_cast<double>(l.split) - bias) +
-                        static_cast<double>(vocab_size) * n_embd;
+  const double matmul =
+      static_cast<double>(n_layer) * (static_cast<double>(l.split + l.kv) - bias) +
+      static_cast<double>(vocab_size) * n_embd;
   return 6.0 * matmul +
          12.0 * n_layer * static_cast<double>(n_head) * head_size() * static_cast<double>(seq);
 }
@@ -232,8 +246,8 @@ MemoryEstimate estimate_memory(const LlamaConfig& cfg, const PrecisionPolicy& po
   m.optimizer_elements = held;
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
-  const std::int64_t d = cfg.head_size(), hl = cfg.n_head / tp, kvl = cfg.n_kv_head / tp,
-                     fl = cfg.intermediate_size / tp;
+  const std::int64_t d = cfg.head_size(), hl = cfg.n_head / tp,
+                     kvl = cfg.n_kv_head / kv_splits(cfg, tp), fl = cfg.intermediate_size / tp;
   // Per layer, as Llama::ensure_slot allocates: residual, ln1, residual2, ln2 (C, replicated);
   // qkv ((H + 2 KV) D), atty (H D), gate|up (2F), swiglu (F), split over TP; fp32 rstd x 2 and
   // lse per local head.
@@ -257,14 +271,16 @@ std::vector<ParamInfo> Llama::build_layout(const LlamaConfig& cfg, int tp, Llama
            stage.first_layer, last, cfg.n_layer);
   std::vector<ParamInfo> params;
   std::int64_t n = 0;
-  auto add = [&](const std::string& name, const Shape& full, bool decay, int shard_dim = -1) {
+  auto add = [&](const std::string& name, const Shape& full, bool decay, int shard_dim = -1,
+                 int max_shards = 0) {
     ParamInfo p;
     p.name = name;
-    p.shape = shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, 1, tp);
     p.offset = n;
     p.full_shape = full;
     p.shard_dim = shard_dim;
     p.shard_parts = 1;
+    p.max_shards = max_shards;
+    p.shape = shard_dim < 0 ? full : parallel::shard_shape(full, shard_dim, 1, p.shard_count(tp));
     p.decay = decay;
     n += p.numel();
     params.push_back(std::move(p));
@@ -285,12 +301,14 @@ std::vector<ParamInfo> Llama::build_layout(const LlamaConfig& cfg, int tp, Llama
     L.ln1 = add(p + "input_layernorm.weight", Shape{c}, false);
     // Adjacent, so that [q | k | v] is one fused weight (and bias) in the flat buffer.
     L.q_w = add(p + "self_attn.q_proj.weight", Shape{qw, c}, true, 0);
-    L.k_w = add(p + "self_attn.k_proj.weight", Shape{kvw, c}, true, 0);
-    L.v_w = add(p + "self_attn.v_proj.weight", Shape{kvw, c}, true, 0);
+    // K and V are cut into at most n_kv_head slices: with more ranks than KV heads, the ranks
+    // whose query heads share KV head j each hold it (ParamSlot::max_shards).
+    L.k_w = add(p + "self_attn.k_proj.weight", Shape{kvw, c}, true, 0, cfg.n_kv_head);
+    L.v_w = add(p + "self_attn.v_proj.weight", Shape{kvw, c}, true, 0, cfg.n_kv_head);
     if (cfg.qkv_bias) {
       L.q_b = add(p + "self_attn.q_proj.bias", Shape{qw}, false, 0);
-      add(p + "self_attn.k_proj.bias", Shape{kvw}, false, 0);
-      add(p + "self_attn.v_proj.bias", Shape{kvw}, false, 0);
+      add(p + "self_attn.k_proj.bias", Shape{kvw}, false, 0, cfg.n_kv_head);
+      add(p + "self_attn.v_proj.bias", Shape{kvw}, false, 0, cfg.n_kv_head);
     }
     L.o_w = add(p + "self_attn.o_proj.weight", Shape{c, qw}, true, 1);
     if (cfg.o_bias) L.o_b = add(p + "self_attn.o_proj.bias", Shape{c}, false);
@@ -327,7 +345,7 @@ Llama::Llama(const LlamaConfig& cfg, const PrecisionPolicy& policy, Device& devi
   last_ = stage.last_layer < 0 ? cfg_.n_layer : stage.last_layer;
   const int k = tp_.size();
   heads_ = cfg_.n_head / k;
-  kv_heads_ = cfg_.n_kv_head / k;
+  kv_heads_ = cfg_.n_kv_head / kv_splits(cfg_, k);
   ffn_ = cfg_.intermediate_size / k;
   q_width_ = static_cast<std::int64_t>(heads_) * cfg_.head_size();
   kv_width_ = static_cast<std::int64_t>(kv_heads_) * cfg_.head_size();
@@ -345,6 +363,13 @@ Llama::Llama(const LlamaConfig& cfg, const PrecisionPolicy& policy, Device& devi
     head_w_ = param(w);
   }
   slots_.resize(static_cast<std::size_t>(micro_batches));
+  if (k > cfg_.n_kv_head) {
+    // The ranks sharing a KV head: consecutive, tp / n_kv_head of them (as ParamSlot's
+    // replicas). Collective over the TP group.
+    const int reps = k / cfg_.n_kv_head;
+    kv_group_ = std::make_unique<comm::Communicator>(
+        tp_.comm()->split(/*color=*/tp_.rank() / reps, /*key=*/tp_.rank() % reps));
+  }
 }
 
 Tensor Llama::param(std::size_t i) const {
@@ -385,7 +410,7 @@ Tensor Llama::initial_weights(std::uint64_t seed) const {
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const ParamInfo& p = params_[i];
     Tensor m = parallel::slot_view(weights, p);
-    const bool split = p.shard_dim >= 0 && tp_.size() > 1;
+    const bool split = p.shard_dim >= 0 && p.shard_count(tp_.size()) > 1;
     Tensor full = split ? Tensor::empty(p.full_shape, DType::kF32) : m;
     const bool is_bias = p.name.size() >= 5 && p.name.compare(p.name.size() - 5, 5, ".bias") == 0;
     const bool is_norm = p.name.find("norm") != std::string::npos;
@@ -399,7 +424,7 @@ Tensor Llama::initial_weights(std::uint64_t seed) const {
     }
     if (p.real_rows >= 0 && p.real_rows < p.full_shape[0])
       full.slice(p.real_rows, p.full_shape[0] - p.real_rows).zero_();
-    if (split) parallel::copy_shard(m, full, p.shard_dim, 1, tp_.rank(), tp_.size());
+    if (split) parallel::copy_slot_shard(m, full, p, tp_.rank(), tp_.size());
   }
   return weights;
 }
@@ -653,11 +678,7 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     ready(L.o_w, L.o_b >= 0 ? L.o_b : L.o_w);
     ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, heads_, kv_heads_);
     ops::rope_backward(dqkv_, dqkv_, rope_, heads_, kv_heads_);
-    dw = fused_grad(L.q_w, 3);
-    Tensor dqkv_b;
-    if (L.q_b >= 0) dqkv_b = fused_grad(L.q_b, 3);
-    parallel::column_linear_backward(&dln_, dw, L.q_b >= 0 ? &dqkv_b : nullptr, dqkv_, x.ln1,
-                                     fused(L.q_w, 3), tp_);
+    qkv_backward(L, x);
     ready(L.q_w, L.q_b >= 0 ? L.q_b + 2 : L.v_w);
     dg = grad(L.ln1);
     ops::rmsnorm_backward(dresidual_, dg, dln_, x.residual, param(L.ln1), x.ln1_rstd,
@@ -673,6 +694,38 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     }
     ready(embed_, embed_);
   }
+}
+
+void Llama::qkv_backward(const Layer& L, const LayerActs& x) {
+  Tensor dw = fused_grad(L.q_w, 3), db;
+  if (L.q_b >= 0) db = fused_grad(L.q_b, 3);
+  if (!kv_group_) {
+    parallel::column_linear_backward(&dln_, dw, L.q_b >= 0 ? &db : nullptr, dqkv_, x.ln1,
+                                     fused(L.q_w, 3), tp_);
+    return;
+  }
+  // Replicated KV heads: this rank's k/v gradient is only its own query heads' share. The ranks
+  // holding the KV head sum their shares over their sub-group before the update, so every
+  // replica takes the same step (the TP = 1 gradient, summed in another order). This micro-
+  // batch's gradient is formed apart from what flat_grads() has accumulated, which is already
+  // the sum (identical on every replica) and must not be summed again.
+  if (!kv_dw_.defined()) {
+    kv_dw_ = Tensor::empty(dw.shape(), DType::kF32, *device_);
+    if (L.q_b >= 0) kv_db_ = Tensor::empty(db.shape(), DType::kF32, *device_);
+  }
+  kv_dw_.zero_();
+  if (L.q_b >= 0) kv_db_.zero_();
+  parallel::column_linear_backward(&dln_, kv_dw_, L.q_b >= 0 ? &kv_db_ : nullptr, dqkv_, x.ln1,
+                                   fused(L.q_w, 3), tp_);
+  // The k|v rows follow the q rows in the fused weight and bias: one allreduce each. Only the
+  // sharers' shard travels, which is why a sub-communicator rather than a TP-wide allreduce of
+  // every KV head's gradient (n_kv_head times the bytes).
+  const std::int64_t c = cfg_.n_embd;
+  kv_group_->allreduce(kv_dw_.flat().slice(q_width_ * c, 2 * kv_width_ * c)).wait();
+  if (L.q_b >= 0) kv_group_->allreduce(kv_db_.slice(q_width_, 2 * kv_width_)).wait();
+  Tensor dw_flat = dw.flat();
+  ops::add(dw_flat, dw_flat, kv_dw_.flat());
+  if (L.q_b >= 0) ops::add(db, db, kv_db_);
 }
 
 std::vector<float> Llama::decode(std::int32_t token) {

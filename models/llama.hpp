@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,8 +64,9 @@ struct LlamaConfig {
   // Throws InvalidArgument naming the field (as a model.* config key) when inconsistent.
   void validate() const;
   // Throws InvalidArgument naming the field when the model cannot be split across `tp` ranks:
-  // n_head, n_kv_head, intermediate_size and padded_vocab must divide. (Replicating KV heads
-  // when n_kv_head < tp is not implemented: refused with that explanation.)
+  // n_head, intermediate_size and padded_vocab must divide; n_kv_head must be a multiple of tp,
+  // or tp a multiple of n_kv_head (then each KV head is held by tp / n_kv_head consecutive
+  // ranks, whose query heads are the ones that use it: Megatron-LM's and vLLM's replication).
   void validate_tp(int tp) const;
 
   int head_size() const { return head_dim > 0 ? head_dim : n_embd / n_head; }
@@ -91,7 +93,9 @@ struct LlamaStage {
 class Llama {
  public:
   // With a TP group of K > 1 ranks this rank holds its shard of every split parameter and the
-  // passes are collective over the group (as GPT). `micro_batches` activation slots are kept
+  // passes are collective over the group (as GPT); with fewer KV heads than ranks the
+  // constructor is collective too (it splits the ranks sharing a KV head off the group).
+  // `micro_batches` activation slots are kept
   // (allocated on first use of each slot). Throws InvalidArgument for a config or a stage that
   // cannot be built.
   Llama(const LlamaConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device(),
@@ -210,6 +214,9 @@ class Llama {
   Tensor fused(int first_slot, int count) const;
   Tensor fused_grad(int first_slot, int count) const;
   const Tensor& head_weight() const;
+  // The fused q|k|v projection's backward (dln_ and the layer's q/k/v gradients), summing the
+  // k/v gradients over the ranks that share a KV head when there are fewer KV heads than ranks.
+  void qkv_backward(const Layer& L, const LayerActs& x);
 
   LlamaConfig cfg_;
   PrecisionPolicy policy_;
@@ -227,6 +234,11 @@ class Llama {
   Tensor params_flat_, grads_flat_;
   Tensor head_w_;  // view of the LM head's weight (lm_head, or the tied embedding)
   GradsReadyHook grads_ready_;
+  // With fewer KV heads than TP ranks: the tp / n_kv_head consecutive ranks that hold this
+  // rank's KV head (split from the TP group), and the fp32 scratch of one micro-batch's fused
+  // q|k|v weight and bias gradients, summed over it. Null otherwise.
+  std::unique_ptr<comm::Communicator> kv_group_;
+  Tensor kv_dw_, kv_db_;
 
   std::vector<Slot> slots_;
   Tensor rope_;  // fp32 [positions, head_dim]

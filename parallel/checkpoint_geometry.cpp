@@ -111,14 +111,16 @@ std::vector<Box> shard_boxes(const ParamSlot& s, int tp_rank, int tp_size) {
            "checkpoint: tensor '{}' is sharded in {} parts along dimension {}; only dimension 0 "
            "supports parts",
            s.name, parts, k);
-  const std::int64_t block = full[k] / parts, slice = block / tp_size;
-  MT_ASSERT(block * parts == full[k] && slice * tp_size == block && slice * parts == local[k],
-            "tensor '{}': full {} in {} parts over TP {} does not give the local {}", s.name,
-            s.full_shape.str(), parts, tp_size, s.shape.str());
+  // Replicated slices (ParamSlot::max_shards): the ranks sharing a slice hold the same box.
+  const int slices = s.shard_count(tp_size), index = s.shard_index(tp_rank, tp_size);
+  const std::int64_t block = full[k] / parts, slice = block / slices;
+  MT_ASSERT(block * parts == full[k] && slice * slices == block && slice * parts == local[k],
+            "tensor '{}': full {} in {} parts over TP {} ({} slices) does not give the local {}",
+            s.name, s.full_shape.str(), parts, tp_size, slices, s.shape.str());
   std::vector<Box> out;
   for (int p = 0; p < parts; ++p) {
     Box b{std::vector<std::int64_t>(full.size(), 0), local};
-    b.offsets[k] = p * block + tp_rank * slice;
+    b.offsets[k] = p * block + index * slice;
     b.shape[k] = slice;
     out.push_back(b);
   }
@@ -145,6 +147,11 @@ std::vector<Piece> writer_pieces(std::span<const ParamSlot> slots, std::span<con
         // Every TP rank holds a replicated tensor: one of them writes it, in turn by tensor so
         // that the writing stays spread.
         if (s.replicated() && static_cast<int>(i % static_cast<std::size_t>(tp_size)) != tp_rank)
+          continue;
+        // A slice held by several ranks (ParamSlot::max_shards): one of its replicas writes it,
+        // again in turn by tensor.
+        const int reps = s.replicas(tp_size);
+        if (reps > 1 && static_cast<int>(i % static_cast<std::size_t>(reps)) != tp_rank % reps)
           continue;
         const std::vector<Box> boxes = shard_boxes(s, tp_rank, tp_size);
         std::int64_t local = s.offset;

@@ -43,7 +43,8 @@ std::vector<FlatRun> default_writes(std::int64_t flat_numel, int dp_rank, int dp
 
 // The pieces TP rank tp_rank writes for its flat runs (of every state kind), cut along tensors
 // and boxes. A tensor replicated over TP is written by one TP rank, chosen in turn by tensor; a
-// tied copy (ParamSlot::tied_copy) is not written (its original is).
+// tied copy (ParamSlot::tied_copy) is not written (its original is); a slice several TP ranks
+// hold (ParamSlot::max_shards) is written by one of them, chosen in turn by tensor.
 std::vector<Piece> writer_pieces(std::span<const ParamSlot> slots, std::span<const FlatRun> runs,
                                  const std::vector<std::string>& kinds, int tp_rank, int tp_size,
                                  int world_rank);

@@ -29,6 +29,13 @@ namespace meshtrain::parallel {
 // block order. shard_dim = -1: replicated on every TP rank (shape == full_shape). The fields are
 // the same at TP = 1 (shape == full_shape there), so a TP = 1 layout says how a TP = K one
 // splits.
+//
+// Replicated shards (Megatron-LM's and vLLM's KV heads when a model has fewer KV heads than TP
+// ranks): max_shards > 0 caps the slices per block. With K > max_shards ranks (K a multiple of
+// it) the tensor is cut into max_shards slices per block and each slice is held by
+// K / max_shards consecutive ranks: rank r holds slice r / replicas(K) of shard_count(K). Those
+// replicas must stay identical: the model sums their gradients over the ranks that share them,
+// and the norm and checkpoints count each slice once (on the first rank of its replicas).
 struct ParamSlot {
   std::string name;         // "wte.weight", "h.0.attn.c_attn.weight", ...
   Shape shape;              // this rank's tensor (its TP shard)
@@ -46,9 +53,26 @@ struct ParamSlot {
   // group, so both update identically; the gradient norm and checkpoints count the original
   // only.
   bool tied_copy = false;
+  // At most this many slices per block (see above); 0: as many as TP ranks.
+  int max_shards = 0;
 
   std::int64_t numel() const { return shape.numel(); }
   bool replicated() const { return shard_dim < 0; }
+  // Ranks of a TP group of tp_size that hold each slice of a split parameter (1: no replicas).
+  int replicas(int tp_size) const {
+    return shard_dim >= 0 && max_shards > 0 && tp_size > max_shards ? tp_size / max_shards : 1;
+  }
+  // The split a rank's shard is cut by: shard_index of shard_count equal slices per block.
+  int shard_count(int tp_size) const { return tp_size / replicas(tp_size); }
+  int shard_index(int tp_rank, int tp_size) const { return tp_rank / replicas(tp_size); }
+  // Whether TP rank tp_rank counts this rank's elements in a sum over the TP group that must see
+  // each logical element once (the gradient norm, checkpoint writes): a split parameter on the
+  // first rank of each slice's replicas, a replicated one on rank 0, a tied copy never.
+  bool counted_on(int tp_rank, int tp_size) const {
+    if (tied_copy) return false;
+    if (replicated()) return tp_rank == 0;
+    return tp_rank % replicas(tp_size) == 0;
+  }
 };
 
 // Buffer elements [local, local + length) hold flat elements [flat, flat + length).

@@ -75,7 +75,8 @@ GradNorm DistributedAdamW::grad_norm(float loss_scale) {
   const Tensor& grads = zero_ != nullptr ? zero_->shard_grads() : grads_;
   double share = 0;
   for (const FlatRun& r : owned_)
-    share += norm_squared_share(grads.slice(r.local, r.length), r.flat, layout_, mesh_->tp_rank());
+    share += norm_squared_share(grads.slice(r.local, r.length), r.flat, layout_, mesh_->tp_rank(),
+                                mesh_->tp_size());
   GradNorm out;
   if (zero_ != nullptr || mesh_->tp_size() > 1 || mesh_->pp_size() > 1) {
     // The shares of the other DP ranks (ZeRO-1: the padding is zero) and TP ranks.

@@ -81,29 +81,46 @@ void place_shard(Tensor& full, const Tensor& shard, int dim, int parts, int rank
 }
 
 Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int parts,
-                   const TPGroup& tp) {
+                   const TPGroup& tp, int replicas) {
   if (dim < 0 || tp.size() == 1) {
     MT_CHECK(shard.shape() == full_shape, "gather_full: {} is not the full shape {}", shard.str(),
              full_shape.str());
     return shard.clone();
   }
   const int k = tp.size();
-  MT_CHECK(shard.shape() == shard_shape(full_shape, dim, parts, k),
+  MT_CHECK(replicas >= 1 && k % replicas == 0,
+           "gather_full: {} replicas of each shard over a group of {}", replicas, k);
+  const int slices = k / replicas;
+  MT_CHECK(shard.shape() == shard_shape(full_shape, dim, parts, slices),
            "gather_full: shard {} does not fit a {}-way split of {} along dimension {}",
-           shard.str(), k, full_shape.str(), dim);
+           shard.str(), slices, full_shape.str(), dim);
   const std::int64_t n = shard.numel();
   Tensor all = Tensor::empty(Shape{n * k}, shard.dtype(), shard.device());
   tp.comm()->all_gather(shard.flat(), all).wait();
   Tensor full = Tensor::empty(full_shape, shard.dtype(), shard.device());
-  for (int r = 0; r < k; ++r)
-    place_shard(full, all.slice(r * n, n).view(shard.shape()), dim, parts, r, k);
+  for (int j = 0; j < slices; ++j)
+    place_shard(full, all.slice(static_cast<std::int64_t>(j) * replicas * n, n).view(shard.shape()),
+                dim, parts, j, slices);
   return full;
+}
+
+void copy_slot_shard(Tensor& shard, const Tensor& full, const ParamSlot& s, int rank, int size) {
+  if (s.replicated() || size == 1) {
+    shard.copy_from(full);
+    return;
+  }
+  copy_shard(shard, full, s.shard_dim, s.shard_parts, s.shard_index(rank, size),
+             s.shard_count(size));
+}
+
+Tensor gather_slot(const Tensor& shard, const ParamSlot& s, const TPGroup& tp) {
+  return gather_full(shard, s.full_shape, s.shard_dim, s.shard_parts, tp, s.replicas(tp.size()));
 }
 
 // ---- gradient norm ---------------------------------------------------------------------------
 
 double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const ParamSlot> params,
-                          int tp_rank) {
+                          int tp_rank, int tp_size) {
   const std::int64_t hi = lo + grads.numel();
   double sum = 0.0;
   // Adjacent counted parameters are summed as one run.
@@ -115,7 +132,7 @@ double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const 
   for (const ParamSlot& p : params) {
     const std::int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel());
     if (b <= a) continue;
-    if ((p.replicated() && tp_rank != 0) || p.tied_copy) {
+    if (!p.counted_on(tp_rank, tp_size)) {
       flush();
       continue;
     }

@@ -64,17 +64,25 @@ void copy_shard(Tensor& shard, const Tensor& full, int dim, int parts, int rank,
 // The inverse: writes rank's shard into its place in full.
 void place_shard(Tensor& full, const Tensor& shard, int dim, int parts, int rank, int size);
 // Collective: every rank of the group receives the full tensor (in the shard's dtype) assembled
-// from every rank's shard. dim = -1 (replicated): a copy of the local tensor.
+// from every rank's shard. dim = -1 (replicated): a copy of the local tensor. replicas > 1: the
+// tensor is cut into size / replicas slices, each held by `replicas` consecutive ranks
+// (ParamSlot::max_shards); the first of each is used.
 Tensor gather_full(const Tensor& shard, const Shape& full_shape, int dim, int parts,
-                   const TPGroup& tp);
+                   const TPGroup& tp, int replicas = 1);
+// The same for a ParamSlot (its dim, parts and replicas): TP rank `rank` of `size`'s shard of
+// the full tensor, and the full tensor gathered from the group's shards. A replicated slot (or
+// size 1) is a whole copy.
+void copy_slot_shard(Tensor& shard, const Tensor& full, const ParamSlot& s, int rank, int size);
+Tensor gather_slot(const Tensor& shard, const ParamSlot& s, const TPGroup& tp);
 
 // ---- gradient norm ---------------------------------------------------------------------------
 
 // The sum of squares of the gradient elements [lo, lo + grads.numel()) that this rank counts in
-// the global norm: split parameters always, replicated ones on TP rank 0 only, tied copies
-// (ParamSlot::tied_copy) never.
+// the global norm (ParamSlot::counted_on): split parameters always, replicated slices of split
+// ones (max_shards) on the first rank of their replicas, replicated parameters on TP rank 0
+// only, tied copies (ParamSlot::tied_copy) never.
 double norm_squared_share(const Tensor& grads, std::int64_t lo, std::span<const ParamSlot> params,
-                          int tp_rank);
+                          int tp_rank, int tp_size);
 
 // ---- column- and row-parallel linear --------------------------------------------------------
 

@@ -14,6 +14,9 @@
      file (alone and mixed with token shards), with no run directory left.
   4. Under mpirun (fp32): 1 rank, DP 2, TP 2 and DP 2 x TP 2 train the same llama-tiny to the
      same losses (float32 rounding).
+  5. Under mpirun (fp32), KV heads replicated over TP ranks (check_kv_replication): TP 4 with
+     2 KV heads, TP 2 and DP 2 x TP 2 with one, Qwen2 at TP 4: one rank's losses and final
+     weights; generate at TP 4 = one process; checkpoints resharded TP 4 -> 2, 4 -> 1, 1 -> 4.
 
   test_cli_llama.py --meshtrain PATH/meshtrain [--mpiexec "mpirun --oversubscribe -np"]
 """
@@ -50,7 +53,9 @@ def check(cond, what):
 
 def run(cmd, timeout=600, env=None):
     e = dict(os.environ, MESHTRAIN_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+    # errors="replace": a byte-vocabulary model's samples need not be UTF-8.
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                          env=e)
 
 
 def make_tokenizer(path, vocab):
@@ -200,7 +205,7 @@ def check_layouts(mt, tmp, mpiexec):
         rd = os.path.join(tmp, f"layout-{ranks}-{tp}")
         dp = ranks // tp
         cmd = ([] if ranks == 1 else shlex.split(mpiexec) + [str(ranks)]) + [
-            mt, "train", "--quiet", "--tp", str(tp), "--set", "model.preset=llama-tiny",
+            mt, "train", *(() if name == "tp4" else ("--quiet",)), "--tp", str(tp), "--set", "model.preset=llama-tiny",
             "--set", "train.precision=fp32", "--set", "train.steps=4", "--set",
             "train.seq_len=32", "--set", f"train.batch_size={4 // dp}", "--set",
             f"run.dir={rd}", "--set", "sample.tokens=0", "--set", "eval.every=0"]
@@ -219,6 +224,83 @@ def check_layouts(mt, tmp, mpiexec):
               f"llama-tiny fp32 DP {k[0]} x TP {k[1]} losses equal one rank's (worst {err:.1e})")
 
 
+def read_weights(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    return {k: torch.frombuffer(bytearray(data[v["data_offsets"][0]:v["data_offsets"][1]]),
+                                dtype=torch.float32).reshape(v["shape"])
+            for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32"}
+
+
+def check_kv_replication(mt, tmp, mpiexec):
+    """Fewer KV heads than TP ranks (each KV head held by TP / n_kv_head ranks): in fp32, TP 4
+    with llama-tiny's 2 KV heads, TP 2 and DP 2 x TP 2 with one KV head, and Qwen2 (k/v biases)
+    at TP 4 train for 10 steps to one rank's losses and final weights; the TP 4 job's sample is
+    written and `generate` split 4 ways gives one process's text; its step-5 checkpoint resumes at
+    TP 2 and TP 1, and one rank's at TP 4, to the same end."""
+    steps = 10
+
+    def train(ranks, tp, name, extra=(), resume=None):
+        rd = os.path.join(tmp, "kvrep-" + name)
+        cmd = ([] if ranks == 1 else shlex.split(mpiexec) + [str(ranks)]) + [
+            mt, "train", *(() if name == "tp4" else ("--quiet",)), "--tp", str(tp), "--set", "model.preset=llama-tiny",
+            "--set", "train.precision=fp32", "--set", f"train.steps={steps}", "--set",
+            "train.seq_len=32", "--set", f"train.batch_size={4 * tp // ranks}", "--set",
+            "train.threads=1", "--set", f"run.dir={rd}", "--set", "eval.every=0",
+            "--set", "checkpoint.every=5", "--set", "sample.tokens=16", *extra]
+        if resume:
+            cmd += ["--resume", resume]
+        r = run(cmd, timeout=600)
+        if r.returncode != 0:
+            check(False, f"train {name}: {r.stderr[-400:]}")
+            return None
+        with open(os.path.join(rd, "metrics.jsonl")) as f:
+            loss = [json.loads(l)["loss"] for l in f if '"loss"' in l]
+        return rd, loss, r.stdout
+
+    def same(name, got, want, first=0):
+        if got is None or want is None:
+            return
+        gl, wl = got[1], want[1][first:]
+        err = max((abs(a - b) / abs(b) for a, b in zip(gl, wl)), default=1.0)
+        check(len(gl) == len(wl) and err < 2e-6,
+              f"{name}: losses equal one rank's (worst {err:.1e}, {len(gl)} of {len(wl)} steps)")
+        wg = read_weights(os.path.join(got[0], "model.safetensors"))
+        ww = read_weights(os.path.join(want[0], "model.safetensors"))
+        worst = max((float((wg[k] - ww[k]).abs().max()) for k in ww if k in wg), default=1.0)
+        check(sorted(wg) == sorted(ww) and worst < 1e-4,
+              f"{name}: final weights equal one rank's (worst {worst:.1e})")
+
+    kv1 = ("--set", "model.n_kv_head=1")
+    qwen = ("--set", "model.arch=qwen2")  # q/k/v biases
+    one = train(1, 1, "one")
+    tp4 = train(4, 4, "tp4")
+    same("TP 4, 2 KV heads", tp4, one)
+    if tp4 is not None:
+        check("---- sample at step" in tp4[2], f"TP 4 writes its sample: {tp4[2][-300:]!r}")
+        # KV-cached generation split 4 ways (a KV head on two ranks): one process's text.
+        gen = ["generate", "--run", tp4[0], "--tokens", "40", "--prompt", "Q: ", "--seed", "3"]
+        g1 = run([mt] + gen)
+        g4 = run(shlex.split(mpiexec) + ["4", mt] + gen)
+        check(g1.returncode == 0 and g4.returncode == 0 and g1.stdout == g4.stdout
+              and len(g1.stdout) >= 40,
+              f"generate under mpirun -np 4 equals one process: {g1.stdout!r} {g4.stdout!r} "
+              f"{g4.stderr[-300:]}")
+        ck = os.path.join(tp4[0], "checkpoints", "step_00000005")
+        # Each run's own global batch (4 rows): TP 2 is DP 1 on 2 ranks, TP 1 one rank.
+        same("TP 4 -> TP 2 resume", train(2, 2, "tp4to2", resume=ck), tp4, first=5)
+        same("TP 4 -> TP 1 resume", train(1, 1, "tp4to1", resume=ck), tp4, first=5)
+    if one is not None:
+        ck = os.path.join(one[0], "checkpoints", "step_00000005")
+        same("TP 1 -> TP 4 resume", train(4, 4, "tp1to4", resume=ck), one, first=5)
+    one_kv1 = train(1, 1, "one-kv1", kv1)
+    same("TP 2, 1 KV head", train(2, 2, "tp2-kv1", kv1), one_kv1)
+    same("DP 2 x TP 2, 1 KV head", train(4, 2, "dp2tp2-kv1", kv1), one_kv1)
+    same("Qwen2 TP 4, 2 KV heads", train(4, 4, "tp4-qwen", qwen), train(1, 1, "one-qwen", qwen))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--meshtrain", required=True)
@@ -230,6 +312,7 @@ def main():
         check_train(args.meshtrain, tmp)
         if args.mpiexec:
             check_layouts(args.meshtrain, tmp, args.mpiexec)
+            check_kv_replication(args.meshtrain, tmp, args.mpiexec)
     if FAIL:
         print(f"{len(FAIL)} failures")
         sys.exit(1)

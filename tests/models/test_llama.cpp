@@ -1,6 +1,7 @@
 // Llama-family model tests: presets with the published parameter counts, the flat layout (HF
 // names, fused q|k|v and gate|up adjacent, grads-ready ranges tiling the buffer downwards),
-// pipeline stages with several micro-batches in flight giving the whole model's losses and
+// KV heads replicated when there are fewer than TP ranks (layout and refusals), pipeline
+// stages with several micro-batches in flight giving the whole model's losses and
 // gradients bit for bit, decoding against the full forward, and errors for bad input. The
 // comparison with transformers is test_llama_transformers.py.
 #include <cmath>
@@ -75,6 +76,54 @@ TEST(LlamaConfig, TensorParallelRefusals) {
   EXPECT_NE(error_of([&] { c.validate_tp(4); }).find("model.n_head (6)"), std::string::npos);
   c.arch = "mistral";
   EXPECT_NE(error_of([&] { c.validate(); }).find("model.arch"), std::string::npos);
+}
+
+// Fewer KV heads than TP ranks: each KV head is held by tp / n_kv_head consecutive ranks, those
+// whose query heads use it; refused, naming the keys and values, where that cannot be.
+TEST(LlamaConfig, TensorParallelReplicatesKvHeads) {
+  const LlamaConfig c = tiny(false, true);  // 4 heads, 2 KV heads, head_dim 16
+  c.validate_tp(4);
+  const std::vector<ParamInfo> p = Llama::param_layout(c, 4);
+  std::int64_t sum = 0;
+  int kv = 0;
+  for (const ParamInfo& s : p) {
+    sum += s.numel();
+    if (s.name.find("k_proj") == std::string::npos && s.name.find("v_proj") == std::string::npos)
+      continue;
+    ++kv;
+    // One of the two KV heads (16 rows), held by ranks {0, 1} and {2, 3}.
+    EXPECT_EQ(s.shape[0], 16) << s.name;
+    EXPECT_EQ(s.replicas(4), 2) << s.name;
+    EXPECT_EQ(s.shard_count(4), 2) << s.name;
+    EXPECT_EQ(s.shard_index(3, 4), 1) << s.name;
+    EXPECT_TRUE(s.counted_on(2, 4) && !s.counted_on(3, 4)) << s.name;
+    // At TP 2 the same slot is split without replicas: the field says how any TP splits.
+    EXPECT_EQ(s.replicas(2), 1) << s.name;
+  }
+  EXPECT_EQ(kv, 4 * c.n_layer);  // k and v weights and biases
+  EXPECT_EQ(sum, c.num_parameters_per_rank(4));
+  // One KV head shared by TP 2: k_proj is whole on both ranks.
+  LlamaConfig one = c;
+  one.n_kv_head = 1;
+  for (const ParamInfo& s : Llama::param_layout(one, 2))
+    if (s.name.find("k_proj.weight") != std::string::npos) {
+      EXPECT_EQ(s.shape, (Shape{16, 64}));
+    }
+  std::int64_t sum1 = 0;
+  for (const ParamInfo& s : Llama::param_layout(one, 2)) sum1 += s.numel();
+  EXPECT_EQ(sum1, one.num_parameters_per_rank(2));
+
+  LlamaConfig six = LlamaConfig::preset("llama-small");  // 6 heads, 2 KV heads
+  six.intermediate_size = 1032;
+  six.padded_vocab = GPTConfig::pad_vocab(six.vocab_size, 128 * 6);
+  six.validate_tp(6);  // each KV head on 3 ranks
+  const std::string e3 = error_of([&] { six.validate_tp(3); });
+  EXPECT_NE(e3.find("model.n_kv_head (2)"), std::string::npos) << e3;
+  EXPECT_NE(e3.find("train.tp = 3"), std::string::npos) << e3;
+  const std::string e8 = error_of([&] { c.validate_tp(8); });  // more ranks than query heads
+  EXPECT_NE(e8.find("model.n_head (4)"), std::string::npos) << e8;
+  EXPECT_NE(e8.find("model.n_kv_head = 2"), std::string::npos) << e8;
+  EXPECT_NE(e8.find("train.tp = 8"), std::string::npos) << e8;
 }
 
 TEST(Llama, LayoutIsHuggingFacesNamesWithFusedBlocksAdjacent) {

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "comm/loopback.hpp"
+#include "models/llama.hpp"
 #include "parallel/checkpoint.hpp"
 #include "parallel/checkpoint_geometry.hpp"
 #include "parallel/checkpoint_manifest.hpp"
@@ -563,6 +564,74 @@ TEST(CheckpointPlan, RefusesElementsStoredTwiceOrNotAtAll) {
   std::vector<ckpt::Piece> missing = s.pieces;
   missing.erase(missing.begin() + 2);
   expect_error(missing, "the checkpoint is incomplete");
+}
+
+// A Llama with fewer KV heads than TP ranks (llama-tiny: 4 heads, 2 KV heads; Qwen2's k/v biases
+// too): saved at TP 4, where each KV slice is held by two ranks, every slice is written once
+// (plan_load refuses an element stored twice), and DP 2 x TP 4, TP 2 and TP 1 layouts load it,
+// and TP 4 loads what TP 1 and TP 2 saved; every element is the full tensor's.
+TEST(CheckpointPlan, ReplicatedKvHeadsAreWrittenOnceAndReshard) {
+  models::LlamaConfig cfg = models::LlamaConfig::preset("llama-tiny");
+  cfg.n_layer = 1;
+  cfg.arch = "qwen2";
+  cfg.qkv_bias = true;
+  cfg.padded_vocab = models::GPTConfig::pad_vocab(cfg.vocab_size, 128 * 4);
+  // Element i of tensor t of the TP = 1 layout holds t * 2^20 + i (exact in fp32 here).
+  const std::vector<models::ParamInfo> whole = models::Llama::param_layout(cfg, 1);
+  std::map<std::string, Tensor> full;
+  for (std::size_t t = 0; t < whole.size(); ++t) {
+    std::vector<float> v(static_cast<std::size_t>(whole[t].numel()));
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>((t << 20) + i);
+    // Rows past the real vocabulary are layout padding, loaded as zeros.
+    if (whole[t].real_rows >= 0)
+      std::fill(v.begin() + whole[t].real_rows * whole[t].full_shape[1], v.end(), 0.0f);
+    full[whole[t].name] = Tensor::from_floats(v, whole[t].full_shape, DType::kF32);
+  }
+  auto local = [&](int rank, int tp) {
+    const std::vector<models::ParamInfo> slots = models::Llama::param_layout(cfg, tp);
+    Tensor flat = Tensor::zeros(Shape{flat_numel(slots, "test")}, DType::kF32);
+    for (const models::ParamInfo& s : slots) {
+      Tensor mine = slot_view(flat, s);
+      copy_slot_shard(mine, full.at(s.name), s, rank, tp);
+    }
+    return std::make_pair(slots, flat.to_floats());
+  };
+  auto save = [&](int dp, int tp) {
+    Saved out;
+    for (int r = 0; r < dp * tp; ++r) {
+      const auto [slots, values] = local(r % tp, tp);
+      const auto runs = ckpt::default_writes(static_cast<std::int64_t>(values.size()), r / tp, dp);
+      for (const ckpt::Piece& p : ckpt::writer_pieces(slots, runs, {"master"}, r % tp, tp, r)) {
+        out.pieces.push_back(p);
+        out.data.emplace_back(values.begin() + p.src,
+                              values.begin() + p.src + (p.flat_hi - p.flat_lo));
+      }
+    }
+    return out;
+  };
+  const Saved at4 = save(2, 4);
+  std::map<std::string, std::int64_t> written;
+  for (const ckpt::Piece& p : at4.pieces) written[p.tensor] += p.flat_hi - p.flat_lo;
+  for (const models::ParamInfo& s : whole) {
+    if (s.name.find("k_proj") != std::string::npos || s.name.find("v_proj") != std::string::npos) {
+      EXPECT_EQ(written[s.name], s.full_shape.numel()) << s.name << " written once at TP 4";
+    }
+  }
+  const Saved at1 = save(1, 1), at2 = save(1, 2);
+  for (const auto& [saved, tp] :
+       {std::pair<const Saved*, int>{&at4, 1}, {&at4, 2}, {&at4, 4}, {&at1, 4}, {&at2, 4}}) {
+    for (int r = 0; r < tp; ++r) {
+      const auto [slots, want] = local(r, tp);
+      const std::int64_t n = static_cast<std::int64_t>(want.size());
+      const std::vector<ckpt::LoadTarget> targets{{"master", 0, n}};
+      const ckpt::LoadPlan plan = ckpt::plan_load(saved->pieces, slots, targets, r, tp, "test");
+      const std::vector<float> got = apply(plan, *saved, n);
+      std::int64_t bad = 0;
+      while (bad < n && got[static_cast<std::size_t>(bad)] == want[static_cast<std::size_t>(bad)])
+        ++bad;
+      EXPECT_EQ(bad, n) << "TP " << tp << " rank " << r << ": the first wrong element";
+    }
+  }
 }
 
 }  // namespace
