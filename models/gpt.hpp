@@ -274,6 +274,19 @@ class GPT {
   // Backward scratch, shared by the slots, for [scratch_batch_, scratch_seq_].
   int scratch_batch_ = 0, scratch_seq_ = 0;
   Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
+  // Sequence parallelism (tp_.sequence_parallel()): the norm and residual activations above,
+  // dresidual_ and dln_ hold this rank's token shard [B T / K, C]; these hold every token:
+  // sp_x_ [B, T, C] the all-gathered input of a column-parallel layer (forward, and again in
+  // backward for its weight gradient), a row-parallel layer's partial output before the
+  // reduce-scatter, and the all-gathered output gradient of a row-parallel layer; sp_dx_
+  // [B, T, C] a column-parallel layer's partial input gradient before the reduce-scatter;
+  // sp_norm_grads_ fp32 [2C] one LayerNorm's weight and bias gradient of this micro-batch's
+  // shard, summed over the group before it joins the accumulated gradients.
+  Tensor sp_x_, sp_dx_, sp_norm_grads_;
+  // Under sequence parallelism: layernorm_backward of this rank's tokens, its weight and bias
+  // gradients (parameters w and w + 1, adjacent) summed over the TP group, then accumulated.
+  void layernorm_backward_sp(Tensor& dx, int w, const Tensor& dy, const Tensor& x,
+                             const Tensor& mean, const Tensor& rstd, bool accumulate_dx);
   // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
   std::vector<Tensor> k_cache_, v_cache_;
   Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_, dec_fch_,
