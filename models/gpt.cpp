@@ -113,7 +113,7 @@ std::string GPTConfig::str() const {
 }
 
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp, int dp, bool zero) {
+                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
   MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
   MemoryEstimate m;
   const std::int64_t n = cfg.num_parameters_per_rank(tp);
@@ -126,22 +126,31 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   m.optimizer_elements = held;
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
+  // r: the share of the tokens the norm and residual region holds (sequence parallelism: 1/TP).
+  const std::int64_t r = sequence_parallel && tp > 1 ? tp : 1;
   // Per layer, as GPT::ensure_activations allocates: residual, ln1, residual2, ln2 (C each,
-  // replicated under TP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C, split over TP); fp32
-  // statistics and lse (per local head).
-  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
+  // replicated under TP, a token shard under SP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C,
+  // split over TP); the LayerNorms' fp32 statistics (4 per token, on the shard under SP) and
+  // lse (per local head).
+  const std::int64_t per_layer = bt * c * a * 4 / r + bt * c * a * (3 + 1 + 4 + 4) / tp +
+                                 bt * 4 * 4 / r +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
-  // Final: residual out, lnf, this rank's logits columns, fp32 losses/lse/stats; backward
-  // scratch (dresidual, dln: C; datty: C / TP; dqkv: 3C / TP; dfch: 4C / TP).
-  const std::int64_t final_acts = bt * c * a * 2 + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4 +
-                                  bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp + bt * 4 * 2;
+  // Final: residual out, lnf and its statistics (shards under SP), this rank's logits columns,
+  // fp32 losses and lse; backward scratch (dresidual, dln: C, shards under SP; datty: C / TP;
+  // dqkv: 3C / TP; dfch: 4C / TP); under SP two [B, T, C] workspaces for the gathered and
+  // pre-scatter tensors and the 2C fp32 of one LayerNorm's summed gradients.
+  const std::int64_t sp_work = r > 1 ? bt * c * a * 2 + 2 * c * 4 : 0;
+  const std::int64_t final_acts = bt * c * a * 2 / r + bt * (cfg.padded_vocab / tp) * a +
+                                  bt * 4 * 2 / r + bt * 4 * 2 + bt * c * a * 2 / r +
+                                  bt * c * a * (1 + 3 + 4) / tp + bt * 4 * 2 + sp_work;
   m.activations = cfg.n_layer * per_layer + final_acts;
   return m;
 }
 
 MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                      int seq, int tp, int dp, bool zero,
-                                     const parallel::StageRange& stage, int in_flight) {
+                                     const parallel::StageRange& stage, int in_flight,
+                                     bool sequence_parallel) {
   MT_CHECK(dp >= 1 && in_flight >= 1, "estimate_stage_memory: dp {} and in_flight {}", dp,
            in_flight);
   MemoryEstimate m;
@@ -158,12 +167,18 @@ MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   // As estimate_memory, per micro-batch slot: the stage's layers and its output; the head's
   // lnf, logits and fp32 statistics on the last stage.
-  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
+  // (r: sequence parallelism's share of the tokens in the norm and residual region; the stage
+  // boundary, the residual stream, is that shard.)
+  const std::int64_t r = sequence_parallel && tp > 1 ? tp : 1;
+  const std::int64_t per_layer = bt * c * a * 4 / r + bt * c * a * (3 + 1 + 4 + 4) / tp +
+                                 bt * 4 * 4 / r +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
   const int last = stage.last_layer < 0 ? cfg.n_layer : stage.last_layer;
-  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a;
-  if (stage.head) slot += bt * c * a + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4;
-  const std::int64_t scratch = bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp;
+  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a / r;
+  if (stage.head)
+    slot += bt * c * a / r + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 2 / r + bt * 4 * 2;
+  const std::int64_t scratch =
+      bt * c * a * 2 / r + bt * c * a * (1 + 3 + 4) / tp + (r > 1 ? bt * c * a * 2 + 2 * c * 4 : 0);
   m.activations = in_flight * slot + scratch;
   return m;
 }

@@ -77,9 +77,11 @@ struct MemoryEstimate {
 // only as this rank's 1/dp shard, and the averaged gradients are reduce-scattered into a
 // shard-sized buffer; the model keeps its whole parameters and gradients (backward writes
 // every gradient). Buckets are cut at multiples of dp, so a shard is ceil(n / dp) elements, up
-// to one more per bucket.
+// to one more per bucket. sequence_parallel (with tp > 1): the LayerNorm and residual
+// activations and their statistics are a 1/tp token shard, plus two [batch, seq, C] workspaces.
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp = 1, int dp = 1, bool zero = false);
+                               int seq, int tp = 1, int dp = 1, bool zero = false,
+                               bool sequence_parallel = false);
 
 // The same for one pipeline stage (parallel/pipeline.hpp) that keeps `in_flight` micro-batches
 // of activations alive (1F1B: P - stage; GPipe: every micro-batch): its parameters (a head-only
@@ -87,7 +89,8 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
 // activations (the head's logits on the last stage) plus one set of backward scratch.
 MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                      int seq, int tp, int dp, bool zero,
-                                     const parallel::StageRange& stage, int in_flight);
+                                     const parallel::StageRange& stage, int in_flight,
+                                     bool sequence_parallel = false);
 
 // A parameter's place in the flat buffers and its TP sharding (parallel/flat_layout.hpp): names
 // are Hugging Face GPT-2's ("wte.weight", "h.0.attn.c_attn.weight", ...), shapes ours (linear
