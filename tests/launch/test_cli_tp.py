@@ -141,7 +141,7 @@ def main():
             _, sp_acc = train(mpi, d("sp_acc"), 2, ("--tp", "2", *acc, *sp))
             compare("TP 2, accumulation, sequence parallel", one_acc, d("one_acc"), sp_acc,
                     d("sp_acc"), loss_tol, param_tol)
-            act = lambda rows: max(r.get("activation_bytes", 0) for r in rows)
+            act = lambda rows: max(r.get("memory", {}).get("activation_bytes", 0) for r in rows)
             if not 0 < act(sp_acc) < act(tp_acc):
                 sys.exit(f"FAIL: sequence parallel activations {act(sp_acc)} bytes, not below "
                          f"{act(tp_acc)} without it")
