@@ -23,7 +23,7 @@
 namespace meshtrain::launch {
 namespace {
 
-enum class Kind { kInt, kUInt64, kDouble, kString, kStrings };
+enum class Kind { kInt, kUInt64, kDouble, kBool, kString, kStrings };
 
 struct Key {
   std::string section, name;
@@ -43,6 +43,8 @@ std::string kind_name(Kind k) {
       return "integer";
     case Kind::kDouble:
       return "number";
+    case Kind::kBool:
+      return "boolean";
     case Kind::kString:
       return "string";
     case Kind::kStrings:
@@ -154,6 +156,18 @@ Key double_key(std::string section, std::string name, double TrainConfig::*membe
       s += ".0";
     return s;
   };
+  return k;
+}
+
+Key bool_key(std::string section, std::string name, bool TrainConfig::*member, std::string help) {
+  Key k{std::move(section), std::move(name), Kind::kBool, 0, 0, {},
+        std::move(help),    nullptr,         nullptr};
+  const std::string full = k.full();
+  k.set = [member, full](TrainConfig& c, const toml::node& n, const std::string& where) {
+    MT_CHECK(n.is_boolean(), "{}: '{}' must be true or false, got {}", where, full, node_kind(n));
+    c.*member = *n.value<bool>();
+  };
+  k.get = [member](const TrainConfig& c) { return std::string(c.*member ? "true" : "false"); };
   return k;
 }
 
@@ -286,6 +300,10 @@ const std::vector<Key>& keys() {
       int_key("train", "pp", &TrainConfig::pp, 1, 1 << 16,
               "pipeline-parallel size P: mpirun -np N runs DP = N/(K P) x PP = P x TP = K, PP "
               "outermost; each stage holds a contiguous block of layers"),
+      bool_key("tp", "sequence_parallel", &TrainConfig::tp_sequence_parallel,
+               "sequence parallelism inside each TP group (needs train.tp > 1, train.seq_len a "
+               "multiple of train.tp): LayerNorm and residual activations sharded over the "
+               "group's ranks, all-gather and reduce-scatter in place of each allreduce"),
       string_key("pp", "schedule", &TrainConfig::pp_schedule, {"1f1b", "gpipe"},
                  "pipeline schedule of the train.grad_accum micro-batches: 1f1b (at most train.pp "
                  "micro-batches of activations alive per stage) or gpipe (all forward, then all "
@@ -397,6 +415,17 @@ std::size_t invalid_utf8_at(std::string_view s) {
 
 void check_combinations(const TrainConfig& c) {
   trace_steps(c);
+  if (c.tp_sequence_parallel) {
+    MT_CHECK(c.tp > 1,
+             "tp.sequence_parallel = true needs tensor parallelism, but train.tp = 1: it shards "
+             "the activations over the TP group's ranks; set train.tp > 1 or "
+             "tp.sequence_parallel = false");
+    MT_CHECK(c.seq_len % c.tp == 0,
+             "tp.sequence_parallel = true: train.seq_len ({}) must be a multiple of train.tp ({}), "
+             "each rank holding an equal shard of the sequence; {} or {} would do",
+             c.seq_len, c.tp, c.seq_len / c.tp * c.tp > 0 ? c.seq_len / c.tp * c.tp : c.tp,
+             (c.seq_len / c.tp + 1) * c.tp);
+  }
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
            "checkpoint.rollback_after ({}) must be below train.max_bad_steps ({}), which stops the "
@@ -579,6 +608,14 @@ void check_llama_pp(const TrainConfig& c, const std::string& arch) {
            c.pp, arch);
 }
 
+// Sequence parallelism is implemented in the GPT-2 family's passes only (models/gpt.cpp).
+void check_llama_sp(const TrainConfig& c, const std::string& arch) {
+  MT_CHECK(!c.tp_sequence_parallel,
+           "tp.sequence_parallel = true: sequence parallelism runs model.arch = gpt2 only for "
+           "now, and this model is {}; train it with tp.sequence_parallel = false",
+           arch);
+}
+
 models::LlamaConfig llama_config(const TrainConfig& c, const std::string& arch) {
   models::LlamaConfig m = models::LlamaConfig::preset(c.model_preset);
   m.arch = arch;
@@ -613,6 +650,7 @@ models::LlamaConfig llama_config(const TrainConfig& c, const std::string& arch) 
   m.validate();
   m.validate_tp(c.tp);
   check_llama_pp(c, m.arch);
+  check_llama_sp(c, m.arch);
   return m;
 }
 
@@ -642,6 +680,7 @@ models::ModelConfig model_config(const TrainConfig& c) {
     m.validate();
     m.validate_tp(c.tp);
     check_llama_pp(c, m.arch);
+    check_llama_sp(c, m.arch);
     return m;
   }
   const models::ModelConfig preset = models::ModelConfig::preset(c.model_preset);

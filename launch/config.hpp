@@ -75,6 +75,10 @@ struct TrainConfig {
   // step's grad_accum micro-batches flow through the stages in pp_schedule's order.
   int pp = 1;
   std::string pp_schedule = "1f1b";  // "1f1b" (at most pp micro-batches alive) or "gpipe"
+  // [tp] sequence_parallel: Megatron's sequence parallelism inside each TP group
+  // (parallel/tensor_parallel.hpp): the LayerNorm and residual activations hold 1/tp of the
+  // tokens. Needs tp > 1 and seq_len a multiple of tp; under PP the stage boundary is the shard.
+  bool tp_sequence_parallel = false;
 
   // [eval]
   int eval_every = 100;  // 0 = never (a final evaluation still runs when there is val data)

@@ -589,8 +589,9 @@ void print_memory(const launch::TrainConfig& cfg, const models::ModelConfig& m,
   std::printf("\n");
   std::printf("training FLOPs per token (seq %d): %.3e\n", cfg.seq_len,
               m.training_flops_per_token(cfg.seq_len));
-  std::printf("memory per rank (DP %d x TP %d = %d ranks, %s, micro-batch %d x %d):\n", dp, cfg.tp,
-              dp * cfg.tp, std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
+  std::printf("memory per rank (DP %d x TP %d = %d ranks%s, %s, micro-batch %d x %d):\n", dp,
+              cfg.tp, dp * cfg.tp, cfg.tp_sequence_parallel ? ", sequence parallel" : "",
+              std::string(policy.name()).c_str(), cfg.batch_size, cfg.seq_len);
   std::printf("  parameters       %s\n", human_bytes(static_cast<double>(mem.parameters)).c_str());
   std::printf("  gradients (fp32) %s\n", human_bytes(static_cast<double>(mem.gradients)).c_str());
   std::printf("  master weights   %s\n",
@@ -604,8 +605,8 @@ void print_memory(const launch::TrainConfig& cfg, const models::ModelConfig& m,
 // What ZeRO-1 saves over `mem` (the same layout without it), and the gradient buckets.
 void print_zero(const launch::TrainConfig& cfg, const models::ModelConfig& m,
                 const PrecisionPolicy& policy, int dp, const models::MemoryEstimate& mem) {
-  const models::MemoryEstimate z =
-      models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp, true);
+  const models::MemoryEstimate z = models::estimate_memory(
+      m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp, true, cfg.tp_sequence_parallel);
   std::printf("with ZeRO-1 over %d data-parallel ranks (train.zero = 1):\n", dp);
   std::printf("  master weights   %s (shard of %lld parameters)\n",
               human_bytes(static_cast<double>(z.master_weights)).c_str(),
@@ -697,8 +698,8 @@ int cmd_plan(Args a) {
     cfg.seq_len = std::min(models::ModelConfig::preset(cfg.model_preset).block_size(), 8192);
   const models::ModelConfig m = launch::model_config(cfg);
   const PrecisionPolicy policy = PrecisionPolicy::parse(cfg.precision);
-  const models::MemoryEstimate mem =
-      models::estimate_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp);
+  const models::MemoryEstimate mem = models::estimate_memory(
+      m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, 1, false, cfg.tp_sequence_parallel);
   print_memory(cfg, m, policy, dp, mem);
   if (dp > 1) print_zero(cfg, m, policy, dp, mem);
   if (cfg.pp > 1) launch::print_pipeline_plan(cfg, m.gpt, policy, dp);

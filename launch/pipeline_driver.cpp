@@ -167,8 +167,9 @@ void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
   for (int s = 0; s < p; ++s) {
     const parallel::StageRange r = parallel::stage_range(m.n_layer, p, s);
     const int live = parallel::max_in_flight(parallel::build_schedule(schedule, p, s, micro));
-    const models::MemoryEstimate e = models::estimate_stage_memory(
-        m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp, cfg.zero == 1, r, live);
+    const models::MemoryEstimate e =
+        models::estimate_stage_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp,
+                                      cfg.zero == 1, r, live, cfg.tp_sequence_parallel);
     const std::int64_t params = e.parameters / static_cast<std::int64_t>(dtype_size(policy.param));
     peak = std::max(peak, e.total());
     std::printf("  %5d  %2d-%-4d  %10.2fM  %9.1f MiB  %5.1f MiB  %9d  %7.1f MiB  %6.1f MiB\n", s,

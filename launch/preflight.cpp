@@ -64,15 +64,16 @@ models::MemoryEstimate estimate(const TrainConfig& c, const models::ModelConfig&
                                 const PrecisionPolicy& p, int dp) {
   const bool zero = c.zero == 1 && dp > 1;
   if (c.pp <= 1 || !m.is_gpt())
-    return models::estimate_memory(m, p, c.batch_size, c.seq_len, c.tp, dp, zero);
+    return models::estimate_memory(m, p, c.batch_size, c.seq_len, c.tp, dp, zero,
+                                   c.tp_sequence_parallel);
   const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(c.pp_schedule);
   models::MemoryEstimate peak;
   for (int s = 0; s < c.pp; ++s) {
     const int live =
         parallel::max_in_flight(parallel::build_schedule(schedule, c.pp, s, c.grad_accum));
-    const models::MemoryEstimate e =
-        models::estimate_stage_memory(m.gpt, p, c.batch_size, c.seq_len, c.tp, dp, zero,
-                                      parallel::stage_range(m.gpt.n_layer, c.pp, s), live);
+    const models::MemoryEstimate e = models::estimate_stage_memory(
+        m.gpt, p, c.batch_size, c.seq_len, c.tp, dp, zero,
+        parallel::stage_range(m.gpt.n_layer, c.pp, s), live, c.tp_sequence_parallel);
     if (e.total() > peak.total()) peak = e;
   }
   return peak;

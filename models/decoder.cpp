@@ -52,9 +52,10 @@ std::vector<ParamInfo> ModelConfig::param_layout(int tp) const {
 }
 
 MemoryEstimate estimate_memory(const ModelConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp, int dp, bool zero) {
-  return cfg.is_gpt() ? estimate_memory(cfg.gpt, policy, batch, seq, tp, dp, zero)
-                      : estimate_memory(cfg.llama, policy, batch, seq, tp, dp, zero);
+                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
+  return cfg.is_gpt()
+             ? estimate_memory(cfg.gpt, policy, batch, seq, tp, dp, zero, sequence_parallel)
+             : estimate_memory(cfg.llama, policy, batch, seq, tp, dp, zero);
 }
 
 Decoder::Decoder(const ModelConfig& cfg, const PrecisionPolicy& policy, Device& device,

@@ -113,7 +113,7 @@ std::string GPTConfig::str() const {
 }
 
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp, int dp, bool zero) {
+                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
   MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
   MemoryEstimate m;
   const std::int64_t n = cfg.num_parameters_per_rank(tp);
@@ -126,22 +126,31 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   m.optimizer_elements = held;
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
+  // r: the share of the tokens the norm and residual region holds (sequence parallelism: 1/TP).
+  const std::int64_t r = sequence_parallel && tp > 1 ? tp : 1;
   // Per layer, as GPT::ensure_activations allocates: residual, ln1, residual2, ln2 (C each,
-  // replicated under TP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C, split over TP); fp32
-  // statistics and lse (per local head).
-  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
+  // replicated under TP, a token shard under SP); qkv, atty, fch and fch_gelu (3C, C, 4C, 4C,
+  // split over TP); the LayerNorms' fp32 statistics (4 per token, on the shard under SP) and
+  // lse (per local head).
+  const std::int64_t per_layer = bt * c * a * 4 / r + bt * c * a * (3 + 1 + 4 + 4) / tp +
+                                 bt * 4 * 4 / r +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
-  // Final: residual out, lnf, this rank's logits columns, fp32 losses/lse/stats; backward
-  // scratch (dresidual, dln: C; datty: C / TP; dqkv: 3C / TP; dfch: 4C / TP).
-  const std::int64_t final_acts = bt * c * a * 2 + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4 +
-                                  bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp + bt * 4 * 2;
+  // Final: residual out, lnf and its statistics (shards under SP), this rank's logits columns,
+  // fp32 losses and lse; backward scratch (dresidual, dln: C, shards under SP; datty: C / TP;
+  // dqkv: 3C / TP; dfch: 4C / TP); under SP two [B, T, C] workspaces for the gathered and
+  // pre-scatter tensors and the 2C fp32 of one LayerNorm's summed gradients.
+  const std::int64_t sp_work = r > 1 ? bt * c * a * 2 + 2 * c * 4 : 0;
+  const std::int64_t final_acts = bt * c * a * 2 / r + bt * (cfg.padded_vocab / tp) * a +
+                                  bt * 4 * 2 / r + bt * 4 * 2 + bt * c * a * 2 / r +
+                                  bt * c * a * (1 + 3 + 4) / tp + bt * 4 * 2 + sp_work;
   m.activations = cfg.n_layer * per_layer + final_acts;
   return m;
 }
 
 MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                      int seq, int tp, int dp, bool zero,
-                                     const parallel::StageRange& stage, int in_flight) {
+                                     const parallel::StageRange& stage, int in_flight,
+                                     bool sequence_parallel) {
   MT_CHECK(dp >= 1 && in_flight >= 1, "estimate_stage_memory: dp {} and in_flight {}", dp,
            in_flight);
   MemoryEstimate m;
@@ -158,12 +167,18 @@ MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   // As estimate_memory, per micro-batch slot: the stage's layers and its output; the head's
   // lnf, logits and fp32 statistics on the last stage.
-  const std::int64_t per_layer = bt * c * a * 4 + bt * c * a * (3 + 1 + 4 + 4) / tp + bt * 4 * 4 +
+  // (r: sequence parallelism's share of the tokens in the norm and residual region; the stage
+  // boundary, the residual stream, is that shard.)
+  const std::int64_t r = sequence_parallel && tp > 1 ? tp : 1;
+  const std::int64_t per_layer = bt * c * a * 4 / r + bt * c * a * (3 + 1 + 4 + 4) / tp +
+                                 bt * 4 * 4 / r +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
   const int last = stage.last_layer < 0 ? cfg.n_layer : stage.last_layer;
-  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a;
-  if (stage.head) slot += bt * c * a + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 4;
-  const std::int64_t scratch = bt * c * a * 2 + bt * c * a * (1 + 3 + 4) / tp;
+  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a / r;
+  if (stage.head)
+    slot += bt * c * a / r + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 2 / r + bt * 4 * 2;
+  const std::int64_t scratch =
+      bt * c * a * 2 / r + bt * c * a * (1 + 3 + 4) / tp + (r > 1 ? bt * c * a * 2 + 2 * c * 4 : 0);
   m.activations = in_flight * slot + scratch;
   return m;
 }
@@ -321,29 +336,34 @@ GPT::Micro& GPT::ensure_activations(int slot, int batch, int seq) {
   const DType a = policy_.activation;
   // c: the residual width (replicated under TP); cl: this rank's heads' width.
   const std::int64_t b = batch, t = seq, c = cfg_.n_embd, cl = c / tp_.size();
+  // The norm and residual region: every token, or this rank's token shard under sequence
+  // parallelism (parallel/tensor_parallel.hpp).
+  const bool sp = tp_.sequence_parallel();
+  const std::int64_t ts = sp ? tp_.shard_tokens(b * t) : b * t;
+  const Shape region = sp ? Shape{ts, c} : Shape{b, t, c};
   mb.layers.clear();
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     LayerActs x;
-    x.residual = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln1 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln1_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    x.ln1_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.residual = Tensor::empty(region, a, d);
+    x.ln1 = Tensor::empty(region, a, d);
+    x.ln1_mean = Tensor::empty(Shape{ts}, DType::kF32, d);
+    x.ln1_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     x.qkv = Tensor::empty(Shape{b, t, 3 * cl}, a, d);
     x.atty = Tensor::empty(Shape{b, t, cl}, a, d);
     x.lse = Tensor::empty(Shape{b, heads_, t}, DType::kF32, d);
-    x.residual2 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln2 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln2_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    x.ln2_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.residual2 = Tensor::empty(region, a, d);
+    x.ln2 = Tensor::empty(region, a, d);
+    x.ln2_mean = Tensor::empty(Shape{ts}, DType::kF32, d);
+    x.ln2_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     x.fch = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
     x.fch_gelu = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
     mb.layers.push_back(std::move(x));
   }
-  mb.residual_out = Tensor::empty(Shape{b, t, c}, a, d);
+  mb.residual_out = Tensor::empty(region, a, d);
   if (stage_.head) {
-    mb.lnf = Tensor::empty(Shape{b, t, c}, a, d);
-    mb.lnf_mean = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    mb.lnf_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    mb.lnf = Tensor::empty(region, a, d);
+    mb.lnf_mean = Tensor::empty(Shape{ts}, DType::kF32, d);
+    mb.lnf_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     mb.logits = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
     mb.losses = Tensor::empty(Shape{b * t}, DType::kF32, d);
     mb.lse = Tensor::empty(Shape{b * t}, DType::kF32, d);
@@ -358,8 +378,15 @@ void GPT::ensure_scratch(int batch, int seq) {
   Device& d = *device_;
   const DType a = policy_.activation;
   const std::int64_t b = batch, t = seq, c = cfg_.n_embd, cl = c / tp_.size();
-  dresidual_ = Tensor::empty(Shape{b, t, c}, a, d);
-  dln_ = Tensor::empty(Shape{b, t, c}, a, d);
+  const bool sp = tp_.sequence_parallel();
+  const Shape region = sp ? Shape{tp_.shard_tokens(b * t), c} : Shape{b, t, c};
+  dresidual_ = Tensor::empty(region, a, d);
+  dln_ = Tensor::empty(region, a, d);
+  if (sp) {
+    sp_x_ = Tensor::empty(Shape{b, t, c}, a, d);
+    sp_dx_ = Tensor::empty(Shape{b, t, c}, a, d);
+    sp_norm_grads_ = Tensor::empty(Shape{2 * c}, DType::kF32, d);
+  }
   datty_ = Tensor::empty(Shape{b, t, cl}, a, d);
   dqkv_ = Tensor::empty(Shape{b, t, 3 * cl}, a, d);
   dfch_ = Tensor::empty(Shape{b, t, 4 * cl}, a, d);
@@ -383,8 +410,28 @@ std::int64_t GPT::activation_bytes() const {
          {&mb.residual_out, &mb.lnf, &mb.lnf_mean, &mb.lnf_rstd, &mb.logits, &mb.losses, &mb.lse})
       add(*t);
   }
-  for (const Tensor* t : {&dresidual_, &dln_, &datty_, &dqkv_, &dfch_}) add(*t);
+  for (const Tensor* t :
+       {&dresidual_, &dln_, &datty_, &dqkv_, &dfch_, &sp_x_, &sp_dx_, &sp_norm_grads_})
+    add(*t);
   return total;
+}
+
+void GPT::layernorm_backward_sp(Tensor& dx, int w, const Tensor& dy, const Tensor& x,
+                                const Tensor& mean, const Tensor& rstd, bool accumulate_dx) {
+  // The gradients already hold earlier micro-batches' sums over the group: only this
+  // micro-batch's share is summed, then added (summing the accumulated gradient would count
+  // the earlier ones K times).
+  const std::int64_t c = cfg_.n_embd;
+  sp_norm_grads_.zero_();
+  Tensor dw = sp_norm_grads_.slice(0, c), db = sp_norm_grads_.slice(c, c);
+  ops::layernorm_backward(dx, dw, db, dy, x, param(static_cast<std::size_t>(w)), mean, rstd,
+                          accumulate_dx);
+  tp_.allreduce(sp_norm_grads_);
+  const ParamInfo& p = params_[static_cast<std::size_t>(w)];
+  MT_ASSERT(params_[static_cast<std::size_t>(w) + 1].offset == p.offset + c,
+            "{}: its bias must follow it in the flat buffer", p.name);
+  Tensor g = grads_flat_.slice(p.offset, 2 * c);
+  ops::add(g, g, sp_norm_grads_);
 }
 
 float GPT::forward(const Tensor& tokens, const Tensor& targets) {
@@ -421,6 +468,23 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
   }
   Micro& mb = ensure_activations(slot, b, t);
   std::vector<LayerActs>& acts = mb.layers;
+  // Sequence parallelism: the LayerNorms and residual adds run on this rank's token shard;
+  // every column-parallel layer reads the shard's all-gather (sp_x_), every row-parallel one
+  // reduce-scatters its partial sums into the shard (parallel/tensor_parallel.hpp).
+  const bool sp = tp_.sequence_parallel();
+  auto gathered = [&](const Tensor& shard) -> const Tensor& {
+    if (!sp) return shard;
+    tp_.gather_tokens(sp_x_, shard);
+    return sp_x_;
+  };
+  auto row_forward = [&](Tensor& y, const Tensor& x, int w, int bias) {
+    Tensor bt = param(static_cast<std::size_t>(bias));
+    if (sp) {
+      parallel::row_linear_forward_sp(y, sp_x_, x, param(static_cast<std::size_t>(w)), &bt, tp_);
+    } else {
+      parallel::row_linear_forward(y, x, param(static_cast<std::size_t>(w)), &bt, tp_);
+    }
+  };
   if (stage_.embedding) {
     mb.tokens = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
     // Tokens outside the real vocabulary would index padded rows: refuse them.
@@ -434,7 +498,12 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
     // column-parallel (f: no communication), attention runs this rank's heads, and both c_proj
     // are row-parallel (g: one allreduce each); the LM head is column-parallel over the
     // vocabulary and feeds the vocab-parallel cross-entropy.
-    if (tp_.active()) {
+    if (sp) {
+      // The rows are summed into this rank's token shard (a reduce-scatter), sp_x_ the
+      // workspace every token's partial rows are written to.
+      mb.embedding.forward(sp_x_, ids, b, t, param(wte_), param(wpe_), vocab_start_, tp_,
+                           &acts[0].residual);
+    } else if (tp_.active()) {
       mb.embedding.forward(acts[0].residual, ids, b, t, param(wte_), param(wpe_), vocab_start_,
                            tp_);
     } else {
@@ -452,18 +521,16 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
     const Layer& L = layers_[static_cast<std::size_t>(l)];
     LayerActs& x = acts[static_cast<std::size_t>(l)];
     Tensor qkv_b = param(L.qkv_b);
-    parallel::column_linear_forward(x.qkv, x.ln1, param(L.qkv_w), &qkv_b);
+    parallel::column_linear_forward(x.qkv, gathered(x.ln1), param(L.qkv_w), &qkv_b);
     ops::attention_forward(x.atty, x.lse, x.qkv, heads_);
-    Tensor proj_b = param(L.proj_b);
-    parallel::row_linear_forward(x.residual2, x.atty, param(L.proj_w), &proj_b, tp_);
+    row_forward(x.residual2, x.atty, L.proj_w, L.proj_b);
     ops::residual_layernorm_forward(x.residual2, x.ln2, x.ln2_mean, x.ln2_rstd, x.residual2,
                                     x.residual, param(L.ln2_w), param(L.ln2_b));
     Tensor fc_b = param(L.fc_b);
-    parallel::column_linear_gelu_forward(x.fch, x.fch_gelu, x.ln2, param(L.fc_w), &fc_b);
+    parallel::column_linear_gelu_forward(x.fch, x.fch_gelu, gathered(x.ln2), param(L.fc_w), &fc_b);
     const bool last = l + 1 == n;
     Tensor& next = last ? mb.residual_out : acts[static_cast<std::size_t>(l) + 1].residual;
-    Tensor fcproj_b = param(L.fcproj_b);
-    parallel::row_linear_forward(next, x.fch_gelu, param(L.fcproj_w), &fcproj_b, tp_);
+    row_forward(next, x.fch_gelu, L.fcproj_w, L.fcproj_b);
     if (last && stage_.head) {
       ops::residual_layernorm_forward(next, mb.lnf, mb.lnf_mean, mb.lnf_rstd, next, x.residual2,
                                       param(lnf_w_), param(lnf_b_));
@@ -482,7 +549,7 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
     mb.have_targets = true;  // backward takes the output gradient instead
     return std::numeric_limits<float>::quiet_NaN();
   }
-  parallel::column_linear_forward(mb.logits, mb.lnf, param(wte_), nullptr);
+  parallel::column_linear_forward(mb.logits, gathered(mb.lnf), param(wte_), nullptr);
   mb.have_targets = targets.defined();
   if (!mb.have_targets) return std::numeric_limits<float>::quiet_NaN();
   mb.targets = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
@@ -512,6 +579,41 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
   std::vector<LayerActs>& acts = mb.layers;
   ensure_scratch(mb.batch, mb.seq);
   const std::int64_t bt = static_cast<std::int64_t>(mb.batch) * mb.seq;
+  // Sequence parallelism: the backward of the forward's all-gather before a column-parallel
+  // layer is a reduce-scatter of its input gradient (column_linear_backward_sp, which re-gathers
+  // the layer's input for its weight gradient: the gathered copy is not kept per layer); that
+  // of the reduce-scatter after a row-parallel layer is an all-gather of its output gradient.
+  // The LayerNorms saw this rank's tokens only: their weight gradients are summed over the group.
+  const bool sp = tp_.sequence_parallel();
+  auto column_backward = [&](Tensor& dy, const Tensor& x, int w, int bias) {
+    Tensor dw = grad(static_cast<std::size_t>(w));
+    Tensor db = bias >= 0 ? grad(static_cast<std::size_t>(bias)) : Tensor();
+    Tensor* dbp = bias >= 0 ? &db : nullptr;
+    if (sp) {
+      tp_.gather_tokens(sp_x_, x);
+      parallel::column_linear_backward_sp(dln_, sp_dx_, dw, dbp, dy, sp_x_,
+                                          param(static_cast<std::size_t>(w)), tp_);
+    } else {
+      parallel::column_linear_backward(&dln_, dw, dbp, dy, x, param(static_cast<std::size_t>(w)),
+                                       tp_);
+    }
+  };
+  auto row_backward = [&](Tensor& dx, const Tensor& x, int w, int bias) {
+    Tensor dw = grad(static_cast<std::size_t>(w)), db = grad(static_cast<std::size_t>(bias));
+    if (sp) tp_.gather_tokens(sp_x_, dresidual_);
+    parallel::row_linear_backward(&dx, dw, &db, sp ? sp_x_ : dresidual_, x,
+                                  param(static_cast<std::size_t>(w)));
+  };
+  auto norm_backward = [&](int w, int b, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                           bool accumulate_dx) {
+    if (sp) {
+      layernorm_backward_sp(dresidual_, w, dln_, x, mean, rstd, accumulate_dx);
+    } else {
+      Tensor dgw = grad(static_cast<std::size_t>(w)), dgb = grad(static_cast<std::size_t>(b));
+      ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x, param(static_cast<std::size_t>(w)),
+                              mean, rstd, accumulate_dx);
+    }
+  };
   auto ready = [&](int first, int last) {
     if (grads_ready_)
       grads_ready_(params_[static_cast<std::size_t>(first)].offset,
@@ -535,11 +637,9 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
                                   cfg_.vocab_size, loss_multiplier / mb.valid_targets);
     }
     mb.have_targets = false;  // the logits are gone
-    Tensor dwte = grad(wte_);
-    parallel::column_linear_backward(&dln_, dwte, nullptr, mb.logits, mb.lnf, param(wte_), tp_);
-    Tensor dlnf_w = grad(lnf_w_), dlnf_b = grad(lnf_b_);
-    ops::layernorm_backward(dresidual_, dlnf_w, dlnf_b, dln_, mb.residual_out, param(lnf_w_),
-                            mb.lnf_mean, mb.lnf_rstd, /*accumulate_dx=*/false);
+    column_backward(mb.logits, mb.lnf, wte_, -1);
+    norm_backward(lnf_w_, lnf_b_, mb.residual_out, mb.lnf_mean, mb.lnf_rstd,
+                  /*accumulate_dx=*/false);
     ready(lnf_w_, lnf_b_);
   } else {
     MT_CHECK(output_grad.defined() && output_grad.shape() == mb.residual_out.shape(),
@@ -552,36 +652,28 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
     const Layer& L = layers_[static_cast<std::size_t>(l)];
     LayerActs& x = acts[static_cast<std::size_t>(l)];
     // dresidual holds the gradient of this layer's output.
-    Tensor dw = grad(L.fcproj_w), db = grad(L.fcproj_b);
-    parallel::row_linear_backward(&dfch_, dw, &db, dresidual_, x.fch_gelu, param(L.fcproj_w));
+    row_backward(dfch_, x.fch_gelu, L.fcproj_w, L.fcproj_b);
     ready(L.fcproj_w, L.fcproj_b);
     ops::gelu_backward(dfch_, dfch_, x.fch);
-    dw = grad(L.fc_w);
-    db = grad(L.fc_b);
-    parallel::column_linear_backward(&dln_, dw, &db, dfch_, x.ln2, param(L.fc_w), tp_);
+    column_backward(dfch_, x.ln2, L.fc_w, L.fc_b);
     ready(L.fc_w, L.fc_b);
-    Tensor dgw = grad(L.ln2_w), dgb = grad(L.ln2_b);
-    ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual2, param(L.ln2_w), x.ln2_mean,
-                            x.ln2_rstd, /*accumulate_dx=*/true);
+    norm_backward(L.ln2_w, L.ln2_b, x.residual2, x.ln2_mean, x.ln2_rstd, /*accumulate_dx=*/true);
     ready(L.ln2_w, L.ln2_b);
-    dw = grad(L.proj_w);
-    db = grad(L.proj_b);
-    parallel::row_linear_backward(&datty_, dw, &db, dresidual_, x.atty, param(L.proj_w));
+    row_backward(datty_, x.atty, L.proj_w, L.proj_b);
     ready(L.proj_w, L.proj_b);
     ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, heads_);
-    dw = grad(L.qkv_w);
-    db = grad(L.qkv_b);
-    parallel::column_linear_backward(&dln_, dw, &db, dqkv_, x.ln1, param(L.qkv_w), tp_);
+    column_backward(dqkv_, x.ln1, L.qkv_w, L.qkv_b);
     ready(L.qkv_w, L.qkv_b);
-    dgw = grad(L.ln1_w);
-    dgb = grad(L.ln1_b);
-    ops::layernorm_backward(dresidual_, dgw, dgb, dln_, x.residual, param(L.ln1_w), x.ln1_mean,
-                            x.ln1_rstd, /*accumulate_dx=*/true);
+    norm_backward(L.ln1_w, L.ln1_b, x.residual, x.ln1_mean, x.ln1_rstd, /*accumulate_dx=*/true);
     ready(L.ln1_w, L.ln1_b);
   }
   if (stage_.embedding) {
     Tensor dwte = grad(wte_), dwpe = grad(wpe_);
-    if (tp_.active()) {
+    if (sp) {
+      // Every rank's wte rows are looked up by tokens of every shard: the gathered gradient.
+      tp_.gather_tokens(sp_x_, dresidual_);
+      mb.embedding.backward(dwte, dwpe, sp_x_);
+    } else if (tp_.active()) {
       mb.embedding.backward(dwte, dwpe, dresidual_);
     } else {
       ops::embedding_backward(dwte, dwpe, dresidual_, mb.tokens);

@@ -77,9 +77,11 @@ struct MemoryEstimate {
 // only as this rank's 1/dp shard, and the averaged gradients are reduce-scattered into a
 // shard-sized buffer; the model keeps its whole parameters and gradients (backward writes
 // every gradient). Buckets are cut at multiples of dp, so a shard is ceil(n / dp) elements, up
-// to one more per bucket.
+// to one more per bucket. sequence_parallel (with tp > 1): the LayerNorm and residual
+// activations and their statistics are a 1/tp token shard, plus two [batch, seq, C] workspaces.
 MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp = 1, int dp = 1, bool zero = false);
+                               int seq, int tp = 1, int dp = 1, bool zero = false,
+                               bool sequence_parallel = false);
 
 // The same for one pipeline stage (parallel/pipeline.hpp) that keeps `in_flight` micro-batches
 // of activations alive (1F1B: P - stage; GPipe: every micro-batch): its parameters (a head-only
@@ -87,7 +89,8 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
 // activations (the head's logits on the last stage) plus one set of backward scratch.
 MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
                                      int seq, int tp, int dp, bool zero,
-                                     const parallel::StageRange& stage, int in_flight);
+                                     const parallel::StageRange& stage, int in_flight,
+                                     bool sequence_parallel = false);
 
 // A parameter's place in the flat buffers and its TP sharding (parallel/flat_layout.hpp): names
 // are Hugging Face GPT-2's ("wte.weight", "h.0.attn.c_attn.weight", ...), shapes ours (linear
@@ -274,6 +277,19 @@ class GPT {
   // Backward scratch, shared by the slots, for [scratch_batch_, scratch_seq_].
   int scratch_batch_ = 0, scratch_seq_ = 0;
   Tensor dresidual_, dln_, datty_, dqkv_, dfch_;
+  // Sequence parallelism (tp_.sequence_parallel()): the norm and residual activations above,
+  // dresidual_ and dln_ hold this rank's token shard [B T / K, C]; these hold every token:
+  // sp_x_ [B, T, C] the all-gathered input of a column-parallel layer (forward, and again in
+  // backward for its weight gradient), a row-parallel layer's partial output before the
+  // reduce-scatter, and the all-gathered output gradient of a row-parallel layer; sp_dx_
+  // [B, T, C] a column-parallel layer's partial input gradient before the reduce-scatter;
+  // sp_norm_grads_ fp32 [2C] one LayerNorm's weight and bias gradient of this micro-batch's
+  // shard, summed over the group before it joins the accumulated gradients.
+  Tensor sp_x_, sp_dx_, sp_norm_grads_;
+  // Under sequence parallelism: layernorm_backward of this rank's tokens, its weight and bias
+  // gradients (parameters w and w + 1, adjacent) summed over the TP group, then accumulated.
+  void layernorm_backward_sp(Tensor& dx, int w, const Tensor& dy, const Tensor& x,
+                             const Tensor& mean, const Tensor& rstd, bool accumulate_dx);
   // Decoding: per-layer key and value caches [1, block_size, C] and one position's buffers.
   std::vector<Tensor> k_cache_, v_cache_;
   Tensor dec_token_, dec_x_, dec_ln_, dec_mean_, dec_rstd_, dec_qkv_, dec_atty_, dec_tmp_, dec_fch_,

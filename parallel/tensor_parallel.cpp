@@ -12,6 +12,37 @@ void TPGroup::allreduce(const Tensor& t, comm::ReduceOp op) const {
   if (comm_ != nullptr) comm_->allreduce(t, op).wait();
 }
 
+std::int64_t TPGroup::shard_tokens(std::int64_t tokens) const {
+  const int k = size();
+  MT_CHECK(tokens % k == 0,
+           "sequence parallelism: the {} tokens of a micro-batch (train.batch_size x "
+           "train.seq_len) cannot be split into {} equal shards (train.tp = {})",
+           tokens, k, k);
+  return tokens / k;
+}
+
+void TPGroup::gather_tokens(Tensor& full, const Tensor& shard) const {
+  MT_CHECK(full.numel() == shard.numel() * size(),
+           "sequence parallelism: gathering shards {} of a group of {} into {}", shard.str(),
+           size(), full.str());
+  if (comm_ == nullptr) {
+    full.copy_from(shard);
+    return;
+  }
+  comm_->all_gather(shard.flat(), full.flat()).wait();
+}
+
+void TPGroup::reduce_scatter_tokens(Tensor& shard, const Tensor& full) const {
+  MT_CHECK(full.numel() == shard.numel() * size(),
+           "sequence parallelism: reduce-scattering {} over a group of {} into {}", full.str(),
+           size(), shard.str());
+  if (comm_ == nullptr) {
+    shard.copy_from(full);
+    return;
+  }
+  comm_->reduce_scatter(full.flat(), shard.flat()).wait();
+}
+
 // ---- shards ----------------------------------------------------------------------------------
 
 namespace {
@@ -165,10 +196,23 @@ void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor&
   if (dx != nullptr) tp.allreduce(*dx);
 }
 
+void column_linear_backward_sp(Tensor& dx, Tensor& dx_full, Tensor& dw, Tensor* dbias,
+                               const Tensor& dy, const Tensor& x_full, const Tensor& w,
+                               const TPGroup& tp) {
+  ops::linear_backward(&dx_full, dw, dbias, dy, x_full, w);
+  tp.reduce_scatter_tokens(dx, dx_full);
+}
+
 void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias,
                         const TPGroup& tp) {
   ops::linear_forward(y, x, w, tp.rank() == 0 ? bias : nullptr);
   tp.allreduce(y);
+}
+
+void row_linear_forward_sp(Tensor& y, Tensor& y_full, const Tensor& x, const Tensor& w,
+                           const Tensor* bias, const TPGroup& tp) {
+  ops::linear_forward(y_full, x, w, tp.rank() == 0 ? bias : nullptr);
+  tp.reduce_scatter_tokens(y, y_full);
 }
 
 void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
@@ -180,7 +224,7 @@ void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy
 
 void VocabParallelEmbedding::forward(Tensor& out, const std::vector<std::int32_t>& ids, int batch,
                                      int seq, const Tensor& wte, const Tensor& wpe,
-                                     std::int64_t vocab_start, const TPGroup& tp) {
+                                     std::int64_t vocab_start, const TPGroup& tp, Tensor* shard) {
   MT_CHECK(wte.defined() && wte.ndim() == 2, "vocab-parallel embedding: wte must be [V/K, C]");
   const std::int64_t n = static_cast<std::int64_t>(batch) * seq, rows = wte.dim(0), c = wte.dim(1);
   MT_CHECK(static_cast<std::int64_t>(ids.size()) == n,
@@ -219,7 +263,11 @@ void VocabParallelEmbedding::forward(Tensor& out, const std::vector<std::int32_t
       lo += len;
     }
   }
-  tp.allreduce(out);
+  if (shard != nullptr) {
+    tp.reduce_scatter_tokens(*shard, out);
+  } else {
+    tp.allreduce(out);
+  }
 }
 
 void VocabParallelEmbedding::backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout) {

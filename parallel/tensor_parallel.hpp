@@ -19,6 +19,25 @@
 // bits on every rank), so every rank computes the same update and they stay identical without
 // communication. A row-parallel bias is added once: by TP rank 0, before the allreduce.
 //
+// Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+// Transformer Models"), when the group is built with it: the regions outside the column- and
+// row-parallel layers (LayerNorms, residual adds) hold only this rank's shard of the tokens, so
+// their activations take 1/K of the memory. f becomes an all-gather of the tokens before a
+// column-parallel layer (a reduce-scatter of its input gradient in backward), and g a
+// reduce-scatter after a row-parallel one (an all-gather of the output gradient in backward):
+// the same bytes moved as the allreduce they replace (an allreduce is a reduce-scatter and an
+// all-gather).
+//
+// The token shard: of the N = B x T tokens of a micro-batch, in [B, T] row-major order, rank r
+// holds tokens [r N/K, (r + 1) N/K), as [N/K, C]. This is Megatron's shard of its [T, B, C]
+// activations transposed to our batch-outermost layout: a contiguous block of the flat token
+// dimension, so the all-gather and the reduce-scatter run on contiguous buffers with no permute
+// on either side, and the gathered tensor is the [B, T, C] the attention and the linears
+// already take. With B = 1 the shard is a range of sequence positions; with K dividing B it is
+// whole sequences. Only per-token operations run on the shard (norms, residual adds, the
+// embedding's sum), so which tokens a rank holds does not change any value: positions (wpe,
+// rotary) are applied where the tokens are whole.
+//
 // All functions here are collective over the group when its size is above 1: every rank of the
 // group calls them in the same order with the same shapes (comm/communicator.hpp). Thread-safety:
 // as the communicator.
@@ -40,18 +59,36 @@ class TPGroup {
  public:
   TPGroup() = default;
   // The communicator must outlive the group; a communicator of size 1 acts as none.
-  explicit TPGroup(comm::Communicator& tp) : comm_(tp.valid() && tp.size() > 1 ? &tp : nullptr) {}
+  // sequence_parallel: the models shard their norm and residual regions along the tokens (see
+  // the top of this file); ignored (off) for a group of one rank, where there is nothing to
+  // shard.
+  explicit TPGroup(comm::Communicator& tp, bool sequence_parallel = false)
+      : comm_(tp.valid() && tp.size() > 1 ? &tp : nullptr),
+        sequence_parallel_(comm_ != nullptr && sequence_parallel) {}
 
   int rank() const { return comm_ != nullptr ? comm_->rank() : 0; }
   int size() const { return comm_ != nullptr ? comm_->size() : 1; }
   bool active() const { return comm_ != nullptr; }
+  bool sequence_parallel() const { return sequence_parallel_; }
   comm::Communicator* comm() const { return comm_; }
 
   // Blocking allreduce in place (no-op for TP = 1).
   void allreduce(const Tensor& t, comm::ReduceOp op = comm::ReduceOp::kSum) const;
 
+  // ---- sequence parallelism: the token shard ----
+  // Tokens of this rank's shard of `tokens` (N / K). Throws InvalidArgument naming both when K
+  // does not divide N.
+  std::int64_t shard_tokens(std::int64_t tokens) const;
+  // full [N, ...] (any shape of N x width elements) = every rank's shard [N/K, ...] in rank
+  // order: a blocking all-gather. The shards must be equal-sized and contiguous.
+  void gather_tokens(Tensor& full, const Tensor& shard) const;
+  // shard = this rank's token block of the sum over the group of every rank's full: a blocking
+  // reduce-scatter. full is not modified.
+  void reduce_scatter_tokens(Tensor& shard, const Tensor& full) const;
+
  private:
   comm::Communicator* comm_ = nullptr;
+  bool sequence_parallel_ = false;
 };
 
 // ---- shards ----------------------------------------------------------------------------------
@@ -97,14 +134,28 @@ void column_linear_gelu_forward(Tensor& pre, Tensor& y, const Tensor& x, const T
 // group of every rank's partial dy w.
 void column_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy,
                             const Tensor& x, const Tensor& w, const TPGroup& tp);
+// Sequence parallelism: x_full is the gathered input ([N, in], TPGroup::gather_tokens of the
+// shard the forward gathered); dw, dbias += this rank's gradient; dx_full (workspace [N, in]) =
+// this rank's partial dy w, and dx [N/K, in] = its reduce-scatter: the summed input gradient of
+// this rank's tokens (the all-gather's backward).
+void column_linear_backward_sp(Tensor& dx, Tensor& dx_full, Tensor& dw, Tensor* dbias,
+                               const Tensor& dy, const Tensor& x_full, const Tensor& w,
+                               const TPGroup& tp);
 
 // Row-parallel linear: w is this rank's columns [out, in/K] of the full weight, x this rank's
 // in/K features, bias the full (replicated) [out]. y = allreduce_sum(x w^T) + bias, the bias
 // added by rank 0 alone before the allreduce (g's forward).
 void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tensor* bias,
                         const TPGroup& tp);
-// g's backward is the identity: dy is the same on every rank. dx = dy w (this rank's in/K
-// features); dw += this rank's gradient; dbias (replicated) += column sums of dy on every rank.
+// Sequence parallelism: y_full (workspace [N, out]) = x w^T (+ bias on rank 0), y [N/K, out] =
+// its reduce-scatter, this rank's tokens of the summed output. The bias is added before the sum,
+// in the region where every token is present: its gradient (row_linear_backward on the
+// all-gathered dy) is the full column sum on every rank, with no further reduction.
+void row_linear_forward_sp(Tensor& y, Tensor& y_full, const Tensor& x, const Tensor& w,
+                           const Tensor* bias, const TPGroup& tp);
+// g's backward is the identity: dy is the same on every rank (under sequence parallelism, the
+// caller all-gathers the shard's gradient into it first). dx = dy w (this rank's in/K features);
+// dw += this rank's gradient; dbias (replicated) += column sums of dy on every rank.
 void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
                          const Tensor& w);
 
@@ -118,9 +169,13 @@ void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy
 class VocabParallelEmbedding {
  public:
   // ids: host token ids of tokens [B, T] (B * T values, each in [0, vocabulary)); out: [B, T, C].
+  // With `shard` (sequence parallelism): the rows are summed by a reduce-scatter into shard
+  // ([B T / K, C], this rank's tokens) instead of the allreduce, and out is a workspace.
   void forward(Tensor& out, const std::vector<std::int32_t>& ids, int batch, int seq,
-               const Tensor& wte, const Tensor& wpe, std::int64_t vocab_start, const TPGroup& tp);
-  // After forward: dwte (this rank's rows) and dwpe (fp32) +=. dout is not modified.
+               const Tensor& wte, const Tensor& wpe, std::int64_t vocab_start, const TPGroup& tp,
+               Tensor* shard = nullptr);
+  // After forward: dwte (this rank's rows) and dwpe (fp32) +=. dout ([B, T, C], every token:
+  // under sequence parallelism the all-gathered gradient of the shards) is not modified.
   void backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout);
 
  private:

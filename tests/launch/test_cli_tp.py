@@ -3,8 +3,10 @@ DP = N/K x TP = K, with ZeRO-1) trains for 20 steps to the losses and weights (m
 gathered over TP) of one process with the same global batch; bf16 agrees within tolerance;
 `mpirun -np K meshtrain generate` gives the one-process text from the same run directory; a model
 whose heads cannot be split, or a process count that --tp does not divide, ends the job with a
-clear error instead of a hang; gradient accumulation under TP matches too; `plan --tp` shows a
-DP x TP layout's memory per rank."""
+clear error instead of a hang; gradient accumulation under TP matches too; sequence parallelism
+(tp.sequence_parallel) matches one process at TP 2 with accumulation, TP 4, DP 2 x TP 2 and
+PP 2 x TP 2 with less activation memory, and is refused where the sequence does not split;
+`plan --tp` shows a DP x TP layout's memory per rank."""
 import argparse
 import array
 import json
@@ -100,6 +102,7 @@ def main():
     # Adam turns a gradient's float32 rounding into up to a fraction of one step (lr 1e-3).
     loss_tol, param_tol = 1e-5, 1e-4
     six_heads = ("--set", "model.n_head=6", "--set", "model.n_embd=48")
+    sp = ("--set", "tp.sequence_parallel=true")
     with tempfile.TemporaryDirectory() as tmp:
         d = lambda name: os.path.join(tmp, name)
         # TP = N; a 6-head model at 3 ranks (the 4-head gpt-tiny does not split 3 ways).
@@ -117,12 +120,31 @@ def main():
             compare("DP 2 x TP 2", one, d("one"), dptp, d("dptp"), loss_tol, param_tol)
             _, zero = train(mpi, d("zero"), 2, ("--tp", "2", "--set", "train.zero=1"))
             compare("DP 2 x TP 2, ZeRO-1", one, d("one"), zero, d("zero"), loss_tol, param_tol)
+            # Sequence parallelism: TP = 4 (each rank a quarter of the 4 x 32 tokens), DP 2 x TP 2,
+            # and PP 2 x TP 2 (the stage boundary is the token shard), all as one process.
+            _, sp4 = train(mpi, d("sp4"), 4, ("--tp", "4", *sp))
+            compare("TP 4, sequence parallel", one, d("one"), sp4, d("sp4"), loss_tol, param_tol)
+            _, spdp = train(mpi, d("spdp"), 2, ("--tp", "2", *sp))
+            compare("DP 2 x TP 2, sequence parallel", one, d("one"), spdp, d("spdp"), loss_tol,
+                    param_tol)
+            _, sppp = train(mpi, d("sppp"), 4, ("--tp", "2", "--pp", "2", *sp))
+            compare("PP 2 x TP 2, sequence parallel", one, d("one"), sppp, d("sppp"), loss_tol,
+                    param_tol)
         if n == 2:
             # Gradient accumulation under TP: 2 micro-steps of 2 rows match one process.
             acc = ("--set", "train.grad_accum=2")
             _, one_acc = train([a.meshtrain], d("one_acc"), 2, acc)
             _, tp_acc = train(mpi, d("tp_acc"), 2, ("--tp", "2", *acc))
             compare("TP 2, accumulation", one_acc, d("one_acc"), tp_acc, d("tp_acc"), loss_tol, param_tol)
+            # Sequence parallelism with accumulation (each micro-batch's LayerNorm gradients
+            # summed over the group once), and its smaller activation record.
+            _, sp_acc = train(mpi, d("sp_acc"), 2, ("--tp", "2", *acc, *sp))
+            compare("TP 2, accumulation, sequence parallel", one_acc, d("one_acc"), sp_acc,
+                    d("sp_acc"), loss_tol, param_tol)
+            act = lambda rows: max(r.get("memory", {}).get("activation_bytes", 0) for r in rows)
+            if not 0 < act(sp_acc) < act(tp_acc):
+                sys.exit(f"FAIL: sequence parallel activations {act(sp_acc)} bytes, not below "
+                         f"{act(tp_acc)} without it")
         # bf16: within tolerance of the one-process bf16 run.
         _, one16 = train([a.meshtrain], d("one16"), 4, (*model, "--set", "train.precision=bf16"))
         _, tp16 = train(mpi, d("tp16"), 4, ("--tp", str(n), *model, "--set", "train.precision=bf16"))
@@ -134,6 +156,13 @@ def main():
         if g1.returncode != 0 or gn.returncode != 0 or g1.stdout != gn.stdout or len(g1.stdout) < 40:
             sys.exit(f"FAIL: generate under mpirun -np {n} differs from one process:\n"
                      f"{g1.stdout!r} {g1.stderr}\n{gn.stdout!r} {gn.stderr}")
+    if n == 3:
+        # Sequence parallelism needs the 32 positions to split 3 ways: refused, naming the keys.
+        expect_error(mpi + ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32",
+                            "--set", "run.dir=/tmp/meshtrain-tp-never", *six_heads, "--tp", "3",
+                            *sp],
+                     "train.seq_len (32) must be a multiple of train.tp (3)",
+                     "sequence parallelism with a sequence that does not split")
     # A model whose heads do not divide by TP is refused at start-up on every rank.
     bad_heads = ("--set", "model.n_head=5", "--set", "model.n_embd=40") if n != 3 else ()
     expect_error(mpi + ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32",

@@ -27,18 +27,20 @@ auto fields(const TrainConfig& c) {
                seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio, warmup_steps,
                schedule, decay_fraction, weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps,
                threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp,
-               pp_schedule, eval_every, eval_batches, sample_every, sample_tokens, temperature,
-               top_k, prompt, run_dir, trace_steps, log_every, ckpt_every, ckpt_keep,
-               ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume] = c;
-  return std::tie(
-      model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head, intermediate_size,
-      rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab, train_files, val_files,
-      data_format, data_tokenizer, val_fraction, steps, batch_size, seq_len, grad_accum, precision,
-      device, seed, lr, min_lr_ratio, warmup_steps, schedule, decay_fraction, weight_decay, beta1,
-      beta2, eps, grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
-      comm_backend, zero, tp, pp, pp_schedule, eval_every, eval_batches, sample_every,
-      sample_tokens, temperature, top_k, prompt, run_dir, trace_steps, log_every, ckpt_every,
-      ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks, model_init, resume);
+               pp_schedule, tp_sequence_parallel, eval_every, eval_batches, sample_every,
+               sample_tokens, temperature, top_k, prompt, run_dir, trace_steps, log_every,
+               ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
+               model_init, resume] = c;
+  return std::tie(model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
+                  intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
+                  train_files, val_files, data_format, data_tokenizer, val_fraction, steps,
+                  batch_size, seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio,
+                  warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2, eps,
+                  grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
+                  comm_backend, zero, tp, pp, pp_schedule, tp_sequence_parallel, eval_every,
+                  eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
+                  trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir,
+                  rollback_after, max_rollbacks, model_init, resume);
 }
 
 bool same(const TrainConfig& a, const TrainConfig& b) {
@@ -148,7 +150,7 @@ TEST_F(ConfigTest, UnknownKeysAndSectionsNameTheFileAndLine) {
   EXPECT_HAS(file_error("[train]\nsteps = 3\n\nlrr = 0.1\n"),
              "job.toml:4: unknown key 'train.lrr'; keys of [train] are: steps, batch_size");
   EXPECT_HAS(file_error("[train]\nsteps = 3\n[optim]\nlr = 1\n"),
-             "job.toml:3: unknown section [optim]: expected one of model, data, train, pp, dp, "
+             "job.toml:3: unknown section [optim]: expected one of model, data, train, tp, pp, dp, "
              "comm, eval, sample, run, trace, checkpoint");
   EXPECT_HAS(file_error("steps = 3\n"),
              "job.toml:1: 'steps' must be a section ([steps]); top-level keys are not allowed");
@@ -360,6 +362,31 @@ TEST_F(ConfigTest, KeyTableDocumentsEveryKey) {
     EXPECT_FALSE(k.help.empty()) << k.key;
     EXPECT_FALSE(k.type.empty()) << k.key;
   }
+}
+
+// tp.sequence_parallel: a boolean, off by default, read from a file and from --set, written back
+// by to_toml; refused without TP, with a sequence that does not split, and for a Llama model.
+TEST_F(ConfigTest, SequenceParallelKey) {
+  EXPECT_FALSE(TrainConfig{}.tp_sequence_parallel);
+  const TrainConfig c = load_config(file("[train]\ntp = 2\n[tp]\nsequence_parallel = true\n"), {});
+  EXPECT_TRUE(c.tp_sequence_parallel);
+  EXPECT_TRUE(load_config(file(to_toml(c)), {}).tp_sequence_parallel);
+  EXPECT_FALSE(load_config("", {"train.tp=2", "tp.sequence_parallel=false"}).tp_sequence_parallel);
+  EXPECT_HAS(set_error("tp.sequence_parallel=1"), "'tp.sequence_parallel' must be true or false");
+  const std::string no_tp = set_error("tp.sequence_parallel=true");
+  EXPECT_HAS(no_tp, "tp.sequence_parallel = true needs tensor parallelism, but train.tp = 1");
+  const std::string odd = error_of([] {
+    load_config("", {"train.tp=4", "train.seq_len=250", "tp.sequence_parallel=true"});
+  });
+  EXPECT_HAS(odd, "train.seq_len (250) must be a multiple of train.tp (4)");
+  EXPECT_HAS(odd, "248 or 252 would do");
+  const TrainConfig llama = load_config("", {"model.preset=llama-tiny", "train.tp=2",
+                                             "train.seq_len=32", "tp.sequence_parallel=true"});
+  EXPECT_HAS(error_of([&] { model_config(llama); }),
+             "model.arch = gpt2 only for now, and this model is llama");
+  const TrainConfig gpt = load_config(
+      "", {"model.preset=gpt-tiny", "train.tp=2", "train.seq_len=32", "tp.sequence_parallel=true"});
+  EXPECT_TRUE(model_config(gpt).is_gpt());
 }
 
 // Pipeline keys: train.pp, pp.schedule (interleaved is not offered yet), trace.steps, and more

@@ -2,7 +2,10 @@
 // policy, TP = 2, 3 (a 6-head model), 4 and DP = 2 x TP = 2 train for 20 steps to the same
 // losses, gradient norms and (gathered) weights as one rank with the global batch; replicated
 // parameters stay bit-identical across TP ranks; bf16 agrees within tolerance; decoding gives
-// the same logits; a model that cannot be split is refused.
+// the same logits; a model that cannot be split is refused. Sequence parallelism (TPGroup's
+// flag) trains to the same losses and weights as the same TP layout without it, with shards of
+// whole sequences and of parts of one, over accumulated micro-batches, and holds less
+// activation memory.
 
 #include <algorithm>
 #include <cmath>
@@ -51,13 +54,20 @@ struct TpRun {
   std::vector<float> losses, norms;
   // Full parameters (wte cut to the real vocabulary), gathered over TP, from world rank 0.
   std::vector<std::vector<float>> params;
-  bool replicated_equal = true;  // replicated parameters bit-identical on every TP rank
-  bool dp_equal = true;          // every DP replica holds the same shard as DP rank 0
+  bool replicated_equal = true;       // replicated parameters bit-identical on every TP rank
+  bool dp_equal = true;               // every DP replica holds the same shard as DP rank 0
+  std::int64_t activation_bytes = 0;  // world rank 0's, after the last step
+};
+
+struct RunOptions {
+  double max_norm = 1.0;
+  bool sequence_parallel = false;
+  int micro = 1;  // micro-batches per step (gradient accumulation), each of b / micro rows
 };
 
 // dp x tp ranks, `b` rows per DP rank and step; AdamW with clipping at max_norm.
 TpRun train(const std::string& model, int dp, int tp, int b, int steps,
-            const std::string& precision, double max_norm = 1.0) {
+            const std::string& precision, RunOptions ro = {}) {
   set_cpu_threads(1);
   TpRun result;
   std::mutex mu;
@@ -68,7 +78,7 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
     Mesh mesh(c, tp);
     const PrecisionPolicy policy = PrecisionPolicy::parse(precision);
     const models::GPTConfig cfg = config(model, tp);
-    models::GPT gpt(cfg, policy, cpu_device(), TPGroup(mesh.tp()));
+    models::GPT gpt(cfg, policy, cpu_device(), TPGroup(mesh.tp(), ro.sequence_parallel));
     std::unique_ptr<GradReducer> reducer;
     if (dp > 1) {
       ReducerOptions o;
@@ -80,22 +90,27 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
     }
     AdamWOptions o;
     o.weight_decay = 0.1;
-    o.grad_clip = max_norm;
+    o.grad_clip = ro.max_norm;
     DistributedAdamW opt(gpt.params(), gpt.flat_params(), gpt.flat_grads(), gpt.initial_weights(11),
                          o, mesh);
-    std::vector<std::int32_t> in(static_cast<std::size_t>(b) * kSeq), tg(in.size());
+    const int mb = b / ro.micro;
+    std::vector<std::int32_t> in(static_cast<std::size_t>(mb) * kSeq), tg(in.size());
     for (int s = 0; s < steps; ++s) {
       gpt.zero_grads();
-      for (int i = 0; i < b; ++i) {
-        const std::vector<std::int32_t> t = row(s, mesh.dp_rank() * b + i);
-        std::copy(t.begin(), t.end() - 1, in.begin() + i * kSeq);
-        std::copy(t.begin() + 1, t.end(), tg.begin() + i * kSeq);
+      float loss_sum = 0;
+      for (int m = 0; m < ro.micro; ++m) {
+        for (int i = 0; i < mb; ++i) {
+          const std::vector<std::int32_t> t = row(s, mesh.dp_rank() * b + m * mb + i);
+          std::copy(t.begin(), t.end() - 1, in.begin() + i * kSeq);
+          std::copy(t.begin() + 1, t.end(), tg.begin() + i * kSeq);
+        }
+        if (reducer) reducer->begin_step(m + 1 == ro.micro);
+        loss_sum += gpt.forward(Tensor::from_ints(in, Shape{mb, kSeq}),
+                                Tensor::from_ints(tg, Shape{mb, kSeq}));
+        gpt.backward(1.0f / static_cast<float>(ro.micro));
       }
-      if (reducer) reducer->begin_step(true);
-      Tensor loss = Tensor::from_floats({gpt.forward(Tensor::from_ints(in, Shape{b, kSeq}),
-                                                     Tensor::from_ints(tg, Shape{b, kSeq}))},
-                                        Shape{1}, DType::kF32);
-      gpt.backward();
+      Tensor loss =
+          Tensor::from_floats({loss_sum / static_cast<float>(ro.micro)}, Shape{1}, DType::kF32);
       if (reducer) {
         reducer->finish();
         mesh.dp().allreduce(loss, comm::ReduceOp::kAvg).wait();
@@ -121,7 +136,10 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
           .insert((p.shard_dim < 0 ? rep : own).end(), mine.begin(), mine.end());
     }
     std::lock_guard<std::mutex> lock(mu);
-    if (c.rank() == 0) result.params = full;
+    if (c.rank() == 0) {
+      result.params = full;
+      result.activation_bytes = gpt.activation_bytes();
+    }
     replicated[static_cast<std::size_t>(c.rank())] = rep;
     shards[static_cast<std::size_t>(c.rank())] = own;
   });
@@ -186,14 +204,73 @@ TEST(GPTTensorParallel, Tp3OnASixHeadModelMatchesOneRank) {
 
 TEST(GPTTensorParallel, ClippingCountsEveryElementOnce) {
   // A small max_norm clips every step: the global norm must be the TP = 1 norm exactly.
-  const TpRun one = train("gpt-tiny", 1, 1, 2, 6, "fp32", 0.05);
-  expect_close(train("gpt-tiny", 1, 2, 2, 6, "fp32", 0.05), one, kLossTol, kParamTol);
+  const TpRun one = train("gpt-tiny", 1, 1, 2, 6, "fp32", {.max_norm = 0.05});
+  expect_close(train("gpt-tiny", 1, 2, 2, 6, "fp32", {.max_norm = 0.05}), one, kLossTol, kParamTol);
 }
 
 TEST(GPTTensorParallel, Bf16AgreesWithinTolerance) {
   const TpRun one = train("gpt-tiny", 1, 1, 4, 6, "bf16");
   const TpRun tp = train("gpt-tiny", 1, 2, 4, 6, "bf16");
   expect_close(tp, one, 1e-2f, 2e-2f);
+}
+
+// Sequence parallelism against the same layout without it: the LayerNorms' weight gradients
+// are summed from K partial sums over the token shards, the row-parallel sums come from a
+// reduce-scatter instead of an allreduce (another summation order at K > 2): float32 rounding,
+// the same tolerances as TP against one rank. Replicated parameters (LayerNorms summed by an
+// allreduce, biases and wpe from all-gathered gradients) must stay bit-identical across ranks.
+TEST(GPTSequenceParallel, Tp2MatchesSpOffFor20Steps) {
+  // B = 4, K = 2: each rank's shard is two whole sequences.
+  const TpRun off = train("gpt-tiny", 1, 2, 4, 20, "fp32");
+  const TpRun on = train("gpt-tiny", 1, 2, 4, 20, "fp32", {.sequence_parallel = true});
+  expect_close(on, off, kLossTol, kParamTol);
+  expect_close(on, train("gpt-tiny", 1, 1, 4, 20, "fp32"), kLossTol, kParamTol);
+  // Per layer 4 of the [B, T, C] activations (residual, ln1, residual2, ln2) and the norm
+  // statistics are halved; two [B, T, C] workspaces are added once.
+  EXPECT_LT(on.activation_bytes, off.activation_bytes);
+}
+
+TEST(GPTSequenceParallel, Tp4HalfSequenceShardsMatchSpOff) {
+  // B = 2, T = 16, K = 4: each shard is 8 positions of one sequence, cut mid-sequence.
+  const TpRun off = train("gpt-tiny", 1, 4, 2, 12, "fp32");
+  expect_close(train("gpt-tiny", 1, 4, 2, 12, "fp32", {.sequence_parallel = true}), off, kLossTol,
+               kParamTol);
+}
+
+TEST(GPTSequenceParallel, Dp2Tp2WithAccumulationMatchesSpOff) {
+  // Two micro-batches of one sequence per DP rank: each shard is half a sequence, and the
+  // LayerNorm gradients of the second micro-batch join the first's without summing them twice.
+  const RunOptions sp_on{.sequence_parallel = true, .micro = 2};
+  const TpRun off = train("gpt-tiny", 2, 2, 2, 12, "fp32", {.micro = 2});
+  expect_close(train("gpt-tiny", 2, 2, 2, 12, "fp32", sp_on), off, kLossTol, kParamTol);
+}
+
+TEST(GPTSequenceParallel, Bf16AgreesWithinTolerance) {
+  const TpRun off = train("gpt-tiny", 1, 2, 4, 6, "bf16");
+  expect_close(train("gpt-tiny", 1, 2, 4, 6, "bf16", {.sequence_parallel = true}), off, 1e-2f,
+               2e-2f);
+}
+
+TEST(GPTSequenceParallel, RefusesTokensThatDoNotSplit) {
+  // B x T = 1 x 3 tokens cannot be cut into 2 equal shards: refused naming the sizes.
+  set_cpu_threads(1);
+  comm::LoopbackWorld world(2);
+  std::vector<std::string> errors(2);
+  world.run([&](comm::Communicator& c) {
+    models::GPT gpt(config("gpt-tiny", 2), PrecisionPolicy::parse("fp32"), cpu_device(),
+                    TPGroup(c, true));
+    gpt.init_weights(1);
+    try {
+      gpt.forward(Tensor::from_ints({1, 2, 3}, Shape{1, 3}),
+                  Tensor::from_ints({2, 3, 4}, Shape{1, 3}));
+    } catch (const InvalidArgument& e) {
+      errors[static_cast<std::size_t>(c.rank())] = e.what();
+    }
+  });
+  for (const std::string& e : errors) {
+    EXPECT_NE(e.find("the 3 tokens of a micro-batch"), std::string::npos) << e;
+    EXPECT_NE(e.find("train.tp = 2"), std::string::npos) << e;
+  }
 }
 
 TEST(GPTTensorParallel, SplitParametersFollowTheContract) {
