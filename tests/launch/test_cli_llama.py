@@ -205,7 +205,7 @@ def check_layouts(mt, tmp, mpiexec):
         rd = os.path.join(tmp, f"layout-{ranks}-{tp}")
         dp = ranks // tp
         cmd = ([] if ranks == 1 else shlex.split(mpiexec) + [str(ranks)]) + [
-            mt, "train", *(() if name == "tp4" else ("--quiet",)), "--tp", str(tp), "--set", "model.preset=llama-tiny",
+            mt, "train", "--quiet", "--tp", str(tp), "--set", "model.preset=llama-tiny",
             "--set", "train.precision=fp32", "--set", "train.steps=4", "--set",
             "train.seq_len=32", "--set", f"train.batch_size={4 // dp}", "--set",
             f"run.dir={rd}", "--set", "sample.tokens=0", "--set", "eval.every=0"]
@@ -245,7 +245,8 @@ def check_kv_replication(mt, tmp, mpiexec):
     def train(ranks, tp, name, extra=(), resume=None):
         rd = os.path.join(tmp, "kvrep-" + name)
         cmd = ([] if ranks == 1 else shlex.split(mpiexec) + [str(ranks)]) + [
-            mt, "train", *(() if name == "tp4" else ("--quiet",)), "--tp", str(tp), "--set", "model.preset=llama-tiny",
+            mt, "train", *(() if name == "tp4" else ("--quiet",)), "--tp", str(tp),
+            "--set", "model.preset=llama-tiny",
             "--set", "train.precision=fp32", "--set", f"train.steps={steps}", "--set",
             "train.seq_len=32", "--set", f"train.batch_size={4 * tp // ranks}", "--set",
             "train.threads=1", "--set", f"run.dir={rd}", "--set", "eval.every=0",
