@@ -449,8 +449,10 @@ TEST_F(ConfigTest, ModelArchSelectsTheLlamaFamily) {
   c.tp = 2;
   EXPECT_TRUE(model_config(c).llama.tie_word_embeddings);
   EXPECT_EQ(model_config(c).llama.padded_vocab, 256);
-  c.tp = 4;  // 2 KV heads over 4 ranks: replication is not implemented, and says so
-  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (2)");
+  c.tp = 4;  // 2 KV heads over 4 ranks: each held by two (replicated since the kvrep merge)
+  EXPECT_EQ(model_config(c).llama.n_kv_head, 2);
+  c.tp = 8;  // more ranks than query heads: refused, naming both head counts
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head = 2");
   c.tp = 1;
   c.model_preset = "gpt-tiny";
   c.tie_embeddings = "auto";
