@@ -63,7 +63,7 @@ struct Options {
 
 // dp x tp ranks, `b` rows per DP rank and step; AdamW with clipping at 1.
 LlamaRun train(const std::string& variant, int dp, int tp, int b, int steps,
-          const std::string& precision, Options ro = {}) {
+               const std::string& precision, Options ro = {}) {
   set_cpu_threads(1);
   LlamaRun result;
   std::mutex mu;
