@@ -608,14 +608,6 @@ void check_llama_pp(const TrainConfig& c, const std::string& arch) {
            c.pp, arch);
 }
 
-// Sequence parallelism is implemented in the GPT-2 family's passes only (models/gpt.cpp).
-void check_llama_sp(const TrainConfig& c, const std::string& arch) {
-  MT_CHECK(!c.tp_sequence_parallel,
-           "tp.sequence_parallel = true: sequence parallelism runs model.arch = gpt2 only for "
-           "now, and this model is {}; train it with tp.sequence_parallel = false",
-           arch);
-}
-
 models::LlamaConfig llama_config(const TrainConfig& c, const std::string& arch) {
   models::LlamaConfig m = models::LlamaConfig::preset(c.model_preset);
   m.arch = arch;
@@ -650,7 +642,6 @@ models::LlamaConfig llama_config(const TrainConfig& c, const std::string& arch) 
   m.validate();
   m.validate_tp(c.tp);
   check_llama_pp(c, m.arch);
-  check_llama_sp(c, m.arch);
   return m;
 }
 
@@ -680,7 +671,6 @@ models::ModelConfig model_config(const TrainConfig& c) {
     m.validate();
     m.validate_tp(c.tp);
     check_llama_pp(c, m.arch);
-    check_llama_sp(c, m.arch);
     return m;
   }
   const models::ModelConfig preset = models::ModelConfig::preset(c.model_preset);

@@ -55,7 +55,7 @@ MemoryEstimate estimate_memory(const ModelConfig& cfg, const PrecisionPolicy& po
                                int seq, int tp, int dp, bool zero, bool sequence_parallel) {
   return cfg.is_gpt()
              ? estimate_memory(cfg.gpt, policy, batch, seq, tp, dp, zero, sequence_parallel)
-             : estimate_memory(cfg.llama, policy, batch, seq, tp, dp, zero);
+             : estimate_memory(cfg.llama, policy, batch, seq, tp, dp, zero, sequence_parallel);
 }
 
 Decoder::Decoder(const ModelConfig& cfg, const PrecisionPolicy& policy, Device& device,

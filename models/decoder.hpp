@@ -50,7 +50,6 @@ struct ModelConfig {
   std::vector<ParamInfo> param_layout(int tp = 1) const;
 };
 
-// sequence_parallel: GPT only (the Llama family does not run it yet).
 MemoryEstimate estimate_memory(const ModelConfig& cfg, const PrecisionPolicy& policy, int batch,
                                int seq, int tp = 1, int dp = 1, bool zero = false,
                                bool sequence_parallel = false);

@@ -426,12 +426,11 @@ void GPT::layernorm_backward_sp(Tensor& dx, int w, const Tensor& dy, const Tenso
   Tensor dw = sp_norm_grads_.slice(0, c), db = sp_norm_grads_.slice(c, c);
   ops::layernorm_backward(dx, dw, db, dy, x, param(static_cast<std::size_t>(w)), mean, rstd,
                           accumulate_dx);
-  tp_.allreduce(sp_norm_grads_);
   const ParamInfo& p = params_[static_cast<std::size_t>(w)];
   MT_ASSERT(params_[static_cast<std::size_t>(w) + 1].offset == p.offset + c,
             "{}: its bias must follow it in the flat buffer", p.name);
   Tensor g = grads_flat_.slice(p.offset, 2 * c);
-  ops::add(g, g, sp_norm_grads_);
+  parallel::accumulate_group_sum(g, sp_norm_grads_, tp_);
 }
 
 float GPT::forward(const Tensor& tokens, const Tensor& targets) {

@@ -233,7 +233,7 @@ std::string LlamaConfig::str() const {
 }
 
 MemoryEstimate estimate_memory(const LlamaConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp, int dp, bool zero) {
+                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
   MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
   MemoryEstimate m;
   const std::int64_t n = cfg.num_parameters_per_rank(tp);
@@ -248,15 +248,22 @@ MemoryEstimate estimate_memory(const LlamaConfig& cfg, const PrecisionPolicy& po
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   const std::int64_t d = cfg.head_size(), hl = cfg.n_head / tp,
                      kvl = cfg.n_kv_head / kv_splits(cfg, tp), fl = cfg.intermediate_size / tp;
-  // Per layer, as Llama::ensure_slot allocates: residual, ln1, residual2, ln2 (C, replicated);
-  // qkv ((H + 2 KV) D), atty (H D), gate|up (2F), swiglu (F), split over TP; fp32 rstd x 2 and
-  // lse per local head.
-  const std::int64_t per_layer = bt * c * a * 4 + bt * ((hl + 2 * kvl) * d + hl * d + 3 * fl) * a +
-                                 bt * 4 * 2 + static_cast<std::int64_t>(batch) * hl * seq * 4;
-  // Final: residual out, lnf, logits (this rank's columns), fp32 losses/lse/rstd; backward
-  // scratch dresidual, dln (C), datty, dqkv, dgate|up, dswiglu (split).
-  const std::int64_t final_acts = bt * c * a * 2 + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 3 +
-                                  bt * c * a * 2 + bt * (hl * d + (hl + 2 * kvl) * d + 3 * fl) * a;
+  // r: the share of the tokens the norm and residual region holds (sequence parallelism: 1/TP).
+  const std::int64_t r = sequence_parallel && tp > 1 ? tp : 1;
+  // Per layer, as Llama::ensure_slot allocates: residual, ln1, residual2, ln2 (C, replicated
+  // under TP, a token shard under SP); qkv ((H + 2 KV) D), atty (H D), gate|up (2F), swiglu
+  // (F), split over TP; fp32 rstd x 2 (on the shard under SP) and lse per local head.
+  const std::int64_t per_layer = bt * c * a * 4 / r +
+                                 bt * ((hl + 2 * kvl) * d + hl * d + 3 * fl) * a + bt * 4 * 2 / r +
+                                 static_cast<std::int64_t>(batch) * hl * seq * 4;
+  // Final: residual out, lnf and its rstd (shards under SP), logits (this rank's columns), fp32
+  // losses and lse; backward scratch dresidual, dln (C, shards under SP), datty, dqkv, dgate|up,
+  // dswiglu (split); under SP two [B, T, C] workspaces for the gathered and pre-scatter tensors
+  // and the C fp32 of one RMSNorm's summed gradient.
+  const std::int64_t sp_work = r > 1 ? bt * c * a * 2 + c * 4 : 0;
+  const std::int64_t final_acts = bt * c * a * 2 / r + bt * (cfg.padded_vocab / tp) * a +
+                                  bt * 4 / r + bt * 4 * 2 + bt * c * a * 2 / r +
+                                  bt * (hl * d + (hl + 2 * kvl) * d + 3 * fl) * a + sp_work;
   m.activations = cfg.n_layer * per_layer + final_acts;
   return m;
 }
@@ -343,6 +350,12 @@ Llama::Llama(const LlamaConfig& cfg, const PrecisionPolicy& policy, Device& devi
   params_ = build_layout(cfg_, tp_.size(), stage, &ix);
   first_ = stage.first_layer;
   last_ = stage.last_layer < 0 ? cfg_.n_layer : stage.last_layer;
+  // A stage's input and output would be the token shard, which forward_micro's [B, T, C]
+  // hidden-state contract cannot describe (B and T are read from it).
+  MT_CHECK(!tp_.sequence_parallel() || (first_ == 0 && last_ == cfg_.n_layer),
+           "Llama stage [{}, {}): sequence parallelism (tp.sequence_parallel) runs a Llama-family "
+           "model whole only; its pipeline stage boundary on the token shard is not defined yet",
+           first_, last_);
   const int k = tp_.size();
   heads_ = cfg_.n_head / k;
   kv_heads_ = cfg_.n_kv_head / kv_splits(cfg_, k);
@@ -452,26 +465,31 @@ void Llama::ensure_slot(Slot& s, int batch, int seq) {
   Device& d = *device_;
   const DType a = policy_.activation;
   const std::int64_t b = batch, t = seq, c = cfg_.n_embd;
+  // The norm and residual region: every token, or this rank's token shard under sequence
+  // parallelism (parallel/tensor_parallel.hpp).
+  const bool sp = tp_.sequence_parallel();
+  const std::int64_t ts = sp ? tp_.shard_tokens(b * t) : b * t;
+  const Shape region = sp ? Shape{ts, c} : Shape{b, t, c};
   s.acts.clear();
   for (int l = first_; l < last_; ++l) {
     LayerActs x;
-    x.residual = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln1 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln1_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.residual = Tensor::empty(region, a, d);
+    x.ln1 = Tensor::empty(region, a, d);
+    x.ln1_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     x.qkv = Tensor::empty(Shape{b, t, q_width_ + 2 * kv_width_}, a, d);
     x.atty = Tensor::empty(Shape{b, t, q_width_}, a, d);
     x.lse = Tensor::empty(Shape{b, heads_, t}, DType::kF32, d);
-    x.residual2 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln2 = Tensor::empty(Shape{b, t, c}, a, d);
-    x.ln2_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    x.residual2 = Tensor::empty(region, a, d);
+    x.ln2 = Tensor::empty(region, a, d);
+    x.ln2_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     x.gateup = Tensor::empty(Shape{b, t, 2 * static_cast<std::int64_t>(ffn_)}, a, d);
     x.swi = Tensor::empty(Shape{b, t, ffn_}, a, d);
     s.acts.push_back(std::move(x));
   }
-  s.residual_out = Tensor::empty(Shape{b, t, c}, a, d);
+  s.residual_out = Tensor::empty(region, a, d);
   if (has_head()) {
-    s.lnf = Tensor::empty(Shape{b, t, c}, a, d);
-    s.lnf_rstd = Tensor::empty(Shape{b * t}, DType::kF32, d);
+    s.lnf = Tensor::empty(region, a, d);
+    s.lnf_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
     s.logits = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
     s.losses = Tensor::empty(Shape{b * t}, DType::kF32, d);
     s.lse = Tensor::empty(Shape{b * t}, DType::kF32, d);
@@ -485,8 +503,15 @@ void Llama::ensure_scratch(int batch, int seq) {
   Device& d = *device_;
   const DType a = policy_.activation;
   const std::int64_t b = batch, t = seq, c = cfg_.n_embd;
-  dresidual_ = Tensor::empty(Shape{b, t, c}, a, d);
-  dln_ = Tensor::empty(Shape{b, t, c}, a, d);
+  const bool sp = tp_.sequence_parallel();
+  const Shape region = sp ? Shape{tp_.shard_tokens(b * t), c} : Shape{b, t, c};
+  dresidual_ = Tensor::empty(region, a, d);
+  dln_ = Tensor::empty(region, a, d);
+  if (sp) {
+    sp_x_ = Tensor::empty(Shape{b, t, c}, a, d);
+    sp_dx_ = Tensor::empty(Shape{b, t, c}, a, d);
+    sp_norm_grad_ = Tensor::empty(Shape{c}, DType::kF32, d);
+  }
   datty_ = Tensor::empty(Shape{b, t, q_width_}, a, d);
   dqkv_ = Tensor::empty(Shape{b, t, q_width_ + 2 * kv_width_}, a, d);
   dgateup_ = Tensor::empty(Shape{b, t, 2 * static_cast<std::int64_t>(ffn_)}, a, d);
@@ -508,7 +533,9 @@ std::int64_t Llama::activation_bytes() const {
     for (const Tensor* t : {&s.residual_out, &s.lnf, &s.lnf_rstd, &s.logits, &s.losses, &s.lse})
       add(*t);
   }
-  for (const Tensor* t : {&dresidual_, &dln_, &datty_, &dqkv_, &dgateup_, &dswi_, &rope_}) add(*t);
+  for (const Tensor* t : {&dresidual_, &dln_, &datty_, &dqkv_, &dgateup_, &dswi_, &sp_x_, &sp_dx_,
+                          &sp_norm_grad_, &rope_})
+    add(*t);
   return total;
 }
 
@@ -547,6 +574,29 @@ float Llama::forward_micro(int micro, const Tensor& input, const Tensor& targets
   ensure_rope(t);
   const float eps = cfg_.rms_norm_eps;
   LayerActs& x0 = s.acts[0];
+  // Sequence parallelism: the RMSNorms and residual adds run on this rank's token shard; every
+  // column-parallel layer (q|k|v, gate|up, the LM head) reads the shard's all-gather (sp_x_),
+  // and o_proj and down_proj reduce-scatter their partial sums into the shard
+  // (parallel/tensor_parallel.hpp). Rotary embeddings and attention run on the gathered
+  // [B, T, ...] projections, where every position is present, so they see the positions they
+  // would without it.
+  const bool sp = tp_.sequence_parallel();
+  if (sp) ensure_scratch(b, t);
+  auto gathered = [&](const Tensor& shard) -> const Tensor& {
+    if (!sp) return shard;
+    tp_.gather_tokens(sp_x_, shard);
+    return sp_x_;
+  };
+  auto row_forward = [&](Tensor& y, const Tensor& x, int w, int bias) {
+    Tensor bias_t;
+    if (bias >= 0) bias_t = param(bias);
+    const Tensor* bp = bias >= 0 ? &bias_t : nullptr;
+    if (sp) {
+      parallel::row_linear_forward_sp(y, sp_x_, x, param(w), bp, tp_);
+    } else {
+      parallel::row_linear_forward(y, x, param(w), bp, tp_);
+    }
+  };
   if (has_embedding()) {
     s.tokens = input.device().is_cpu() && !device_->is_cpu() ? input.to(*device_) : input;
     const std::vector<std::int32_t> ids = input.to_ints();
@@ -555,7 +605,12 @@ float Llama::forward_micro(int micro, const Tensor& input, const Tensor& targets
                "Llama forward: token id {} at (batch {}, position {}) is outside the vocabulary "
                "of {}",
                ids[i], i / t, i % t, cfg_.vocab_size);
-    if (tp_.active()) {
+    if (sp) {
+      // The rows are summed into this rank's token shard (a reduce-scatter); sp_x_ is the
+      // workspace every token's partial rows are written to.
+      s.embedding.forward(sp_x_, ids, b, t, param(embed_), Tensor(), vocab_start_, tp_,
+                          &x0.residual);
+    } else if (tp_.active()) {
       s.embedding.forward(x0.residual, ids, b, t, param(embed_), Tensor(), vocab_start_, tp_);
     } else {
       ops::embedding_forward(x0.residual, s.tokens, param(embed_), Tensor());
@@ -570,20 +625,20 @@ float Llama::forward_micro(int micro, const Tensor& input, const Tensor& targets
     LayerActs& x = s.acts[i];
     Tensor qkv_b;
     if (L.q_b >= 0) qkv_b = fused(L.q_b, 3);
-    parallel::column_linear_forward(x.qkv, x.ln1, fused(L.q_w, 3), L.q_b >= 0 ? &qkv_b : nullptr);
+    parallel::column_linear_forward(x.qkv, gathered(x.ln1), fused(L.q_w, 3),
+                                    L.q_b >= 0 ? &qkv_b : nullptr);
     ops::rope_forward(x.qkv, x.qkv, rope_, heads_, kv_heads_);
     ops::attention_forward(x.atty, x.lse, x.qkv, heads_, kv_heads_);
-    Tensor o_b;
-    if (L.o_b >= 0) o_b = param(L.o_b);
-    parallel::row_linear_forward(x.residual2, x.atty, param(L.o_w), L.o_b >= 0 ? &o_b : nullptr,
-                                 tp_);
+    // o_proj's bias (Llama with attention_bias) is added by TP rank 0 before the sum, where
+    // every token is present: its gradient needs no sum over the shards.
+    row_forward(x.residual2, x.atty, L.o_w, L.o_b);
     ops::residual_rmsnorm_forward(x.residual2, x.ln2, x.ln2_rstd, x.residual2, x.residual,
                                   param(L.ln2), eps);
-    parallel::column_linear_forward(x.gateup, x.ln2, fused(L.gate, 2), nullptr);
+    parallel::column_linear_forward(x.gateup, gathered(x.ln2), fused(L.gate, 2), nullptr);
     ops::swiglu_forward(x.swi, x.gateup);
     const bool last = i + 1 == n;
     Tensor& next = last ? s.residual_out : s.acts[i + 1].residual;
-    parallel::row_linear_forward(next, x.swi, param(L.down), nullptr, tp_);
+    row_forward(next, x.swi, L.down, -1);
     if (!last) {
       LayerActs& nx = s.acts[i + 1];
       ops::residual_rmsnorm_forward(next, nx.ln1, nx.ln1_rstd, next, x.residual2,
@@ -596,7 +651,7 @@ float Llama::forward_micro(int micro, const Tensor& input, const Tensor& targets
   }
   s.have_targets = false;
   if (!has_head()) return std::numeric_limits<float>::quiet_NaN();
-  parallel::column_linear_forward(s.logits, s.lnf, head_w_, nullptr);
+  parallel::column_linear_forward(s.logits, gathered(s.lnf), head_w_, nullptr);
   if (!targets.defined()) return std::numeric_limits<float>::quiet_NaN();
   s.have_targets = true;
   s.targets = targets.device().is_cpu() && !device_->is_cpu() ? targets.to(*device_) : targets;
@@ -626,6 +681,28 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
   MT_CHECK(s.batch > 0, "Llama backward: slot {} has no forward", micro);
   const std::int64_t bt = static_cast<std::int64_t>(s.batch) * s.seq;
   ensure_scratch(s.batch, s.seq);
+  // Sequence parallelism: the backward of the forward's all-gather before a column-parallel
+  // layer is a reduce-scatter of its input gradient (column_linear_backward_sp, after
+  // re-gathering the layer's input for its weight gradient: the gathered copy is not kept per
+  // layer); that of the reduce-scatter after o_proj and down_proj is an all-gather of their
+  // output gradient. The RMSNorms saw this rank's tokens only: rmsnorm_backward sums their
+  // weight gradients over the group.
+  const bool sp = tp_.sequence_parallel();
+  auto column_backward = [&](Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dw) {
+    if (sp) {
+      tp_.gather_tokens(sp_x_, x);
+      parallel::column_linear_backward_sp(dln_, sp_dx_, dw, nullptr, dy, sp_x_, w, tp_);
+    } else {
+      parallel::column_linear_backward(&dln_, dw, nullptr, dy, x, w, tp_);
+    }
+  };
+  auto row_backward = [&](Tensor& dx, const Tensor& x, int w, int bias) {
+    Tensor dw = grad(w), db;
+    if (bias >= 0) db = grad(bias);
+    if (sp) tp_.gather_tokens(sp_x_, dresidual_);
+    parallel::row_linear_backward(&dx, dw, bias >= 0 ? &db : nullptr, sp ? sp_x_ : dresidual_, x,
+                                  param(w));
+  };
   auto ready = [&](int first, int last) {
     if (grads_ready_)
       grads_ready_(params_[first].offset, params_[last].offset + params_[last].shape.numel());
@@ -643,10 +720,8 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     }
     const int hw = head_ >= 0 ? head_ : (tied_copy_ >= 0 ? tied_copy_ : embed_);
     Tensor dhead = grad(hw);
-    parallel::column_linear_backward(&dln_, dhead, nullptr, s.logits, s.lnf, head_w_, tp_);
-    Tensor dnorm = grad(norm_);
-    ops::rmsnorm_backward(dresidual_, dnorm, dln_, s.residual_out, param(norm_), s.lnf_rstd,
-                          /*accumulate_dx=*/false);
+    column_backward(s.logits, s.lnf, head_w_, dhead);
+    rmsnorm_backward(norm_, s.residual_out, s.lnf_rstd, /*accumulate_dx=*/false);
     // The tied embedding of a whole model is final only after the embedding's backward.
     ready(norm_, head_ >= 0 ? head_ : (tied_copy_ >= 0 ? tied_copy_ : norm_));
   } else {
@@ -659,35 +734,30 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
   for (int i = last_ - first_ - 1; i >= 0; --i) {
     const Layer& L = layers_[i];
     LayerActs& x = s.acts[i];
-    Tensor dw = grad(L.down);
-    parallel::row_linear_backward(&dswi_, dw, nullptr, dresidual_, x.swi, param(L.down));
+    row_backward(dswi_, x.swi, L.down, -1);
     ready(L.down, L.down);
     ops::swiglu_backward(dgateup_, dswi_, x.gateup);
-    dw = fused_grad(L.gate, 2);
-    parallel::column_linear_backward(&dln_, dw, nullptr, dgateup_, x.ln2, fused(L.gate, 2), tp_);
+    Tensor dw = fused_grad(L.gate, 2);
+    column_backward(dgateup_, x.ln2, fused(L.gate, 2), dw);
     ready(L.gate, L.up);
-    Tensor dg = grad(L.ln2);
-    ops::rmsnorm_backward(dresidual_, dg, dln_, x.residual2, param(L.ln2), x.ln2_rstd,
-                          /*accumulate_dx=*/true);
+    rmsnorm_backward(L.ln2, x.residual2, x.ln2_rstd, /*accumulate_dx=*/true);
     ready(L.ln2, L.ln2);
-    dw = grad(L.o_w);
-    Tensor db;
-    if (L.o_b >= 0) db = grad(L.o_b);
-    parallel::row_linear_backward(&datty_, dw, L.o_b >= 0 ? &db : nullptr, dresidual_, x.atty,
-                                  param(L.o_w));
+    row_backward(datty_, x.atty, L.o_w, L.o_b);
     ready(L.o_w, L.o_b >= 0 ? L.o_b : L.o_w);
     ops::attention_backward(dqkv_, datty_, x.qkv, x.atty, x.lse, heads_, kv_heads_);
     ops::rope_backward(dqkv_, dqkv_, rope_, heads_, kv_heads_);
     qkv_backward(L, x);
     ready(L.q_w, L.q_b >= 0 ? L.q_b + 2 : L.v_w);
-    dg = grad(L.ln1);
-    ops::rmsnorm_backward(dresidual_, dg, dln_, x.residual, param(L.ln1), x.ln1_rstd,
-                          /*accumulate_dx=*/true);
+    rmsnorm_backward(L.ln1, x.residual, x.ln1_rstd, /*accumulate_dx=*/true);
     ready(L.ln1, L.ln1);
   }
   if (has_embedding()) {
     Tensor dwte = grad(embed_), none;
-    if (tp_.active()) {
+    if (sp) {
+      // Every rank's rows are looked up by tokens of every shard: the gathered gradient.
+      tp_.gather_tokens(sp_x_, dresidual_);
+      s.embedding.backward(dwte, none, sp_x_);
+    } else if (tp_.active()) {
       s.embedding.backward(dwte, none, dresidual_);
     } else {
       ops::embedding_backward(dwte, none, dresidual_, s.tokens);
@@ -696,12 +766,33 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
   }
 }
 
+void Llama::rmsnorm_backward(int w, const Tensor& x, const Tensor& rstd, bool accumulate_dx) {
+  Tensor dg = grad(w);
+  if (!tp_.sequence_parallel()) {
+    ops::rmsnorm_backward(dresidual_, dg, dln_, x, param(w), rstd, accumulate_dx);
+    return;
+  }
+  sp_norm_grad_.zero_();
+  ops::rmsnorm_backward(dresidual_, sp_norm_grad_, dln_, x, param(w), rstd, accumulate_dx);
+  parallel::accumulate_group_sum(dg, sp_norm_grad_, tp_);
+}
+
 void Llama::qkv_backward(const Layer& L, const LayerActs& x) {
   Tensor dw = fused_grad(L.q_w, 3), db;
   if (L.q_b >= 0) db = fused_grad(L.q_b, 3);
+  // The fused projection's backward into dw, db (+=): under sequence parallelism from the
+  // re-gathered ln1, its input gradient reduce-scattered into dln_'s token shard.
+  const bool sp = tp_.sequence_parallel();
+  if (sp) tp_.gather_tokens(sp_x_, x.ln1);
+  auto project = [&](Tensor& gw, Tensor* gb) {
+    if (sp) {
+      parallel::column_linear_backward_sp(dln_, sp_dx_, gw, gb, dqkv_, sp_x_, fused(L.q_w, 3), tp_);
+    } else {
+      parallel::column_linear_backward(&dln_, gw, gb, dqkv_, x.ln1, fused(L.q_w, 3), tp_);
+    }
+  };
   if (!kv_group_) {
-    parallel::column_linear_backward(&dln_, dw, L.q_b >= 0 ? &db : nullptr, dqkv_, x.ln1,
-                                     fused(L.q_w, 3), tp_);
+    project(dw, L.q_b >= 0 ? &db : nullptr);
     return;
   }
   // Replicated KV heads: this rank's k/v gradient is only its own query heads' share. The ranks
@@ -715,8 +806,7 @@ void Llama::qkv_backward(const Layer& L, const LayerActs& x) {
   }
   kv_dw_.zero_();
   if (L.q_b >= 0) kv_db_.zero_();
-  parallel::column_linear_backward(&dln_, kv_dw_, L.q_b >= 0 ? &kv_db_ : nullptr, dqkv_, x.ln1,
-                                   fused(L.q_w, 3), tp_);
+  project(kv_dw_, L.q_b >= 0 ? &kv_db_ : nullptr);
   // The k|v rows follow the q rows in the fused weight and bias: one allreduce each. Only the
   // sharers' shard travels, which is why a sub-communicator rather than a TP-wide allreduce of
   // every KV head's gradient (n_kv_head times the bytes).

@@ -81,8 +81,11 @@ struct LlamaConfig {
 
 // Memory of one rank, as estimate_memory(GPTConfig, ...) says it for GPT (same fields and
 // meaning), for the whole model on one pipeline stage with one micro-batch in flight.
+// sequence_parallel (with tp > 1): the RMSNorm and residual activations and their statistics
+// are a 1/tp token shard, plus two [batch, seq, C] workspaces.
 MemoryEstimate estimate_memory(const LlamaConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp = 1, int dp = 1, bool zero = false);
+                               int seq, int tp = 1, int dp = 1, bool zero = false,
+                               bool sequence_parallel = false);
 
 // The layers a model object holds: [first_layer, last_layer); -1 as last_layer means n_layer.
 struct LlamaStage {
@@ -95,9 +98,11 @@ class Llama {
   // With a TP group of K > 1 ranks this rank holds its shard of every split parameter and the
   // passes are collective over the group (as GPT); with fewer KV heads than ranks the
   // constructor is collective too (it splits the ranks sharing a KV head off the group).
-  // `micro_batches` activation slots are kept
-  // (allocated on first use of each slot). Throws InvalidArgument for a config or a stage that
-  // cannot be built.
+  // A group with sequence parallelism shards the residual stream and the RMSNorms over its
+  // ranks' tokens as GPT does (models/README.md); decode() runs without it (one token). Only
+  // the whole model runs it: a stage boundary on the token shard is not defined for this family
+  // yet. `micro_batches` activation slots are kept (allocated on first use of each slot).
+  // Throws InvalidArgument for a config or a stage that cannot be built.
   Llama(const LlamaConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device(),
         parallel::TPGroup tp = {}, LlamaStage stage = {}, int micro_batches = 1);
 
@@ -187,7 +192,9 @@ class Llama {
         down = 0;
   };
   struct LayerActs {
-    Tensor residual;  // input of the layer [B, T, C]
+    // input of the layer [B, T, C]; this and ln1, residual2, ln2, the rstds: the token shard
+    // [B T / K, C] under sequence parallelism
+    Tensor residual;
     Tensor ln1, ln1_rstd, qkv, atty, lse, residual2, ln2, ln2_rstd, gateup, swi;
   };
   struct Slot {
@@ -245,6 +252,17 @@ class Llama {
   // Backward scratch, shared by the slots.
   int scratch_b_ = 0, scratch_t_ = 0;
   Tensor dresidual_, dln_, datty_, dqkv_, dgateup_, dswi_;
+  // Sequence parallelism (tp_.sequence_parallel()): dresidual_ and dln_ (and the slots' norm and
+  // residual activations) hold this rank's token shard [B T / K, C]; these hold every token, as
+  // GPT's: sp_x_ [B, T, C] the all-gathered input of a column-parallel layer (in forward, and
+  // again in backward for its weight gradient), a row-parallel layer's partial output before
+  // the reduce-scatter, and the all-gathered output gradient of a row-parallel layer; sp_dx_
+  // [B, T, C] a column-parallel layer's partial input gradient before the reduce-scatter;
+  // sp_norm_grad_ fp32 [C] one RMSNorm's weight gradient of this micro-batch's shard.
+  Tensor sp_x_, sp_dx_, sp_norm_grad_;
+  // rmsnorm_backward into dresidual_ from dln_; under sequence parallelism the weight gradient
+  // of this rank's tokens is summed over the group (parallel::accumulate_group_sum).
+  void rmsnorm_backward(int w, const Tensor& x, const Tensor& rstd, bool accumulate_dx);
   // Decoding.
   std::vector<Tensor> k_cache_, v_cache_;
   int cache_cap_ = 0;

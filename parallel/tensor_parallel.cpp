@@ -215,6 +215,14 @@ void row_linear_forward_sp(Tensor& y, Tensor& y_full, const Tensor& x, const Ten
   tp.reduce_scatter_tokens(y, y_full);
 }
 
+void accumulate_group_sum(Tensor& grad, const Tensor& partial, const TPGroup& tp) {
+  MT_CHECK(grad.numel() == partial.numel() && partial.dtype() == DType::kF32,
+           "accumulate_group_sum: partial {} for gradient {}", partial.str(), grad.str());
+  tp.allreduce(partial);
+  Tensor g = grad.flat();
+  ops::add(g, g, partial.flat());
+}
+
 void row_linear_backward(Tensor* dx, Tensor& dw, Tensor* dbias, const Tensor& dy, const Tensor& x,
                          const Tensor& w) {
   ops::linear_backward(dx, dw, dbias, dy, x, w);

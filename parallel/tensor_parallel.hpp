@@ -153,6 +153,13 @@ void row_linear_forward(Tensor& y, const Tensor& x, const Tensor& w, const Tenso
 // all-gathered dy) is the full column sum on every rank, with no further reduction.
 void row_linear_forward_sp(Tensor& y, Tensor& y_full, const Tensor& x, const Tensor& w,
                            const Tensor* bias, const TPGroup& tp);
+// Sequence parallelism: `partial` (fp32) is the gradient of a replicated parameter that only
+// the token shard uses (a norm's weight, or LayerNorm's adjacent weight and bias) from this
+// rank's tokens of one micro-batch; it is summed over the group in place, then added to `grad`
+// (same shape). Only the micro-batch's share travels: `grad` already holds earlier
+// micro-batches' group sums, identical on every rank, and summing it again would count them K
+// times.
+void accumulate_group_sum(Tensor& grad, const Tensor& partial, const TPGroup& tp);
 // g's backward is the identity: dy is the same on every rank (under sequence parallelism, the
 // caller all-gathers the shard's gradient into it first). dx = dy w (this rank's in/K features);
 // dw += this rank's gradient; dbias (replicated) += column sums of dy on every rank.

@@ -16,7 +16,8 @@
      same losses (float32 rounding).
   5. Under mpirun (fp32), KV heads replicated over TP ranks (check_kv_replication): TP 4 with
      2 KV heads, TP 2 and DP 2 x TP 2 with one, Qwen2 at TP 4: one rank's losses and final
-     weights; generate at TP 4 = one process; checkpoints resharded TP 4 -> 2, 4 -> 1, 1 -> 4.
+     weights; generate at TP 4 = one process; checkpoints resharded TP 4 -> 2, 4 -> 1, 1 -> 4;
+     sequence parallelism (tp.sequence_parallel) at TP 4 and, for Qwen2, DP 2 x TP 2.
 
   test_cli_llama.py --meshtrain PATH/meshtrain [--mpiexec "mpirun --oversubscribe -np"]
 """
@@ -239,7 +240,8 @@ def check_kv_replication(mt, tmp, mpiexec):
     with llama-tiny's 2 KV heads, TP 2 and DP 2 x TP 2 with one KV head, and Qwen2 (k/v biases)
     at TP 4 train for 10 steps to one rank's losses and final weights; the TP 4 job's sample is
     written and `generate` split 4 ways gives one process's text; its step-5 checkpoint resumes at
-    TP 2 and TP 1, and one rank's at TP 4, to the same end."""
+    TP 2 and TP 1, and one rank's at TP 4, to the same end; with sequence parallelism, TP 4 and
+    Qwen2 at DP 2 x TP 2 train to one rank's losses and weights too."""
     steps = 10
 
     def train(ranks, tp, name, extra=(), resume=None):
@@ -299,7 +301,14 @@ def check_kv_replication(mt, tmp, mpiexec):
     one_kv1 = train(1, 1, "one-kv1", kv1)
     same("TP 2, 1 KV head", train(2, 2, "tp2-kv1", kv1), one_kv1)
     same("DP 2 x TP 2, 1 KV head", train(4, 2, "dp2tp2-kv1", kv1), one_kv1)
-    same("Qwen2 TP 4, 2 KV heads", train(4, 4, "tp4-qwen", qwen), train(1, 1, "one-qwen", qwen))
+    one_qwen = train(1, 1, "one-qwen", qwen)
+    same("Qwen2 TP 4, 2 KV heads", train(4, 4, "tp4-qwen", qwen), one_qwen)
+    # Sequence parallelism: the token shards (a quarter of a sequence at TP 4, the KV heads
+    # replicated; half the batch at DP 2 x TP 2, with Qwen2's q/k/v biases) give the same run.
+    sp = ("--set", "tp.sequence_parallel=true")
+    same("TP 4, 2 KV heads, sequence parallel", train(4, 4, "tp4-sp", sp), one)
+    same("Qwen2 DP 2 x TP 2, sequence parallel", train(4, 2, "dp2tp2-qwen-sp", (*qwen, *sp)),
+         one_qwen)
 
 
 def main():

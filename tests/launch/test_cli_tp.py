@@ -4,8 +4,8 @@ gathered over TP) of one process with the same global batch; bf16 agrees within 
 `mpirun -np K meshtrain generate` gives the one-process text from the same run directory; a model
 whose heads cannot be split, or a process count that --tp does not divide, ends the job with a
 clear error instead of a hang; gradient accumulation under TP matches too; sequence parallelism
-(tp.sequence_parallel) matches one process at TP 2 with accumulation, TP 4, DP 2 x TP 2 and
-PP 2 x TP 2 with less activation memory, and is refused where the sequence does not split;
+(tp.sequence_parallel) matches one process at TP 2 with accumulation (GPT and llama-tiny), TP 4,
+DP 2 x TP 2 and PP 2 x TP 2 with less activation memory, and is refused where the sequence does not split;
 `plan --tp` shows a DP x TP layout's memory per rank."""
 import argparse
 import array
@@ -145,6 +145,19 @@ def main():
             if not 0 < act(sp_acc) < act(tp_acc):
                 sys.exit(f"FAIL: sequence parallel activations {act(sp_acc)} bytes, not below "
                          f"{act(tp_acc)} without it")
+            # The Llama family (llama-tiny: RMSNorm, rotary, 2 KV heads) the same way: one
+            # process's losses and weights, a sample, and a smaller activation record.
+            llama = ("--set", "model.preset=llama-tiny")
+            _, one_lacc = train([a.meshtrain], d("one_lacc"), 2, (*llama, *acc))
+            _, tp_lacc = train(mpi, d("tp_lacc"), 2, ("--tp", "2", *llama, *acc))
+            _, sp_lacc = train(mpi, d("sp_lacc"), 2, ("--tp", "2", *llama, *acc, *sp))
+            compare("llama-tiny TP 2, accumulation, sequence parallel", one_lacc, d("one_lacc"),
+                    sp_lacc, d("sp_lacc"), loss_tol, param_tol)
+            if not [r for r in sp_lacc if r.get("sample")]:
+                sys.exit("FAIL: no end-of-training sample from llama-tiny under sequence parallelism")
+            if not 0 < act(sp_lacc) < act(tp_lacc):
+                sys.exit(f"FAIL: llama-tiny sequence parallel activations {act(sp_lacc)} bytes, not "
+                         f"below {act(tp_lacc)} without it")
         # bf16: within tolerance of the one-process bf16 run.
         _, one16 = train([a.meshtrain], d("one16"), 4, (*model, "--set", "train.precision=bf16"))
         _, tp16 = train(mpi, d("tp16"), 4, ("--tp", str(n), *model, "--set", "train.precision=bf16"))

@@ -365,7 +365,7 @@ TEST_F(ConfigTest, KeyTableDocumentsEveryKey) {
 }
 
 // tp.sequence_parallel: a boolean, off by default, read from a file and from --set, written back
-// by to_toml; refused without TP, with a sequence that does not split, and for a Llama model.
+// by to_toml; refused without TP and with a sequence that does not split; taken by both families.
 TEST_F(ConfigTest, SequenceParallelKey) {
   EXPECT_FALSE(TrainConfig{}.tp_sequence_parallel);
   const TrainConfig c = load_config(file("[train]\ntp = 2\n[tp]\nsequence_parallel = true\n"), {});
@@ -382,8 +382,7 @@ TEST_F(ConfigTest, SequenceParallelKey) {
   EXPECT_HAS(odd, "248 or 252 would do");
   const TrainConfig llama = load_config("", {"model.preset=llama-tiny", "train.tp=2",
                                              "train.seq_len=32", "tp.sequence_parallel=true"});
-  EXPECT_HAS(error_of([&] { model_config(llama); }),
-             "model.arch = gpt2 only for now, and this model is llama");
+  EXPECT_EQ(model_config(llama).arch, "llama");
   const TrainConfig gpt = load_config(
       "", {"model.preset=gpt-tiny", "train.tp=2", "train.seq_len=32", "tp.sequence_parallel=true"});
   EXPECT_TRUE(model_config(gpt).is_gpt());
@@ -450,8 +449,10 @@ TEST_F(ConfigTest, ModelArchSelectsTheLlamaFamily) {
   c.tp = 2;
   EXPECT_TRUE(model_config(c).llama.tie_word_embeddings);
   EXPECT_EQ(model_config(c).llama.padded_vocab, 256);
-  c.tp = 4;  // 2 KV heads over 4 ranks: replication is not implemented, and says so
-  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head (2)");
+  c.tp = 4;  // 2 KV heads over 4 ranks: each held by two (replicated since the kvrep merge)
+  EXPECT_EQ(model_config(c).llama.n_kv_head, 2);
+  c.tp = 8;  // more ranks than query heads: refused, naming both head counts
+  EXPECT_HAS(error_of([&] { model_config(c); }), "model.n_kv_head = 2");
   c.tp = 1;
   c.model_preset = "gpt-tiny";
   c.tie_embeddings = "auto";
