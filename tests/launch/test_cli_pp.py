@@ -6,8 +6,8 @@ end-of-training sample is the one-process sample; evaluation runs through the pi
 layouts (PP not dividing the ranks, more stages than layers, an unknown schedule) end the job
 with a clear error before any step and leave no run directory behind. The interleaved schedule
 (pp.virtual_stages = 2, 2N layers, N micro-batches) likewise matches one process, with
-evaluation through the ring of chunks and traces that name each chunk ("F0.c1"); a layer count
-it cannot cut into 2N chunks is refused naming the keys."""
+evaluation through the ring of chunks and traces that name each chunk ("F0.c1"); N layers, which
+it cannot cut into 2N chunks, are refused naming the keys."""
 import json
 import argparse
 import os
@@ -84,9 +84,9 @@ def main():
     if n > 2:
         expect_error(mpi + base + ["--pp", str(n)], "model.n_layer", "more stages than layers")
     expect_error(mpi + base + ["--pp", "2", "--set", "pp.schedule=zigzag"], "pp.schedule", "unknown schedule")
-    expect_error(mpi + base + ["--pp", "2", "--set", "pp.schedule=interleaved", "--set", "pp.virtual_stages=2",
-                               "--set", "train.grad_accum=2"],
-                 "model.n_layer must be a multiple of pp.virtual_stages x train.pp", "2 layers in 4 chunks")
+    expect_error(mpi + base + ["--pp", str(n), "--set", f"model.n_layer={n}", "--set", "pp.schedule=interleaved",
+                               "--set", "pp.virtual_stages=2", "--set", f"train.grad_accum={n}"],
+                 "model.n_layer must be a multiple of pp.virtual_stages x train.pp", "N layers in 2N chunks")
     if os.path.exists(never):
         sys.exit("FAIL: a refused job left a run directory behind")
     print(f"ok: PP = {n} matches one process over {STEPS} steps")
