@@ -114,8 +114,8 @@ float PipelineDriver::evaluate(const data::Sampler& sampler, int batches) {
   dp_rank_ = 0;
   dp_size_ = 1;
   loss_sum_ = 0;
-  // One slot: nothing is kept for a backward (the executor waits for a slot's send before the
-  // next forward overwrites it).
+  // One slot per chunk: nothing is kept for a backward (the executor waits for a slot's send
+  // before the next forward overwrites it).
   parallel::PipelineExecutor ex(*p2p_, 1, chunks_);
   ex.run(*this, parallel::build_forward_only(mesh_->pp_size(), mesh_->pp_rank(), batches, chunks_));
   Tensor loss =
