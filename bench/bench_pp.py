@@ -4,14 +4,17 @@
 stage's idle share of the step's pipeline phase (first forward to last backward over all ranks),
 whose mean over stages and median over the traced steps is set beside the theory
 (P - 1) / (M + P - 1), for 1f1b and gpipe (the same bubble in theory; gpipe keeps M micro-batches
-alive). The model is sized so that every stage holds the same layers (layers = 4 x P).
+alive), and (P - 1) / (V M + P - 1) for interleaved with --virtual V chunks per stage (only at M a
+multiple of P, which it requires; other rows are skipped). The model is sized so that every stage
+holds the same layers, for every schedule alike: layers = lcm(4, V) x P.
 
     bench/bench_pp.py --meshtrain build/cpu/launch/meshtrain [--stages 2 4] [--micro 1 2 4 8 16]
-                      [--schedules 1f1b gpipe] [--steps 6]
+                      [--schedules 1f1b gpipe interleaved] [--virtual 2] [--steps 6]
 
 Prints a markdown table and the machine's load average before and after each run."""
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,8 +33,10 @@ def load():
 def measure(a, p, m, schedule, tmp):
     run_dir = os.path.join(tmp, f"p{p}m{m}{schedule}")
     traced = range(4, a.steps + 1)
-    args = (a.mpiexec.split() + [str(p), a.meshtrain, "train", "--quiet",
-            "--set", "model.preset=gpt-tiny", "--set", f"model.n_layer={4 * p}", "--set", "model.n_embd=128",
+    chunks = ["--set", f"pp.virtual_stages={a.virtual}"] if schedule == "interleaved" else []
+    args = (a.mpiexec.split() + [str(p), a.meshtrain, "train", "--quiet"] + chunks +
+            ["--set", "model.preset=gpt-tiny", "--set", f"model.n_layer={math.lcm(4, a.virtual) * p}",
+             "--set", "model.n_embd=128",
             "--set", "train.seq_len=64", "--set", "train.batch_size=4", "--set", f"train.grad_accum={m}",
             "--set", f"train.steps={a.steps}", "--set", "train.threads=1", "--set", "sample.tokens=0",
             "--set", "eval.every=0", "--set", "data.val_fraction=0", "--set", f"pp.schedule={schedule}",
@@ -78,6 +83,7 @@ def main():
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe"])
+    ap.add_argument("--virtual", type=int, default=2, help="model chunks per stage for interleaved")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--memory", type=int, nargs="*", default=None,
                     help="instead: peak memory per rank at these PP sizes (e.g. 1 2 4) on a 12 x 768 model")
@@ -102,9 +108,13 @@ def main():
         for p in a.stages:
             for m in a.micro:
                 for sched in a.schedules:
+                    v = a.virtual if sched == "interleaved" else 1
+                    if v > 1 and m % p:
+                        continue  # interleaved needs M a multiple of P
                     b, ms, l0, l1 = measure(a, p, m, sched, tmp)
-                    theory = (p - 1) / (m + p - 1)
-                    print(f"| {p} | {m} | {sched} | {100 * theory:.1f}% | {100 * b:.1f}% | {ms:.1f} | {l0} -> {l1} |",
+                    theory = (p - 1) / (v * m + p - 1)
+                    name = f"{sched} V={v}" if v > 1 else sched
+                    print(f"| {p} | {m} | {name} | {100 * theory:.1f}% | {100 * b:.1f}% | {ms:.1f} | {l0} -> {l1} |",
                           flush=True)
 
 

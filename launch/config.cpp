@@ -304,10 +304,15 @@ const std::vector<Key>& keys() {
                "sequence parallelism inside each TP group (needs train.tp > 1, train.seq_len a "
                "multiple of train.tp): LayerNorm and residual activations sharded over the "
                "group's ranks, all-gather and reduce-scatter in place of each allreduce"),
-      string_key("pp", "schedule", &TrainConfig::pp_schedule, {"1f1b", "gpipe"},
+      string_key("pp", "schedule", &TrainConfig::pp_schedule, {"1f1b", "gpipe", "interleaved"},
                  "pipeline schedule of the train.grad_accum micro-batches: 1f1b (at most train.pp "
-                 "micro-batches of activations alive per stage) or gpipe (all forward, then all "
-                 "backward)"),
+                 "micro-batches of activations alive per stage), gpipe (all forward, then all "
+                 "backward) or interleaved (1F1B over pp.virtual_stages model chunks per stage: "
+                 "about 1/V of 1F1B's bubble; train.grad_accum a multiple of train.pp)"),
+      int_key("pp", "virtual_stages", &TrainConfig::pp_virtual_stages, 1, 1 << 10,
+              "model chunks per pipeline stage V (pp.schedule = interleaved needs V >= 2): stage s "
+              "holds chunks s, s + P, ... of V x P equal chunks, so model.n_layer must be a "
+              "multiple of V x train.pp"),
       double_key("dp", "bucket_mb", &TrainConfig::dp_bucket_mb, 0, 1 << 16,
                  "data parallelism: gradient bucket size in MiB (0 = automatic: an eighth of the "
                  "gradients, 1 to 25 MiB)"),
@@ -426,6 +431,23 @@ void check_combinations(const TrainConfig& c) {
              c.seq_len, c.tp, c.seq_len / c.tp * c.tp > 0 ? c.seq_len / c.tp * c.tp : c.tp,
              (c.seq_len / c.tp + 1) * c.tp);
   }
+  // The interleaved schedule's own rules (the layer split is gpt_config's: it needs the model).
+  const bool interleaved = c.pp_schedule == "interleaved";
+  MT_CHECK(!interleaved || c.pp_virtual_stages >= 2,
+           "pp.schedule = \"interleaved\" needs pp.virtual_stages >= 2 model chunks per stage, "
+           "got pp.virtual_stages = {} (with one chunk per stage use pp.schedule = \"1f1b\")",
+           c.pp_virtual_stages);
+  MT_CHECK(interleaved || c.pp_virtual_stages == 1,
+           "pp.virtual_stages = {}: model chunks per stage run only under pp.schedule = "
+           "\"interleaved\", not \"{}\"",
+           c.pp_virtual_stages, c.pp_schedule);
+  MT_CHECK(!interleaved || c.pp >= 2,
+           "pp.schedule = \"interleaved\" needs pipeline parallelism: train.pp = {} (at least 2)",
+           c.pp);
+  MT_CHECK(!interleaved || c.grad_accum % c.pp == 0,
+           "pp.schedule = \"interleaved\" runs micro-batches in groups of train.pp = {} (as "
+           "Megatron-LM does): train.grad_accum = {} must be a multiple of {}",
+           c.pp, c.grad_accum, c.pp);
   MT_CHECK(c.temperature >= 0, "sample.temperature must be non-negative");
   MT_CHECK(c.rollback_after == 0 || c.rollback_after < c.max_bad_steps,
            "checkpoint.rollback_after ({}) must be below train.max_bad_steps ({}), which stops the "
@@ -596,6 +618,12 @@ models::GPTConfig gpt_config(const TrainConfig& c) {
            "train.pp = {}: the model's {} layers (model.n_layer) cannot be split into {} pipeline "
            "stages; every stage needs at least one layer, so train.pp must be at most {}",
            c.pp, m.n_layer, c.pp, m.n_layer);
+  const int chunks = c.pp * c.pp_virtual_stages;
+  MT_CHECK(c.pp_virtual_stages == 1 || m.n_layer % chunks == 0,
+           "pp.virtual_stages = {} with train.pp = {}: the model's {} layers (model.n_layer) "
+           "cannot be cut into {} x {} = {} equal model chunks; model.n_layer must be a multiple "
+           "of pp.virtual_stages x train.pp",
+           c.pp_virtual_stages, c.pp, m.n_layer, c.pp_virtual_stages, c.pp, chunks);
   return m;
 }
 

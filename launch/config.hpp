@@ -74,7 +74,9 @@ struct TrainConfig {
   // each stage holds a contiguous block of layers (parallel/pipeline.hpp), and an optimizer
   // step's grad_accum micro-batches flow through the stages in pp_schedule's order.
   int pp = 1;
-  std::string pp_schedule = "1f1b";  // "1f1b" (at most pp micro-batches alive) or "gpipe"
+  std::string pp_schedule = "1f1b";  // "1f1b" (at most pp micro-batches alive), "gpipe" or
+                                     // "interleaved" (pp_virtual_stages chunks per stage)
+  int pp_virtual_stages = 1;  // model chunks per stage (interleaved: >= 2, n_layer % (V pp) == 0)
   // [tp] sequence_parallel: Megatron's sequence parallelism inside each TP group
   // (parallel/tensor_parallel.hpp): the LayerNorm and residual activations hold 1/tp of the
   // tokens. Needs tp > 1 and seq_len a multiple of tp; under PP the stage boundary is the shard.

@@ -101,7 +101,7 @@ parallelism; its heads must divide by K) and rank 0 prints the text.
 constexpr const char* kPlanUsage =
     R"(usage: meshtrain plan [--model PRESET | --config FILE] [--set KEY=VALUE ...]
                       [--batch B] [--seq T] [--precision P] [--dp N] [--tp K]
-                      [--pp P [--micro M] [--schedule 1f1b|gpipe]]
+                      [--pp P [--micro M] [--schedule 1f1b|gpipe|interleaved [--virtual V]]]
                       [--budget-flops F | --budget-gpu-hours H [--gpu-tflops X] [--mfu M]]
 
 Parameters, training FLOPs per token and memory per rank for a model, and with a compute budget,
@@ -117,7 +117,8 @@ training compute C = 6 N D).
   --pp P                 pipeline stages: memory per stage (parameters, optimizer, peak
                          in-flight activations) and the schedule's bubble fraction
   --micro M              micro-batches per step (= train.grad_accum; default: the config's)
-  --schedule S           1f1b (default) or gpipe (= pp.schedule)
+  --schedule S           1f1b (default), gpipe or interleaved (= pp.schedule)
+  --virtual V            model chunks per stage for interleaved (= pp.virtual_stages, >= 2)
   --budget-flops F       a compute budget in FLOPs, e.g. 1e21
   --budget-gpu-hours H   a budget in GPU-hours, at --gpu-tflops (default 989, H100 dense bf16)
                          and --mfu (default 0.4)
@@ -662,7 +663,7 @@ void print_budget(double budget_flops, double gpu_hours, double gpu_tflops, doub
 int cmd_plan(Args a) {
   std::string config, model;
   std::vector<std::string> sets;
-  int batch = 0, seq = 0, dp = 1, tp = 0, pp = 0, micro = 0;
+  int batch = 0, seq = 0, dp = 1, tp = 0, pp = 0, micro = 0, chunks = 0;
   std::string precision, schedule;
   double budget_flops = 0, gpu_hours = 0, gpu_tflops = 989, mfu = 0.4;
   const bool go = Flags("plan", kPlanUsage)
@@ -677,6 +678,7 @@ int cmd_plan(Args a) {
                       .number("--pp", 1, 1 << 16, &pp)
                       .number("--micro", 1, 1 << 20, &micro)
                       .text("--schedule", &schedule)
+                      .number("--virtual", 1, 1 << 10, &chunks)
                       .number("--budget-flops", 1, 1e40, &budget_flops)
                       .number("--budget-gpu-hours", 1e-6, 1e12, &gpu_hours)
                       .number("--gpu-tflops", 1e-3, 1e6, &gpu_tflops)
@@ -691,6 +693,7 @@ int cmd_plan(Args a) {
   if (pp > 0) sets.push_back("train.pp=" + std::to_string(pp));
   if (micro > 0) sets.push_back("train.grad_accum=" + std::to_string(micro));
   if (!schedule.empty()) sets.push_back("pp.schedule=" + schedule);
+  if (chunks > 0) sets.push_back("pp.virtual_stages=" + std::to_string(chunks));
   // A sequence longer than the preset's default window is a plan question, not an error.
   launch::TrainConfig cfg = launch::load_config(config, sets);
   // (Llama 3 trains at 8192 positions; the long-context presets' 131072 is for inference.)

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <map>
 
 #include "launch/weights.hpp"
 #include "runtime/error.hpp"
@@ -16,18 +17,23 @@ PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh, comm::C
     : model_(&model),
       mesh_(&mesh),
       reducer_(reducer),
-      actions_(parallel::build_schedule(schedule, mesh.pp_size(), mesh.pp_rank(), micro_batches)),
+      actions_(parallel::build_schedule(schedule, mesh.pp_size(), mesh.pp_rank(), micro_batches,
+                                        model.stage().num_chunks())),
       micro_batches_(micro_batches),
       batch_(batch),
       seq_(seq),
-      slots_(parallel::max_in_flight(actions_)),
+      slots_(parallel::pipe_slots(actions_)),
+      chunks_(model.stage().num_chunks()),
       p2p_(&p2p),
-      executor_(p2p, slots_) {
+      executor_(p2p, parallel::pipe_slots_per_chunk(actions_), chunks_) {
   for (int s = 0; s < slots_; ++s) {
     tokens_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
     targets_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
   }
   model.set_grads_ready_hook([this](std::int64_t lo, std::int64_t hi) {
+    // Only a chunk's last micro-batch's backward makes its gradients final; the earlier ones
+    // accumulate locally.
+    if (!final_backward_) return;
     // wte's gradient (offset 0 on the first and the last stage) is final only once the
     // embedding group has summed it, after every stage has run its schedule.
     if (lo == 0) {
@@ -46,17 +52,23 @@ Tensor PipelineDriver::stage_output(int slot) {
   return model_->stage_output(slot);
 }
 
-void PipelineDriver::forward(int slot, int micro) {
+void PipelineDriver::forward(int slot, int micro, int chunk) {
   const auto s = static_cast<std::size_t>(slot);
   sampler_->batch(first_index_ + micro, dp_rank_, dp_size_, tokens_[s], targets_[s]);
-  const float loss = model_->forward_micro(slot, tokens_[s], targets_[s]);
-  if (model_->stage().head) loss_sum_ += loss;
+  const float loss = model_->forward_micro(slot, tokens_[s], targets_[s], chunk);
+  if (model_->stage().head && chunk + 1 == chunks_) loss_sum_ += loss;
 }
 
-void PipelineDriver::backward(int slot, int micro, const Tensor& output_grad) {
-  // Only the last micro-batch's backward reduces: the earlier ones accumulate locally.
-  if (reducer_ != nullptr) reducer_->begin_step(micro + 1 == micro_batches_);
-  model_->backward_micro(slot, loss_multiplier_, output_grad);
+void PipelineDriver::backward(int slot, int micro, int chunk, const Tensor& output_grad) {
+  // Only each chunk's last micro-batch's backward reduces. Chunks finish from the last to the
+  // first (parallel/pipeline.hpp), so the ranges still reach the reducer in decreasing offsets;
+  // its step begins with the first of them.
+  final_backward_ = micro + 1 == micro_batches_;
+  if (reducer_ != nullptr && final_backward_ && !reducing_) {
+    reducer_->begin_step(true);
+    reducing_ = true;
+  }
+  model_->backward_micro(slot, loss_multiplier_, output_grad, chunk);
 }
 
 Tensor PipelineDriver::input_grad() {
@@ -74,6 +86,7 @@ PipeStepResult PipelineDriver::train_step(const data::Sampler& sampler, std::int
   loss_multiplier_ = loss_scale / static_cast<float>(micro_batches_);
   loss_sum_ = 0;
   held_ = {0, 0};
+  reducing_ = false;
   PipeStepResult r;
   r.stats = executor_.run(*this, actions_);
   // The tied embedding: the first stage's wte gradient and the last stage's copy's are summed,
@@ -101,10 +114,10 @@ float PipelineDriver::evaluate(const data::Sampler& sampler, int batches) {
   dp_rank_ = 0;
   dp_size_ = 1;
   loss_sum_ = 0;
-  // One slot: nothing is kept for a backward (the executor waits for a slot's send before the
-  // next forward overwrites it).
-  parallel::PipelineExecutor ex(*p2p_, 1);
-  ex.run(*this, parallel::build_forward_only(mesh_->pp_size(), mesh_->pp_rank(), batches));
+  // One slot per chunk: nothing is kept for a backward (the executor waits for a slot's send
+  // before the next forward overwrites it).
+  parallel::PipelineExecutor ex(*p2p_, 1, chunks_);
+  ex.run(*this, parallel::build_forward_only(mesh_->pp_size(), mesh_->pp_rank(), batches, chunks_));
   Tensor loss =
       Tensor::from_floats({model_->stage().head ? static_cast<float>(loss_sum_ / batches) : 0.0f},
                           Shape{1}, DType::kF32);
@@ -134,20 +147,26 @@ std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models
     comm::wait_all(sends);
     return out;
   }
-  out = std::move(mine);
+  std::map<std::string, Tensor> all;
+  for (auto& [name, t] : mine) all.emplace(name, std::move(t));
   models::GPTConfig whole = model.config();
   whole.padded_vocab = models::GPTConfig::pad_vocab(whole.vocab_size);
+  const int chunks = model.stage().num_chunks();
   for (int s = 1; s < mesh.pp_size(); ++s) {
-    const parallel::StageRange r = parallel::stage_range(whole.n_layer, mesh.pp_size(), s);
+    const parallel::StageRange r = parallel::stage_range(whole.n_layer, mesh.pp_size(), s, chunks);
     std::vector<comm::Work> recvs;
-    std::vector<std::pair<std::string, Tensor>> got;
     for (const models::ParamInfo& p : models::GPT::param_layout(whole, 1, r)) {
       if (p.tied_copy) continue;
-      got.emplace_back(p.name, Tensor::empty(p.full_shape, DType::kF32));
-      recvs.push_back(pp.recv(got.back().second, s));
+      Tensor& t = all[p.name] = Tensor::empty(p.full_shape, DType::kF32);
+      recvs.push_back(pp.recv(t, s));
     }
     comm::wait_all(recvs);
-    for (auto& g : got) out.push_back(std::move(g));
+  }
+  // The whole model's order (interleaved stages hold layers out of it).
+  for (const models::ParamInfo& p : models::GPT::param_layout(whole, 1)) {
+    auto it = all.find(p.name);
+    MT_ASSERT(it != all.end(), "no stage sent '{}'", p.name);
+    out.emplace_back(p.name, std::move(it->second));
   }
   return out;
 }
@@ -155,32 +174,44 @@ std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models
 void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
                          const PrecisionPolicy& policy, int dp) {
   const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(cfg.pp_schedule);
-  const int p = cfg.pp, micro = cfg.grad_accum;
+  const int p = cfg.pp, micro = cfg.grad_accum, v = cfg.pp_virtual_stages;
   auto mib = [](std::int64_t b) { return static_cast<double>(b) / 1048576.0; };
   std::printf(
-      "pipeline: %d stages, %s, %d micro-batches of %d x %d per step (train.grad_accum), TP %d, "
-      "DP %d\n",
-      p, parallel::pipe_schedule_name(schedule), micro, cfg.batch_size, cfg.seq_len, cfg.tp, dp);
+      "pipeline: %d stages, %s%s, %d micro-batches of %d x %d per step (train.grad_accum), TP "
+      "%d, DP %d\n",
+      p, parallel::pipe_schedule_name(schedule),
+      v > 1 ? fmt::format(" ({} model chunks per stage)", v).c_str() : "", micro, cfg.batch_size,
+      cfg.seq_len, cfg.tp, dp);
   std::printf(
       "  stage  layers   parameters  params+grads  optimizer  in-flight  activations    total\n");
   std::int64_t peak = 0;
   for (int s = 0; s < p; ++s) {
-    const parallel::StageRange r = parallel::stage_range(m.n_layer, p, s);
-    const int live = parallel::max_in_flight(parallel::build_schedule(schedule, p, s, micro));
+    const parallel::StageRange r = parallel::stage_range(m.n_layer, p, s, v);
+    // Interleaved: (micro-batch, chunk) pairs, each one chunk's activations.
+    const int live = parallel::max_in_flight(parallel::build_schedule(schedule, p, s, micro, v));
     const models::MemoryEstimate e =
         models::estimate_stage_memory(m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, dp,
                                       cfg.zero == 1, r, live, cfg.tp_sequence_parallel);
     const std::int64_t params = e.parameters / static_cast<std::int64_t>(dtype_size(policy.param));
     peak = std::max(peak, e.total());
-    std::printf("  %5d  %2d-%-4d  %10.2fM  %9.1f MiB  %5.1f MiB  %9d  %7.1f MiB  %6.1f MiB\n", s,
-                r.first_layer, r.last_layer - 1, static_cast<double>(params) / 1e6,
-                mib(e.parameters + e.gradients),
+    std::string layers;
+    for (int c = 0; c < r.num_chunks(); ++c)
+      layers +=
+          (c ? "," : "") + (r.chunk(c).second - r.chunk(c).first == 1
+                                ? std::to_string(r.chunk(c).first)
+                                : fmt::format("{}-{}", r.chunk(c).first, r.chunk(c).second - 1));
+    std::printf("  %5d  %-7s  %10.2fM  %9.1f MiB  %5.1f MiB  %9d  %7.1f MiB  %6.1f MiB\n", s,
+                layers.c_str(), static_cast<double>(params) / 1e6, mib(e.parameters + e.gradients),
                 mib(e.master_weights + e.optimizer_state + e.gradient_shard), live,
                 mib(e.activations), mib(e.total()));
   }
-  const double bubble = static_cast<double>(p - 1) / (micro + p - 1);
-  std::printf("  peak per rank %.1f MiB; bubble (P - 1) / (M + P - 1) = %.1f%%%s\n", mib(peak),
-              100.0 * bubble,
+  // Interleaving divides each stage's share of the model into V chunks, and the fill and drain
+  // run chunk by chunk: about 1/V of 1F1B's bubble.
+  const double bubble = static_cast<double>(p - 1) / (v * micro + p - 1);
+  const double plain = static_cast<double>(p - 1) / (micro + p - 1);
+  std::printf("  peak per rank %.1f MiB; bubble (P - 1) / (%sM + P - 1) = %.1f%%%s%s\n", mib(peak),
+              v > 1 ? "V " : "", 100.0 * bubble,
+              v > 1 ? fmt::format(" (1f1b: {:.1f}%)", 100.0 * plain).c_str() : "",
               micro < p ? " (fewer micro-batches than stages: raise train.grad_accum)" : "");
 }
 

@@ -1,5 +1,6 @@
 // The Trainer's side of pipeline parallelism (train.pp > 1): one optimizer step of a GPT stage
-// as a schedule of micro-batches (parallel/pipeline.hpp), the tied embedding's gradient summed
+// (one or, interleaved, several model chunks: the model's stage().chunks) as a schedule of
+// micro-batches (parallel/pipeline.hpp), the tied embedding's gradient summed
 // over the embedding group, the loss brought from the last stage to every rank, evaluation as a
 // forward-only pipeline, and the whole model's weights gathered onto world rank 0 (for
 // model.safetensors and samples).
@@ -56,15 +57,15 @@ class PipelineDriver : private parallel::PipelineStage {
  private:
   Tensor stage_input(int slot) override;
   Tensor stage_output(int slot) override;
-  void forward(int slot, int micro) override;
-  void backward(int slot, int micro, const Tensor& output_grad) override;
+  void forward(int slot, int micro, int chunk) override;
+  void backward(int slot, int micro, int chunk, const Tensor& output_grad) override;
   Tensor input_grad() override;
 
   models::GPT* model_;
   parallel::Mesh* mesh_;
   parallel::GradReducer* reducer_;
   std::vector<parallel::PipeAction> actions_;
-  int micro_batches_, batch_, seq_, slots_;
+  int micro_batches_, batch_, seq_, slots_, chunks_;
   comm::Communicator* p2p_;
   parallel::PipelineExecutor executor_;
   // Per slot: the micro-batch's tokens and targets (kept until its backward).
@@ -76,6 +77,9 @@ class PipelineDriver : private parallel::PipelineStage {
   bool training_ = false;
   float loss_multiplier_ = 1;
   double loss_sum_ = 0;
+  // The backward running is its chunk's last micro-batch's (its gradients are final); the
+  // reducer's step has begun (at the first such backward).
+  bool final_backward_ = false, reducing_ = false;
   // The hook's range starting at offset 0, held back until the embedding group has summed wte.
   std::pair<std::int64_t, std::int64_t> held_{0, 0};
   parallel::PipeStats last_;

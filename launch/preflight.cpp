@@ -69,11 +69,12 @@ models::MemoryEstimate estimate(const TrainConfig& c, const models::ModelConfig&
   const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(c.pp_schedule);
   models::MemoryEstimate peak;
   for (int s = 0; s < c.pp; ++s) {
-    const int live =
-        parallel::max_in_flight(parallel::build_schedule(schedule, c.pp, s, c.grad_accum));
+    const int live = parallel::max_in_flight(
+        parallel::build_schedule(schedule, c.pp, s, c.grad_accum, c.pp_virtual_stages));
     const models::MemoryEstimate e = models::estimate_stage_memory(
         m.gpt, p, c.batch_size, c.seq_len, c.tp, dp, zero,
-        parallel::stage_range(m.gpt.n_layer, c.pp, s), live, c.tp_sequence_parallel);
+        parallel::stage_range(m.gpt.n_layer, c.pp, s, c.pp_virtual_stages), live,
+        c.tp_sequence_parallel);
     if (e.total() > peak.total()) peak = e;
   }
   return peak;

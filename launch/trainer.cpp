@@ -103,9 +103,9 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     open_data();
     model_ = std::make_unique<models::Decoder>(
         model_cfg_, policy_, device(), parallel::TPGroup(tp_comm(), cfg_.tp_sequence_parallel),
-        mesh_.pp_size() > 1
-            ? parallel::stage_range(model_cfg_.gpt.n_layer, mesh_.pp_size(), mesh_.pp_rank())
-            : parallel::StageRange{});
+        mesh_.pp_size() > 1 ? parallel::stage_range(model_cfg_.gpt.n_layer, mesh_.pp_size(),
+                                                    mesh_.pp_rank(), cfg_.pp_virtual_stages)
+                            : parallel::StageRange{});
     build_optimizer();
     if (mesh_.pp_size() > 1) {
       pipe_ = std::make_unique<PipelineDriver>(

@@ -173,8 +173,13 @@ MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy
   const std::int64_t per_layer = bt * c * a * 4 / r + bt * c * a * (3 + 1 + 4 + 4) / tp +
                                  bt * 4 * 4 / r +
                                  static_cast<std::int64_t>(batch) * (cfg.n_head / tp) * seq * 4;
+  // A slot holds one chunk's layers (interleaved: in_flight counts (micro-batch, chunk) pairs).
+  // The head's activations are counted in every slot: exact for one chunk, an overestimate
+  // under interleaving, where only the last chunk's slots allocate them.
   const int last = stage.last_layer < 0 ? cfg.n_layer : stage.last_layer;
-  std::int64_t slot = (last - stage.first_layer) * per_layer + bt * c * a / r;
+  const int layers =
+      stage.chunks.empty() ? last - stage.first_layer : stage.count() / stage.num_chunks();
+  std::int64_t slot = layers * per_layer + bt * c * a / r;
   if (stage.head)
     slot += bt * c * a / r + bt * (cfg.padded_vocab / tp) * a + bt * 4 * 2 / r + bt * 4 * 2;
   const std::int64_t scratch =
@@ -192,6 +197,17 @@ std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, parallel:
                stage.last_layer <= cfg.n_layer,
            "GPT stage: layers [{}, {}) are not a non-empty range of the model's {} layers",
            stage.first_layer, stage.last_layer, cfg.n_layer);
+  // Interleaved: chunks of equal size in increasing layer order (one activation slot holds any
+  // chunk's layers).
+  for (int c = 0; c < stage.num_chunks(); ++c) {
+    const auto [lo, hi] = stage.chunk(c);
+    const auto first = stage.chunk(0);
+    MT_CHECK(lo >= 0 && hi <= cfg.n_layer && hi - lo == first.second - first.first && hi > lo &&
+                 (c == 0 || lo >= stage.chunk(c - 1).second),
+             "GPT stage: chunk {} [{}, {}) is not a non-empty range of {} layers after the "
+             "previous chunk within the model's {} layers",
+             c, lo, hi, first.second - first.first, cfg.n_layer);
+  }
   std::vector<ParamInfo> params;
   Indices ix;
   std::int64_t n = 0;
@@ -222,7 +238,12 @@ std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, parallel:
     params[ix.wte].tied_copy = !stage.embedding;
   }
   if (stage.embedding) ix.wpe = add("wpe.weight", Shape{cfg.block_size, c}, true, 1);
-  for (int l = stage.first_layer; l < stage.last_layer; ++l) {
+  // The stage's layers, chunk after chunk: one flat buffer for all of them (the optimizer, the
+  // reducer, ZeRO-1 and checkpoints see one buffer per rank; names are the whole model's).
+  std::vector<int> held;
+  for (int c = 0; c < stage.num_chunks(); ++c)
+    for (int l = stage.chunk(c).first; l < stage.chunk(c).second; ++l) held.push_back(l);
+  for (int l : held) {
     const std::string p = "h." + std::to_string(l) + ".";
     const int g = 2 + 12 * l;
     Layer L;
@@ -246,8 +267,8 @@ std::vector<ParamInfo> GPT::build_layout(const GPTConfig& cfg, int tp, parallel:
     ix.lnf_w = add("ln_f.weight", Shape{c}, false, 2 + 12 * cfg.n_layer);
     ix.lnf_b = add("ln_f.bias", Shape{c}, false, 3 + 12 * cfg.n_layer);
   }
-  const bool whole =
-      stage.embedding && stage.head && stage.first_layer == 0 && stage.last_layer == cfg.n_layer;
+  const bool whole = stage.embedding && stage.head && stage.first_layer == 0 &&
+                     stage.last_layer == cfg.n_layer && stage.num_chunks() == 1;
   MT_ASSERT(!whole || n == cfg.num_parameters_per_rank(tp), "{} vs {}", n,
             cfg.num_parameters_per_rank(tp));
   if (idx != nullptr) *idx = std::move(ix);
@@ -271,6 +292,7 @@ GPT::GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device, pa
   lnf_w_ = ix.lnf_w;
   lnf_b_ = ix.lnf_b;
   layers_ = std::move(ix.layers);
+  chunk_layers_ = static_cast<int>(layers_.size()) / stage_.num_chunks();
   global_ = std::move(ix.global);
   num_params_ = params_.back().offset + params_.back().numel();
   params_flat_ = Tensor::zeros(Shape{num_params_}, policy_.param, device);
@@ -342,7 +364,8 @@ GPT::Micro& GPT::ensure_activations(int slot, int batch, int seq) {
   const std::int64_t ts = sp ? tp_.shard_tokens(b * t) : b * t;
   const Shape region = sp ? Shape{ts, c} : Shape{b, t, c};
   mb.layers.clear();
-  for (std::size_t l = 0; l < layers_.size(); ++l) {
+  // A slot holds one chunk's layers (every layer but under interleaving).
+  for (int l = 0; l < chunk_layers_; ++l) {
     LayerActs x;
     x.residual = Tensor::empty(region, a, d);
     x.ln1 = Tensor::empty(region, a, d);
@@ -360,17 +383,28 @@ GPT::Micro& GPT::ensure_activations(int slot, int batch, int seq) {
     mb.layers.push_back(std::move(x));
   }
   mb.residual_out = Tensor::empty(region, a, d);
-  if (stage_.head) {
-    mb.lnf = Tensor::empty(region, a, d);
-    mb.lnf_mean = Tensor::empty(Shape{ts}, DType::kF32, d);
-    mb.lnf_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
-    mb.logits = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
-    mb.losses = Tensor::empty(Shape{b * t}, DType::kF32, d);
-    mb.lse = Tensor::empty(Shape{b * t}, DType::kF32, d);
-  }
+  // The head's activations: allocated by the first forward of the head chunk in this slot
+  // (ensure_head), so that under interleaving the slots of the other chunks hold no logits.
+  mb.lnf = mb.lnf_mean = mb.lnf_rstd = mb.logits = mb.losses = mb.lse = Tensor();
   mb.batch = batch;
   mb.seq = seq;
   return mb;
+}
+
+void GPT::ensure_head(Micro& mb) {
+  if (mb.lnf.defined()) return;
+  Device& d = *device_;
+  const DType a = policy_.activation;
+  const std::int64_t b = mb.batch, t = mb.seq, c = cfg_.n_embd;
+  // As ensure_activations: the norm's region is the token shard under sequence parallelism.
+  const bool sp = tp_.sequence_parallel();
+  const std::int64_t ts = sp ? tp_.shard_tokens(b * t) : b * t;
+  mb.lnf = Tensor::empty(sp ? Shape{ts, c} : Shape{b, t, c}, a, d);
+  mb.lnf_mean = Tensor::empty(Shape{ts}, DType::kF32, d);
+  mb.lnf_rstd = Tensor::empty(Shape{ts}, DType::kF32, d);
+  mb.logits = Tensor::empty(Shape{b, t, cfg_.padded_vocab / tp_.size()}, a, d);
+  mb.losses = Tensor::empty(Shape{b * t}, DType::kF32, d);
+  mb.lse = Tensor::empty(Shape{b * t}, DType::kF32, d);
 }
 
 void GPT::ensure_scratch(int batch, int seq) {
@@ -452,7 +486,7 @@ Tensor GPT::stage_output(int slot) const {
   return micro_[static_cast<std::size_t>(slot)].residual_out;
 }
 
-float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) {
+float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets, int chunk) {
   MT_CHECK(tokens.defined() && tokens.dtype() == DType::kI32 && tokens.ndim() == 2,
            "GPT forward: tokens must be int32 [B, T], got {}", tokens.str());
   const int b = static_cast<int>(tokens.dim(0)), t = static_cast<int>(tokens.dim(1));
@@ -465,6 +499,8 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
              "GPT forward: targets must be int32 {} like tokens, got {}", tokens.shape().str(),
              targets.str());
   }
+  MT_CHECK(chunk >= 0 && chunk < stage_.num_chunks(), "GPT forward: chunk {} of a stage of {}",
+           chunk, stage_.num_chunks());
   Micro& mb = ensure_activations(slot, b, t);
   std::vector<LayerActs>& acts = mb.layers;
   // Sequence parallelism: the LayerNorms and residual adds run on this rank's token shard;
@@ -484,7 +520,12 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
       parallel::row_linear_forward(y, x, param(static_cast<std::size_t>(w)), &bt, tp_);
     }
   };
-  if (stage_.embedding) {
+  // Under interleaving the embedding runs on chunk 0 and the head on the last chunk.
+  const bool embedding = stage_.embedding && chunk == 0;
+  const bool head = stage_.head && chunk + 1 == stage_.num_chunks();
+  const Layer* layers = layers_.data() + static_cast<std::ptrdiff_t>(chunk) * chunk_layers_;
+  if (head) ensure_head(mb);
+  if (embedding) {
     mb.tokens = tokens.device().is_cpu() && !device_->is_cpu() ? tokens.to(*device_) : tokens;
     // Tokens outside the real vocabulary would index padded rows: refuse them.
     const std::vector<std::int32_t> ids = tokens.to_ints();
@@ -514,10 +555,10 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
   // (ops::residual_layernorm_forward: the same bits as add then layernorm_forward on the CPU),
   // and the MLP's c_fc with its GELU (ops::linear_gelu_forward: a cuBLASLt epilogue on CUDA).
   ops::layernorm_forward(acts[0].ln1, acts[0].ln1_mean, acts[0].ln1_rstd, acts[0].residual,
-                         param(layers_[0].ln1_w), param(layers_[0].ln1_b));
-  const int n = static_cast<int>(layers_.size());
+                         param(layers[0].ln1_w), param(layers[0].ln1_b));
+  const int n = chunk_layers_;
   for (int l = 0; l < n; ++l) {
-    const Layer& L = layers_[static_cast<std::size_t>(l)];
+    const Layer& L = layers[l];
     LayerActs& x = acts[static_cast<std::size_t>(l)];
     Tensor qkv_b = param(L.qkv_b);
     parallel::column_linear_forward(x.qkv, gathered(x.ln1), param(L.qkv_w), &qkv_b);
@@ -530,7 +571,7 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
     const bool last = l + 1 == n;
     Tensor& next = last ? mb.residual_out : acts[static_cast<std::size_t>(l) + 1].residual;
     row_forward(next, x.fch_gelu, L.fcproj_w, L.fcproj_b);
-    if (last && stage_.head) {
+    if (last && head) {
       ops::residual_layernorm_forward(next, mb.lnf, mb.lnf_mean, mb.lnf_rstd, next, x.residual2,
                                       param(lnf_w_), param(lnf_b_));
     } else if (last) {
@@ -539,12 +580,12 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
       ops::add(next, next, x.residual2);
     } else {
       LayerActs& nx = acts[static_cast<std::size_t>(l) + 1];
-      const Layer& NL = layers_[static_cast<std::size_t>(l) + 1];
+      const Layer& NL = layers[l + 1];
       ops::residual_layernorm_forward(next, nx.ln1, nx.ln1_mean, nx.ln1_rstd, next, x.residual2,
                                       param(NL.ln1_w), param(NL.ln1_b));
     }
   }
-  if (!stage_.head) {
+  if (!head) {
     mb.have_targets = true;  // backward takes the output gradient instead
     return std::numeric_limits<float>::quiet_NaN();
   }
@@ -570,12 +611,17 @@ float GPT::forward_micro(int slot, const Tensor& tokens, const Tensor& targets) 
   return static_cast<float>(sum / static_cast<double>(counted));
 }
 
-void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_grad) {
+void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_grad, int chunk) {
   MT_CHECK(slot >= 0 && slot < static_cast<int>(micro_.size()) &&
                micro_[static_cast<std::size_t>(slot)].have_targets,
            "GPT backward needs a forward with targets first");
+  MT_CHECK(chunk >= 0 && chunk < stage_.num_chunks(), "GPT backward: chunk {} of a stage of {}",
+           chunk, stage_.num_chunks());
   Micro& mb = micro_[static_cast<std::size_t>(slot)];
   std::vector<LayerActs>& acts = mb.layers;
+  const bool embedding = stage_.embedding && chunk == 0;
+  const bool head = stage_.head && chunk + 1 == stage_.num_chunks();
+  const Layer* layers = layers_.data() + static_cast<std::ptrdiff_t>(chunk) * chunk_layers_;
   ensure_scratch(mb.batch, mb.seq);
   const std::int64_t bt = static_cast<std::int64_t>(mb.batch) * mb.seq;
   // Sequence parallelism: the backward of the forward's all-gather before a column-parallel
@@ -619,13 +665,13 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
                    params_[static_cast<std::size_t>(last)].offset +
                        params_[static_cast<std::size_t>(last)].shape.numel());
   };
-  if (stage_.head && mb.valid_targets == 0 && !stage_.embedding) {
+  if (head && mb.valid_targets == 0 && !embedding) {
     // No counted target: a zero loss gradient, but the stages before this one still wait for
     // their input gradient.
     mb.have_targets = false;
     dresidual_.zero_();
     ready(lnf_w_, lnf_b_);
-  } else if (stage_.head) {
+  } else if (head) {
     if (mb.valid_targets == 0) return;
     Tensor logits2d = mb.logits.view(Shape{bt, cfg_.padded_vocab / tp_.size()});
     // dlogits overwrite the logits in place: the largest activation is not held twice.
@@ -647,8 +693,8 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
     mb.have_targets = false;
     dresidual_.copy_from(output_grad);
   }
-  for (int l = static_cast<int>(layers_.size()) - 1; l >= 0; --l) {
-    const Layer& L = layers_[static_cast<std::size_t>(l)];
+  for (int l = chunk_layers_ - 1; l >= 0; --l) {
+    const Layer& L = layers[l];
     LayerActs& x = acts[static_cast<std::size_t>(l)];
     // dresidual holds the gradient of this layer's output.
     row_backward(dfch_, x.fch_gelu, L.fcproj_w, L.fcproj_b);
@@ -666,7 +712,7 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
     norm_backward(L.ln1_w, L.ln1_b, x.residual, x.ln1_mean, x.ln1_rstd, /*accumulate_dx=*/true);
     ready(L.ln1_w, L.ln1_b);
   }
-  if (stage_.embedding) {
+  if (embedding) {
     Tensor dwte = grad(wte_), dwpe = grad(wpe_);
     if (sp) {
       // Every rank's wte rows are looked up by tokens of every shard: the gathered gradient.
@@ -678,7 +724,7 @@ void GPT::backward_micro(int slot, float loss_multiplier, const Tensor& output_g
       ops::embedding_backward(dwte, dwpe, dresidual_, mb.tokens);
     }
     ready(wte_, wpe_);
-  } else if (stage_.head) {
+  } else if (head) {
     ready(wte_, wte_);  // the tied copy: final once every micro-batch's head has run
   }
 }

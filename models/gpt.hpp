@@ -114,7 +114,10 @@ class GPT {
   // ln_f, the LM head and the loss when stage.head. A head stage without the embedding holds a
   // copy of wte for its LM head (ParamSlot::tied_copy, drawn from the same seed, so that the
   // copies start equal); its gradient must be summed with the first stage's (the embedding
-  // group) before the update, which keeps them equal. The default stage is the whole model,
+  // group) before the update, which keeps them equal. An interleaved stage (stage.chunks: V
+  // non-contiguous layer ranges) holds every chunk's layers in one flat buffer, chunk after
+  // chunk; forward_micro/backward_micro run one chunk at a time, the embedding with chunk 0 and
+  // the head with the last. The default stage is the whole model,
   // whose layout, arithmetic and speed are those of a model built without one.
   GPT(const GPTConfig& cfg, const PrecisionPolicy& policy, Device& device = cpu_device(),
       parallel::TPGroup tp = {}, parallel::StageRange stage = {});
@@ -134,7 +137,7 @@ class GPT {
   // Whether this object is the whole model (not one pipeline stage of it).
   bool is_whole() const {
     return stage_.embedding && stage_.head && stage_.first_layer == 0 &&
-           stage_.last_layer == cfg_.n_layer;
+           stage_.last_layer == cfg_.n_layer && stage_.num_chunks() == 1;
   }
   // Parameters this rank holds (all of them at TP = 1).
   std::int64_t num_parameters() const { return num_params_; }
@@ -206,12 +209,16 @@ class GPT {
   // any stage uses its shape); targets: as forward() (read by the head stage). A stage without
   // the embedding reads its input from stage_input(slot, B, T). tokens and targets must not
   // change until the slot's backward. Returns the mean loss on the head stage, NaN elsewhere.
-  float forward_micro(int slot, const Tensor& tokens, const Tensor& targets);
+  // chunk: which of the stage's model chunks runs (stage().chunks; interleaved pipelines), its
+  // layers only; the embedding belongs to chunk 0 and the head to the last chunk. A slot holds
+  // one chunk's activations at a time.
+  float forward_micro(int slot, const Tensor& tokens, const Tensor& targets, int chunk = 0);
   // Backward of the slot's forward. output_grad: the gradient of stage_output(slot) (stages
   // without the head; ignored on the head stage, which starts from its loss). Gradients
   // accumulate into flat_grads() as backward() does, and the grads-ready hook is called the same
   // way (a head stage without the embedding reports its wte copy last, as offset 0).
-  void backward_micro(int slot, float loss_multiplier, const Tensor& output_grad);
+  // chunk: the one the slot's forward ran.
+  void backward_micro(int slot, float loss_multiplier, const Tensor& output_grad, int chunk = 0);
   // The buffer the slot's input activations are received into ([B, T, C], allocating the
   // slot for that shape), for a stage without the embedding.
   Tensor stage_input(int slot, int batch, int seq);
@@ -244,6 +251,7 @@ class GPT {
     parallel::VocabParallelCrossEntropy cross_entropy;
   };
   Micro& ensure_activations(int slot, int batch, int seq);
+  void ensure_head(Micro& mb);
   void ensure_scratch(int batch, int seq);
   // Where the parameters the forward and backward passes use sit in params().
   struct Indices {
@@ -266,7 +274,8 @@ class GPT {
   std::vector<ParamInfo> params_;
   std::int64_t num_params_ = 0;
   int wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
-  std::vector<Layer> layers_;  // this stage's layers, first to last
+  std::vector<Layer> layers_;  // this stage's layers, first to last (chunk after chunk)
+  int chunk_layers_ = 0;       // layers per chunk: layers_.size() / stage_.num_chunks()
   std::vector<int> global_;
   Tensor params_flat_, grads_flat_;
   GradsReadyHook grads_ready_;

@@ -45,8 +45,12 @@ def bubble(ranks, step):
     for r, es in compute.items():
         busy = sum(e["dur"] for e in es)
         out[r] = (busy / 1e3, (end - start) / 1e3, 1.0 - busy / (end - start))
-    micro = max((len([e for e in es if e["name"].startswith("F")]) for es in compute.values()), default=0)
-    return out, micro, start, end
+    # Forwards are "F3", or "F3.c1" for chunk 1 of an interleaved stage.
+    fwd = [re.match(r"F(\d+)(?:\.c(\d+))?$", e["name"]) for es in compute.values() for e in es]
+    fwd = [f for f in fwd if f]
+    micro = len({f.group(1) for f in fwd})
+    chunks = len({f.group(2) or "0" for f in fwd}) or 1
+    return out, micro, chunks, start, end
 
 
 def main():
@@ -62,17 +66,20 @@ def main():
     step = a.step if a.step is not None else steps[-1]
     if step not in steps:
         sys.exit(f"plot_pipeline: step {step} was not traced (traced: {steps})")
-    per, micro, start, end = bubble(ranks, step)
+    per, micro, chunks, start, end = bubble(ranks, step)
     stages = len({re.search(r"stage (\d+)", n).group(1) for n, _ in ranks.values() if "stage" in n}) or 1
-    theory = (stages - 1) / (micro + stages - 1) if micro else 0.0
+    # Interleaved (V chunks per stage): the fill and drain are V times finer.
+    theory = (stages - 1) / (chunks * micro + stages - 1) if micro else 0.0
     if a.json:
-        print(json.dumps({"step": step, "stages": stages, "micro_batches": micro, "theory": theory,
+        print(json.dumps({"step": step, "stages": stages, "micro_batches": micro, "chunks": chunks,
+                          "theory": theory,
                           "bubble": {str(r): v[2] for r, v in per.items()},
                           "mean_bubble": sum(v[2] for v in per.values()) / len(per)}))
     else:
         for r, (busy, span, idle) in sorted(per.items()):
             print(f"{ranks[r][0]}: busy {busy:.1f} ms of {span:.1f} ms, bubble {100 * idle:.1f}%")
-        print(f"theory (P - 1) / (M + P - 1) with P = {stages}, M = {micro}: {100 * theory:.1f}%")
+        v, vs = ("V ", f", V = {chunks}") if chunks > 1 else ("", "")
+        print(f"theory (P - 1) / ({v}M + P - 1) with P = {stages}{vs}, M = {micro}: {100 * theory:.1f}%")
     if a.no_png:
         return
     import matplotlib

@@ -4,7 +4,11 @@
 1f1b and gpipe; at 4 ranks also PP 2 x TP 2 and DP 2 x PP 2; rank 0 alone prints; the
 end-of-training sample is the one-process sample; evaluation runs through the pipeline; bad
 layouts (PP not dividing the ranks, more stages than layers, an unknown schedule) end the job
-with a clear error before any step and leave no run directory behind."""
+with a clear error before any step and leave no run directory behind. The interleaved schedule
+(pp.virtual_stages = 2, 2N layers, N micro-batches) likewise matches one process, with
+evaluation through the ring of chunks and traces that name each chunk ("F0.c1"); N layers, which
+it cannot cut into 2N chunks, are refused naming the keys."""
+import json
 import argparse
 import os
 import subprocess
@@ -58,6 +62,21 @@ def main():
             _, dppp = train(mpi, d("dppp"), 1, (*FIVE, "--set", "train.grad_accum=3", "--pp", "2",
                                                 "--set", "train.zero=1"))
             compare("DP 2 x PP 2, ZeRO-1", one2, d("one2"), dppp, d("dppp"), loss_tol, param_tol)
+        # Interleaved: 2 chunks per stage of a 2N-layer model, M = N (every forward is warm-up).
+        il = ("--set", f"model.n_layer={2 * n}", "--set", "train.grad_clip=1.0", "--set", f"train.grad_accum={n}",
+              "--set", "data.val_fraction=0.1", "--set", "eval.every=10", "--set", "eval.batches=3")
+        _, one_il = train([a.meshtrain], d("one_il"), 1, il)
+        _, pp_il = train(mpi, d("pp_il"), 1, (*il, "--pp", str(n), "--set", "pp.schedule=interleaved",
+                                             "--set", "pp.virtual_stages=2", "--set", "trace.steps=3"))
+        compare(f"PP = {n} interleaved V = 2", one_il, d("one_il"), pp_il, d("pp_il"), loss_tol, param_tol)
+        v1 = [r["val_loss"] for r in one_il if "val_loss" in r]
+        v2 = [r["val_loss"] for r in pp_il if "val_loss" in r]
+        if not v1 or len(v1) != len(v2) or any(abs(x - y) > 1e-5 * abs(x) for x, y in zip(v1, v2)):
+            sys.exit(f"FAIL: validation losses under interleaved PP {v2} differ from one process's {v1}")
+        with open(os.path.join(d("pp_il"), "traces", "rank-00000.json")) as f:
+            names = {e.get("name") for e in json.load(f)["traceEvents"]}
+        if not {"F0", "F0.c1", "B0.c1", "B0"} <= names:
+            sys.exit(f"FAIL: the interleaved trace does not name each chunk: {sorted(n for n in names if n)[:20]}")
     never = "/tmp/meshtrain-pp-never"
     base = ["train", "--set", "model.preset=gpt-tiny", "--set", "train.seq_len=32", "--set", f"run.dir={never}"]
     expect_error(mpi + base + ["--pp", str(n + 1)], f"train.pp = {n + 1}", "PP not dividing the ranks")
@@ -65,6 +84,9 @@ def main():
     if n > 2:
         expect_error(mpi + base + ["--pp", str(n)], "model.n_layer", "more stages than layers")
     expect_error(mpi + base + ["--pp", "2", "--set", "pp.schedule=zigzag"], "pp.schedule", "unknown schedule")
+    expect_error(mpi + base + ["--pp", str(n), "--set", f"model.n_layer={n}", "--set", "pp.schedule=interleaved",
+                               "--set", "pp.virtual_stages=2", "--set", f"train.grad_accum={n}"],
+                 "model.n_layer must be a multiple of pp.virtual_stages x train.pp", "N layers in 2N chunks")
     if os.path.exists(never):
         sys.exit("FAIL: a refused job left a run directory behind")
     print(f"ok: PP = {n} matches one process over {STEPS} steps")

@@ -27,19 +27,19 @@ auto fields(const TrainConfig& c) {
                seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio, warmup_steps,
                schedule, decay_fraction, weight_decay, beta1, beta2, eps, grad_clip, max_bad_steps,
                threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype, comm_backend, zero, tp, pp,
-               pp_schedule, tp_sequence_parallel, eval_every, eval_batches, sample_every,
-               sample_tokens, temperature, top_k, prompt, run_dir, trace_steps, log_every,
-               ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after, max_rollbacks,
-               model_init, resume] = c;
+               pp_schedule, pp_virtual_stages, tp_sequence_parallel, eval_every, eval_batches,
+               sample_every, sample_tokens, temperature, top_k, prompt, run_dir, trace_steps,
+               log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir, rollback_after,
+               max_rollbacks, model_init, resume] = c;
   return std::tie(model_preset, model_arch, n_layer, n_head, n_embd, block_size, n_kv_head,
                   intermediate_size, rope_theta, rms_norm_eps, tie_embeddings, hf_config, vocab,
                   train_files, val_files, data_format, data_tokenizer, val_fraction, steps,
                   batch_size, seq_len, grad_accum, precision, device, seed, lr, min_lr_ratio,
                   warmup_steps, schedule, decay_fraction, weight_decay, beta1, beta2, eps,
                   grad_clip, max_bad_steps, threads, dp_bucket_mb, dp_overlap, dp_reduce_dtype,
-                  comm_backend, zero, tp, pp, pp_schedule, tp_sequence_parallel, eval_every,
-                  eval_batches, sample_every, sample_tokens, temperature, top_k, prompt, run_dir,
-                  trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir,
+                  comm_backend, zero, tp, pp, pp_schedule, pp_virtual_stages, tp_sequence_parallel,
+                  eval_every, eval_batches, sample_every, sample_tokens, temperature, top_k, prompt,
+                  run_dir, trace_steps, log_every, ckpt_every, ckpt_keep, ckpt_on_signal, ckpt_dir,
                   rollback_after, max_rollbacks, model_init, resume);
 }
 
@@ -388,14 +388,13 @@ TEST_F(ConfigTest, SequenceParallelKey) {
   EXPECT_TRUE(model_config(gpt).is_gpt());
 }
 
-// Pipeline keys: train.pp, pp.schedule (interleaved is not offered yet), trace.steps, and more
-// stages than the model has layers.
+// Pipeline keys: train.pp, pp.schedule, trace.steps, and more stages than the model has layers.
 TEST_F(ConfigTest, PipelineAndTraceKeys) {
   const TrainConfig c = load_config("", {"train.pp=4", "pp.schedule=gpipe", "trace.steps=2,5-7"});
   EXPECT_EQ(c.pp, 4);
   EXPECT_EQ(c.pp_schedule, "gpipe");
   EXPECT_EQ(trace_steps(c), (std::vector<int>{2, 5, 6, 7}));
-  EXPECT_HAS(set_error("pp.schedule=interleaved"), "pp.schedule");
+  EXPECT_HAS(set_error("pp.schedule=zigzag"), "pp.schedule");
   EXPECT_HAS(set_error("train.pp=0"), "train.pp");
   EXPECT_HAS(set_error("trace.steps=0"), "trace.steps = \"0\"");
   EXPECT_HAS(set_error("trace.steps=7-3"), "trace.steps = \"7-3\"");
@@ -406,6 +405,39 @@ TEST_F(ConfigTest, PipelineAndTraceKeys) {
   t.pp = 3;
   EXPECT_HAS(error_of([&] { model_config(t); }),
              "train.pp = 3: the model's 2 layers (model.n_layer) cannot be split into 3");
+}
+
+// The interleaved schedule: V >= 2 chunks, only under interleaved, P >= 2, M a multiple of P,
+// and (with the model) layers a multiple of V x P.
+TEST_F(ConfigTest, InterleavedPipelineKeys) {
+  const TrainConfig c = load_config(
+      "", {"train.pp=2", "pp.schedule=interleaved", "pp.virtual_stages=2", "train.grad_accum=4"});
+  EXPECT_EQ(c.pp_schedule, "interleaved");
+  EXPECT_EQ(c.pp_virtual_stages, 2);
+  EXPECT_EQ(load_config("", {}).pp_virtual_stages, 1);
+  auto refused = [&](const std::vector<std::string>& o) {
+    return error_of([&] { load_config("", o); });
+  };
+  EXPECT_HAS(refused({"train.pp=2", "pp.schedule=interleaved", "train.grad_accum=2"}),
+             "pp.schedule = \"interleaved\" needs pp.virtual_stages >= 2 model chunks per stage, "
+             "got pp.virtual_stages = 1");
+  EXPECT_HAS(refused({"train.pp=2", "pp.virtual_stages=2"}),
+             "pp.virtual_stages = 2: model chunks per stage run only under pp.schedule = "
+             "\"interleaved\", not \"1f1b\"");
+  EXPECT_HAS(refused({"pp.schedule=interleaved", "pp.virtual_stages=2"}), "train.pp = 1");
+  EXPECT_HAS(refused({"train.pp=2", "pp.schedule=interleaved", "pp.virtual_stages=2",
+                      "train.grad_accum=3"}),
+             "train.grad_accum = 3 must be a multiple of 2");
+  EXPECT_HAS(set_error("pp.virtual_stages=0"), "pp.virtual_stages");
+  // gpt-tiny has 2 layers: P = 2 x V = 2 needs 4.
+  TrainConfig t = c;
+  t.model_preset = "gpt-tiny";
+  t.seq_len = 64;
+  EXPECT_HAS(error_of([&] { model_config(t); }),
+             "the model's 2 layers (model.n_layer) cannot be cut into 2 x 2 = 4 equal model "
+             "chunks; model.n_layer must be a multiple of pp.virtual_stages x train.pp");
+  t.n_layer = 4;
+  EXPECT_NO_THROW(model_config(t));
 }
 
 TEST_F(ConfigTest, ModelConfigChecksTheCombination) {

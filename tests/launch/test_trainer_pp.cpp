@@ -2,7 +2,10 @@
 // alone and with TP and DP (ZeRO-1 too), under gpipe and 1f1b, with 1, P and 2P + 1
 // micro-batches and a 5-layer model (uneven stages), trains like one rank on the same global
 // batch for 20 steps: losses, gradient norms and every parameter to float32 rounding (fp32), bf16
-// within its tolerance. The tied embedding's two copies stay bit-identical. mpirun: launch_cli_pp.
+// within its tolerance. The tied embedding's two copies stay bit-identical. The interleaved
+// schedule (pp.virtual_stages V chunks per stage) at P = 2 with V = 2 and 3 and at P = 4 with
+// V = 2, with TP and with DP + ZeRO-1, likewise (12 steps); a checkpoint it writes resumes under
+// plain 1F1B. mpirun: launch_cli_pp.
 #include <unistd.h>
 
 #include <algorithm>
@@ -71,6 +74,17 @@ class TrainerPp : public ::testing::Test {
     c.pp_schedule = schedule;
     c.dp_bucket_mb = 0.02;
     c.run_dir = (dir_ / ("run_" + std::to_string(counter_++))).string();
+    return c;
+  }
+
+  // Interleaved: V chunks per stage of a model of `layers` layers (a multiple of V x P), 12
+  // steps; the one-rank reference is interleaved(1, 1, ...) (plain 1F1B of one stage).
+  TrainConfig interleaved(int pp, int v, int tp, int batch, int accum, int layers,
+                          int zero = 0) const {
+    TrainConfig c = config(pp, tp, batch, accum, pp > 1 ? "interleaved" : "1f1b", "fp32", zero);
+    c.pp_virtual_stages = v;
+    c.n_layer = layers;
+    c.steps = 12;
     return c;
   }
 
@@ -213,6 +227,61 @@ TEST_F(TrainerPp, CudaPipelineFollowsTheCpu) {
   ASSERT_EQ(gpu.losses.size(), cpu.losses.size());
   for (std::size_t s = 0; s < gpu.losses.size(); ++s)
     EXPECT_NEAR(gpu.losses[s], cpu.losses[s], 1e-3 * cpu.losses[s]) << "step " << s + 1;
+}
+
+TEST_F(TrainerPp, InterleavedMatchesOneRank) {
+  struct Case {
+    int p, v, m;
+  };
+  for (const Case k : {Case{2, 2, 2}, Case{2, 2, 4}, Case{2, 3, 4}, Case{4, 2, 4}}) {
+    SCOPED_TRACE(testing::Message() << "PP " << k.p << " V " << k.v << " M " << k.m);
+    const int layers = k.p * k.v;
+    const PpRun one = train(interleaved(1, 1, 1, 1, k.m, layers), 1);
+    expect_close(train(interleaved(k.p, k.v, 1, 1, k.m, layers), k.p), one, kFp32Loss,
+                 kFp32Weights);
+  }
+}
+
+TEST_F(TrainerPp, InterleavedWithTensorAndDataParallelMatchesOneRank) {
+  {
+    SCOPED_TRACE("PP 2 x V 2 x TP 2");
+    const PpRun one = train(interleaved(1, 1, 1, 1, 2, 4), 1);
+    expect_close(train(interleaved(2, 2, 2, 1, 2, 4), 4), one, kFp32Loss, kFp32Weights);
+  }
+  {
+    // DP 2 x PP 2 (V 2) with batch 1 per replica = one rank with batch 2; ZeRO-1 per stage.
+    SCOPED_TRACE("DP 2 x PP 2 x V 2, ZeRO-1");
+    const PpRun one = train(interleaved(1, 1, 1, 2, 2, 4), 1);
+    expect_close(train(interleaved(2, 2, 1, 1, 2, 4, 1), 4), one, kFp32Loss, kFp32Weights, false);
+  }
+}
+
+TEST_F(TrainerPp, InterleavedCheckpointResumesUnderOneFOneB) {
+  // 12 interleaved steps with a checkpoint at 6; from it, 6 more steps as plain 1F1B over two
+  // stages and as one rank: checkpoint names are the whole model's, so each layout finds its
+  // layers, and the resumed runs end where the interleaved one did.
+  TrainConfig a = interleaved(2, 2, 1, 1, 2, 4);
+  a.ckpt_every = 6;
+  a.ckpt_keep = 0;
+  const PpRun full = train(a, 2);
+  const std::string ckpt = (fs::path(a.run_dir) / "checkpoints" / "step_00000006").string();
+  ASSERT_TRUE(fs::exists(ckpt)) << ckpt;
+  for (int p : {2, 1}) {
+    SCOPED_TRACE(testing::Message() << "resumed at PP " << p);
+    TrainConfig b = config(p, 1, 1, 2, "1f1b");
+    b.n_layer = 4;
+    b.steps = 12;
+    b.resume = ckpt;
+    const PpRun resumed = train(b, p);
+    ASSERT_EQ(resumed.losses.size(), 6u);
+    for (std::size_t s = 0; s < 6; ++s)
+      EXPECT_NEAR(resumed.losses[s], full.losses[6 + s], kFp32Loss * full.losses[6 + s])
+          << "step " << s + 7;
+    PpRun tail = full;
+    tail.losses.erase(tail.losses.begin(), tail.losses.begin() + 6);
+    tail.norms.erase(tail.norms.begin(), tail.norms.begin() + 6);
+    expect_close(resumed, tail, kFp32Loss, kFp32Weights);
+  }
 }
 
 TEST_F(TrainerPp, LayoutErrorsNameTheKeys) {
