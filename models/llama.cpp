@@ -332,6 +332,8 @@ std::vector<ParamInfo> Llama::build_layout(const LlamaConfig& cfg, int tp, Llama
       params[ix.head].real_rows = cfg.vocab_size;
     } else if (stage.first_layer != 0) {
       ix.tied_copy = embedding();
+      // The gradient norm and checkpoints count the first stage's original only.
+      params[ix.tied_copy].tied_copy = true;
     }
   }
   if (idx != nullptr) *idx = std::move(ix);
@@ -707,7 +709,13 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     if (grads_ready_)
       grads_ready_(params_[first].offset, params_[last].offset + params_[last].shape.numel());
   };
-  if (has_head()) {
+  if (has_head() && !has_embedding() && s.have_targets && s.valid_targets == 0) {
+    // No counted target: a zero loss gradient, but the stages before this one still wait for
+    // their input gradient (as GPT's head-only stage).
+    s.have_targets = false;
+    dresidual_.zero_();
+    ready(norm_, head_ >= 0 ? head_ : (tied_copy_ >= 0 ? tied_copy_ : norm_));
+  } else if (has_head()) {
     MT_CHECK(s.have_targets, "Llama backward needs a forward with targets first");
     s.have_targets = false;  // the logits are overwritten by their gradient
     if (s.valid_targets == 0) return;

@@ -2,7 +2,9 @@
 // alone and with TP and DP (ZeRO-1 too), under gpipe and 1f1b, with 1, P and 2P + 1
 // micro-batches and a 5-layer model (uneven stages), trains like one rank on the same global
 // batch for 20 steps: losses, gradient norms and every parameter to float32 rounding (fp32), bf16
-// within its tolerance. The tied embedding's two copies stay bit-identical. mpirun: launch_cli_pp.
+// within its tolerance. The tied embedding's two copies stay bit-identical. The same for the
+// Llama family (llama-tiny with 5 layers, tied and untied LM head; 10 steps) at PP = 2 and 3, with
+// TP and DP. mpirun: launch_cli_pp.
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,7 +33,9 @@ struct PpRun {
   std::vector<float> losses;
   std::vector<double> norms;
   std::map<std::string, std::vector<float>> weights;  // full tensors by name (world rank 0)
-  bool tied_copies_equal = true;  // the last stage's wte is the first stage's, bit for bit
+  // The last stage's copy of the tied embedding is the first stage's, bit for bit.
+  bool tied_copies_equal = true;
+  int tied_copies = 0;  // how many last-stage ranks held a copy
   float val_loss = 0;
 };
 
@@ -47,14 +51,19 @@ class TrainerPp : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
+  // model: "gpt" (gpt-tiny), "llama-tied" or "llama-untied" (llama-tiny, the LM head tied to
+  // the embedding or not); each with 5 layers.
   TrainConfig config(int pp, int tp, int batch, int accum, const std::string& schedule,
-                     const std::string& precision = "fp32", int zero = 0) const {
+                     const std::string& precision = "fp32", int zero = 0,
+                     const std::string& model = "gpt") const {
     TrainConfig c;
-    c.model_preset = "gpt-tiny";
+    c.model_preset = model == "gpt" ? "gpt-tiny" : "llama-tiny";
+    if (model != "gpt") c.tie_embeddings = model == "llama-tied" ? "true" : "false";
+    // Ten steps for the Llama cases, which run twice GPT's (tied and untied).
+    c.steps = model == "gpt" ? 20 : 10;
     c.n_layer = 5;
     c.train_files = {(dir_ / "corpus.txt").string()};
     c.val_fraction = 0.1;
-    c.steps = 20;
     c.batch_size = batch;
     c.grad_accum = accum;
     c.seq_len = 16;
@@ -77,7 +86,7 @@ class TrainerPp : public ::testing::Test {
   static PpRun train(const TrainConfig& cfg, int n) {
     PpRun run;
     std::mutex mu;
-    // (pp, dp, tp) -> wte slot values, for the tied-copy check.
+    // (pp, dp, tp) -> the tied embedding's values on the first and the last stage.
     std::map<std::tuple<int, int, int>, std::vector<float>> wte;
     auto body = [&](comm::Communicator* c) {
       Trainer t(cfg, c);
@@ -93,11 +102,10 @@ class TrainerPp : public ::testing::Test {
       if (rank == 0) run.val_loss = r.final_val_loss;
       const Tensor master = t.master_weights();
       std::lock_guard<std::mutex> lock(mu);
-      const models::ParamInfo& first = t.model().params().front();
-      if (first.name == "wte.weight") {
-        const float* w = master.data_as<float>();
-        wte[{t.mesh().pp_rank(), t.mesh().dp_rank(), t.mesh().tp_rank()}].assign(w,
-                                                                                 w + first.numel());
+      if (const int e = t.model().embedding_group_param(); e >= 0) {
+        const models::ParamInfo& p = t.model().params()[static_cast<std::size_t>(e)];
+        const float* w = master.data_as<float>() + p.offset;
+        wte[{t.mesh().pp_rank(), t.mesh().dp_rank(), t.mesh().tp_rank()}].assign(w, w + p.numel());
       }
     };
     if (n == 1) {
@@ -111,9 +119,11 @@ class TrainerPp : public ::testing::Test {
         load_safetensors((fs::path(cfg.run_dir) / "model.safetensors").string());
     for (const auto& [name, t] : f.tensors) run.weights[name] = t.to_floats();
     const int last = cfg.pp - 1;
-    for (const auto& [key, v] : wte)
-      if (std::get<0>(key) == last && last > 0)
-        run.tied_copies_equal &= v == wte[{0, std::get<1>(key), std::get<2>(key)}];
+    for (const auto& [key, v] : wte) {
+      if (std::get<0>(key) != last || last == 0) continue;
+      ++run.tied_copies;
+      run.tied_copies_equal &= v == wte[{0, std::get<1>(key), std::get<2>(key)}];
+    }
     return run;
   }
 
@@ -195,6 +205,45 @@ TEST_F(TrainerPp, Bf16AgreesWithOneRankWithinTolerance) {
     EXPECT_NEAR(pp.losses[s], one.losses[s], 2e-2 * one.losses[s]) << "step " << s + 1;
 }
 
+// GPT's cases for the Llama family: PP = 2 and 3 (5 layers: stages of 3 + 2 and 2 + 2 + 1
+// layers), 1f1b and gpipe, 1, P and 2P + 1 micro-batches with the LM head tied (the last stage's
+// copy summed over the embedding group), and 2P + 1 untied (no embedding-group sum).
+TEST_F(TrainerPp, LlamaPipelineAloneMatchesOneRank) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    for (int p : {2, 3}) {
+      for (int m : {1, p, 2 * p + 1}) {
+        if (std::string(model) == "llama-untied" && m != 2 * p + 1) continue;
+        const PpRun one = train(config(1, 1, 1, m, "1f1b", "fp32", 0, model), 1);
+        for (const char* s : {"1f1b", "gpipe"}) {
+          SCOPED_TRACE(testing::Message() << model << " PP " << p << " " << s << " M " << m);
+          const PpRun pp = train(config(p, 1, 1, m, s, "fp32", 0, model), p);
+          EXPECT_EQ(pp.tied_copies, std::string(model) == "llama-tied" ? 1 : 0);
+          expect_close(pp, one, kFp32Loss, kFp32Weights);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(TrainerPp, LlamaPipelineWithTensorAndDataParallelMatchesOneRank) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    SCOPED_TRACE(model);
+    // PP 2 x TP 2 (4 ranks; llama-tiny's 2 KV heads split 2 ways), 5 micro-batches.
+    const PpRun one = train(config(1, 1, 1, 5, "1f1b", "fp32", 0, model), 1);
+    for (const char* s : {"1f1b", "gpipe"}) {
+      SCOPED_TRACE(s);
+      expect_close(train(config(2, 2, 1, 5, s, "fp32", 0, model), 4), one, kFp32Loss, kFp32Weights);
+    }
+    // DP 2 x PP 2 with batch 1 per replica = one rank with batch 2; ZeRO-1 per stage too.
+    const PpRun two = train(config(1, 1, 2, 3, "1f1b", "fp32", 0, model), 1);
+    for (int zero : {0, 1}) {
+      SCOPED_TRACE(zero);
+      expect_close(train(config(2, 1, 1, 3, "1f1b", "fp32", zero, model), 4), two, kFp32Loss,
+                   kFp32Weights, false);
+    }
+  }
+}
+
 // The same pipeline code on the GPU (two stages as threads on one GPU; activations and gradients
 // cross stages through the loopback communicator, staged through the host): fp32 losses follow
 // the CPU pipeline's. Run by scripts/gpu_check.sh; skipped without a GPU.
@@ -232,6 +281,17 @@ TEST_F(TrainerPp, LayoutErrorsNameTheKeys) {
     FAIL() << "6 stages of 5 layers";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
+  }
+  // The same for a Llama model (the family's pipeline is wired: only the layer count refuses).
+  try {
+    comm::LoopbackWorld world(6);
+    world.run([&](comm::Communicator& cm) {
+      Trainer t(config(6, 1, 1, 2, "1f1b", "fp32", 0, "llama-untied"), &cm);
+    });
+    FAIL() << "6 stages of a 5-layer Llama";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.pp = 6"), std::string::npos) << e.what();
   }
 }
 
