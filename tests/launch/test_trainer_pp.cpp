@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "comm/loopback.hpp"
+#include "launch/pipeline_driver.hpp"
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/safetensors.hpp"
@@ -241,6 +242,40 @@ TEST_F(TrainerPp, LlamaPipelineWithTensorAndDataParallelMatchesOneRank) {
       expect_close(train(config(2, 1, 1, 3, "1f1b", "fp32", zero, model), 4), two, kFp32Loss,
                    kFp32Weights, false);
     }
+  }
+}
+
+// `meshtrain plan --pp` and preflight's memory check for a Llama stage are what each stage's
+// Trainer allocates: parameters (the last stage's tied copy included) and optimizer state exactly,
+// activations (the schedule's in-flight slots) within 10%.
+TEST_F(TrainerPp, LlamaStagePlanMatchesTheAllocation) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    const TrainConfig cfg = config(2, 1, 2, 3, "1f1b", "bf16", 0, model);
+    std::mutex mu;
+    std::vector<std::string> failures;
+    comm::LoopbackWorld world(2);
+    world.run([&](comm::Communicator& c) {
+      Trainer t(cfg, &c);
+      t.set_verbose(false);
+      t.run();
+      const int s = t.mesh().pp_rank();
+      const models::MemoryEstimate plan = models::estimate_stage_memory(
+          model_config(cfg), PrecisionPolicy::parse("bf16"), cfg.batch_size, cfg.seq_len, 1, 1,
+          false, parallel::stage_range(5, 2, s),
+          PipelineDriver::slots_for(parallel::PipeSchedule::k1F1B, 2, s, 3));
+      const auto acts = static_cast<double>(t.model().activation_bytes());
+      std::lock_guard<std::mutex> lock(mu);
+      const std::string what = fmt::format("{} stage {}", model, s);
+      if (plan.parameters != static_cast<std::int64_t>(t.model().flat_params().nbytes()) ||
+          plan.gradients != static_cast<std::int64_t>(t.model().flat_grads().nbytes()) ||
+          plan.master_weights != t.optimizer().master_bytes() ||
+          plan.optimizer_state != t.optimizer().moment_bytes())
+        failures.push_back(what + ": parameters or optimizer state");
+      if (std::abs(static_cast<double>(plan.activations) - acts) > 0.10 * acts)
+        failures.push_back(
+            fmt::format("{}: activations planned {}, allocated {}", what, plan.activations, acts));
+    });
+    EXPECT_TRUE(failures.empty()) << ::testing::PrintToString(failures);
   }
 }
 
