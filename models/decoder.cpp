@@ -154,8 +154,8 @@ Decoder::Decoder(const ModelConfig& cfg, const PrecisionPolicy& policy, Device& 
     llama_ = std::make_unique<Llama>(cfg_.llama, policy, device, tp,
                                      LlamaStage{stage_.first_layer, stage_.last_layer}, slots);
   }
-  // Both families put the embedding first (offset 0) on the first stage; the last stage's copy
-  // is marked tied_copy (GPT: at offset 0, Llama: after model.norm).
+  // Both families put the embedding first (offset 0) on the first stage, and the last stage's
+  // copy of it, marked tied_copy, at offset 0 too.
   if (!is_whole() && cfg_.tied_embeddings()) {
     if (stage_.embedding) embedding_group_param_ = 0;
     for (std::size_t i = 0; i < params().size(); ++i)

@@ -1,7 +1,8 @@
 // models::Decoder as a pipeline stage of the Llama family, without a communicator: stages cut by
 // parallel::stage_range and run through the Decoder's stage surface in 1F1B order (two
-// micro-batches in flight) give the whole model's losses and gradients; the parameter the
-// embedding group sums is the embedding and its tied copy (none when untied); a zero-target
+// micro-batches in flight) give the whole model's losses and gradients, each stage's grads-ready
+// ranges tiling its buffer downwards; the parameter the embedding group sums is the embedding
+// and its tied copy at offset 0 (none when untied); a zero-target
 // micro-batch on the head stage still sends a (zero) gradient back; estimate_stage_memory for a
 // Llama stage follows estimate_memory.
 #include <cmath>
@@ -67,6 +68,8 @@ void check_decoder_stages(bool tied) {
     ASSERT_GE(copy, 0);
     EXPECT_TRUE(st[2]->params()[static_cast<std::size_t>(copy)].tied_copy);
     EXPECT_EQ(st[2]->params()[static_cast<std::size_t>(copy)].name, "model.embed_tokens.weight");
+    // At offset 0, as GPT's: the last DP bucket, so the layers' buckets need not wait for it.
+    EXPECT_EQ(st[2]->params()[static_cast<std::size_t>(copy)].offset, 0);
   } else {
     EXPECT_EQ(st[2]->embedding_group_param(), -1);
   }
@@ -78,10 +81,24 @@ void check_decoder_stages(bool tied) {
     st[2]->stage_input(m, 2, 12).copy_from(st[1]->stage_output(m));
     loss[m] = st[2]->forward_micro(m, tok[m], tgt[m]);
   }
+  // Each stage's grads-ready ranges of one backward tile its buffer downwards (what the DP
+  // reducer and the driver's hold of the embedding group's range rely on).
+  std::vector<std::pair<std::int64_t, std::int64_t>> calls[3];
+  for (int s = 0; s < 3; ++s)
+    st[static_cast<std::size_t>(s)]->set_grads_ready_hook(
+        [&calls, s](std::int64_t b, std::int64_t e) { calls[s].emplace_back(b, e); });
   for (int m = 0; m < 2; ++m) {
+    for (auto& c : calls) c.clear();
     st[2]->backward_micro(m, 0.5f, Tensor());
     st[1]->backward_micro(m, 1.0f, st[2]->input_grad().clone());
     st[0]->backward_micro(m, 1.0f, st[1]->input_grad().clone());
+    for (int s = 0; s < 3; ++s) {
+      const auto& c = calls[s];
+      ASSERT_FALSE(c.empty()) << "stage " << s;
+      EXPECT_EQ(c.front().second, st[static_cast<std::size_t>(s)]->num_parameters());
+      EXPECT_EQ(c.back().first, 0) << "stage " << s;
+      for (std::size_t i = 1; i < c.size(); ++i) EXPECT_EQ(c[i].second, c[i - 1].first);
+    }
   }
   EXPECT_EQ(loss[0], whole_loss[0]);
   EXPECT_EQ(loss[1], whole_loss[1]);
