@@ -328,6 +328,16 @@ TEST_F(TrainerPp, LayoutErrorsNameTheKeys) {
     EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("train.pp = 6"), std::string::npos) << e.what();
   }
+  // A Llama stage does not run sequence parallelism yet: refused by key before any rank starts.
+  TrainConfig sp = config(2, 2, 1, 2, "1f1b", "fp32", 0, "llama-untied");
+  sp.tp_sequence_parallel = true;
+  try {
+    model_config(sp);
+    FAIL() << "PP 2 x TP 2 with sequence parallelism for a Llama";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("tp.sequence_parallel"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.pp = 2"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
