@@ -173,10 +173,9 @@ std::string Trainer::save_checkpoint(int steps_done) {
   // Under PP rank 0 writes the manifest from every stage's layout.
   if (mesh_.pp_size() > 1)
     for (int s = 0; s < mesh_.pp_size(); ++s)
-      w.stage_slots.push_back(
-          models::GPT::param_layout(model_cfg_.gpt, mesh_.tp_size(),
-                                    parallel::stage_range(model_cfg_.gpt.n_layer, mesh_.pp_size(),
-                                                          s, cfg_.pp_virtual_stages)));
+      w.stage_slots.push_back(model_cfg_.param_layout(
+          mesh_.tp_size(), parallel::stage_range(model_cfg_.n_layer(), mesh_.pp_size(), s,
+                                                 cfg_.pp_virtual_stages)));
   // Under ZeRO-1 each rank writes exactly the runs it owns, from its shards.
   w.states = optimizer_->checkpoint_state();
   w.writes = optimizer_->checkpoint_writes();

@@ -705,7 +705,7 @@ int cmd_plan(Args a) {
       m, policy, cfg.batch_size, cfg.seq_len, cfg.tp, 1, false, cfg.tp_sequence_parallel);
   print_memory(cfg, m, policy, dp, mem);
   if (dp > 1) print_zero(cfg, m, policy, dp, mem);
-  if (cfg.pp > 1) launch::print_pipeline_plan(cfg, m.gpt, policy, dp);
+  if (cfg.pp > 1) launch::print_pipeline_plan(cfg, m, policy, dp);
   if (gpu_hours > 0) budget_flops = gpu_hours * 3600.0 * gpu_tflops * 1e12 * mfu;
   if (budget_flops > 0) print_budget(budget_flops, gpu_hours, gpu_tflops, mfu);
   return 0;

@@ -11,9 +11,16 @@
 
 namespace meshtrain::launch {
 
-PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh, comm::Communicator& p2p,
-                               parallel::GradReducer* reducer, parallel::PipeSchedule schedule,
-                               int micro_batches, int batch, int seq)
+int PipelineDriver::slots_for(parallel::PipeSchedule schedule, int stages, int stage,
+                              int micro_batches, int chunks) {
+  return parallel::pipe_slots(
+      parallel::build_schedule(schedule, stages, stage, micro_batches, chunks));
+}
+
+PipelineDriver::PipelineDriver(models::Decoder& model, parallel::Mesh& mesh,
+                               comm::Communicator& p2p, parallel::GradReducer* reducer,
+                               parallel::PipeSchedule schedule, int micro_batches, int batch,
+                               int seq)
     : model_(&model),
       mesh_(&mesh),
       reducer_(reducer),
@@ -30,13 +37,18 @@ PipelineDriver::PipelineDriver(models::GPT& model, parallel::Mesh& mesh, comm::C
     tokens_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
     targets_.push_back(Tensor::empty(Shape{batch, seq}, DType::kI32));
   }
+  if (const int e = model.embedding_group_param(); e >= 0) {
+    const models::ParamInfo& p = model.params()[static_cast<std::size_t>(e)];
+    tied_ = {p.offset, p.offset + p.numel()};
+  }
   model.set_grads_ready_hook([this](std::int64_t lo, std::int64_t hi) {
     // Only a chunk's last micro-batch's backward makes its gradients final; the earlier ones
     // accumulate locally.
     if (!final_backward_) return;
-    // wte's gradient (offset 0 on the first and the last stage) is final only once the
-    // embedding group has summed it, after every stage has run its schedule.
-    if (lo == 0) {
+    // The tied embedding's gradient (the first stage's original, the last stage's copy) is
+    // final only once the embedding group has summed it, after every stage has run its
+    // schedule: the range that holds it waits.
+    if (lo < tied_.second && tied_.first < hi) {
       held_ = {lo, hi};
       return;
     }
@@ -89,11 +101,14 @@ PipeStepResult PipelineDriver::train_step(const data::Sampler& sampler, std::int
   reducing_ = false;
   PipeStepResult r;
   r.stats = executor_.run(*this, actions_);
-  // The tied embedding: the first stage's wte gradient and the last stage's copy's are summed,
-  // so that both copies take the same update. Every stage has posted all its sends by now.
-  if (mesh_->embedding().valid()) {
-    const std::int64_t n = model_->params().front().numel();
-    mesh_->embedding().allreduce(model_->flat_grads().slice(0, n), comm::ReduceOp::kSum).wait();
+  // The tied embedding: the first stage's gradient and the last stage's copy's are summed, so
+  // that both copies take the same update (an untied model's embedding group has nothing to
+  // sum: both ends know it from the config). Every stage has posted all its sends by now.
+  if (mesh_->embedding().valid() && tied_.second > tied_.first) {
+    mesh_->embedding()
+        .allreduce(model_->flat_grads().slice(tied_.first, tied_.second - tied_.first),
+                   comm::ReduceOp::kSum)
+        .wait();
   }
   if (reducer_ != nullptr && held_.second > held_.first)
     reducer_->grads_ready(held_.first, held_.second);
@@ -125,37 +140,39 @@ float PipelineDriver::evaluate(const data::Sampler& sampler, int batches) {
   return loss.data_as<float>()[0];
 }
 
-std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::Decoder& decoder,
+std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models::Decoder& model,
                                                                     const Tensor& weights,
                                                                     parallel::Mesh& mesh) {
   std::vector<std::pair<std::string, Tensor>> out;
   if (mesh.dp_rank() != 0) return out;
-  MT_ASSERT(decoder.gpt() != nullptr, "pipeline parallelism holds a GPT stage");
-  const models::GPT& model = *decoder.gpt();
-  auto mine = gather_weights(decoder, weights, parallel::TPGroup(mesh.tp()));
+  auto mine = gather_weights(model, weights, parallel::TPGroup(mesh.tp()));
   if (mesh.tp_rank() != 0) return out;
   // Every stage's TP rank 0 of DP replica 0 holds its stage's full tensors: the others send
-  // theirs (all posted before any wait) to the first stage, which takes them in stage order.
+  // theirs (all posted before any wait) to the first stage, which takes them in each stage's
+  // layout order (without the tied copies) and returns them in the whole model's order
+  // (interleaved stages hold non-contiguous layers).
   comm::Communicator& pp = mesh.pp();
   const int stage = mesh.pp_rank();
   std::vector<comm::Work> sends;
   if (stage > 0) {
-    for (const auto& [name, t] : mine) {
-      if (name == "wte.weight" && !model.stage().embedding) continue;  // the tied copy
-      sends.push_back(pp.send(t, 0));
+    MT_ASSERT(mine.size() == model.params().size(), "{} gathered tensors for {} parameters",
+              mine.size(), model.params().size());
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      if (model.params()[i].tied_copy) continue;
+      sends.push_back(pp.send(mine[i].second, 0));
     }
     comm::wait_all(sends);
     return out;
   }
   std::map<std::string, Tensor> all;
   for (auto& [name, t] : mine) all.emplace(name, std::move(t));
-  models::GPTConfig whole = model.config();
-  whole.padded_vocab = models::GPTConfig::pad_vocab(whole.vocab_size);
+  const models::ModelConfig whole = model.config().unsplit();
   const int chunks = model.stage().num_chunks();
   for (int s = 1; s < mesh.pp_size(); ++s) {
-    const parallel::StageRange r = parallel::stage_range(whole.n_layer, mesh.pp_size(), s, chunks);
+    const parallel::StageRange r =
+        parallel::stage_range(whole.n_layer(), mesh.pp_size(), s, chunks);
     std::vector<comm::Work> recvs;
-    for (const models::ParamInfo& p : models::GPT::param_layout(whole, 1, r)) {
+    for (const models::ParamInfo& p : whole.param_layout(1, r)) {
       if (p.tied_copy) continue;
       Tensor& t = all[p.name] = Tensor::empty(p.full_shape, DType::kF32);
       recvs.push_back(pp.recv(t, s));
@@ -163,7 +180,7 @@ std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models
     comm::wait_all(recvs);
   }
   // The whole model's order (interleaved stages hold layers out of it).
-  for (const models::ParamInfo& p : models::GPT::param_layout(whole, 1)) {
+  for (const models::ParamInfo& p : whole.param_layout(1)) {
     auto it = all.find(p.name);
     MT_ASSERT(it != all.end(), "no stage sent '{}'", p.name);
     out.emplace_back(p.name, std::move(it->second));
@@ -171,7 +188,7 @@ std::vector<std::pair<std::string, Tensor>> gather_pipeline_weights(const models
   return out;
 }
 
-void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
+void print_pipeline_plan(const TrainConfig& cfg, const models::ModelConfig& m,
                          const PrecisionPolicy& policy, int dp) {
   const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(cfg.pp_schedule);
   const int p = cfg.pp, micro = cfg.grad_accum, v = cfg.pp_virtual_stages;
@@ -186,7 +203,7 @@ void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
       "  stage  layers   parameters  params+grads  optimizer  in-flight  activations    total\n");
   std::int64_t peak = 0;
   for (int s = 0; s < p; ++s) {
-    const parallel::StageRange r = parallel::stage_range(m.n_layer, p, s, v);
+    const parallel::StageRange r = parallel::stage_range(m.n_layer(), p, s, v);
     // Interleaved: (micro-batch, chunk) pairs, each one chunk's activations.
     const int live = parallel::max_in_flight(parallel::build_schedule(schedule, p, s, micro, v));
     const models::MemoryEstimate e =
@@ -216,10 +233,9 @@ void print_pipeline_plan(const TrainConfig& cfg, const models::GPTConfig& m,
 }
 
 std::unique_ptr<models::Decoder> whole_model(
-    models::GPTConfig cfg, const PrecisionPolicy& policy,
+    const models::ModelConfig& cfg, const PrecisionPolicy& policy,
     const std::vector<std::pair<std::string, Tensor>>& weights) {
-  cfg.padded_vocab = models::GPTConfig::pad_vocab(cfg.vocab_size);
-  auto model = std::make_unique<models::Decoder>(cfg, policy);
+  auto model = std::make_unique<models::Decoder>(cfg.unsplit(), policy);
   MT_ASSERT(weights.size() == model->params().size(), "{} gathered tensors for {} parameters",
             weights.size(), model->params().size());
   Tensor flat = Tensor::empty(Shape{model->num_parameters()}, DType::kF32);

@@ -57,13 +57,13 @@ void tightest(const fs::path& top, fs::path dir, const char* limit_file, const c
   }
 }
 
-// The plan of one rank. Under pipeline parallelism (GPT only) the largest stage's: its
+// The plan of one rank. Under pipeline parallelism the largest stage's: its
 // parameters and optimizer state, and the activations of the micro-batches its schedule keeps
 // in flight.
 models::MemoryEstimate estimate(const TrainConfig& c, const models::ModelConfig& m,
                                 const PrecisionPolicy& p, int dp) {
   const bool zero = c.zero == 1 && dp > 1;
-  if (c.pp <= 1 || !m.is_gpt())
+  if (c.pp <= 1)
     return models::estimate_memory(m, p, c.batch_size, c.seq_len, c.tp, dp, zero,
                                    c.tp_sequence_parallel);
   const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(c.pp_schedule);
@@ -72,8 +72,8 @@ models::MemoryEstimate estimate(const TrainConfig& c, const models::ModelConfig&
     const int live = parallel::max_in_flight(
         parallel::build_schedule(schedule, c.pp, s, c.grad_accum, c.pp_virtual_stages));
     const models::MemoryEstimate e = models::estimate_stage_memory(
-        m.gpt, p, c.batch_size, c.seq_len, c.tp, dp, zero,
-        parallel::stage_range(m.gpt.n_layer, c.pp, s, c.pp_virtual_stages), live,
+        m, p, c.batch_size, c.seq_len, c.tp, dp, zero,
+        parallel::stage_range(m.n_layer(), c.pp, s, c.pp_virtual_stages), live,
         c.tp_sequence_parallel);
     if (e.total() > peak.total()) peak = e;
   }

@@ -101,17 +101,21 @@ Trainer::Trainer(const TrainConfig& cfg, comm::Communicator* world, comm::NodeLo
     check_memory(cfg_, model_cfg_, policy_, world != nullptr ? world->size() : 1, local.size,
                  gpu_free_bytes(gpu_.get()));
     open_data();
+    const bool pp = mesh_.pp_size() > 1;
+    const parallel::PipeSchedule schedule = parallel::parse_pipe_schedule(cfg_.pp_schedule);
     model_ = std::make_unique<models::Decoder>(
         model_cfg_, policy_, device(), parallel::TPGroup(tp_comm(), cfg_.tp_sequence_parallel),
-        mesh_.pp_size() > 1 ? parallel::stage_range(model_cfg_.gpt.n_layer, mesh_.pp_size(),
-                                                    mesh_.pp_rank(), cfg_.pp_virtual_stages)
-                            : parallel::StageRange{});
+        pp ? parallel::stage_range(model_cfg_.n_layer(), mesh_.pp_size(), mesh_.pp_rank(),
+                                   cfg_.pp_virtual_stages)
+           : parallel::StageRange{},
+        pp ? PipelineDriver::slots_for(schedule, mesh_.pp_size(), mesh_.pp_rank(), cfg_.grad_accum,
+                                       cfg_.pp_virtual_stages)
+           : 1);
     build_optimizer();
-    if (mesh_.pp_size() > 1) {
+    if (pp) {
       pipe_ = std::make_unique<PipelineDriver>(
-          *model_->gpt(), mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(),
-          parallel::parse_pipe_schedule(cfg_.pp_schedule), cfg_.grad_accum, cfg_.batch_size,
-          cfg_.seq_len);
+          *model_, mesh_, comms_.pp.valid() ? comms_.pp : mesh_.pp(), reducer_.get(), schedule,
+          cfg_.grad_accum, cfg_.batch_size, cfg_.seq_len);
       pipe_->set_trace(&trace_);
     }
     trace_steps_ = launch::trace_steps(cfg_);
@@ -492,7 +496,7 @@ std::string Trainer::sample_pipeline(int at_step) {
                                             Shape{model_->num_parameters()}, DType::kF32);
   const auto weights = gather_pipeline_weights(*model_, params, mesh_);
   if (!is_root()) return {};
-  std::unique_ptr<models::Decoder> whole = whole_model(model_cfg_.gpt, policy_, weights);
+  std::unique_ptr<models::Decoder> whole = whole_model(model_cfg_, policy_, weights);
   const std::string s = generate_text(
       *whole, cfg_.seq_len, cfg_.prompt, cfg_.sample_tokens, cfg_.temperature, cfg_.top_k,
       cfg_.seed + static_cast<std::uint64_t>(at_step), tokenizer_ ? &*tokenizer_ : nullptr);

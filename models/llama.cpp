@@ -301,7 +301,16 @@ std::vector<ParamInfo> Llama::build_layout(const LlamaConfig& cfg, int tp, Llama
     params[i].real_rows = cfg.vocab_size;
     return i;
   };
-  if (stage.first_layer == 0) ix.embed = embedding();
+  if (stage.first_layer == 0) {
+    ix.embed = embedding();
+  } else if (last == cfg.n_layer && cfg.tie_word_embeddings) {
+    // The last stage's copy of a tied embedding sits at offset 0, as GPT's does: its gradient is
+    // final only once the embedding group has summed it, and at offset 0 it lands in the last
+    // DP bucket, so the layers' buckets are reduced during backward meanwhile. The gradient
+    // norm and checkpoints count the first stage's original only.
+    ix.tied_copy = embedding();
+    params[ix.tied_copy].tied_copy = true;
+  }
   for (int l = stage.first_layer; l < last; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Layer L;
@@ -330,8 +339,6 @@ std::vector<ParamInfo> Llama::build_layout(const LlamaConfig& cfg, int tp, Llama
     if (!cfg.tie_word_embeddings) {
       ix.head = add("lm_head.weight", Shape{cfg.padded_vocab, c}, true, 0);
       params[ix.head].real_rows = cfg.vocab_size;
-    } else if (stage.first_layer != 0) {
-      ix.tied_copy = embedding();
     }
   }
   if (idx != nullptr) *idx = std::move(ix);
@@ -707,7 +714,13 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     if (grads_ready_)
       grads_ready_(params_[first].offset, params_[last].offset + params_[last].shape.numel());
   };
-  if (has_head()) {
+  if (has_head() && !has_embedding() && s.have_targets && s.valid_targets == 0) {
+    // No counted target: a zero loss gradient, but the stages before this one still wait for
+    // their input gradient (as GPT's head-only stage).
+    s.have_targets = false;
+    dresidual_.zero_();
+    ready(norm_, head_ >= 0 ? head_ : norm_);
+  } else if (has_head()) {
     MT_CHECK(s.have_targets, "Llama backward needs a forward with targets first");
     s.have_targets = false;  // the logits are overwritten by their gradient
     if (s.valid_targets == 0) return;
@@ -723,7 +736,7 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     column_backward(s.logits, s.lnf, head_w_, dhead);
     rmsnorm_backward(norm_, s.residual_out, s.lnf_rstd, /*accumulate_dx=*/false);
     // The tied embedding of a whole model is final only after the embedding's backward.
-    ready(norm_, head_ >= 0 ? head_ : (tied_copy_ >= 0 ? tied_copy_ : norm_));
+    ready(norm_, head_ >= 0 ? head_ : norm_);
   } else {
     MT_CHECK(doutput.defined() && doutput.numel() == dresidual_.numel(),
              "Llama backward: stage [{}, {}) needs the output gradient [{}, {}, {}], got {}",
@@ -764,6 +777,8 @@ void Llama::backward_micro(int micro, float loss_multiplier, const Tensor& doutp
     }
     ready(embed_, embed_);
   }
+  // The head's copy of a tied embedding (offset 0) last, as GPT's head-only stage reports it.
+  if (tied_copy_ >= 0) ready(tied_copy_, tied_copy_);
 }
 
 void Llama::rmsnorm_backward(int w, const Tensor& x, const Tensor& rstd, bool accumulate_dx) {

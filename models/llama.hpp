@@ -121,8 +121,9 @@ class Llama {
   // weights, their biases (qkv_bias), o_proj (and its bias), post_attention_layernorm,
   // gate/up/down_proj; then model.norm and lm_head (last stage; lm_head only when untied). The
   // last stage of a split model with tied embeddings holds its own copy of
-  // model.embed_tokens.weight after model.norm (Megatron's way): a pipeline schedule must sum
-  // the two copies' gradients (tied_embedding_slot()).
+  // model.embed_tokens.weight first, at offset 0 (Megatron's way, and GPT's place for it;
+  // ParamSlot::tied_copy; its grads-ready range comes last): a pipeline schedule must sum the
+  // two copies' gradients (tied_embedding_slot()).
   const std::vector<ParamInfo>& params() const { return params_; }
   static std::vector<ParamInfo> param_layout(const LlamaConfig& cfg, int tp = 1,
                                              LlamaStage stage = {});

@@ -4,7 +4,10 @@
 - resharding across PP sizes: PP N -> 1 (one process), 1 -> N, and at 4 ranks PP 4 -> 2 x TP 2
   and PP 4 -> DP 2 x PP 2 with ZeRO-1, each equal to the source run to float32 rounding;
 - every checkpoint holds one shard per rank and each tensor once (the last stage's tied copy of
-  wte is not stored)."""
+  wte is not stored);
+- the same for llama-tiny (5 layers, tied LM head: the last stage's copy of
+  model.embed_tokens.weight is not stored): bit-exact resume at PP = N, PP N -> 1 and 1 -> N, and
+  at 4 ranks PP 4 -> PP 2 x TP 2."""
 import argparse
 import json
 import os
@@ -83,7 +86,34 @@ def main():
             diff = max_weight_diff(os.path.join(src, "model.safetensors"), os.path.join(out, "model.safetensors"))
             if diff > 1e-5:
                 fail(f"{what}: final weights differ by up to {diff}")
-    print(f"ok: {n} ranks: bit-exact resume under PP, {len(cases)} reshardings across PP sizes")
+        # 3. The Llama family (tied embeddings): the stage layouts map to the whole model's names.
+        llama = ("--set", "model.preset=llama-tiny", "--set", "model.tie_embeddings=true")
+        lref = d("llama_ref")
+        train(mpi, lref, 1, (*llama, "--pp", str(n)))
+        manifest = json.load(open(os.path.join(step4(lref), "manifest.json")))
+        names = sorted(manifest["tensors"]) if isinstance(manifest.get("tensors"), dict) else None
+        if names is not None and len(names) != 2 + 9 * 5:
+            fail(f"llama PP {n}: the manifest lists {len(names)} tensors, the model has {2 + 9 * 5}")
+        lres = d("llama_res")
+        train(mpi, lres, 1, (*llama, "--pp", str(n)), resume=step4(lref))
+        compare_losses(losses(lref), losses(lres), range(5, 9), what=f"llama PP {n} resume")
+        if not same_weights(os.path.join(lref, "model.safetensors"), os.path.join(lres, "model.safetensors")):
+            fail(f"llama PP {n}: final weights after resuming differ")
+        lone = d("llama_one")
+        train(one, lone, 1, llama)
+        lcases = [(f"llama PP {n} -> 1", one, lref, ("--pp", "1")),
+                  (f"llama PP 1 -> {n}", mpi, lone, ("--pp", str(n)))]
+        if n == 4:
+            lcases.append(("llama PP 4 -> PP 2 x TP 2", mpi, lref, ("--pp", "2", "--tp", "2")))
+        for i, (what, cmd, src, extra) in enumerate(lcases):
+            out = d(f"llama_reshard{i}")
+            train(cmd, out, 1, (*llama, *extra), resume=step4(src))
+            compare_losses(losses(src), losses(out), range(5, 9), rel=2e-5, what=what)
+            diff = max_weight_diff(os.path.join(src, "model.safetensors"), os.path.join(out, "model.safetensors"))
+            if diff > 1e-5:
+                fail(f"{what}: final weights differ by up to {diff}")
+    print(f"ok: {n} ranks: bit-exact resume under PP, {len(cases)} reshardings across PP sizes; "
+          f"llama-tiny: resume and {len(lcases)} reshardings")
 
 
 if __name__ == "__main__":

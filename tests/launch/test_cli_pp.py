@@ -7,9 +7,12 @@ layouts (PP not dividing the ranks, more stages than layers, an unknown schedule
 with a clear error before any step and leave no run directory behind. The interleaved schedule
 (pp.virtual_stages = 2, 2N layers, N micro-batches) likewise matches one process, with
 evaluation through the ring of chunks and traces that name each chunk ("F0.c1"); N layers, which
-it cannot cut into 2N chunks, are refused naming the keys."""
-import json
+it cannot cut into 2N chunks, are refused naming the keys.
+The Llama family the same way: llama-tiny with 5 layers at PP = N (tied LM head at 2 and 4 ranks,
+untied at 3), and at 4 ranks PP 2 x TP 2 (untied, gpipe): losses, norms, weights and the sample
+equal one process's; `meshtrain plan --pp 2` for llama-small prints both stages."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +22,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_cli_tp import compare, expect_error, run, train, STEPS  # noqa: E402
 
 FIVE = ("--set", "model.n_layer=5", "--set", "train.grad_clip=1.0")
+
+
+def llama(meshtrain, mpi, n, loss_tol, param_tol):
+    """llama-tiny under PP (and PP x TP at 4 ranks) against one process; plan --pp 2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = lambda name: os.path.join(tmp, name)
+        tie = "false" if n == 3 else "true"
+        model = ("--set", "model.preset=llama-tiny", "--set", f"model.tie_embeddings={tie}", *FIVE)
+        cases = [(f"llama PP = {n} (tied {tie})", ("--pp", str(n)), model, 2 * n + 1)]
+        if n == 4:
+            untied = ("--set", "model.preset=llama-tiny", "--set", "model.tie_embeddings=false", *FIVE)
+            cases.append(("llama PP 2 x TP 2 (untied, gpipe)",
+                          ("--pp", "2", "--tp", "2", "--set", "pp.schedule=gpipe"), untied, 3))
+        for i, (what, layout, m, micro) in enumerate(cases):
+            acc = ("--set", f"train.grad_accum={micro}")
+            _, one = train([meshtrain], d(f"one{i}"), 1, (*m, *acc))
+            out, pp = train(mpi, d(f"pp{i}"), 1, (*m, *acc, *layout))
+            if out.count("done:") != 1:
+                sys.exit(f"FAIL: {what}: expected one 'done:' line (rank 0 only), got:\n{out}")
+            compare(what, one, d(f"one{i}"), pp, d(f"pp{i}"), loss_tol, param_tol)
+            s1 = [r["sample"] for r in one if "sample" in r]
+            s2 = [r["sample"] for r in pp if "sample" in r]
+            if not s2 or s2 != s1:
+                sys.exit(f"FAIL: {what}: sample {s2!r} differs from one process's {s1!r}")
+    p = run([meshtrain, "plan", "--model", "llama-small", "--pp", "2", "--micro", "4"])
+    stages = [l for l in p.stdout.splitlines() if l.strip().startswith(("0 ", "1 "))]
+    if p.returncode != 0 or "pipeline: 2 stages" not in p.stdout or len(stages) != 2:
+        sys.exit(f"FAIL: plan --pp 2 for llama-small:\n{p.stdout}\n{p.stderr}")
 
 
 def main():
@@ -89,7 +120,8 @@ def main():
                  "model.n_layer must be a multiple of pp.virtual_stages x train.pp", "N layers in 2N chunks")
     if os.path.exists(never):
         sys.exit("FAIL: a refused job left a run directory behind")
-    print(f"ok: PP = {n} matches one process over {STEPS} steps")
+    llama(a.meshtrain, mpi, n, loss_tol, param_tol)
+    print(f"ok: PP = {n} (GPT and Llama) matches one process over {STEPS} steps")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 // within its tolerance. The tied embedding's two copies stay bit-identical. The interleaved
 // schedule (pp.virtual_stages V chunks per stage) at P = 2 with V = 2 and 3 and at P = 4 with
 // V = 2, with TP and with DP + ZeRO-1, likewise (12 steps); a checkpoint it writes resumes under
-// plain 1F1B. mpirun: launch_cli_pp.
+// plain 1F1B. The same for the Llama family (llama-tiny with 5 layers, tied and untied LM head;
+// 10 steps) at PP = 2 and 3, with TP and DP. mpirun: launch_cli_pp.
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include "comm/loopback.hpp"
+#include "launch/pipeline_driver.hpp"
 #include "launch/trainer.hpp"
 #include "runtime/config.hpp"
 #include "runtime/safetensors.hpp"
@@ -34,7 +36,9 @@ struct PpRun {
   std::vector<float> losses;
   std::vector<double> norms;
   std::map<std::string, std::vector<float>> weights;  // full tensors by name (world rank 0)
-  bool tied_copies_equal = true;  // the last stage's wte is the first stage's, bit for bit
+  // The last stage's copy of the tied embedding is the first stage's, bit for bit.
+  bool tied_copies_equal = true;
+  int tied_copies = 0;  // how many last-stage ranks held a copy
   float val_loss = 0;
 };
 
@@ -50,14 +54,19 @@ class TrainerPp : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
+  // model: "gpt" (gpt-tiny), "llama-tied" or "llama-untied" (llama-tiny, the LM head tied to
+  // the embedding or not); each with 5 layers.
   TrainConfig config(int pp, int tp, int batch, int accum, const std::string& schedule,
-                     const std::string& precision = "fp32", int zero = 0) const {
+                     const std::string& precision = "fp32", int zero = 0,
+                     const std::string& model = "gpt") const {
     TrainConfig c;
-    c.model_preset = "gpt-tiny";
+    c.model_preset = model == "gpt" ? "gpt-tiny" : "llama-tiny";
+    if (model != "gpt") c.tie_embeddings = model == "llama-tied" ? "true" : "false";
+    // Ten steps for the Llama cases, which run twice GPT's (tied and untied).
+    c.steps = model == "gpt" ? 20 : 10;
     c.n_layer = 5;
     c.train_files = {(dir_ / "corpus.txt").string()};
     c.val_fraction = 0.1;
-    c.steps = 20;
     c.batch_size = batch;
     c.grad_accum = accum;
     c.seq_len = 16;
@@ -91,7 +100,7 @@ class TrainerPp : public ::testing::Test {
   static PpRun train(const TrainConfig& cfg, int n) {
     PpRun run;
     std::mutex mu;
-    // (pp, dp, tp) -> wte slot values, for the tied-copy check.
+    // (pp, dp, tp) -> the tied embedding's values on the first and the last stage.
     std::map<std::tuple<int, int, int>, std::vector<float>> wte;
     auto body = [&](comm::Communicator* c) {
       Trainer t(cfg, c);
@@ -107,11 +116,10 @@ class TrainerPp : public ::testing::Test {
       if (rank == 0) run.val_loss = r.final_val_loss;
       const Tensor master = t.master_weights();
       std::lock_guard<std::mutex> lock(mu);
-      const models::ParamInfo& first = t.model().params().front();
-      if (first.name == "wte.weight") {
-        const float* w = master.data_as<float>();
-        wte[{t.mesh().pp_rank(), t.mesh().dp_rank(), t.mesh().tp_rank()}].assign(w,
-                                                                                 w + first.numel());
+      if (const int e = t.model().embedding_group_param(); e >= 0) {
+        const models::ParamInfo& p = t.model().params()[static_cast<std::size_t>(e)];
+        const float* w = master.data_as<float>() + p.offset;
+        wte[{t.mesh().pp_rank(), t.mesh().dp_rank(), t.mesh().tp_rank()}].assign(w, w + p.numel());
       }
     };
     if (n == 1) {
@@ -125,9 +133,11 @@ class TrainerPp : public ::testing::Test {
         load_safetensors((fs::path(cfg.run_dir) / "model.safetensors").string());
     for (const auto& [name, t] : f.tensors) run.weights[name] = t.to_floats();
     const int last = cfg.pp - 1;
-    for (const auto& [key, v] : wte)
-      if (std::get<0>(key) == last && last > 0)
-        run.tied_copies_equal &= v == wte[{0, std::get<1>(key), std::get<2>(key)}];
+    for (const auto& [key, v] : wte) {
+      if (std::get<0>(key) != last || last == 0) continue;
+      ++run.tied_copies;
+      run.tied_copies_equal &= v == wte[{0, std::get<1>(key), std::get<2>(key)}];
+    }
     return run;
   }
 
@@ -207,6 +217,79 @@ TEST_F(TrainerPp, Bf16AgreesWithOneRankWithinTolerance) {
   ASSERT_EQ(pp.losses.size(), one.losses.size());
   for (std::size_t s = 0; s < pp.losses.size(); ++s)
     EXPECT_NEAR(pp.losses[s], one.losses[s], 2e-2 * one.losses[s]) << "step " << s + 1;
+}
+
+// GPT's cases for the Llama family: PP = 2 and 3 (5 layers: stages of 3 + 2 and 2 + 2 + 1
+// layers), 1f1b and gpipe, 1, P and 2P + 1 micro-batches with the LM head tied (the last stage's
+// copy summed over the embedding group), and 2P + 1 untied (no embedding-group sum).
+TEST_F(TrainerPp, LlamaPipelineAloneMatchesOneRank) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    for (int p : {2, 3}) {
+      for (int m : {1, p, 2 * p + 1}) {
+        if (std::string(model) == "llama-untied" && m != 2 * p + 1) continue;
+        const PpRun one = train(config(1, 1, 1, m, "1f1b", "fp32", 0, model), 1);
+        for (const char* s : {"1f1b", "gpipe"}) {
+          SCOPED_TRACE(testing::Message() << model << " PP " << p << " " << s << " M " << m);
+          const PpRun pp = train(config(p, 1, 1, m, s, "fp32", 0, model), p);
+          EXPECT_EQ(pp.tied_copies, std::string(model) == "llama-tied" ? 1 : 0);
+          expect_close(pp, one, kFp32Loss, kFp32Weights);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(TrainerPp, LlamaPipelineWithTensorAndDataParallelMatchesOneRank) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    SCOPED_TRACE(model);
+    // PP 2 x TP 2 (4 ranks; llama-tiny's 2 KV heads split 2 ways), 5 micro-batches.
+    const PpRun one = train(config(1, 1, 1, 5, "1f1b", "fp32", 0, model), 1);
+    for (const char* s : {"1f1b", "gpipe"}) {
+      SCOPED_TRACE(s);
+      expect_close(train(config(2, 2, 1, 5, s, "fp32", 0, model), 4), one, kFp32Loss, kFp32Weights);
+    }
+    // DP 2 x PP 2 with batch 1 per replica = one rank with batch 2; ZeRO-1 per stage too.
+    const PpRun two = train(config(1, 1, 2, 3, "1f1b", "fp32", 0, model), 1);
+    for (int zero : {0, 1}) {
+      SCOPED_TRACE(zero);
+      expect_close(train(config(2, 1, 1, 3, "1f1b", "fp32", zero, model), 4), two, kFp32Loss,
+                   kFp32Weights, false);
+    }
+  }
+}
+
+// `meshtrain plan --pp` and preflight's memory check for a Llama stage are what each stage's
+// Trainer allocates: parameters (the last stage's tied copy included) and optimizer state exactly,
+// activations (the schedule's in-flight slots) within 10%.
+TEST_F(TrainerPp, LlamaStagePlanMatchesTheAllocation) {
+  for (const char* model : {"llama-tied", "llama-untied"}) {
+    const TrainConfig cfg = config(2, 1, 2, 3, "1f1b", "bf16", 0, model);
+    std::mutex mu;
+    std::vector<std::string> failures;
+    comm::LoopbackWorld world(2);
+    world.run([&](comm::Communicator& c) {
+      Trainer t(cfg, &c);
+      t.set_verbose(false);
+      t.run();
+      const int s = t.mesh().pp_rank();
+      const models::MemoryEstimate plan = models::estimate_stage_memory(
+          model_config(cfg), PrecisionPolicy::parse("bf16"), cfg.batch_size, cfg.seq_len, 1, 1,
+          false, parallel::stage_range(5, 2, s),
+          PipelineDriver::slots_for(parallel::PipeSchedule::k1F1B, 2, s, 3));
+      const auto acts = static_cast<double>(t.model().activation_bytes());
+      std::lock_guard<std::mutex> lock(mu);
+      const std::string what = fmt::format("{} stage {}", model, s);
+      if (plan.parameters != static_cast<std::int64_t>(t.model().flat_params().nbytes()) ||
+          plan.gradients != static_cast<std::int64_t>(t.model().flat_grads().nbytes()) ||
+          plan.master_weights != t.optimizer().master_bytes() ||
+          plan.optimizer_state != t.optimizer().moment_bytes())
+        failures.push_back(what + ": parameters or optimizer state");
+      if (std::abs(static_cast<double>(plan.activations) - acts) > 0.10 * acts)
+        failures.push_back(
+            fmt::format("{}: activations planned {}, allocated {}", what, plan.activations, acts));
+    });
+    EXPECT_TRUE(failures.empty()) << ::testing::PrintToString(failures);
+  }
 }
 
 // The same pipeline code on the GPU (two stages as threads on one GPU; activations and gradients
@@ -301,6 +384,27 @@ TEST_F(TrainerPp, LayoutErrorsNameTheKeys) {
     FAIL() << "6 stages of 5 layers";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
+  }
+  // The same for a Llama model (the family's pipeline is wired: only the layer count refuses).
+  try {
+    comm::LoopbackWorld world(6);
+    world.run([&](comm::Communicator& cm) {
+      Trainer t(config(6, 1, 1, 2, "1f1b", "fp32", 0, "llama-untied"), &cm);
+    });
+    FAIL() << "6 stages of a 5-layer Llama";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("model.n_layer"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.pp = 6"), std::string::npos) << e.what();
+  }
+  // A Llama stage does not run sequence parallelism yet: refused by key before any rank starts.
+  TrainConfig sp = config(2, 2, 1, 2, "1f1b", "fp32", 0, "llama-untied");
+  sp.tp_sequence_parallel = true;
+  try {
+    model_config(sp);
+    FAIL() << "PP 2 x TP 2 with sequence parallelism for a Llama";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("tp.sequence_parallel"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("train.pp = 2"), std::string::npos) << e.what();
   }
 }
 
