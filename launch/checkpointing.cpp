@@ -174,8 +174,8 @@ std::string Trainer::save_checkpoint(int steps_done) {
   if (mesh_.pp_size() > 1)
     for (int s = 0; s < mesh_.pp_size(); ++s)
       w.stage_slots.push_back(model_cfg_.param_layout(
-          mesh_.tp_size(), parallel::stage_range(model_cfg_.n_layer(), mesh_.pp_size(), s,
-                                                 cfg_.pp_virtual_stages)));
+          mesh_.tp_size(),
+          parallel::stage_range(model_cfg_.n_layer(), mesh_.pp_size(), s, cfg_.pp_virtual_stages)));
   // Under ZeRO-1 each rank writes exactly the runs it owns, from its shards.
   w.states = optimizer_->checkpoint_state();
   w.writes = optimizer_->checkpoint_writes();
