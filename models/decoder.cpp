@@ -111,14 +111,7 @@ MemoryEstimate estimate_stage_memory(const LlamaConfig& cfg, const PrecisionPoli
   const std::vector<ParamInfo> layout =
       Llama::param_layout(cfg, tp, LlamaStage{r.first_layer, r.last_layer});
   const std::int64_t n = parallel::flat_numel(layout, "estimate_stage_memory");
-  MemoryEstimate m;
-  const std::int64_t held = zero && dp > 1 ? (n + dp - 1) / dp : n;
-  m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
-  m.gradients = n * 4;
-  m.master_weights = policy.has_master_copy() ? held * 4 : 0;
-  m.optimizer_state = 2 * held * 4;
-  m.gradient_shard = zero && dp > 1 ? held * 4 : 0;
-  m.optimizer_elements = held;
+  MemoryEstimate m = parameter_memory(n, policy, dp, zero);
   // Activations as estimate_memory(LlamaConfig) counts them for the whole model with one slot
   // (layers x per_layer + final): one layer's share is the difference one more layer makes;
   // final holds the stage output (residual_out), the head's lnf, logits and three fp32 values

@@ -112,11 +112,8 @@ std::string GPTConfig::str() const {
       n_head, n_embd, block_size, vocab_size, padded_vocab, num_parameters() / 1e6);
 }
 
-MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
-                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
-  MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
+MemoryEstimate parameter_memory(std::int64_t n, const PrecisionPolicy& policy, int dp, bool zero) {
   MemoryEstimate m;
-  const std::int64_t n = cfg.num_parameters_per_rank(tp);
   const std::int64_t held = zero && dp > 1 ? (n + dp - 1) / dp : n;
   m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
   m.gradients = n * 4;
@@ -124,6 +121,14 @@ MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& poli
   m.optimizer_state = 2 * held * 4;
   m.gradient_shard = zero && dp > 1 ? held * 4 : 0;
   m.optimizer_elements = held;
+  return m;
+}
+
+MemoryEstimate estimate_memory(const GPTConfig& cfg, const PrecisionPolicy& policy, int batch,
+                               int seq, int tp, int dp, bool zero, bool sequence_parallel) {
+  MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
+  const std::int64_t n = cfg.num_parameters_per_rank(tp);
+  MemoryEstimate m = parameter_memory(n, policy, dp, zero);
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   // r: the share of the tokens the norm and residual region holds (sequence parallelism: 1/TP).
@@ -153,16 +158,9 @@ MemoryEstimate estimate_stage_memory(const GPTConfig& cfg, const PrecisionPolicy
                                      bool sequence_parallel) {
   MT_CHECK(dp >= 1 && in_flight >= 1, "estimate_stage_memory: dp {} and in_flight {}", dp,
            in_flight);
-  MemoryEstimate m;
   const std::vector<ParamInfo> layout = GPT::param_layout(cfg, tp, stage);
   const std::int64_t n = layout.back().offset + layout.back().numel();
-  const std::int64_t held = zero && dp > 1 ? (n + dp - 1) / dp : n;
-  m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
-  m.gradients = n * 4;
-  m.master_weights = policy.has_master_copy() ? held * 4 : 0;
-  m.optimizer_state = 2 * held * 4;
-  m.gradient_shard = zero && dp > 1 ? held * 4 : 0;
-  m.optimizer_elements = held;
+  MemoryEstimate m = parameter_memory(n, policy, dp, zero);
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   // As estimate_memory, per micro-batch slot: the stage's layers and its output; the head's

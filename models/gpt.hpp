@@ -70,6 +70,12 @@ struct MemoryEstimate {
     return parameters + gradients + master_weights + optimizer_state + gradient_shard + activations;
   }
 };
+// The parameter, gradient and optimizer fields of a MemoryEstimate for `n` parameters on one
+// rank (activations 0): compute parameters in policy.param, fp32 gradients, and the fp32 master
+// weights (16-bit policies) and AdamW moments, of every parameter or, with ZeRO-1 over dp > 1
+// ranks, of a ceil(n / dp) shard, with the shard-sized reduce-scatter buffer. Both families'
+// estimates, whole and per pipeline stage, start from it.
+MemoryEstimate parameter_memory(std::int64_t n, const PrecisionPolicy& policy, int dp, bool zero);
 // Memory of one rank for a micro-batch of [batch, seq], with the model split across `tp`
 // tensor-parallel ranks (1: the whole model), as GPT and the optimizer allocate it. Data
 // parallelism over `dp` ranks changes nothing per rank, but for ZeRO-1 (zero, train.zero = 1,

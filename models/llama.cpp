@@ -235,15 +235,8 @@ std::string LlamaConfig::str() const {
 MemoryEstimate estimate_memory(const LlamaConfig& cfg, const PrecisionPolicy& policy, int batch,
                                int seq, int tp, int dp, bool zero, bool sequence_parallel) {
   MT_CHECK(dp >= 1, "estimate_memory: the data-parallel size must be at least 1, got {}", dp);
-  MemoryEstimate m;
   const std::int64_t n = cfg.num_parameters_per_rank(tp);
-  const std::int64_t held = zero && dp > 1 ? (n + dp - 1) / dp : n;
-  m.parameters = n * static_cast<std::int64_t>(dtype_size(policy.param));
-  m.gradients = n * 4;
-  m.master_weights = policy.has_master_copy() ? held * 4 : 0;
-  m.optimizer_state = 2 * held * 4;
-  m.gradient_shard = zero && dp > 1 ? held * 4 : 0;
-  m.optimizer_elements = held;
+  MemoryEstimate m = parameter_memory(n, policy, dp, zero);
   const std::int64_t bt = static_cast<std::int64_t>(batch) * seq, c = cfg.n_embd;
   const std::int64_t a = static_cast<std::int64_t>(dtype_size(policy.activation));
   const std::int64_t d = cfg.head_size(), hl = cfg.n_head / tp,
