@@ -22,11 +22,12 @@
 #include "runtime/ops.hpp"
 #include "runtime/rng.hpp"
 #include "runtime/threads.hpp"
+#include "tests/parallel/train_steps.hpp"
 
 namespace meshtrain::parallel {
 namespace {
 
-constexpr int kSeq = 16;
+using tptest::kSeq;
 
 models::GPTConfig config(const std::string& name, int tp) {
   models::GPTConfig c;
@@ -40,14 +41,6 @@ models::GPTConfig config(const std::string& name, int tp) {
   }
   c.padded_vocab = models::GPTConfig::pad_vocab(c.vocab_size, 128 * tp);
   return c;
-}
-
-std::vector<std::int32_t> row(int step, int g) {
-  Philox rng(4321, static_cast<std::uint64_t>(step));
-  std::vector<std::int32_t> t(kSeq + 1);
-  for (int i = 0; i < kSeq + 1; ++i)
-    t[i] = static_cast<std::int32_t>(rng.u32(static_cast<std::uint64_t>(g * (kSeq + 1) + i)) % 256);
-  return t;
 }
 
 struct TpRun {
@@ -93,36 +86,8 @@ TpRun train(const std::string& model, int dp, int tp, int b, int steps,
     o.grad_clip = ro.max_norm;
     DistributedAdamW opt(gpt.params(), gpt.flat_params(), gpt.flat_grads(), gpt.initial_weights(11),
                          o, mesh);
-    const int mb = b / ro.micro;
-    std::vector<std::int32_t> in(static_cast<std::size_t>(mb) * kSeq), tg(in.size());
-    for (int s = 0; s < steps; ++s) {
-      gpt.zero_grads();
-      float loss_sum = 0;
-      for (int m = 0; m < ro.micro; ++m) {
-        for (int i = 0; i < mb; ++i) {
-          const std::vector<std::int32_t> t = row(s, mesh.dp_rank() * b + m * mb + i);
-          std::copy(t.begin(), t.end() - 1, in.begin() + i * kSeq);
-          std::copy(t.begin() + 1, t.end(), tg.begin() + i * kSeq);
-        }
-        if (reducer) reducer->begin_step(m + 1 == ro.micro);
-        loss_sum += gpt.forward(Tensor::from_ints(in, Shape{mb, kSeq}),
-                                Tensor::from_ints(tg, Shape{mb, kSeq}));
-        gpt.backward(1.0f / static_cast<float>(ro.micro));
-      }
-      Tensor loss =
-          Tensor::from_floats({loss_sum / static_cast<float>(ro.micro)}, Shape{1}, DType::kF32);
-      if (reducer) {
-        reducer->finish();
-        mesh.dp().allreduce(loss, comm::ReduceOp::kAvg).wait();
-      }
-      // The global norm, replicated parameters counted once (the optimizer's own sum over TP).
-      const double norm = opt.grad_norm(1.0f).norm;
-      if (c.rank() == 0) {
-        result.losses.push_back(loss.data_as<float>()[0]);
-        result.norms.push_back(static_cast<float>(norm));
-      }
-      opt.step(1e-3, s + 1, norm, 1.0f);
-    }
+    tptest::train_steps(gpt, opt, reducer.get(), mesh, 4321, steps, b, ro.micro, c.rank() == 0,
+                        result.losses, result.norms);
     // Gather the full model on every TP group; world rank 0 reports it.
     std::vector<std::vector<float>> full;
     std::vector<float> rep, own;

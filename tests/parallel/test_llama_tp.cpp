@@ -19,13 +19,13 @@
 #include "parallel/mesh.hpp"
 #include "parallel/optimizer.hpp"
 #include "parallel/tensor_parallel.hpp"
-#include "runtime/rng.hpp"
 #include "runtime/threads.hpp"
+#include "tests/parallel/train_steps.hpp"
 
 namespace meshtrain::parallel {
 namespace {
 
-constexpr int kSeq = 16;
+using tptest::kSeq;
 
 // llama-tiny: 2 layers, width 64, 4 heads, 2 KV heads, F = 160, the 256-symbol vocabulary.
 models::LlamaConfig config(const std::string& variant) {
@@ -39,14 +39,6 @@ models::LlamaConfig config(const std::string& variant) {
     c.o_bias = true;
   }
   return c;
-}
-
-std::vector<std::int32_t> row(int step, int g) {
-  Philox rng(8765, static_cast<std::uint64_t>(step));
-  std::vector<std::int32_t> t(kSeq + 1);
-  for (int i = 0; i < kSeq + 1; ++i)
-    t[i] = static_cast<std::int32_t>(rng.u32(static_cast<std::uint64_t>(g * (kSeq + 1) + i)) % 256);
-  return t;
 }
 
 struct LlamaRun {
@@ -89,35 +81,8 @@ LlamaRun train(const std::string& variant, int dp, int tp, int b, int steps,
     o.grad_clip = 1.0;
     DistributedAdamW opt(model.params(), model.flat_params(), model.flat_grads(),
                          model.initial_weights(5), o, mesh);
-    const int mb = b / ro.micro;
-    std::vector<std::int32_t> in(static_cast<std::size_t>(mb) * kSeq), tg(in.size());
-    for (int s = 0; s < steps; ++s) {
-      model.zero_grads();
-      float loss_sum = 0;
-      for (int m = 0; m < ro.micro; ++m) {
-        for (int i = 0; i < mb; ++i) {
-          const std::vector<std::int32_t> t = row(s, mesh.dp_rank() * b + m * mb + i);
-          std::copy(t.begin(), t.end() - 1, in.begin() + i * kSeq);
-          std::copy(t.begin() + 1, t.end(), tg.begin() + i * kSeq);
-        }
-        if (reducer) reducer->begin_step(m + 1 == ro.micro);
-        loss_sum += model.forward(Tensor::from_ints(in, Shape{mb, kSeq}),
-                                  Tensor::from_ints(tg, Shape{mb, kSeq}));
-        model.backward(1.0f / static_cast<float>(ro.micro));
-      }
-      Tensor loss =
-          Tensor::from_floats({loss_sum / static_cast<float>(ro.micro)}, Shape{1}, DType::kF32);
-      if (reducer) {
-        reducer->finish();
-        mesh.dp().allreduce(loss, comm::ReduceOp::kAvg).wait();
-      }
-      const double norm = opt.grad_norm(1.0f).norm;
-      if (c.rank() == 0) {
-        result.losses.push_back(loss.data_as<float>()[0]);
-        result.norms.push_back(static_cast<float>(norm));
-      }
-      opt.step(1e-3, s + 1, norm, 1.0f);
-    }
+    tptest::train_steps(model, opt, reducer.get(), mesh, 8765, steps, b, ro.micro, c.rank() == 0,
+                        result.losses, result.norms);
     std::vector<float> rep;
     for (const models::ParamInfo& p : model.params()) {
       if (p.shard_dim >= 0) continue;
