@@ -13,10 +13,25 @@ def fail(msg):
     sys.exit(f"FAIL: {msg}")
 
 
+# Lines of a job's output that say why it ended: glibc's heap checks, Open MPI's report of a
+# rank that died on a signal, mpirun's and mtrun's verdicts, our own errors and stop messages.
+_CAUSES = ("free()", "malloc", "corrupt", "double free", "*** Process received signal",
+           "Signal:", "Signal code", "Failing at address", "exited on signal", "mpirun noticed",
+           "mtrun:", "meshtrain:", "error", "stopped by", "Sanitizer")
+
+
+def why(out, tail=3000):
+    """The lines of `out` that name a cause (the first 40), then its last `tail` characters: a
+    crash's first lines (glibc's message, the signal) scroll out of a tail of backtraces."""
+    causes = [line for line in out.splitlines() if any(c in line for c in _CAUSES)][:40]
+    head = "\n".join(["-- lines naming a cause:", *causes, "-- the end of the output:"]) if causes else ""
+    return f"{head}\n{out[-tail:]}" if head else out[-tail:]
+
+
 def run(args, expect_ok=True, timeout=240, env=None):
     p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok and p.returncode != 0:
-        fail(f"{' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        fail(f"{' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{why(p.stderr)}")
     if not expect_ok and p.returncode == 0:
         fail(f"{' '.join(args)} should have failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

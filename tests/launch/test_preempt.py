@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 
-from ckpt_util import TINY, compare_losses, fail, losses, run, same_weights
+from ckpt_util import TINY, compare_losses, fail, losses, run, same_weights, why
 from test_checkpoint_mpi import alive, rank_pid
 
 # Long enough that the signal, sent once a few steps are logged, lands well before the end on a
@@ -71,8 +71,9 @@ def stop_and_check(proc, d, what, send, ranks, status=75, steps=STEPS):
     while time.time() < deadline and proc.poll() is None and steps_logged(d) < 20:
         time.sleep(0.01)
     if proc.poll() is not None:
-        fail(f"{what}: the job ended ({proc.returncode}) before the signal\n{proc.stdout.read()[-3000:]}")
+        fail(f"{what}: the job ended ({proc.returncode}) before the signal\n{why(proc.stdout.read())}")
     proc.victim = pids[-1]
+    steps_at_signal = steps_logged(d)
     t0 = time.time()
     send(proc)
     try:
@@ -82,7 +83,8 @@ def stop_and_check(proc, d, what, send, ranks, status=75, steps=STEPS):
         fail(f"{what}: the job was still running {BOUND_S} s after the signal")
     took = time.time() - t0
     if proc.returncode != status:
-        fail(f"{what}: exit status {proc.returncode}, expected {status}\n{out[-3000:]}")
+        fail(f"{what}: exit status {proc.returncode}, expected {status} ({steps_logged(d)} steps "
+             f"logged, {steps_at_signal} when the signal was sent)\n{why(out)}")
     until = time.time() + 5
     while any(p is not None and alive(p) for p in pids) and time.time() < until:
         time.sleep(0.05)
@@ -90,7 +92,7 @@ def stop_and_check(proc, d, what, send, ranks, status=75, steps=STEPS):
         fail(f"{what}: a rank outlived the job")
     stopped = [r for r in records(d) if "stopped" in r]
     if len(stopped) != 1:
-        fail(f"{what}: expected one stopped record in metrics.jsonl, got {stopped}\n{out[-3000:]}")
+        fail(f"{what}: expected one stopped record in metrics.jsonl, got {stopped}\n{why(out)}")
     step = stopped[0]["step"]
     ck = stopped[0]["checkpoint"]
     if not (20 <= step < steps) or ck is None or not ck.endswith(f"step_{step:08}"):
@@ -101,7 +103,7 @@ def stop_and_check(proc, d, what, send, ranks, status=75, steps=STEPS):
     if logged != step:
         fail(f"{what}: steps were logged up to {logged}, the job stopped after {step}")
     if "stopped by" not in out:
-        fail(f"{what}: rank 0 did not say it stopped:\n{out[-3000:]}")
+        fail(f"{what}: rank 0 did not say it stopped:\n{why(out)}")
     return step, took
 
 
