@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <system_error>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -27,8 +29,10 @@ void say(const char* text) {
   (void)ignored;
 }
 
-void on_signal(int sig) {
-  const int saved_errno = errno;
+// The first stop signal is recorded and announced; SIGINT after that ends the process by SIGINT's
+// default action (Ctrl-C twice). Async-signal-safe: it runs as a handler as well as on the
+// watcher thread.
+void take(int sig, bool in_handler) {
   int none = 0;
   if (g_stop.compare_exchange_strong(none, sig)) {
     switch (sig) {
@@ -47,21 +51,65 @@ void on_signal(int sig) {
     // Ctrl-C twice: the default action, now.
     say("meshtrain: SIGINT again: stopping at once\n");
     ::signal(SIGINT, SIG_DFL);
+    if (!in_handler) {
+      // The watcher blocks SIGINT (as every thread started after install_stop_handlers()):
+      // let this one through to itself.
+      sigset_t only;
+      sigemptyset(&only);
+      sigaddset(&only, SIGINT);
+      ::pthread_sigmask(SIG_UNBLOCK, &only, nullptr);
+    }
     ::raise(SIGINT);
   }
+}
+
+void on_signal(int sig) {
+  const int saved_errno = errno;
+  take(sig, true);
   errno = saved_errno;
+}
+
+sigset_t stop_set() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&set, sig);
+  return set;
 }
 
 }  // namespace
 
 void install_stop_handlers() {
   if (g_installed.exchange(true)) return;
+  // The handler, for threads that were started before this call with the signals unblocked
+  // (MPI's own threads, started in MPI_Init): a signal the kernel hands one of them is recorded
+  // there.
   struct sigaction sa {};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   // Interrupted system calls (file writes, sleeps) resume rather than fail with EINTR.
   sa.sa_flags = SA_RESTART;
   for (int sig : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(sig, &sa, nullptr);
+  // The calling thread, and every thread it starts from now on (OpenMP's workers, the comm
+  // progress thread), block the stop signals: no handler ever interrupts the compute. The
+  // kernel writes a signal frame below the interrupted thread's stack pointer, and oneDNN 2.6's
+  // AVX2 JIT kernels keep live data there: gpt-tiny on one rank with DNNL_MAX_CPU_ISA=AVX2 and a
+  // handled signal every 50 us crashed within its first steps, and 3 ranks stopped by one
+  // SIGUSR1 each corrupted the heap in about one run in 30 (glibc's free() aborting in a later
+  // matmul). A watcher thread takes the signals with sigwait() instead.
+  const sigset_t set = stop_set();
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  try {
+    std::thread([set] {
+      for (;;) {
+        int sig = 0;
+        if (::sigwait(&set, &sig) == 0) take(sig, false);
+      }
+    }).detach();
+  } catch (const std::system_error& e) {
+    // No thread: the handler takes them, as before.
+    ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    log::warn("stop signals: no watcher thread ({}); handled where they land", e.what());
+  }
 }
 
 int stop_signal() {
