@@ -34,10 +34,14 @@ namespace meshtrain::launch {
 // due): EX_TEMPFAIL of <sysexits.h>.
 inline constexpr int kExitPreempted = 75;
 
-// Installs the process's handlers for SIGTERM, SIGINT and SIGUSR1 (idempotent). The first such
-// signal is recorded (stop_signal()) and a line says so on stderr; any SIGINT after that restores
-// the default action and re-raises it. For the CLI; an embedder may install them too, or call
-// request_stop() from its own handling.
+// Installs the process's handling of SIGTERM, SIGINT and SIGUSR1 (idempotent). The first such
+// signal is recorded (stop_signal()) and a line says so on stderr; any SIGINT after that ends the
+// process by SIGINT's default action. The signals are blocked in the calling thread and in every
+// thread it starts afterwards, and a watcher thread takes them (sigwait), so that no handler ever
+// interrupts a computing thread: oneDNN's AVX2 JIT kernels keep data below the stack pointer,
+// where a handler's signal frame lands (preemption.cpp). Call it before starting threads that
+// compute (after MPI_Init is fine: MPI's threads only get the handler). For the CLI; an embedder
+// may call it too, or call request_stop() from its own handling.
 void install_stop_handlers();
 
 // The signal that asked this process to stop (the first), or 0.
