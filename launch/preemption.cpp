@@ -22,6 +22,8 @@ namespace {
 std::atomic<int> g_stop{0};
 static_assert(std::atomic<int>::is_always_lock_free);
 std::atomic<bool> g_installed{false};
+// The signals that ask a job to stop.
+constexpr int kStopSignals[] = {SIGTERM, SIGINT, SIGUSR1};
 
 void say(const char* text) {
   // write(2) is async-signal-safe; a short write of a line to stderr is not worth a retry.
@@ -72,7 +74,7 @@ void on_signal(int sig) {
 sigset_t stop_set() {
   sigset_t set;
   sigemptyset(&set);
-  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&set, sig);
+  for (int sig : kStopSignals) sigaddset(&set, sig);
   return set;
 }
 
@@ -88,7 +90,7 @@ void install_stop_handlers() {
   sigemptyset(&sa.sa_mask);
   // Interrupted system calls (file writes, sleeps) resume rather than fail with EINTR.
   sa.sa_flags = SA_RESTART;
-  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(sig, &sa, nullptr);
+  for (int sig : kStopSignals) ::sigaction(sig, &sa, nullptr);
   // The calling thread, and every thread it starts from now on (OpenMP's workers, the comm
   // progress thread), block the stop signals: no handler ever interrupts the compute. The
   // kernel writes a signal frame below the interrupted thread's stack pointer, and oneDNN 2.6's

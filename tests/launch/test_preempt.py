@@ -53,9 +53,10 @@ def records(d):
     return out
 
 
-def start(cmd, d, extra=()):
+def start(cmd, d, extra=(), env=None):
     return subprocess.Popen(cmd + ["train", "--quiet", *CFG, "--set", f"run.dir={d}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
 
 
 def stop_and_check(proc, d, what, send, ranks, status=75, steps=STEPS):
@@ -150,9 +151,8 @@ def single_process(mt, tmp):
     # about one 3-rank run in 30. The signals now wait for a thread of their own.
     d = os.path.join(tmp, "storm")
     env = dict(os.environ, DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
-    proc = subprocess.Popen([mt, "train", "--quiet", *CFG, "--set", "model.preset=gpt-small", "--set",
-                             "train.seq_len=128", "--set", "train.batch_size=2", "--set", f"run.dir={d}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start([mt], d, ["--set", "model.preset=gpt-small", "--set", "train.seq_len=128", "--set",
+                           "train.batch_size=2"], env)
     while proc.poll() is None and steps_logged(d) < 2:
         time.sleep(0.01)
     sent = 0
